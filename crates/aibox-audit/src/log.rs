@@ -1,0 +1,242 @@
+//! The append-only writer.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::{AuditError, Event, EventType, Severity, Source};
+
+/// Domain-separation prefix of every event hash.
+const HASH_DOMAIN: &[u8] = b"aibox-audit-v1\n";
+/// `prev_hash` of the first event of a log.
+pub(crate) const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Serialises a JSON value in aibox's canonical form (sorted keys, compact).
+///
+/// `serde_json::Map` is a `BTreeMap` (the `preserve_order` feature is not
+/// enabled anywhere in the workspace), so object keys come out sorted.
+pub fn canonical_json(value: &Value) -> String {
+    // Serialising a `Value` cannot fail: its keys are strings and it holds
+    // no foreign types.
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+/// Computes an event's hash over its canonical form without `hash`.
+pub fn event_hash(event_without_hash: &Value) -> String {
+    let mut h = Sha256::new();
+    h.update(HASH_DOMAIN);
+    h.update(canonical_json(event_without_hash).as_bytes());
+    hex::encode(h.finalize())
+}
+
+/// Turns an event into its chained on-disk line (without the newline).
+pub(crate) fn seal(event: &mut Event) -> String {
+    event.hash.clear();
+    let mut value = serde_json::to_value(&*event).unwrap_or(Value::Null);
+    if let Value::Object(map) = &mut value {
+        map.remove("hash");
+    }
+    let hash = event_hash(&value);
+    if let Value::Object(map) = &mut value {
+        map.insert("hash".into(), Value::String(hash.clone()));
+    }
+    event.hash = hash;
+    canonical_json(&value)
+}
+
+/// An open audit log. Only the host side (the supervisor, or the CLI when it
+/// cleans up after a dead supervisor) ever holds one; the file lives under
+/// the data directory, which is never mounted into a sandbox.
+#[derive(Debug)]
+pub struct AuditLog {
+    path: PathBuf,
+    file: File,
+    next_seq: u64,
+    head: String,
+    sandbox_id: String,
+    user_id: String,
+}
+
+impl AuditLog {
+    /// Opens (creating 0600) the log at `path` and recovers the chain head
+    /// from its last line.
+    pub fn open(path: &Path, sandbox_id: &str, user_id: &str) -> Result<Self, AuditError> {
+        let io = |source| AuditError::Io { path: path.display().to_string(), source };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io)?;
+        let (next_seq, head) = recover_head(&mut file, path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            next_seq,
+            head,
+            sandbox_id: sandbox_id.to_string(),
+            user_id: user_id.to_string(),
+        })
+    }
+
+    /// Appends one event. The whole line goes out in a single `write(2)` on
+    /// an `O_APPEND` descriptor, so a crash leaves at most one torn line.
+    pub fn append(
+        &mut self,
+        event_type: EventType,
+        source: Source,
+        severity: Severity,
+        details: Map<String, Value>,
+    ) -> Result<Event, AuditError> {
+        let mut event = Event {
+            seq: self.next_seq,
+            timestamp: humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string(),
+            event_type,
+            sandbox_id: self.sandbox_id.clone(),
+            user_id: self.user_id.clone(),
+            source,
+            severity,
+            details,
+            prev_hash: self.head.clone(),
+            hash: String::new(),
+        };
+        event.validate().map_err(|reason| AuditError::InvalidEvent {
+            event_type: event_type.as_str().to_string(),
+            reason,
+        })?;
+        let mut line = seal(&mut event);
+        line.push('\n');
+        self.file
+            .write_all(line.as_bytes())
+            .map_err(|source| AuditError::Io { path: self.path.display().to_string(), source })?;
+        self.next_seq += 1;
+        self.head = event.hash.clone();
+        Ok(event)
+    }
+
+    /// Flushes the file to stable storage.
+    pub fn sync(&mut self) -> Result<(), AuditError> {
+        self.file
+            .sync_data()
+            .map_err(|source| AuditError::Io { path: self.path.display().to_string(), source })
+    }
+
+    /// Path of the log file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Reads the last line of the file and returns (next seq, head hash).
+fn recover_head(file: &mut File, path: &Path) -> Result<(u64, String), AuditError> {
+    let io = |source| AuditError::Io { path: path.display().to_string(), source };
+    let len = file.seek(SeekFrom::End(0)).map_err(io)?;
+    if len == 0 {
+        return Ok((0, GENESIS.to_string()));
+    }
+    // Read backwards in growing windows until we hold the whole last line.
+    let mut window = 4096u64;
+    loop {
+        let start = len.saturating_sub(window);
+        file.seek(SeekFrom::Start(start)).map_err(io)?;
+        let mut buf = Vec::new();
+        file.read_to_end(&mut buf).map_err(io)?;
+        if buf.last() != Some(&b'\n') {
+            return Err(AuditError::TornTail { path: path.display().to_string() });
+        }
+        let body = &buf[..buf.len() - 1];
+        match body.iter().rposition(|b| *b == b'\n') {
+            Some(pos) => return parse_tail(&body[pos + 1..], path),
+            None if start == 0 => return parse_tail(body, path),
+            None => window *= 4,
+        }
+    }
+}
+
+fn parse_tail(line: &[u8], path: &Path) -> Result<(u64, String), AuditError> {
+    let bad = |reason: String| AuditError::BadTail { path: path.display().to_string(), reason };
+    let event: Event = serde_json::from_slice(line).map_err(|e| bad(e.to_string()))?;
+    let mut check = event.clone();
+    let canon = seal(&mut check);
+    if canon.as_bytes() != line || check.hash != event.hash {
+        return Err(bad("hash does not match content".into()));
+    }
+    Ok((event.seq + 1, event.hash))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn details(pairs: &[(&str, Value)]) -> Map<String, Value> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+    }
+
+    #[test]
+    fn chain_continues_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let mut log = AuditLog::open(&path, "sb", "alice").unwrap();
+        let first = log
+            .append(
+                EventType::SandboxStop,
+                Source::AiboxSupervisor,
+                Severity::Info,
+                details(&[("reason", "test".into())]),
+            )
+            .unwrap();
+        assert_eq!(first.prev_hash, GENESIS);
+        drop(log);
+        let mut log = AuditLog::open(&path, "sb", "alice").unwrap();
+        let second = log
+            .append(
+                EventType::SandboxDestroy,
+                Source::AiboxSupervisor,
+                Severity::Info,
+                details(&[("reason", "test".into())]),
+            )
+            .unwrap();
+        assert_eq!(second.seq, 1);
+        assert_eq!(second.prev_hash, first.hash);
+        let report = crate::verify_file(&path).unwrap();
+        assert!(report.is_intact(), "{report:?}");
+    }
+
+    #[test]
+    fn floats_and_missing_fields_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = AuditLog::open(&dir.path().join("a.jsonl"), "sb", "u").unwrap();
+        assert!(
+            log.append(EventType::SandboxStop, Source::AiboxCli, Severity::Info, Map::new())
+                .is_err()
+        );
+        assert!(
+            log.append(
+                EventType::SandboxStop,
+                Source::AiboxCli,
+                Severity::Info,
+                details(&[("reason", "x".into()), ("t", serde_json::json!(1.5))]),
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn torn_tail_is_refused_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        std::fs::write(&path, b"{\"seq\":0").unwrap();
+        assert!(matches!(
+            AuditLog::open(&path, "sb", "u"),
+            Err(AuditError::TornTail { .. })
+        ));
+    }
+}

@@ -1,0 +1,186 @@
+//! Names, paths and environment variables shared by every aibox crate.
+//!
+//! This crate does no I/O beyond reading the process environment and the
+//! password database; it exists so that every other crate agrees on how a
+//! sandbox is named and where its files live.
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+/// Every environment variable aibox reads on the host, defined once.
+pub mod env {
+    /// Path of the user config file (overrides `~/.config/aibox/config.yaml`).
+    pub const CONFIG: &str = "AIBOX_CONFIG";
+    /// Prefix of the per-key config overrides (`AIBOX_<SECTION>_<KEY>`).
+    pub const PREFIX: &str = "AIBOX_";
+    /// Marker set inside every sandbox (value `1`).
+    pub const IN_SANDBOX: &str = "AIBOX";
+    /// Name of the sandbox, set inside it.
+    pub const SANDBOX_NAME: &str = "AIBOX_SANDBOX";
+}
+
+/// The fixed identity of the user inside every sandbox.
+pub mod guest {
+    /// Login name inside the sandbox.
+    pub const USER: &str = "dev";
+    /// uid inside the sandbox.
+    pub const UID: u32 = 1000;
+    /// gid inside the sandbox.
+    pub const GID: u32 = 1000;
+    /// Home directory inside the sandbox.
+    pub const HOME: &str = "/home/dev";
+    /// Workspace mount point inside the sandbox.
+    pub const WORKSPACE: &str = "/workspace";
+    /// Hostname inside the sandbox.
+    pub const HOSTNAME: &str = "aibox";
+    /// `PATH` given to every process started inside.
+    pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+}
+
+/// Effective uid of this process.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::geteuid()
+    }
+}
+
+/// Effective gid of this process.
+pub fn egid() -> u32 {
+    // SAFETY: getegid has no preconditions and cannot fail.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::getegid()
+    }
+}
+
+/// Login name of the invoking user: `$USER` when it matches the effective
+/// uid's password entry, otherwise the entry's name, otherwise `uid<N>`.
+pub fn current_user() -> String {
+    let uid = euid();
+    let from_db = passwd_name(uid);
+    match (std::env::var("USER").ok(), from_db) {
+        (_, Some(name)) => name,
+        (Some(user), None) if !user.is_empty() => user,
+        _ => format!("uid{uid}"),
+    }
+}
+
+fn passwd_name(uid: u32) -> Option<String> {
+    let text = std::fs::read_to_string("/etc/passwd").ok()?;
+    text.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let _pw = fields.next()?;
+        let id: u32 = fields.next()?.parse().ok()?;
+        (id == uid).then(|| name.to_string())
+    })
+}
+
+/// Home directory of the invoking user (`$HOME`, else the password entry).
+pub fn home_dir() -> Option<PathBuf> {
+    if let Some(home) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        return Some(PathBuf::from(home));
+    }
+    let uid = euid();
+    let text = std::fs::read_to_string("/etc/passwd").ok()?;
+    text.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        let id: u32 = fields.get(2)?.parse().ok()?;
+        if id == uid { fields.get(5).map(PathBuf::from) } else { None }
+    })
+}
+
+/// Default sandbox name: `aibox-<user>-<first 8 hex of SHA-256(absolute workspace path)>`.
+pub fn default_sandbox_name(user: &str, workspace_abs: &Path) -> String {
+    let digest = Sha256::digest(workspace_abs.as_os_str().as_encoded_bytes());
+    let short = hex::encode(&digest[..4]);
+    let user: String = user
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
+        .collect();
+    format!("aibox-{user}-{short}")
+}
+
+/// Checks a sandbox name: 1–63 characters of `[A-Za-z0-9_.-]`, starting
+/// with a letter or digit. Names become directory and file names, so
+/// anything else (slashes, `..`, spaces) is refused.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let ok_len = !name.is_empty() && name.len() <= 63;
+    let ok_first = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if ok_len && ok_first && ok_chars {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid sandbox name {name:?}: use 1-63 characters from A-Z a-z 0-9 _ . -, starting with a letter or digit"
+        ))
+    }
+}
+
+/// Default data directory: `/var/lib/aibox` for root, otherwise
+/// `$XDG_DATA_HOME/aibox` or `~/.local/share/aibox`.
+pub fn default_data_dir() -> PathBuf {
+    if euid() == 0 {
+        return PathBuf::from("/var/lib/aibox");
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("aibox");
+    }
+    home_dir()
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+        .join(".local/share/aibox")
+}
+
+/// Default runtime directory: `/run/aibox` for root, otherwise
+/// `$XDG_RUNTIME_DIR/aibox` or `/tmp/aibox-<uid>`.
+pub fn default_runtime_dir() -> PathBuf {
+    let uid = euid();
+    if uid == 0 {
+        return PathBuf::from("/run/aibox");
+    }
+    if let Some(x) = std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("aibox");
+    }
+    PathBuf::from(format!("/tmp/aibox-{uid}"))
+}
+
+/// Default user config file: `$XDG_CONFIG_HOME/aibox/config.yaml` or
+/// `~/.config/aibox/config.yaml`.
+pub fn default_user_config() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("aibox/config.yaml");
+    }
+    home_dir()
+        .unwrap_or_else(|| PathBuf::from("/"))
+        .join(".config/aibox/config.yaml")
+}
+
+/// System-wide config file, below the user's.
+pub const SYSTEM_CONFIG: &str = "/etc/aibox/config.yaml";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_name_is_stable_and_short() {
+        let n = default_sandbox_name("alice", Path::new("/home/alice/proj"));
+        assert!(n.starts_with("aibox-alice-"));
+        assert_eq!(n.len(), "aibox-alice-".len() + 8);
+        assert_eq!(n, default_sandbox_name("alice", Path::new("/home/alice/proj")));
+        assert_ne!(n, default_sandbox_name("alice", Path::new("/home/alice/other")));
+        assert!(validate_name(&n).is_ok());
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        for bad in ["", "../x", "a/b", ".hidden", "a b", &"x".repeat(64)] {
+            assert!(validate_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}
