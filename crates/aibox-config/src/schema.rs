@@ -1,0 +1,526 @@
+//! The typed configuration: every key, its type and its default.
+//!
+//! Keys and defaults follow the original AI-Box (`config_version`, `image`,
+//! `gvisor.*`, `resources.*`, …) with aibox's additions: `runtime: native`
+//! as the default, `resources.pids`/`resources.nofile`, `sandbox.*` and
+//! `paths.*`.
+
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Schema version of the file.
+    pub config_version: u32,
+    /// Sandbox backend.
+    pub runtime: Runtime,
+    /// Container image for the podman/docker backends.
+    pub image: String,
+    /// Shell started by `aibox shell`.
+    pub shell: Shell,
+    /// gVisor settings (container backends).
+    pub gvisor: Gvisor,
+    /// Resource limits of every sandbox.
+    pub resources: Resources,
+    /// Workspace handling.
+    pub workspace: Workspace,
+    /// Image registry.
+    pub registry: Registry,
+    /// Network (proxy, DNS, LLM gateway).
+    pub network: Network,
+    /// Policy file locations.
+    pub policy: Policy,
+    /// Credential store.
+    pub credentials: Credentials,
+    /// Host-side logging of aibox itself.
+    pub logging: Logging,
+    /// IDE access.
+    pub ide: Ide,
+    /// Dotfiles sync.
+    pub dotfiles: Dotfiles,
+    /// Audit settings.
+    pub audit: Audit,
+    /// Native sandbox settings.
+    pub sandbox: Sandbox,
+    /// Where aibox keeps its files.
+    pub paths: Paths,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            config_version: 1,
+            runtime: Runtime::Native,
+            image: "localhost/aibox/base:bookworm".into(),
+            shell: Shell::Bash,
+            gvisor: Gvisor::default(),
+            resources: Resources::default(),
+            workspace: Workspace::default(),
+            registry: Registry::default(),
+            network: Network::default(),
+            policy: Policy::default(),
+            credentials: Credentials::default(),
+            logging: Logging::default(),
+            ide: Ide::default(),
+            dotfiles: Dotfiles::default(),
+            audit: Audit::default(),
+            sandbox: Sandbox::default(),
+            paths: Paths::default(),
+        }
+    }
+}
+
+/// Sandbox backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    /// Embedded namespaces + seccomp + Landlock sandbox (no daemon, no image).
+    Native,
+    /// Podman CLI.
+    Podman,
+    /// Docker CLI.
+    Docker,
+}
+
+impl Runtime {
+    /// Name as written in config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Runtime::Native => "native",
+            Runtime::Podman => "podman",
+            Runtime::Docker => "docker",
+        }
+    }
+}
+
+/// Shells `aibox shell` may start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Shell {
+    /// `/bin/bash -l`
+    Bash,
+    /// `zsh -l`
+    Zsh,
+    /// PowerShell.
+    Pwsh,
+}
+
+impl Shell {
+    /// Program name.
+    pub fn program(self) -> &'static str {
+        match self {
+            Shell::Bash => "bash",
+            Shell::Zsh => "zsh",
+            Shell::Pwsh => "pwsh",
+        }
+    }
+}
+
+/// gVisor settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Gvisor {
+    /// Run container sandboxes under runsc.
+    pub enabled: bool,
+    /// runsc platform.
+    pub platform: GvisorPlatform,
+    /// Refuse to start without AppArmor.
+    pub require_apparmor: bool,
+}
+
+impl Default for Gvisor {
+    fn default() -> Self {
+        Self { enabled: false, platform: GvisorPlatform::Systrap, require_apparmor: false }
+    }
+}
+
+/// runsc platforms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GvisorPlatform {
+    /// seccomp-trap based (newer runsc).
+    Systrap,
+    /// ptrace based.
+    Ptrace,
+}
+
+/// Resource limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Resources {
+    /// CPUs (cgroup; reported as not enforced without a delegated cgroup).
+    pub cpus: u32,
+    /// Memory, e.g. `8g` (cgroup; same caveat).
+    pub memory: String,
+    /// Size of each of `/tmp` and `/var/tmp`.
+    pub tmp_size: String,
+    /// Maximum processes inside (RLIMIT_NPROC in the sandbox's user namespace).
+    pub pids: u64,
+    /// Maximum open files per process (RLIMIT_NOFILE).
+    pub nofile: u64,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Self {
+            cpus: 4,
+            memory: "8g".into(),
+            tmp_size: "2g".into(),
+            pids: 4096,
+            nofile: 4096,
+        }
+    }
+}
+
+/// Workspace handling.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Workspace {
+    /// Workspace used when `-w` is not given.
+    pub default_path: String,
+    /// Refuse workspaces on 9p/drvfs/NTFS mounts.
+    pub validate_fs: bool,
+}
+
+impl Default for Workspace {
+    fn default() -> Self {
+        Self { default_path: ".".into(), validate_fs: true }
+    }
+}
+
+/// Image registry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Registry {
+    /// Registry base URL.
+    pub url: String,
+    /// Verify image signatures with cosign.
+    pub verify_signatures: bool,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self { url: "ghcr.io/krukkeniels/aibox".into(), verify_signatures: false }
+    }
+}
+
+/// Network settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Network {
+    /// Give the sandbox egress through the aibox proxy (default: no egress at all).
+    pub enabled: bool,
+    /// In-sandbox proxy address.
+    pub proxy_addr: String,
+    /// In-sandbox proxy port.
+    pub proxy_port: u16,
+    /// In-sandbox DNS address.
+    pub dns_addr: String,
+    /// In-sandbox DNS port.
+    pub dns_port: u16,
+    /// Hosts the proxy allows (merged with policy).
+    pub allowed_domains: Vec<String>,
+    /// LLM gateway host.
+    pub llm_gateway: String,
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            proxy_addr: "127.0.0.1".into(),
+            proxy_port: 3128,
+            dns_addr: "127.0.0.1".into(),
+            dns_port: 53,
+            allowed_domains: Vec::new(),
+            llm_gateway: String::new(),
+        }
+    }
+}
+
+/// Policy file locations.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Policy {
+    /// Org baseline.
+    pub org_baseline_path: String,
+    /// Team tier.
+    pub team_policy_path: String,
+    /// Project tier, relative to the workspace.
+    pub project_policy_path: String,
+    /// Decision log.
+    pub decision_log_path: String,
+    /// Reload interval (0 = never).
+    pub hot_reload_secs: u32,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            org_baseline_path: "/etc/aibox/org-policy.yaml".into(),
+            team_policy_path: String::new(),
+            project_policy_path: "aibox/policy.yaml".into(),
+            decision_log_path: "/var/log/aibox/decisions.jsonl".into(),
+            hot_reload_secs: 0,
+        }
+    }
+}
+
+/// Credential store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Credentials {
+    /// `fallback` (keyring or encrypted file) or `vault`.
+    pub mode: CredentialMode,
+    /// Vault address.
+    pub vault_addr: String,
+    /// SPIFFE trust domain.
+    pub spiffe_trust_domain: String,
+    /// SPIFFE workload API socket.
+    pub spiffe_socket_path: String,
+}
+
+impl Default for Credentials {
+    fn default() -> Self {
+        Self {
+            mode: CredentialMode::Fallback,
+            vault_addr: String::new(),
+            spiffe_trust_domain: String::new(),
+            spiffe_socket_path: String::new(),
+        }
+    }
+}
+
+/// Credential modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CredentialMode {
+    /// OS keyring, else encrypted file.
+    Fallback,
+    /// HashiCorp Vault API.
+    Vault,
+}
+
+/// Logging.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Logging {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// `debug`, `info`, `warn` or `error`.
+    pub level: LogLevel,
+}
+
+impl Default for Logging {
+    fn default() -> Self {
+        Self { format: LogFormat::Text, level: LogLevel::Info }
+    }
+}
+
+/// Log formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Log levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Everything.
+    Debug,
+    /// Normal.
+    Info,
+    /// Warnings and errors.
+    Warn,
+    /// Errors only.
+    Error,
+}
+
+/// IDE access.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ide {
+    /// SSH port for IDE connections.
+    pub ssh_port: u16,
+}
+
+impl Default for Ide {
+    fn default() -> Self {
+        Self { ssh_port: 2222 }
+    }
+}
+
+/// Dotfiles.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Dotfiles {
+    /// Git repository with dotfiles.
+    pub repo: String,
+}
+
+/// Audit settings (the original's keys).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Audit {
+    /// Ship events to the configured backends (the local hash-chained log is always written).
+    pub enabled: bool,
+    /// `local`, `minio` or `s3`.
+    pub storage_backend: StorageBackend,
+    /// Object store endpoint.
+    pub storage_endpoint: String,
+    /// Object store bucket.
+    pub storage_bucket: String,
+    /// Aggregated log path (the per-sandbox chains live under the data dir).
+    pub log_path: String,
+    /// Vector pipeline config.
+    pub vector_config_path: String,
+    /// Falco integration.
+    pub falco_enabled: bool,
+    /// Session recording on.
+    pub recording_enabled: bool,
+    /// `required`, `optional` or `disabled`.
+    pub recording_policy: RecordingPolicy,
+    /// Notice shown when recording.
+    pub recording_notice_text: String,
+    /// Retention of tier-1 events.
+    pub retention_tier1: String,
+    /// Retention of tier-2 events.
+    pub retention_tier2: String,
+    /// Refuse to roll out without audit.
+    pub required_for_rollout: bool,
+    /// `standard` or `classified`.
+    pub classification_level: Classification,
+    /// `full`, `hash` or `metadata_only`.
+    pub llm_logging_mode: LlmLoggingMode,
+    /// `falco`, `auditd` or `none`.
+    pub runtime_backend: RuntimeBackend,
+}
+
+impl Default for Audit {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            storage_backend: StorageBackend::Local,
+            storage_endpoint: String::new(),
+            storage_bucket: "aibox-audit".into(),
+            log_path: "/var/log/aibox/audit.jsonl".into(),
+            vector_config_path: "/etc/aibox/vector.toml".into(),
+            falco_enabled: false,
+            recording_enabled: false,
+            recording_policy: RecordingPolicy::Disabled,
+            recording_notice_text:
+                "This session is being recorded for security and compliance purposes.".into(),
+            retention_tier1: "730d".into(),
+            retention_tier2: "365d".into(),
+            required_for_rollout: false,
+            classification_level: Classification::Standard,
+            llm_logging_mode: LlmLoggingMode::Hash,
+            runtime_backend: RuntimeBackend::None,
+        }
+    }
+}
+
+/// Audit storage backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    /// Local files.
+    Local,
+    /// MinIO.
+    Minio,
+    /// S3.
+    S3,
+}
+
+/// Recording policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordingPolicy {
+    /// Always recorded.
+    Required,
+    /// Recorded on request.
+    Optional,
+    /// Never recorded.
+    Disabled,
+}
+
+/// Classification levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Classification {
+    /// Normal.
+    Standard,
+    /// Classified.
+    Classified,
+}
+
+/// LLM body logging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LlmLoggingMode {
+    /// Bodies in full.
+    Full,
+    /// Body hashes.
+    Hash,
+    /// Sizes and timings only.
+    MetadataOnly,
+}
+
+/// Runtime detection backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeBackend {
+    /// Falco.
+    Falco,
+    /// auditd.
+    Auditd,
+    /// None.
+    None,
+}
+
+/// Native sandbox settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Sandbox {
+    /// Directory holding an image root filesystem; empty = bind the host's
+    /// system directories read-only.
+    pub rootfs: String,
+    /// `required`: refuse to start when Landlock is unavailable;
+    /// `best_effort`: use it where the kernel has it (a kernel that has it
+    /// but fails to enforce it is always an error).
+    pub landlock: LandlockMode,
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Self { rootfs: String::new(), landlock: LandlockMode::BestEffort }
+    }
+}
+
+/// Landlock requirement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LandlockMode {
+    /// Refuse to start without it.
+    Required,
+    /// Use it when the kernel has it.
+    BestEffort,
+}
+
+/// Directories.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Paths {
+    /// Data directory (homes, audit logs, supervisor logs); empty = default
+    /// (`/var/lib/aibox` for root, `~/.local/share/aibox` otherwise).
+    pub data_dir: String,
+    /// Runtime directory (control sockets, state); empty = default
+    /// (`/run/aibox` for root, `$XDG_RUNTIME_DIR/aibox` or `/tmp/aibox-<uid>`).
+    pub runtime_dir: String,
+}
