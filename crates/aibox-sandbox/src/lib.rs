@@ -1,0 +1,154 @@
+//! The native aibox sandbox: Linux namespaces, a read-only root assembled
+//! with bind mounts and `pivot_root`, no capabilities, `no_new_privs`, a
+//! seccomp filter compiled from `resources/seccomp/policy.yaml`, Landlock,
+//! rlimits, and a small init as PID 1 that starts commands on request.
+//!
+//! No async runtime here: the sandbox is created by `fork`, which must
+//! happen while the calling process is single-threaded.
+
+#![warn(missing_docs)]
+
+pub mod ipc;
+pub mod landlock_rules;
+mod init;
+mod launch;
+mod rootfs;
+pub mod seccomp;
+pub mod selftest;
+pub mod sys;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub use launch::{Launched, guest_host_uid, launch};
+pub use selftest::SelfTestReport;
+
+/// Errors of the native sandbox. Messages name the layer and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// A system call failed while building the sandbox.
+    #[error("{what}: {source}")]
+    Sys {
+        /// The step that failed.
+        what: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The syscall policy file is invalid.
+    #[error("{0}")]
+    Policy(String),
+    /// The sandbox started but a layer is not live.
+    #[error("sandbox self-test failed: {0}")]
+    SelfTest(String),
+    /// The sandbox reported a setup error.
+    #[error("sandbox setup failed: {0}")]
+    Setup(String),
+}
+
+impl SandboxError {
+    pub(crate) fn sys(what: impl Into<String>, source: impl Into<std::io::Error>) -> Self {
+        SandboxError::Sys { what: what.into(), source: source.into() }
+    }
+}
+
+/// Everything needed to build one native sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxSpec {
+    /// Sandbox name (also decides the host uid of the guest under root).
+    pub name: String,
+    /// Host workspace directory, mounted read-write at `/workspace`.
+    pub workspace: PathBuf,
+    /// Host directory mounted read-write at `/home/dev`.
+    pub home: PathBuf,
+    /// Empty host directory on which the new root is assembled.
+    pub root_dir: PathBuf,
+    /// Image root filesystem to take system directories from (default: `/`).
+    pub rootfs: Option<PathBuf>,
+    /// Size of each of `/tmp` and `/var/tmp`, e.g. `2g`.
+    pub tmp_size: String,
+    /// RLIMIT_NPROC inside.
+    pub pids: u64,
+    /// RLIMIT_NOFILE inside.
+    pub nofile: u64,
+    /// Refuse to start when the kernel has no Landlock.
+    pub landlock_required: bool,
+}
+
+/// Window size of a terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WinSize {
+    /// Rows.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+}
+
+/// A request to start a command inside the sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SpawnRequest {
+    /// Session id chosen by the supervisor.
+    pub id: u64,
+    /// Program and arguments; the program is looked up in the `PATH` of `env`.
+    pub argv: Vec<String>,
+    /// Complete environment (`KEY=VALUE`).
+    pub env: Vec<String>,
+    /// Working directory inside the sandbox.
+    pub cwd: String,
+    /// Allocate a terminal of this size (its master is sent back) instead
+    /// of using the three attached descriptors as stdin/stdout/stderr.
+    pub tty: Option<WinSize>,
+}
+
+/// Supervisor → init.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ToInit {
+    /// Start a command (with stdin/stdout/stderr attached unless `tty`).
+    Spawn(SpawnRequest),
+    /// Send a signal to a session's process group.
+    Signal {
+        /// Session id.
+        id: u64,
+        /// Signal number.
+        signal: i32,
+    },
+    /// Kill everything and exit.
+    Shutdown,
+}
+
+/// Init (or the intermediate process) → supervisor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum FromInit {
+    /// Host pid of the sandbox init.
+    InitPid(i32),
+    /// Setup finished; the self-test report.
+    Ready(SelfTestReport),
+    /// Setup failed.
+    Failed(String),
+    /// A session's process started (terminal master attached when a tty was asked for).
+    Spawned {
+        /// Session id.
+        id: u64,
+        /// pid inside the sandbox.
+        pid: i32,
+    },
+    /// A session's process could not be started.
+    SpawnFailed {
+        /// Session id.
+        id: u64,
+        /// Why.
+        error: String,
+        /// Exit code to report (126 not executable, 127 not found).
+        code: i32,
+    },
+    /// A session's process ended (code, or 128 + signal).
+    Exited {
+        /// Session id.
+        id: u64,
+        /// Exit code.
+        code: i32,
+    },
+}
+
+/// Directories that stay writable inside (also the Landlock write rules).
+pub const WRITABLE: &[&str] = &["/workspace", "/home/dev", "/tmp", "/var/tmp", "/dev"];

@@ -1,0 +1,238 @@
+//! Assembles the sandbox's root filesystem and switches to it.
+//!
+//! Runs in the sandbox's own mount namespace with CAP_SYS_ADMIN over it
+//! (real root for a rootful start, the namespace's owner for a rootless
+//! one). Nothing here is visible to the host.
+
+use std::fs;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+
+use crate::sys::{self, MOUNT_ATTR_IDMAP, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY};
+use crate::{SandboxError, SandboxSpec};
+
+/// Host system directories bound read-only (those that exist).
+const SYSTEM_DIRS: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc"];
+/// Device nodes bound from the host.
+const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+fn err(what: String) -> impl FnOnce(nix::errno::Errno) -> SandboxError {
+    move |e| SandboxError::sys(what, e)
+}
+
+fn ioerr(what: String) -> impl FnOnce(std::io::Error) -> SandboxError {
+    move |e| SandboxError::sys(what, e)
+}
+
+fn bind(src: &Path, dst: &Path, recursive: bool) -> Result<(), SandboxError> {
+    let mut flags = MsFlags::MS_BIND;
+    if recursive {
+        flags |= MsFlags::MS_REC;
+    }
+    mount(Some(src), dst, None::<&str>, flags, None::<&str>)
+        .map_err(err(format!("bind-mounting {} on {}", src.display(), dst.display())))
+}
+
+fn tmpfs(dst: &Path, flags: MsFlags, opts: &str) -> Result<(), SandboxError> {
+    mount(Some("tmpfs"), dst, Some("tmpfs"), flags, Some(opts))
+        .map_err(err(format!("mounting a tmpfs on {}", dst.display())))
+}
+
+fn mkdir(p: &Path) -> Result<(), SandboxError> {
+    fs::create_dir_all(p).map_err(ioerr(format!("creating {}", p.display())))
+}
+
+fn touch(p: &Path) -> Result<(), SandboxError> {
+    fs::write(p, b"").map_err(ioerr(format!("creating {}", p.display())))
+}
+
+fn setattr(path: &Path, set: u64, clear: u64, recursive: bool) -> Result<(), SandboxError> {
+    sys::mount_setattr(None, path, set, clear, recursive, None)
+        .map_err(ioerr(format!("setting mount attributes on {}", path.display())))
+}
+
+/// Mounts `src` at `dst` for the guest: an idmapped mount (rootful: the
+/// guest's host uid writes files as the invoking user) or a plain bind
+/// (rootless: the user namespace already maps the guest to the user).
+fn guest_mount(src: &Path, dst: &Path, idmap: Option<&OwnedFd>) -> Result<(), SandboxError> {
+    match idmap {
+        Some(userns) => {
+            let tree = sys::open_tree_clone(src)
+                .map_err(ioerr(format!("cloning the mount of {}", src.display())))?;
+            sys::mount_setattr(
+                Some(tree.as_raw_fd()),
+                Path::new(""),
+                MOUNT_ATTR_IDMAP | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+                0,
+                false,
+                Some(userns.as_raw_fd()),
+            )
+            .map_err(|e| SandboxError::Sys {
+                what: format!(
+                    "idmapping {} (its filesystem must support idmapped mounts: ext4, xfs, btrfs, tmpfs on Linux 6.3+; \
+                     or run aibox as an ordinary user)",
+                    src.display()
+                ),
+                source: e,
+            })?;
+            sys::move_mount_to(&tree, dst).map_err(ioerr(format!("attaching {}", dst.display())))
+        }
+        None => {
+            bind(src, dst, false)?;
+            setattr(dst, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, false)
+        }
+    }
+}
+
+/// Generated `/etc` files: (path under /etc, contents).
+fn etc_files() -> Vec<(&'static str, String)> {
+    use aibox_core::guest;
+    let shell = if Path::new("/bin/bash").exists() { "/bin/bash" } else { "/bin/sh" };
+    vec![
+        (
+            "passwd",
+            format!(
+                "root:x:0:0:root:/root:/usr/sbin/nologin\n{user}:x:{uid}:{gid}:aibox developer:{home}:{shell}\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+                user = guest::USER,
+                uid = guest::UID,
+                gid = guest::GID,
+                home = guest::HOME,
+            ),
+        ),
+        ("group", format!("root:x:0:\n{}:x:{}:\nnogroup:x:65534:\n", guest::USER, guest::GID)),
+        ("hostname", format!("{}\n", guest::HOSTNAME)),
+        ("hosts", format!("127.0.0.1\tlocalhost {h}\n::1\tlocalhost ip6-localhost {h}\n", h = guest::HOSTNAME)),
+    ]
+}
+
+/// Builds the new root at `spec.root_dir`, pivots into it and makes
+/// everything but the writable mounts read-only. `idmap` is the user
+/// namespace for idmapped guest mounts (rootful starts only).
+pub(crate) fn build(spec: &SandboxSpec, idmap: Option<&OwnedFd>) -> Result<(), SandboxError> {
+    let root = spec.root_dir.as_path();
+    let base: PathBuf = spec.rootfs.clone().unwrap_or_else(|| PathBuf::from("/"));
+
+    // Nothing we mount may propagate back to the host.
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(err("making the mount namespace private".into()))?;
+    tmpfs(root, MsFlags::MS_NOSUID | MsFlags::MS_NODEV, "mode=0755,size=16m")?;
+
+    let mut system_mounts = Vec::new();
+    for d in SYSTEM_DIRS {
+        let src = base.join(d);
+        let dst = root.join(d);
+        match fs::symlink_metadata(&src) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let target = fs::read_link(&src).map_err(ioerr(format!("reading {}", src.display())))?;
+                symlink(&target, &dst).map_err(ioerr(format!("creating {}", dst.display())))?;
+            }
+            Ok(m) if m.is_dir() => {
+                mkdir(&dst)?;
+                bind(&src, &dst, true)?;
+                system_mounts.push(Path::new("/").join(d));
+            }
+            _ => {}
+        }
+    }
+    if !root.join("etc").is_dir() || !root.join("usr").is_dir() {
+        return Err(SandboxError::Setup(format!(
+            "{} has no usr/ and etc/ directories; set sandbox.rootfs to a root filesystem directory (or leave it empty for the host's)",
+            base.display()
+        )));
+    }
+
+    // Identity and name files, shadowing the system ones.
+    let gen_dir = root.join("run/aibox/etc");
+    mkdir(&gen_dir)?;
+    let mut etc_binds = Vec::new();
+    for (name, body) in etc_files() {
+        let generated = gen_dir.join(name);
+        fs::write(&generated, body).map_err(ioerr(format!("writing {}", generated.display())))?;
+        let target = root.join("etc").join(name);
+        let is_file = fs::symlink_metadata(&target).map(|m| m.is_file()).unwrap_or(false);
+        if is_file {
+            bind(&generated, &target, false)?;
+            etc_binds.push(Path::new("/etc").join(name));
+        } else if matches!(name, "passwd" | "group") {
+            return Err(SandboxError::Setup(format!(
+                "{}/etc/{name} is not a regular file, so the sandbox user cannot be defined",
+                base.display()
+            )));
+        }
+    }
+
+    // Writable places.
+    let ws = root.join("workspace");
+    mkdir(&ws)?;
+    guest_mount(&spec.workspace, &ws, idmap)?;
+    let home = root.join("home/dev");
+    mkdir(&home)?;
+    guest_mount(&spec.home, &home, idmap)?;
+    let tmp_opts = format!("mode=1777,size={}", spec.tmp_size);
+    for t in ["tmp", "var/tmp"] {
+        let p = root.join(t);
+        mkdir(&p)?;
+        tmpfs(&p, MsFlags::MS_NOSUID | MsFlags::MS_NODEV, &tmp_opts)?;
+    }
+
+    // A /proc of our own pid namespace.
+    let proc_dir = root.join("proc");
+    mkdir(&proc_dir)?;
+    mount(
+        Some("proc"),
+        &proc_dir,
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(err("mounting /proc".into()))?;
+
+    // A minimal /dev.
+    let dev = root.join("dev");
+    mkdir(&dev)?;
+    tmpfs(&dev, MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, "mode=0755,size=64k")?;
+    for d in DEVICES {
+        let dst = dev.join(d);
+        touch(&dst)?;
+        bind(&Path::new("/dev").join(d), &dst, false)?;
+    }
+    let pts = dev.join("pts");
+    mkdir(&pts)?;
+    mount(
+        Some("devpts"),
+        &pts,
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )
+    .map_err(err("mounting /dev/pts".into()))?;
+    let shm = dev.join("shm");
+    mkdir(&shm)?;
+    tmpfs(&shm, MsFlags::MS_NOSUID | MsFlags::MS_NODEV, "mode=1777,size=64m")?;
+    for (link, target) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        symlink(target, dev.join(link)).map_err(ioerr(format!("creating /dev/{link}")))?;
+    }
+
+    // Switch roots: stack the old root under the new one and detach it.
+    nix::unistd::chdir(root).map_err(err("entering the new root".into()))?;
+    nix::unistd::pivot_root(".", ".").map_err(err("pivot_root".into()))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(err("detaching the old root".into()))?;
+    nix::unistd::chdir("/").map_err(err("entering /".into()))?;
+
+    // Read-only everything that is not meant to be written.
+    setattr(Path::new("/"), MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, false)?;
+    for m in system_mounts.iter().chain(&etc_binds) {
+        setattr(m, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, true)?;
+    }
+    setattr(Path::new("/dev"), MOUNT_ATTR_RDONLY, 0, false)?;
+    Ok(())
+}
