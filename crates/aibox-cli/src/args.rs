@@ -1,0 +1,198 @@
+//! Command-line definitions (clap). No behaviour here.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Hardened sandboxes for AI coding agents.
+#[derive(Debug, Parser)]
+#[command(name = "aibox", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Config file (default ~/.config/aibox/config.yaml).
+    #[arg(long, global = true, env = "AIBOX_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// For people.
+    Text,
+    /// For programs.
+    Json,
+}
+
+/// Backends selectable on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RuntimeArg {
+    /// Embedded namespaces sandbox.
+    Native,
+    /// Podman.
+    Podman,
+    /// Docker.
+    Docker,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a sandbox around a workspace.
+    Start(StartArgs),
+    /// Run a command in a running sandbox.
+    Exec(ExecArgs),
+    /// Open an interactive shell in a running sandbox.
+    Shell(NameArg),
+    /// Show a sandbox's state, limits and self-test.
+    Status(StatusArgs),
+    /// List sandboxes.
+    List(FormatArg),
+    /// Stop a sandbox (every process in it ends).
+    Stop(NameArg),
+    /// Start a sandbox, run one command in it, stop it; exits with the command's code.
+    Run(RunArgs),
+    /// Read and change the configuration.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Check that this host can run aibox sandboxes.
+    Doctor(DoctorArgs),
+    /// Audit log tools.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// Internal: the per-sandbox supervisor (started by `aibox start`).
+    #[command(name = "__supervise", hide = true)]
+    Supervise,
+}
+
+#[derive(Debug, Args)]
+pub struct NameArg {
+    /// Sandbox name (default: the only running sandbox, or the one for the current directory).
+    #[arg(long, short = 'n')]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct FormatArg {
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub name: NameArg,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// Workspace directory (mounted read-write at /workspace).
+    #[arg(long, short = 'w', value_name = "PATH")]
+    pub workspace: Option<PathBuf>,
+    /// Sandbox name (default aibox-<user>-<hash of the workspace path>).
+    #[arg(long, short = 'n')]
+    pub name: Option<String>,
+    /// Backend (default from config: native).
+    #[arg(long, value_enum)]
+    pub runtime: Option<RuntimeArg>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecOpts {
+    /// Allocate a terminal.
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// Extra environment variable (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Working directory inside the sandbox (default: the current directory's place in /workspace).
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    pub name: NameArg,
+    #[command(flatten)]
+    pub opts: ExecOpts,
+    /// Command and arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub start: StartArgs,
+    #[command(flatten)]
+    pub opts: ExecOpts,
+    /// Command and arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// Print the effective value of a key.
+    Get {
+        /// Dotted key, e.g. resources.cpus.
+        key: String,
+    },
+    /// Set a key in the user config file (lists comma-separated).
+    Set {
+        /// Dotted key.
+        key: String,
+        /// New value.
+        value: String,
+    },
+    /// Check the configuration; non-zero exit on any error.
+    Validate,
+    /// Write a starting config file.
+    Init {
+        /// Template.
+        #[arg(long, value_parser = ["minimal", "dev", "enterprise"], default_value = "minimal")]
+        template: String,
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show every key with its effective value and where it came from.
+    Show {
+        /// Output format.
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+    /// Treat warnings as failures.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// Verify hash chains: reports intact, or the first broken index.
+    Verify {
+        /// Only this sandbox's log.
+        #[arg(long, short = 'n', conflicts_with_all = ["all", "file"])]
+        name: Option<String>,
+        /// Every log (the default).
+        #[arg(long)]
+        all: bool,
+        /// A log file at an explicit path.
+        #[arg(long, value_name = "PATH", conflicts_with = "all")]
+        file: Option<PathBuf>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
+}

@@ -1,0 +1,247 @@
+//! `aibox start | run | exec | shell | status | list | stop`
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use aibox_config::{Loaded, Runtime};
+use aibox_sandbox::SandboxSpec;
+use aibox_supervisor::client;
+use aibox_supervisor::proto::{ExecRequest, Status, SupervisorSpec};
+use aibox_supervisor::SandboxPaths;
+use anyhow::{Result, bail};
+use sha2::{Digest, Sha256};
+
+use crate::args::{ExecArgs, ExecOpts, Format, FormatArg, NameArg, RunArgs, RuntimeArg, StartArgs, StatusArgs};
+use crate::workspace;
+
+fn prepare(cli_config: Option<PathBuf>, a: &StartArgs) -> Result<(Loaded, SupervisorSpec, SandboxPaths)> {
+    let (loaded, _) = super::load_config(cli_config)?;
+    let c = &loaded.config;
+    let (runtime, reason) = match a.runtime {
+        Some(RuntimeArg::Native) => (Runtime::Native, "--runtime flag".to_string()),
+        Some(RuntimeArg::Podman) => (Runtime::Podman, "--runtime flag".to_string()),
+        Some(RuntimeArg::Docker) => (Runtime::Docker, "--runtime flag".to_string()),
+        None => (c.runtime, format!("runtime from {}", loaded.origins.get("runtime").map(ToString::to_string).unwrap_or_default())),
+    };
+    if runtime != Runtime::Native {
+        bail!(
+            "runtime `{}` ({reason}) is not available in this build: only the native backend is implemented so far\n  fix: use --runtime native, or set `runtime: native` (aibox config set runtime native)",
+            runtime.as_str()
+        );
+    }
+    let data_dir = loaded.data_dir();
+    let runtime_dir = loaded.runtime_dir();
+    let raw_ws = a.workspace.clone().unwrap_or_else(|| PathBuf::from(&c.workspace.default_path));
+    let ws = workspace::validate(
+        &raw_ws,
+        c.workspace.validate_fs,
+        &[("data_dir", data_dir.clone()), ("runtime_dir", runtime_dir.clone())],
+    )?;
+    let user = aibox_core::current_user();
+    let name = match &a.name {
+        Some(n) => {
+            aibox_core::validate_name(n).map_err(anyhow::Error::msg)?;
+            n.clone()
+        }
+        None => aibox_core::default_sandbox_name(&user, &ws),
+    };
+    let paths = SandboxPaths::new(&runtime_dir, &data_dir, &name);
+    let rootfs = (!c.sandbox.rootfs.is_empty()).then(|| PathBuf::from(&c.sandbox.rootfs));
+    let config_json = serde_json::to_vec(&loaded.config)?;
+    let spec = SupervisorSpec {
+        sandbox: SandboxSpec {
+            name: name.clone(),
+            workspace: ws,
+            home: paths.home.clone(),
+            root_dir: paths.root.clone(),
+            rootfs,
+            tmp_size: c.resources.tmp_size.clone(),
+            pids: c.resources.pids,
+            nofile: c.resources.nofile,
+            landlock_required: c.sandbox.landlock == aibox_config::LandlockMode::Required,
+        },
+        user,
+        runtime: runtime.as_str().into(),
+        runtime_reason: reason,
+        run_dir: paths.run_dir.clone(),
+        socket: paths.socket.clone(),
+        state: paths.state.clone(),
+        audit_log: paths.audit_log.clone(),
+        config_sha256: hex::encode(Sha256::digest(&config_json)),
+        shell: c.shell.program().into(),
+        cpus: c.resources.cpus,
+        memory: c.resources.memory.clone(),
+    };
+    Ok((loaded, spec, paths))
+}
+
+pub fn start(cli_config: Option<PathBuf>, a: StartArgs) -> Result<i32> {
+    let t0 = Instant::now();
+    let (_, spec, paths) = prepare(cli_config, &a)?;
+    let st = client::start(&spec, &paths)?;
+    println!("{}", st.name);
+    eprintln!(
+        "started sandbox {} ({} runtime, {}) in {} ms",
+        st.name,
+        st.runtime,
+        if st.rootless { "rootless" } else { "rootful" },
+        t0.elapsed().as_millis()
+    );
+    for l in st.limits.iter().filter(|l| !l.enforced) {
+        eprintln!("warning: {} = {} is {}", l.name, l.value, l.how);
+    }
+    Ok(0)
+}
+
+fn exec_request(opts: &ExecOpts, argv: Vec<String>) -> Result<ExecRequest> {
+    for kv in &opts.env {
+        match kv.split_once('=') {
+            Some((k, _)) if !k.is_empty() => {}
+            _ => bail!("-e {kv:?}: expected KEY=VALUE"),
+        }
+    }
+    if opts.tty && !std::io::stdin().is_terminal() {
+        bail!("-t needs a terminal on stdin\n  fix: drop -t, or run from an interactive terminal");
+    }
+    Ok(ExecRequest {
+        argv,
+        env: opts.env.clone(),
+        cwd: opts.cwd.clone(),
+        host_cwd: std::env::current_dir().ok().and_then(|d| std::fs::canonicalize(d).ok()),
+        tty: opts.tty.then_some(aibox_sandbox::WinSize { rows: 24, cols: 80 }),
+    })
+}
+
+pub fn run(cli_config: Option<PathBuf>, a: RunArgs) -> Result<i32> {
+    let req = exec_request(&a.opts, a.command.clone())?;
+    let (loaded, spec, paths) = prepare(cli_config, &a.start)?;
+    client::start(&spec, &paths)?;
+    let (rt, data) = (loaded.runtime_dir(), loaded.data_dir());
+    let result = client::connect_named(&paths, &rt, &data).and_then(|c| client::exec(c, req));
+    let stopped = client::connect_named(&paths, &rt, &data).and_then(client::stop);
+    let code = result?;
+    stopped?;
+    Ok(code)
+}
+
+/// Resolves `--name` (or the implicit choice) to paths of a running sandbox.
+fn target(cli_config: Option<PathBuf>, name: &NameArg) -> Result<(Loaded, SandboxPaths)> {
+    let (loaded, _) = super::load_config(cli_config)?;
+    let (rt, data) = (loaded.runtime_dir(), loaded.data_dir());
+    let name = match &name.name {
+        Some(n) => {
+            aibox_core::validate_name(n).map_err(anyhow::Error::msg)?;
+            n.clone()
+        }
+        None => {
+            let cwd = std::env::current_dir().ok().and_then(|d| std::fs::canonicalize(d).ok()).unwrap_or_default();
+            let default = aibox_core::default_sandbox_name(&aibox_core::current_user(), &cwd);
+            client::resolve_name(&rt, &data, &default)?
+        }
+    };
+    let paths = SandboxPaths::new(&rt, &data, &name);
+    Ok((loaded, paths))
+}
+
+fn connect(loaded: &Loaded, paths: &SandboxPaths) -> Result<std::os::fd::OwnedFd> {
+    Ok(client::connect_named(paths, &loaded.runtime_dir(), &loaded.data_dir())?)
+}
+
+pub fn exec(cli_config: Option<PathBuf>, a: ExecArgs) -> Result<i32> {
+    let req = exec_request(&a.opts, a.command)?;
+    let (loaded, paths) = target(cli_config, &a.name)?;
+    let conn = connect(&loaded, &paths)?;
+    Ok(client::exec(conn, req)?)
+}
+
+pub fn shell(cli_config: Option<PathBuf>, a: NameArg) -> Result<i32> {
+    if !std::io::stdin().is_terminal() {
+        bail!("aibox shell needs a terminal\n  fix: run it from an interactive terminal, or use `aibox exec -- CMD`");
+    }
+    let (loaded, paths) = target(cli_config, &a)?;
+    let shell = loaded.config.shell.program().to_string();
+    let opts = ExecOpts { tty: true, env: Vec::new(), cwd: None };
+    let req = exec_request(&opts, vec![shell, "-l".into()])?;
+    let conn = connect(&loaded, &paths)?;
+    Ok(client::exec(conn, req)?)
+}
+
+fn print_status(s: &Status) {
+    println!("name:       {}", s.name);
+    println!("state:      {}", s.state);
+    println!("runtime:    {} ({})", s.runtime, s.runtime_reason);
+    println!("workspace:  {}", s.workspace.display());
+    println!("started:    {} (ready in {} ms)", s.started_at, s.start_ms);
+    println!("processes:  supervisor pid {}, sandbox init pid {}", s.supervisor_pid, s.init_pid);
+    println!(
+        "identity:   {} (guest uid/gid 1000 = host uid/gid {})",
+        if s.rootless { "rootless" } else { "rootful" },
+        s.guest_host_uid
+    );
+    println!("sessions:   {}", s.sessions);
+    println!("landlock:   {}", s.landlock);
+    println!("seccomp:    {}", s.seccomp);
+    println!("limits:");
+    for l in &s.limits {
+        println!("  {:<9} {:<8} {}{}", l.name, l.value, if l.enforced { "enforced: " } else { "" }, l.how);
+    }
+    println!("self-test:");
+    for c in &s.selftest {
+        println!("  [{}] {:<15} {}", if c.ok { "ok" } else { "FAIL" }, c.layer, c.detail);
+    }
+    println!("audit log:  {}", s.audit_log.display());
+}
+
+pub fn status(cli_config: Option<PathBuf>, a: StatusArgs) -> Result<i32> {
+    let (loaded, paths) = target(cli_config, &a.name)?;
+    let st = client::status(connect(&loaded, &paths)?)?;
+    match a.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&st)?),
+        Format::Text => print_status(&st),
+    }
+    Ok(0)
+}
+
+pub fn list(cli_config: Option<PathBuf>, a: FormatArg) -> Result<i32> {
+    let (loaded, _) = super::load_config(cli_config)?;
+    let items = client::list(&loaded.runtime_dir(), &loaded.data_dir());
+    match a.format {
+        Format::Json => {
+            let v: Vec<serde_json::Value> = items
+                .iter()
+                .map(|l| serde_json::json!({"name": l.paths.name, "alive": l.alive, "status": l.status}))
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Format::Text => {
+            if items.is_empty() {
+                eprintln!("no sandboxes");
+            } else {
+                println!("{:<32} {:<8} {:<8} {:<22} WORKSPACE", "NAME", "STATE", "RUNTIME", "STARTED");
+                for l in &items {
+                    let (rt, started, ws) = l
+                        .status
+                        .as_ref()
+                        .map(|s| (s.runtime.clone(), s.started_at.clone(), s.workspace.display().to_string()))
+                        .unwrap_or_default();
+                    let state = if l.alive { "running" } else { "dead" };
+                    println!("{:<32} {:<8} {:<8} {:<22} {}", l.paths.name, state, rt, started, ws);
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
+pub fn stop(cli_config: Option<PathBuf>, a: NameArg) -> Result<i32> {
+    let (loaded, paths) = target(cli_config, &a)?;
+    if !client::is_alive(&paths) && paths.run_dir.exists() {
+        client::cleanup_stale(&paths, &paths.audit_log, &aibox_core::current_user());
+        eprintln!("sandbox {} was not running (its supervisor had died); cleaned up", paths.name);
+        return Ok(0);
+    }
+    client::stop(connect(&loaded, &paths)?)?;
+    eprintln!("stopped {}", paths.name);
+    Ok(0)
+}

@@ -1,0 +1,34 @@
+//! One module per command family.
+
+mod audit;
+mod config;
+mod doctor;
+mod lifecycle;
+
+use anyhow::Result;
+
+use crate::args::{Cli, Command};
+
+/// Loads the config the way every command does.
+pub(crate) fn load_config(cli_config: Option<std::path::PathBuf>) -> Result<(aibox_config::Loaded, aibox_config::Sources)> {
+    let sources = aibox_config::Sources::standard(cli_config);
+    let loaded = aibox_config::load(&sources)?;
+    Ok((loaded, sources))
+}
+
+/// Runs the parsed command; returns the process exit code.
+pub fn dispatch(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Command::Supervise => Ok(aibox_supervisor::supervisor::run()),
+        Command::Config(c) => config::run(cli.config, c),
+        Command::Doctor(a) => doctor::run(cli.config, a),
+        Command::Audit(a) => audit::run(cli.config, a),
+        Command::Start(a) => lifecycle::start(cli.config, a),
+        Command::Run(a) => lifecycle::run(cli.config, a),
+        Command::Exec(a) => lifecycle::exec(cli.config, a),
+        Command::Shell(a) => lifecycle::shell(cli.config, a),
+        Command::Status(a) => lifecycle::status(cli.config, a),
+        Command::List(a) => lifecycle::list(cli.config, a),
+        Command::Stop(a) => lifecycle::stop(cli.config, a),
+    }
+}

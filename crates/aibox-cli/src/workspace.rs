@@ -1,0 +1,111 @@
+//! Workspace validation: refuse paths that would expose too much of the
+//! host, or that live on filesystems that break sandbox semantics.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+
+/// Filesystems refused as workspaces (WSL drvfs/9p and NTFS: no POSIX
+/// ownership or modes, so the sandbox's permission model does not hold).
+const BAD_FS: &[&str] = &["9p", "drvfs", "ntfs", "ntfs3", "fuseblk", "v9fs"];
+
+/// System trees that must never be a workspace (or contain one).
+const SYSTEM: &[&str] = &["/proc", "/sys", "/dev", "/run", "/boot", "/etc", "/usr", "/bin", "/sbin", "/lib", "/lib64", "/var/run"];
+
+/// Resolves and checks a workspace path; returns the canonical path.
+pub fn validate(raw: &Path, check_fs: bool, protected: &[(&str, PathBuf)]) -> Result<PathBuf> {
+    let shown = raw.display();
+    let meta = match std::fs::metadata(raw) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("workspace {shown} does not exist\n  fix: create it (mkdir -p {shown}) or pass an existing directory with -w")
+        }
+        Err(e) => bail!("workspace {shown}: {e}\n  fix: pass a directory you can read with -w"),
+    };
+    if !meta.is_dir() {
+        bail!("workspace {shown} is not a directory\n  fix: pass the project directory that contains it with -w");
+    }
+    let abs = std::fs::canonicalize(raw)?;
+    if abs == Path::new("/") {
+        bail!("refusing / as the workspace: it would put the whole host inside the sandbox\n  fix: pass your project directory with -w");
+    }
+    if let Some(home) = aibox_core::home_dir().and_then(|h| std::fs::canonicalize(h).ok()) {
+        if abs == home || home.starts_with(&abs) {
+            bail!(
+                "refusing {} as the workspace: it is (or contains) your home directory {}, with your SSH keys and credentials\n  fix: pass a project directory below it with -w",
+                abs.display(),
+                home.display()
+            );
+        }
+    }
+    for sys in SYSTEM {
+        if abs.starts_with(sys) {
+            bail!("refusing {} as the workspace: it is a system directory\n  fix: pass your project directory with -w", abs.display());
+        }
+    }
+    for (what, p) in protected {
+        let p = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+        if p.starts_with(&abs) || abs.starts_with(&p) {
+            bail!(
+                "refusing {} as the workspace: it overlaps the aibox {what} {}, which the sandbox must never reach\n  fix: choose another workspace, or move paths.{what} elsewhere",
+                abs.display(),
+                p.display()
+            );
+        }
+    }
+    if check_fs {
+        let s = abs.to_string_lossy();
+        let b = s.as_bytes();
+        if s.starts_with("/mnt/") && b.len() >= 6 && b[5].is_ascii_lowercase() && (b.len() == 6 || b[6] == b'/') {
+            bail!("refusing {s}: /mnt/<drive> is a Windows drive under WSL\n  fix: keep the project in the Linux filesystem (e.g. ~/src), or set workspace.validate_fs: false");
+        }
+        if let Some(fs) = fs_type(&abs) {
+            if BAD_FS.contains(&fs.as_str()) {
+                bail!(
+                    "refusing {s}: it is on a {fs} filesystem, which lacks POSIX ownership and permissions\n  fix: move the project to a Linux filesystem (ext4, xfs, btrfs), or set workspace.validate_fs: false"
+                );
+            }
+        }
+    }
+    Ok(abs)
+}
+
+/// Filesystem type of the mount holding `path` (longest mount-point prefix
+/// in /proc/self/mountinfo).
+fn fs_type(path: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mut best: Option<(usize, String)> = None;
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let mount_point = fields.get(4)?.replace("\\040", " ");
+        let sep = fields.iter().position(|f| *f == "-")?;
+        let fstype = fields.get(sep + 1)?.to_string();
+        if path.starts_with(&mount_point) && best.as_ref().is_none_or(|(l, _)| mount_point.len() >= *l) {
+            best = Some((mount_point.len(), fstype));
+        }
+    }
+    best.map(|(_, t)| t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals() {
+        assert!(validate(Path::new("/"), true, &[]).is_err());
+        assert!(validate(Path::new("/definitely/missing"), true, &[]).is_err());
+        assert!(validate(Path::new("/etc/passwd"), true, &[]).is_err());
+        assert!(validate(Path::new("/proc"), true, &[]).is_err());
+        let d = tempfile::tempdir().unwrap();
+        assert!(validate(d.path(), true, &[]).is_ok());
+        let inner = d.path().join("data");
+        std::fs::create_dir(&inner).unwrap();
+        assert!(validate(d.path(), true, &[("data_dir", inner)]).is_err());
+    }
+
+    #[test]
+    fn fs_type_of_proc() {
+        assert_eq!(fs_type(Path::new("/proc/self")).as_deref(), Some("proc"));
+    }
+}

@@ -1,0 +1,381 @@
+//! The CLI side of the control protocol.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use aibox_sandbox::{WinSize, ipc};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+
+use crate::paths::{SandboxPaths, ensure_private_dir};
+use crate::proto::{ExecRequest, Request, Response, Status, SupervisorSpec};
+use crate::{Error, paths};
+
+/// Starts a supervisor for `spec` and waits until the sandbox is ready
+/// (or has failed, in which case nothing is left behind).
+pub fn start(spec: &SupervisorSpec, paths: &SandboxPaths) -> Result<Status, Error> {
+    let name = spec.sandbox.name.clone();
+    if let Some(parent) = paths.run_dir.parent() {
+        ensure_private_dir(parent)?;
+    }
+    // The run directory is the lock: creating it is atomic.
+    match std::fs::create_dir(&paths.run_dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            if is_alive(paths) {
+                return Err(Error::AlreadyRunning(name));
+            }
+            cleanup_stale(paths, &spec.audit_log, &spec.user);
+            std::fs::create_dir(&paths.run_dir)
+                .map_err(|e| Error::io(format!("creating {}", paths.run_dir.display()), e))?;
+        }
+        Err(e) => return Err(Error::io(format!("creating {}", paths.run_dir.display()), e)),
+    }
+    let cleanup = || {
+        let _ = std::fs::remove_dir_all(&paths.run_dir);
+    };
+    let prepare = || -> Result<std::fs::File, Error> {
+        std::fs::create_dir(&paths.root).map_err(|e| Error::io("creating the root mount point", e))?;
+        for d in [paths.home.parent(), paths.audit_log.parent(), paths.supervisor_log.parent()]
+            .into_iter()
+            .flatten()
+        {
+            ensure_private_dir(d)?;
+        }
+        if !paths.home.exists() {
+            std::fs::create_dir(&paths.home).map_err(|e| Error::io(format!("creating {}", paths.home.display()), e))?;
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&paths.supervisor_log)
+            .map_err(|e| Error::io(format!("opening {}", paths.supervisor_log.display()), e))
+    };
+    let log = prepare().inspect_err(|_| cleanup())?;
+    let exe = std::env::current_exe().map_err(|e| Error::io("locating the aibox binary", e))?;
+    let mut child = Command::new(exe)
+        .arg("__supervise")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| {
+            cleanup();
+            Error::io("starting the supervisor", e)
+        })?;
+    let body = serde_json::to_vec(spec).map_err(|e| Error::io("encoding the spec", std::io::Error::other(e)))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(&body);
+    }
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        let _ = BufReader::new(out).read_line(&mut line);
+    }
+    let line = line.trim_end();
+    if let Some(json) = line.strip_prefix("ready ") {
+        return serde_json::from_str(json).map_err(|e| Error::Remote(format!("bad ready message: {e}")));
+    }
+    let _ = child.wait();
+    cleanup();
+    let message = match line.strip_prefix("error ") {
+        Some(m) => m.to_string(),
+        None => format!(
+            "the supervisor exited without reporting; see {}",
+            paths.supervisor_log.display()
+        ),
+    };
+    Err(Error::StartFailed { name, message })
+}
+
+/// True when the sandbox's supervisor answers on its socket.
+pub fn is_alive(paths: &SandboxPaths) -> bool {
+    connect_to(&paths.socket).is_ok()
+}
+
+fn connect_to(socket_path: &Path) -> Result<OwnedFd, Error> {
+    let sock = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(|e| Error::io("creating a socket", e))?;
+    let addr = UnixAddr::new(socket_path).map_err(|e| Error::io("socket path", e))?;
+    connect(sock.as_raw_fd(), &addr).map_err(|e| Error::io(format!("connecting to {}", socket_path.display()), e))?;
+    Ok(sock)
+}
+
+/// Removes what a dead supervisor left in the runtime directory and
+/// records the fact in the audit log.
+pub fn cleanup_stale(paths: &SandboxPaths, audit_log: &Path, user: &str) {
+    let _ = std::fs::remove_dir_all(&paths.run_dir);
+    if let Ok(mut log) = aibox_audit::AuditLog::open(audit_log, &paths.name, user) {
+        let mut d = serde_json::Map::new();
+        d.insert("reason".into(), "supervisor died; stale state removed by the CLI".into());
+        let _ = log.append(
+            aibox_audit::EventType::SandboxDestroy,
+            aibox_audit::Source::AiboxCli,
+            aibox_audit::Severity::Warning,
+            d,
+        );
+    }
+}
+
+/// A sandbox found in the runtime directory.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    /// Its paths.
+    pub paths: SandboxPaths,
+    /// Its last known state (None if the state file is unreadable).
+    pub status: Option<Status>,
+    /// Whether its supervisor answers.
+    pub alive: bool,
+}
+
+/// Every sandbox with a runtime directory.
+pub fn list(runtime_dir: &Path, data_dir: &Path) -> Vec<Listed> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(runtime_dir) else { return out };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if aibox_core::validate_name(&name).is_err() || !e.path().is_dir() {
+            continue;
+        }
+        let paths = SandboxPaths::new(runtime_dir, data_dir, &name);
+        let status = std::fs::read_to_string(&paths.state).ok().and_then(|t| serde_json::from_str(&t).ok());
+        let alive = is_alive(&paths);
+        out.push(Listed { paths, status, alive });
+    }
+    out.sort_by(|a, b| a.paths.name.cmp(&b.paths.name));
+    out
+}
+
+/// Picks the sandbox a command without `--name` means: the only running
+/// one, or the one whose default name matches `cwd_default`.
+pub fn resolve_name(runtime_dir: &Path, data_dir: &Path, cwd_default: &str) -> Result<String, Error> {
+    let running: Vec<String> = list(runtime_dir, data_dir).into_iter().filter(|l| l.alive).map(|l| l.paths.name).collect();
+    match running.len() {
+        0 => Err(Error::NotRunning {
+            name: cwd_default.to_string(),
+            hint: "\n  fix: start one with `aibox start -w PATH`".into(),
+        }),
+        1 => Ok(running[0].clone()),
+        _ if running.iter().any(|n| n == cwd_default) => Ok(cwd_default.to_string()),
+        _ => Err(Error::Ambiguous(running.join(", "))),
+    }
+}
+
+/// Connects to a running sandbox, with a helpful error if it is not.
+pub fn connect_named(paths: &SandboxPaths, runtime_dir: &Path, data_dir: &Path) -> Result<OwnedFd, Error> {
+    connect_to(&paths.socket).map_err(|_| {
+        let running: Vec<String> =
+            list(runtime_dir, data_dir).into_iter().filter(|l| l.alive).map(|l| l.paths.name).collect();
+        let hint = if running.is_empty() {
+            "\n  fix: start it with `aibox start -w PATH --name NAME`".to_string()
+        } else {
+            format!("\n  running: {}", running.join(", "))
+        };
+        Error::NotRunning { name: paths.name.clone(), hint }
+    })
+}
+
+fn request(conn: &OwnedFd, req: &Request, fds: &[i32]) -> Result<(), Error> {
+    ipc::send(conn, req, fds).map_err(|e| Error::io("talking to the supervisor", e))
+}
+
+fn response(conn: &OwnedFd) -> Result<(Response, Vec<OwnedFd>), Error> {
+    ipc::recv::<Response>(conn)
+        .map_err(|e| Error::io("reading from the supervisor", e))?
+        .ok_or_else(|| Error::Remote("the supervisor closed the connection".into()))
+}
+
+/// Asks for the sandbox's status.
+pub fn status(conn: OwnedFd) -> Result<Status, Error> {
+    request(&conn, &Request::Status, &[])?;
+    match response(&conn)?.0 {
+        Response::Status(s) => Ok(*s),
+        Response::Error { message, .. } => Err(Error::Remote(message)),
+        other => Err(Error::Remote(format!("unexpected answer {other:?}"))),
+    }
+}
+
+/// Stops the sandbox and waits until its supervisor is gone.
+pub fn stop(conn: OwnedFd) -> Result<(), Error> {
+    request(&conn, &Request::Stop, &[])?;
+    match response(&conn)?.0 {
+        Response::Stopped => {
+            // Wait for EOF: the supervisor exits right after answering.
+            let _ = ipc::recv::<Response>(&conn);
+            Ok(())
+        }
+        Response::Error { message, .. } => Err(Error::Remote(message)),
+        other => Err(Error::Remote(format!("unexpected answer {other:?}"))),
+    }
+}
+
+/// Signals the client forwards to the command.
+const FORWARDED: &[Signal] = &[
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGWINCH,
+];
+
+/// Runs a command and returns its exit code. Without `tty` the caller's
+/// stdin/stdout/stderr are handed to the command; with it a terminal is
+/// allocated inside and relayed to ours (raw mode, resizes passed on).
+pub fn exec(conn: OwnedFd, mut req: ExecRequest) -> Result<i32, Error> {
+    let tty = req.tty.is_some();
+    if tty {
+        let (rows, cols) = aibox_sandbox::sys::get_winsize(0).unwrap_or((24, 80));
+        req.tty = Some(WinSize { rows, cols });
+    }
+    // Block forwarded signals in every thread; one thread takes them.
+    let mut mask = SigSet::empty();
+    for s in FORWARDED {
+        mask.add(*s);
+    }
+    let _ = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None);
+
+    let stdio = [0, 1, 2];
+    request(&conn, &Request::Exec(req), if tty { &[] } else { &stdio })?;
+    let (resp, fds) = response(&conn)?;
+    let master = match resp {
+        Response::Started { .. } => fds.into_iter().next(),
+        Response::Error { message, code } => {
+            eprintln!("aibox: {message}");
+            return Ok(code);
+        }
+        other => return Err(Error::Remote(format!("unexpected answer {other:?}"))),
+    };
+    let conn = std::sync::Arc::new(conn);
+    let master = master.map(std::sync::Arc::new);
+    {
+        let (c, m) = (conn.clone(), master.clone());
+        std::thread::spawn(move || {
+            while let Ok(sig) = mask.wait() {
+                if sig == Signal::SIGWINCH {
+                    if let (Some(m), Ok((r, cl))) = (&m, aibox_sandbox::sys::get_winsize(0)) {
+                        let _ = aibox_sandbox::sys::set_winsize(m.as_raw_fd(), r, cl);
+                    }
+                    continue;
+                }
+                let _ = ipc::send(c.as_fd(), &Request::Signal(sig as i32), &[]);
+            }
+        });
+    }
+    match master {
+        None => wait_exit(&conn),
+        Some(m) => relay(&conn, &m),
+    }
+}
+
+fn wait_exit(conn: &OwnedFd) -> Result<i32, Error> {
+    loop {
+        match response(conn)?.0 {
+            Response::Exited { code } => return Ok(code),
+            Response::Error { message, code } => {
+                eprintln!("aibox: {message}");
+                return Ok(code);
+            }
+            _ => continue,
+        }
+    }
+}
+
+/// Restores the terminal mode when dropped.
+struct RawMode(Option<nix::sys::termios::Termios>);
+
+impl RawMode {
+    fn enter() -> Self {
+        use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
+        let stdin = std::io::stdin();
+        match tcgetattr(stdin.as_fd()) {
+            Ok(orig) => {
+                let mut raw = orig.clone();
+                cfmakeraw(&mut raw);
+                let _ = tcsetattr(stdin.as_fd(), SetArg::TCSANOW, &raw);
+                RawMode(Some(orig))
+            }
+            Err(_) => RawMode(None),
+        }
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        if let Some(orig) = &self.0 {
+            let _ = nix::sys::termios::tcsetattr(std::io::stdin().as_fd(), nix::sys::termios::SetArg::TCSANOW, orig);
+        }
+    }
+}
+
+fn relay(conn: &OwnedFd, master: &std::sync::Arc<OwnedFd>) -> Result<i32, Error> {
+    let _raw = RawMode::enter();
+    {
+        let m = master.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                match nix::unistd::read(std::io::stdin().as_fd(), &mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if nix::unistd::write(m.as_fd(), &buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    let mut out = std::io::stdout();
+    let mut buf = [0u8; 8192];
+    let mut exit: Option<i32> = None;
+    loop {
+        // After the command exits, drain what is left, then stop even if a
+        // background process keeps the terminal open.
+        let timeout = if exit.is_some() { PollTimeout::from(50u8) } else { PollTimeout::NONE };
+        let mut fds = [PollFd::new(master.as_fd(), PollFlags::POLLIN), PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(Error::io("waiting for the terminal", e)),
+        }
+        let m_ev = fds[0].revents().unwrap_or(PollFlags::empty());
+        let c_ev = fds[1].revents().unwrap_or(PollFlags::empty());
+        if !m_ev.is_empty() {
+            match nix::unistd::read(master.as_fd(), &mut buf) {
+                Ok(0) | Err(_) => {
+                    if exit.is_some() {
+                        break;
+                    }
+                    // Terminal closed; wait for the exit code.
+                    return wait_exit(conn).map(|c| exit.unwrap_or(c));
+                }
+                Ok(n) => {
+                    let _ = out.write_all(&buf[..n]);
+                    let _ = out.flush();
+                }
+            }
+        }
+        if !c_ev.is_empty() && exit.is_none() {
+            match response(conn)?.0 {
+                Response::Exited { code } => exit = Some(code),
+                Response::Error { message, code } => {
+                    drop(_raw);
+                    eprintln!("aibox: {message}");
+                    return Ok(code);
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(exit.unwrap_or(1))
+}
+
+/// Paths helper re-exported for the CLI.
+pub fn audit_log_path(data_dir: &Path, name: &str) -> PathBuf {
+    paths::audit_log(data_dir, name)
+}

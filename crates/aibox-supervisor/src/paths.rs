@@ -1,0 +1,79 @@
+//! Where a sandbox's files live.
+//!
+//! Runtime (`/run/aibox` or `$XDG_RUNTIME_DIR/aibox`): `<name>/control.sock`,
+//! `<name>/state.json`, `<name>/root` (mount point of the new root).
+//! Data (`/var/lib/aibox` or `~/.local/share/aibox`): `homes/<name>`
+//! (mounted at /home/dev), `audit/<name>.jsonl`, `logs/<name>.log`.
+//! Neither directory is ever mounted into a sandbox.
+
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::Error;
+
+/// Paths of one sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxPaths {
+    /// Sandbox name.
+    pub name: String,
+    /// `<runtime>/<name>`.
+    pub run_dir: PathBuf,
+    /// Control socket.
+    pub socket: PathBuf,
+    /// State file.
+    pub state: PathBuf,
+    /// Mount point for the new root.
+    pub root: PathBuf,
+    /// Persistent home.
+    pub home: PathBuf,
+    /// Audit log.
+    pub audit_log: PathBuf,
+    /// Supervisor log.
+    pub supervisor_log: PathBuf,
+}
+
+impl SandboxPaths {
+    /// Paths of sandbox `name` under the given directories.
+    pub fn new(runtime_dir: &Path, data_dir: &Path, name: &str) -> Self {
+        let run_dir = runtime_dir.join(name);
+        Self {
+            name: name.to_string(),
+            socket: run_dir.join("control.sock"),
+            state: run_dir.join("state.json"),
+            root: run_dir.join("root"),
+            run_dir,
+            home: data_dir.join("homes").join(name),
+            audit_log: audit_log(data_dir, name),
+            supervisor_log: data_dir.join("logs").join(format!("{name}.log")),
+        }
+    }
+}
+
+/// Audit log of sandbox `name`.
+pub fn audit_log(data_dir: &Path, name: &str) -> PathBuf {
+    data_dir.join("audit").join(format!("{name}.jsonl"))
+}
+
+/// Creates `dir` (0700) if needed and refuses one that another user owns
+/// or others can write: a planted runtime directory in /tmp would let
+/// someone else read our control sockets or swap our mount points.
+pub fn ensure_private_dir(dir: &Path) -> Result<(), Error> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| Error::io(format!("checking {}", dir.display()), e))?;
+    let me = aibox_core::euid();
+    if !meta.is_dir() || meta.uid() != me {
+        return Err(Error::UnsafeDir(format!(
+            "{} is not a directory owned by uid {me}\n  fix: remove it, or set paths.runtime_dir / paths.data_dir to a directory you own",
+            dir.display()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io(format!("restricting {}", dir.display()), e))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,146 @@
+//! The control protocol between the CLI and a supervisor (seqpacket JSON,
+//! see `aibox_sandbox::ipc`), the spec handed to a new supervisor, and the
+//! state file it keeps.
+
+use std::path::PathBuf;
+
+use aibox_sandbox::selftest::Check;
+use aibox_sandbox::{SandboxSpec, WinSize};
+use serde::{Deserialize, Serialize};
+
+/// CLI → supervisor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Request {
+    /// Run a command (stdin/stdout/stderr attached unless `tty`).
+    Exec(ExecRequest),
+    /// Forward a signal to the running command of this connection.
+    Signal(i32),
+    /// Describe the sandbox.
+    Status,
+    /// Stop the sandbox.
+    Stop,
+}
+
+/// A command to run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Extra environment (`KEY=VALUE`) on top of the sandbox defaults.
+    pub env: Vec<String>,
+    /// Working directory inside the sandbox (absolute); `None` for the
+    /// directory matching `host_cwd`, else `/workspace`.
+    pub cwd: Option<String>,
+    /// The caller's host working directory; used for the default working
+    /// directory when it lies inside the workspace.
+    pub host_cwd: Option<PathBuf>,
+    /// Allocate a terminal of this size.
+    pub tty: Option<WinSize>,
+}
+
+/// Supervisor → CLI.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Response {
+    /// The command runs (terminal master attached in tty mode).
+    Started {
+        /// pid inside the sandbox.
+        pid: i32,
+    },
+    /// The command ended.
+    Exited {
+        /// Exit code, or 128 + signal.
+        code: i32,
+    },
+    /// The request failed.
+    Error {
+        /// Message for the user.
+        message: String,
+        /// Exit code the CLI should use.
+        code: i32,
+    },
+    /// Answer to `Status`.
+    Status(Box<Status>),
+    /// The sandbox is gone.
+    Stopped,
+}
+
+/// What a new supervisor needs; sent on its stdin as JSON.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SupervisorSpec {
+    /// The sandbox.
+    pub sandbox: SandboxSpec,
+    /// Host user name.
+    pub user: String,
+    /// Runtime name.
+    pub runtime: String,
+    /// Why this runtime (e.g. "config file …" or "--runtime").
+    pub runtime_reason: String,
+    /// Runtime directory of this sandbox.
+    pub run_dir: PathBuf,
+    /// Control socket path.
+    pub socket: PathBuf,
+    /// State file path.
+    pub state: PathBuf,
+    /// Audit log path.
+    pub audit_log: PathBuf,
+    /// SHA-256 of the effective config.
+    pub config_sha256: String,
+    /// Shell program for `aibox shell`.
+    pub shell: String,
+    /// Configured cpus (reported, see `limits`).
+    pub cpus: u32,
+    /// Configured memory (reported, see `limits`).
+    pub memory: String,
+}
+
+/// One resource limit and whether it is enforced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Limit {
+    /// `pids`, `nofile`, `tmp_size`, `cpus`, `memory`.
+    pub name: String,
+    /// Configured value.
+    pub value: String,
+    /// True when the kernel enforces it.
+    pub enforced: bool,
+    /// How (or why not).
+    pub how: String,
+}
+
+/// State of a running sandbox (also written to `state.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    /// Name.
+    pub name: String,
+    /// `running`.
+    pub state: String,
+    /// Backend.
+    pub runtime: String,
+    /// Why this backend.
+    pub runtime_reason: String,
+    /// Host workspace.
+    pub workspace: PathBuf,
+    /// Supervisor pid.
+    pub supervisor_pid: u32,
+    /// Host pid of the sandbox init.
+    pub init_pid: i32,
+    /// RFC 3339 start time.
+    pub started_at: String,
+    /// Milliseconds from supervisor start to ready.
+    pub start_ms: u64,
+    /// Started without root.
+    pub rootless: bool,
+    /// Host uid the guest runs as.
+    pub guest_host_uid: u32,
+    /// Running exec/shell sessions.
+    pub sessions: usize,
+    /// Resource limits.
+    pub limits: Vec<Limit>,
+    /// Landlock ABI and state.
+    pub landlock: String,
+    /// Seccomp summary.
+    pub seccomp: String,
+    /// Self-test results.
+    pub selftest: Vec<Check>,
+    /// Audit log path.
+    pub audit_log: PathBuf,
+}

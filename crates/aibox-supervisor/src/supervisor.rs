@@ -1,0 +1,514 @@
+//! The supervisor process (`aibox __supervise`).
+//!
+//! Started detached by `aibox start`, with the [`SupervisorSpec`] on stdin
+//! and a pipe on stdout on which it reports `ready <status JSON>` or
+//! `error <message>`. It launches the sandbox while still single-threaded,
+//! then serves the control socket with one thread per connection.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use aibox_audit::{AuditLog, EventType, Severity, Source};
+use aibox_sandbox::{FromInit, SpawnRequest, ToInit, ipc, landlock_rules::LandlockState};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
+use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr, accept, bind, listen, socket, sockopt};
+use serde_json::{Map, Value, json};
+
+use crate::proto::{ExecRequest, Limit, Request, Response, Status, SupervisorSpec};
+
+enum Event {
+    Stop { reply: Option<OwnedFd>, reason: String },
+    SandboxGone,
+}
+
+type Waiter = Sender<(FromInit, Vec<OwnedFd>)>;
+
+struct Shared {
+    spec: SupervisorSpec,
+    audit: Mutex<AuditLog>,
+    init: OwnedFd,
+    waiters: Mutex<HashMap<u64, Waiter>>,
+    next_id: AtomicU64,
+    /// Sessions whose `session.end` is not written yet.
+    active: AtomicUsize,
+    status: Mutex<Status>,
+    events: Sender<Event>,
+}
+
+fn details(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+impl Shared {
+    fn emit(&self, t: EventType, sev: Severity, d: Value) {
+        let r = self.audit.lock().map(|mut a| a.append(t, Source::AiboxSupervisor, sev, details(d)));
+        match r {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => eprintln!("aibox supervisor: audit write failed: {e}"),
+            Err(_) => eprintln!("aibox supervisor: audit lock poisoned"),
+        }
+    }
+}
+
+fn report(line: &str) {
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Entry point of `aibox __supervise`; returns the process exit code.
+pub fn run() -> i32 {
+    let mut input = String::new();
+    if std::io::stdin().read_to_string(&mut input).is_err() {
+        report("error could not read the supervisor spec");
+        return 2;
+    }
+    let spec: SupervisorSpec = match serde_json::from_str(&input) {
+        Ok(s) => s,
+        Err(e) => {
+            report(&format!("error bad supervisor spec: {e}"));
+            return 2;
+        }
+    };
+    // Own session: the terminal's signals and hangups are not ours.
+    let _ = nix::unistd::setsid();
+    match setup(spec) {
+        Ok(code) => code,
+        Err(message) => {
+            report(&format!("error {}", message.replace('\n', "\n  ")));
+            1
+        }
+    }
+}
+
+fn remove_run_dir(spec: &SupervisorSpec) {
+    let _ = std::fs::remove_dir_all(&spec.run_dir);
+}
+
+fn setup(spec: SupervisorSpec) -> Result<i32, String> {
+    let t0 = Instant::now();
+    let mut audit = AuditLog::open(&spec.audit_log, &spec.sandbox.name, &spec.user).map_err(|e| {
+        remove_run_dir(&spec);
+        e.to_string()
+    })?;
+    let emit = |a: &mut AuditLog, t, d: Value| {
+        a.append(t, Source::AiboxSupervisor, Severity::Info, details(d)).map(drop).map_err(|e| e.to_string())
+    };
+    emit(&mut audit, EventType::SandboxCreate, json!({
+        "workspace": spec.sandbox.workspace, "runtime": spec.runtime,
+        "rootless": aibox_core::euid() != 0, "pids": spec.sandbox.pids, "nofile": spec.sandbox.nofile,
+    }))?;
+    emit(&mut audit, EventType::SandboxConfig, json!({"config_sha256": spec.config_sha256}))?;
+
+    // Fork the sandbox while this process has exactly one thread.
+    let launched = match aibox_sandbox::launch(&spec.sandbox) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = a_fail(&mut audit, &e.to_string());
+            remove_run_dir(&spec);
+            return Err(e.to_string());
+        }
+    };
+    let start_ms = t0.elapsed().as_millis() as u64;
+
+    let listener = match listen_on(&spec.socket) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ipc::send(&launched.control, &ToInit::Shutdown, &[]);
+            let _ = nix::sys::wait::waitpid(launched.intermediate, None);
+            let _ = a_fail(&mut audit, &e);
+            remove_run_dir(&spec);
+            return Err(e);
+        }
+    };
+
+    let status = Status {
+        name: spec.sandbox.name.clone(),
+        state: "running".into(),
+        runtime: spec.runtime.clone(),
+        runtime_reason: spec.runtime_reason.clone(),
+        workspace: spec.sandbox.workspace.clone(),
+        supervisor_pid: std::process::id(),
+        init_pid: launched.init_pid,
+        started_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        start_ms,
+        rootless: launched.rootless,
+        guest_host_uid: launched.guest_host_uid,
+        sessions: 0,
+        limits: limits(&spec, launched.rootless),
+        landlock: match launched.report.landlock {
+            LandlockState::Full => format!("enforced (kernel ABI {})", launched.report.landlock_abi),
+            LandlockState::Partial => format!("partially enforced (kernel ABI {})", launched.report.landlock_abi),
+            LandlockState::Unavailable => "unavailable (kernel has no Landlock)".into(),
+        },
+        seccomp: "enforced: allowlist (default ENOSYS) + denylist (EPERM) from resources/seccomp/policy.yaml".into(),
+        selftest: launched.report.checks.clone(),
+        audit_log: spec.audit_log.clone(),
+    };
+    let state_json = serde_json::to_string_pretty(&status).unwrap_or_default();
+    if let Err(e) = std::fs::write(&spec.state, &state_json) {
+        let _ = ipc::send(&launched.control, &ToInit::Shutdown, &[]);
+        let _ = nix::sys::wait::waitpid(launched.intermediate, None);
+        remove_run_dir(&spec);
+        return Err(format!("writing {}: {e}", spec.state.display()));
+    }
+    emit(&mut audit, EventType::SandboxStart, json!({
+        "init_pid": launched.init_pid, "duration_ms": start_ms,
+        "landlock": status.landlock, "selftest": "passed",
+    }))?;
+
+    // Signals become stop requests; block them before any thread exists.
+    let mut mask = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        mask.add(s);
+    }
+    let _ = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None);
+
+    let (events_tx, events_rx) = channel();
+    let intermediate = launched.intermediate;
+    let shared = Arc::new(Shared {
+        spec,
+        audit: Mutex::new(audit),
+        init: launched.control,
+        waiters: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(1),
+        active: AtomicUsize::new(0),
+        status: Mutex::new(status.clone()),
+        events: events_tx,
+    });
+
+    report(&format!("ready {}", serde_json::to_string(&status).unwrap_or_default()));
+    // Nobody reads stdout any more; keep the descriptor valid.
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        let _ = aibox_sandbox::sys::dup2(null.as_raw_fd(), 1);
+    }
+
+    {
+        let s = shared.clone();
+        std::thread::spawn(move || init_reader(s));
+    }
+    {
+        let tx = shared.events.clone();
+        std::thread::spawn(move || {
+            if let Ok(sig) = mask.wait() {
+                let _ = tx.send(Event::Stop { reply: None, reason: format!("supervisor received {sig:?}") });
+            }
+        });
+    }
+    {
+        let s = shared.clone();
+        std::thread::spawn(move || accept_loop(s, listener));
+    }
+    Ok(main_loop(shared, events_rx, intermediate))
+}
+
+fn a_fail(audit: &mut AuditLog, message: &str) -> Result<(), String> {
+    audit
+        .append(
+            EventType::SandboxDestroy,
+            Source::AiboxSupervisor,
+            Severity::Warning,
+            details(json!({"reason": format!("start failed: {message}")})),
+        )
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+fn limits(spec: &SupervisorSpec, rootless: bool) -> Vec<Limit> {
+    let ns = if rootless { "the invoking user" } else { "the sandbox's own host uid" };
+    vec![
+        Limit {
+            name: "pids".into(),
+            value: spec.sandbox.pids.to_string(),
+            enforced: true,
+            how: format!("RLIMIT_NPROC, counted per user namespace ({ns})"),
+        },
+        Limit {
+            name: "nofile".into(),
+            value: spec.sandbox.nofile.to_string(),
+            enforced: true,
+            how: "RLIMIT_NOFILE".into(),
+        },
+        Limit {
+            name: "tmp_size".into(),
+            value: spec.sandbox.tmp_size.clone(),
+            enforced: true,
+            how: "tmpfs size of /tmp and /var/tmp".into(),
+        },
+        Limit {
+            name: "cpus".into(),
+            value: spec.cpus.to_string(),
+            enforced: false,
+            how: "NOT ENFORCED: the native backend has no delegated cgroup on this host".into(),
+        },
+        Limit {
+            name: "memory".into(),
+            value: spec.memory.clone(),
+            enforced: false,
+            how: "NOT ENFORCED: the native backend has no delegated cgroup on this host".into(),
+        },
+    ]
+}
+
+fn listen_on(path: &Path) -> Result<OwnedFd, String> {
+    let sock = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(|e| format!("creating the control socket: {e}"))?;
+    let addr = UnixAddr::new(path).map_err(|e| format!("control socket path {}: {e}", path.display()))?;
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    let r = bind(sock.as_raw_fd(), &addr);
+    nix::sys::stat::umask(old);
+    r.map_err(|e| format!("binding {}: {e}", path.display()))?;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    listen(&sock, Backlog::new(64).map_err(|e| e.to_string())?).map_err(|e| format!("listen: {e}"))?;
+    Ok(sock)
+}
+
+fn accept_loop(shared: Arc<Shared>, listener: OwnedFd) {
+    loop {
+        match accept(listener.as_raw_fd()) {
+            Ok(fd) => {
+                let conn = aibox_sandbox::sys::own_fd(fd);
+                let _ = nix::fcntl::fcntl(&conn, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+                let s = shared.clone();
+                std::thread::spawn(move || handle_conn(s, conn));
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return,
+        }
+    }
+}
+
+fn init_reader(shared: Arc<Shared>) {
+    loop {
+        match ipc::recv::<FromInit>(&shared.init) {
+            Ok(Some((msg, fds))) => {
+                let id = match &msg {
+                    FromInit::Spawned { id, .. } | FromInit::SpawnFailed { id, .. } | FromInit::Exited { id, .. } => *id,
+                    _ => continue,
+                };
+                if let Ok(w) = shared.waiters.lock() {
+                    if let Some(tx) = w.get(&id) {
+                        let _ = tx.send((msg, fds));
+                    }
+                }
+            }
+            Ok(None) | Err(_) => {
+                if let Ok(mut w) = shared.waiters.lock() {
+                    w.clear();
+                }
+                let _ = shared.events.send(Event::SandboxGone);
+                return;
+            }
+        }
+    }
+}
+
+fn send(conn: &OwnedFd, r: &Response, fds: &[RawFd]) {
+    let _ = ipc::send(conn, r, fds);
+}
+
+fn handle_conn(shared: Arc<Shared>, conn: OwnedFd) {
+    // Only the owner (or root) may drive the sandbox, even if the socket's
+    // 0600 mode were lost.
+    let me = aibox_core::euid();
+    match nix::sys::socket::getsockopt(&conn, sockopt::PeerCredentials) {
+        Ok(c) if c.uid() == me || c.uid() == 0 => {}
+        _ => return,
+    }
+    let Ok(Some((req, fds))) = ipc::recv::<Request>(&conn) else { return };
+    match req {
+        Request::Status => {
+            let st = shared.status.lock().map(|mut s| {
+                s.sessions = shared.waiters.lock().map(|w| w.len()).unwrap_or(0);
+                s.clone()
+            });
+            match st {
+                Ok(s) => send(&conn, &Response::Status(Box::new(s)), &[]),
+                Err(_) => send(&conn, &Response::Error { message: "status unavailable".into(), code: 1 }, &[]),
+            }
+        }
+        Request::Stop => {
+            let _ = shared.events.send(Event::Stop { reply: Some(conn), reason: "aibox stop".into() });
+        }
+        Request::Exec(e) => exec_session(shared, conn, e, fds),
+        Request::Signal(_) => send(&conn, &Response::Error { message: "no command is running on this connection".into(), code: 2 }, &[]),
+    }
+}
+
+fn guest_cwd(shared: &Shared, req: &ExecRequest) -> Result<String, String> {
+    if let Some(c) = &req.cwd {
+        if !c.starts_with('/') {
+            return Err(format!("working directory {c:?} must be an absolute path inside the sandbox"));
+        }
+        return Ok(c.clone());
+    }
+    let ws = &shared.spec.sandbox.workspace;
+    if let Some(rel) = req.host_cwd.as_ref().and_then(|h| h.strip_prefix(ws).ok()) {
+        return Ok(PathBuf::from(aibox_core::guest::WORKSPACE).join(rel).to_string_lossy().into_owned());
+    }
+    Ok(aibox_core::guest::WORKSPACE.to_string())
+}
+
+fn guest_env(shared: &Shared, req: &ExecRequest) -> Vec<String> {
+    use aibox_core::guest;
+    let shell = format!("/bin/{}", shared.spec.shell);
+    let mut env: Vec<(String, String)> = vec![
+        ("PATH".into(), guest::PATH.into()),
+        ("HOME".into(), guest::HOME.into()),
+        ("USER".into(), guest::USER.into()),
+        ("LOGNAME".into(), guest::USER.into()),
+        ("SHELL".into(), shell),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("HOSTNAME".into(), guest::HOSTNAME.into()),
+        (aibox_core::env::IN_SANDBOX.into(), "1".into()),
+        (aibox_core::env::SANDBOX_NAME.into(), shared.spec.sandbox.name.clone()),
+    ];
+    if req.tty.is_some() {
+        env.push(("TERM".into(), "xterm-256color".into()));
+    }
+    for kv in &req.env {
+        let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
+        env.retain(|(ek, _)| ek != k);
+        env.push((k.to_string(), v.to_string()));
+    }
+    env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+fn exec_session(shared: Arc<Shared>, conn: OwnedFd, req: ExecRequest, fds: Vec<OwnedFd>) {
+    shared.active.fetch_add(1, Ordering::SeqCst);
+    exec_inner(&shared, conn, req, fds);
+    shared.active.fetch_sub(1, Ordering::SeqCst);
+}
+
+fn exec_inner(shared: &Arc<Shared>, conn: OwnedFd, req: ExecRequest, fds: Vec<OwnedFd>) {
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let cwd = match guest_cwd(shared, &req) {
+        Ok(c) => c,
+        Err(message) => return send(&conn, &Response::Error { message, code: 2 }, &[]),
+    };
+    if req.tty.is_none() && fds.len() != 3 {
+        return send(&conn, &Response::Error { message: "stdin/stdout/stderr were not attached".into(), code: 2 }, &[]);
+    }
+    let (tx, rx): (Waiter, Receiver<_>) = channel();
+    if let Ok(mut w) = shared.waiters.lock() {
+        w.insert(id, tx);
+    }
+    let spawn = SpawnRequest { id, argv: req.argv.clone(), env: guest_env(shared, &req), cwd, tty: req.tty };
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let t0 = Instant::now();
+    let session = format!("{}-{id}", shared.spec.sandbox.name);
+    if let Err(e) = ipc::send(&shared.init, &ToInit::Spawn(spawn), &raw) {
+        remove_waiter(shared, id);
+        return send(&conn, &Response::Error { message: format!("sandbox unreachable: {e}"), code: 125 }, &[]);
+    }
+    drop(fds);
+    shared.emit(EventType::SessionStart, Severity::Info, json!({
+        "session_id": session, "argv": req.argv, "tty": req.tty.is_some(),
+    }));
+    let end = |code: i32, note: &str| {
+        shared.emit(EventType::SessionEnd, Severity::Info, json!({
+            "session_id": session, "exit_code": code,
+            "duration_ms": t0.elapsed().as_millis() as u64, "note": note,
+        }));
+    };
+    match rx.recv() {
+        Ok((FromInit::Spawned { pid, .. }, master)) => {
+            let attach: Vec<RawFd> = master.iter().map(|m| m.as_raw_fd()).collect();
+            send(&conn, &Response::Started { pid }, &attach);
+        }
+        Ok((FromInit::SpawnFailed { error, code, .. }, _)) => {
+            remove_waiter(shared, id);
+            end(code, &error);
+            return send(&conn, &Response::Error { message: error, code }, &[]);
+        }
+        _ => {
+            remove_waiter(shared, id);
+            end(137, "sandbox stopped");
+            return send(&conn, &Response::Error { message: "the sandbox stopped".into(), code: 137 }, &[]);
+        }
+    }
+
+    // Forward the client's signals; if the client goes away, so does the command.
+    let conn = Arc::new(conn);
+    let done = Arc::new(AtomicBool::new(false));
+    {
+        let (s, c, d) = (shared.clone(), conn.clone(), done.clone());
+        std::thread::spawn(move || {
+            loop {
+                match ipc::recv::<Request>(c.as_fd()) {
+                    Ok(Some((Request::Signal(sig), _))) => {
+                        let _ = ipc::send(&s.init, &ToInit::Signal { id, signal: sig }, &[]);
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => {
+                        if !d.load(Ordering::SeqCst) {
+                            let _ = ipc::send(&s.init, &ToInit::Signal { id, signal: libc::SIGKILL }, &[]);
+                        }
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    let code = match rx.recv() {
+        Ok((FromInit::Exited { code, .. }, _)) => {
+            end(code, "");
+            code
+        }
+        _ => {
+            end(137, "sandbox stopped");
+            137
+        }
+    };
+    done.store(true, Ordering::SeqCst);
+    remove_waiter(shared, id);
+    send(&conn, &Response::Exited { code }, &[]);
+}
+
+fn remove_waiter(shared: &Shared, id: u64) {
+    if let Ok(mut w) = shared.waiters.lock() {
+        w.remove(&id);
+    }
+}
+
+fn main_loop(shared: Arc<Shared>, events: Receiver<Event>, intermediate: nix::unistd::Pid) -> i32 {
+    let (reply, reason, code) = match events.recv() {
+        Ok(Event::Stop { reply, reason }) => (reply, reason, 0),
+        Ok(Event::SandboxGone) => (None, "the sandbox init exited".to_string(), 1),
+        Err(_) => (None, "supervisor internal error".to_string(), 1),
+    };
+    let _ = ipc::send(&shared.init, &ToInit::Shutdown, &[]);
+    let exit = loop {
+        match nix::sys::wait::waitpid(intermediate, None) {
+            Ok(nix::sys::wait::WaitStatus::Exited(_, c)) => break c,
+            Ok(nix::sys::wait::WaitStatus::Signaled(_, s, _)) => break 128 + s as i32,
+            Err(nix::errno::Errno::EINTR) | Ok(_) => continue,
+            Err(_) => break -1,
+        }
+    };
+    // Let sessions cut short by the stop record their end first.
+    let deadline = Instant::now() + std::time::Duration::from_secs(2);
+    while shared.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    shared.emit(EventType::SandboxStop, Severity::Info, json!({"reason": reason, "init_exit": exit}));
+    shared.emit(EventType::SandboxDestroy, Severity::Info, json!({"reason": reason}));
+    if let Ok(mut a) = shared.audit.lock() {
+        let _ = a.sync();
+    }
+    remove_run_dir(&shared.spec);
+    if let Some(conn) = reply {
+        send(&conn, &Response::Stopped, &[]);
+    }
+    code
+}
