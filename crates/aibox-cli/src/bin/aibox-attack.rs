@@ -1,0 +1,113 @@
+//! Test helper, copied into a sandbox's workspace by the integration tests:
+//! attempts one forbidden operation per argument and prints
+//! `<name> <result>` where result is `ok` or the errno name. It makes raw
+//! system calls so that no libc wrapper can hide a failure.
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+
+fn errno_name() -> String {
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EPERM) => "EPERM".into(),
+        Some(libc::EACCES) => "EACCES".into(),
+        Some(libc::ENOSYS) => "ENOSYS".into(),
+        Some(libc::EINVAL) => "EINVAL".into(),
+        Some(libc::EROFS) => "EROFS".into(),
+        Some(libc::EAFNOSUPPORT) => "EAFNOSUPPORT".into(),
+        Some(n) => format!("errno{n}"),
+        None => "unknown".into(),
+    }
+}
+
+fn result(rc: i64) -> String {
+    if rc < 0 { errno_name() } else { "ok".into() }
+}
+
+fn attempt(name: &str) -> String {
+    // SAFETY (all blocks below): each call passes integers or pointers to
+    // live, correctly sized local buffers; a failing call only sets errno.
+    unsafe {
+        match name {
+            "ptrace" => result(libc::ptrace(libc::PTRACE_ATTACH, 1, 0, 0)),
+            "ptrace_traceme" => result(libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0)),
+            "process_vm_readv" => {
+                let mut buf = [0u8; 8];
+                let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: 8 };
+                let remote = libc::iovec { iov_base: 0x400000 as *mut libc::c_void, iov_len: 8 };
+                result(libc::process_vm_readv(1, &local, 1, &remote, 1, 0) as i64)
+            }
+            "mount" => {
+                let src = CString::new("tmpfs").unwrap_or_default();
+                let dst = CString::new("/tmp").unwrap_or_default();
+                result(libc::mount(src.as_ptr(), dst.as_ptr(), src.as_ptr(), 0, std::ptr::null()) as i64)
+            }
+            "umount" => {
+                let dst = CString::new("/workspace").unwrap_or_default();
+                result(libc::umount2(dst.as_ptr(), libc::MNT_DETACH) as i64)
+            }
+            "chroot" => {
+                let dst = CString::new("/tmp").unwrap_or_default();
+                result(libc::chroot(dst.as_ptr()) as i64)
+            }
+            "pivot_root" => result(libc::syscall(libc::SYS_pivot_root, c"/tmp".as_ptr(), c"/tmp".as_ptr())),
+            "unshare_user" => result(libc::unshare(libc::CLONE_NEWUSER) as i64),
+            "unshare_net" => result(libc::unshare(libc::CLONE_NEWNET) as i64),
+            "unshare_ns" => result(libc::unshare(libc::CLONE_NEWNS) as i64),
+            "setns" => result(libc::setns(0, 0) as i64),
+            "clone_newuser" => result(libc::syscall(libc::SYS_clone, libc::CLONE_NEWUSER | libc::SIGCHLD, 0, 0, 0, 0)),
+            "clone_newns" => result(libc::syscall(libc::SYS_clone, libc::CLONE_NEWNS | libc::SIGCHLD, 0, 0, 0, 0)),
+            "clone3" => {
+                let mut args = [0u64; 11];
+                args[0] = libc::CLONE_NEWUSER as u64;
+                result(libc::syscall(libc::SYS_clone3, args.as_mut_ptr(), std::mem::size_of_val(&args)))
+            }
+            "bpf" => {
+                let mut attr = [0u32; 32];
+                attr[0] = 2; // BPF_MAP_TYPE_ARRAY
+                attr[1] = 4;
+                attr[2] = 4;
+                attr[3] = 1;
+                result(libc::syscall(libc::SYS_bpf, 0, attr.as_mut_ptr(), 128))
+            }
+            "perf_event_open" => {
+                let attr = [0u8; 128];
+                result(libc::syscall(libc::SYS_perf_event_open, attr.as_ptr(), 0, -1, -1, 0))
+            }
+            "keyctl" => result(libc::syscall(libc::SYS_keyctl, 0, -3, 0)),
+            "add_key" => result(libc::syscall(libc::SYS_add_key, c"user".as_ptr(), c"k".as_ptr(), c"v".as_ptr(), 1, -3)),
+            "request_key" => result(libc::syscall(libc::SYS_request_key, c"user".as_ptr(), c"k".as_ptr(), 0, 0)),
+            "userfaultfd" => result(libc::syscall(libc::SYS_userfaultfd, 0)),
+            "io_uring_setup" => {
+                let params = [0u8; 120];
+                result(libc::syscall(libc::SYS_io_uring_setup, 8, params.as_ptr()))
+            }
+            "kexec_load" => result(libc::syscall(libc::SYS_kexec_load, 0, 0, 0, 0)),
+            "init_module" => result(libc::syscall(libc::SYS_init_module, 0, 0, c"".as_ptr())),
+            "delete_module" => result(libc::syscall(libc::SYS_delete_module, c"x".as_ptr(), 0)),
+            "reboot" => result(libc::syscall(libc::SYS_reboot, 0, 0, 0, 0)),
+            "swapon" => result(libc::syscall(libc::SYS_swapon, c"/tmp/x".as_ptr(), 0)),
+            "acct" => result(libc::syscall(libc::SYS_acct, 0)),
+            "personality" => result(libc::personality(0x0040000) as i64),
+            "personality_query" => result(libc::personality(0xffffffff) as i64),
+            "socket_packet" => result(libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) as i64),
+            "socket_raw" => result(libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) as i64),
+            "socket_raw6" => result(libc::socket(libc::AF_INET6, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 58) as i64),
+            "socket_tcp" => result(libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) as i64),
+            "socket_unix" => result(libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) as i64),
+            "tiocsti" => {
+                let c: u8 = b'x';
+                result(libc::ioctl(0, libc::TIOCSTI, &c) as i64)
+            }
+            "open_by_handle_at" => result(libc::syscall(libc::SYS_open_by_handle_at, 0, 0, 0)),
+            "setuid0" => result(libc::setuid(0) as i64),
+            _ => "unknown-probe".into(),
+        }
+    }
+}
+
+fn main() {
+    for name in std::env::args().skip(1) {
+        println!("{name} {}", attempt(&name));
+    }
+}
