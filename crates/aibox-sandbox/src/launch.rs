@@ -392,13 +392,20 @@ fn harden(spec: &SandboxSpec, filters: &[seccompiler::BpfProgram]) -> Result<Sel
 
     // Capabilities: bounding set first (needs CAP_SETPCAP), then the rest.
     use caps::CapSet;
-    for set in [CapSet::Bounding, CapSet::Ambient, CapSet::Inheritable, CapSet::Effective, CapSet::Permitted] {
+    let sets: &[CapSet] = if crate::debug_skip("caps") {
+        &[]
+    } else {
+        &[CapSet::Bounding, CapSet::Ambient, CapSet::Inheritable, CapSet::Effective, CapSet::Permitted]
+    };
+    for &set in sets {
         caps::clear(None, set).map_err(|e| SandboxError::sys(format!("dropping {set:?} capabilities"), std::io::Error::other(e.to_string())))?;
     }
     prctl::set_no_new_privs().map_err(|e| SandboxError::sys("PR_SET_NO_NEW_PRIVS", e))?;
 
     let kernel_abi = landlock_rules::kernel_abi();
-    let landlock = if kernel_abi > 0 {
+    let landlock = if crate::debug_skip("landlock") {
+        None
+    } else if kernel_abi > 0 {
         Some(landlock_rules::apply(WRITABLE)?)
     } else if spec.landlock_required {
         return Err(SandboxError::Setup(
@@ -408,12 +415,20 @@ fn harden(spec: &SandboxSpec, filters: &[seccompiler::BpfProgram]) -> Result<Sel
         None
     };
 
-    seccomp::install(filters)?;
+    if !crate::debug_skip("seccomp") {
+        seccomp::install(filters)?;
+    }
     // Non-dumpable: sandbox processes (same uid) cannot open /proc/1/fd or
     // /proc/1/mem of init.
     prctl::set_dumpable(false).map_err(|e| SandboxError::sys("PR_SET_DUMPABLE", e))?;
     // Credential changes above cleared the parent-death signal.
     prctl::set_pdeathsig(Signal::SIGKILL).map_err(|e| SandboxError::sys("PR_SET_PDEATHSIG", e))?;
 
+    // A kernel with Landlock must have it enforced: report a skipped
+    // ruleset as not enforced rather than as absent.
+    let landlock = match landlock {
+        None if kernel_abi > 0 => Some(landlock_rules::LandlockState::Unavailable),
+        other => other,
+    };
     Ok(selftest::run(kernel_abi, landlock))
 }

@@ -150,5 +150,20 @@ pub enum FromInit {
     },
 }
 
+/// Fault injection for tests, compiled into debug builds only: the
+/// comma-separated layers in `AIBOX_DEBUG_SKIP_LAYER` (`caps`, `seccomp`,
+/// `landlock`, `readonly`) are not applied, so the tests can prove that the
+/// self-test notices a missing layer and that `start` then refuses.
+#[cfg(debug_assertions)]
+pub(crate) fn debug_skip(layer: &str) -> bool {
+    std::env::var("AIBOX_DEBUG_SKIP_LAYER").is_ok_and(|v| v.split(',').any(|x| x == layer))
+}
+
+/// Release builds have no way to skip a layer.
+#[cfg(not(debug_assertions))]
+pub(crate) fn debug_skip(_layer: &str) -> bool {
+    false
+}
+
 /// Directories that stay writable inside (also the Landlock write rules).
 pub const WRITABLE: &[&str] = &["/workspace", "/home/dev", "/tmp", "/var/tmp", "/dev"];

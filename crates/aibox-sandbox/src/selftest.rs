@@ -113,6 +113,21 @@ pub fn run(landlock_abi: i32, landlock: Option<LandlockState>) -> SelfTestReport
 
     let mut ro_detail = Vec::new();
     let mut ro_ok = true;
+    // The mounts themselves must be read-only (Landlock alone would also
+    // refuse the writes below, hiding a missing remount).
+    for dir in ["/", "/usr", "/etc"] {
+        match nix::sys::statvfs::statvfs(dir) {
+            Ok(st) if st.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY) => {}
+            Ok(_) => {
+                ro_ok = false;
+                ro_detail.push(format!("{dir} is mounted read-write"));
+            }
+            Err(e) => {
+                ro_ok = false;
+                ro_detail.push(format!("statvfs {dir}: {e}"));
+            }
+        }
+    }
     for probe in ["/.aibox-probe", "/usr/.aibox-probe", "/etc/.aibox-probe"] {
         let r = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(probe);
         match r {

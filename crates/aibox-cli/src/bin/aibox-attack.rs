@@ -100,6 +100,26 @@ fn attempt(name: &str) -> String {
                 result(libc::ioctl(0, libc::TIOCSTI, &c) as i64)
             }
             "open_by_handle_at" => result(libc::syscall(libc::SYS_open_by_handle_at, 0, 0, 0)),
+            "fork_bomb" => {
+                // Fork until the kernel refuses; children just wait to be killed.
+                let mut n = 0u32;
+                loop {
+                    let pid = libc::fork();
+                    if pid == 0 {
+                        loop {
+                            libc::pause();
+                        }
+                    }
+                    if pid < 0 {
+                        let e = errno_name();
+                        return format!("{} n={n}", if e == "errno11" { "EAGAIN".to_string() } else { e });
+                    }
+                    n += 1;
+                    if n >= 100_000 {
+                        return format!("unlimited n={n}");
+                    }
+                }
+            }
             "setuid0" => result(libc::setuid(0) as i64),
             _ => "unknown-probe".into(),
         }

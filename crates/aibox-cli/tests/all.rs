@@ -1,0 +1,3 @@
+//! Integration tests: the real `aibox` binary, real namespaces, real
+//! attacks. One test binary (faster links); modules under `suite/`.
+mod suite;

@@ -1,0 +1,252 @@
+//! Test context: an isolated config, data and runtime directory per test,
+//! and the choice of running aibox as root or as an ordinary user.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+/// The unprivileged account the rootless tests run as when the suite runs as root.
+pub const TEST_USER: &str = "aibox-test";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// aibox runs as root.
+    Root,
+    /// aibox runs as an ordinary user.
+    Rootless,
+}
+
+pub struct Ctx {
+    pub dir: tempfile::TempDir,
+    pub ws: PathBuf,
+    pub config: PathBuf,
+    pub data: PathBuf,
+    pub runtime: PathBuf,
+    /// (uid, gid) to run as; None = as this process.
+    pub as_user: Option<(u32, u32)>,
+    pub mode: Mode,
+    extra_env: Vec<(String, String)>,
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+fn ids_of(user: &str) -> Option<(u32, u32)> {
+    let out = Command::new("id").args(["-u", user]).output().ok()?;
+    let uid = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+    let out = Command::new("id").args(["-g", user]).output().ok()?;
+    let gid = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+    Some((uid, gid))
+}
+
+/// Creates the test user once (the CI script creates it too; useradd
+/// races between parallel test processes are retried).
+fn test_user() -> (u32, u32) {
+    for _ in 0..20 {
+        if let Some(ids) = ids_of(TEST_USER) {
+            return ids;
+        }
+        let _ = Command::new("useradd").args(["-m", "-s", "/bin/sh", TEST_USER]).status();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("could not create the test user {TEST_USER}");
+}
+
+/// The binaries, copied where an unprivileged user can execute them (the
+/// build tree may sit under a private home such as /root).
+pub fn bin(name: &str) -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("aibox-test-bin-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for (n, src) in [("aibox", env!("CARGO_BIN_EXE_aibox")), ("aibox-attack", env!("CARGO_BIN_EXE_aibox-attack"))] {
+            let dst = d.join(n);
+            std::fs::copy(src, &dst).unwrap();
+            std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        d
+    });
+    dir.join(name)
+}
+
+impl Ctx {
+    /// A context for `mode`, or None when the mode cannot run here (root
+    /// mode needs root). CI runs as root, so both modes run there.
+    pub fn new(mode: Mode) -> Option<Ctx> {
+        if mode == Mode::Root && !is_root() {
+            eprintln!("SKIPPED: root mode needs root");
+            return None;
+        }
+        let as_user = (mode == Mode::Rootless && is_root()).then(test_user);
+        let dir = tempfile::Builder::new().prefix("aibox-it-").tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let ws = dir.path().join("ws");
+        let data = dir.path().join("data");
+        let runtime = dir.path().join("rt");
+        let config = dir.path().join("config.yaml");
+        std::fs::create_dir(&ws).unwrap();
+        std::fs::write(&config, "resources:\n  pids: 256\n  nofile: 1024\n  tmp_size: 64m\n").unwrap();
+        if let Some((uid, gid)) = as_user {
+            for p in [dir.path(), &ws, &config] {
+                nix::unistd::chown(p, Some(uid.into()), Some(gid.into())).unwrap();
+            }
+        }
+        Some(Ctx { dir, ws, config, data, runtime, as_user, mode, extra_env: Vec::new() })
+    }
+
+    /// Adds an environment variable to every aibox invocation.
+    pub fn env(&mut self, k: &str, v: &str) {
+        self.extra_env.push((k.into(), v.into()));
+    }
+
+    /// Drops the variables added with [`Ctx::env`].
+    pub fn clear_env(&mut self) {
+        self.extra_env.clear();
+    }
+
+    /// uid that should own files the sandbox writes to the workspace.
+    pub fn invoker_uid(&self) -> u32 {
+        self.as_user.map(|(u, _)| u).unwrap_or_else(|| nix::unistd::geteuid().as_raw())
+    }
+
+    /// The variables every aibox invocation of this context gets.
+    pub fn env_pairs(&self) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = vec![
+            ("AIBOX_CONFIG".into(), self.config.display().to_string()),
+            ("AIBOX_PATHS_DATA_DIR".into(), self.data.display().to_string()),
+            ("AIBOX_PATHS_RUNTIME_DIR".into(), self.runtime.display().to_string()),
+        ];
+        env.extend(self.extra_env.iter().cloned());
+        env
+    }
+
+    /// An `aibox` command with this context's config and directories.
+    pub fn aibox(&self, args: &[&str]) -> Command {
+        let env = self.env_pairs();
+        let mut cmd = match self.as_user {
+            Some((uid, gid)) => {
+                let mut c = Command::new("setpriv");
+                c.args(["--reuid", &uid.to_string(), "--regid", &gid.to_string(), "--init-groups", "--reset-env", "env"]);
+                for (k, v) in &env {
+                    c.arg(format!("{k}={v}"));
+                }
+                c.arg(bin("aibox"));
+                c
+            }
+            None => {
+                let mut c = Command::new(bin("aibox"));
+                c.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+                c
+            }
+        };
+        cmd.args(args).current_dir(&self.ws);
+        cmd
+    }
+
+    /// Runs aibox to completion with empty stdin.
+    pub fn out(&self, args: &[&str]) -> Output {
+        self.aibox(args).stdin(Stdio::null()).output().unwrap()
+    }
+
+    /// `aibox run -w WS -- sh -c SCRIPT`.
+    pub fn sh(&self, script: &str) -> Output {
+        let ws = self.ws.display().to_string();
+        self.out(&["run", "-w", &ws, "--", "sh", "-c", script])
+    }
+
+    /// Copies the attack helper into the workspace.
+    pub fn install_attack(&self) {
+        let dst = self.ws.join("aibox-attack");
+        std::fs::copy(bin("aibox-attack"), &dst).unwrap();
+        if let Some((uid, gid)) = self.as_user {
+            nix::unistd::chown(&dst, Some(uid.into()), Some(gid.into())).unwrap();
+        }
+    }
+
+    /// Entries left in the runtime directory.
+    pub fn runtime_entries(&self) -> Vec<String> {
+        std::fs::read_dir(&self.runtime)
+            .map(|r| r.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default()
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts success and returns stdout.
+pub fn ok(o: &Output) -> String {
+    assert!(o.status.success(), "exit {:?}\nstdout:\n{}\nstderr:\n{}", o.status.code(), stdout(o), stderr(o));
+    stdout(o)
+}
+
+pub fn owner(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().uid()
+}
+
+/// Host pids whose command line contains `needle`.
+pub fn host_pids_with(needle: &str) -> Vec<i32> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(needle) {
+            v.push(pid);
+        }
+    }
+    v
+}
+
+/// Waits until no host process matches `needle` (or fails after 5 s).
+pub fn assert_gone(needle: &str) {
+    for _ in 0..100 {
+        if host_pids_with(needle).is_empty() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("processes survived: {:?}", host_pids_with(needle));
+}
+
+/// Defines `<name>_root` and `<name>_rootless` tests calling `f(ctx)`.
+macro_rules! both_modes {
+    ($name:ident, $f:expr) => {
+        mod $name {
+            use super::*;
+            #[test]
+            fn root() {
+                if let Some(c) = Ctx::new(Mode::Root) {
+                    ($f)(c)
+                }
+            }
+            #[test]
+            fn rootless() {
+                if let Some(c) = Ctx::new(Mode::Rootless) {
+                    ($f)(c)
+                }
+            }
+        }
+    };
+}
+pub(crate) use both_modes;
+
+/// True once `pid` has exited (gone, or a zombie awaiting its reaper).
+pub fn process_gone(pid: i32) -> bool {
+    for _ in 0..100 {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => return true,
+            Ok(s) if s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')) => return true,
+            Ok(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
+    false
+}

@@ -1,0 +1,141 @@
+//! The sandbox's security contract, attacked from inside, as root and as an
+//! ordinary user.
+
+use super::common::*;
+
+fn status_field(text: &str, key: &str) -> String {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")).map(|v| v.trim().to_string()))
+        .unwrap_or_else(|| panic!("{key} missing in:\n{text}"))
+}
+
+both_modes!(identity_caps_nnp_seccomp, |c: Ctx| {
+    let out = ok(&c.sh("id -u; id -g; id -un; cat /proc/self/status"));
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("1000"));
+    assert_eq!(lines.next(), Some("1000"));
+    assert_eq!(lines.next(), Some("dev"));
+    for cap in ["CapEff", "CapPrm", "CapBnd", "CapInh", "CapAmb"] {
+        assert_eq!(status_field(&out, cap), "0000000000000000", "{cap}");
+    }
+    assert_eq!(status_field(&out, "NoNewPrivs"), "1");
+    assert_eq!(status_field(&out, "Seccomp"), "2");
+});
+
+both_modes!(root_filesystem_is_read_only, |c: Ctx| {
+    for target in ["/usr/x", "/etc/x", "/x", "/bin/x", "/home/x"] {
+        let o = c.sh(&format!("echo pwned > {target}"));
+        assert!(!o.status.success(), "{target} was writable");
+        let e = stderr(&o);
+        assert!(e.contains("Read-only file system") || e.contains("Permission denied"), "{target}: {e}");
+    }
+    // Remounting read-write is a mount(2) call: refused.
+    let o = c.sh("mount -o remount,rw / 2>&1; echo rc=$?");
+    assert!(!stdout(&o).contains("rc=0"), "{}", stdout(&o));
+});
+
+both_modes!(workspace_writes_belong_to_the_invoker, |c: Ctx| {
+    ok(&c.sh("echo hello > /workspace/made-inside && mkdir /workspace/d && touch /workspace/d/f"));
+    for p in ["made-inside", "d", "d/f"] {
+        assert_eq!(owner(&c.ws.join(p)), c.invoker_uid(), "{p}");
+    }
+    assert_eq!(std::fs::read_to_string(c.ws.join("made-inside")).unwrap(), "hello\n");
+    // And host files the invoker owns look like the guest's own inside.
+    std::fs::write(c.ws.join("from-host"), "x").unwrap();
+    if let Some((u, g)) = c.as_user {
+        nix::unistd::chown(&c.ws.join("from-host"), Some(u.into()), Some(g.into())).unwrap();
+    }
+    let out = ok(&c.sh("stat -c %u:%g /workspace/from-host && echo more >> /workspace/from-host"));
+    assert_eq!(out.trim(), "1000:1000");
+});
+
+both_modes!(tmp_and_home_writable, |c: Ctx| {
+    let out = ok(&c.sh("echo t > /tmp/a && echo v > /var/tmp/b && echo h > /home/dev/c && cat /tmp/a /var/tmp/b /home/dev/c && echo $HOME"));
+    assert_eq!(out, "t\nv\nh\n/home/dev\n");
+    // The home persists across runs of the same sandbox name.
+    let out = ok(&c.sh("cat /home/dev/c"));
+    assert_eq!(out, "h\n");
+});
+
+both_modes!(only_loopback_network, |c: Ctx| {
+    let out = ok(&c.sh("tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '"));
+    assert_eq!(out.trim(), "lo");
+    // No route anywhere: connecting out fails at once.
+    let o = c.sh("exec 3<>/dev/tcp/1.1.1.1/80");
+    assert!(!o.status.success());
+});
+
+both_modes!(host_processes_invisible, |c: Ctx| {
+    let me = std::process::id();
+    let out = ok(&c.sh("ls /proc | grep -E '^[0-9]+$' | tr '\\n' ' '; echo; cat /proc/1/cmdline | tr '\\0' ' '"));
+    let pids: Vec<u32> = out.lines().next().unwrap().split_whitespace().map(|p| p.parse().unwrap()).collect();
+    assert!(pids.len() < 10, "too many processes visible: {pids:?}");
+    assert!(!pids.contains(&me) || me < 10, "the test runner's pid {me} is visible");
+    // Killing everything we can see never reaches the host.
+    let o = c.sh("kill -9 -1; echo survived");
+    let _ = o;
+    assert!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(me as i32), None).is_ok());
+});
+
+both_modes!(host_homes_root_and_sockets_invisible, |c: Ctx| {
+    let out = ok(&c.sh(
+        "ls -A /home; for p in /root /var/run/docker.sock /run/docker.sock /run/podman /run/user /var/lib /run/dbus; do test -e $p && echo VISIBLE $p; done; echo ${SSH_AUTH_SOCK:-no-agent}; echo ${DBUS_SESSION_BUS_ADDRESS:-no-dbus}",
+    ));
+    assert_eq!(out, "dev\nno-agent\nno-dbus\n");
+    // The audit log and data directory of aibox are not reachable.
+    let probe = format!("test -e {} && echo VISIBLE; ls {} 2>&1 || true", c.data.display(), c.data.join("audit").display());
+    let out = ok(&c.sh(&probe));
+    assert!(!out.contains("VISIBLE") && !out.contains(".jsonl"), "{out}");
+});
+
+both_modes!(forbidden_syscalls_fail, |c: Ctx| {
+    c.install_attack();
+    let probes = [
+        "ptrace", "ptrace_traceme", "process_vm_readv", "mount", "umount", "chroot", "pivot_root",
+        "unshare_user", "unshare_net", "unshare_ns", "setns", "clone_newuser", "clone_newns", "bpf",
+        "perf_event_open", "keyctl", "add_key", "request_key", "userfaultfd", "io_uring_setup",
+        "kexec_load", "init_module", "delete_module", "reboot", "swapon", "acct", "personality",
+        "socket_packet", "socket_raw", "socket_raw6", "tiocsti", "open_by_handle_at",
+    ];
+    let ws = c.ws.display().to_string();
+    let mut args = vec!["run", "-w", ws.as_str(), "--", "/workspace/aibox-attack"];
+    args.extend(probes);
+    let out = ok(&c.out(&args));
+    for line in out.lines() {
+        let (name, res) = line.split_once(' ').unwrap();
+        assert_eq!(res, "EPERM", "{name} was not refused by seccomp: {res}");
+    }
+    assert_eq!(out.lines().count(), probes.len());
+    // clone3 cannot be filtered by flags, so it is not offered at all, and
+    // ordinary calls still work.
+    let out = ok(&c.out(&["run", "-w", &ws, "--", "/workspace/aibox-attack", "clone3", "socket_tcp", "socket_unix", "personality_query"]));
+    assert_eq!(out, "clone3 ENOSYS\nsocket_tcp ok\nsocket_unix ok\npersonality_query ok\n");
+});
+
+both_modes!(fork_bomb_hits_the_pids_limit, |c: Ctx| {
+    // The config sets resources.pids: 256.
+    c.install_attack();
+    let o = c.sh("/workspace/aibox-attack fork_bomb");
+    let out = ok(&o);
+    let n: u32 = out.trim().rsplit("n=").next().unwrap().parse().unwrap();
+    assert!(out.starts_with("fork_bomb EAGAIN"), "{out}");
+    assert!(n > 10 && n < 256, "{out}");
+    // The host still forks, and the run's stop took every child with it.
+    assert!(std::process::Command::new("true").status().unwrap().success());
+    assert_gone("aibox-attack fork_bomb");
+});
+
+both_modes!(missing_layer_fails_closed, |c: Ctx| {
+    let mut c = c;
+    // Debug builds can skip one layer; the self-test must notice and
+    // `start` must refuse, naming the layer, leaving nothing behind.
+    for (skip, layer) in [("caps", "capabilities"), ("seccomp", "seccomp"), ("landlock", "landlock"), ("readonly", "read_only_root")] {
+        c.env("AIBOX_DEBUG_SKIP_LAYER", skip);
+        let o = c.sh("echo should-not-run");
+        assert!(!o.status.success(), "start succeeded without {skip}");
+        assert!(!stdout(&o).contains("should-not-run"));
+        assert!(stderr(&o).contains(&format!("layer `{layer}` is not live")), "{skip}: {}", stderr(&o));
+        assert!(c.runtime_entries().is_empty(), "left behind: {:?}", c.runtime_entries());
+        c.clear_env();
+    }
+});

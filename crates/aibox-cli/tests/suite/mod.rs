@@ -1,0 +1,5 @@
+mod audit;
+mod common;
+mod input;
+mod isolation;
+mod lifecycle;
