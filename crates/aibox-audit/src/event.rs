@@ -146,9 +146,9 @@ impl Event {
         }
         fn no_floats(v: &Value, path: &str) -> Result<(), String> {
             match v {
-                Value::Number(n) if !(n.is_i64() || n.is_u64()) => {
-                    Err(format!("`{path}` is a float; canonical events carry integers only"))
-                }
+                Value::Number(n) if !(n.is_i64() || n.is_u64()) => Err(format!(
+                    "`{path}` is a float; canonical events carry integers only"
+                )),
                 Value::Array(items) => items
                     .iter()
                     .enumerate()

@@ -49,7 +49,9 @@ pub enum AuditError {
         path: String,
     },
     /// The last line of the existing log is not a valid event.
-    #[error("audit log {path}: last line is not a valid event ({reason}); run `aibox audit verify`")]
+    #[error(
+        "audit log {path}: last line is not a valid event ({reason}); run `aibox audit verify`"
+    )]
     BadTail {
         /// The log file.
         path: String,

@@ -65,7 +65,10 @@ impl AuditLog {
     /// Opens (creating 0600) the log at `path` and recovers the chain head
     /// from its last line.
     pub fn open(path: &Path, sandbox_id: &str, user_id: &str) -> Result<Self, AuditError> {
-        let io = |source| AuditError::Io { path: path.display().to_string(), source };
+        let io = |source| AuditError::Io {
+            path: path.display().to_string(),
+            source,
+        };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
@@ -108,15 +111,20 @@ impl AuditLog {
             prev_hash: self.head.clone(),
             hash: String::new(),
         };
-        event.validate().map_err(|reason| AuditError::InvalidEvent {
-            event_type: event_type.as_str().to_string(),
-            reason,
-        })?;
+        event
+            .validate()
+            .map_err(|reason| AuditError::InvalidEvent {
+                event_type: event_type.as_str().to_string(),
+                reason,
+            })?;
         let mut line = seal(&mut event);
         line.push('\n');
         self.file
             .write_all(line.as_bytes())
-            .map_err(|source| AuditError::Io { path: self.path.display().to_string(), source })?;
+            .map_err(|source| AuditError::Io {
+                path: self.path.display().to_string(),
+                source,
+            })?;
         self.next_seq += 1;
         self.head = event.hash.clone();
         Ok(event)
@@ -124,9 +132,10 @@ impl AuditLog {
 
     /// Flushes the file to stable storage.
     pub fn sync(&mut self) -> Result<(), AuditError> {
-        self.file
-            .sync_data()
-            .map_err(|source| AuditError::Io { path: self.path.display().to_string(), source })
+        self.file.sync_data().map_err(|source| AuditError::Io {
+            path: self.path.display().to_string(),
+            source,
+        })
     }
 
     /// Path of the log file.
@@ -137,7 +146,10 @@ impl AuditLog {
 
 /// Reads the last line of the file and returns (next seq, head hash).
 fn recover_head(file: &mut File, path: &Path) -> Result<(u64, String), AuditError> {
-    let io = |source| AuditError::Io { path: path.display().to_string(), source };
+    let io = |source| AuditError::Io {
+        path: path.display().to_string(),
+        source,
+    };
     let len = file.seek(SeekFrom::End(0)).map_err(io)?;
     if len == 0 {
         return Ok((0, GENESIS.to_string()));
@@ -150,7 +162,9 @@ fn recover_head(file: &mut File, path: &Path) -> Result<(u64, String), AuditErro
         let mut buf = Vec::new();
         file.read_to_end(&mut buf).map_err(io)?;
         if buf.last() != Some(&b'\n') {
-            return Err(AuditError::TornTail { path: path.display().to_string() });
+            return Err(AuditError::TornTail {
+                path: path.display().to_string(),
+            });
         }
         let body = &buf[..buf.len() - 1];
         match body.iter().rposition(|b| *b == b'\n') {
@@ -162,7 +176,10 @@ fn recover_head(file: &mut File, path: &Path) -> Result<(u64, String), AuditErro
 }
 
 fn parse_tail(line: &[u8], path: &Path) -> Result<(u64, String), AuditError> {
-    let bad = |reason: String| AuditError::BadTail { path: path.display().to_string(), reason };
+    let bad = |reason: String| AuditError::BadTail {
+        path: path.display().to_string(),
+        reason,
+    };
     let event: Event = serde_json::from_slice(line).map_err(|e| bad(e.to_string()))?;
     let mut check = event.clone();
     let canon = seal(&mut check);
@@ -177,7 +194,10 @@ mod tests {
     use super::*;
 
     fn details(pairs: &[(&str, Value)]) -> Map<String, Value> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect()
     }
 
     #[test]
@@ -215,8 +235,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut log = AuditLog::open(&dir.path().join("a.jsonl"), "sb", "u").unwrap();
         assert!(
-            log.append(EventType::SandboxStop, Source::AiboxCli, Severity::Info, Map::new())
-                .is_err()
+            log.append(
+                EventType::SandboxStop,
+                Source::AiboxCli,
+                Severity::Info,
+                Map::new()
+            )
+            .is_err()
         );
         assert!(
             log.append(

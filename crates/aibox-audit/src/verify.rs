@@ -40,10 +40,14 @@ impl VerifyReport {
 
 /// Verifies the log file at `path`.
 pub fn verify_file(path: &Path) -> Result<VerifyReport, AuditError> {
-    let file = std::fs::File::open(path)
-        .map_err(|source| AuditError::Io { path: path.display().to_string(), source })?;
-    verify_reader(file)
-        .map_err(|source| AuditError::Io { path: path.display().to_string(), source })
+    let file = std::fs::File::open(path).map_err(|source| AuditError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    verify_reader(file).map_err(|source| AuditError::Io {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 /// Verifies a log read from `reader`: each line must be the canonical form
@@ -65,11 +69,19 @@ pub fn verify_reader<R: Read>(reader: R) -> std::io::Result<VerifyReport> {
             break;
         }
         let complete = buf.last() == Some(&b'\n');
-        let line = if complete { &buf[..buf.len() - 1] } else { &buf[..] };
+        let line = if complete {
+            &buf[..buf.len() - 1]
+        } else {
+            &buf[..]
+        };
         let fail = |reason: String, torn_tail: bool| VerifyReport {
             verified: index,
             head: expected_prev.clone(),
-            broken: Some(Break { index, reason, torn_tail }),
+            broken: Some(Break {
+                index,
+                reason,
+                torn_tail,
+            }),
         };
         if !complete {
             // Only the final line can lack a newline.
@@ -88,10 +100,16 @@ pub fn verify_reader<R: Read>(reader: R) -> std::io::Result<VerifyReport> {
         let mut check = event.clone();
         let canon = seal(&mut check);
         if check.hash != event.hash {
-            return Ok(fail("content does not match its hash (modified)".into(), false));
+            return Ok(fail(
+                "content does not match its hash (modified)".into(),
+                false,
+            ));
         }
         if canon.as_bytes() != line {
-            return Ok(fail("line is not in canonical form (modified)".into(), false));
+            return Ok(fail(
+                "line is not in canonical form (modified)".into(),
+                false,
+            ));
         }
         if event.prev_hash != expected_prev {
             return Ok(fail(
@@ -110,7 +128,11 @@ pub fn verify_reader<R: Read>(reader: R) -> std::io::Result<VerifyReport> {
         expected_seq += 1;
         index += 1;
     }
-    Ok(VerifyReport { verified: index, head: expected_prev, broken: None })
+    Ok(VerifyReport {
+        verified: index,
+        head: expected_prev,
+        broken: None,
+    })
 }
 
 #[cfg(test)]
@@ -125,13 +147,18 @@ mod tests {
         for i in 0..n {
             let mut d = serde_json::Map::new();
             d.insert("reason".into(), format!("r{i}").into());
-            log.append(EventType::SandboxStop, Source::AiboxCli, Severity::Info, d).unwrap();
+            log.append(EventType::SandboxStop, Source::AiboxCli, Severity::Info, d)
+                .unwrap();
         }
         (dir, path)
     }
 
     fn lines(path: &Path) -> Vec<String> {
-        std::fs::read_to_string(path).unwrap().lines().map(String::from).collect()
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect()
     }
 
     fn verify_lines(lines: &[String]) -> VerifyReport {

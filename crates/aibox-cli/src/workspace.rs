@@ -10,7 +10,10 @@ use anyhow::{Result, bail};
 const BAD_FS: &[&str] = &["9p", "drvfs", "ntfs", "ntfs3", "fuseblk", "v9fs"];
 
 /// System trees that must never be a workspace (or contain one).
-const SYSTEM: &[&str] = &["/proc", "/sys", "/dev", "/run", "/boot", "/etc", "/usr", "/bin", "/sbin", "/lib", "/lib64", "/var/run"];
+const SYSTEM: &[&str] = &[
+    "/proc", "/sys", "/dev", "/run", "/boot", "/etc", "/usr", "/bin", "/sbin", "/lib", "/lib64",
+    "/var/run",
+];
 
 /// Resolves and checks a workspace path; returns the canonical path.
 pub fn validate(raw: &Path, check_fs: bool, protected: &[(&str, PathBuf)]) -> Result<PathBuf> {
@@ -18,19 +21,27 @@ pub fn validate(raw: &Path, check_fs: bool, protected: &[(&str, PathBuf)]) -> Re
     let meta = match std::fs::metadata(raw) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            bail!("workspace {shown} does not exist\n  fix: create it (mkdir -p {shown}) or pass an existing directory with -w")
+            bail!(
+                "workspace {shown} does not exist\n  fix: create it (mkdir -p {shown}) or pass an existing directory with -w"
+            )
         }
         Err(e) => bail!("workspace {shown}: {e}\n  fix: pass a directory you can read with -w"),
     };
     if !meta.is_dir() {
-        bail!("workspace {shown} is not a directory\n  fix: pass the project directory that contains it with -w");
+        bail!(
+            "workspace {shown} is not a directory\n  fix: pass the project directory that contains it with -w"
+        );
     }
     let abs = std::fs::canonicalize(raw)?;
     if abs == Path::new("/") {
-        bail!("refusing / as the workspace: it would put the whole host inside the sandbox\n  fix: pass your project directory with -w");
+        bail!(
+            "refusing / as the workspace: it would put the whole host inside the sandbox\n  fix: pass your project directory with -w"
+        );
     }
-    if let Some(home) = aibox_core::home_dir().and_then(|h| std::fs::canonicalize(h).ok()) {
-        if abs == home || home.starts_with(&abs) {
+    if let Some(home) = aibox_core::home_dir().and_then(|h| std::fs::canonicalize(h).ok())
+        && (abs == home || home.starts_with(&abs))
+    {
+        {
             bail!(
                 "refusing {} as the workspace: it is (or contains) your home directory {}, with your SSH keys and credentials\n  fix: pass a project directory below it with -w",
                 abs.display(),
@@ -40,7 +51,10 @@ pub fn validate(raw: &Path, check_fs: bool, protected: &[(&str, PathBuf)]) -> Re
     }
     for sys in SYSTEM {
         if abs.starts_with(sys) {
-            bail!("refusing {} as the workspace: it is a system directory\n  fix: pass your project directory with -w", abs.display());
+            bail!(
+                "refusing {} as the workspace: it is a system directory\n  fix: pass your project directory with -w",
+                abs.display()
+            );
         }
     }
     for (what, p) in protected {
@@ -56,11 +70,19 @@ pub fn validate(raw: &Path, check_fs: bool, protected: &[(&str, PathBuf)]) -> Re
     if check_fs {
         let s = abs.to_string_lossy();
         let b = s.as_bytes();
-        if s.starts_with("/mnt/") && b.len() >= 6 && b[5].is_ascii_lowercase() && (b.len() == 6 || b[6] == b'/') {
-            bail!("refusing {s}: /mnt/<drive> is a Windows drive under WSL\n  fix: keep the project in the Linux filesystem (e.g. ~/src), or set workspace.validate_fs: false");
+        if s.starts_with("/mnt/")
+            && b.len() >= 6
+            && b[5].is_ascii_lowercase()
+            && (b.len() == 6 || b[6] == b'/')
+        {
+            bail!(
+                "refusing {s}: /mnt/<drive> is a Windows drive under WSL\n  fix: keep the project in the Linux filesystem (e.g. ~/src), or set workspace.validate_fs: false"
+            );
         }
-        if let Some(fs) = fs_type(&abs) {
-            if BAD_FS.contains(&fs.as_str()) {
+        if let Some(fs) = fs_type(&abs)
+            && BAD_FS.contains(&fs.as_str())
+        {
+            {
                 bail!(
                     "refusing {s}: it is on a {fs} filesystem, which lacks POSIX ownership and permissions\n  fix: move the project to a Linux filesystem (ext4, xfs, btrfs), or set workspace.validate_fs: false"
                 );
@@ -80,7 +102,9 @@ fn fs_type(path: &Path) -> Option<String> {
         let mount_point = fields.get(4)?.replace("\\040", " ");
         let sep = fields.iter().position(|f| *f == "-")?;
         let fstype = fields.get(sep + 1)?.to_string();
-        if path.starts_with(&mount_point) && best.as_ref().is_none_or(|(l, _)| mount_point.len() >= *l) {
+        if path.starts_with(&mount_point)
+            && best.as_ref().is_none_or(|(l, _)| mount_point.len() >= *l)
+        {
             best = Some((mount_point.len(), fstype));
         }
     }

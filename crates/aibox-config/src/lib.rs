@@ -52,7 +52,9 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The file is not valid YAML.
-    #[error("{file}: malformed YAML: {message}\n  fix: correct the YAML syntax (indentation, quoting, `key: value` pairs)")]
+    #[error(
+        "{file}: malformed YAML: {message}\n  fix: correct the YAML syntax (indentation, quoting, `key: value` pairs)"
+    )]
     Yaml {
         /// The file.
         file: String,
@@ -60,7 +62,9 @@ pub enum ConfigError {
         message: String,
     },
     /// A key that the schema does not have.
-    #[error("{file}{line}: unknown key `{key}`\n  allowed keys{scope}: {allowed}\n  fix: remove the key or correct its spelling")]
+    #[error(
+        "{file}{line}: unknown key `{key}`\n  allowed keys{scope}: {allowed}\n  fix: remove the key or correct its spelling"
+    )]
     UnknownKey {
         /// The file.
         file: String,
@@ -96,7 +100,9 @@ pub enum ConfigError {
         allowed: String,
     },
     /// An `AIBOX_<SECTION>_…` variable that matches no key.
-    #[error("environment variable {var} is not a config override\n  fix: unset it, or use one of: {allowed}")]
+    #[error(
+        "environment variable {var} is not a config override\n  fix: unset it, or use one of: {allowed}"
+    )]
     UnknownEnv {
         /// The variable.
         var: String,
@@ -104,7 +110,9 @@ pub enum ConfigError {
         allowed: String,
     },
     /// An explicitly named config file does not exist.
-    #[error("config file {file} does not exist\n  fix: create it with `aibox config init`, or point --config/AIBOX_CONFIG at an existing file")]
+    #[error(
+        "config file {file} does not exist\n  fix: create it with `aibox config init`, or point --config/AIBOX_CONFIG at an existing file"
+    )]
     Missing {
         /// The file.
         file: String,
@@ -191,7 +199,11 @@ fn flatten(prefix: &str, value: &Value, out: &mut BTreeMap<String, Value>) {
     match value {
         Value::Object(map) => {
             for (k, v) in map {
-                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 flatten(&key, v, out);
             }
         }
@@ -211,7 +223,11 @@ fn sections(leaves: &BTreeMap<String, Value>) -> BTreeSet<String> {
 /// Environment variable that overrides `key` (`resources.tmp_size` →
 /// `AIBOX_RESOURCES_TMP_SIZE`).
 pub fn env_name(key: &str) -> String {
-    format!("{}{}", aibox_core::env::PREFIX, key.replace('.', "_").to_uppercase())
+    format!(
+        "{}{}",
+        aibox_core::env::PREFIX,
+        key.replace('.', "_").to_uppercase()
+    )
 }
 
 /// Loads and validates the configuration from `sources`.
@@ -219,10 +235,14 @@ pub fn load(sources: &Sources) -> Result<Loaded, ConfigError> {
     let system = read_optional(&sources.system_file)?;
     let user = read_optional(&sources.user_file)?;
     if user.is_none() && sources.user_file_explicit {
-        return Err(ConfigError::Missing { file: sources.user_file.display().to_string() });
+        return Err(ConfigError::Missing {
+            file: sources.user_file.display().to_string(),
+        });
     }
     load_texts(
-        system.as_deref().map(|t| (sources.system_file.as_path(), t)),
+        system
+            .as_deref()
+            .map(|t| (sources.system_file.as_path(), t)),
         user.as_deref().map(|t| (sources.user_file.as_path(), t)),
         &sources.env,
     )
@@ -232,7 +252,10 @@ fn read_optional(path: &Path) -> Result<Option<String>, ConfigError> {
     match std::fs::read_to_string(path) {
         Ok(t) => Ok(Some(t)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(ConfigError::Io { file: path.display().to_string(), source }),
+        Err(source) => Err(ConfigError::Io {
+            file: path.display().to_string(),
+            source,
+        }),
     }
 }
 
@@ -246,8 +269,10 @@ pub fn load_texts(
     let defaults = default_leaves();
     let secs = sections(&defaults);
     let mut values = defaults.clone();
-    let mut origins: BTreeMap<String, Origin> =
-        defaults.keys().map(|k| (k.clone(), Origin::Default)).collect();
+    let mut origins: BTreeMap<String, Origin> = defaults
+        .keys()
+        .map(|k| (k.clone(), Origin::Default))
+        .collect();
     let mut files = Vec::new();
 
     for (path, text) in [system, user].into_iter().flatten() {
@@ -266,7 +291,12 @@ pub fn load_texts(
 
     let config = build(&values, &origins)?;
     validate(&config, &values, &origins)?;
-    Ok(Loaded { config, origins, values, files })
+    Ok(Loaded {
+        config,
+        origins,
+        values,
+        files,
+    })
 }
 
 fn parse_yaml(path: &Path, text: &str) -> Result<Value, ConfigError> {
@@ -293,7 +323,10 @@ fn parse_file(
         other => {
             return Err(ConfigError::Yaml {
                 file: path.display().to_string(),
-                message: format!("the top level must be a mapping of keys, found {}", kind(&other)),
+                message: format!(
+                    "the top level must be a mapping of keys, found {}",
+                    kind(&other)
+                ),
             });
         }
     }
@@ -310,7 +343,11 @@ fn walk(
     out: &mut BTreeMap<String, Value>,
 ) -> Result<(), ConfigError> {
     for (k, v) in map {
-        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
         if defaults.contains_key(&key) {
             if !v.is_null() {
                 out.insert(key, v.clone());
@@ -325,15 +362,24 @@ fn walk(
                         key: key.clone(),
                         value: short(other),
                         message: format!("`{key}` is a section and needs a mapping of keys"),
-                        fix: format!("write it as `{k}:` followed by indented keys: {}", allowed_in(defaults, &key)),
+                        fix: format!(
+                            "write it as `{k}:` followed by indented keys: {}",
+                            allowed_in(defaults, &key)
+                        ),
                     });
                 }
             }
         } else {
-            let scope = if prefix.is_empty() { String::new() } else { format!(" in `{prefix}`") };
+            let scope = if prefix.is_empty() {
+                String::new()
+            } else {
+                format!(" in `{prefix}`")
+            };
             return Err(ConfigError::UnknownKey {
                 file: path.display().to_string(),
-                line: find_line(text, k).map(|n| format!(" line {n}")).unwrap_or_default(),
+                line: find_line(text, k)
+                    .map(|n| format!(" line {n}"))
+                    .unwrap_or_default(),
                 key,
                 scope,
                 allowed: allowed_in(defaults, prefix),
@@ -360,12 +406,15 @@ fn allowed_in(defaults: &BTreeMap<String, Value>, prefix: &str) -> String {
 }
 
 fn find_line(text: &str, key: &str) -> Option<usize> {
-    text.lines().position(|l| {
-        let t = l.trim_start().trim_start_matches("- ");
-        t.strip_prefix(key).is_some_and(|r| r.trim_start().starts_with(':'))
-            || t.strip_prefix(&format!("\"{key}\"")).is_some_and(|r| r.trim_start().starts_with(':'))
-    })
-    .map(|i| i + 1)
+    text.lines()
+        .position(|l| {
+            let t = l.trim_start().trim_start_matches("- ");
+            t.strip_prefix(key)
+                .is_some_and(|r| r.trim_start().starts_with(':'))
+                || t.strip_prefix(&format!("\"{key}\""))
+                    .is_some_and(|r| r.trim_start().starts_with(':'))
+        })
+        .map(|i| i + 1)
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -381,7 +430,11 @@ fn kind(v: &Value) -> &'static str {
 
 fn short(v: &Value) -> String {
     let s = v.to_string();
-    if s.len() > 80 { format!("{}…", &s[..s.floor_char_boundary(80)]) } else { s }
+    if s.len() > 80 {
+        format!("{}…", &s[..s.floor_char_boundary(80)])
+    } else {
+        s
+    }
 }
 
 /// Parses a text value (from the environment or `config set`) into the
@@ -432,7 +485,10 @@ fn env_layer(
                     .filter(|k| k.starts_with(&format!("{sec}.")))
                     .map(|k| env_name(k))
                     .collect();
-                return Err(ConfigError::UnknownEnv { var: var.clone(), allowed: allowed.join(", ") });
+                return Err(ConfigError::UnknownEnv {
+                    var: var.clone(),
+                    allowed: allowed.join(", "),
+                });
             }
         }
     }
@@ -448,7 +504,9 @@ fn unflatten(values: &BTreeMap<String, Value>) -> Value {
             if parts.peek().is_none() {
                 cur.insert(p.to_string(), v.clone());
             } else {
-                let entry = cur.entry(p.to_string()).or_insert_with(|| Value::Object(Map::new()));
+                let entry = cur
+                    .entry(p.to_string())
+                    .or_insert_with(|| Value::Object(Map::new()));
                 if !entry.is_object() {
                     *entry = Value::Object(Map::new());
                 }
@@ -462,12 +520,18 @@ fn unflatten(values: &BTreeMap<String, Value>) -> Value {
     Value::Object(root)
 }
 
-fn build(values: &BTreeMap<String, Value>, origins: &BTreeMap<String, Origin>) -> Result<Config, ConfigError> {
+fn build(
+    values: &BTreeMap<String, Value>,
+    origins: &BTreeMap<String, Origin>,
+) -> Result<Config, ConfigError> {
     let tree = unflatten(values);
     serde_path_to_error::deserialize::<_, Config>(tree).map_err(|e| {
         let key = e.path().to_string();
         let value = values.get(&key).map(short).unwrap_or_default();
-        let origin = origins.get(&key).map(ToString::to_string).unwrap_or_else(|| "config".into());
+        let origin = origins
+            .get(&key)
+            .map(ToString::to_string)
+            .unwrap_or_else(|| "config".into());
         let message = e.into_inner().to_string();
         let fix = if message.contains("expected one of") {
             "use one of the listed values".to_string()
@@ -475,7 +539,13 @@ fn build(values: &BTreeMap<String, Value>, origins: &BTreeMap<String, Origin>) -
             let default = default_leaves().get(&key).map(short).unwrap_or_default();
             format!("give a value of the same type as the default ({default})")
         };
-        ConfigError::BadValue { origin, key, value, message, fix }
+        ConfigError::BadValue {
+            origin,
+            key,
+            value,
+            message,
+            fix,
+        }
     })
 }
 
@@ -487,7 +557,9 @@ pub fn parse_size(s: &str) -> Option<u64> {
         return None;
     }
     let n: u64 = digits.parse().ok()?;
-    let unit = t[digits.len()..].trim_end_matches('b').trim_end_matches('i');
+    let unit = t[digits.len()..]
+        .trim_end_matches('b')
+        .trim_end_matches('i');
     let mult: u64 = match unit {
         "" => 1,
         "k" => 1 << 10,
@@ -505,29 +577,56 @@ fn validate(
     origins: &BTreeMap<String, Origin>,
 ) -> Result<(), ConfigError> {
     let bad = |key: &str, message: &str, fix: &str| ConfigError::BadValue {
-        origin: origins.get(key).map(ToString::to_string).unwrap_or_default(),
+        origin: origins
+            .get(key)
+            .map(ToString::to_string)
+            .unwrap_or_default(),
         key: key.to_string(),
         value: values.get(key).map(short).unwrap_or_default(),
         message: message.to_string(),
         fix: fix.to_string(),
     };
     if c.config_version != 1 {
-        return Err(bad("config_version", "unsupported config version", "set config_version: 1"));
+        return Err(bad(
+            "config_version",
+            "unsupported config version",
+            "set config_version: 1",
+        ));
     }
     if c.resources.cpus == 0 {
-        return Err(bad("resources.cpus", "must be at least 1", "give a whole number of CPUs, e.g. 4"));
+        return Err(bad(
+            "resources.cpus",
+            "must be at least 1",
+            "give a whole number of CPUs, e.g. 4",
+        ));
     }
     for key in ["resources.memory", "resources.tmp_size"] {
-        let v = if key.ends_with("memory") { &c.resources.memory } else { &c.resources.tmp_size };
+        let v = if key.ends_with("memory") {
+            &c.resources.memory
+        } else {
+            &c.resources.tmp_size
+        };
         if parse_size(v).is_none_or(|n| n < (1 << 20)) {
-            return Err(bad(key, "not a size of at least 1m", "write digits with an optional k/m/g/t suffix, e.g. 2g or 512m"));
+            return Err(bad(
+                key,
+                "not a size of at least 1m",
+                "write digits with an optional k/m/g/t suffix, e.g. 2g or 512m",
+            ));
         }
     }
     if c.resources.pids < 16 {
-        return Err(bad("resources.pids", "below the minimum of 16", "give at least 16 (default 4096)"));
+        return Err(bad(
+            "resources.pids",
+            "below the minimum of 16",
+            "give at least 16 (default 4096)",
+        ));
     }
     if c.resources.nofile < 64 {
-        return Err(bad("resources.nofile", "below the minimum of 64", "give at least 64 (default 4096)"));
+        return Err(bad(
+            "resources.nofile",
+            "below the minimum of 64",
+            "give at least 64 (default 4096)",
+        ));
     }
     for (key, port) in [
         ("network.proxy_port", c.network.proxy_port),
@@ -535,17 +634,29 @@ fn validate(
         ("ide.ssh_port", c.ide.ssh_port),
     ] {
         if port == 0 {
-            return Err(bad(key, "port must be between 1 and 65535", "give a port between 1 and 65535"));
+            return Err(bad(
+                key,
+                "port must be between 1 and 65535",
+                "give a port between 1 and 65535",
+            ));
         }
     }
     for key in ["paths.data_dir", "paths.runtime_dir", "sandbox.rootfs"] {
         let v = values.get(key).and_then(Value::as_str).unwrap_or_default();
         if !v.is_empty() && !v.starts_with('/') {
-            return Err(bad(key, "must be an absolute path", "write a path starting with /, or leave it empty for the default"));
+            return Err(bad(
+                key,
+                "must be an absolute path",
+                "write a path starting with /, or leave it empty for the default",
+            ));
         }
     }
     if c.credentials.mode == CredentialMode::Vault && c.credentials.vault_addr.is_empty() {
-        return Err(bad("credentials.vault_addr", "vault mode needs a Vault address", "set credentials.vault_addr, e.g. https://vault.example:8200"));
+        return Err(bad(
+            "credentials.vault_addr",
+            "vault mode needs a Vault address",
+            "set credentials.vault_addr, e.g. https://vault.example:8200",
+        ));
     }
     Ok(())
 }
@@ -562,7 +673,11 @@ pub fn format_value(v: &Value) -> String {
         Value::String(s) => s.clone(),
         Value::Array(items) => items
             .iter()
-            .map(|i| i.as_str().map(String::from).unwrap_or_else(|| i.to_string()))
+            .map(|i| {
+                i.as_str()
+                    .map(String::from)
+                    .unwrap_or_else(|| i.to_string())
+            })
             .collect::<Vec<_>>()
             .join(","),
         other => other.to_string(),
@@ -572,7 +687,11 @@ pub fn format_value(v: &Value) -> String {
 fn no_such_key(key: &str) -> ConfigError {
     ConfigError::NoSuchKey {
         key: key.to_string(),
-        allowed: default_leaves().keys().cloned().collect::<Vec<_>>().join(", "),
+        allowed: default_leaves()
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", "),
     }
 }
 
@@ -601,7 +720,9 @@ pub fn set(sources: &Sources, key: &str, raw: &str) -> Result<(), ConfigError> {
             map.insert((*p).to_string(), parse_scalar(default, raw));
             break;
         }
-        cur = map.entry((*p).to_string()).or_insert_with(|| Value::Object(Map::new()));
+        cur = map
+            .entry((*p).to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
         if cur.is_null() {
             *cur = Value::Object(Map::new());
         }
@@ -612,7 +733,9 @@ pub fn set(sources: &Sources, key: &str, raw: &str) -> Result<(), ConfigError> {
     })?;
     let system = read_optional(&sources.system_file)?;
     load_texts(
-        system.as_deref().map(|t| (sources.system_file.as_path(), t)),
+        system
+            .as_deref()
+            .map(|t| (sources.system_file.as_path(), t)),
         Some((path.as_path(), &text)),
         &sources.env,
     )?;
@@ -620,7 +743,10 @@ pub fn set(sources: &Sources, key: &str, raw: &str) -> Result<(), ConfigError> {
 }
 
 fn write_atomic(path: &Path, text: &str) -> Result<(), ConfigError> {
-    let io = |source| ConfigError::Io { file: path.display().to_string(), source };
+    let io = |source| ConfigError::Io {
+        file: path.display().to_string(),
+        source,
+    };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
@@ -651,7 +777,9 @@ pub fn init(sources: &Sources, name: &str, force: bool) -> Result<PathBuf, Confi
         })?;
     let path = &sources.user_file;
     if path.exists() && !force {
-        return Err(ConfigError::Exists { file: path.display().to_string() });
+        return Err(ConfigError::Exists {
+            file: path.display().to_string(),
+        });
     }
     write_atomic(path, text)?;
     Ok(path.clone())

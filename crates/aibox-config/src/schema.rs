@@ -131,7 +131,11 @@ pub struct Gvisor {
 
 impl Default for Gvisor {
     fn default() -> Self {
-        Self { enabled: false, platform: GvisorPlatform::Systrap, require_apparmor: false }
+        Self {
+            enabled: false,
+            platform: GvisorPlatform::Systrap,
+            require_apparmor: false,
+        }
     }
 }
 
@@ -185,7 +189,10 @@ pub struct Workspace {
 
 impl Default for Workspace {
     fn default() -> Self {
-        Self { default_path: ".".into(), validate_fs: true }
+        Self {
+            default_path: ".".into(),
+            validate_fs: true,
+        }
     }
 }
 
@@ -201,7 +208,10 @@ pub struct Registry {
 
 impl Default for Registry {
     fn default() -> Self {
-        Self { url: "ghcr.io/krukkeniels/aibox".into(), verify_signatures: false }
+        Self {
+            url: "ghcr.io/krukkeniels/aibox".into(),
+            verify_signatures: false,
+        }
     }
 }
 
@@ -314,7 +324,10 @@ pub struct Logging {
 
 impl Default for Logging {
     fn default() -> Self {
-        Self { format: LogFormat::Text, level: LogLevel::Info }
+        Self {
+            format: LogFormat::Text,
+            level: LogLevel::Info,
+        }
     }
 }
 
@@ -499,7 +512,10 @@ pub struct Sandbox {
 
 impl Default for Sandbox {
     fn default() -> Self {
-        Self { rootfs: String::new(), landlock: LandlockMode::BestEffort }
+        Self {
+            rootfs: String::new(),
+            landlock: LandlockMode::BestEffort,
+        }
     }
 }
 

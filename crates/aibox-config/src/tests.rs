@@ -1,7 +1,10 @@
 use super::*;
 
 fn load_user(text: &str, env: &[(&str, &str)]) -> Result<Loaded, ConfigError> {
-    let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     load_texts(None, Some((Path::new("/u/config.yaml"), text)), &env)
 }
 
@@ -15,18 +18,34 @@ fn defaults_load_and_runtime_is_native() {
 
 #[test]
 fn file_then_env_layering_with_origins() {
-    let l = load_user("resources:\n  cpus: 2\n  memory: 1g\n", &[("AIBOX_RESOURCES_CPUS", "3"), ("AIBOX_NETWORK_ALLOWED_DOMAINS", "a.com, b.com")]).unwrap();
+    let l = load_user(
+        "resources:\n  cpus: 2\n  memory: 1g\n",
+        &[
+            ("AIBOX_RESOURCES_CPUS", "3"),
+            ("AIBOX_NETWORK_ALLOWED_DOMAINS", "a.com, b.com"),
+        ],
+    )
+    .unwrap();
     assert_eq!(l.config.resources.cpus, 3);
-    assert_eq!(l.origins["resources.cpus"], Origin::Env("AIBOX_RESOURCES_CPUS".into()));
+    assert_eq!(
+        l.origins["resources.cpus"],
+        Origin::Env("AIBOX_RESOURCES_CPUS".into())
+    );
     assert_eq!(l.config.resources.memory, "1g");
-    assert_eq!(l.origins["resources.memory"], Origin::File("/u/config.yaml".into()));
+    assert_eq!(
+        l.origins["resources.memory"],
+        Origin::File("/u/config.yaml".into())
+    );
     assert_eq!(l.config.network.allowed_domains, vec!["a.com", "b.com"]);
 }
 
 #[test]
 fn system_file_is_below_user_file() {
     let l = load_texts(
-        Some((Path::new("/etc/aibox/config.yaml"), "shell: zsh\nimage: sys\n")),
+        Some((
+            Path::new("/etc/aibox/config.yaml"),
+            "shell: zsh\nimage: sys\n",
+        )),
         Some((Path::new("/u/config.yaml"), "image: mine\n")),
         &[],
     )
@@ -37,7 +56,9 @@ fn system_file_is_below_user_file() {
 
 #[test]
 fn unknown_key_names_file_line_key_and_allowed() {
-    let e = load_user("runtime: native\nresources:\n  cpu: 2\n", &[]).unwrap_err().to_string();
+    let e = load_user("runtime: native\nresources:\n  cpu: 2\n", &[])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("/u/config.yaml line 3"), "{e}");
     assert!(e.contains("`resources.cpu`"), "{e}");
     assert!(e.contains("cpus, memory, nofile, pids, tmp_size"), "{e}");
@@ -49,15 +70,25 @@ fn bad_enum_names_value_and_allowed_values() {
     assert!(e.contains("/u/config.yaml"), "{e}");
     assert!(e.contains("`runtime`"), "{e}");
     assert!(e.contains("lxc"), "{e}");
-    assert!(e.contains("native") && e.contains("podman") && e.contains("docker"), "{e}");
+    assert!(
+        e.contains("native") && e.contains("podman") && e.contains("docker"),
+        "{e}"
+    );
 }
 
 #[test]
 fn wrong_type_is_an_error() {
-    let e = load_user("resources:\n  cpus: many\n", &[]).unwrap_err().to_string();
+    let e = load_user("resources:\n  cpus: many\n", &[])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("`resources.cpus`") && e.contains("many"), "{e}");
-    let e = load_user("", &[("AIBOX_GVISOR_ENABLED", "perhaps")]).unwrap_err().to_string();
-    assert!(e.contains("AIBOX_GVISOR_ENABLED") && e.contains("gvisor.enabled"), "{e}");
+    let e = load_user("", &[("AIBOX_GVISOR_ENABLED", "perhaps")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("AIBOX_GVISOR_ENABLED") && e.contains("gvisor.enabled"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -68,7 +99,9 @@ fn malformed_yaml_is_an_error() {
 
 #[test]
 fn unknown_env_override_is_an_error() {
-    let e = load_user("", &[("AIBOX_RESOURCES_CPUSS", "2")]).unwrap_err().to_string();
+    let e = load_user("", &[("AIBOX_RESOURCES_CPUSS", "2")])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("AIBOX_RESOURCES_CPUSS"), "{e}");
     // Variables that are not section overrides are not ours to judge.
     load_user("", &[("AIBOX_CONFIG", "/x"), ("AIBOX_SANDBOX", "x")]).unwrap();

@@ -89,7 +89,11 @@ pub fn home_dir() -> Option<PathBuf> {
     text.lines().find_map(|line| {
         let fields: Vec<&str> = line.split(':').collect();
         let id: u32 = fields.get(2)?.parse().ok()?;
-        if id == uid { fields.get(5).map(PathBuf::from) } else { None }
+        if id == uid {
+            fields.get(5).map(PathBuf::from)
+        } else {
+            None
+        }
     })
 }
 
@@ -99,7 +103,13 @@ pub fn default_sandbox_name(user: &str, workspace_abs: &Path) -> String {
     let short = hex::encode(&digest[..4]);
     let user: String = user
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     format!("aibox-{user}-{short}")
 }
@@ -109,7 +119,10 @@ pub fn default_sandbox_name(user: &str, workspace_abs: &Path) -> String {
 /// anything else (slashes, `..`, spaces) is refused.
 pub fn validate_name(name: &str) -> Result<(), String> {
     let ok_len = !name.is_empty() && name.len() <= 63;
-    let ok_first = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    let ok_first = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric());
     let ok_chars = name
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
@@ -172,8 +185,14 @@ mod tests {
         let n = default_sandbox_name("alice", Path::new("/home/alice/proj"));
         assert!(n.starts_with("aibox-alice-"));
         assert_eq!(n.len(), "aibox-alice-".len() + 8);
-        assert_eq!(n, default_sandbox_name("alice", Path::new("/home/alice/proj")));
-        assert_ne!(n, default_sandbox_name("alice", Path::new("/home/alice/other")));
+        assert_eq!(
+            n,
+            default_sandbox_name("alice", Path::new("/home/alice/proj"))
+        );
+        assert_ne!(
+            n,
+            default_sandbox_name("alice", Path::new("/home/alice/other"))
+        );
         assert!(validate_name(&n).is_ok());
     }
 

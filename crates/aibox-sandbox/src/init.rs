@@ -25,7 +25,8 @@ pub(crate) fn run(sock: &OwnedFd) -> i32 {
     if sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None).is_err() {
         return 1;
     }
-    let Ok(sfd) = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK) else {
+    let Ok(sfd) = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+    else {
         return 1;
     };
     let mut sessions: HashMap<i32, u64> = HashMap::new();
@@ -54,10 +55,18 @@ pub(crate) fn run(sock: &OwnedFd) -> i32 {
                         Ok((pid, master)) => {
                             sessions.insert(pid.as_raw(), id);
                             let attach: Vec<i32> = master.iter().map(|m| m.as_raw_fd()).collect();
-                            let _ = ipc::send(sock, &FromInit::Spawned { id, pid: pid.as_raw() }, &attach);
+                            let _ = ipc::send(
+                                sock,
+                                &FromInit::Spawned {
+                                    id,
+                                    pid: pid.as_raw(),
+                                },
+                                &attach,
+                            );
                         }
                         Err((error, code)) => {
-                            let _ = ipc::send(sock, &FromInit::SpawnFailed { id, error, code }, &[]);
+                            let _ =
+                                ipc::send(sock, &FromInit::SpawnFailed { id, error, code }, &[]);
                         }
                     }
                 }
@@ -76,12 +85,7 @@ pub(crate) fn run(sock: &OwnedFd) -> i32 {
 fn shutdown(code: i32) -> i32 {
     // As PID 1, kill(-1) reaches every other process in the namespace.
     let _ = sys::kill_raw(-1, libc::SIGKILL);
-    loop {
-        match waitpid(None::<Pid>, None) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
-            Err(_) => break,
-        }
-    }
+    while let Ok(_) | Err(nix::errno::Errno::EINTR) = waitpid(None::<Pid>, None) {}
     code
 }
 
@@ -120,15 +124,26 @@ fn resolve(prog: &str, env: &[String]) -> Option<String> {
 fn cstrings(items: &[String]) -> Result<Vec<CString>, (String, i32)> {
     items
         .iter()
-        .map(|s| CString::new(s.as_bytes()).map_err(|_| ("argument or environment contains a NUL byte".to_string(), 126)))
+        .map(|s| {
+            CString::new(s.as_bytes()).map_err(|_| {
+                (
+                    "argument or environment contains a NUL byte".to_string(),
+                    126,
+                )
+            })
+        })
         .collect()
 }
 
 type Spawned = (Pid, Option<OwnedFd>);
 
 fn spawn(req: &SpawnRequest, fds: Vec<OwnedFd>) -> Result<Spawned, (String, i32)> {
-    let prog = req.argv.first().ok_or_else(|| ("empty command".to_string(), 127))?;
-    let path = resolve(prog, &req.env).ok_or_else(|| (format!("{prog}: command not found"), 127))?;
+    let prog = req
+        .argv
+        .first()
+        .ok_or_else(|| ("empty command".to_string(), 127))?;
+    let path =
+        resolve(prog, &req.env).ok_or_else(|| (format!("{prog}: command not found"), 127))?;
     let argv = cstrings(&req.argv)?;
     let envp = cstrings(&req.env)?;
     let cpath = CString::new(path.as_bytes()).map_err(|_| ("bad path".to_string(), 126))?;
@@ -147,13 +162,17 @@ fn spawn(req: &SpawnRequest, fds: Vec<OwnedFd>) -> Result<Spawned, (String, i32)
         }
         None => {
             if fds.len() != 3 {
-                return Err((format!("expected 3 descriptors for stdio, got {}", fds.len()), 126));
+                return Err((
+                    format!("expected 3 descriptors for stdio, got {}", fds.len()),
+                    126,
+                ));
             }
             (None, None)
         }
     };
 
-    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| (format!("pipe: {e}"), 126))?;
+    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| (format!("pipe: {e}"), 126))?;
     match sys::fork().map_err(|e| (format!("fork: {e}"), 126))? {
         ForkResult::Child => {
             drop(err_r);
@@ -168,7 +187,11 @@ fn spawn(req: &SpawnRequest, fds: Vec<OwnedFd>) -> Result<Spawned, (String, i32)
             }
             match &slave_name {
                 Some(name) => {
-                    let slave = match std::fs::OpenOptions::new().read(true).write(true).open(name) {
+                    let slave = match std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(name)
+                    {
                         Ok(f) => f,
                         Err(e) => fail(format!("opening {name}: {e}")),
                     };
@@ -216,7 +239,11 @@ fn spawn(req: &SpawnRequest, fds: Vec<OwnedFd>) -> Result<Spawned, (String, i32)
             } else {
                 let _ = waitpid(child, None);
                 let text = String::from_utf8_lossy(&msg).into_owned();
-                let code = if text.contains("permission denied") { 126 } else { 127 };
+                let code = if text.contains("permission denied") {
+                    126
+                } else {
+                    127
+                };
                 Err((text, code))
             }
         }

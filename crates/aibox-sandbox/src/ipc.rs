@@ -21,8 +21,13 @@ pub const MAX_FDS: usize = 4;
 
 /// A connected pair of close-on-exec seqpacket sockets.
 pub fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
-        .map_err(io::Error::from)
+    socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(io::Error::from)
 }
 
 /// Sends `msg` with `fds` attached.
@@ -31,14 +36,23 @@ pub fn send<T: Serialize>(sock: impl AsFd, msg: &T, fds: &[RawFd]) -> io::Result
     if body.len() > MAX_MESSAGE {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("message of {} bytes exceeds the {MAX_MESSAGE}-byte limit", body.len()),
+            format!(
+                "message of {} bytes exceeds the {MAX_MESSAGE}-byte limit",
+                body.len()
+            ),
         ));
     }
     let iov = [IoSlice::new(&body)];
     let cmsg = [ControlMessage::ScmRights(fds)];
     let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
     loop {
-        match sendmsg::<()>(sock.as_fd().as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+        match sendmsg::<()>(
+            sock.as_fd().as_raw_fd(),
+            &iov,
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
             Ok(_) => return Ok(()),
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(e.into()),
@@ -65,7 +79,9 @@ pub fn recv<T: DeserializeOwned>(sock: impl AsFd) -> io::Result<Option<(T, Vec<O
                         fds.extend(list.into_iter().map(own_fd));
                     }
                 }
-                let truncated = msg.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+                let truncated = msg
+                    .flags
+                    .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
                 break (msg.bytes, fds, truncated);
             }
             Err(nix::errno::Errno::EINTR) => continue,
@@ -76,7 +92,10 @@ pub fn recv<T: DeserializeOwned>(sock: impl AsFd) -> io::Result<Option<(T, Vec<O
         return Ok(None);
     }
     if truncated {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "message or descriptors truncated"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "message or descriptors truncated",
+        ));
     }
     let msg = serde_json::from_slice(&buf[..len])
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;

@@ -31,7 +31,12 @@ pub fn kernel_abi() -> i32 {
     // 0 only queries the ABI version; no memory is read or written.
     #[allow(unsafe_code)]
     let v = unsafe {
-        libc::syscall(libc::SYS_landlock_create_ruleset, std::ptr::null::<u8>(), 0usize, 1u32)
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            1u32,
+        )
     };
     if v < 0 { 0 } else { v as i32 }
 }

@@ -32,7 +32,9 @@ use nix::unistd::{ForkResult, Gid, Pid, Uid};
 use sha2::{Digest, Sha256};
 
 use crate::selftest::{self, SelfTestReport};
-use crate::{FromInit, SandboxError, SandboxSpec, WRITABLE, init, ipc, landlock_rules, rootfs, seccomp, sys};
+use crate::{
+    FromInit, SandboxError, SandboxSpec, WRITABLE, init, ipc, landlock_rules, rootfs, seccomp, sys,
+};
 
 /// A running sandbox, as seen by the supervisor.
 #[derive(Debug)]
@@ -76,14 +78,21 @@ pub fn launch(spec: &SandboxSpec) -> Result<Launched, SandboxError> {
     let uid = aibox_core::euid();
     let gid = aibox_core::egid();
     let rootless = uid != 0;
-    let guest_host = if rootless { uid } else { guest_host_uid(&spec.name) };
+    let guest_host = if rootless {
+        uid
+    } else {
+        guest_host_uid(&spec.name)
+    };
     let supervisor = sys::getpid();
-    let (ours, theirs) = ipc::pair().map_err(|e| SandboxError::sys("creating the control socket", e))?;
+    let (ours, theirs) =
+        ipc::pair().map_err(|e| SandboxError::sys("creating the control socket", e))?;
 
     match sys::fork().map_err(|e| SandboxError::sys("forking the sandbox", e))? {
         ForkResult::Child => {
             drop(ours);
-            let code = match intermediate(spec, &theirs, &filters, rootless, uid, gid, guest_host, supervisor) {
+            let code = match intermediate(
+                spec, &theirs, &filters, rootless, uid, gid, guest_host, supervisor,
+            ) {
                 Ok(code) => code,
                 Err(e) => {
                     let _ = ipc::send(&theirs, &FromInit::Failed(e.to_string()), &[]);
@@ -119,8 +128,12 @@ fn wait_ready(sock: &OwnedFd) -> Result<(i32, SelfTestReport), SandboxError> {
     let mut init_pid = None;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let ms = PollTimeout::try_from(left.as_millis().min(60_000) as u32).unwrap_or(PollTimeout::MAX);
-        let mut fds = [PollFd::new(std::os::fd::AsFd::as_fd(sock), PollFlags::POLLIN)];
+        let ms =
+            PollTimeout::try_from(left.as_millis().min(60_000) as u32).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(
+            std::os::fd::AsFd::as_fd(sock),
+            PollFlags::POLLIN,
+        )];
         let n = poll(&mut fds, ms).map_err(|e| SandboxError::sys("waiting for the sandbox", e))?;
         if n == 0 {
             return Err(SandboxError::Setup(format!(
@@ -128,20 +141,28 @@ fn wait_ready(sock: &OwnedFd) -> Result<(i32, SelfTestReport), SandboxError> {
                 READY_TIMEOUT.as_secs()
             )));
         }
-        let msg = ipc::recv::<FromInit>(sock).map_err(|e| SandboxError::sys("reading from the sandbox", e))?;
+        let msg = ipc::recv::<FromInit>(sock)
+            .map_err(|e| SandboxError::sys("reading from the sandbox", e))?;
         match msg {
-            None => return Err(SandboxError::Setup("the sandbox exited during setup".into())),
+            None => {
+                return Err(SandboxError::Setup(
+                    "the sandbox exited during setup".into(),
+                ));
+            }
             Some((FromInit::InitPid(p), _)) => init_pid = Some(p),
             Some((FromInit::Failed(m), _)) => return Err(SandboxError::Setup(m)),
             Some((FromInit::Ready(report), _)) => {
-                let pid = init_pid.ok_or_else(|| SandboxError::Setup("init pid never reported".into()))?;
+                let pid = init_pid
+                    .ok_or_else(|| SandboxError::Setup("init pid never reported".into()))?;
                 if let Some(failure) = report.failure() {
                     return Err(SandboxError::SelfTest(failure));
                 }
                 return Ok((pid, report));
             }
             Some((other, _)) => {
-                return Err(SandboxError::Setup(format!("unexpected message during setup: {other:?}")));
+                return Err(SandboxError::Setup(format!(
+                    "unexpected message during setup: {other:?}"
+                )));
             }
         }
     }
@@ -153,10 +174,12 @@ fn write(path: &str, body: &str) -> Result<(), SandboxError> {
 
 fn die_with_parent(expected_parent: Option<Pid>) -> Result<(), SandboxError> {
     prctl::set_pdeathsig(Signal::SIGKILL).map_err(|e| SandboxError::sys("PR_SET_PDEATHSIG", e))?;
-    if let Some(p) = expected_parent {
-        if nix::unistd::getppid() != p {
-            return Err(SandboxError::Setup("the supervisor exited during setup".into()));
-        }
+    if let Some(p) = expected_parent
+        && nix::unistd::getppid() != p
+    {
+        return Err(SandboxError::Setup(
+            "the supervisor exited during setup".into(),
+        ));
     }
     Ok(())
 }
@@ -195,12 +218,19 @@ fn intermediate(
             )
         })?;
         write("/proc/self/setgroups", "deny")?;
-        write("/proc/self/uid_map", &format!("{} {uid} 1", aibox_core::guest::UID))?;
-        write("/proc/self/gid_map", &format!("{} {gid} 1", aibox_core::guest::GID))?;
+        write(
+            "/proc/self/uid_map",
+            &format!("{} {uid} 1", aibox_core::guest::UID),
+        )?;
+        write(
+            "/proc/self/gid_map",
+            &format!("{} {gid} 1", aibox_core::guest::GID),
+        )?;
         // Changing credentials clears the parent-death signal.
         die_with_parent(Some(supervisor))?;
     }
-    unshare(NAMESPACES).map_err(|e| SandboxError::sys("creating mount/pid/net/ipc/uts/cgroup namespaces", e))?;
+    unshare(NAMESPACES)
+        .map_err(|e| SandboxError::sys("creating mount/pid/net/ipc/uts/cgroup namespaces", e))?;
 
     let me = sys::getpid();
     match sys::fork().map_err(|e| SandboxError::sys("forking init", e))? {
@@ -225,7 +255,8 @@ fn intermediate(
             ipc::send(sock, &FromInit::InitPid(child.as_raw()), &[])
                 .map_err(|e| SandboxError::sys("reporting the init pid", e))?;
             // Only init keeps the control socket, so its exit is seen as EOF.
-            sys::close_all_except(&[0, 1, 2]).map_err(|e| SandboxError::sys("closing descriptors", e))?;
+            sys::close_all_except(&[0, 1, 2])
+                .map_err(|e| SandboxError::sys("closing descriptors", e))?;
             loop {
                 match waitpid(child, None) {
                     Ok(WaitStatus::Exited(_, c)) => return Ok(c),
@@ -242,7 +273,11 @@ fn intermediate(
 /// Forks a helper that waits in a new user namespace so that we (real root)
 /// can give that namespace `uid_line`/`gid_line` as maps; returns a
 /// descriptor of the namespace.
-fn mapped_userns(proc_root: &Path, uid_line: &str, gid_line: &str) -> Result<OwnedFd, SandboxError> {
+fn mapped_userns(
+    proc_root: &Path,
+    uid_line: &str,
+    gid_line: &str,
+) -> Result<OwnedFd, SandboxError> {
     let (ready_r, ready_w) = nix::unistd::pipe().map_err(|e| SandboxError::sys("pipe", e))?;
     let (go_r, go_w) = nix::unistd::pipe().map_err(|e| SandboxError::sys("pipe", e))?;
     match sys::fork().map_err(|e| SandboxError::sys("forking the idmap helper", e))? {
@@ -262,7 +297,9 @@ fn mapped_userns(proc_root: &Path, uid_line: &str, gid_line: &str) -> Result<Own
             let n = nix::unistd::read(&ready_r, &mut b).unwrap_or(0);
             let result = (|| {
                 if n != 1 || b[0] != b'1' {
-                    return Err(SandboxError::Setup("the idmap helper could not create a user namespace".into()));
+                    return Err(SandboxError::Setup(
+                        "the idmap helper could not create a user namespace".into(),
+                    ));
                 }
                 let dir = proc_root.join(child.as_raw().to_string());
                 fs::write(dir.join("uid_map"), uid_line)
@@ -311,10 +348,21 @@ fn init_setup(
     } else {
         // Our own pid namespace's /proc is needed to address the helper.
         let proc_tmp = spec.root_dir.with_extension("proc");
-        fs::create_dir_all(&proc_tmp).map_err(|e| SandboxError::sys("creating a proc mount point", e))?;
-        nix::mount::mount(Some("proc"), &proc_tmp, Some("proc"), nix::mount::MsFlags::empty(), None::<&str>)
-            .map_err(|e| SandboxError::sys("mounting a private /proc", e))?;
-        let ns = mapped_userns(&proc_tmp, &format!("0 {guest_host} 1"), &format!("0 {guest_host} 1"));
+        fs::create_dir_all(&proc_tmp)
+            .map_err(|e| SandboxError::sys("creating a proc mount point", e))?;
+        nix::mount::mount(
+            Some("proc"),
+            &proc_tmp,
+            Some("proc"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| SandboxError::sys("mounting a private /proc", e))?;
+        let ns = mapped_userns(
+            &proc_tmp,
+            &format!("0 {guest_host} 1"),
+            &format!("0 {guest_host} 1"),
+        );
         let _ = nix::mount::umount2(&proc_tmp, nix::mount::MntFlags::MNT_DETACH);
         let _ = fs::remove_dir(&proc_tmp);
         Some(ns?)
@@ -322,11 +370,13 @@ fn init_setup(
 
     rootfs::build(spec, idmap.as_ref())?;
     drop(idmap);
-    nix::unistd::sethostname(aibox_core::guest::HOSTNAME).map_err(|e| SandboxError::sys("sethostname", e))?;
+    nix::unistd::sethostname(aibox_core::guest::HOSTNAME)
+        .map_err(|e| SandboxError::sys("sethostname", e))?;
     sys::loopback_up().map_err(|e| SandboxError::sys("bringing up lo", e))?;
 
     if !rootless {
-        nix::unistd::setgroups(&[]).map_err(|e| SandboxError::sys("clearing supplementary groups", e))?;
+        nix::unistd::setgroups(&[])
+            .map_err(|e| SandboxError::sys("clearing supplementary groups", e))?;
         mapped_self(guest_host)?;
         let g = Gid::from_raw(guest_gid);
         let u = Uid::from_raw(guest_uid);
@@ -349,12 +399,19 @@ fn mapped_self(guest_host: u32) -> Result<(), SandboxError> {
             drop(ready_w);
             drop(done_r);
             let mut b = [0u8; 1];
-            let ok = nix::unistd::read(&ready_r, &mut b).unwrap_or(0) == 1 && (|| {
-                let dir = format!("/proc/{}", target.as_raw());
-                fs::write(format!("{dir}/uid_map"), format!("{} {guest_host} 1", aibox_core::guest::UID))?;
-                fs::write(format!("{dir}/gid_map"), format!("{} {guest_host} 1", aibox_core::guest::GID))
-            })()
-            .is_ok();
+            let ok = nix::unistd::read(&ready_r, &mut b).unwrap_or(0) == 1
+                && (|| {
+                    let dir = format!("/proc/{}", target.as_raw());
+                    fs::write(
+                        format!("{dir}/uid_map"),
+                        format!("{} {guest_host} 1", aibox_core::guest::UID),
+                    )?;
+                    fs::write(
+                        format!("{dir}/gid_map"),
+                        format!("{} {guest_host} 1", aibox_core::guest::GID),
+                    )
+                })()
+                .is_ok();
             let _ = nix::unistd::write(&done_w, if ok { b"1" } else { b"0" });
             sys::exit_now(0)
         }
@@ -368,16 +425,22 @@ fn mapped_self(guest_host: u32) -> Result<(), SandboxError> {
             let _ = waitpid(child, None);
             r.map_err(|e| SandboxError::sys("creating the guest user namespace", e))?;
             if n != 1 || b[0] != b'1' {
-                return Err(SandboxError::Setup("writing the guest uid/gid maps failed".into()));
+                return Err(SandboxError::Setup(
+                    "writing the guest uid/gid maps failed".into(),
+                ));
             }
             Ok(())
         }
     }
 }
 
-fn harden(spec: &SandboxSpec, filters: &[seccompiler::BpfProgram]) -> Result<SelfTestReport, SandboxError> {
+fn harden(
+    spec: &SandboxSpec,
+    filters: &[seccompiler::BpfProgram],
+) -> Result<SelfTestReport, SandboxError> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| SandboxError::sys("getrlimit", e))?;
+    let (_, hard) =
+        getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| SandboxError::sys("getrlimit", e))?;
     if spec.nofile > hard {
         return Err(SandboxError::Setup(format!(
             "resources.nofile = {} exceeds this host's hard limit of {hard}; set resources.nofile to {hard} or less",
@@ -388,17 +451,29 @@ fn harden(spec: &SandboxSpec, filters: &[seccompiler::BpfProgram]) -> Result<Sel
         .map_err(|e| SandboxError::sys("setting RLIMIT_NOFILE", e))?;
     setrlimit(Resource::RLIMIT_NPROC, spec.pids, spec.pids)
         .map_err(|e| SandboxError::sys("setting RLIMIT_NPROC", e))?;
-    setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(|e| SandboxError::sys("setting RLIMIT_CORE", e))?;
+    setrlimit(Resource::RLIMIT_CORE, 0, 0)
+        .map_err(|e| SandboxError::sys("setting RLIMIT_CORE", e))?;
 
     // Capabilities: bounding set first (needs CAP_SETPCAP), then the rest.
     use caps::CapSet;
     let sets: &[CapSet] = if crate::debug_skip("caps") {
         &[]
     } else {
-        &[CapSet::Bounding, CapSet::Ambient, CapSet::Inheritable, CapSet::Effective, CapSet::Permitted]
+        &[
+            CapSet::Bounding,
+            CapSet::Ambient,
+            CapSet::Inheritable,
+            CapSet::Effective,
+            CapSet::Permitted,
+        ]
     };
     for &set in sets {
-        caps::clear(None, set).map_err(|e| SandboxError::sys(format!("dropping {set:?} capabilities"), std::io::Error::other(e.to_string())))?;
+        caps::clear(None, set).map_err(|e| {
+            SandboxError::sys(
+                format!("dropping {set:?} capabilities"),
+                std::io::Error::other(e.to_string()),
+            )
+        })?;
     }
     prctl::set_no_new_privs().map_err(|e| SandboxError::sys("PR_SET_NO_NEW_PRIVS", e))?;
 

@@ -8,9 +8,9 @@
 
 #![warn(missing_docs)]
 
+mod init;
 pub mod ipc;
 pub mod landlock_rules;
-mod init;
 mod launch;
 mod rootfs;
 pub mod seccomp;
@@ -48,7 +48,10 @@ pub enum SandboxError {
 
 impl SandboxError {
     pub(crate) fn sys(what: impl Into<String>, source: impl Into<std::io::Error>) -> Self {
-        SandboxError::Sys { what: what.into(), source: source.into() }
+        SandboxError::Sys {
+            what: what.into(),
+            source: source.into(),
+        }
     }
 }
 

@@ -15,7 +15,9 @@ use crate::sys::{self, MOUNT_ATTR_IDMAP, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOSUID, MO
 use crate::{SandboxError, SandboxSpec};
 
 /// Host system directories bound read-only (those that exist).
-const SYSTEM_DIRS: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc"];
+const SYSTEM_DIRS: &[&str] = &[
+    "usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc",
+];
 /// Device nodes bound from the host.
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
@@ -32,8 +34,11 @@ fn bind(src: &Path, dst: &Path, recursive: bool) -> Result<(), SandboxError> {
     if recursive {
         flags |= MsFlags::MS_REC;
     }
-    mount(Some(src), dst, None::<&str>, flags, None::<&str>)
-        .map_err(err(format!("bind-mounting {} on {}", src.display(), dst.display())))
+    mount(Some(src), dst, None::<&str>, flags, None::<&str>).map_err(err(format!(
+        "bind-mounting {} on {}",
+        src.display(),
+        dst.display()
+    )))
 }
 
 fn tmpfs(dst: &Path, flags: MsFlags, opts: &str) -> Result<(), SandboxError> {
@@ -50,8 +55,10 @@ fn touch(p: &Path) -> Result<(), SandboxError> {
 }
 
 fn setattr(path: &Path, set: u64, clear: u64, recursive: bool) -> Result<(), SandboxError> {
-    sys::mount_setattr(None, path, set, clear, recursive, None)
-        .map_err(ioerr(format!("setting mount attributes on {}", path.display())))
+    sys::mount_setattr(None, path, set, clear, recursive, None).map_err(ioerr(format!(
+        "setting mount attributes on {}",
+        path.display()
+    )))
 }
 
 /// Mounts `src` at `dst` for the guest: an idmapped mount (rootful: the
@@ -90,7 +97,11 @@ fn guest_mount(src: &Path, dst: &Path, idmap: Option<&OwnedFd>) -> Result<(), Sa
 /// Generated `/etc` files: (path under /etc, contents).
 fn etc_files() -> Vec<(&'static str, String)> {
     use aibox_core::guest;
-    let shell = if Path::new("/bin/bash").exists() { "/bin/bash" } else { "/bin/sh" };
+    let shell = if Path::new("/bin/bash").exists() {
+        "/bin/bash"
+    } else {
+        "/bin/sh"
+    };
     vec![
         (
             "passwd",
@@ -102,9 +113,22 @@ fn etc_files() -> Vec<(&'static str, String)> {
                 home = guest::HOME,
             ),
         ),
-        ("group", format!("root:x:0:\n{}:x:{}:\nnogroup:x:65534:\n", guest::USER, guest::GID)),
+        (
+            "group",
+            format!(
+                "root:x:0:\n{}:x:{}:\nnogroup:x:65534:\n",
+                guest::USER,
+                guest::GID
+            ),
+        ),
         ("hostname", format!("{}\n", guest::HOSTNAME)),
-        ("hosts", format!("127.0.0.1\tlocalhost {h}\n::1\tlocalhost ip6-localhost {h}\n", h = guest::HOSTNAME)),
+        (
+            "hosts",
+            format!(
+                "127.0.0.1\tlocalhost {h}\n::1\tlocalhost ip6-localhost {h}\n",
+                h = guest::HOSTNAME
+            ),
+        ),
     ]
 }
 
@@ -116,9 +140,19 @@ pub(crate) fn build(spec: &SandboxSpec, idmap: Option<&OwnedFd>) -> Result<(), S
     let base: PathBuf = spec.rootfs.clone().unwrap_or_else(|| PathBuf::from("/"));
 
     // Nothing we mount may propagate back to the host.
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .map_err(err("making the mount namespace private".into()))?;
-    tmpfs(root, MsFlags::MS_NOSUID | MsFlags::MS_NODEV, "mode=0755,size=16m")?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(err("making the mount namespace private".into()))?;
+    tmpfs(
+        root,
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        "mode=0755,size=16m",
+    )?;
 
     let mut system_mounts = Vec::new();
     for d in SYSTEM_DIRS {
@@ -126,7 +160,8 @@ pub(crate) fn build(spec: &SandboxSpec, idmap: Option<&OwnedFd>) -> Result<(), S
         let dst = root.join(d);
         match fs::symlink_metadata(&src) {
             Ok(m) if m.file_type().is_symlink() => {
-                let target = fs::read_link(&src).map_err(ioerr(format!("reading {}", src.display())))?;
+                let target =
+                    fs::read_link(&src).map_err(ioerr(format!("reading {}", src.display())))?;
                 symlink(&target, &dst).map_err(ioerr(format!("creating {}", dst.display())))?;
             }
             Ok(m) if m.is_dir() => {
@@ -152,7 +187,9 @@ pub(crate) fn build(spec: &SandboxSpec, idmap: Option<&OwnedFd>) -> Result<(), S
         let generated = gen_dir.join(name);
         fs::write(&generated, body).map_err(ioerr(format!("writing {}", generated.display())))?;
         let target = root.join("etc").join(name);
-        let is_file = fs::symlink_metadata(&target).map(|m| m.is_file()).unwrap_or(false);
+        let is_file = fs::symlink_metadata(&target)
+            .map(|m| m.is_file())
+            .unwrap_or(false);
         if is_file {
             bind(&generated, &target, false)?;
             etc_binds.push(Path::new("/etc").join(name));
@@ -193,7 +230,11 @@ pub(crate) fn build(spec: &SandboxSpec, idmap: Option<&OwnedFd>) -> Result<(), S
     // A minimal /dev.
     let dev = root.join("dev");
     mkdir(&dev)?;
-    tmpfs(&dev, MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, "mode=0755,size=64k")?;
+    tmpfs(
+        &dev,
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        "mode=0755,size=64k",
+    )?;
     for d in DEVICES {
         let dst = dev.join(d);
         touch(&dst)?;
@@ -211,7 +252,11 @@ pub(crate) fn build(spec: &SandboxSpec, idmap: Option<&OwnedFd>) -> Result<(), S
     .map_err(err("mounting /dev/pts".into()))?;
     let shm = dev.join("shm");
     mkdir(&shm)?;
-    tmpfs(&shm, MsFlags::MS_NOSUID | MsFlags::MS_NODEV, "mode=1777,size=64m")?;
+    tmpfs(
+        &shm,
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        "mode=1777,size=64m",
+    )?;
     for (link, target) in [
         ("ptmx", "pts/ptmx"),
         ("fd", "/proc/self/fd"),
@@ -232,9 +277,19 @@ pub(crate) fn build(spec: &SandboxSpec, idmap: Option<&OwnedFd>) -> Result<(), S
     if crate::debug_skip("readonly") {
         return Ok(());
     }
-    setattr(Path::new("/"), MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, false)?;
+    setattr(
+        Path::new("/"),
+        MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID,
+        0,
+        false,
+    )?;
     for m in system_mounts.iter().chain(&etc_binds) {
-        setattr(m, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, true)?;
+        setattr(
+            m,
+            MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+            0,
+            true,
+        )?;
     }
     setattr(Path::new("/dev"), MOUNT_ATTR_RDONLY, 0, false)?;
     Ok(())

@@ -62,7 +62,9 @@ fn errno(name: &str) -> Result<u32, SandboxError> {
         "ENOSYS" => libc::ENOSYS,
         "EACCES" => libc::EACCES,
         other => {
-            return Err(SandboxError::Policy(format!("unknown errno {other:?} (use EPERM, EACCES or ENOSYS)")));
+            return Err(SandboxError::Policy(format!(
+                "unknown errno {other:?} (use EPERM, EACCES or ENOSYS)"
+            )));
         }
     };
     Ok(n as u32)
@@ -79,13 +81,18 @@ impl SyscallPolicy {
         let p: SyscallPolicy = serde_saphyr::from_str(text)
             .map_err(|e| SandboxError::Policy(format!("seccomp policy: {e}")))?;
         if p.version != 1 {
-            return Err(SandboxError::Policy(format!("seccomp policy version {} is not supported", p.version)));
+            return Err(SandboxError::Policy(format!(
+                "seccomp policy version {} is not supported",
+                p.version
+            )));
         }
         errno(&p.default_errno)?;
         errno(&p.deny_errno)?;
         let allow: BTreeSet<&str> = p.allow.iter().map(String::as_str).collect();
         if allow.len() != p.allow.len() {
-            return Err(SandboxError::Policy("seccomp policy: duplicate name in `allow`".into()));
+            return Err(SandboxError::Policy(
+                "seccomp policy: duplicate name in `allow`".into(),
+            ));
         }
         for name in p.deny.iter().chain(&p.enosys) {
             if allow.contains(name.as_str()) {
@@ -153,9 +160,13 @@ impl SyscallPolicy {
         let mut map = seccompiler::compile_from_json(text.as_slice(), arch)
             .map_err(|e| SandboxError::Policy(format!("seccomp policy does not compile: {e}")))?;
         let take = |map: &mut seccompiler::BpfMap, k: &str| {
-            map.remove(k).ok_or_else(|| SandboxError::Policy(format!("filter {k} missing")))
+            map.remove(k)
+                .ok_or_else(|| SandboxError::Policy(format!("filter {k} missing")))
         };
-        Ok(vec![take(&mut map, "allowlist")?, take(&mut map, "denylist")?])
+        Ok(vec![
+            take(&mut map, "allowlist")?,
+            take(&mut map, "denylist")?,
+        ])
     }
 }
 
@@ -178,16 +189,41 @@ mod tests {
     fn embedded_policy_parses_and_compiles() {
         let p = SyscallPolicy::embedded().unwrap();
         for must in [
-            "ptrace", "process_vm_readv", "process_vm_writev", "mount", "umount2", "pivot_root",
-            "chroot", "unshare", "setns", "bpf", "perf_event_open", "keyctl", "add_key",
-            "request_key", "userfaultfd", "io_uring_setup", "io_uring_enter", "io_uring_register",
-            "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
-            "reboot", "swapon", "swapoff", "acct",
+            "ptrace",
+            "process_vm_readv",
+            "process_vm_writev",
+            "mount",
+            "umount2",
+            "pivot_root",
+            "chroot",
+            "unshare",
+            "setns",
+            "bpf",
+            "perf_event_open",
+            "keyctl",
+            "add_key",
+            "request_key",
+            "userfaultfd",
+            "io_uring_setup",
+            "io_uring_enter",
+            "io_uring_register",
+            "kexec_load",
+            "kexec_file_load",
+            "init_module",
+            "finit_module",
+            "delete_module",
+            "reboot",
+            "swapon",
+            "swapoff",
+            "acct",
         ] {
             assert!(p.deny.iter().any(|d| d == must), "{must} not denied");
         }
         for cond in ["clone", "socket", "personality", "ioctl"] {
-            assert!(p.deny_if.contains_key(cond), "{cond} has no argument filter");
+            assert!(
+                p.deny_if.contains_key(cond),
+                "{cond} has no argument filter"
+            );
         }
         assert_eq!(p.compile().unwrap().len(), 2);
     }

@@ -34,10 +34,12 @@ pub struct SelfTestReport {
 impl SelfTestReport {
     /// First failed check as a message naming the layer and the fix.
     pub fn failure(&self) -> Option<String> {
-        self.checks
-            .iter()
-            .find(|c| !c.ok)
-            .map(|c| format!("layer `{}` is not live: {}; fix: {}", c.layer, c.detail, c.fix))
+        self.checks.iter().find(|c| !c.ok).map(|c| {
+            format!(
+                "layer `{}` is not live: {}; fix: {}",
+                c.layer, c.detail, c.fix
+            )
+        })
     }
 }
 
@@ -45,22 +47,37 @@ fn status_fields() -> Vec<(String, String)> {
     std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.to_string(), v.trim().to_string())))
+        .filter_map(|l| {
+            l.split_once(':')
+                .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        })
         .collect()
 }
 
 fn field(fields: &[(String, String)], name: &str) -> String {
-    fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).unwrap_or_default()
+    fields
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default()
 }
 
 /// Runs every check in the calling (sandboxed) process.
 pub fn run(landlock_abi: i32, landlock: Option<LandlockState>) -> SelfTestReport {
     let mut checks = Vec::new();
     let mut add = |layer: &str, ok: bool, detail: String, fix: &str| {
-        checks.push(Check { layer: layer.into(), ok, detail, fix: fix.into() })
+        checks.push(Check {
+            layer: layer.into(),
+            ok,
+            detail,
+            fix: fix.into(),
+        })
     };
 
-    let (uid, gid) = (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw());
+    let (uid, gid) = (
+        nix::unistd::getuid().as_raw(),
+        nix::unistd::getgid().as_raw(),
+    );
     let euid = nix::unistd::geteuid().as_raw();
     add(
         "uid",
@@ -74,11 +91,16 @@ pub fn run(landlock_abi: i32, landlock: Option<LandlockState>) -> SelfTestReport
         .iter()
         .map(|k| (k.to_string(), field(&st, k)))
         .collect();
-    let caps_zero = caps.iter().all(|(_, v)| !v.is_empty() && v.chars().all(|c| c == '0'));
+    let caps_zero = caps
+        .iter()
+        .all(|(_, v)| !v.is_empty() && v.chars().all(|c| c == '0'));
     add(
         "capabilities",
         caps_zero,
-        caps.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "),
+        caps.iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" "),
         "report a bug: every capability set must be empty",
     );
     add(
@@ -129,7 +151,11 @@ pub fn run(landlock_abi: i32, landlock: Option<LandlockState>) -> SelfTestReport
         }
     }
     for probe in ["/.aibox-probe", "/usr/.aibox-probe", "/etc/.aibox-probe"] {
-        let r = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(probe);
+        let r = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(probe);
         match r {
             Ok(_) => {
                 ro_ok = false;
@@ -139,25 +165,58 @@ pub fn run(landlock_abi: i32, landlock: Option<LandlockState>) -> SelfTestReport
             Err(e) => ro_detail.push(format!("{probe}: {e}")),
         }
     }
-    add("read_only_root", ro_ok, ro_detail.join("; "), "report a bug: the root must be mounted read-only");
+    add(
+        "read_only_root",
+        ro_ok,
+        ro_detail.join("; "),
+        "report a bug: the root must be mounted read-only",
+    );
 
-    let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
-    add("uts", host == aibox_core::guest::HOSTNAME, format!("hostname={host}"), "report a bug");
+    let host = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    add(
+        "uts",
+        host == aibox_core::guest::HOSTNAME,
+        format!("hostname={host}"),
+        "report a bug",
+    );
     let pid = std::process::id();
-    add("pid_namespace", pid == 1, format!("init pid={pid}"), "report a bug");
+    add(
+        "pid_namespace",
+        pid == 1,
+        format!("init pid={pid}"),
+        "report a bug",
+    );
 
     // Landlock: where the kernel has it, it must be enforced, and a write
     // that only Landlock forbids (procfs is mounted read-write) must fail.
     let (ok, detail) = match landlock {
         None => (true, "kernel has no Landlock (ABI 0)".to_string()),
-        Some(LandlockState::Unavailable) => (false, format!("kernel ABI {landlock_abi} but the ruleset is not enforced")),
+        Some(LandlockState::Unavailable) => (
+            false,
+            format!("kernel ABI {landlock_abi} but the ruleset is not enforced"),
+        ),
         Some(state) => {
-            let probe = std::fs::OpenOptions::new().write(true).open("/proc/self/comm");
+            let probe = std::fs::OpenOptions::new()
+                .write(true)
+                .open("/proc/self/comm");
             let denied = matches!(&probe, Err(e) if e.raw_os_error() == Some(libc::EACCES));
-            (denied, format!("ABI {landlock_abi}, {state:?}, write /proc/self/comm -> {:?}", probe.map(|_| "allowed")))
+            (
+                denied,
+                format!(
+                    "ABI {landlock_abi}, {state:?}, write /proc/self/comm -> {:?}",
+                    probe.map(|_| "allowed")
+                ),
+            )
         }
     };
-    add("landlock", ok, detail, "boot with lsm=...,landlock, or set sandbox.landlock: best_effort on kernels without it");
+    add(
+        "landlock",
+        ok,
+        detail,
+        "boot with lsm=...,landlock, or set sandbox.landlock: best_effort on kernels without it",
+    );
 
     SelfTestReport {
         checks,

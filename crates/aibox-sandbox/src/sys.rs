@@ -11,11 +11,16 @@ use std::path::Path;
 use nix::unistd::{ForkResult, Pid};
 
 fn cpath(p: &Path) -> io::Result<CString> {
-    CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+    CString::new(p.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
 fn check(rc: libc::c_long) -> io::Result<libc::c_long> {
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
 }
 
 /// `fork(2)`.
@@ -47,15 +52,26 @@ pub fn dup2(old: RawFd, new: RawFd) -> io::Result<()> {
 pub fn cloexec_from(from: u32) -> io::Result<()> {
     // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets flags on the
     // descriptor table.
-    check(unsafe { libc::syscall(libc::SYS_close_range, from, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) })
-        .map(drop)
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            from,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    })
+    .map(drop)
 }
 
 /// Closes every descriptor except `keep` (used right after fork so the
 /// sandbox inherits nothing of the supervisor: log files, sockets).
 pub fn close_all_except(keep: &[RawFd]) -> io::Result<()> {
     let mut start: u32 = 0;
-    let mut sorted: Vec<u32> = keep.iter().filter(|f| **f >= 0).map(|f| *f as u32).collect();
+    let mut sorted: Vec<u32> = keep
+        .iter()
+        .filter(|f| **f >= 0)
+        .map(|f| *f as u32)
+        .collect();
     sorted.sort_unstable();
     for k in sorted {
         if k > start {
@@ -139,7 +155,12 @@ pub fn open_tree_clone(path: &Path) -> io::Result<OwnedFd> {
     const OPEN_TREE_CLONE: libc::c_uint = 1;
     // SAFETY: valid C string; the returned descriptor is new and owned here.
     let fd = check(unsafe {
-        libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, p.as_ptr(), OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint)
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            p.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+        )
     })?;
     Ok(own_fd(fd as RawFd))
 }
@@ -167,7 +188,10 @@ pub fn move_mount_to(fd: &OwnedFd, target: &Path) -> io::Result<()> {
 /// Brings the loopback interface of the current network namespace up.
 pub fn loopback_up() -> io::Result<()> {
     // SAFETY: plain socket creation; the descriptor is wrapped at once.
-    let raw = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) } as libc::c_long)?;
+    let raw = check(
+        unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) }
+            as libc::c_long,
+    )?;
     let sock = own_fd(raw as RawFd);
     // SAFETY: ifreq is plain old data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
@@ -179,12 +203,18 @@ pub fn loopback_up() -> io::Result<()> {
     // SAFETY: the flags member of the union was just filled by the kernel.
     unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
     // SAFETY: SIOCSIFFLAGS reads the ifreq we own.
-    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } as libc::c_long).map(drop)
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } as libc::c_long)
+        .map(drop)
 }
 
 /// Sets a terminal's window size.
 pub fn set_winsize(fd: RawFd, rows: u16, cols: u16) -> io::Result<()> {
-    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCSWINSZ reads a winsize we own.
     check(unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) } as libc::c_long).map(drop)
 }
@@ -211,9 +241,15 @@ extern "C" fn on_sigchld(_: libc::c_int) {}
 /// a handler installed (and the signal blocked) they queue for signalfd.
 pub fn install_sigchld_handler() -> io::Result<()> {
     use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
-    let act = SigAction::new(SigHandler::Handler(on_sigchld), SaFlags::SA_RESTART, SigSet::empty());
+    let act = SigAction::new(
+        SigHandler::Handler(on_sigchld),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
     // SAFETY: the handler is async-signal-safe (it does nothing).
-    unsafe { sigaction(Signal::SIGCHLD, &act) }.map(drop).map_err(io::Error::from)
+    unsafe { sigaction(Signal::SIGCHLD, &act) }
+        .map(drop)
+        .map_err(io::Error::from)
 }
 
 /// Restores every signal's default disposition (in a child before exec).

@@ -32,21 +32,32 @@ pub fn start(spec: &SupervisorSpec, paths: &SandboxPaths) -> Result<Status, Erro
             std::fs::create_dir(&paths.run_dir)
                 .map_err(|e| Error::io(format!("creating {}", paths.run_dir.display()), e))?;
         }
-        Err(e) => return Err(Error::io(format!("creating {}", paths.run_dir.display()), e)),
+        Err(e) => {
+            return Err(Error::io(
+                format!("creating {}", paths.run_dir.display()),
+                e,
+            ));
+        }
     }
     let cleanup = || {
         let _ = std::fs::remove_dir_all(&paths.run_dir);
     };
     let prepare = || -> Result<std::fs::File, Error> {
-        std::fs::create_dir(&paths.root).map_err(|e| Error::io("creating the root mount point", e))?;
-        for d in [paths.home.parent(), paths.audit_log.parent(), paths.supervisor_log.parent()]
-            .into_iter()
-            .flatten()
+        std::fs::create_dir(&paths.root)
+            .map_err(|e| Error::io("creating the root mount point", e))?;
+        for d in [
+            paths.home.parent(),
+            paths.audit_log.parent(),
+            paths.supervisor_log.parent(),
+        ]
+        .into_iter()
+        .flatten()
         {
             ensure_private_dir(d)?;
         }
         if !paths.home.exists() {
-            std::fs::create_dir(&paths.home).map_err(|e| Error::io(format!("creating {}", paths.home.display()), e))?;
+            std::fs::create_dir(&paths.home)
+                .map_err(|e| Error::io(format!("creating {}", paths.home.display()), e))?;
         }
         std::fs::OpenOptions::new()
             .create(true)
@@ -66,7 +77,8 @@ pub fn start(spec: &SupervisorSpec, paths: &SandboxPaths) -> Result<Status, Erro
             cleanup();
             Error::io("starting the supervisor", e)
         })?;
-    let body = serde_json::to_vec(spec).map_err(|e| Error::io("encoding the spec", std::io::Error::other(e)))?;
+    let body = serde_json::to_vec(spec)
+        .map_err(|e| Error::io("encoding the spec", std::io::Error::other(e)))?;
     if let Some(mut stdin) = child.stdin.take() {
         let _ = stdin.write_all(&body);
     }
@@ -76,7 +88,8 @@ pub fn start(spec: &SupervisorSpec, paths: &SandboxPaths) -> Result<Status, Erro
     }
     let line = line.trim_end();
     if let Some(json) = line.strip_prefix("ready ") {
-        return serde_json::from_str(json).map_err(|e| Error::Remote(format!("bad ready message: {e}")));
+        return serde_json::from_str(json)
+            .map_err(|e| Error::Remote(format!("bad ready message: {e}")));
     }
     let _ = child.wait();
     cleanup();
@@ -96,10 +109,16 @@ pub fn is_alive(paths: &SandboxPaths) -> bool {
 }
 
 fn connect_to(socket_path: &Path) -> Result<OwnedFd, Error> {
-    let sock = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
-        .map_err(|e| Error::io("creating a socket", e))?;
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| Error::io("creating a socket", e))?;
     let addr = UnixAddr::new(socket_path).map_err(|e| Error::io("socket path", e))?;
-    connect(sock.as_raw_fd(), &addr).map_err(|e| Error::io(format!("connecting to {}", socket_path.display()), e))?;
+    connect(sock.as_raw_fd(), &addr)
+        .map_err(|e| Error::io(format!("connecting to {}", socket_path.display()), e))?;
     Ok(sock)
 }
 
@@ -109,7 +128,10 @@ pub fn cleanup_stale(paths: &SandboxPaths, audit_log: &Path, user: &str) {
     let _ = std::fs::remove_dir_all(&paths.run_dir);
     if let Ok(mut log) = aibox_audit::AuditLog::open(audit_log, &paths.name, user) {
         let mut d = serde_json::Map::new();
-        d.insert("reason".into(), "supervisor died; stale state removed by the CLI".into());
+        d.insert(
+            "reason".into(),
+            "supervisor died; stale state removed by the CLI".into(),
+        );
         let _ = log.append(
             aibox_audit::EventType::SandboxDestroy,
             aibox_audit::Source::AiboxCli,
@@ -133,16 +155,24 @@ pub struct Listed {
 /// Every sandbox with a runtime directory.
 pub fn list(runtime_dir: &Path, data_dir: &Path) -> Vec<Listed> {
     let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(runtime_dir) else { return out };
+    let Ok(entries) = std::fs::read_dir(runtime_dir) else {
+        return out;
+    };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if aibox_core::validate_name(&name).is_err() || !e.path().is_dir() {
             continue;
         }
         let paths = SandboxPaths::new(runtime_dir, data_dir, &name);
-        let status = std::fs::read_to_string(&paths.state).ok().and_then(|t| serde_json::from_str(&t).ok());
+        let status = std::fs::read_to_string(&paths.state)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
         let alive = is_alive(&paths);
-        out.push(Listed { paths, status, alive });
+        out.push(Listed {
+            paths,
+            status,
+            alive,
+        });
     }
     out.sort_by(|a, b| a.paths.name.cmp(&b.paths.name));
     out
@@ -150,8 +180,16 @@ pub fn list(runtime_dir: &Path, data_dir: &Path) -> Vec<Listed> {
 
 /// Picks the sandbox a command without `--name` means: the only running
 /// one, or the one whose default name matches `cwd_default`.
-pub fn resolve_name(runtime_dir: &Path, data_dir: &Path, cwd_default: &str) -> Result<String, Error> {
-    let running: Vec<String> = list(runtime_dir, data_dir).into_iter().filter(|l| l.alive).map(|l| l.paths.name).collect();
+pub fn resolve_name(
+    runtime_dir: &Path,
+    data_dir: &Path,
+    cwd_default: &str,
+) -> Result<String, Error> {
+    let running: Vec<String> = list(runtime_dir, data_dir)
+        .into_iter()
+        .filter(|l| l.alive)
+        .map(|l| l.paths.name)
+        .collect();
     match running.len() {
         0 => Err(Error::NotRunning {
             name: cwd_default.to_string(),
@@ -164,16 +202,26 @@ pub fn resolve_name(runtime_dir: &Path, data_dir: &Path, cwd_default: &str) -> R
 }
 
 /// Connects to a running sandbox, with a helpful error if it is not.
-pub fn connect_named(paths: &SandboxPaths, runtime_dir: &Path, data_dir: &Path) -> Result<OwnedFd, Error> {
+pub fn connect_named(
+    paths: &SandboxPaths,
+    runtime_dir: &Path,
+    data_dir: &Path,
+) -> Result<OwnedFd, Error> {
     connect_to(&paths.socket).map_err(|_| {
-        let running: Vec<String> =
-            list(runtime_dir, data_dir).into_iter().filter(|l| l.alive).map(|l| l.paths.name).collect();
+        let running: Vec<String> = list(runtime_dir, data_dir)
+            .into_iter()
+            .filter(|l| l.alive)
+            .map(|l| l.paths.name)
+            .collect();
         let hint = if running.is_empty() {
             "\n  fix: start it with `aibox start -w PATH --name NAME`".to_string()
         } else {
             format!("\n  running: {}", running.join(", "))
         };
-        Error::NotRunning { name: paths.name.clone(), hint }
+        Error::NotRunning {
+            name: paths.name.clone(),
+            hint,
+        }
     })
 }
 
@@ -306,7 +354,11 @@ impl RawMode {
 impl Drop for RawMode {
     fn drop(&mut self) {
         if let Some(orig) = &self.0 {
-            let _ = nix::sys::termios::tcsetattr(std::io::stdin().as_fd(), nix::sys::termios::SetArg::TCSANOW, orig);
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin().as_fd(),
+                nix::sys::termios::SetArg::TCSANOW,
+                orig,
+            );
         }
     }
 }
@@ -335,8 +387,15 @@ fn relay(conn: &OwnedFd, master: &std::sync::Arc<OwnedFd>) -> Result<i32, Error>
     loop {
         // After the command exits, drain what is left, then stop even if a
         // background process keeps the terminal open.
-        let timeout = if exit.is_some() { PollTimeout::from(50u8) } else { PollTimeout::NONE };
-        let mut fds = [PollFd::new(master.as_fd(), PollFlags::POLLIN), PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
+        let timeout = if exit.is_some() {
+            PollTimeout::from(50u8)
+        } else {
+            PollTimeout::NONE
+        };
+        let mut fds = [
+            PollFd::new(master.as_fd(), PollFlags::POLLIN),
+            PollFd::new(conn.as_fd(), PollFlags::POLLIN),
+        ];
         match poll(&mut fds, timeout) {
             Ok(0) => break,
             Ok(_) => {}

@@ -24,7 +24,9 @@ pub enum Error {
         hint: String,
     },
     /// A sandbox of that name already runs.
-    #[error("sandbox `{0}` is already running\n  fix: use it (`aibox exec --name {0} -- …`), stop it (`aibox stop --name {0}`), or pick another --name")]
+    #[error(
+        "sandbox `{0}` is already running\n  fix: use it (`aibox exec --name {0} -- …`), stop it (`aibox stop --name {0}`), or pick another --name"
+    )]
     AlreadyRunning(String),
     /// Starting failed; nothing was left behind.
     #[error("could not start sandbox `{name}`: {message}")]
@@ -55,6 +57,9 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn io(what: impl Into<String>, source: impl Into<std::io::Error>) -> Self {
-        Error::Io { what: what.into(), source: source.into() }
+        Error::Io {
+            what: what.into(),
+            source: source.into(),
+        }
     }
 }

@@ -63,7 +63,8 @@ pub fn ensure_private_dir(dir: &Path) -> Result<(), Error> {
         .mode(0o700)
         .create(dir)
         .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-    let meta = std::fs::symlink_metadata(dir).map_err(|e| Error::io(format!("checking {}", dir.display()), e))?;
+    let meta = std::fs::symlink_metadata(dir)
+        .map_err(|e| Error::io(format!("checking {}", dir.display()), e))?;
     let me = aibox_core::euid();
     if !meta.is_dir() || meta.uid() != me {
         return Err(Error::UnsafeDir(format!(

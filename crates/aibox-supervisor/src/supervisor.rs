@@ -18,13 +18,18 @@ use std::time::Instant;
 use aibox_audit::{AuditLog, EventType, Severity, Source};
 use aibox_sandbox::{FromInit, SpawnRequest, ToInit, ipc, landlock_rules::LandlockState};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
-use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr, accept, bind, listen, socket, sockopt};
+use nix::sys::socket::{
+    AddressFamily, Backlog, SockFlag, SockType, UnixAddr, accept, bind, listen, socket, sockopt,
+};
 use serde_json::{Map, Value, json};
 
 use crate::proto::{ExecRequest, Limit, Request, Response, Status, SupervisorSpec};
 
 enum Event {
-    Stop { reply: Option<OwnedFd>, reason: String },
+    Stop {
+        reply: Option<OwnedFd>,
+        reason: String,
+    },
     SandboxGone,
 }
 
@@ -51,7 +56,10 @@ fn details(v: Value) -> Map<String, Value> {
 
 impl Shared {
     fn emit(&self, t: EventType, sev: Severity, d: Value) {
-        let r = self.audit.lock().map(|mut a| a.append(t, Source::AiboxSupervisor, sev, details(d)));
+        let r = self
+            .audit
+            .lock()
+            .map(|mut a| a.append(t, Source::AiboxSupervisor, sev, details(d)));
         match r {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => eprintln!("aibox supervisor: audit write failed: {e}"),
@@ -97,18 +105,29 @@ fn remove_run_dir(spec: &SupervisorSpec) {
 
 fn setup(spec: SupervisorSpec) -> Result<i32, String> {
     let t0 = Instant::now();
-    let mut audit = AuditLog::open(&spec.audit_log, &spec.sandbox.name, &spec.user).map_err(|e| {
-        remove_run_dir(&spec);
-        e.to_string()
-    })?;
+    let mut audit =
+        AuditLog::open(&spec.audit_log, &spec.sandbox.name, &spec.user).map_err(|e| {
+            remove_run_dir(&spec);
+            e.to_string()
+        })?;
     let emit = |a: &mut AuditLog, t, d: Value| {
-        a.append(t, Source::AiboxSupervisor, Severity::Info, details(d)).map(drop).map_err(|e| e.to_string())
+        a.append(t, Source::AiboxSupervisor, Severity::Info, details(d))
+            .map(drop)
+            .map_err(|e| e.to_string())
     };
-    emit(&mut audit, EventType::SandboxCreate, json!({
-        "workspace": spec.sandbox.workspace, "runtime": spec.runtime,
-        "rootless": aibox_core::euid() != 0, "pids": spec.sandbox.pids, "nofile": spec.sandbox.nofile,
-    }))?;
-    emit(&mut audit, EventType::SandboxConfig, json!({"config_sha256": spec.config_sha256}))?;
+    emit(
+        &mut audit,
+        EventType::SandboxCreate,
+        json!({
+            "workspace": spec.sandbox.workspace, "runtime": spec.runtime,
+            "rootless": aibox_core::euid() != 0, "pids": spec.sandbox.pids, "nofile": spec.sandbox.nofile,
+        }),
+    )?;
+    emit(
+        &mut audit,
+        EventType::SandboxConfig,
+        json!({"config_sha256": spec.config_sha256}),
+    )?;
 
     // Fork the sandbox while this process has exactly one thread.
     let launched = match aibox_sandbox::launch(&spec.sandbox) {
@@ -162,10 +181,14 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
         remove_run_dir(&spec);
         return Err(format!("writing {}: {e}", spec.state.display()));
     }
-    emit(&mut audit, EventType::SandboxStart, json!({
-        "init_pid": launched.init_pid, "duration_ms": start_ms,
-        "landlock": status.landlock, "selftest": "passed",
-    }))?;
+    emit(
+        &mut audit,
+        EventType::SandboxStart,
+        json!({
+            "init_pid": launched.init_pid, "duration_ms": start_ms,
+            "landlock": status.landlock, "selftest": "passed",
+        }),
+    )?;
 
     // Signals become stop requests; block them before any thread exists.
     let mut mask = SigSet::empty();
@@ -187,7 +210,10 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
         events: events_tx,
     });
 
-    report(&format!("ready {}", serde_json::to_string(&status).unwrap_or_default()));
+    report(&format!(
+        "ready {}",
+        serde_json::to_string(&status).unwrap_or_default()
+    ));
     // Nobody reads stdout any more; keep the descriptor valid.
     if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
         let _ = aibox_sandbox::sys::dup2(null.as_raw_fd(), 1);
@@ -201,7 +227,10 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
         let tx = shared.events.clone();
         std::thread::spawn(move || {
             if let Ok(sig) = mask.wait() {
-                let _ = tx.send(Event::Stop { reply: None, reason: format!("supervisor received {sig:?}") });
+                let _ = tx.send(Event::Stop {
+                    reply: None,
+                    reason: format!("supervisor received {sig:?}"),
+                });
             }
         });
     }
@@ -225,7 +254,11 @@ fn a_fail(audit: &mut AuditLog, message: &str) -> Result<(), String> {
 }
 
 fn limits(spec: &SupervisorSpec, rootless: bool) -> Vec<Limit> {
-    let ns = if rootless { "the invoking user" } else { "the sandbox's own host uid" };
+    let ns = if rootless {
+        "the invoking user"
+    } else {
+        "the sandbox's own host uid"
+    };
     vec![
         Limit {
             name: "pids".into(),
@@ -261,15 +294,22 @@ fn limits(spec: &SupervisorSpec, rootless: bool) -> Vec<Limit> {
 }
 
 fn listen_on(path: &Path) -> Result<OwnedFd, String> {
-    let sock = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
-        .map_err(|e| format!("creating the control socket: {e}"))?;
-    let addr = UnixAddr::new(path).map_err(|e| format!("control socket path {}: {e}", path.display()))?;
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| format!("creating the control socket: {e}"))?;
+    let addr =
+        UnixAddr::new(path).map_err(|e| format!("control socket path {}: {e}", path.display()))?;
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let r = bind(sock.as_raw_fd(), &addr);
     nix::sys::stat::umask(old);
     r.map_err(|e| format!("binding {}: {e}", path.display()))?;
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
-    listen(&sock, Backlog::new(64).map_err(|e| e.to_string())?).map_err(|e| format!("listen: {e}"))?;
+    listen(&sock, Backlog::new(64).map_err(|e| e.to_string())?)
+        .map_err(|e| format!("listen: {e}"))?;
     Ok(sock)
 }
 
@@ -278,7 +318,10 @@ fn accept_loop(shared: Arc<Shared>, listener: OwnedFd) {
         match accept(listener.as_raw_fd()) {
             Ok(fd) => {
                 let conn = aibox_sandbox::sys::own_fd(fd);
-                let _ = nix::fcntl::fcntl(&conn, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+                let _ = nix::fcntl::fcntl(
+                    &conn,
+                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+                );
                 let s = shared.clone();
                 std::thread::spawn(move || handle_conn(s, conn));
             }
@@ -293,13 +336,15 @@ fn init_reader(shared: Arc<Shared>) {
         match ipc::recv::<FromInit>(&shared.init) {
             Ok(Some((msg, fds))) => {
                 let id = match &msg {
-                    FromInit::Spawned { id, .. } | FromInit::SpawnFailed { id, .. } | FromInit::Exited { id, .. } => *id,
+                    FromInit::Spawned { id, .. }
+                    | FromInit::SpawnFailed { id, .. }
+                    | FromInit::Exited { id, .. } => *id,
                     _ => continue,
                 };
-                if let Ok(w) = shared.waiters.lock() {
-                    if let Some(tx) = w.get(&id) {
-                        let _ = tx.send((msg, fds));
-                    }
+                if let Ok(w) = shared.waiters.lock()
+                    && let Some(tx) = w.get(&id)
+                {
+                    let _ = tx.send((msg, fds));
                 }
             }
             Ok(None) | Err(_) => {
@@ -325,7 +370,9 @@ fn handle_conn(shared: Arc<Shared>, conn: OwnedFd) {
         Ok(c) if c.uid() == me || c.uid() == 0 => {}
         _ => return,
     }
-    let Ok(Some((req, fds))) = ipc::recv::<Request>(&conn) else { return };
+    let Ok(Some((req, fds))) = ipc::recv::<Request>(&conn) else {
+        return;
+    };
     match req {
         Request::Status => {
             let st = shared.status.lock().map(|mut s| {
@@ -334,27 +381,49 @@ fn handle_conn(shared: Arc<Shared>, conn: OwnedFd) {
             });
             match st {
                 Ok(s) => send(&conn, &Response::Status(Box::new(s)), &[]),
-                Err(_) => send(&conn, &Response::Error { message: "status unavailable".into(), code: 1 }, &[]),
+                Err(_) => send(
+                    &conn,
+                    &Response::Error {
+                        message: "status unavailable".into(),
+                        code: 1,
+                    },
+                    &[],
+                ),
             }
         }
         Request::Stop => {
-            let _ = shared.events.send(Event::Stop { reply: Some(conn), reason: "aibox stop".into() });
+            let _ = shared.events.send(Event::Stop {
+                reply: Some(conn),
+                reason: "aibox stop".into(),
+            });
         }
         Request::Exec(e) => exec_session(shared, conn, e, fds),
-        Request::Signal(_) => send(&conn, &Response::Error { message: "no command is running on this connection".into(), code: 2 }, &[]),
+        Request::Signal(_) => send(
+            &conn,
+            &Response::Error {
+                message: "no command is running on this connection".into(),
+                code: 2,
+            },
+            &[],
+        ),
     }
 }
 
 fn guest_cwd(shared: &Shared, req: &ExecRequest) -> Result<String, String> {
     if let Some(c) = &req.cwd {
         if !c.starts_with('/') {
-            return Err(format!("working directory {c:?} must be an absolute path inside the sandbox"));
+            return Err(format!(
+                "working directory {c:?} must be an absolute path inside the sandbox"
+            ));
         }
         return Ok(c.clone());
     }
     let ws = &shared.spec.sandbox.workspace;
     if let Some(rel) = req.host_cwd.as_ref().and_then(|h| h.strip_prefix(ws).ok()) {
-        return Ok(PathBuf::from(aibox_core::guest::WORKSPACE).join(rel).to_string_lossy().into_owned());
+        return Ok(PathBuf::from(aibox_core::guest::WORKSPACE)
+            .join(rel)
+            .to_string_lossy()
+            .into_owned());
     }
     Ok(aibox_core::guest::WORKSPACE.to_string())
 }
@@ -371,7 +440,10 @@ fn guest_env(shared: &Shared, req: &ExecRequest) -> Vec<String> {
         ("LANG".into(), "C.UTF-8".into()),
         ("HOSTNAME".into(), guest::HOSTNAME.into()),
         (aibox_core::env::IN_SANDBOX.into(), "1".into()),
-        (aibox_core::env::SANDBOX_NAME.into(), shared.spec.sandbox.name.clone()),
+        (
+            aibox_core::env::SANDBOX_NAME.into(),
+            shared.spec.sandbox.name.clone(),
+        ),
     ];
     if req.tty.is_some() {
         env.push(("TERM".into(), "xterm-256color".into()));
@@ -397,29 +469,57 @@ fn exec_inner(shared: &Arc<Shared>, conn: OwnedFd, req: ExecRequest, fds: Vec<Ow
         Err(message) => return send(&conn, &Response::Error { message, code: 2 }, &[]),
     };
     if req.tty.is_none() && fds.len() != 3 {
-        return send(&conn, &Response::Error { message: "stdin/stdout/stderr were not attached".into(), code: 2 }, &[]);
+        return send(
+            &conn,
+            &Response::Error {
+                message: "stdin/stdout/stderr were not attached".into(),
+                code: 2,
+            },
+            &[],
+        );
     }
     let (tx, rx): (Waiter, Receiver<_>) = channel();
     if let Ok(mut w) = shared.waiters.lock() {
         w.insert(id, tx);
     }
-    let spawn = SpawnRequest { id, argv: req.argv.clone(), env: guest_env(shared, &req), cwd, tty: req.tty };
+    let spawn = SpawnRequest {
+        id,
+        argv: req.argv.clone(),
+        env: guest_env(shared, &req),
+        cwd,
+        tty: req.tty,
+    };
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let t0 = Instant::now();
     let session = format!("{}-{id}", shared.spec.sandbox.name);
     if let Err(e) = ipc::send(&shared.init, &ToInit::Spawn(spawn), &raw) {
         remove_waiter(shared, id);
-        return send(&conn, &Response::Error { message: format!("sandbox unreachable: {e}"), code: 125 }, &[]);
+        return send(
+            &conn,
+            &Response::Error {
+                message: format!("sandbox unreachable: {e}"),
+                code: 125,
+            },
+            &[],
+        );
     }
     drop(fds);
-    shared.emit(EventType::SessionStart, Severity::Info, json!({
-        "session_id": session, "argv": req.argv, "tty": req.tty.is_some(),
-    }));
+    shared.emit(
+        EventType::SessionStart,
+        Severity::Info,
+        json!({
+            "session_id": session, "argv": req.argv, "tty": req.tty.is_some(),
+        }),
+    );
     let end = |code: i32, note: &str| {
-        shared.emit(EventType::SessionEnd, Severity::Info, json!({
-            "session_id": session, "exit_code": code,
-            "duration_ms": t0.elapsed().as_millis() as u64, "note": note,
-        }));
+        shared.emit(
+            EventType::SessionEnd,
+            Severity::Info,
+            json!({
+                "session_id": session, "exit_code": code,
+                "duration_ms": t0.elapsed().as_millis() as u64, "note": note,
+            }),
+        );
     };
     match rx.recv() {
         Ok((FromInit::Spawned { pid, .. }, master)) => {
@@ -429,12 +529,26 @@ fn exec_inner(shared: &Arc<Shared>, conn: OwnedFd, req: ExecRequest, fds: Vec<Ow
         Ok((FromInit::SpawnFailed { error, code, .. }, _)) => {
             remove_waiter(shared, id);
             end(code, &error);
-            return send(&conn, &Response::Error { message: error, code }, &[]);
+            return send(
+                &conn,
+                &Response::Error {
+                    message: error,
+                    code,
+                },
+                &[],
+            );
         }
         _ => {
             remove_waiter(shared, id);
             end(137, "sandbox stopped");
-            return send(&conn, &Response::Error { message: "the sandbox stopped".into(), code: 137 }, &[]);
+            return send(
+                &conn,
+                &Response::Error {
+                    message: "the sandbox stopped".into(),
+                    code: 137,
+                },
+                &[],
+            );
         }
     }
 
@@ -452,7 +566,14 @@ fn exec_inner(shared: &Arc<Shared>, conn: OwnedFd, req: ExecRequest, fds: Vec<Ow
                     Ok(Some(_)) => {}
                     Ok(None) | Err(_) => {
                         if !d.load(Ordering::SeqCst) {
-                            let _ = ipc::send(&s.init, &ToInit::Signal { id, signal: libc::SIGKILL }, &[]);
+                            let _ = ipc::send(
+                                &s.init,
+                                &ToInit::Signal {
+                                    id,
+                                    signal: libc::SIGKILL,
+                                },
+                                &[],
+                            );
                         }
                         return;
                     }
@@ -501,8 +622,16 @@ fn main_loop(shared: Arc<Shared>, events: Receiver<Event>, intermediate: nix::un
     while shared.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    shared.emit(EventType::SandboxStop, Severity::Info, json!({"reason": reason, "init_exit": exit}));
-    shared.emit(EventType::SandboxDestroy, Severity::Info, json!({"reason": reason}));
+    shared.emit(
+        EventType::SandboxStop,
+        Severity::Info,
+        json!({"reason": reason, "init_exit": exit}),
+    );
+    shared.emit(
+        EventType::SandboxDestroy,
+        Severity::Info,
+        json!({"reason": reason}),
+    );
     if let Ok(mut a) = shared.audit.lock() {
         let _ = a.sync();
     }

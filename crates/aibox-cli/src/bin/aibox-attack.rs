@@ -25,22 +25,34 @@ fn result(rc: i64) -> String {
 }
 
 fn attempt(name: &str) -> String {
-    // SAFETY (all blocks below): each call passes integers or pointers to
-    // live, correctly sized local buffers; a failing call only sets errno.
+    // SAFETY: each call passes integers or pointers to live, correctly
+    // sized local buffers; a failing call only sets errno.
     unsafe {
         match name {
             "ptrace" => result(libc::ptrace(libc::PTRACE_ATTACH, 1, 0, 0)),
             "ptrace_traceme" => result(libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0)),
             "process_vm_readv" => {
                 let mut buf = [0u8; 8];
-                let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: 8 };
-                let remote = libc::iovec { iov_base: 0x400000 as *mut libc::c_void, iov_len: 8 };
+                let local = libc::iovec {
+                    iov_base: buf.as_mut_ptr().cast(),
+                    iov_len: 8,
+                };
+                let remote = libc::iovec {
+                    iov_base: 0x400000 as *mut libc::c_void,
+                    iov_len: 8,
+                };
                 result(libc::process_vm_readv(1, &local, 1, &remote, 1, 0) as i64)
             }
             "mount" => {
                 let src = CString::new("tmpfs").unwrap_or_default();
                 let dst = CString::new("/tmp").unwrap_or_default();
-                result(libc::mount(src.as_ptr(), dst.as_ptr(), src.as_ptr(), 0, std::ptr::null()) as i64)
+                result(libc::mount(
+                    src.as_ptr(),
+                    dst.as_ptr(),
+                    src.as_ptr(),
+                    0,
+                    std::ptr::null(),
+                ) as i64)
             }
             "umount" => {
                 let dst = CString::new("/workspace").unwrap_or_default();
@@ -50,17 +62,39 @@ fn attempt(name: &str) -> String {
                 let dst = CString::new("/tmp").unwrap_or_default();
                 result(libc::chroot(dst.as_ptr()) as i64)
             }
-            "pivot_root" => result(libc::syscall(libc::SYS_pivot_root, c"/tmp".as_ptr(), c"/tmp".as_ptr())),
+            "pivot_root" => result(libc::syscall(
+                libc::SYS_pivot_root,
+                c"/tmp".as_ptr(),
+                c"/tmp".as_ptr(),
+            )),
             "unshare_user" => result(libc::unshare(libc::CLONE_NEWUSER) as i64),
             "unshare_net" => result(libc::unshare(libc::CLONE_NEWNET) as i64),
             "unshare_ns" => result(libc::unshare(libc::CLONE_NEWNS) as i64),
             "setns" => result(libc::setns(0, 0) as i64),
-            "clone_newuser" => result(libc::syscall(libc::SYS_clone, libc::CLONE_NEWUSER | libc::SIGCHLD, 0, 0, 0, 0)),
-            "clone_newns" => result(libc::syscall(libc::SYS_clone, libc::CLONE_NEWNS | libc::SIGCHLD, 0, 0, 0, 0)),
+            "clone_newuser" => result(libc::syscall(
+                libc::SYS_clone,
+                libc::CLONE_NEWUSER | libc::SIGCHLD,
+                0,
+                0,
+                0,
+                0,
+            )),
+            "clone_newns" => result(libc::syscall(
+                libc::SYS_clone,
+                libc::CLONE_NEWNS | libc::SIGCHLD,
+                0,
+                0,
+                0,
+                0,
+            )),
             "clone3" => {
                 let mut args = [0u64; 11];
                 args[0] = libc::CLONE_NEWUSER as u64;
-                result(libc::syscall(libc::SYS_clone3, args.as_mut_ptr(), std::mem::size_of_val(&args)))
+                result(libc::syscall(
+                    libc::SYS_clone3,
+                    args.as_mut_ptr(),
+                    std::mem::size_of_val(&args),
+                ))
             }
             "bpf" => {
                 let mut attr = [0u32; 32];
@@ -72,11 +106,31 @@ fn attempt(name: &str) -> String {
             }
             "perf_event_open" => {
                 let attr = [0u8; 128];
-                result(libc::syscall(libc::SYS_perf_event_open, attr.as_ptr(), 0, -1, -1, 0))
+                result(libc::syscall(
+                    libc::SYS_perf_event_open,
+                    attr.as_ptr(),
+                    0,
+                    -1,
+                    -1,
+                    0,
+                ))
             }
             "keyctl" => result(libc::syscall(libc::SYS_keyctl, 0, -3, 0)),
-            "add_key" => result(libc::syscall(libc::SYS_add_key, c"user".as_ptr(), c"k".as_ptr(), c"v".as_ptr(), 1, -3)),
-            "request_key" => result(libc::syscall(libc::SYS_request_key, c"user".as_ptr(), c"k".as_ptr(), 0, 0)),
+            "add_key" => result(libc::syscall(
+                libc::SYS_add_key,
+                c"user".as_ptr(),
+                c"k".as_ptr(),
+                c"v".as_ptr(),
+                1,
+                -3,
+            )),
+            "request_key" => result(libc::syscall(
+                libc::SYS_request_key,
+                c"user".as_ptr(),
+                c"k".as_ptr(),
+                0,
+                0,
+            )),
             "userfaultfd" => result(libc::syscall(libc::SYS_userfaultfd, 0)),
             "io_uring_setup" => {
                 let params = [0u8; 120];
@@ -91,8 +145,12 @@ fn attempt(name: &str) -> String {
             "personality" => result(libc::personality(0x0040000) as i64),
             "personality_query" => result(libc::personality(0xffffffff) as i64),
             "socket_packet" => result(libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) as i64),
-            "socket_raw" => result(libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) as i64),
-            "socket_raw6" => result(libc::socket(libc::AF_INET6, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 58) as i64),
+            "socket_raw" => {
+                result(libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) as i64)
+            }
+            "socket_raw6" => {
+                result(libc::socket(libc::AF_INET6, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 58) as i64)
+            }
             "socket_tcp" => result(libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) as i64),
             "socket_unix" => result(libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) as i64),
             "tiocsti" => {
@@ -112,7 +170,14 @@ fn attempt(name: &str) -> String {
                     }
                     if pid < 0 {
                         let e = errno_name();
-                        return format!("{} n={n}", if e == "errno11" { "EAGAIN".to_string() } else { e });
+                        return format!(
+                            "{} n={n}",
+                            if e == "errno11" {
+                                "EAGAIN".to_string()
+                            } else {
+                                e
+                            }
+                        );
                     }
                     n += 1;
                     if n >= 100_000 {

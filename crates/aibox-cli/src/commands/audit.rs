@@ -7,7 +7,12 @@ use anyhow::{Context, Result, bail};
 use crate::args::{AuditCmd, Format};
 
 pub fn run(cli_config: Option<PathBuf>, cmd: AuditCmd) -> Result<i32> {
-    let AuditCmd::Verify { name, all: _, file, format } = cmd;
+    let AuditCmd::Verify {
+        name,
+        all: _,
+        file,
+        format,
+    } = cmd;
     let logs: Vec<(String, PathBuf)> = match (name, file) {
         (_, Some(f)) => vec![(f.display().to_string(), f)],
         (Some(n), None) => {
@@ -15,7 +20,10 @@ pub fn run(cli_config: Option<PathBuf>, cmd: AuditCmd) -> Result<i32> {
             let (loaded, _) = super::load_config(cli_config)?;
             let p = aibox_supervisor::client::audit_log_path(&loaded.data_dir(), &n);
             if !p.exists() {
-                bail!("no audit log for sandbox `{n}` ({} does not exist)", p.display());
+                bail!(
+                    "no audit log for sandbox `{n}` ({} does not exist)",
+                    p.display()
+                );
             }
             vec![(n, p)]
         }
@@ -27,7 +35,10 @@ pub fn run(cli_config: Option<PathBuf>, cmd: AuditCmd) -> Result<i32> {
                 for e in entries.flatten() {
                     let p = e.path();
                     if p.extension().is_some_and(|x| x == "jsonl") {
-                        let n = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                        let n = p
+                            .file_stem()
+                            .map(|s| s.to_string_lossy().into_owned())
+                            .unwrap_or_default();
                         v.push((n, p));
                     }
                 }
@@ -42,7 +53,8 @@ pub fn run(cli_config: Option<PathBuf>, cmd: AuditCmd) -> Result<i32> {
     let mut broken = false;
     let mut out = Vec::new();
     for (label, path) in logs {
-        let report = aibox_audit::verify_file(&path).with_context(|| format!("verifying {}", path.display()))?;
+        let report = aibox_audit::verify_file(&path)
+            .with_context(|| format!("verifying {}", path.display()))?;
         broken |= !report.is_intact();
         match format {
             Format::Json => out.push(serde_json::json!({"log": label, "path": path, "intact": report.is_intact(), "report": report})),

@@ -19,7 +19,11 @@ pub fn run(cli_config: Option<PathBuf>, cmd: ConfigCmd) -> Result<i32> {
         }
         ConfigCmd::Validate => {
             let loaded = aibox_config::load(&sources)?;
-            let files: Vec<String> = loaded.files.iter().map(|f| f.display().to_string()).collect();
+            let files: Vec<String> = loaded
+                .files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect();
             if files.is_empty() {
                 println!("config OK (no files; built-in defaults and environment)");
             } else {
@@ -38,7 +42,11 @@ pub fn run(cli_config: Option<PathBuf>, cmd: ConfigCmd) -> Result<i32> {
                         .values
                         .iter()
                         .map(|(k, v)| {
-                            let origin = loaded.origins.get(k).map(ToString::to_string).unwrap_or_default();
+                            let origin = loaded
+                                .origins
+                                .get(k)
+                                .map(ToString::to_string)
+                                .unwrap_or_default();
                             (k.clone(), serde_json::json!({"value": v, "source": origin}))
                         })
                         .collect();
@@ -47,8 +55,15 @@ pub fn run(cli_config: Option<PathBuf>, cmd: ConfigCmd) -> Result<i32> {
                 Format::Text => {
                     let width = loaded.values.keys().map(String::len).max().unwrap_or(0);
                     for (k, v) in &loaded.values {
-                        let origin = loaded.origins.get(k).map(ToString::to_string).unwrap_or_default();
-                        println!("{k:width$}  {:<30}  ({origin})", aibox_config::format_value(v));
+                        let origin = loaded
+                            .origins
+                            .get(k)
+                            .map(ToString::to_string)
+                            .unwrap_or_default();
+                        println!(
+                            "{k:width$}  {:<30}  ({origin})",
+                            aibox_config::format_value(v)
+                        );
                     }
                 }
             }

@@ -25,7 +25,9 @@ struct Finding {
 }
 
 fn read(p: &str) -> Option<String> {
-    std::fs::read_to_string(p).ok().map(|s| s.trim().to_string())
+    std::fs::read_to_string(p)
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 fn on_path(prog: &str) -> Option<PathBuf> {
@@ -38,45 +40,112 @@ fn on_path(prog: &str) -> Option<PathBuf> {
 
 pub fn run(cli_config: Option<PathBuf>, a: DoctorArgs) -> Result<i32> {
     let mut f: Vec<Finding> = Vec::new();
-    let mut add = |check, status, detail: String, fix: &str| f.push(Finding { check, status, detail, fix: fix.into() });
+    let mut add = |check, status, detail: String, fix: &str| {
+        f.push(Finding {
+            check,
+            status,
+            detail,
+            fix: fix.into(),
+        })
+    };
 
     let loaded = super::load_config(cli_config);
     match &loaded {
-        Ok(_) => add("config", Level::Ok, "configuration loads and validates".into(), ""),
-        Err(e) => add("config", Level::Fail, format!("{e:#}"), "correct the config file named above"),
+        Ok(_) => add(
+            "config",
+            Level::Ok,
+            "configuration loads and validates".into(),
+            "",
+        ),
+        Err(e) => add(
+            "config",
+            Level::Fail,
+            format!("{e:#}"),
+            "correct the config file named above",
+        ),
     }
 
     // User namespaces: sysctls that distributions use to switch them off.
-    let max = read("/proc/sys/user/max_user_namespaces").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let max = read("/proc/sys/user/max_user_namespaces")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
     let clone = read("/proc/sys/kernel/unprivileged_userns_clone");
     let aa = read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns");
     if max == 0 {
-        add("user_namespaces", Level::Fail, "user.max_user_namespaces is 0".into(), "sysctl -w user.max_user_namespaces=15000 (and persist it in /etc/sysctl.d)");
+        add(
+            "user_namespaces",
+            Level::Fail,
+            "user.max_user_namespaces is 0".into(),
+            "sysctl -w user.max_user_namespaces=15000 (and persist it in /etc/sysctl.d)",
+        );
     } else if clone.as_deref() == Some("0") {
-        add("user_namespaces", Level::Fail, "kernel.unprivileged_userns_clone is 0".into(), "sysctl -w kernel.unprivileged_userns_clone=1 (and persist it in /etc/sysctl.d)");
+        add(
+            "user_namespaces",
+            Level::Fail,
+            "kernel.unprivileged_userns_clone is 0".into(),
+            "sysctl -w kernel.unprivileged_userns_clone=1 (and persist it in /etc/sysctl.d)",
+        );
     } else if aa.as_deref() == Some("1") {
         add("user_namespaces", Level::Fail, "AppArmor restricts unprivileged user namespaces (kernel.apparmor_restrict_unprivileged_userns=1)".into(), "install an AppArmor profile granting `userns` to the aibox binary, or sysctl -w kernel.apparmor_restrict_unprivileged_userns=0");
     } else {
-        add("user_namespaces", Level::Ok, format!("enabled (max {max})"), "");
+        add(
+            "user_namespaces",
+            Level::Ok,
+            format!("enabled (max {max})"),
+            "",
+        );
     }
 
     let actions = read("/proc/sys/kernel/seccomp/actions_avail").unwrap_or_default();
     if actions.split_whitespace().any(|x| x == "errno") {
         let notif = actions.split_whitespace().any(|x| x == "user_notif");
-        add("seccomp", Level::Ok, format!("filters available ({actions})"), "");
+        add(
+            "seccomp",
+            Level::Ok,
+            format!("filters available ({actions})"),
+            "",
+        );
         if !notif {
-            add("seccomp_notify", Level::Warn, "no SECCOMP_RET_USER_NOTIF: the exec gate cannot run".into(), "use Linux 5.5 or newer");
+            add(
+                "seccomp_notify",
+                Level::Warn,
+                "no SECCOMP_RET_USER_NOTIF: the exec gate cannot run".into(),
+                "use Linux 5.5 or newer",
+            );
         }
     } else {
-        add("seccomp", Level::Fail, "seccomp filters unavailable".into(), "use a kernel built with CONFIG_SECCOMP_FILTER");
+        add(
+            "seccomp",
+            Level::Fail,
+            "seccomp filters unavailable".into(),
+            "use a kernel built with CONFIG_SECCOMP_FILTER",
+        );
     }
 
     let abi = aibox_sandbox::landlock_rules::kernel_abi();
-    let required = loaded.as_ref().map(|(l, _)| l.config.sandbox.landlock == aibox_config::LandlockMode::Required).unwrap_or(false);
+    let required = loaded
+        .as_ref()
+        .map(|(l, _)| l.config.sandbox.landlock == aibox_config::LandlockMode::Required)
+        .unwrap_or(false);
     match (abi, required) {
-        (0, true) => add("landlock", Level::Fail, "no Landlock, but sandbox.landlock is required".into(), "boot with lsm=…,landlock (CONFIG_SECURITY_LANDLOCK), or set sandbox.landlock: best_effort"),
-        (0, false) => add("landlock", Level::Warn, "no Landlock: write limits rest on read-only mounts alone".into(), "boot with lsm=…,landlock (CONFIG_SECURITY_LANDLOCK)"),
-        (n, _) if n < 6 => add("landlock", Level::Info, format!("ABI {n}: enforced partially (aibox asks for ABI 6)"), "a newer kernel enforces signal and abstract-socket scoping too"),
+        (0, true) => add(
+            "landlock",
+            Level::Fail,
+            "no Landlock, but sandbox.landlock is required".into(),
+            "boot with lsm=…,landlock (CONFIG_SECURITY_LANDLOCK), or set sandbox.landlock: best_effort",
+        ),
+        (0, false) => add(
+            "landlock",
+            Level::Warn,
+            "no Landlock: write limits rest on read-only mounts alone".into(),
+            "boot with lsm=…,landlock (CONFIG_SECURITY_LANDLOCK)",
+        ),
+        (n, _) if n < 6 => add(
+            "landlock",
+            Level::Info,
+            format!("ABI {n}: enforced partially (aibox asks for ABI 6)"),
+            "a newer kernel enforces signal and abstract-socket scoping too",
+        ),
         (n, _) => add("landlock", Level::Ok, format!("ABI {n}"), ""),
     }
 
@@ -84,17 +153,34 @@ pub fn run(cli_config: Option<PathBuf>, a: DoctorArgs) -> Result<i32> {
     add(
         "cgroups",
         Level::Warn,
-        if v2 { "cgroup v2 without a delegated subtree for aibox" } else { "cgroup v1/hybrid hierarchy: no delegation" }.into(),
+        if v2 {
+            "cgroup v2 without a delegated subtree for aibox"
+        } else {
+            "cgroup v1/hybrid hierarchy: no delegation"
+        }
+        .into(),
         "cpus and memory limits are reported as not enforced; use a cgroup v2 host with systemd delegation (or the podman backend) to enforce them",
     );
 
     if let Ok((l, _)) = &loaded {
         let nofile = l.config.resources.nofile;
-        if let Ok((_, hard)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+        if let Ok((_, hard)) =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        {
             if nofile > hard {
-                add("nofile", Level::Fail, format!("resources.nofile {nofile} exceeds the hard limit {hard}"), "aibox config set resources.nofile <= the hard limit");
+                add(
+                    "nofile",
+                    Level::Fail,
+                    format!("resources.nofile {nofile} exceeds the hard limit {hard}"),
+                    "aibox config set resources.nofile <= the hard limit",
+                );
             } else {
-                add("nofile", Level::Ok, format!("resources.nofile {nofile} <= hard limit {hard}"), "");
+                add(
+                    "nofile",
+                    Level::Ok,
+                    format!("resources.nofile {nofile} <= hard limit {hard}"),
+                    "",
+                );
             }
         }
         let dir = l.data_dir();
@@ -103,27 +189,57 @@ pub fn run(cli_config: Option<PathBuf>, a: DoctorArgs) -> Result<i32> {
             probe = probe.parent().unwrap_or(Path::new("/"));
         }
         if let Ok(st) = nix::sys::statvfs::statvfs(probe) {
-            let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+            let free = st.blocks_available() * st.fragment_size();
             let gib = free as f64 / (1u64 << 30) as f64;
             let (lvl, fix) = if free < (100 << 20) {
-                (Level::Fail, "free space on that filesystem, or set paths.data_dir elsewhere")
+                (
+                    Level::Fail,
+                    "free space on that filesystem, or set paths.data_dir elsewhere",
+                )
             } else if free < (1 << 30) {
-                (Level::Warn, "free space on that filesystem, or set paths.data_dir elsewhere")
+                (
+                    Level::Warn,
+                    "free space on that filesystem, or set paths.data_dir elsewhere",
+                )
             } else {
                 (Level::Ok, "")
             };
-            add("disk_space", lvl, format!("{gib:.1} GiB free for {}", dir.display()), fix);
+            add(
+                "disk_space",
+                lvl,
+                format!("{gib:.1} GiB free for {}", dir.display()),
+                fix,
+            );
         }
         match probe_sandbox(l) {
             Ok(s) => add("sandbox", Level::Ok, s, ""),
-            Err(e) => add("sandbox", Level::Fail, e, "fix the layer named above; the checks before this one usually say how"),
+            Err(e) => add(
+                "sandbox",
+                Level::Fail,
+                e,
+                "fix the layer named above; the checks before this one usually say how",
+            ),
         }
     }
 
-    for (prog, why) in [("podman", "podman backend"), ("runsc", "gVisor"), ("docker", "docker backend")] {
+    for (prog, why) in [
+        ("podman", "podman backend"),
+        ("runsc", "gVisor"),
+        ("docker", "docker backend"),
+    ] {
         match on_path(prog) {
-            Some(p) => add(prog_check(prog), Level::Info, format!("{} found ({why})", p.display()), ""),
-            None => add(prog_check(prog), Level::Info, format!("not installed (needed only for the {why})"), "apt-get install podman runc (or runsc / docker.io) to use that backend"),
+            Some(p) => add(
+                prog_check(prog),
+                Level::Info,
+                format!("{} found ({why})", p.display()),
+                "",
+            ),
+            None => add(
+                prog_check(prog),
+                Level::Info,
+                format!("not installed (needed only for the {why})"),
+                "apt-get install podman runc (or runsc / docker.io) to use that backend",
+            ),
         }
     }
 
@@ -173,7 +289,8 @@ fn probe_sandbox(l: &aibox_config::Loaded) -> Result<String, String> {
         workspace: ws,
         home,
         root_dir: root,
-        rootfs: (!l.config.sandbox.rootfs.is_empty()).then(|| PathBuf::from(&l.config.sandbox.rootfs)),
+        rootfs: (!l.config.sandbox.rootfs.is_empty())
+            .then(|| PathBuf::from(&l.config.sandbox.rootfs)),
         tmp_size: "16m".into(),
         pids: 64,
         nofile: 256.min(l.config.resources.nofile),
@@ -185,7 +302,10 @@ fn probe_sandbox(l: &aibox_config::Loaded) -> Result<String, String> {
             let ms = t0.elapsed().as_millis();
             let _ = aibox_sandbox::ipc::send(&s.control, &aibox_sandbox::ToInit::Shutdown, &[]);
             let _ = nix::sys::wait::waitpid(s.intermediate, None);
-            Ok(format!("native sandbox starts and passes its self-test ({} checks, {ms} ms)", s.report.checks.len()))
+            Ok(format!(
+                "native sandbox starts and passes its self-test ({} checks, {ms} ms)",
+                s.report.checks.len()
+            ))
         }
         Err(e) => Err(format!("native sandbox failed: {e}")),
     }

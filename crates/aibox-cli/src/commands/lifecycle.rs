@@ -6,23 +6,38 @@ use std::time::Instant;
 
 use aibox_config::{Loaded, Runtime};
 use aibox_sandbox::SandboxSpec;
+use aibox_supervisor::SandboxPaths;
 use aibox_supervisor::client;
 use aibox_supervisor::proto::{ExecRequest, Status, SupervisorSpec};
-use aibox_supervisor::SandboxPaths;
 use anyhow::{Result, bail};
 use sha2::{Digest, Sha256};
 
-use crate::args::{ExecArgs, ExecOpts, Format, FormatArg, NameArg, RunArgs, RuntimeArg, StartArgs, StatusArgs};
+use crate::args::{
+    ExecArgs, ExecOpts, Format, FormatArg, NameArg, RunArgs, RuntimeArg, StartArgs, StatusArgs,
+};
 use crate::workspace;
 
-fn prepare(cli_config: Option<PathBuf>, a: &StartArgs) -> Result<(Loaded, SupervisorSpec, SandboxPaths)> {
+fn prepare(
+    cli_config: Option<PathBuf>,
+    a: &StartArgs,
+) -> Result<(Loaded, SupervisorSpec, SandboxPaths)> {
     let (loaded, _) = super::load_config(cli_config)?;
     let c = &loaded.config;
     let (runtime, reason) = match a.runtime {
         Some(RuntimeArg::Native) => (Runtime::Native, "--runtime flag".to_string()),
         Some(RuntimeArg::Podman) => (Runtime::Podman, "--runtime flag".to_string()),
         Some(RuntimeArg::Docker) => (Runtime::Docker, "--runtime flag".to_string()),
-        None => (c.runtime, format!("runtime from {}", loaded.origins.get("runtime").map(ToString::to_string).unwrap_or_default())),
+        None => (
+            c.runtime,
+            format!(
+                "runtime from {}",
+                loaded
+                    .origins
+                    .get("runtime")
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            ),
+        ),
     };
     if runtime != Runtime::Native {
         bail!(
@@ -32,11 +47,17 @@ fn prepare(cli_config: Option<PathBuf>, a: &StartArgs) -> Result<(Loaded, Superv
     }
     let data_dir = loaded.data_dir();
     let runtime_dir = loaded.runtime_dir();
-    let raw_ws = a.workspace.clone().unwrap_or_else(|| PathBuf::from(&c.workspace.default_path));
+    let raw_ws = a
+        .workspace
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(&c.workspace.default_path));
     let ws = workspace::validate(
         &raw_ws,
         c.workspace.validate_fs,
-        &[("data_dir", data_dir.clone()), ("runtime_dir", runtime_dir.clone())],
+        &[
+            ("data_dir", data_dir.clone()),
+            ("runtime_dir", runtime_dir.clone()),
+        ],
     )?;
     let user = aibox_core::current_user();
     let name = match &a.name {
@@ -108,8 +129,12 @@ fn exec_request(opts: &ExecOpts, argv: Vec<String>) -> Result<ExecRequest> {
         argv,
         env: opts.env.clone(),
         cwd: opts.cwd.clone(),
-        host_cwd: std::env::current_dir().ok().and_then(|d| std::fs::canonicalize(d).ok()),
-        tty: opts.tty.then_some(aibox_sandbox::WinSize { rows: 24, cols: 80 }),
+        host_cwd: std::env::current_dir()
+            .ok()
+            .and_then(|d| std::fs::canonicalize(d).ok()),
+        tty: opts
+            .tty
+            .then_some(aibox_sandbox::WinSize { rows: 24, cols: 80 }),
     })
 }
 
@@ -135,7 +160,10 @@ fn target(cli_config: Option<PathBuf>, name: &NameArg) -> Result<(Loaded, Sandbo
             n.clone()
         }
         None => {
-            let cwd = std::env::current_dir().ok().and_then(|d| std::fs::canonicalize(d).ok()).unwrap_or_default();
+            let cwd = std::env::current_dir()
+                .ok()
+                .and_then(|d| std::fs::canonicalize(d).ok())
+                .unwrap_or_default();
             let default = aibox_core::default_sandbox_name(&aibox_core::current_user(), &cwd);
             client::resolve_name(&rt, &data, &default)?
         }
@@ -145,7 +173,11 @@ fn target(cli_config: Option<PathBuf>, name: &NameArg) -> Result<(Loaded, Sandbo
 }
 
 fn connect(loaded: &Loaded, paths: &SandboxPaths) -> Result<std::os::fd::OwnedFd> {
-    Ok(client::connect_named(paths, &loaded.runtime_dir(), &loaded.data_dir())?)
+    Ok(client::connect_named(
+        paths,
+        &loaded.runtime_dir(),
+        &loaded.data_dir(),
+    )?)
 }
 
 pub fn exec(cli_config: Option<PathBuf>, a: ExecArgs) -> Result<i32> {
@@ -157,11 +189,17 @@ pub fn exec(cli_config: Option<PathBuf>, a: ExecArgs) -> Result<i32> {
 
 pub fn shell(cli_config: Option<PathBuf>, a: NameArg) -> Result<i32> {
     if !std::io::stdin().is_terminal() {
-        bail!("aibox shell needs a terminal\n  fix: run it from an interactive terminal, or use `aibox exec -- CMD`");
+        bail!(
+            "aibox shell needs a terminal\n  fix: run it from an interactive terminal, or use `aibox exec -- CMD`"
+        );
     }
     let (loaded, paths) = target(cli_config, &a)?;
     let shell = loaded.config.shell.program().to_string();
-    let opts = ExecOpts { tty: true, env: Vec::new(), cwd: None };
+    let opts = ExecOpts {
+        tty: true,
+        env: Vec::new(),
+        cwd: None,
+    };
     let req = exec_request(&opts, vec![shell, "-l".into()])?;
     let conn = connect(&loaded, &paths)?;
     Ok(client::exec(conn, req)?)
@@ -173,7 +211,10 @@ fn print_status(s: &Status) {
     println!("runtime:    {} ({})", s.runtime, s.runtime_reason);
     println!("workspace:  {}", s.workspace.display());
     println!("started:    {} (ready in {} ms)", s.started_at, s.start_ms);
-    println!("processes:  supervisor pid {}, sandbox init pid {}", s.supervisor_pid, s.init_pid);
+    println!(
+        "processes:  supervisor pid {}, sandbox init pid {}",
+        s.supervisor_pid, s.init_pid
+    );
     println!(
         "identity:   {} (guest uid/gid 1000 = host uid/gid {})",
         if s.rootless { "rootless" } else { "rootful" },
@@ -184,11 +225,22 @@ fn print_status(s: &Status) {
     println!("seccomp:    {}", s.seccomp);
     println!("limits:");
     for l in &s.limits {
-        println!("  {:<9} {:<8} {}{}", l.name, l.value, if l.enforced { "enforced: " } else { "" }, l.how);
+        println!(
+            "  {:<9} {:<8} {}{}",
+            l.name,
+            l.value,
+            if l.enforced { "enforced: " } else { "" },
+            l.how
+        );
     }
     println!("self-test:");
     for c in &s.selftest {
-        println!("  [{}] {:<15} {}", if c.ok { "ok" } else { "FAIL" }, c.layer, c.detail);
+        println!(
+            "  [{}] {:<15} {}",
+            if c.ok { "ok" } else { "FAIL" },
+            c.layer,
+            c.detail
+        );
     }
     println!("audit log:  {}", s.audit_log.display());
 }
@@ -218,15 +270,27 @@ pub fn list(cli_config: Option<PathBuf>, a: FormatArg) -> Result<i32> {
             if items.is_empty() {
                 eprintln!("no sandboxes");
             } else {
-                println!("{:<32} {:<8} {:<8} {:<22} WORKSPACE", "NAME", "STATE", "RUNTIME", "STARTED");
+                println!(
+                    "{:<32} {:<8} {:<8} {:<22} WORKSPACE",
+                    "NAME", "STATE", "RUNTIME", "STARTED"
+                );
                 for l in &items {
                     let (rt, started, ws) = l
                         .status
                         .as_ref()
-                        .map(|s| (s.runtime.clone(), s.started_at.clone(), s.workspace.display().to_string()))
+                        .map(|s| {
+                            (
+                                s.runtime.clone(),
+                                s.started_at.clone(),
+                                s.workspace.display().to_string(),
+                            )
+                        })
                         .unwrap_or_default();
                     let state = if l.alive { "running" } else { "dead" };
-                    println!("{:<32} {:<8} {:<8} {:<22} {}", l.paths.name, state, rt, started, ws);
+                    println!(
+                        "{:<32} {:<8} {:<8} {:<22} {}",
+                        l.paths.name, state, rt, started, ws
+                    );
                 }
             }
         }
@@ -238,7 +302,10 @@ pub fn stop(cli_config: Option<PathBuf>, a: NameArg) -> Result<i32> {
     let (loaded, paths) = target(cli_config, &a)?;
     if !client::is_alive(&paths) && paths.run_dir.exists() {
         client::cleanup_stale(&paths, &paths.audit_log, &aibox_core::current_user());
-        eprintln!("sandbox {} was not running (its supervisor had died); cleaned up", paths.name);
+        eprintln!(
+            "sandbox {} was not running (its supervisor had died); cleaned up",
+            paths.name
+        );
         return Ok(0);
     }
     client::stop(connect(&loaded, &paths)?)?;

@@ -10,7 +10,9 @@ use anyhow::Result;
 use crate::args::{Cli, Command};
 
 /// Loads the config the way every command does.
-pub(crate) fn load_config(cli_config: Option<std::path::PathBuf>) -> Result<(aibox_config::Loaded, aibox_config::Sources)> {
+pub(crate) fn load_config(
+    cli_config: Option<std::path::PathBuf>,
+) -> Result<(aibox_config::Loaded, aibox_config::Sources)> {
     let sources = aibox_config::Sources::standard(cli_config);
     let loaded = aibox_config::load(&sources)?;
     Ok((loaded, sources))

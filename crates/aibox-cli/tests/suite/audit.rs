@@ -3,7 +3,11 @@
 use super::common::*;
 
 fn lines(p: &std::path::Path) -> Vec<String> {
-    std::fs::read_to_string(p).unwrap().lines().map(String::from).collect()
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect()
 }
 
 fn verify_at(c: &Ctx, content: &[String]) -> (bool, String) {
@@ -16,15 +20,30 @@ fn verify_at(c: &Ctx, content: &[String]) -> (bool, String) {
 both_modes!(real_run_log_verifies_and_tampering_is_located, |c: Ctx| {
     let ws = c.ws.display().to_string();
     ok(&c.out(&["run", "-w", &ws, "--name", "audited", "--", "true"]));
-    let o = c.out(&["run", "-w", &ws, "--name", "audited", "--", "sh", "-c", "exit 3"]);
+    let o = c.out(&[
+        "run", "-w", &ws, "--name", "audited", "--", "sh", "-c", "exit 3",
+    ]);
     assert_eq!(o.status.code(), Some(3));
     let log = c.data.join("audit/audited.jsonl");
     let l = lines(&log);
     let types: Vec<String> = l
         .iter()
-        .map(|x| serde_json::from_str::<serde_json::Value>(x).unwrap()["event_type"].as_str().unwrap().to_string())
+        .map(|x| {
+            serde_json::from_str::<serde_json::Value>(x).unwrap()["event_type"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
-    for t in ["sandbox.create", "sandbox.config", "sandbox.start", "session.start", "session.end", "sandbox.stop", "sandbox.destroy"] {
+    for t in [
+        "sandbox.create",
+        "sandbox.config",
+        "sandbox.start",
+        "session.start",
+        "session.end",
+        "sandbox.stop",
+        "sandbox.destroy",
+    ] {
         assert!(types.iter().any(|x| x == t), "{t} missing: {types:?}");
     }
     let ends: Vec<i64> = l
@@ -35,10 +54,16 @@ both_modes!(real_run_log_verifies_and_tampering_is_located, |c: Ctx| {
         .collect();
     assert_eq!(ends, [0, 3]);
     let out = ok(&c.out(&["audit", "verify", "--name", "audited"]));
-    assert!(out.contains(&format!("intact ({} events", l.len())), "{out}");
+    assert!(
+        out.contains(&format!("intact ({} events", l.len())),
+        "{out}"
+    );
     // The log is the host's, mode 0600.
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&log).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&log).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
 
     let n = l.len();
     assert!(n >= 12);

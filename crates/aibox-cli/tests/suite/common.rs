@@ -48,7 +48,9 @@ fn test_user() -> (u32, u32) {
         if let Some(ids) = ids_of(TEST_USER) {
             return ids;
         }
-        let _ = Command::new("useradd").args(["-m", "-s", "/bin/sh", TEST_USER]).status();
+        let _ = Command::new("useradd")
+            .args(["-m", "-s", "/bin/sh", TEST_USER])
+            .status();
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     panic!("could not create the test user {TEST_USER}");
@@ -62,7 +64,10 @@ pub fn bin(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("aibox-test-bin-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
-        for (n, src) in [("aibox", env!("CARGO_BIN_EXE_aibox")), ("aibox-attack", env!("CARGO_BIN_EXE_aibox-attack"))] {
+        for (n, src) in [
+            ("aibox", env!("CARGO_BIN_EXE_aibox")),
+            ("aibox-attack", env!("CARGO_BIN_EXE_aibox-attack")),
+        ] {
             let dst = d.join(n);
             std::fs::copy(src, &dst).unwrap();
             std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -81,20 +86,36 @@ impl Ctx {
             return None;
         }
         let as_user = (mode == Mode::Rootless && is_root()).then(test_user);
-        let dir = tempfile::Builder::new().prefix("aibox-it-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("aibox-it-")
+            .tempdir()
+            .unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let ws = dir.path().join("ws");
         let data = dir.path().join("data");
         let runtime = dir.path().join("rt");
         let config = dir.path().join("config.yaml");
         std::fs::create_dir(&ws).unwrap();
-        std::fs::write(&config, "resources:\n  pids: 256\n  nofile: 1024\n  tmp_size: 64m\n").unwrap();
+        std::fs::write(
+            &config,
+            "resources:\n  pids: 256\n  nofile: 1024\n  tmp_size: 64m\n",
+        )
+        .unwrap();
         if let Some((uid, gid)) = as_user {
             for p in [dir.path(), &ws, &config] {
                 nix::unistd::chown(p, Some(uid.into()), Some(gid.into())).unwrap();
             }
         }
-        Some(Ctx { dir, ws, config, data, runtime, as_user, mode, extra_env: Vec::new() })
+        Some(Ctx {
+            dir,
+            ws,
+            config,
+            data,
+            runtime,
+            as_user,
+            mode,
+            extra_env: Vec::new(),
+        })
     }
 
     /// Adds an environment variable to every aibox invocation.
@@ -109,15 +130,23 @@ impl Ctx {
 
     /// uid that should own files the sandbox writes to the workspace.
     pub fn invoker_uid(&self) -> u32 {
-        self.as_user.map(|(u, _)| u).unwrap_or_else(|| nix::unistd::geteuid().as_raw())
+        self.as_user
+            .map(|(u, _)| u)
+            .unwrap_or_else(|| nix::unistd::geteuid().as_raw())
     }
 
     /// The variables every aibox invocation of this context gets.
     pub fn env_pairs(&self) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = vec![
             ("AIBOX_CONFIG".into(), self.config.display().to_string()),
-            ("AIBOX_PATHS_DATA_DIR".into(), self.data.display().to_string()),
-            ("AIBOX_PATHS_RUNTIME_DIR".into(), self.runtime.display().to_string()),
+            (
+                "AIBOX_PATHS_DATA_DIR".into(),
+                self.data.display().to_string(),
+            ),
+            (
+                "AIBOX_PATHS_RUNTIME_DIR".into(),
+                self.runtime.display().to_string(),
+            ),
         ];
         env.extend(self.extra_env.iter().cloned());
         env
@@ -129,7 +158,15 @@ impl Ctx {
         let mut cmd = match self.as_user {
             Some((uid, gid)) => {
                 let mut c = Command::new("setpriv");
-                c.args(["--reuid", &uid.to_string(), "--regid", &gid.to_string(), "--init-groups", "--reset-env", "env"]);
+                c.args([
+                    "--reuid",
+                    &uid.to_string(),
+                    "--regid",
+                    &gid.to_string(),
+                    "--init-groups",
+                    "--reset-env",
+                    "env",
+                ]);
                 for (k, v) in &env {
                     c.arg(format!("{k}={v}"));
                 }
@@ -169,7 +206,11 @@ impl Ctx {
     /// Entries left in the runtime directory.
     pub fn runtime_entries(&self) -> Vec<String> {
         std::fs::read_dir(&self.runtime)
-            .map(|r| r.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|r| {
+                r.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -184,7 +225,13 @@ pub fn stderr(o: &Output) -> String {
 
 /// Asserts success and returns stdout.
 pub fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "exit {:?}\nstdout:\n{}\nstderr:\n{}", o.status.code(), stdout(o), stderr(o));
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        stdout(o),
+        stderr(o)
+    );
     stdout(o)
 }
 
@@ -196,7 +243,9 @@ pub fn owner(p: &Path) -> u32 {
 pub fn host_pids_with(needle: &str) -> Vec<i32> {
     let mut v = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
         let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
         if cmd.contains(needle) {
@@ -244,7 +293,13 @@ pub fn process_gone(pid: i32) -> bool {
     for _ in 0..100 {
         match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
             Err(_) => return true,
-            Ok(s) if s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')) => return true,
+            Ok(s)
+                if s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z')) =>
+            {
+                return true;
+            }
             Ok(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
         }
     }

@@ -10,39 +10,85 @@ fn refused(c: &Ctx, args: &[&str], needles: &[&str]) {
         assert!(e.contains(n), "{args:?}: missing {n:?} in:\n{e}");
     }
     assert!(e.contains("aibox: error:"), "{e}");
-    assert!(c.runtime_entries().is_empty(), "left behind: {:?}", c.runtime_entries());
+    assert!(
+        c.runtime_entries().is_empty(),
+        "left behind: {:?}",
+        c.runtime_entries()
+    );
     assert!(!c.data.join("homes").exists(), "created a home");
 }
 
 #[test]
 fn bad_config_and_workspaces() {
-    let Some(c) = Ctx::new(Mode::Rootless) else { return };
+    let Some(c) = Ctx::new(Mode::Rootless) else {
+        return;
+    };
     let ws = c.ws.display().to_string();
     std::fs::write(&c.config, "resources:\n  cpus: 2\n  memroy: 4g\n").unwrap();
-    refused(&c, &["start", "-w", &ws], &[&c.config.display().to_string(), "line 3", "`resources.memroy`", "memory"]);
+    refused(
+        &c,
+        &["start", "-w", &ws],
+        &[
+            &c.config.display().to_string(),
+            "line 3",
+            "`resources.memroy`",
+            "memory",
+        ],
+    );
     std::fs::write(&c.config, "runtime: lxc\n").unwrap();
-    refused(&c, &["start", "-w", &ws], &["`runtime`", "lxc", "native", "podman", "docker"]);
+    refused(
+        &c,
+        &["start", "-w", &ws],
+        &["`runtime`", "lxc", "native", "podman", "docker"],
+    );
     std::fs::write(&c.config, "resources: [\n").unwrap();
-    refused(&c, &["start", "-w", &ws], &["malformed YAML", &c.config.display().to_string()]);
+    refused(
+        &c,
+        &["start", "-w", &ws],
+        &["malformed YAML", &c.config.display().to_string()],
+    );
     std::fs::write(&c.config, "resources:\n  cpus: lots\n").unwrap();
     refused(&c, &["config", "validate"], &["`resources.cpus`", "lots"]);
     std::fs::write(&c.config, "").unwrap();
 
     let file = c.ws.join("a-file");
     std::fs::write(&file, "x").unwrap();
-    refused(&c, &["start", "-w", "/no/such/dir"], &["does not exist", "fix:"]);
-    refused(&c, &["start", "-w", &file.display().to_string()], &["is not a directory"]);
+    refused(
+        &c,
+        &["start", "-w", "/no/such/dir"],
+        &["does not exist", "fix:"],
+    );
+    refused(
+        &c,
+        &["start", "-w", &file.display().to_string()],
+        &["is not a directory"],
+    );
     refused(&c, &["start", "-w", "/"], &["refusing / as the workspace"]);
     refused(&c, &["start", "-w", "/etc"], &["system directory"]);
-    refused(&c, &["start", "-w", &ws, "--name", "../evil"], &["invalid sandbox name"]);
-    refused(&c, &["start", "-w", &ws, "--runtime", "podman"], &["not available in this build"]);
+    refused(
+        &c,
+        &["start", "-w", &ws, "--name", "../evil"],
+        &["invalid sandbox name"],
+    );
+    refused(
+        &c,
+        &["start", "-w", &ws, "--runtime", "podman"],
+        &["not available in this build"],
+    );
     // Workspaces containing aibox's own data are refused: the sandbox could rewrite its audit log.
     let mut inside = Ctx::new(Mode::Rootless).unwrap();
-    inside.env("AIBOX_PATHS_DATA_DIR", &inside.ws.join(".aibox-data").display().to_string());
+    inside.env(
+        "AIBOX_PATHS_DATA_DIR",
+        &inside.ws.join(".aibox-data").display().to_string(),
+    );
     let iws = inside.ws.display().to_string();
     let o = inside.out(&["start", "-w", &iws]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("overlaps the aibox data_dir"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("overlaps the aibox data_dir"),
+        "{}",
+        stderr(&o)
+    );
     std::fs::write(&c.config, "").unwrap();
     // Environment overrides are checked too.
     let mut e = Ctx::new(Mode::Rootless).unwrap();
@@ -54,7 +100,9 @@ fn bad_config_and_workspaces() {
 
 #[test]
 fn home_directory_is_refused() {
-    let Some(c) = Ctx::new(Mode::Rootless) else { return };
+    let Some(c) = Ctx::new(Mode::Rootless) else {
+        return;
+    };
     let home = match c.as_user {
         Some(_) => format!("/home/{TEST_USER}"),
         None => std::env::var("HOME").unwrap(),
@@ -64,7 +112,9 @@ fn home_directory_is_refused() {
 
 #[test]
 fn unknown_names() {
-    let Some(c) = Ctx::new(Mode::Rootless) else { return };
+    let Some(c) = Ctx::new(Mode::Rootless) else {
+        return;
+    };
     for args in [
         &["exec", "--name", "ghost", "--", "true"][..],
         &["stop", "--name", "ghost"][..],
@@ -72,7 +122,11 @@ fn unknown_names() {
     ] {
         let o = c.out(args);
         assert!(!o.status.success());
-        assert!(stderr(&o).contains("no sandbox named `ghost` is running"), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("no sandbox named `ghost` is running"),
+            "{}",
+            stderr(&o)
+        );
     }
     let o = c.out(&["exec", "--", "true"]);
     assert!(stderr(&o).contains("aibox start -w PATH"), "{}", stderr(&o));
@@ -80,12 +134,21 @@ fn unknown_names() {
 
 #[test]
 fn config_commands() {
-    let Some(c) = Ctx::new(Mode::Rootless) else { return };
+    let Some(c) = Ctx::new(Mode::Rootless) else {
+        return;
+    };
     std::fs::remove_file(&c.config).unwrap();
     let o = c.out(&["config", "validate"]);
-    assert!(stderr(&o).contains("does not exist"), "explicit config must exist: {}", stderr(&o));
+    assert!(
+        stderr(&o).contains("does not exist"),
+        "explicit config must exist: {}",
+        stderr(&o)
+    );
     ok(&c.out(&["config", "init", "--template", "dev"]));
-    assert!(!c.out(&["config", "init"]).status.success(), "init overwrote without --force");
+    assert!(
+        !c.out(&["config", "init"]).status.success(),
+        "init overwrote without --force"
+    );
     ok(&c.out(&["config", "init", "--template", "minimal", "--force"]));
     ok(&c.out(&["config", "set", "resources.cpus", "2"]));
     assert_eq!(ok(&c.out(&["config", "get", "resources.cpus"])).trim(), "2");
@@ -93,7 +156,15 @@ fn config_commands() {
     assert_eq!(ok(&c.out(&["config", "get", "runtime"])).trim(), "native");
     let show = ok(&c.out(&["config", "show"]));
     assert!(show.lines().any(|l| l.starts_with("resources.cpus") && l.contains(&c.config.display().to_string())), "{show}");
-    assert!(show.lines().any(|l| l.starts_with("paths.data_dir") && l.contains("AIBOX_PATHS_DATA_DIR")), "{show}");
-    assert!(show.lines().any(|l| l.starts_with("gvisor.enabled") && l.contains("(default)")), "{show}");
+    assert!(
+        show.lines()
+            .any(|l| l.starts_with("paths.data_dir") && l.contains("AIBOX_PATHS_DATA_DIR")),
+        "{show}"
+    );
+    assert!(
+        show.lines()
+            .any(|l| l.starts_with("gvisor.enabled") && l.contains("(default)")),
+        "{show}"
+    );
     ok(&c.out(&["config", "validate"]));
 }

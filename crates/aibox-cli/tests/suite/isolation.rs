@@ -5,7 +5,10 @@ use super::common::*;
 
 fn status_field(text: &str, key: &str) -> String {
     text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}:")).map(|v| v.trim().to_string()))
+        .find_map(|l| {
+            l.strip_prefix(&format!("{key}:"))
+                .map(|v| v.trim().to_string())
+        })
         .unwrap_or_else(|| panic!("{key} missing in:\n{text}"))
 }
 
@@ -27,7 +30,10 @@ both_modes!(root_filesystem_is_read_only, |c: Ctx| {
         let o = c.sh(&format!("echo pwned > {target}"));
         assert!(!o.status.success(), "{target} was writable");
         let e = stderr(&o);
-        assert!(e.contains("Read-only file system") || e.contains("Permission denied"), "{target}: {e}");
+        assert!(
+            e.contains("Read-only file system") || e.contains("Permission denied"),
+            "{target}: {e}"
+        );
     }
     // Remounting read-write is a mount(2) call: refused.
     let o = c.sh("mount -o remount,rw / 2>&1; echo rc=$?");
@@ -39,7 +45,10 @@ both_modes!(workspace_writes_belong_to_the_invoker, |c: Ctx| {
     for p in ["made-inside", "d", "d/f"] {
         assert_eq!(owner(&c.ws.join(p)), c.invoker_uid(), "{p}");
     }
-    assert_eq!(std::fs::read_to_string(c.ws.join("made-inside")).unwrap(), "hello\n");
+    assert_eq!(
+        std::fs::read_to_string(c.ws.join("made-inside")).unwrap(),
+        "hello\n"
+    );
     // And host files the invoker owns look like the guest's own inside.
     std::fs::write(c.ws.join("from-host"), "x").unwrap();
     if let Some((u, g)) = c.as_user {
@@ -67,10 +76,21 @@ both_modes!(only_loopback_network, |c: Ctx| {
 
 both_modes!(host_processes_invisible, |c: Ctx| {
     let me = std::process::id();
-    let out = ok(&c.sh("ls /proc | grep -E '^[0-9]+$' | tr '\\n' ' '; echo; cat /proc/1/cmdline | tr '\\0' ' '"));
-    let pids: Vec<u32> = out.lines().next().unwrap().split_whitespace().map(|p| p.parse().unwrap()).collect();
+    let out = ok(&c.sh(
+        "ls /proc | grep -E '^[0-9]+$' | tr '\\n' ' '; echo; cat /proc/1/cmdline | tr '\\0' ' '",
+    ));
+    let pids: Vec<u32> = out
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
     assert!(pids.len() < 10, "too many processes visible: {pids:?}");
-    assert!(!pids.contains(&me) || me < 10, "the test runner's pid {me} is visible");
+    assert!(
+        !pids.contains(&me) || me < 10,
+        "the test runner's pid {me} is visible"
+    );
     // Killing everything we can see never reaches the host.
     let o = c.sh("kill -9 -1; echo survived");
     let _ = o;
@@ -83,7 +103,11 @@ both_modes!(host_homes_root_and_sockets_invisible, |c: Ctx| {
     ));
     assert_eq!(out, "dev\nno-agent\nno-dbus\n");
     // The audit log and data directory of aibox are not reachable.
-    let probe = format!("test -e {} && echo VISIBLE; ls {} 2>&1 || true", c.data.display(), c.data.join("audit").display());
+    let probe = format!(
+        "test -e {} && echo VISIBLE; ls {} 2>&1 || true",
+        c.data.display(),
+        c.data.join("audit").display()
+    );
     let out = ok(&c.sh(&probe));
     assert!(!out.contains("VISIBLE") && !out.contains(".jsonl"), "{out}");
 });
@@ -91,11 +115,38 @@ both_modes!(host_homes_root_and_sockets_invisible, |c: Ctx| {
 both_modes!(forbidden_syscalls_fail, |c: Ctx| {
     c.install_attack();
     let probes = [
-        "ptrace", "ptrace_traceme", "process_vm_readv", "mount", "umount", "chroot", "pivot_root",
-        "unshare_user", "unshare_net", "unshare_ns", "setns", "clone_newuser", "clone_newns", "bpf",
-        "perf_event_open", "keyctl", "add_key", "request_key", "userfaultfd", "io_uring_setup",
-        "kexec_load", "init_module", "delete_module", "reboot", "swapon", "acct", "personality",
-        "socket_packet", "socket_raw", "socket_raw6", "tiocsti", "open_by_handle_at",
+        "ptrace",
+        "ptrace_traceme",
+        "process_vm_readv",
+        "mount",
+        "umount",
+        "chroot",
+        "pivot_root",
+        "unshare_user",
+        "unshare_net",
+        "unshare_ns",
+        "setns",
+        "clone_newuser",
+        "clone_newns",
+        "bpf",
+        "perf_event_open",
+        "keyctl",
+        "add_key",
+        "request_key",
+        "userfaultfd",
+        "io_uring_setup",
+        "kexec_load",
+        "init_module",
+        "delete_module",
+        "reboot",
+        "swapon",
+        "acct",
+        "personality",
+        "socket_packet",
+        "socket_raw",
+        "socket_raw6",
+        "tiocsti",
+        "open_by_handle_at",
     ];
     let ws = c.ws.display().to_string();
     let mut args = vec!["run", "-w", ws.as_str(), "--", "/workspace/aibox-attack"];
@@ -108,8 +159,21 @@ both_modes!(forbidden_syscalls_fail, |c: Ctx| {
     assert_eq!(out.lines().count(), probes.len());
     // clone3 cannot be filtered by flags, so it is not offered at all, and
     // ordinary calls still work.
-    let out = ok(&c.out(&["run", "-w", &ws, "--", "/workspace/aibox-attack", "clone3", "socket_tcp", "socket_unix", "personality_query"]));
-    assert_eq!(out, "clone3 ENOSYS\nsocket_tcp ok\nsocket_unix ok\npersonality_query ok\n");
+    let out = ok(&c.out(&[
+        "run",
+        "-w",
+        &ws,
+        "--",
+        "/workspace/aibox-attack",
+        "clone3",
+        "socket_tcp",
+        "socket_unix",
+        "personality_query",
+    ]));
+    assert_eq!(
+        out,
+        "clone3 ENOSYS\nsocket_tcp ok\nsocket_unix ok\npersonality_query ok\n"
+    );
 });
 
 both_modes!(fork_bomb_hits_the_pids_limit, |c: Ctx| {
@@ -121,7 +185,12 @@ both_modes!(fork_bomb_hits_the_pids_limit, |c: Ctx| {
     assert!(out.starts_with("fork_bomb EAGAIN"), "{out}");
     assert!(n > 10 && n < 256, "{out}");
     // The host still forks, and the run's stop took every child with it.
-    assert!(std::process::Command::new("true").status().unwrap().success());
+    assert!(
+        std::process::Command::new("true")
+            .status()
+            .unwrap()
+            .success()
+    );
     assert_gone("aibox-attack fork_bomb");
 });
 
@@ -129,13 +198,26 @@ both_modes!(missing_layer_fails_closed, |c: Ctx| {
     let mut c = c;
     // Debug builds can skip one layer; the self-test must notice and
     // `start` must refuse, naming the layer, leaving nothing behind.
-    for (skip, layer) in [("caps", "capabilities"), ("seccomp", "seccomp"), ("landlock", "landlock"), ("readonly", "read_only_root")] {
+    for (skip, layer) in [
+        ("caps", "capabilities"),
+        ("seccomp", "seccomp"),
+        ("landlock", "landlock"),
+        ("readonly", "read_only_root"),
+    ] {
         c.env("AIBOX_DEBUG_SKIP_LAYER", skip);
         let o = c.sh("echo should-not-run");
         assert!(!o.status.success(), "start succeeded without {skip}");
         assert!(!stdout(&o).contains("should-not-run"));
-        assert!(stderr(&o).contains(&format!("layer `{layer}` is not live")), "{skip}: {}", stderr(&o));
-        assert!(c.runtime_entries().is_empty(), "left behind: {:?}", c.runtime_entries());
+        assert!(
+            stderr(&o).contains(&format!("layer `{layer}` is not live")),
+            "{skip}: {}",
+            stderr(&o)
+        );
+        assert!(
+            c.runtime_entries().is_empty(),
+            "left behind: {:?}",
+            c.runtime_entries()
+        );
         c.clear_env();
     }
 });

@@ -26,13 +26,26 @@ both_modes!(exit_codes_and_stdin_pass_through, |c: Ctx| {
     assert_eq!(o.status.code(), Some(128 + 15));
     let ws = c.ws.display().to_string();
     let mut child = c
-        .aibox(&["run", "-w", &ws, "--", "sh", "-c", "tr a-z A-Z; echo err >&2"])
+        .aibox(&[
+            "run",
+            "-w",
+            &ws,
+            "--",
+            "sh",
+            "-c",
+            "tr a-z A-Z; echo err >&2",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"from stdin\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"from stdin\n")
+        .unwrap();
     let o = child.wait_with_output().unwrap();
     assert_eq!(stdout(&o), "FROM STDIN\n");
     assert!(stderr(&o).contains("err"));
@@ -44,7 +57,15 @@ both_modes!(exit_codes_and_stdin_pass_through, |c: Ctx| {
 both_modes!(signals_reach_the_command, |c: Ctx| {
     let name = start(&c, "sig");
     let mut child = c
-        .aibox(&["exec", "--name", &name, "--", "sh", "-c", "trap 'echo got-term; exit 77' TERM; echo ready; while :; do sleep 0.05; done"])
+        .aibox(&[
+            "exec",
+            "--name",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "trap 'echo got-term; exit 77' TERM; echo ready; while :; do sleep 0.05; done",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -54,7 +75,11 @@ both_modes!(signals_reach_the_command, |c: Ctx| {
     let mut first = [0u8; 6];
     std::io::Read::read_exact(&mut stdout_pipe, &mut first).unwrap();
     assert_eq!(&first, b"ready\n");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     let status = child.wait().unwrap();
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut stdout_pipe, &mut rest).unwrap();
@@ -67,7 +92,10 @@ both_modes!(stop_leaves_nothing_behind, |c: Ctx| {
     let name = start(&c, "stopper");
     ok(&c.out(&["exec", "--name", &name, "--", "sh", "-c", "setsid sh -c 'sleep 31338' </dev/null >/dev/null 2>&1 & nohup sleep 31338 </dev/null >/dev/null 2>&1 &"]));
     std::thread::sleep(Duration::from_millis(200));
-    assert!(!host_pids_with("sleep 31338").is_empty(), "daemons did not start");
+    assert!(
+        !host_pids_with("sleep 31338").is_empty(),
+        "daemons did not start"
+    );
     let sup = state_pid(&c, &name, "supervisor_pid");
     ok(&c.out(&["stop", "--name", &name]));
     assert_gone("sleep 31338");
@@ -75,16 +103,32 @@ both_modes!(stop_leaves_nothing_behind, |c: Ctx| {
     assert!(c.runtime_entries().is_empty(), "{:?}", c.runtime_entries());
     let o = c.out(&["exec", "--name", &name, "--", "true"]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("no sandbox named `stopper` is running"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no sandbox named `stopper` is running"),
+        "{}",
+        stderr(&o)
+    );
 });
 
 both_modes!(killing_the_supervisor_ends_the_sandbox, |c: Ctx| {
     let name = start(&c, "orphan");
-    ok(&c.out(&["exec", "--name", &name, "--", "sh", "-c", "setsid sleep 31339 </dev/null >/dev/null 2>&1 &"]));
+    ok(&c.out(&[
+        "exec",
+        "--name",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        "setsid sleep 31339 </dev/null >/dev/null 2>&1 &",
+    ]));
     std::thread::sleep(Duration::from_millis(200));
     assert!(!host_pids_with("sleep 31339").is_empty());
     let sup = state_pid(&c, &name, "supervisor_pid");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(sup), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sup),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     assert_gone("sleep 31339");
     // The CLI notices the dead supervisor and cleans up, with an audit record.
     let list = ok(&c.out(&["list"]));
@@ -106,7 +150,9 @@ both_modes!(several_sandboxes_and_duplicate_names, |c: Ctx| {
     }
     let a = ok(&c.out(&["start", "-w", &ws])).trim().to_string();
     assert!(a.starts_with("aibox-") && a.len() > 15, "{a}");
-    let b = ok(&c.out(&["start", "-w", &other.display().to_string()])).trim().to_string();
+    let b = ok(&c.out(&["start", "-w", &other.display().to_string()]))
+        .trim()
+        .to_string();
     assert_ne!(a, b);
     let dup = c.out(&["start", "-w", &ws]);
     assert!(!dup.status.success());
@@ -114,15 +160,43 @@ both_modes!(several_sandboxes_and_duplicate_names, |c: Ctx| {
     let list = ok(&c.out(&["list"]));
     assert!(list.contains(&a) && list.contains(&b));
     // Without --name and with two running, exec picks the current directory's sandbox.
-    assert_eq!(ok(&c.out(&["exec", "--", "sh", "-c", "echo $AIBOX_SANDBOX"])).trim(), a);
-    assert_eq!(ok(&c.out(&["exec", "--name", &b, "--", "sh", "-c", "echo $AIBOX_SANDBOX"])).trim(), b);
-    let st: serde_json::Value = serde_json::from_str(&ok(&c.out(&["status", "--name", &a, "--format", "json"]))).unwrap();
+    assert_eq!(
+        ok(&c.out(&["exec", "--", "sh", "-c", "echo $AIBOX_SANDBOX"])).trim(),
+        a
+    );
+    assert_eq!(
+        ok(&c.out(&[
+            "exec",
+            "--name",
+            &b,
+            "--",
+            "sh",
+            "-c",
+            "echo $AIBOX_SANDBOX"
+        ]))
+        .trim(),
+        b
+    );
+    let st: serde_json::Value =
+        serde_json::from_str(&ok(&c.out(&["status", "--name", &a, "--format", "json"]))).unwrap();
     assert_eq!(st["state"], "running");
     assert_eq!(st["runtime"], "native");
     assert_eq!(st["rootless"], c.mode == Mode::Rootless);
-    let unenforced: Vec<&str> = st["limits"].as_array().unwrap().iter().filter(|l| l["enforced"] == false).map(|l| l["name"].as_str().unwrap()).collect();
+    let unenforced: Vec<&str> = st["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["enforced"] == false)
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
     assert_eq!(unenforced, ["cpus", "memory"]);
-    assert!(st["selftest"].as_array().unwrap().iter().all(|c| c["ok"] == true));
+    assert!(
+        st["selftest"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["ok"] == true)
+    );
     ok(&c.out(&["stop", "--name", &a]));
     ok(&c.out(&["stop", "--name", &b]));
     assert!(c.runtime_entries().is_empty());
@@ -131,7 +205,18 @@ both_modes!(several_sandboxes_and_duplicate_names, |c: Ctx| {
 both_modes!(exec_cwd_and_env, |c: Ctx| {
     std::fs::create_dir(c.ws.join("sub")).unwrap();
     let name = start(&c, "cwd");
-    let out = ok(&c.aibox(&["exec", "--name", &name, "-e", "FOO=bar", "--", "sh", "-c", "pwd; echo $FOO; env | grep -c -E 'AIBOX_CONFIG|CARGO' || true"])
+    let out = ok(&c
+        .aibox(&[
+            "exec",
+            "--name",
+            &name,
+            "-e",
+            "FOO=bar",
+            "--",
+            "sh",
+            "-c",
+            "pwd; echo $FOO; env | grep -c -E 'AIBOX_CONFIG|CARGO' || true",
+        ])
         .current_dir(c.ws.join("sub"))
         .stdin(Stdio::null())
         .output()
@@ -145,19 +230,43 @@ both_modes!(exec_cwd_and_env, |c: Ctx| {
 
 #[test]
 fn terminal_sessions_get_a_pty() {
-    let Some(c) = Ctx::new(Mode::Rootless) else { return };
+    let Some(c) = Ctx::new(Mode::Rootless) else {
+        return;
+    };
     let name = start(&c, "tty");
     // `script` gives the client a terminal; inside, the command gets its own.
     let aibox = bin("aibox").display().to_string();
-    let envs: Vec<String> = c.env_pairs().into_iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let inner = format!("env {} {aibox} exec -t --name {name} -- sh -c 'tty; exit 9'", envs.join(" "));
+    let envs: Vec<String> = c
+        .env_pairs()
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let inner = format!(
+        "env {} {aibox} exec -t --name {name} -- sh -c 'tty; exit 9'",
+        envs.join(" ")
+    );
     let o = match c.as_user {
         Some((u, g)) => std::process::Command::new("setpriv")
-            .args(["--reuid", &u.to_string(), "--regid", &g.to_string(), "--init-groups", "--reset-env", "script", "-qec", &inner, "/dev/null"])
+            .args([
+                "--reuid",
+                &u.to_string(),
+                "--regid",
+                &g.to_string(),
+                "--init-groups",
+                "--reset-env",
+                "script",
+                "-qec",
+                &inner,
+                "/dev/null",
+            ])
             .stdin(Stdio::null())
             .output()
             .unwrap(),
-        None => std::process::Command::new("script").args(["-qec", &inner, "/dev/null"]).stdin(Stdio::null()).output().unwrap(),
+        None => std::process::Command::new("script")
+            .args(["-qec", &inner, "/dev/null"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap(),
     };
     let text = stdout(&o);
     assert!(text.contains("/dev/pts/0"), "{text}\n{}", stderr(&o));
