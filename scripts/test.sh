@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The whole aibox test suite: formatting, lints, unit tests, and the
+# integration suite that builds real sandboxes and attacks them (as root and,
+# through an unprivileged account, rootless).
+#
+# Installs what the tests need with apt when it is missing (as root), then
+# runs everything. Usage: scripts/test.sh [extra nextest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { [ "$(id -u)" = 0 ]; }
+
+missing=()
+command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
+command -v script  >/dev/null 2>&1 || missing+=(bsdutils)
+command -v useradd >/dev/null 2>&1 || missing+=(passwd)
+command -v cc      >/dev/null 2>&1 || missing+=(gcc)
+if [ ${#missing[@]} -gt 0 ]; then
+  if as_root; then
+    echo "installing: ${missing[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+  else
+    echo "missing packages: ${missing[*]} (run: sudo apt-get install ${missing[*]})" >&2
+    exit 1
+  fi
+fi
+
+# The rootless half of the suite runs as this ordinary account when we are root.
+if as_root && ! id aibox-test >/dev/null 2>&1; then
+  useradd -m -s /bin/sh aibox-test
+fi
+
+echo "== rustfmt"
+cargo fmt --all -- --check
+echo "== clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast "$@"
+else
+  echo "(cargo-nextest not found; using cargo test)"
+  cargo test --workspace --locked --no-fail-fast "$@"
+fi
+echo "== all tests passed"
