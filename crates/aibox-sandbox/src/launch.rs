@@ -196,6 +196,10 @@ fn intermediate(
     supervisor: Pid,
 ) -> Result<i32, SandboxError> {
     die_with_parent(Some(supervisor))?;
+    // Join the limits first, so every descendant is born inside them.
+    if let Some(cg) = &spec.cgroup {
+        cg.join_self()?;
+    }
     // Inherit nothing of the supervisor but the control socket; keep
     // 0/1/2 pointing at /dev/null so later descriptors never land there.
     let null = fs::OpenOptions::new()

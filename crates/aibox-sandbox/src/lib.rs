@@ -8,6 +8,7 @@
 
 #![warn(missing_docs)]
 
+pub mod cgroup;
 mod init;
 pub mod ipc;
 pub mod landlock_rules;
@@ -76,6 +77,9 @@ pub struct SandboxSpec {
     pub nofile: u64,
     /// Refuse to start when the kernel has no Landlock.
     pub landlock_required: bool,
+    /// cgroups the sandbox joins before it is built (cpu/memory/pids limits).
+    #[serde(default)]
+    pub cgroup: Option<cgroup::Cgroup>,
 }
 
 /// Window size of a terminal.

@@ -91,6 +91,8 @@ pub struct SupervisorSpec {
     pub cpus: u32,
     /// Configured memory (reported, see `limits`).
     pub memory: String,
+    /// The same in bytes.
+    pub memory_bytes: u64,
 }
 
 /// One resource limit and whether it is enforced.

@@ -129,11 +129,33 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
         json!({"config_sha256": spec.config_sha256}),
     )?;
 
+    // cpu/memory/pids cgroups where this host lets us create them; a
+    // failure leaves the limits reported as not enforced, never claimed.
+    let mut spec = spec;
+    let cg_limits = aibox_sandbox::cgroup::CgroupLimits {
+        cpus: spec.cpus,
+        memory: spec.memory_bytes,
+        pids: spec.sandbox.pids,
+    };
+    let cgroup_note = match aibox_sandbox::cgroup::Cgroup::create(&spec.sandbox.name, cg_limits) {
+        Ok(cg) => {
+            spec.sandbox.cgroup = cg;
+            None
+        }
+        Err(e) => {
+            eprintln!("aibox supervisor: cgroups unavailable: {e}");
+            Some(e.to_string())
+        }
+    };
+
     // Fork the sandbox while this process has exactly one thread.
     let launched = match aibox_sandbox::launch(&spec.sandbox) {
         Ok(l) => l,
         Err(e) => {
             let _ = a_fail(&mut audit, &e.to_string());
+            if let Some(cg) = &spec.sandbox.cgroup {
+                cg.remove();
+            }
             remove_run_dir(&spec);
             return Err(e.to_string());
         }
@@ -146,6 +168,9 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
             let _ = ipc::send(&launched.control, &ToInit::Shutdown, &[]);
             let _ = nix::sys::wait::waitpid(launched.intermediate, None);
             let _ = a_fail(&mut audit, &e);
+            if let Some(cg) = &spec.sandbox.cgroup {
+                cg.remove();
+            }
             remove_run_dir(&spec);
             return Err(e);
         }
@@ -164,7 +189,7 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
         rootless: launched.rootless,
         guest_host_uid: launched.guest_host_uid,
         sessions: 0,
-        limits: limits(&spec, launched.rootless),
+        limits: limits(&spec, launched.rootless, cgroup_note.as_deref()),
         landlock: match launched.report.landlock {
             LandlockState::Full => format!("enforced (kernel ABI {})", launched.report.landlock_abi),
             LandlockState::Partial => format!("partially enforced (kernel ABI {})", launched.report.landlock_abi),
@@ -178,6 +203,9 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
     if let Err(e) = std::fs::write(&spec.state, &state_json) {
         let _ = ipc::send(&launched.control, &ToInit::Shutdown, &[]);
         let _ = nix::sys::wait::waitpid(launched.intermediate, None);
+        if let Some(cg) = &spec.sandbox.cgroup {
+            cg.remove();
+        }
         remove_run_dir(&spec);
         return Err(format!("writing {}: {e}", spec.state.display()));
     }
@@ -253,18 +281,47 @@ fn a_fail(audit: &mut AuditLog, message: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-fn limits(spec: &SupervisorSpec, rootless: bool) -> Vec<Limit> {
+fn limits(spec: &SupervisorSpec, rootless: bool, cgroup_error: Option<&str>) -> Vec<Limit> {
     let ns = if rootless {
         "the invoking user"
     } else {
         "the sandbox's own host uid"
+    };
+    let cg = spec.sandbox.cgroup.as_ref();
+    let cg_how = |ctrl: &str, what: &str| -> (bool, String) {
+        match cg.and_then(|c| c.dir(ctrl)) {
+            Some(d) => (true, format!("cgroup v1 {what} ({})", d.display())),
+            None => {
+                let why = match (cgroup_error, rootless) {
+                    (Some(e), _) => format!("cgroup setup failed: {e}"),
+                    (None, true) => "no cgroup is delegated to this user".to_string(),
+                    (None, false) => {
+                        "this host has no cgroup v1 memory/cpu controllers aibox can use"
+                            .to_string()
+                    }
+                };
+                (false, format!("NOT ENFORCED: {why}"))
+            }
+        }
+    };
+    let (cpu_on, cpu_how) = cg_how("cpu", "cpu.cfs_quota_us");
+    let (mem_on, mem_how) = cg_how(
+        "memory",
+        "memory.limit_in_bytes and memory.memsw.limit_in_bytes",
+    );
+    let pids_how = match cg.and_then(|c| c.dir("pids")) {
+        Some(d) => format!(
+            "RLIMIT_NPROC per user namespace ({ns}) and cgroup pids.max ({})",
+            d.display()
+        ),
+        None => format!("RLIMIT_NPROC, counted per user namespace ({ns})"),
     };
     vec![
         Limit {
             name: "pids".into(),
             value: spec.sandbox.pids.to_string(),
             enforced: true,
-            how: format!("RLIMIT_NPROC, counted per user namespace ({ns})"),
+            how: pids_how,
         },
         Limit {
             name: "nofile".into(),
@@ -281,14 +338,14 @@ fn limits(spec: &SupervisorSpec, rootless: bool) -> Vec<Limit> {
         Limit {
             name: "cpus".into(),
             value: spec.cpus.to_string(),
-            enforced: false,
-            how: "NOT ENFORCED: the native backend has no delegated cgroup on this host".into(),
+            enforced: cpu_on,
+            how: cpu_how,
         },
         Limit {
             name: "memory".into(),
             value: spec.memory.clone(),
-            enforced: false,
-            how: "NOT ENFORCED: the native backend has no delegated cgroup on this host".into(),
+            enforced: mem_on,
+            how: mem_how,
         },
     ]
 }
@@ -621,6 +678,9 @@ fn main_loop(shared: Arc<Shared>, events: Receiver<Event>, intermediate: nix::un
     let deadline = Instant::now() + std::time::Duration::from_secs(2);
     while shared.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    if let Some(cg) = &shared.spec.sandbox.cgroup {
+        cg.remove();
     }
     shared.emit(
         EventType::SandboxStop,

@@ -185,6 +185,28 @@ fn attempt(name: &str) -> String {
                     }
                 }
             }
+            "alloc_256m" => {
+                // Touch every page of 256 MiB so it is really charged.
+                let size = 256usize << 20;
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    size,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                if p == libc::MAP_FAILED {
+                    return errno_name();
+                }
+                let bytes = p.cast::<u8>();
+                let mut off = 0;
+                while off < size {
+                    *bytes.add(off) = 1;
+                    off += 4096;
+                }
+                "ok".into()
+            }
             "setuid0" => result(libc::setuid(0) as i64),
             _ => "unknown-probe".into(),
         }

@@ -295,6 +295,7 @@ fn probe_sandbox(l: &aibox_config::Loaded) -> Result<String, String> {
         pids: 64,
         nofile: 256.min(l.config.resources.nofile),
         landlock_required: l.config.sandbox.landlock == aibox_config::LandlockMode::Required,
+        cgroup: None,
     };
     let t0 = std::time::Instant::now();
     match aibox_sandbox::launch(&spec) {

@@ -81,6 +81,7 @@ fn prepare(
             pids: c.resources.pids,
             nofile: c.resources.nofile,
             landlock_required: c.sandbox.landlock == aibox_config::LandlockMode::Required,
+            cgroup: None,
         },
         user,
         runtime: runtime.as_str().into(),
@@ -93,6 +94,7 @@ fn prepare(
         shell: c.shell.program().into(),
         cpus: c.resources.cpus,
         memory: c.resources.memory.clone(),
+        memory_bytes: aibox_config::parse_size(&c.resources.memory).unwrap_or(u64::MAX),
     };
     Ok((loaded, spec, paths))
 }

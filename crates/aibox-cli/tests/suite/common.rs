@@ -305,3 +305,10 @@ pub fn process_gone(pid: i32) -> bool {
     }
     false
 }
+
+/// True when this host has cgroup v1 memory and cpu controllers (where
+/// rootful sandboxes get enforced cpu/memory limits).
+pub fn cgroup_v1() -> bool {
+    std::path::Path::new("/sys/fs/cgroup/memory/cgroup.procs").exists()
+        && std::path::Path::new("/sys/fs/cgroup/cpu/cgroup.procs").exists()
+}

@@ -221,3 +221,70 @@ both_modes!(missing_layer_fails_closed, |c: Ctx| {
         c.clear_env();
     }
 });
+
+both_modes!(memory_limit, |c: Ctx| {
+    let mut cfg = std::fs::read_to_string(&c.config).unwrap();
+    cfg.push_str("  memory: 64m\n  cpus: 1\n");
+    std::fs::write(&c.config, cfg).unwrap();
+    c.install_attack();
+    let ws = c.ws.display().to_string();
+    let name = "memlimit";
+    ok(&c.out(&["start", "-w", &ws, "--name", name]));
+    let st: serde_json::Value =
+        serde_json::from_str(&ok(&c.out(&["status", "--name", name, "--format", "json"]))).unwrap();
+    let mem = st["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "memory")
+        .unwrap()
+        .clone();
+    if c.mode == Mode::Root && cgroup_v1() {
+        assert_eq!(mem["enforced"], true, "{mem}");
+        // Touching 256 MiB under a 64 MiB limit gets the process OOM-killed.
+        let o = c.out(&[
+            "exec",
+            "--name",
+            name,
+            "--",
+            "/workspace/aibox-attack",
+            "alloc_256m",
+        ]);
+        assert_eq!(o.status.code(), Some(137), "{}{}", stdout(&o), stderr(&o));
+    } else {
+        // Never claimed when it is not enforced.
+        assert_eq!(mem["enforced"], false, "{mem}");
+        assert!(
+            mem["how"].as_str().unwrap().starts_with("NOT ENFORCED"),
+            "{mem}"
+        );
+    }
+    ok(&c.out(&["stop", "--name", name]));
+    let leftovers: Vec<_> = ["memory", "cpu", "pids"]
+        .iter()
+        .flat_map(|ctrl| {
+            walk_for(
+                &std::path::Path::new("/sys/fs/cgroup").join(ctrl),
+                "aibox-memlimit",
+            )
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "cgroups left behind: {leftovers:?}");
+});
+
+fn walk_for(dir: &std::path::Path, needle: &str) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() && !p.is_symlink() {
+            if p.file_name().is_some_and(|n| n == needle) {
+                out.push(p.clone());
+            }
+            out.extend(walk_for(&p, needle));
+        }
+    }
+    out
+}

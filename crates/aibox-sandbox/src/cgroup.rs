@@ -1,0 +1,163 @@
+//! cpu, memory and pids limits through cgroup v1 controllers, for rootful
+//! starts on hosts where aibox can create cgroups (it nests them under its
+//! own cgroup in each hierarchy, so limits of the caller still apply).
+//! Rootless starts and pure cgroup-v2 hosts without delegation get `None`,
+//! and `status` reports cpus/memory as not enforced.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::SandboxError;
+
+/// Limits to apply.
+#[derive(Debug, Clone, Copy)]
+pub struct CgroupLimits {
+    /// CPUs (CFS quota = cpus × period).
+    pub cpus: u32,
+    /// Memory in bytes (RAM and RAM+swap).
+    pub memory: u64,
+    /// Processes.
+    pub pids: u64,
+}
+
+/// Created cgroups (one per controller).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Cgroup {
+    /// Directories, one per controller.
+    pub dirs: Vec<PathBuf>,
+    /// Controllers in the order of `dirs`.
+    pub controllers: Vec<String>,
+}
+
+const ROOT: &str = "/sys/fs/cgroup";
+const CFS_PERIOD_US: u64 = 100_000;
+
+/// This process's path in the v1 hierarchy of `controller`.
+fn own_path(controller: &str) -> Option<String> {
+    let text = fs::read_to_string("/proc/self/cgroup").ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let _id = f.next()?;
+        let ctrls = f.next()?;
+        let path = f.next()?;
+        ctrls
+            .split(',')
+            .any(|c| c == controller)
+            .then(|| path.to_string())
+    })
+}
+
+fn write(dir: &Path, file: &str, value: &str) -> Result<(), SandboxError> {
+    fs::write(dir.join(file), value).map_err(|e| {
+        SandboxError::sys(
+            format!("writing {value} to {}", dir.join(file).display()),
+            e,
+        )
+    })
+}
+
+impl Cgroup {
+    /// Creates `aibox-<name>` cgroups with `limits`. `Ok(None)` when this
+    /// host gives us no cgroup to manage (not root, or no v1 controllers).
+    pub fn create(name: &str, limits: CgroupLimits) -> Result<Option<Cgroup>, SandboxError> {
+        if aibox_core::euid() != 0 {
+            return Ok(None);
+        }
+        let mut cg = Cgroup {
+            dirs: Vec::new(),
+            controllers: Vec::new(),
+        };
+        for ctrl in ["memory", "cpu", "pids"] {
+            let base = Path::new(ROOT).join(ctrl);
+            let Some(own) = own_path(ctrl) else { continue };
+            if !base.join("cgroup.procs").exists() {
+                continue;
+            }
+            let dir = base
+                .join(own.trim_start_matches('/'))
+                .join(format!("aibox-{name}"));
+            // A leftover of a crashed supervisor is empty once its processes died.
+            let _ = fs::remove_dir(&dir);
+            if let Err(e) = fs::create_dir(&dir) {
+                cg.remove();
+                return Err(SandboxError::sys(
+                    format!("creating cgroup {}", dir.display()),
+                    e,
+                ));
+            }
+            cg.dirs.push(dir.clone());
+            cg.controllers.push(ctrl.into());
+            let r = match ctrl {
+                "memory" => write(&dir, "memory.limit_in_bytes", &limits.memory.to_string())
+                    .and_then(|()| {
+                        // Without this, the sandbox could swap its way past the limit.
+                        if dir.join("memory.memsw.limit_in_bytes").exists() {
+                            write(
+                                &dir,
+                                "memory.memsw.limit_in_bytes",
+                                &limits.memory.to_string(),
+                            )
+                        } else {
+                            Ok(())
+                        }
+                    }),
+                "cpu" => {
+                    write(&dir, "cpu.cfs_period_us", &CFS_PERIOD_US.to_string()).and_then(|()| {
+                        write(
+                            &dir,
+                            "cpu.cfs_quota_us",
+                            &(u64::from(limits.cpus) * CFS_PERIOD_US).to_string(),
+                        )
+                    })
+                }
+                _ => write(&dir, "pids.max", &limits.pids.to_string()),
+            };
+            if let Err(e) = r {
+                cg.remove();
+                return Err(e);
+            }
+        }
+        if cg.controllers.iter().any(|c| c == "memory") && cg.controllers.iter().any(|c| c == "cpu")
+        {
+            Ok(Some(cg))
+        } else {
+            cg.remove();
+            Ok(None)
+        }
+    }
+
+    /// Moves the calling process into every cgroup.
+    pub fn join_self(&self) -> Result<(), SandboxError> {
+        for d in &self.dirs {
+            write(d, "cgroup.procs", "0")?;
+        }
+        Ok(())
+    }
+
+    /// Removes the cgroups (they must be empty).
+    pub fn remove(&self) {
+        for d in &self.dirs {
+            for _ in 0..50 {
+                if fs::remove_dir(d).is_ok() || !d.exists() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    }
+
+    /// True when `controller` is limited.
+    pub fn has(&self, controller: &str) -> bool {
+        self.controllers.iter().any(|c| c == controller)
+    }
+
+    /// Directory of `controller`.
+    pub fn dir(&self, controller: &str) -> Option<&Path> {
+        self.controllers
+            .iter()
+            .position(|c| c == controller)
+            .map(|i| self.dirs[i].as_path())
+    }
+}
