@@ -61,7 +61,10 @@ pub enum Command {
     Audit(AuditCmd),
     /// Internal: the per-sandbox supervisor (started by `aibox start`).
     #[command(name = "__supervise", hide = true)]
-    Supervise,
+    Supervise {
+        /// Sandbox name (lets `stop` find a supervisor whose runtime directory vanished).
+        name: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -53,12 +53,46 @@ pub struct Launched {
     pub guest_host_uid: u32,
 }
 
-/// Host uid/gid used for the guest under a rootful start: 1 000 000 plus
-/// 16 bits of SHA-256(name), far above normal account ranges, and distinct
-/// per sandbox so that process-count limits are not shared.
+/// Host uid/gid used for the guest under a rootful start: 0x7F00_0000 plus
+/// 24 bits of SHA-256(name). That range (≥ 2 130 706 432) sits far above
+/// account ranges and typical `/etc/subuid` allocations; ids that do appear
+/// in the password, group or subordinate-id files are skipped. Distinct per
+/// sandbox, so process-count limits are not shared and no other process on
+/// the host runs as the guest.
 pub fn guest_host_uid(name: &str) -> u32 {
+    const BASE: u32 = 0x7F00_0000;
+    const SPAN: u32 = 1 << 24;
     let d = Sha256::digest(name.as_bytes());
-    1_000_000 + u32::from(u16::from_be_bytes([d[0], d[1]]))
+    let start = u32::from_be_bytes([0, d[0], d[1], d[2]]);
+    let taken = taken_ids();
+    (0..64)
+        .map(|i| BASE + (start + i) % SPAN)
+        .find(|id| !taken.iter().any(|(lo, n)| *id >= *lo && *id - *lo < *n))
+        .unwrap_or(BASE + start)
+}
+
+/// (first id, count) ranges used on this host.
+fn taken_ids() -> Vec<(u32, u32)> {
+    let mut v = Vec::new();
+    for file in ["/etc/passwd", "/etc/group"] {
+        for line in fs::read_to_string(file).unwrap_or_default().lines() {
+            if let Some(id) = line.split(':').nth(2).and_then(|x| x.parse().ok()) {
+                v.push((id, 1));
+            }
+        }
+    }
+    for file in ["/etc/subuid", "/etc/subgid"] {
+        for line in fs::read_to_string(file).unwrap_or_default().lines() {
+            let f: Vec<&str> = line.split(':').collect();
+            if let (Some(lo), Some(n)) = (
+                f.get(1).and_then(|x| x.parse().ok()),
+                f.get(2).and_then(|x| x.parse().ok()),
+            ) {
+                v.push((lo, n));
+            }
+        }
+    }
+    v
 }
 
 const NAMESPACES: CloneFlags = CloneFlags::CLONE_NEWNS

@@ -274,3 +274,46 @@ pub fn kill_raw(pid: i32, sig: i32) -> io::Result<()> {
 pub fn getpid() -> Pid {
     nix::unistd::getpid()
 }
+
+fn ofd_lock_struct(kind: libc::c_short) -> libc::flock {
+    // SAFETY: flock is plain old data; all-zero is valid (whole file from offset 0).
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl
+}
+
+/// Takes an exclusive open-file-description lock on the whole file without
+/// waiting. `Ok(false)` when another open file description holds it. The
+/// lock follows the description (inherited by children, released when the
+/// last descriptor to it closes), like `flock`, but can be tested without
+/// being taken (see [`ofd_locked_by_other`]).
+pub fn ofd_lock(fd: RawFd) -> io::Result<bool> {
+    let fl = ofd_lock_struct(libc::F_WRLCK as libc::c_short);
+    // SAFETY: F_OFD_SETLK reads the flock struct we own.
+    let rc = unsafe { libc::fcntl(fd, libc::F_OFD_SETLK, &fl) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => Ok(false),
+        _ => Err(e),
+    }
+}
+
+/// True when some other open file description holds a lock on the file.
+pub fn ofd_locked_by_other(fd: RawFd) -> io::Result<bool> {
+    let mut fl = ofd_lock_struct(libc::F_WRLCK as libc::c_short);
+    // SAFETY: F_OFD_GETLK reads and writes the flock struct we own.
+    check(unsafe { libc::fcntl(fd, libc::F_OFD_GETLK, &mut fl) } as libc::c_long)?;
+    Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+}
+
+/// Borrows a descriptor number inherited from the parent process, which
+/// stays open for the life of the process.
+pub fn borrow_fd(fd: RawFd) -> std::os::fd::BorrowedFd<'static> {
+    // SAFETY: callers only pass descriptors they keep open until exit (the
+    // supervisor's inherited lock descriptor).
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+}

@@ -14,6 +14,19 @@ use crate::paths::{SandboxPaths, ensure_private_dir};
 use crate::proto::{ExecRequest, Request, Response, Status, SupervisorSpec};
 use crate::{Error, paths};
 
+/// Opens (creating) the lock file without close-on-exec, so that a
+/// supervisor spawned afterwards inherits the same open file description.
+fn open_lock(paths: &SandboxPaths) -> Result<OwnedFd, Error> {
+    use nix::fcntl::OFlag;
+    use nix::sys::stat::Mode;
+    nix::fcntl::open(
+        &paths.lock,
+        OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_NOFOLLOW,
+        Mode::from_bits_truncate(0o600),
+    )
+    .map_err(|e| Error::io(format!("opening {}", paths.lock.display()), e))
+}
+
 /// Starts a supervisor for `spec` and waits until the sandbox is ready
 /// (or has failed, in which case nothing is left behind).
 pub fn start(spec: &SupervisorSpec, paths: &SandboxPaths) -> Result<Status, Error> {
@@ -21,23 +34,16 @@ pub fn start(spec: &SupervisorSpec, paths: &SandboxPaths) -> Result<Status, Erro
     if let Some(parent) = paths.run_dir.parent() {
         ensure_private_dir(parent)?;
     }
-    // The run directory is the lock: creating it is atomic.
-    match std::fs::create_dir(&paths.run_dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            if is_alive(paths) {
-                return Err(Error::AlreadyRunning(name));
-            }
-            cleanup_stale(paths, &spec.audit_log, &spec.user);
-            std::fs::create_dir(&paths.run_dir)
-                .map_err(|e| Error::io(format!("creating {}", paths.run_dir.display()), e))?;
-        }
-        Err(e) => {
-            return Err(Error::io(
-                format!("creating {}", paths.run_dir.display()),
-                e,
-            ));
-        }
+    ensure_private_dir(&paths.run_dir)?;
+    // The lock decides who owns this name; whoever holds it may clean up.
+    let lock = open_lock(paths)?;
+    if !aibox_sandbox::sys::ofd_lock(lock.as_raw_fd())
+        .map_err(|e| Error::io("locking the sandbox", e))?
+    {
+        return Err(Error::AlreadyRunning(name));
+    }
+    if paths.state.exists() || paths.socket.exists() || paths.root.exists() {
+        clear_stale(paths, &spec.audit_log, &spec.user);
     }
     let cleanup = || {
         let _ = std::fs::remove_dir_all(&paths.run_dir);
@@ -59,16 +65,21 @@ pub fn start(spec: &SupervisorSpec, paths: &SandboxPaths) -> Result<Status, Erro
             std::fs::create_dir(&paths.home)
                 .map_err(|e| Error::io(format!("creating {}", paths.home.display()), e))?;
         }
+        use std::os::unix::fs::OpenOptionsExt;
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&paths.supervisor_log)
             .map_err(|e| Error::io(format!("opening {}", paths.supervisor_log.display()), e))
     };
     let log = prepare().inspect_err(|_| cleanup())?;
     let exe = std::env::current_exe().map_err(|e| Error::io("locating the aibox binary", e))?;
+    let mut spec = spec.clone();
+    spec.lock_fd = lock.as_raw_fd();
     let mut child = Command::new(exe)
         .arg("__supervise")
+        .arg(&name)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(log)
@@ -77,7 +88,9 @@ pub fn start(spec: &SupervisorSpec, paths: &SandboxPaths) -> Result<Status, Erro
             cleanup();
             Error::io("starting the supervisor", e)
         })?;
-    let body = serde_json::to_vec(spec)
+    // The supervisor holds the lock now (same open file description).
+    drop(lock);
+    let body = serde_json::to_vec(&spec)
         .map_err(|e| Error::io("encoding the spec", std::io::Error::other(e)))?;
     if let Some(mut stdin) = child.stdin.take() {
         let _ = stdin.write_all(&body);
@@ -92,20 +105,26 @@ pub fn start(spec: &SupervisorSpec, paths: &SandboxPaths) -> Result<Status, Erro
             .map_err(|e| Error::Remote(format!("bad ready message: {e}")));
     }
     let _ = child.wait();
-    cleanup();
     let message = match line.strip_prefix("error ") {
         Some(m) => m.to_string(),
-        None => format!(
-            "the supervisor exited without reporting; see {}",
-            paths.supervisor_log.display()
-        ),
+        None => {
+            // It died without a word: clean up behind it (it holds no lock now).
+            let _ = reap_stale(paths, &spec.audit_log, &spec.user);
+            format!(
+                "the supervisor exited without reporting; see {}",
+                paths.supervisor_log.display()
+            )
+        }
     };
     Err(Error::StartFailed { name, message })
 }
 
-/// True when the sandbox's supervisor answers on its socket.
+/// True while the sandbox's supervisor is alive (it holds the lock).
 pub fn is_alive(paths: &SandboxPaths) -> bool {
-    connect_to(&paths.socket).is_ok()
+    match std::fs::File::open(&paths.lock) {
+        Ok(f) => aibox_sandbox::sys::ofd_locked_by_other(f.as_raw_fd()).unwrap_or(true),
+        Err(_) => false,
+    }
 }
 
 fn connect_to(socket_path: &Path) -> Result<OwnedFd, Error> {
@@ -122,11 +141,15 @@ fn connect_to(socket_path: &Path) -> Result<OwnedFd, Error> {
     Ok(sock)
 }
 
-/// Removes what a dead supervisor left in the runtime directory and
-/// records the fact in the audit log.
-pub fn cleanup_stale(paths: &SandboxPaths, audit_log: &Path, user: &str) {
-    let _ = std::fs::remove_dir_all(&paths.run_dir);
-    if let Ok(mut log) = aibox_audit::AuditLog::open(audit_log, &paths.name, user) {
+/// Removes what a dead supervisor left (caller holds the lock) and records
+/// it in the audit log — no supervisor writes that log any more.
+fn clear_stale(paths: &SandboxPaths, audit_log: &Path, user: &str) {
+    let had_state = paths.state.exists();
+    let _ = std::fs::remove_file(&paths.socket);
+    let _ = std::fs::remove_file(&paths.state);
+    let _ = std::fs::remove_dir(&paths.root);
+    let _ = std::fs::remove_dir(paths.root.with_extension("proc"));
+    if had_state && let Ok(mut log) = aibox_audit::AuditLog::open(audit_log, &paths.name, user) {
         let mut d = serde_json::Map::new();
         d.insert(
             "reason".into(),
@@ -139,6 +162,23 @@ pub fn cleanup_stale(paths: &SandboxPaths, audit_log: &Path, user: &str) {
             d,
         );
     }
+}
+
+/// If the sandbox's supervisor is dead, removes its runtime directory
+/// (recording that in the audit log) and returns true; false if it lives.
+pub fn reap_stale(paths: &SandboxPaths, audit_log: &Path, user: &str) -> Result<bool, Error> {
+    if !paths.run_dir.exists() {
+        return Ok(true);
+    }
+    let lock = open_lock(paths)?;
+    if !aibox_sandbox::sys::ofd_lock(lock.as_raw_fd())
+        .map_err(|e| Error::io("locking the sandbox", e))?
+    {
+        return Ok(false);
+    }
+    clear_stale(paths, audit_log, user);
+    let _ = std::fs::remove_dir_all(&paths.run_dir);
+    Ok(true)
 }
 
 /// A sandbox found in the runtime directory.
@@ -246,17 +286,99 @@ pub fn status(conn: OwnedFd) -> Result<Status, Error> {
 }
 
 /// Stops the sandbox and waits until its supervisor is gone.
-pub fn stop(conn: OwnedFd) -> Result<(), Error> {
+pub fn stop(conn: OwnedFd, paths: &SandboxPaths) -> Result<(), Error> {
     request(&conn, &Request::Stop, &[])?;
-    match response(&conn)?.0 {
-        Response::Stopped => {
-            // Wait for EOF: the supervisor exits right after answering.
-            let _ = ipc::recv::<Response>(&conn);
-            Ok(())
-        }
-        Response::Error { message, .. } => Err(Error::Remote(message)),
-        other => Err(Error::Remote(format!("unexpected answer {other:?}"))),
+    match response(&conn) {
+        Ok((Response::Stopped, _)) => {}
+        Ok((Response::Error { message, .. }, _)) => return Err(Error::Remote(message)),
+        Ok((other, _)) => return Err(Error::Remote(format!("unexpected answer {other:?}"))),
+        // Another `stop` got there first; the supervisor closed without answering us.
+        Err(_) => {}
     }
+    wait_gone(paths)
+}
+
+/// Waits (up to 30 s) until the supervisor has released its lock.
+fn wait_gone(paths: &SandboxPaths) -> Result<(), Error> {
+    for _ in 0..3000 {
+        if !is_alive(paths) {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Err(Error::Remote(format!(
+        "sandbox `{}` did not stop within 30 s",
+        paths.name
+    )))
+}
+
+/// Supervisors of sandbox `name` run by this user, found by their command
+/// line (`aibox __supervise NAME`), for when the runtime directory is gone.
+pub fn find_supervisors(name: &str) -> Vec<i32> {
+    use std::os::unix::fs::MetadataExt;
+    let me = aibox_core::euid();
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if e.metadata().map(|m| m.uid()).ok() != Some(me) {
+            continue;
+        }
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        if args.len() >= 3 && args[1] == b"__supervise" && args[2] == name.as_bytes() {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// SIGTERMs supervisors found by [`find_supervisors`] and waits for them.
+pub fn terminate_by_name(name: &str) -> usize {
+    let pids = find_supervisors(name);
+    for p in &pids {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), Signal::SIGTERM);
+    }
+    for _ in 0..3000 {
+        if pids
+            .iter()
+            .all(|p| !Path::new(&format!("/proc/{p}")).exists() || is_zombie(*p))
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    pids.len()
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+/// Stops a sandbox whose supervisor lives but no longer answers on its
+/// socket (e.g. the runtime directory was cleaned away): SIGTERM to the
+/// supervisor pid recorded in its state, verified to be an aibox supervisor.
+pub fn terminate_unreachable(paths: &SandboxPaths, pid: i32) -> Result<(), Error> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if !String::from_utf8_lossy(&cmdline).contains("__supervise") {
+        return Err(Error::Remote(format!(
+            "sandbox `{}` holds its lock but pid {pid} is not its supervisor; stop it by hand",
+            paths.name
+        )));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGTERM)
+        .map_err(|e| Error::io(format!("signalling supervisor {pid}"), e))?;
+    wait_gone(paths)
 }
 
 /// Signals the client forwards to the command.

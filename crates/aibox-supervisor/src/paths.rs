@@ -20,6 +20,9 @@ pub struct SandboxPaths {
     pub run_dir: PathBuf,
     /// Control socket.
     pub socket: PathBuf,
+    /// Lock file: its open-file-description lock is held by the live
+    /// supervisor, and is the test of whether the sandbox is running.
+    pub lock: PathBuf,
     /// State file.
     pub state: PathBuf,
     /// Mount point for the new root.
@@ -39,6 +42,7 @@ impl SandboxPaths {
         Self {
             name: name.to_string(),
             socket: run_dir.join("control.sock"),
+            lock: run_dir.join("lock"),
             state: run_dir.join("state.json"),
             root: run_dir.join("root"),
             run_dir,

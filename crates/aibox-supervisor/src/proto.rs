@@ -81,6 +81,8 @@ pub struct SupervisorSpec {
     pub socket: PathBuf,
     /// State file path.
     pub state: PathBuf,
+    /// Inherited descriptor holding the sandbox's lock (see `SandboxPaths::lock`).
+    pub lock_fd: i32,
     /// Audit log path.
     pub audit_log: PathBuf,
     /// SHA-256 of the effective config.

@@ -105,6 +105,22 @@ fn remove_run_dir(spec: &SupervisorSpec) {
 
 fn setup(spec: SupervisorSpec) -> Result<i32, String> {
     let t0 = Instant::now();
+    // The CLI handed us the sandbox's lock; it is ours for our whole life.
+    // (Re-locking through the same open file description succeeds.)
+    match aibox_sandbox::sys::ofd_lock(spec.lock_fd) {
+        Ok(true) => {
+            let _ = nix::fcntl::fcntl(
+                aibox_sandbox::sys::borrow_fd(spec.lock_fd),
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            );
+        }
+        _ => {
+            return Err(format!(
+                "sandbox `{}` is already running",
+                spec.sandbox.name
+            ));
+        }
+    }
     let mut audit =
         AuditLog::open(&spec.audit_log, &spec.sandbox.name, &spec.user).map_err(|e| {
             remove_run_dir(&spec);
@@ -382,8 +398,24 @@ fn accept_loop(shared: Arc<Shared>, listener: OwnedFd) {
                 let s = shared.clone();
                 std::thread::spawn(move || handle_conn(s, conn));
             }
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(_) => return,
+            Err(nix::errno::Errno::EINTR | nix::errno::Errno::ECONNABORTED) => continue,
+            // Out of descriptors or memory: wait rather than stop answering.
+            Err(
+                nix::errno::Errno::EMFILE
+                | nix::errno::Errno::ENFILE
+                | nix::errno::Errno::ENOBUFS
+                | nix::errno::Errno::ENOMEM,
+            ) => {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => {
+                eprintln!("aibox supervisor: accept failed: {e}; stopping the sandbox");
+                let _ = shared.events.send(Event::Stop {
+                    reply: None,
+                    reason: format!("control socket failed: {e}"),
+                });
+                return;
+            }
         }
     }
 }
@@ -666,11 +698,31 @@ fn main_loop(shared: Arc<Shared>, events: Receiver<Event>, intermediate: nix::un
         Err(_) => (None, "supervisor internal error".to_string(), 1),
     };
     let _ = ipc::send(&shared.init, &ToInit::Shutdown, &[]);
+    // init kills everything and exits; if it has not within 10 s, kill it
+    // (the kernel then kills the whole pid namespace).
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    let mut killed = false;
     let exit = loop {
-        match nix::sys::wait::waitpid(intermediate, None) {
-            Ok(nix::sys::wait::WaitStatus::Exited(_, c)) => break c,
-            Ok(nix::sys::wait::WaitStatus::Signaled(_, s, _)) => break 128 + s as i32,
-            Err(nix::errno::Errno::EINTR) | Ok(_) => continue,
+        use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+        match waitpid(intermediate, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, c)) => break c,
+            Ok(WaitStatus::Signaled(_, s, _)) => break 128 + s as i32,
+            Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::EINTR) => {
+                if !killed && Instant::now() > deadline {
+                    let init = shared.status.lock().map(|s| s.init_pid).unwrap_or(0);
+                    eprintln!("aibox supervisor: init did not exit in time; killing it");
+                    if init > 0 {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(init),
+                            Signal::SIGKILL,
+                        );
+                    }
+                    let _ = nix::sys::signal::kill(intermediate, Signal::SIGKILL);
+                    killed = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            Ok(_) => continue,
             Err(_) => break -1,
         }
     };

@@ -207,6 +207,78 @@ fn attempt(name: &str) -> String {
                 }
                 "ok".into()
             }
+            "chmod_suid" => {
+                let f = c"/tmp/aibox-attack-suid";
+                libc::close(libc::open(
+                    f.as_ptr(),
+                    libc::O_CREAT | libc::O_WRONLY,
+                    0o755,
+                ));
+                result(libc::syscall(libc::SYS_chmod, f.as_ptr(), 0o4755))
+            }
+            "chmod_sgid" => {
+                let f = c"/tmp/aibox-attack-sgid";
+                libc::close(libc::open(
+                    f.as_ptr(),
+                    libc::O_CREAT | libc::O_WRONLY,
+                    0o755,
+                ));
+                result(libc::syscall(
+                    libc::SYS_fchmodat,
+                    libc::AT_FDCWD,
+                    f.as_ptr(),
+                    0o2755,
+                    0,
+                ))
+            }
+            "fchmod_suid" => {
+                let fd = libc::open(
+                    c"/tmp/aibox-attack-f".as_ptr(),
+                    libc::O_CREAT | libc::O_WRONLY,
+                    0o755,
+                );
+                result(libc::syscall(libc::SYS_fchmod, fd, 0o4755))
+            }
+            "create_suid" => result(libc::syscall(
+                libc::SYS_openat,
+                libc::AT_FDCWD,
+                c"/workspace/aibox-attack-created".as_ptr(),
+                libc::O_CREAT | libc::O_WRONLY,
+                0o4755,
+            )),
+            "mkdir_sgid" => result(libc::syscall(
+                libc::SYS_mkdir,
+                c"/tmp/aibox-attack-d".as_ptr(),
+                0o2775,
+            )),
+            "openat2" => {
+                let how = [0u64; 3];
+                result(libc::syscall(
+                    libc::SYS_openat2,
+                    libc::AT_FDCWD,
+                    c"/tmp".as_ptr(),
+                    how.as_ptr(),
+                    24,
+                ))
+            }
+            "socket_vsock" => result(libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM, 0) as i64),
+            "socket_alg" => result(libc::socket(libc::AF_ALG, libc::SOCK_SEQPACKET, 0) as i64),
+            "socketpair_inet" => {
+                let mut sv = [0i32; 2];
+                result(
+                    libc::socketpair(libc::AF_INET, libc::SOCK_STREAM, 0, sv.as_mut_ptr()) as i64,
+                )
+            }
+            "socket_netlink" => result(libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, 0) as i64),
+            "chmod_plain" => {
+                let f = c"/tmp/aibox-attack-plain";
+                libc::close(libc::open(
+                    f.as_ptr(),
+                    libc::O_CREAT | libc::O_WRONLY,
+                    0o644,
+                ));
+                result(libc::syscall(libc::SYS_chmod, f.as_ptr(), 0o755))
+            }
             "setuid0" => result(libc::setuid(0) as i64),
             _ => "unknown-probe".into(),
         }

@@ -89,6 +89,7 @@ fn prepare(
         run_dir: paths.run_dir.clone(),
         socket: paths.socket.clone(),
         state: paths.state.clone(),
+        lock_fd: -1,
         audit_log: paths.audit_log.clone(),
         config_sha256: hex::encode(Sha256::digest(&config_json)),
         shell: c.shell.program().into(),
@@ -146,7 +147,7 @@ pub fn run(cli_config: Option<PathBuf>, a: RunArgs) -> Result<i32> {
     client::start(&spec, &paths)?;
     let (rt, data) = (loaded.runtime_dir(), loaded.data_dir());
     let result = client::connect_named(&paths, &rt, &data).and_then(|c| client::exec(c, req));
-    let stopped = client::connect_named(&paths, &rt, &data).and_then(client::stop);
+    let stopped = client::connect_named(&paths, &rt, &data).and_then(|c| client::stop(c, &paths));
     let code = result?;
     stopped?;
     Ok(code)
@@ -302,15 +303,41 @@ pub fn list(cli_config: Option<PathBuf>, a: FormatArg) -> Result<i32> {
 
 pub fn stop(cli_config: Option<PathBuf>, a: NameArg) -> Result<i32> {
     let (loaded, paths) = target(cli_config, &a)?;
-    if !client::is_alive(&paths) && paths.run_dir.exists() {
-        client::cleanup_stale(&paths, &paths.audit_log, &aibox_core::current_user());
-        eprintln!(
-            "sandbox {} was not running (its supervisor had died); cleaned up",
-            paths.name
-        );
-        return Ok(0);
+    let user = aibox_core::current_user();
+    if !paths.run_dir.exists() {
+        // Its runtime directory was removed under it; find it by name.
+        if client::terminate_by_name(&paths.name) > 0 {
+            eprintln!(
+                "stopped {} (its runtime directory had been removed)",
+                paths.name
+            );
+            return Ok(0);
+        }
     }
-    client::stop(connect(&loaded, &paths)?)?;
+    if !client::is_alive(&paths) && paths.run_dir.exists() {
+        if client::reap_stale(&paths, &paths.audit_log, &user)? {
+            eprintln!(
+                "sandbox {} was not running (its supervisor had died); cleaned up",
+                paths.name
+            );
+            return Ok(0);
+        }
+    }
+    match connect(&loaded, &paths) {
+        Ok(conn) => client::stop(conn, &paths)?,
+        Err(e) if client::is_alive(&paths) => {
+            // Alive (it holds the lock) but unreachable: its socket is gone.
+            let pid = std::fs::read_to_string(&paths.state)
+                .ok()
+                .and_then(|t| serde_json::from_str::<Status>(&t).ok())
+                .map(|s| s.supervisor_pid as i32);
+            match pid {
+                Some(pid) => client::terminate_unreachable(&paths, pid)?,
+                None => return Err(e),
+            }
+        }
+        Err(e) => return Err(e),
+    }
     eprintln!("stopped {}", paths.name);
     Ok(0)
 }

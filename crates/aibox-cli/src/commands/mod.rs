@@ -21,7 +21,7 @@ pub(crate) fn load_config(
 /// Runs the parsed command; returns the process exit code.
 pub fn dispatch(cli: Cli) -> Result<i32> {
     match cli.command {
-        Command::Supervise => Ok(aibox_supervisor::supervisor::run()),
+        Command::Supervise { .. } => Ok(aibox_supervisor::supervisor::run()),
         Command::Config(c) => config::run(cli.config, c),
         Command::Doctor(a) => doctor::run(cli.config, a),
         Command::Audit(a) => audit::run(cli.config, a),

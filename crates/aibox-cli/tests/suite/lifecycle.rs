@@ -277,3 +277,58 @@ fn terminal_sessions_get_a_pty() {
     assert_eq!(o.status.code(), Some(9), "{text}");
     ok(&c.out(&["stop", "--name", &name]));
 }
+
+both_modes!(concurrent_starts_of_one_name, |c: Ctx| {
+    let ws = c.ws.display().to_string();
+    let children: Vec<_> = (0..4)
+        .map(|_| {
+            c.aibox(&["start", "-w", &ws, "--name", "race"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<_> = children
+        .into_iter()
+        .map(|ch| ch.wait_with_output().unwrap())
+        .collect();
+    let winners = outs.iter().filter(|o| o.status.success()).count();
+    assert_eq!(
+        winners,
+        1,
+        "{:?}",
+        outs.iter().map(stderr).collect::<Vec<_>>()
+    );
+    for o in outs.iter().filter(|o| !o.status.success()) {
+        assert!(stderr(o).contains("already running"), "{}", stderr(o));
+    }
+    // The winner is intact and reachable.
+    assert_eq!(
+        ok(&c.out(&["exec", "--name", "race", "--", "echo", "alive"])),
+        "alive\n"
+    );
+    ok(&c.out(&["stop", "--name", "race"]));
+    assert!(c.runtime_entries().is_empty());
+    ok(&c.out(&["audit", "verify", "--name", "race"]));
+});
+
+both_modes!(stop_works_after_the_runtime_dir_vanished, |c: Ctx| {
+    let name = start(&c, "vanish");
+    ok(&c.out(&[
+        "exec",
+        "--name",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        "setsid sleep 31340 </dev/null >/dev/null 2>&1 &",
+    ]));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!host_pids_with("sleep 31340").is_empty());
+    std::fs::remove_dir_all(c.runtime.join(&name)).unwrap();
+    let o = c.out(&["stop", "--name", &name]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_gone("sleep 31340");
+});
