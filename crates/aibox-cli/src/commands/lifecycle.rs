@@ -314,14 +314,15 @@ pub fn stop(cli_config: Option<PathBuf>, a: NameArg) -> Result<i32> {
             return Ok(0);
         }
     }
-    if !client::is_alive(&paths) && paths.run_dir.exists() {
-        if client::reap_stale(&paths, &paths.audit_log, &user)? {
-            eprintln!(
-                "sandbox {} was not running (its supervisor had died); cleaned up",
-                paths.name
-            );
-            return Ok(0);
-        }
+    if !client::is_alive(&paths)
+        && paths.run_dir.exists()
+        && client::reap_stale(&paths, &paths.audit_log, &user)?
+    {
+        eprintln!(
+            "sandbox {} was not running (its supervisor had died); cleaned up",
+            paths.name
+        );
+        return Ok(0);
     }
     match connect(&loaded, &paths) {
         Ok(conn) => client::stop(conn, &paths)?,
