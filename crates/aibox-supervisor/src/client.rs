@@ -408,8 +408,34 @@ pub fn exec(conn: OwnedFd, mut req: ExecRequest) -> Result<i32, Error> {
     }
     let _ = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None);
 
-    let stdio = [0, 1, 2];
-    request(&conn, &Request::Exec(req), if tty { &[] } else { &stdio })?;
+    // Never hand the caller's terminal itself to the sandbox: a process
+    // left running inside could read later keystrokes or change terminal
+    // modes. Terminals are relayed through pipes instead.
+    let mut sent: Vec<OwnedFd> = Vec::new();
+    let mut stdio: Vec<i32> = Vec::new();
+    let mut outputs: Vec<(OwnedFd, i32)> = Vec::new();
+    if !tty {
+        for fd in 0..3 {
+            if !nix::unistd::isatty(aibox_sandbox::sys::borrow_fd(fd)).unwrap_or(false) {
+                stdio.push(fd);
+                continue;
+            }
+            let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| Error::io("pipe", e))?;
+            if fd == 0 {
+                stdio.push(r.as_raw_fd());
+                sent.push(r);
+                std::thread::spawn(move || copy_fd(std::io::stdin().as_fd(), w.as_fd()));
+            } else {
+                stdio.push(w.as_raw_fd());
+                sent.push(w);
+                outputs.push((r, fd));
+            }
+        }
+    }
+    request(&conn, &Request::Exec(req), &stdio)?;
+    // Our copies of the sandbox's pipe ends must go, or no EOF ever comes.
+    drop(sent);
     let (resp, fds) = response(&conn)?;
     let master = match resp {
         Response::Started { .. } => fds.into_iter().next(),
@@ -436,9 +462,93 @@ pub fn exec(conn: OwnedFd, mut req: ExecRequest) -> Result<i32, Error> {
         });
     }
     match master {
-        None => wait_exit(&conn),
+        None if outputs.is_empty() => wait_exit(&conn),
+        None => relay_outputs(&conn, outputs),
         Some(m) => relay(&conn, &m),
     }
+}
+
+/// Copies `from` to `to` until EOF or an error.
+fn copy_fd(from: std::os::fd::BorrowedFd<'_>, to: std::os::fd::BorrowedFd<'_>) {
+    let mut buf = [0u8; 8192];
+    loop {
+        match nix::unistd::read(from, &mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                let mut off = 0;
+                while off < n {
+                    match nix::unistd::write(to, &buf[off..n]) {
+                        Ok(w) => off += w,
+                        Err(nix::errno::Errno::EINTR) => {}
+                        Err(_) => return,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Waits for the exit while copying the command's output pipes to our
+/// terminal; after the exit, drains briefly (a background process may keep
+/// a pipe open forever).
+fn relay_outputs(conn: &OwnedFd, mut outputs: Vec<(OwnedFd, i32)>) -> Result<i32, Error> {
+    let mut exit: Option<i32> = None;
+    let mut buf = [0u8; 8192];
+    loop {
+        if outputs.is_empty() && exit.is_some() {
+            break;
+        }
+        let timeout = if exit.is_some() {
+            PollTimeout::from(50u8)
+        } else {
+            PollTimeout::NONE
+        };
+        let mut fds: Vec<PollFd> = outputs
+            .iter()
+            .map(|(r, _)| PollFd::new(r.as_fd(), PollFlags::POLLIN))
+            .collect();
+        fds.push(PollFd::new(conn.as_fd(), PollFlags::POLLIN));
+        let n = match poll(&mut fds, timeout) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(Error::io("waiting for output", e)),
+        };
+        if n == 0 {
+            break;
+        }
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        let conn_ready = ready.last().copied().unwrap_or(false);
+        let mut closed = Vec::new();
+        for (i, (r, target)) in outputs.iter().enumerate() {
+            if !ready[i] {
+                continue;
+            }
+            match nix::unistd::read(r.as_fd(), &mut buf) {
+                Ok(0) | Err(_) => closed.push(i),
+                Ok(k) => {
+                    let _ = nix::unistd::write(aibox_sandbox::sys::borrow_fd(*target), &buf[..k]);
+                }
+            }
+        }
+        for i in closed.into_iter().rev() {
+            outputs.remove(i);
+        }
+        if conn_ready && exit.is_none() {
+            match response(conn)?.0 {
+                Response::Exited { code } => exit = Some(code),
+                Response::Error { message, code } => {
+                    eprintln!("aibox: {message}");
+                    return Ok(code);
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(exit.unwrap_or(1))
 }
 
 fn wait_exit(conn: &OwnedFd) -> Result<i32, Error> {

@@ -232,13 +232,8 @@ both_modes!(exec_cwd_and_env, |c: Ctx| {
     ok(&c.out(&["stop", "--name", &name]));
 });
 
-#[test]
-fn terminal_sessions_get_a_pty() {
-    let Some(c) = Ctx::new(Mode::Rootless) else {
-        return;
-    };
-    let name = start(&c, "tty");
-    // `script` gives the client a terminal; inside, the command gets its own.
+/// Runs `aibox ARGS` under `script`, so that its stdio is a terminal.
+fn under_terminal(c: &Ctx, args: &str) -> std::process::Output {
     let aibox = bin("aibox").display().to_string();
     let envs: Vec<String> = c
         .env_pairs()
@@ -246,10 +241,11 @@ fn terminal_sessions_get_a_pty() {
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     let inner = format!(
-        "env {} {aibox} exec -t --name {name} -- sh -c 'tty; exit 9'",
+        "cd {} && env {} {aibox} {args}",
+        c.ws.display(),
         envs.join(" ")
     );
-    let o = match c.as_user {
+    match c.as_user {
         Some((u, g)) => std::process::Command::new("setpriv")
             .args([
                 "--reuid",
@@ -258,11 +254,8 @@ fn terminal_sessions_get_a_pty() {
                 &g.to_string(),
                 "--init-groups",
                 "--reset-env",
-                "script",
-                "-qec",
-                &inner,
-                "/dev/null",
             ])
+            .args(["script", "-qec", &inner, "/dev/null"])
             .stdin(Stdio::null())
             .output()
             .unwrap(),
@@ -271,11 +264,46 @@ fn terminal_sessions_get_a_pty() {
             .stdin(Stdio::null())
             .output()
             .unwrap(),
+    }
+}
+
+#[test]
+fn terminal_sessions_get_a_pty() {
+    let Some(c) = Ctx::new(Mode::Rootless) else {
+        return;
     };
+    let name = start(&c, "tty");
+    let o = under_terminal(&c, &format!("exec -t --name {name} -- sh -c 'tty; exit 9'"));
     let text = stdout(&o);
     assert!(text.contains("/dev/pts/0"), "{text}\n{}", stderr(&o));
     assert_eq!(o.status.code(), Some(9), "{text}");
     ok(&c.out(&["stop", "--name", &name]));
+}
+
+#[test]
+fn callers_terminal_is_never_handed_in() {
+    let Some(c) = Ctx::new(Mode::Rootless) else {
+        return;
+    };
+    let o = under_terminal(
+        &c,
+        &format!(
+            "run -w {} -- sh -c 'readlink /proc/self/fd/0 /proc/self/fd/1 /proc/self/fd/2; exit 5'",
+            c.ws.display()
+        ),
+    );
+    let text = stdout(&o);
+    assert_eq!(o.status.code(), Some(5), "{text}");
+    let links: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(links.len(), 3, "{text}");
+    assert!(
+        links.iter().all(|l| l.starts_with("pipe:")),
+        "a terminal reached the sandbox: {links:?}"
+    );
 }
 
 both_modes!(concurrent_starts_of_one_name, |c: Ctx| {
