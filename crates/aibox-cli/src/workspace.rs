@@ -11,8 +11,31 @@ const BAD_FS: &[&str] = &["9p", "drvfs", "ntfs", "ntfs3", "fuseblk", "v9fs"];
 
 /// System trees that must never be a workspace (or contain one).
 const SYSTEM: &[&str] = &[
-    "/proc", "/sys", "/dev", "/run", "/boot", "/etc", "/usr", "/bin", "/sbin", "/lib", "/lib64",
+    "/proc",
+    "/sys",
+    "/dev",
+    "/run",
+    "/boot",
+    "/etc",
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
     "/var/run",
+    "/var/lib",
+    "/var/spool",
+    "/var/log",
+    "/var/cache",
+    "/var/backups",
+    "/var/mail",
+];
+
+/// Shared directories refused as a whole (their subdirectories are fine).
+const SHARED: &[&str] = &[
+    "/var", "/home", "/srv", "/opt", "/mnt", "/media", "/tmp", "/var/tmp",
 ];
 
 /// Resolves and checks a workspace path; returns the canonical path.
@@ -44,6 +67,21 @@ pub fn validate(raw: &Path, check_fs: bool, protected: &[(&str, PathBuf)]) -> Re
         {
             bail!(
                 "refusing {} as the workspace: it is (or contains) your home directory {}, with your SSH keys and credentials\n  fix: pass a project directory below it with -w",
+                abs.display(),
+                home.display()
+            );
+        }
+    }
+    if SHARED.iter().any(|s| abs == Path::new(s)) {
+        bail!(
+            "refusing {} as the workspace: it is shared by other users and services\n  fix: pass a project directory below it with -w",
+            abs.display()
+        );
+    }
+    for (user, home) in account_homes() {
+        if abs == home || home.starts_with(&abs) {
+            bail!(
+                "refusing {} as the workspace: it is (or contains) the home directory of {user} ({})\n  fix: pass a project directory below it with -w",
                 abs.display(),
                 home.display()
             );
@@ -92,6 +130,29 @@ pub fn validate(raw: &Path, check_fs: bool, protected: &[(&str, PathBuf)]) -> Re
     Ok(abs)
 }
 
+/// Home directories of the accounts in /etc/passwd (those that exist), so
+/// that no user's home — not only the caller's — becomes a workspace.
+fn account_homes() -> Vec<(String, PathBuf)> {
+    let text = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            let (user, home) = (f.first()?, f.get(5)?);
+            let home = std::fs::canonicalize(home).ok()?;
+            (home != Path::new("/")).then(|| (user.to_string(), home))
+        })
+        .collect()
+}
+
+/// (device, inode) of a directory, recorded at validation and checked
+/// again after the sandbox has mounted it, so that swapping a path
+/// component for a symlink in between cannot redirect the mount.
+pub fn identity(p: &Path) -> Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(p)?;
+    Ok((m.dev(), m.ino()))
+}
+
 /// Filesystem type of the mount holding `path` (longest mount-point prefix
 /// in /proc/self/mountinfo).
 fn fs_type(path: &Path) -> Option<String> {
@@ -121,6 +182,9 @@ mod tests {
         assert!(validate(Path::new("/definitely/missing"), true, &[]).is_err());
         assert!(validate(Path::new("/etc/passwd"), true, &[]).is_err());
         assert!(validate(Path::new("/proc"), true, &[]).is_err());
+        for shared in ["/tmp", "/home", "/var", "/var/lib/dpkg"] {
+            assert!(validate(Path::new(shared), true, &[]).is_err(), "{shared}");
+        }
         let d = tempfile::tempdir().unwrap();
         assert!(validate(d.path(), true, &[]).is_ok());
         let inner = d.path().join("data");

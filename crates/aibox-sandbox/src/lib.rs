@@ -63,6 +63,10 @@ pub struct SandboxSpec {
     pub name: String,
     /// Host workspace directory, mounted read-write at `/workspace`.
     pub workspace: PathBuf,
+    /// (device, inode) the workspace had when it was validated; the mount
+    /// is refused if what got mounted is something else.
+    #[serde(default)]
+    pub workspace_id: Option<(u64, u64)>,
     /// Host directory mounted read-write at `/home/dev`.
     pub home: PathBuf,
     /// Empty host directory on which the new root is assembled.

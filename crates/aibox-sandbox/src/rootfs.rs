@@ -205,6 +205,16 @@ pub(crate) fn build(spec: &SandboxSpec, idmap: Option<&OwnedFd>) -> Result<(), S
     let ws = root.join("workspace");
     mkdir(&ws)?;
     guest_mount(&spec.workspace, &ws, idmap)?;
+    if let Some((dev, ino)) = spec.workspace_id {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(&ws).map_err(ioerr("checking the mounted workspace".into()))?;
+        if (m.dev(), m.ino()) != (dev, ino) {
+            return Err(SandboxError::Setup(format!(
+                "the workspace {} changed between validation and mounting (a path component was replaced); refusing to start",
+                spec.workspace.display()
+            )));
+        }
+    }
     let home = root.join("home/dev");
     mkdir(&home)?;
     guest_mount(&spec.home, &home, idmap)?;

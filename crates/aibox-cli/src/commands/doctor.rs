@@ -296,6 +296,7 @@ fn probe_sandbox(l: &aibox_config::Loaded) -> Result<String, String> {
         nofile: 256.min(l.config.resources.nofile),
         landlock_required: l.config.sandbox.landlock == aibox_config::LandlockMode::Required,
         cgroup: None,
+        workspace_id: None,
     };
     let t0 = std::time::Instant::now();
     match aibox_sandbox::launch(&spec) {

@@ -73,7 +73,7 @@ fn prepare(
     let spec = SupervisorSpec {
         sandbox: SandboxSpec {
             name: name.clone(),
-            workspace: ws,
+            workspace: ws.clone(),
             home: paths.home.clone(),
             root_dir: paths.root.clone(),
             rootfs,
@@ -82,6 +82,7 @@ fn prepare(
             nofile: c.resources.nofile,
             landlock_required: c.sandbox.landlock == aibox_config::LandlockMode::Required,
             cgroup: None,
+            workspace_id: Some(workspace::identity(&ws)?),
         },
         user,
         runtime: runtime.as_str().into(),
