@@ -57,6 +57,8 @@ pub struct AuditLog {
     file: File,
     next_seq: u64,
     head: String,
+    /// Length of the file after the last complete event.
+    len: u64,
     sandbox_id: String,
     user_id: String,
 }
@@ -80,11 +82,13 @@ impl AuditLog {
             .open(path)
             .map_err(io)?;
         let (next_seq, head) = recover_head(&mut file, path)?;
+        let len = file.seek(SeekFrom::End(0)).map_err(io)?;
         Ok(Self {
             path: path.to_path_buf(),
             file,
             next_seq,
             head,
+            len,
             sandbox_id: sandbox_id.to_string(),
             user_id: user_id.to_string(),
         })

@@ -55,16 +55,19 @@ fn details(v: Value) -> Map<String, Value> {
 }
 
 impl Shared {
-    fn emit(&self, t: EventType, sev: Severity, d: Value) {
-        let r = self
-            .audit
-            .lock()
-            .map(|mut a| a.append(t, Source::AiboxSupervisor, sev, details(d)));
-        match r {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => eprintln!("aibox supervisor: audit write failed: {e}"),
-            Err(_) => eprintln!("aibox supervisor: audit lock poisoned"),
+    /// Appends an event; failures are also written to the supervisor log.
+    fn emit(&self, t: EventType, sev: Severity, d: Value) -> Result<(), String> {
+        let r = match self.audit.lock() {
+            Ok(mut a) => a
+                .append(t, Source::AiboxSupervisor, sev, details(d))
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            Err(_) => Err("audit lock poisoned".to_string()),
+        };
+        if let Err(e) = &r {
+            eprintln!("aibox supervisor: audit write failed: {e}");
         }
+        r
     }
 }
 
@@ -581,6 +584,18 @@ fn exec_inner(shared: &Arc<Shared>, conn: OwnedFd, req: ExecRequest, fds: Vec<Ow
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let t0 = Instant::now();
     let session = format!("{}-{id}", shared.spec.sandbox.name);
+    // Recorded before it runs; nothing runs unrecorded.
+    if let Err(e) = shared.emit(
+        EventType::SessionStart,
+        Severity::Info,
+        json!({"session_id": session, "argv": req.argv, "tty": req.tty.is_some()}),
+    ) {
+        remove_waiter(shared, id);
+        let message = format!(
+            "the audit log cannot be written ({e}); refusing to run the command unrecorded"
+        );
+        return send(&conn, &Response::Error { message, code: 125 }, &[]);
+    }
     if let Err(e) = ipc::send(&shared.init, &ToInit::Spawn(spawn), &raw) {
         remove_waiter(shared, id);
         return send(
@@ -593,15 +608,10 @@ fn exec_inner(shared: &Arc<Shared>, conn: OwnedFd, req: ExecRequest, fds: Vec<Ow
         );
     }
     drop(fds);
-    shared.emit(
-        EventType::SessionStart,
-        Severity::Info,
-        json!({
-            "session_id": session, "argv": req.argv, "tty": req.tty.is_some(),
-        }),
-    );
+    // Failures of these after-the-fact records are reported in the
+    // supervisor log by `emit`; the command has already run.
     let end = |code: i32, note: &str| {
-        shared.emit(
+        let _ = shared.emit(
             EventType::SessionEnd,
             Severity::Info,
             json!({
@@ -734,12 +744,12 @@ fn main_loop(shared: Arc<Shared>, events: Receiver<Event>, intermediate: nix::un
     if let Some(cg) = &shared.spec.sandbox.cgroup {
         cg.remove();
     }
-    shared.emit(
+    let _ = shared.emit(
         EventType::SandboxStop,
         Severity::Info,
         json!({"reason": reason, "init_exit": exit}),
     );
-    shared.emit(
+    let _ = shared.emit(
         EventType::SandboxDestroy,
         Severity::Info,
         json!({"reason": reason}),

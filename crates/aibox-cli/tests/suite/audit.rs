@@ -87,3 +87,80 @@ both_modes!(real_run_log_verifies_and_tampering_is_located, |c: Ctx| {
     let (good, out) = verify_at(&c, &l);
     assert!(good, "{out}");
 });
+
+/// With the audit log's filesystem full, commands are refused rather than
+/// run unrecorded (root only: it mounts a tiny tmpfs as the data dir).
+#[test]
+fn commands_are_refused_when_the_audit_log_cannot_be_written() {
+    let Some(c) = Ctx::new(Mode::Root) else {
+        return;
+    };
+    std::fs::create_dir_all(&c.data).unwrap();
+    let st = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=256k",
+            "tmpfs",
+            &c.data.display().to_string(),
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _guard = Unmount(c.data.clone());
+    let ws = c.ws.display().to_string();
+    ok(&c.out(&["start", "-w", &ws, "--name", "full"]));
+    assert_eq!(
+        ok(&c.out(&["exec", "--name", "full", "--", "echo", "recorded"])),
+        "recorded\n"
+    );
+    // Fill the filesystem.
+    let _ = std::process::Command::new("dd")
+        .args([
+            "if=/dev/zero",
+            &format!("of={}", c.data.join("fill").display()),
+            "bs=4k",
+        ])
+        .stderr(std::process::Stdio::null())
+        .status();
+    // The log's last page may still have room for a few events; once it
+    // has none, the command must be refused and must not run.
+    let marker = c.ws.join("ran");
+    let mut refused = false;
+    for _ in 0..60 {
+        let o = c.out(&["exec", "--name", "full", "--", "touch", "/workspace/ran"]);
+        if o.status.success() {
+            std::fs::remove_file(&marker).unwrap();
+            continue;
+        }
+        assert!(
+            stderr(&o).contains("refusing to run the command unrecorded"),
+            "{}",
+            stderr(&o)
+        );
+        assert!(
+            !marker.exists(),
+            "the command ran although its record could not be written"
+        );
+        refused = true;
+        break;
+    }
+    assert!(
+        refused,
+        "commands kept running with a full audit filesystem"
+    );
+    std::fs::remove_file(c.data.join("fill")).unwrap();
+    ok(&c.out(&["stop", "--name", "full"]));
+    // The failed write left no partial line behind: the chain verifies.
+    ok(&c.out(&["audit", "verify", "--name", "full"]));
+}

@@ -67,7 +67,11 @@ fn bad_config_and_workspaces() {
     refused(&c, &["start", "-w", "/etc"], &["system directory"]);
     refused(&c, &["start", "-w", "/tmp"], &["shared by other users"]);
     refused(&c, &["start", "-w", "/home"], &["home directory"]);
-    refused(&c, &["start", "-w", "/var/lib"], &["refusing /var/lib as the workspace"]);
+    refused(
+        &c,
+        &["start", "-w", "/var/lib"],
+        &["refusing /var/lib as the workspace"],
+    );
     refused(
         &c,
         &["start", "-w", &ws, "--name", "../evil"],
