@@ -123,12 +123,16 @@ impl AuditLog {
             })?;
         let mut line = seal(&mut event);
         line.push('\n');
-        self.file
-            .write_all(line.as_bytes())
-            .map_err(|source| AuditError::Io {
+        if let Err(source) = self.file.write_all(line.as_bytes()) {
+            // Take back a partial line (e.g. on ENOSPC) so the chain stays
+            // intact for the next event.
+            let _ = self.file.set_len(self.len);
+            return Err(AuditError::Io {
                 path: self.path.display().to_string(),
                 source,
-            })?;
+            });
+        }
+        self.len += line.len() as u64;
         self.next_seq += 1;
         self.head = event.hash.clone();
         Ok(event)
