@@ -149,18 +149,23 @@ pub fn run(cli_config: Option<PathBuf>, a: DoctorArgs) -> Result<i32> {
         (n, _) => add("landlock", Level::Ok, format!("ABI {n}"), ""),
     }
 
-    let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
-    add(
-        "cgroups",
-        Level::Warn,
-        if v2 {
-            "cgroup v2 without a delegated subtree for aibox"
+    let v1 = Path::new("/sys/fs/cgroup/memory/cgroup.procs").exists()
+        && Path::new("/sys/fs/cgroup/cpu/cgroup.procs").exists();
+    if v1 && aibox_core::euid() == 0 {
+        add("cgroups", Level::Ok, "cgroup v1 memory/cpu/pids controllers: cpus and memory are enforced for sandboxes started as root".into(), "");
+    } else {
+        let why = if aibox_core::euid() == 0 {
+            "no cgroup v1 memory/cpu controllers (cgroup v2 is not managed yet)"
         } else {
-            "cgroup v1/hybrid hierarchy: no delegation"
-        }
-        .into(),
-        "cpus and memory limits are reported as not enforced; use a cgroup v2 host with systemd delegation (or the podman backend) to enforce them",
-    );
+            "no cgroup is delegated to this user"
+        };
+        add(
+            "cgroups",
+            Level::Warn,
+            format!("{why}: cpus and memory are not enforced (status says so)"),
+            "start sandboxes as root on a host with cgroup v1 controllers; cgroup v2 delegation and the podman backend are planned",
+        );
+    }
 
     if let Ok((l, _)) = &loaded {
         let nofile = l.config.resources.nofile;
@@ -219,6 +224,35 @@ pub fn run(cli_config: Option<PathBuf>, a: DoctorArgs) -> Result<i32> {
                 e,
                 "fix the layer named above; the checks before this one usually say how",
             ),
+        }
+    }
+
+    if aibox_core::euid() != 0 {
+        let primary = nix::unistd::getegid();
+        let extra: Vec<String> = nix::unistd::getgroups()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|g| *g != primary)
+            .map(|g| {
+                nix::unistd::Group::from_gid(g)
+                    .ok()
+                    .flatten()
+                    .map(|gr| gr.name)
+                    .unwrap_or_else(|| g.to_string())
+            })
+            .collect();
+        if extra.is_empty() {
+            add("groups", Level::Ok, "no supplementary groups".into(), "");
+        } else {
+            add(
+                "groups",
+                Level::Warn,
+                format!(
+                    "rootless sandboxes keep your supplementary groups for file access: {}",
+                    extra.join(", ")
+                ),
+                "files those groups may read in /etc and /usr stay readable inside; use an account without them, or start sandboxes as root",
+            );
         }
     }
 

@@ -57,20 +57,40 @@ fn test_user() -> (u32, u32) {
 }
 
 /// The binaries, copied where an unprivileged user can execute them (the
-/// build tree may sit under a private home such as /root).
+/// build tree may sit under a private home such as /root). One copy per
+/// build, shared by every test process (nextest runs each test in its own).
 pub fn bin(name: &str) -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     let dir = DIR.get_or_init(|| {
-        let d = std::env::temp_dir().join(format!("aibox-test-bin-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
-        for (n, src) in [
+        use std::os::unix::fs::MetadataExt;
+        let sources = [
             ("aibox", env!("CARGO_BIN_EXE_aibox")),
             ("aibox-attack", env!("CARGO_BIN_EXE_aibox-attack")),
-        ] {
-            let dst = d.join(n);
-            std::fs::copy(src, &dst).unwrap();
-            std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755)).unwrap();
+        ];
+        let key: Vec<String> = sources
+            .iter()
+            .map(|(_, s)| {
+                let m = std::fs::metadata(s).unwrap();
+                format!("{}-{}", m.size(), m.mtime_nsec() ^ m.mtime())
+            })
+            .collect();
+        let d = std::env::temp_dir().join(format!("aibox-test-bin-{}", key.join("-")));
+        if !d.join("aibox-attack").exists() {
+            let tmp = tempfile::Builder::new()
+                .prefix("aibox-test-bin-tmp")
+                .tempdir()
+                .unwrap();
+            std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+            for (n, src) in sources {
+                let dst = tmp.path().join(n);
+                std::fs::copy(src, &dst).unwrap();
+                std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755)).unwrap();
+            }
+            // Another test process may have won the race; either copy will do.
+            let tmp = tmp.keep();
+            if std::fs::rename(&tmp, &d).is_err() {
+                let _ = std::fs::remove_dir_all(&tmp);
+            }
         }
         d
     });
