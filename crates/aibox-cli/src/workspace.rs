@@ -156,7 +156,10 @@ pub fn identity(p: &Path) -> Result<(u64, u64)> {
 /// Filesystem type of the mount holding `path` (longest mount-point prefix
 /// in /proc/self/mountinfo).
 fn fs_type(path: &Path) -> Option<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    fs_type_in(&std::fs::read_to_string("/proc/self/mountinfo").ok()?, path)
+}
+
+fn fs_type_in(info: &str, path: &Path) -> Option<String> {
     let mut best: Option<(usize, String)> = None;
     for line in info.lines() {
         let fields: Vec<&str> = line.split(' ').collect();
@@ -190,6 +193,33 @@ mod tests {
         let inner = d.path().join("data");
         std::fs::create_dir(&inner).unwrap();
         assert!(validate(d.path(), true, &[("data_dir", inner)]).is_err());
+    }
+
+    #[test]
+    fn foreign_filesystems_are_recognised() {
+        let info = "22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n\
+                    90 22 0:50 / /mnt/c rw,noatime - 9p drvfs rw,dirsync,aname=drvfs;path=C:\\\n\
+                    91 22 0:51 / /data/win rw - ntfs3 /dev/sdb1 rw\n\
+                    92 22 0:52 / /home/u/my\\040drive rw - fuseblk /dev/sdc1 rw\n";
+        assert_eq!(
+            fs_type_in(info, Path::new("/mnt/c/Users/x")).as_deref(),
+            Some("9p")
+        );
+        assert_eq!(
+            fs_type_in(info, Path::new("/data/win/proj")).as_deref(),
+            Some("ntfs3")
+        );
+        assert_eq!(
+            fs_type_in(info, Path::new("/home/u/my drive/p")).as_deref(),
+            Some("fuseblk")
+        );
+        assert_eq!(
+            fs_type_in(info, Path::new("/home/u/proj")).as_deref(),
+            Some("ext4")
+        );
+        for t in ["9p", "ntfs3", "fuseblk", "drvfs", "ntfs"] {
+            assert!(BAD_FS.contains(&t));
+        }
     }
 
     #[test]

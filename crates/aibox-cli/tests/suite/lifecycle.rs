@@ -49,6 +49,23 @@ both_modes!(exit_codes_and_stdin_pass_through, |c: Ctx| {
     let o = child.wait_with_output().unwrap();
     assert_eq!(stdout(&o), "FROM STDIN\n");
     assert!(stderr(&o).contains("err"));
+    // stdin through exec as well.
+    let name = start(&c, "stdin");
+    let mut child = c
+        .aibox(&["exec", "--name", &name, "--", "wc", "-c"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&[b'x'; 100_000])
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(stdout(&o).trim(), "100000");
+    ok(&c.out(&["stop", "--name", &name]));
     let o = c.out(&["run", "-w", &ws, "--", "no-such-program"]);
     assert_eq!(o.status.code(), Some(127));
     assert!(stderr(&o).contains("command not found"), "{}", stderr(&o));
@@ -56,16 +73,25 @@ both_modes!(exit_codes_and_stdin_pass_through, |c: Ctx| {
 
 both_modes!(signals_reach_the_command, |c: Ctx| {
     let name = start(&c, "sig");
+    signal_round_trip(&c, &["exec", "--name", &name, "--"]);
+    ok(&c.out(&["stop", "--name", &name]));
+    // And through `run`, which then stops the sandbox.
+    let ws = c.ws.display().to_string();
+    signal_round_trip(&c, &["run", "-w", &ws, "--name", "sig-run", "--"]);
+    assert!(!c.runtime_entries().contains(&"sig-run".to_string()));
+});
+
+/// Starts a command that traps SIGTERM, signals the aibox client, and
+/// expects the trap's exit code back.
+fn signal_round_trip(c: &Ctx, prefix: &[&str]) {
+    let mut args = prefix.to_vec();
+    args.extend([
+        "sh",
+        "-c",
+        "trap 'echo got-term; exit 77' TERM; echo ready; while :; do sleep 0.05; done",
+    ]);
     let mut child = c
-        .aibox(&[
-            "exec",
-            "--name",
-            &name,
-            "--",
-            "sh",
-            "-c",
-            "trap 'echo got-term; exit 77' TERM; echo ready; while :; do sleep 0.05; done",
-        ])
+        .aibox(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -85,8 +111,7 @@ both_modes!(signals_reach_the_command, |c: Ctx| {
     std::io::Read::read_to_string(&mut stdout_pipe, &mut rest).unwrap();
     assert_eq!(status.code(), Some(77), "{rest}");
     assert!(rest.contains("got-term"));
-    ok(&c.out(&["stop", "--name", &name]));
-});
+}
 
 both_modes!(stop_leaves_nothing_behind, |c: Ctx| {
     let name = start(&c, "stopper");
