@@ -175,3 +175,56 @@ fn config_commands() {
     );
     ok(&c.out(&["config", "validate"]));
 }
+
+#[test]
+fn doctor_reports_every_check() {
+    let Some(c) = Ctx::new(Mode::Rootless) else {
+        return;
+    };
+    let o = c.out(&["doctor", "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let checks: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["check"].as_str().unwrap())
+        .collect();
+    for must in [
+        "config",
+        "user_namespaces",
+        "seccomp",
+        "landlock",
+        "cgroups",
+        "disk_space",
+        "sandbox",
+        "podman",
+        "gvisor",
+    ] {
+        assert!(checks.contains(&must), "{must} missing: {checks:?}");
+    }
+    let failed: Vec<&serde_json::Value> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["status"] == "fail")
+        .collect();
+    assert!(failed.is_empty() && o.status.success(), "{failed:?}");
+    // Every problem comes with a fix.
+    for x in v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["status"] == "warn")
+    {
+        assert!(!x["fix"].as_str().unwrap().is_empty(), "{x}");
+    }
+    // Rootless on this host has at least the cgroup warning, so --strict fails.
+    let warned = v.as_array().unwrap().iter().any(|x| x["status"] == "warn");
+    let strict = c.out(&["doctor", "--strict"]);
+    assert_eq!(strict.status.success(), !warned);
+    // A broken config is a failure.
+    std::fs::write(&c.config, "nope: 1\n").unwrap();
+    let o = c.out(&["doctor"]);
+    assert!(!o.status.success());
+    assert!(stdout(&o).contains("[FAIL] config"), "{}", stdout(&o));
+}

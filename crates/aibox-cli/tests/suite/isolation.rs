@@ -291,3 +291,59 @@ fn walk_for(dir: &std::path::Path, needle: &str) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A minimal image root filesystem: dash, its libraries, passwd/group and a
+/// marker, so that the test can tell it from the host's.
+fn tiny_rootfs(dir: &std::path::Path) {
+    use std::process::Command;
+    let sh = std::fs::canonicalize("/bin/sh").unwrap();
+    for d in ["usr/bin", "usr/lib", "usr/lib64", "etc"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    std::fs::copy(&sh, dir.join("usr/bin/sh")).unwrap();
+    std::fs::copy(
+        std::fs::canonicalize("/usr/bin/cat").unwrap(),
+        dir.join("usr/bin/cat"),
+    )
+    .unwrap();
+    for bin in [sh, std::fs::canonicalize("/usr/bin/cat").unwrap()] {
+        let ldd = Command::new("ldd").arg(&bin).output().unwrap();
+        for lib in String::from_utf8_lossy(&ldd.stdout)
+            .split_whitespace()
+            .filter(|w| w.starts_with('/'))
+        {
+            let src = std::path::Path::new(lib);
+            let dst = dir.join(lib.trim_start_matches('/'));
+            std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+            std::fs::copy(src, &dst).unwrap();
+            // The same file under /usr, for merged-/usr lookups.
+            if let Ok(rel) = src.strip_prefix("/lib") {
+                let alt = dir.join("usr/lib").join(rel);
+                std::fs::create_dir_all(alt.parent().unwrap()).unwrap();
+                let _ = std::fs::copy(src, alt);
+            }
+        }
+    }
+    for (link, target) in [("bin", "usr/bin")] {
+        std::os::unix::fs::symlink(target, dir.join(link)).unwrap();
+    }
+    std::fs::write(dir.join("etc/passwd"), "root:x:0:0::/root:/bin/sh\n").unwrap();
+    std::fs::write(dir.join("etc/group"), "root:x:0:\n").unwrap();
+    std::fs::write(dir.join("etc/aibox-image"), "tiny image\n").unwrap();
+}
+
+both_modes!(image_rootfs_replaces_the_host_system, |c: Ctx| {
+    let rootfs = c.dir.path().join("rootfs");
+    tiny_rootfs(&rootfs);
+    let mut cfg = std::fs::read_to_string(&c.config).unwrap();
+    cfg.push_str(&format!("sandbox:\n  rootfs: {}\n", rootfs.display()));
+    std::fs::write(&c.config, cfg).unwrap();
+    let out = ok(&c.sh("cat /etc/aibox-image; test -e /usr/bin/apt-get && echo HOST-USR; test -e /etc/debian_version && echo HOST-ETC; cat /etc/passwd"));
+    assert!(out.starts_with("tiny image\n"), "{out}");
+    assert!(
+        !out.contains("HOST-"),
+        "host system directories leaked in: {out}"
+    );
+    // The generated identity files shadow the image's.
+    assert!(out.contains("dev:x:1000:1000"), "{out}");
+});
