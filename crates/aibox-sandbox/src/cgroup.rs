@@ -29,6 +29,13 @@ pub struct Cgroup {
     pub dirs: Vec<PathBuf>,
     /// Controllers in the order of `dirs`.
     pub controllers: Vec<String>,
+    /// True when swap is limited too (`memory.memsw.limit_in_bytes` exists
+    /// only with swap accounting on).
+    #[serde(default)]
+    pub memsw: bool,
+    /// CPU quota actually set (clamped to a limited parent's), in CPUs × 1000.
+    #[serde(default)]
+    pub cpu_millis: u64,
 }
 
 const ROOT: &str = "/sys/fs/cgroup";
@@ -68,6 +75,8 @@ impl Cgroup {
         let mut cg = Cgroup {
             dirs: Vec::new(),
             controllers: Vec::new(),
+            memsw: false,
+            cpu_millis: 0,
         };
         for ctrl in ["memory", "cpu", "pids"] {
             let base = Path::new(ROOT).join(ctrl);
@@ -90,27 +99,37 @@ impl Cgroup {
             cg.dirs.push(dir.clone());
             cg.controllers.push(ctrl.into());
             let r = match ctrl {
-                "memory" => write(&dir, "memory.limit_in_bytes", &limits.memory.to_string())
-                    .and_then(|()| {
-                        // Without this, the sandbox could swap its way past the limit.
-                        if dir.join("memory.memsw.limit_in_bytes").exists() {
-                            write(
-                                &dir,
-                                "memory.memsw.limit_in_bytes",
-                                &limits.memory.to_string(),
-                            )
-                        } else {
-                            Ok(())
-                        }
-                    }),
+                "memory" => {
+                    let mem = limits.memory.to_string();
+                    let r = write(&dir, "memory.limit_in_bytes", &mem);
+                    // Without this, the sandbox could swap its way past the limit.
+                    if r.is_ok() && dir.join("memory.memsw.limit_in_bytes").exists() {
+                        cg.memsw = true;
+                        write(&dir, "memory.memsw.limit_in_bytes", &mem)
+                    } else {
+                        r
+                    }
+                }
                 "cpu" => {
-                    write(&dir, "cpu.cfs_period_us", &CFS_PERIOD_US.to_string()).and_then(|()| {
-                        write(
-                            &dir,
-                            "cpu.cfs_quota_us",
-                            &(u64::from(limits.cpus) * CFS_PERIOD_US).to_string(),
-                        )
-                    })
+                    // A child quota above a limited parent's is refused
+                    // (EINVAL); the parent's is the effective ceiling anyway.
+                    let mut quota = u64::from(limits.cpus) * CFS_PERIOD_US;
+                    let parent = dir.parent().map(Path::to_path_buf).unwrap_or_default();
+                    let read = |f: &str| {
+                        fs::read_to_string(parent.join(f))
+                            .ok()
+                            .and_then(|v| v.trim().parse::<i64>().ok())
+                    };
+                    if let (Some(pq), Some(pp)) =
+                        (read("cpu.cfs_quota_us"), read("cpu.cfs_period_us"))
+                        && pq > 0
+                        && pp > 0
+                    {
+                        quota = quota.min(pq as u64 * CFS_PERIOD_US / pp as u64);
+                    }
+                    cg.cpu_millis = quota * 1000 / CFS_PERIOD_US;
+                    write(&dir, "cpu.cfs_period_us", &CFS_PERIOD_US.to_string())
+                        .and_then(|()| write(&dir, "cpu.cfs_quota_us", &quota.to_string()))
                 }
                 _ => write(&dir, "pids.max", &limits.pids.to_string()),
             };
@@ -125,6 +144,23 @@ impl Cgroup {
         } else {
             cg.remove();
             Ok(None)
+        }
+    }
+
+    /// Removes `aibox-<name>` cgroups a dead sandbox left behind (they are
+    /// empty once its processes are gone); a no-op when not root.
+    pub fn remove_leftovers(name: &str) {
+        if aibox_core::euid() != 0 {
+            return;
+        }
+        for ctrl in ["memory", "cpu", "pids"] {
+            if let Some(own) = own_path(ctrl) {
+                let dir = Path::new(ROOT)
+                    .join(ctrl)
+                    .join(own.trim_start_matches('/'))
+                    .join(format!("aibox-{name}"));
+                let _ = fs::remove_dir(dir);
+            }
         }
     }
 

@@ -145,6 +145,7 @@ fn connect_to(socket_path: &Path) -> Result<OwnedFd, Error> {
 /// it in the audit log — no supervisor writes that log any more.
 fn clear_stale(paths: &SandboxPaths, audit_log: &Path, user: &str) {
     let had_state = paths.state.exists();
+    aibox_sandbox::cgroup::Cgroup::remove_leftovers(&paths.name);
     let _ = std::fs::remove_file(&paths.socket);
     let _ = std::fs::remove_file(&paths.state);
     let _ = std::fs::remove_dir(&paths.root);
@@ -167,9 +168,6 @@ fn clear_stale(paths: &SandboxPaths, audit_log: &Path, user: &str) {
 /// If the sandbox's supervisor is dead, removes its runtime directory
 /// (recording that in the audit log) and returns true; false if it lives.
 pub fn reap_stale(paths: &SandboxPaths, audit_log: &Path, user: &str) -> Result<bool, Error> {
-    if !paths.run_dir.exists() {
-        return Ok(true);
-    }
     let lock = open_lock(paths)?;
     if !aibox_sandbox::sys::ofd_lock(lock.as_raw_fd())
         .map_err(|e| Error::io("locking the sandbox", e))?
@@ -213,6 +211,27 @@ pub fn list(runtime_dir: &Path, data_dir: &Path) -> Vec<Listed> {
             status,
             alive,
         });
+    }
+    // A live supervisor whose run directory was removed still holds its lock.
+    if let Ok(entries) = std::fs::read_dir(runtime_dir) {
+        for e in entries.flatten() {
+            let file = e.file_name().to_string_lossy().into_owned();
+            let Some(name) = file.strip_suffix(".lock") else {
+                continue;
+            };
+            if aibox_core::validate_name(name).is_err() || out.iter().any(|l| l.paths.name == name)
+            {
+                continue;
+            }
+            let paths = SandboxPaths::new(runtime_dir, data_dir, name);
+            if is_alive(&paths) {
+                out.push(Listed {
+                    paths,
+                    status: None,
+                    alive: true,
+                });
+            }
+        }
     }
     out.sort_by(|a, b| a.paths.name.cmp(&b.paths.name));
     out
@@ -312,65 +331,37 @@ fn wait_gone(paths: &SandboxPaths) -> Result<(), Error> {
     )))
 }
 
-/// Supervisors of sandbox `name` run by this user, found by their command
-/// line (`aibox __supervise NAME`), for when the runtime directory is gone.
-pub fn find_supervisors(name: &str) -> Vec<i32> {
+/// pid the live supervisor wrote into its lock file.
+pub fn supervisor_pid(paths: &SandboxPaths) -> Option<i32> {
+    std::fs::read_to_string(&paths.lock)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Stops a sandbox whose supervisor lives (holds the lock) but no longer
+/// answers on its socket, e.g. because its runtime directory was removed:
+/// SIGTERM to the pid in the lock file, after checking that it is our
+/// supervisor of this name.
+pub fn terminate_unreachable(paths: &SandboxPaths) -> Result<(), Error> {
     use std::os::unix::fs::MetadataExt;
-    let me = aibox_core::euid();
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        if e.metadata().map(|m| m.uid()).ok() != Some(me) {
-            continue;
-        }
-        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-        if args.len() >= 3 && args[1] == b"__supervise" && args[2] == name.as_bytes() {
-            out.push(pid);
-        }
-    }
-    out
-}
-
-/// SIGTERMs supervisors found by [`find_supervisors`] and waits for them.
-pub fn terminate_by_name(name: &str) -> usize {
-    let pids = find_supervisors(name);
-    for p in &pids {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), Signal::SIGTERM);
-    }
-    for _ in 0..3000 {
-        if pids
-            .iter()
-            .all(|p| !Path::new(&format!("/proc/{p}")).exists() || is_zombie(*p))
-        {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    pids.len()
-}
-
-fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|r| r.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(true)
-}
-
-/// Stops a sandbox whose supervisor lives but no longer answers on its
-/// socket (e.g. the runtime directory was cleaned away): SIGTERM to the
-/// supervisor pid recorded in its state, verified to be an aibox supervisor.
-pub fn terminate_unreachable(paths: &SandboxPaths, pid: i32) -> Result<(), Error> {
+    let pid = supervisor_pid(paths).ok_or_else(|| {
+        Error::Remote(format!(
+            "sandbox `{}` is locked but its lock file names no supervisor",
+            paths.name
+        ))
+    })?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    if !String::from_utf8_lossy(&cmdline).contains("__supervise") {
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let ours = std::fs::metadata(format!("/proc/{pid}"))
+        .map(|m| m.uid())
+        .ok()
+        == Some(aibox_core::euid());
+    if !ours
+        || args.get(1) != Some(&&b"__supervise"[..])
+        || args.get(2) != Some(&paths.name.as_bytes())
+    {
         return Err(Error::Remote(format!(
             "sandbox `{}` holds its lock but pid {pid} is not its supervisor; stop it by hand",
             paths.name

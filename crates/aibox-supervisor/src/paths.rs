@@ -20,8 +20,11 @@ pub struct SandboxPaths {
     pub run_dir: PathBuf,
     /// Control socket.
     pub socket: PathBuf,
-    /// Lock file: its open-file-description lock is held by the live
-    /// supervisor, and is the test of whether the sandbox is running.
+    /// Lock file `<runtime>/<name>.lock`: its open-file-description lock is
+    /// held by the live supervisor (which writes its pid into it) and is the
+    /// test of whether the sandbox is running. It lives outside the run
+    /// directory and is never deleted, so that two processes can never hold
+    /// "the" lock on two different files.
     pub lock: PathBuf,
     /// State file.
     pub state: PathBuf,
@@ -42,7 +45,7 @@ impl SandboxPaths {
         Self {
             name: name.to_string(),
             socket: run_dir.join("control.sock"),
-            lock: run_dir.join("lock"),
+            lock: runtime_dir.join(format!("{name}.lock")),
             state: run_dir.join("state.json"),
             root: run_dir.join("root"),
             run_dir,

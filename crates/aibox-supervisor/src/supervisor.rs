@@ -65,10 +65,16 @@ impl Shared {
             Err(_) => Err("audit lock poisoned".to_string()),
         };
         if let Err(e) = &r {
-            eprintln!("aibox supervisor: audit write failed: {e}");
+            log(&format!("audit write failed: {e}"));
         }
         r
     }
+}
+
+/// Writes a line to the supervisor log (our stderr). Never panics: the log
+/// may sit on a full filesystem, which is exactly when it must not.
+fn log(message: &str) {
+    let _ = writeln!(std::io::stderr(), "aibox supervisor: {message}");
 }
 
 fn report(line: &str) {
@@ -112,10 +118,14 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
     // (Re-locking through the same open file description succeeds.)
     match aibox_sandbox::sys::ofd_lock(spec.lock_fd) {
         Ok(true) => {
+            let fd = aibox_sandbox::sys::borrow_fd(spec.lock_fd);
             let _ = nix::fcntl::fcntl(
-                aibox_sandbox::sys::borrow_fd(spec.lock_fd),
+                fd,
                 nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
             );
+            // Our pid, for `stop` when the control socket is gone.
+            let _ = nix::unistd::ftruncate(fd, 0);
+            let _ = nix::sys::uio::pwrite(fd, format!("{}\n", std::process::id()).as_bytes(), 0);
         }
         _ => {
             return Err(format!(
@@ -162,7 +172,7 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
             None
         }
         Err(e) => {
-            eprintln!("aibox supervisor: cgroups unavailable: {e}");
+            log(&format!("cgroups unavailable: {e}"));
             Some(e.to_string())
         }
     };
@@ -323,11 +333,21 @@ fn limits(spec: &SupervisorSpec, rootless: bool, cgroup_error: Option<&str>) -> 
             }
         }
     };
-    let (cpu_on, cpu_how) = cg_how("cpu", "cpu.cfs_quota_us");
-    let (mem_on, mem_how) = cg_how(
-        "memory",
-        "memory.limit_in_bytes and memory.memsw.limit_in_bytes",
-    );
+    let cpu_what = match cg {
+        Some(c) if c.cpu_millis > 0 && c.cpu_millis < u64::from(spec.cpus) * 1000 => format!(
+            "cpu.cfs_quota_us, clamped to the parent cgroup's {}.{:03} CPUs",
+            c.cpu_millis / 1000,
+            c.cpu_millis % 1000
+        ),
+        _ => "cpu.cfs_quota_us".to_string(),
+    };
+    let mem_what = if cg.is_some_and(|c| c.memsw) {
+        "memory.limit_in_bytes and memory.memsw.limit_in_bytes (RAM and swap)"
+    } else {
+        "memory.limit_in_bytes (RAM only: swap accounting is off on this host)"
+    };
+    let (cpu_on, cpu_how) = cg_how("cpu", &cpu_what);
+    let (mem_on, mem_how) = cg_how("memory", mem_what);
     let pids_how = match cg.and_then(|c| c.dir("pids")) {
         Some(d) => format!(
             "RLIMIT_NPROC per user namespace ({ns}) and cgroup pids.max ({})",
@@ -412,7 +432,7 @@ fn accept_loop(shared: Arc<Shared>, listener: OwnedFd) {
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
             Err(e) => {
-                eprintln!("aibox supervisor: accept failed: {e}; stopping the sandbox");
+                log(&format!("accept failed: {e}; stopping the sandbox"));
                 let _ = shared.events.send(Event::Stop {
                     reply: None,
                     reason: format!("control socket failed: {e}"),
@@ -549,9 +569,16 @@ fn guest_env(shared: &Shared, req: &ExecRequest) -> Vec<String> {
 }
 
 fn exec_session(shared: Arc<Shared>, conn: OwnedFd, req: ExecRequest, fds: Vec<OwnedFd>) {
+    /// Counts the session as active until it is dropped, even on a panic.
+    struct Active<'a>(&'a AtomicUsize);
+    impl Drop for Active<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
     shared.active.fetch_add(1, Ordering::SeqCst);
+    let _active = Active(&shared.active);
     exec_inner(&shared, conn, req, fds);
-    shared.active.fetch_sub(1, Ordering::SeqCst);
 }
 
 fn exec_inner(shared: &Arc<Shared>, conn: OwnedFd, req: ExecRequest, fds: Vec<OwnedFd>) {
@@ -720,7 +747,7 @@ fn main_loop(shared: Arc<Shared>, events: Receiver<Event>, intermediate: nix::un
             Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::EINTR) => {
                 if !killed && Instant::now() > deadline {
                     let init = shared.status.lock().map(|s| s.init_pid).unwrap_or(0);
-                    eprintln!("aibox supervisor: init did not exit in time; killing it");
+                    log("init did not exit in time; killing it");
                     if init > 0 {
                         let _ = nix::sys::signal::kill(
                             nix::unistd::Pid::from_raw(init),

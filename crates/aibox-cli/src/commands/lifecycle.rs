@@ -305,16 +305,6 @@ pub fn list(cli_config: Option<PathBuf>, a: FormatArg) -> Result<i32> {
 pub fn stop(cli_config: Option<PathBuf>, a: NameArg) -> Result<i32> {
     let (loaded, paths) = target(cli_config, &a)?;
     let user = aibox_core::current_user();
-    if !paths.run_dir.exists() {
-        // Its runtime directory was removed under it; find it by name.
-        if client::terminate_by_name(&paths.name) > 0 {
-            eprintln!(
-                "stopped {} (its runtime directory had been removed)",
-                paths.name
-            );
-            return Ok(0);
-        }
-    }
     if !client::is_alive(&paths)
         && paths.run_dir.exists()
         && client::reap_stale(&paths, &paths.audit_log, &user)?
@@ -327,17 +317,8 @@ pub fn stop(cli_config: Option<PathBuf>, a: NameArg) -> Result<i32> {
     }
     match connect(&loaded, &paths) {
         Ok(conn) => client::stop(conn, &paths)?,
-        Err(e) if client::is_alive(&paths) => {
-            // Alive (it holds the lock) but unreachable: its socket is gone.
-            let pid = std::fs::read_to_string(&paths.state)
-                .ok()
-                .and_then(|t| serde_json::from_str::<Status>(&t).ok())
-                .map(|s| s.supervisor_pid as i32);
-            match pid {
-                Some(pid) => client::terminate_unreachable(&paths, pid)?,
-                None => return Err(e),
-            }
-        }
+        // Alive (it holds the lock) but unreachable: its socket is gone.
+        Err(_) if client::is_alive(&paths) => client::terminate_unreachable(&paths)?,
         Err(e) => return Err(e),
     }
     eprintln!("stopped {}", paths.name);

@@ -223,12 +223,14 @@ impl Ctx {
         }
     }
 
-    /// Entries left in the runtime directory.
+    /// Entries left in the runtime directory (the per-name lock files are
+    /// permanent by design and not counted).
     pub fn runtime_entries(&self) -> Vec<String> {
         std::fs::read_dir(&self.runtime)
             .map(|r| {
                 r.flatten()
                     .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| !n.ends_with(".lock"))
                     .collect()
             })
             .unwrap_or_default()
