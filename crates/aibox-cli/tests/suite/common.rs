@@ -277,6 +277,23 @@ pub fn host_pids_with(needle: &str) -> Vec<i32> {
     v
 }
 
+/// A number unique to this test process, to tell its sandboxed processes
+/// from those of tests running in parallel (`sleep <token>`).
+pub fn token() -> String {
+    format!("9{}", std::process::id())
+}
+
+/// Waits (up to 5 s) until some host process matches `needle`.
+pub fn wait_for(needle: &str) {
+    for _ in 0..100 {
+        if !host_pids_with(needle).is_empty() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("no process matching {needle:?} appeared");
+}
+
 /// Waits until no host process matches `needle` (or fails after 5 s).
 pub fn assert_gone(needle: &str) {
     for _ in 0..100 {

@@ -147,6 +147,16 @@ both_modes!(forbidden_syscalls_fail, |c: Ctx| {
         "socket_raw6",
         "tiocsti",
         "open_by_handle_at",
+        "socket_vsock",
+        "socket_alg",
+        "socketpair_inet",
+        "socket_uevent",
+        "socket_sock_packet",
+        "chmod_suid",
+        "chmod_sgid",
+        "fchmod_suid",
+        "create_suid",
+        "mkdir_sgid",
     ];
     let ws = c.ws.display().to_string();
     let mut args = vec!["run", "-w", ws.as_str(), "--", "/workspace/aibox-attack"];
@@ -157,8 +167,13 @@ both_modes!(forbidden_syscalls_fail, |c: Ctx| {
         assert_eq!(res, "EPERM", "{name} was not refused by seccomp: {res}");
     }
     assert_eq!(out.lines().count(), probes.len());
-    // clone3 cannot be filtered by flags, so it is not offered at all, and
-    // ordinary calls still work.
+    // Nothing setuid reached the host's side of the workspace.
+    assert!(
+        !c.ws.join("aibox-attack-created").exists(),
+        "a setuid file was created in the workspace"
+    );
+    // clone3 and openat2 cannot be filtered by their arguments, so they are
+    // not offered at all; ordinary calls still work.
     let out = ok(&c.out(&[
         "run",
         "-w",
@@ -166,20 +181,24 @@ both_modes!(forbidden_syscalls_fail, |c: Ctx| {
         "--",
         "/workspace/aibox-attack",
         "clone3",
+        "openat2",
         "socket_tcp",
         "socket_unix",
+        "socket_netlink",
         "personality_query",
+        "chmod_plain",
     ]));
     assert_eq!(
         out,
-        "clone3 ENOSYS\nsocket_tcp ok\nsocket_unix ok\npersonality_query ok\n"
+        "clone3 ENOSYS\nopenat2 ENOSYS\nsocket_tcp ok\nsocket_unix ok\nsocket_netlink ok\npersonality_query ok\nchmod_plain ok\n"
     );
 });
 
 both_modes!(fork_bomb_hits_the_pids_limit, |c: Ctx| {
     // The config sets resources.pids: 256.
     c.install_attack();
-    let o = c.sh("/workspace/aibox-attack fork_bomb");
+    let tag = format!("tag={}", std::process::id());
+    let o = c.sh(&format!("/workspace/aibox-attack fork_bomb {tag}"));
     let out = ok(&o);
     let n: u32 = out.trim().rsplit("n=").next().unwrap().parse().unwrap();
     assert!(out.starts_with("fork_bomb EAGAIN"), "{out}");
@@ -191,7 +210,7 @@ both_modes!(fork_bomb_hits_the_pids_limit, |c: Ctx| {
             .unwrap()
             .success()
     );
-    assert_gone("aibox-attack fork_bomb");
+    assert_gone(&tag);
 });
 
 both_modes!(missing_layer_fails_closed, |c: Ctx| {

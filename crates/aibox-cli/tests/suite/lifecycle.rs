@@ -2,7 +2,6 @@
 
 use std::io::Write;
 use std::process::Stdio;
-use std::time::Duration;
 
 use super::common::*;
 
@@ -115,15 +114,15 @@ fn signal_round_trip(c: &Ctx, prefix: &[&str]) {
 
 both_modes!(stop_leaves_nothing_behind, |c: Ctx| {
     let name = start(&c, "stopper");
-    ok(&c.out(&["exec", "--name", &name, "--", "sh", "-c", "setsid sh -c 'sleep 31338' </dev/null >/dev/null 2>&1 & nohup sleep 31338 </dev/null >/dev/null 2>&1 &"]));
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(
-        !host_pids_with("sleep 31338").is_empty(),
-        "daemons did not start"
+    let sleeper = format!("sleep {}", token());
+    let script = format!(
+        "setsid sh -c '{sleeper}' </dev/null >/dev/null 2>&1 & nohup {sleeper} </dev/null >/dev/null 2>&1 &"
     );
+    ok(&c.out(&["exec", "--name", &name, "--", "sh", "-c", &script]));
+    wait_for(&sleeper);
     let sup = state_pid(&c, &name, "supervisor_pid");
     ok(&c.out(&["stop", "--name", &name]));
-    assert_gone("sleep 31338");
+    assert_gone(&sleeper);
     assert!(process_gone(sup), "supervisor still alive");
     assert!(c.runtime_entries().is_empty(), "{:?}", c.runtime_entries());
     let o = c.out(&["exec", "--name", &name, "--", "true"]);
@@ -137,24 +136,17 @@ both_modes!(stop_leaves_nothing_behind, |c: Ctx| {
 
 both_modes!(killing_the_supervisor_ends_the_sandbox, |c: Ctx| {
     let name = start(&c, "orphan");
-    ok(&c.out(&[
-        "exec",
-        "--name",
-        &name,
-        "--",
-        "sh",
-        "-c",
-        "setsid sleep 31339 </dev/null >/dev/null 2>&1 &",
-    ]));
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(!host_pids_with("sleep 31339").is_empty());
+    let sleeper = format!("sleep {}", token());
+    let script = format!("setsid {sleeper} </dev/null >/dev/null 2>&1 &");
+    ok(&c.out(&["exec", "--name", &name, "--", "sh", "-c", &script]));
+    wait_for(&sleeper);
     let sup = state_pid(&c, &name, "supervisor_pid");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(sup),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    assert_gone("sleep 31339");
+    assert_gone(&sleeper);
     // The CLI notices the dead supervisor and cleans up, with an audit record.
     let list = ok(&c.out(&["list"]));
     assert!(list.contains("orphan") && list.contains("dead"), "{list}");
@@ -369,19 +361,14 @@ both_modes!(concurrent_starts_of_one_name, |c: Ctx| {
 
 both_modes!(stop_works_after_the_runtime_dir_vanished, |c: Ctx| {
     let name = start(&c, "vanish");
-    ok(&c.out(&[
-        "exec",
-        "--name",
-        &name,
-        "--",
-        "sh",
-        "-c",
-        "setsid sleep 31340 </dev/null >/dev/null 2>&1 &",
-    ]));
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(!host_pids_with("sleep 31340").is_empty());
+    let sleeper = format!("sleep {}", token());
+    let script = format!("setsid {sleeper} </dev/null >/dev/null 2>&1 &");
+    ok(&c.out(&["exec", "--name", &name, "--", "sh", "-c", &script]));
+    wait_for(&sleeper);
     std::fs::remove_dir_all(c.runtime.join(&name)).unwrap();
+    // Still listed (its lock is held) and still stoppable.
+    assert!(ok(&c.out(&["list"])).contains("vanish"));
     let o = c.out(&["stop", "--name", &name]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_gone("sleep 31340");
+    assert_gone(&sleeper);
 });
