@@ -416,7 +416,15 @@ pub fn exec(conn: OwnedFd, mut req: ExecRequest) -> Result<i32, Error> {
             if fd == 0 {
                 stdio.push(r.as_raw_fd());
                 sent.push(r);
-                std::thread::spawn(move || copy_fd(std::io::stdin().as_fd(), w.as_fd()));
+                // Only a foreground job may read the terminal; in the
+                // background (`aibox exec … &`) reading would stop us with
+                // SIGTTIN, so the command gets an empty stdin instead.
+                let stdin = std::io::stdin();
+                let foreground =
+                    nix::unistd::tcgetpgrp(stdin.as_fd()).ok() == Some(nix::unistd::getpgrp());
+                if foreground {
+                    std::thread::spawn(move || copy_fd(std::io::stdin().as_fd(), w.as_fd()));
+                }
             } else {
                 stdio.push(w.as_raw_fd());
                 sent.push(w);
@@ -464,19 +472,43 @@ fn copy_fd(from: std::os::fd::BorrowedFd<'_>, to: std::os::fd::BorrowedFd<'_>) {
     let mut buf = [0u8; 8192];
     loop {
         match nix::unistd::read(from, &mut buf) {
-            Ok(0) | Err(_) => return,
+            Ok(0) => return,
             Ok(n) => {
-                let mut off = 0;
-                while off < n {
-                    match nix::unistd::write(to, &buf[off..n]) {
-                        Ok(w) => off += w,
-                        Err(nix::errno::Errno::EINTR) => {}
-                        Err(_) => return,
-                    }
+                if write_all_fd(to, &buf[..n]).is_err() {
+                    return;
                 }
             }
+            // A terminal left non-blocking by another program: wait for input.
+            Err(nix::errno::Errno::EAGAIN) => {
+                let _ = poll(
+                    &mut [PollFd::new(from, PollFlags::POLLIN)],
+                    PollTimeout::NONE,
+                );
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return,
         }
     }
+}
+
+/// Writes all of `buf`, waiting when `to` is non-blocking and full, so no
+/// output is lost on a terminal another program set to O_NONBLOCK.
+fn write_all_fd(to: std::os::fd::BorrowedFd<'_>, buf: &[u8]) -> Result<(), nix::errno::Errno> {
+    let mut off = 0;
+    while off < buf.len() {
+        match nix::unistd::write(to, &buf[off..]) {
+            Ok(w) => off += w,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(nix::errno::Errno::EAGAIN) => {
+                let _ = poll(
+                    &mut [PollFd::new(to, PollFlags::POLLOUT)],
+                    PollTimeout::NONE,
+                );
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Waits for the exit while copying the command's output pipes to our
@@ -521,7 +553,7 @@ fn relay_outputs(conn: &OwnedFd, mut outputs: Vec<(OwnedFd, i32)>) -> Result<i32
             match nix::unistd::read(r.as_fd(), &mut buf) {
                 Ok(0) | Err(_) => closed.push(i),
                 Ok(k) => {
-                    let _ = nix::unistd::write(aibox_sandbox::sys::borrow_fd(*target), &buf[..k]);
+                    let _ = write_all_fd(aibox_sandbox::sys::borrow_fd(*target), &buf[..k]);
                 }
             }
         }
@@ -637,8 +669,8 @@ fn relay(conn: &OwnedFd, master: &std::sync::Arc<OwnedFd>) -> Result<i32, Error>
                     return wait_exit(conn).map(|c| exit.unwrap_or(c));
                 }
                 Ok(n) => {
-                    let _ = out.write_all(&buf[..n]);
                     let _ = out.flush();
+                    let _ = write_all_fd(out.as_fd(), &buf[..n]);
                 }
             }
         }
