@@ -87,6 +87,23 @@ pub fn validate(raw: &Path, check_fs: bool, protected: &[(&str, PathBuf)]) -> Re
             );
         }
     }
+    // Dot-directories of a home hold credentials and configuration that
+    // host programs trust (~/.ssh, ~/.aws, ~/.config with aibox's own
+    // config, ~/.gnupg): never hand them to the sandbox to rewrite.
+    for (user, home) in account_homes() {
+        if let Ok(rest) = abs.strip_prefix(&home)
+            && rest
+                .components()
+                .next()
+                .is_some_and(|c| c.as_os_str().to_string_lossy().starts_with('.'))
+        {
+            bail!(
+                "refusing {} as the workspace: it is inside a hidden directory of {user}'s home ({}), where credentials and configuration live\n  fix: keep projects in a plain directory such as ~/src/PROJECT",
+                abs.display(),
+                home.display()
+            );
+        }
+    }
     for sys in SYSTEM {
         if abs.starts_with(sys) {
             bail!(
@@ -97,9 +114,11 @@ pub fn validate(raw: &Path, check_fs: bool, protected: &[(&str, PathBuf)]) -> Re
     }
     for (what, p) in protected {
         let p = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
-        if p.starts_with(&abs) || abs.starts_with(&p) {
+        // Directories must not overlap either way; a file only must not be inside.
+        let overlaps = p.starts_with(&abs) || (p.is_dir() && abs.starts_with(&p));
+        if overlaps {
             bail!(
-                "refusing {} as the workspace: it overlaps the aibox {what} {}, which the sandbox must never reach\n  fix: choose another workspace, or move paths.{what} elsewhere",
+                "refusing {} as the workspace: it overlaps the aibox {what} {}, which the sandbox must never reach\n  fix: choose another workspace, or move the {what} elsewhere",
                 abs.display(),
                 p.display()
             );
@@ -193,6 +212,14 @@ mod tests {
         let inner = d.path().join("data");
         std::fs::create_dir(&inner).unwrap();
         assert!(validate(d.path(), true, &[("data_dir", inner)]).is_err());
+        if let Some(home) = aibox_core::home_dir() {
+            let hidden = home.join(".aibox-workspace-test");
+            if std::fs::create_dir_all(&hidden).is_ok() {
+                let r = validate(&hidden, true, &[]);
+                let _ = std::fs::remove_dir(&hidden);
+                assert!(r.is_err(), "hidden home directory accepted");
+            }
+        }
     }
 
     #[test]

@@ -21,7 +21,7 @@ fn prepare(
     cli_config: Option<PathBuf>,
     a: &StartArgs,
 ) -> Result<(Loaded, SupervisorSpec, SandboxPaths)> {
-    let (loaded, _) = super::load_config(cli_config)?;
+    let (loaded, sources) = super::load_config(cli_config)?;
     let c = &loaded.config;
     let (runtime, reason) = match a.runtime {
         Some(RuntimeArg::Native) => (Runtime::Native, "--runtime flag".to_string()),
@@ -57,6 +57,8 @@ fn prepare(
         &[
             ("data_dir", data_dir.clone()),
             ("runtime_dir", runtime_dir.clone()),
+            // The sandbox must not rewrite the config of its next start.
+            ("config file", sources.user_file.clone()),
         ],
     )?;
     let user = aibox_core::current_user();

@@ -96,6 +96,19 @@ fn bad_config_and_workspaces() {
         "{}",
         stderr(&o)
     );
+    // Nor may the workspace contain the config of the next start.
+    let mut cfg_inside = Ctx::new(Mode::Rootless).unwrap();
+    let moved = cfg_inside.ws.join("aibox.yaml");
+    std::fs::write(&moved, "").unwrap();
+    cfg_inside.env("AIBOX_CONFIG", &moved.display().to_string());
+    let cws = cfg_inside.ws.display().to_string();
+    let o = cfg_inside.out(&["start", "-w", &cws]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("overlaps the aibox config file"),
+        "{}",
+        stderr(&o)
+    );
     std::fs::write(&c.config, "").unwrap();
     // Environment overrides are checked too.
     let mut e = Ctx::new(Mode::Rootless).unwrap();
