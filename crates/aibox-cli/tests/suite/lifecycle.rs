@@ -372,3 +372,111 @@ both_modes!(stop_works_after_the_runtime_dir_vanished, |c: Ctx| {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_gone(&sleeper);
 });
+
+/// Runs aibox on a terminal of our own (we hold the master), so the test
+/// can type, read, and resize it.
+struct Pty {
+    master: std::fs::File,
+    child: std::process::Child,
+}
+
+impl Pty {
+    #[allow(unsafe_code)]
+    fn spawn(mut cmd: std::process::Command, rows: u16, cols: u16) -> Pty {
+        use std::os::fd::OwnedFd;
+        use std::os::unix::process::CommandExt;
+        let ws = nix::pty::Winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        let pty = nix::pty::openpty(Some(&ws), None).unwrap();
+        let slave: OwnedFd = pty.slave;
+        cmd.stdin(slave.try_clone().unwrap())
+            .stdout(slave.try_clone().unwrap())
+            .stderr(slave);
+        // SAFETY: only async-signal-safe calls between fork and exec; the
+        // terminal is already on stdin when the closure runs.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                libc::ioctl(0, libc::TIOCSCTTY, 0);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
+        Pty {
+            master: std::fs::File::from(pty.master),
+            child,
+        }
+    }
+
+    /// Reads until `needle` has been seen (or 10 s pass); returns all output.
+    fn read_until(&mut self, needle: &str) -> String {
+        use std::io::Read;
+        use std::os::fd::AsFd;
+        let mut out = String::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !out.contains(needle) && std::time::Instant::now() < deadline {
+            let mut fds = [nix::poll::PollFd::new(
+                self.master.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            if nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u8)).unwrap_or(0) == 0 {
+                continue;
+            }
+            let mut buf = [0u8; 4096];
+            match self.master.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.push_str(&String::from_utf8_lossy(&buf[..n])),
+            }
+        }
+        out
+    }
+
+    #[allow(unsafe_code)]
+    fn resize(&self, rows: u16, cols: u16) {
+        use std::os::fd::AsRawFd;
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads the winsize we own.
+        unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    }
+}
+
+both_modes!(shell_gets_a_terminal_and_its_resizes, |c: Ctx| {
+    use std::io::Write;
+    let name = start(&c, "pty");
+    // exec -t: the initial size arrives, and a resize reaches the command.
+    let script =
+        "stty size; trap 'stty size; exit 3' WINCH; echo ready; while :; do sleep 0.05; done";
+    let mut p = Pty::spawn(
+        c.aibox(&["exec", "-t", "--name", &name, "--", "sh", "-c", script]),
+        30,
+        100,
+    );
+    let out = p.read_until("ready");
+    assert!(out.contains("30 100"), "initial size not passed: {out:?}");
+    p.resize(50, 132);
+    let out = p.read_until("50 132");
+    assert!(out.contains("50 132"), "resize not passed: {out:?}");
+    assert_eq!(p.child.wait().unwrap().code(), Some(3));
+    // aibox shell: the configured shell (bash), interactive, on /workspace.
+    let mut p = Pty::spawn(c.aibox(&["shell", "--name", &name]), 24, 80);
+    p.master
+        .write_all(b"echo \"shell=$0 tty=$(tty) pwd=$(pwd)\"; exit 4\n")
+        .unwrap();
+    let out = p.read_until("pwd=/workspace");
+    assert!(
+        out.contains("shell=-bash") || out.contains("shell=bash"),
+        "{out:?}"
+    );
+    assert!(out.contains("tty=/dev/pts/"), "{out:?}");
+    assert_eq!(p.child.wait().unwrap().code(), Some(4));
+    ok(&c.out(&["stop", "--name", &name]));
+});
