@@ -184,11 +184,6 @@ impl Cgroup {
         }
     }
 
-    /// True when `controller` is limited.
-    pub fn has(&self, controller: &str) -> bool {
-        self.controllers.iter().any(|c| c == controller)
-    }
-
     /// Directory of `controller`.
     pub fn dir(&self, controller: &str) -> Option<&Path> {
         self.controllers

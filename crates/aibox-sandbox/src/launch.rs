@@ -270,10 +270,9 @@ fn intermediate(
     unshare(NAMESPACES)
         .map_err(|e| SandboxError::sys("creating mount/pid/net/ipc/uts/cgroup namespaces", e))?;
 
-    let me = sys::getpid();
     match sys::fork().map_err(|e| SandboxError::sys("forking init", e))? {
         ForkResult::Child => {
-            let code = match init_setup(spec, sock, filters, rootless, guest_host, me) {
+            let code = match init_setup(spec, filters, rootless, guest_host) {
                 Ok(report) => {
                     let failed = report.failure().is_some();
                     if ipc::send(sock, &FromInit::Ready(report), &[]).is_err() || failed {
@@ -358,15 +357,13 @@ fn mapped_userns(
 /// Everything init does before it serves requests; returns the self-test.
 fn init_setup(
     spec: &SandboxSpec,
-    sock: &OwnedFd,
     filters: &[seccompiler::BpfProgram],
     rootless: bool,
     guest_host: u32,
-    parent: Pid,
 ) -> Result<SelfTestReport, SandboxError> {
-    let _ = parent;
+    // Our parent is the intermediate process; if it dies, so do we (and with
+    // us, as PID 1, the whole pid namespace).
     prctl::set_pdeathsig(Signal::SIGKILL).map_err(|e| SandboxError::sys("PR_SET_PDEATHSIG", e))?;
-    let _ = sock;
     let guest_uid = aibox_core::guest::UID;
     let guest_gid = aibox_core::guest::GID;
     // Nothing we mount may propagate back to the host.
