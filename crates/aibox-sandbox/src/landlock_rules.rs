@@ -27,18 +27,7 @@ pub enum LandlockState {
 
 /// Landlock ABI version the running kernel reports (0 = none).
 pub fn kernel_abi() -> i32 {
-    // SAFETY: LANDLOCK_CREATE_RULESET_VERSION with a null attribute and size
-    // 0 only queries the ABI version; no memory is read or written.
-    #[allow(unsafe_code)]
-    let v = unsafe {
-        libc::syscall(
-            libc::SYS_landlock_create_ruleset,
-            std::ptr::null::<u8>(),
-            0usize,
-            1u32,
-        )
-    };
-    if v < 0 { 0 } else { v as i32 }
+    crate::sys::landlock_abi()
 }
 
 /// Restricts the calling thread (and its future children).

@@ -163,7 +163,7 @@ pub enum FromInit {
 
 /// Fault injection for tests, compiled into debug builds only: the
 /// comma-separated layers in `AIBOX_DEBUG_SKIP_LAYER` (`caps`, `seccomp`,
-/// `landlock`, `readonly`) are not applied, so the tests can prove that the
+/// `landlock`, `readonly`, `netns`) are not applied, so the tests can prove that the
 /// self-test notices a missing layer and that `start` then refuses.
 #[cfg(debug_assertions)]
 pub(crate) fn debug_skip(layer: &str) -> bool {

@@ -317,3 +317,18 @@ pub fn borrow_fd(fd: RawFd) -> std::os::fd::BorrowedFd<'static> {
     // supervisor's inherited lock descriptor).
     unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
 }
+
+/// Landlock ABI version of the running kernel (0 when it has none).
+pub fn landlock_abi() -> i32 {
+    // SAFETY: LANDLOCK_CREATE_RULESET_VERSION with a null attribute and size
+    // 0 only queries the ABI version; no memory is read or written.
+    let v = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            1u32,
+        )
+    };
+    if v < 0 { 0 } else { v as i32 }
+}

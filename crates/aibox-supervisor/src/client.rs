@@ -45,8 +45,14 @@ pub fn start(spec: &SupervisorSpec, paths: &SandboxPaths) -> Result<Status, Erro
     if paths.state.exists() || paths.socket.exists() || paths.root.exists() {
         clear_stale(paths, &spec.audit_log, &spec.user);
     }
+    let created_home = std::cell::Cell::new(false);
+    // Undo this start: the run directory and a home made for it (a failed
+    // start leaves only its audit record, the supervisor log and the lock).
     let cleanup = || {
         let _ = std::fs::remove_dir_all(&paths.run_dir);
+        if created_home.get() {
+            let _ = std::fs::remove_dir(&paths.home);
+        }
     };
     let prepare = || -> Result<std::fs::File, Error> {
         std::fs::create_dir(&paths.root)
@@ -62,6 +68,7 @@ pub fn start(spec: &SupervisorSpec, paths: &SandboxPaths) -> Result<Status, Erro
             ensure_private_dir(d)?;
         }
         if !paths.home.exists() {
+            created_home.set(true);
             std::fs::create_dir(&paths.home)
                 .map_err(|e| Error::io(format!("creating {}", paths.home.display()), e))?;
         }
@@ -105,6 +112,9 @@ pub fn start(spec: &SupervisorSpec, paths: &SandboxPaths) -> Result<Status, Erro
             .map_err(|e| Error::Remote(format!("bad ready message: {e}")));
     }
     let _ = child.wait();
+    if created_home.get() {
+        let _ = std::fs::remove_dir(&paths.home);
+    }
     let message = match line.strip_prefix("error ") {
         Some(m) => m.to_string(),
         None => {

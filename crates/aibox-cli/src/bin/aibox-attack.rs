@@ -1,7 +1,8 @@
 //! Test helper, copied into a sandbox's workspace by the integration tests:
 //! attempts one forbidden operation per argument and prints
-//! `<name> <result>` where result is `ok` or the errno name. It makes raw
-//! system calls so that no libc wrapper can hide a failure.
+//! `<name> <result>` where result is `ok` or the errno name. It uses raw
+//! `syscall(2)` or libc's thin one-to-one wrappers, never a library call
+//! that could fall back to another system call and hide a failure.
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
@@ -15,6 +16,8 @@ fn errno_name() -> String {
         Some(libc::EINVAL) => "EINVAL".into(),
         Some(libc::EROFS) => "EROFS".into(),
         Some(libc::EAFNOSUPPORT) => "EAFNOSUPPORT".into(),
+        Some(libc::ENETUNREACH) => "ENETUNREACH".into(),
+        Some(libc::ECONNREFUSED) => "ECONNREFUSED".into(),
         Some(n) => format!("errno{n}"),
         None => "unknown".into(),
     }
@@ -281,8 +284,51 @@ fn attempt(name: &str) -> String {
                 ));
                 result(libc::syscall(libc::SYS_chmod, f.as_ptr(), 0o755))
             }
+            "tioclinux" => {
+                let c: u8 = 0;
+                result(libc::ioctl(0, libc::TIOCLINUX, &c) as i64)
+            }
+            "process_vm_writev" => {
+                let mut buf = [0u8; 8];
+                let local = libc::iovec {
+                    iov_base: buf.as_mut_ptr().cast(),
+                    iov_len: 8,
+                };
+                let remote = libc::iovec {
+                    iov_base: 0x400000 as *mut libc::c_void,
+                    iov_len: 8,
+                };
+                result(libc::process_vm_writev(1, &local, 1, &remote, 1, 0) as i64)
+            }
+            "swapoff" => result(libc::syscall(libc::SYS_swapoff, c"/tmp/x".as_ptr())),
             "setuid0" => result(libc::setuid(0) as i64),
-            _ => "unknown-probe".into(),
+            other => match other.strip_prefix("connect:") {
+                // connect:A.B.C.D:PORT — a TCP connection attempt.
+                Some(target) => {
+                    let Ok(addr) = target.parse::<std::net::SocketAddrV4>() else {
+                        return "bad-address".into();
+                    };
+                    let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                    if fd < 0 {
+                        return errno_name();
+                    }
+                    let sa = libc::sockaddr_in {
+                        sin_family: libc::AF_INET as libc::sa_family_t,
+                        sin_port: addr.port().to_be(),
+                        sin_addr: libc::in_addr {
+                            s_addr: u32::from(*addr.ip()).to_be(),
+                        },
+                        sin_zero: [0; 8],
+                    };
+                    let rc = libc::connect(
+                        fd,
+                        (&sa as *const libc::sockaddr_in).cast(),
+                        std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                    );
+                    result(rc as i64)
+                }
+                None => "unknown-probe".into(),
+            },
         }
     }
 }

@@ -164,3 +164,63 @@ fn commands_are_refused_when_the_audit_log_cannot_be_written() {
     // The failed write left no partial line behind: the chain verifies.
     ok(&c.out(&["audit", "verify", "--name", "full"]));
 }
+
+/// The log lives where it does by default (outside /tmp, whose tmpfs would
+/// hide anything), and still cannot be seen or written from inside.
+fn audit_log_is_out_of_reach(mut c: Ctx) {
+    let base = match c.as_user {
+        None if c.mode == Mode::Root => std::path::PathBuf::from("/var/lib"),
+        Some(_) => std::path::PathBuf::from(format!("/home/{TEST_USER}/.local/share")),
+        None => std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".local/share"),
+    };
+    let data = base.join(format!("aibox-it-{}", token()));
+    std::fs::create_dir_all(&data).unwrap();
+    if let Some((u, g)) = c.as_user {
+        for p in [base.parent().unwrap(), base.as_path(), data.as_path()] {
+            nix::unistd::chown(p, Some(u.into()), Some(g.into())).unwrap();
+        }
+    }
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Remove(data.clone());
+    c.env("AIBOX_PATHS_DATA_DIR", &data.display().to_string());
+    let log = data.join("audit/reach.jsonl");
+    let ws = c.ws.display().to_string();
+    let script = format!(
+        "test -e {d} && echo VISIBLE-DIR; test -e {l} && echo VISIBLE-LOG; echo forged >> {l} && echo WROTE; true",
+        d = data.display(),
+        l = log.display()
+    );
+    let out = ok(&c.out(&[
+        "run", "-w", &ws, "--name", "reach", "--", "sh", "-c", &script,
+    ]));
+    assert_eq!(out, "", "the sandbox reached the audit log: {out}");
+    assert!(log.exists());
+    // (The script's text is in the log as the session's argv; a successful
+    // append would be a line of its own.)
+    assert!(
+        !std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .any(|l| l == "forged")
+    );
+    ok(&c.out(&["audit", "verify", "--name", "reach"]));
+}
+
+#[test]
+fn audit_log_is_out_of_reach_root() {
+    if let Some(c) = Ctx::new(Mode::Root) {
+        audit_log_is_out_of_reach(c);
+    }
+}
+
+#[test]
+fn audit_log_is_out_of_reach_rootless() {
+    if let Some(c) = Ctx::new(Mode::Rootless) {
+        audit_log_is_out_of_reach(c);
+    }
+}

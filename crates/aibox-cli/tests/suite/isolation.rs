@@ -69,32 +69,105 @@ both_modes!(tmp_and_home_writable, |c: Ctx| {
 both_modes!(only_loopback_network, |c: Ctx| {
     let out = ok(&c.sh("tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '"));
     assert_eq!(out.trim(), "lo");
-    // No route anywhere: connecting out fails at once.
-    let o = c.sh("exec 3<>/dev/tcp/1.1.1.1/80");
-    assert!(!o.status.success());
+    // A service listening on the host's loopback is not the sandbox's
+    // loopback, and there is no route anywhere else.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    c.install_attack();
+    let probe = format!("/workspace/aibox-attack connect:127.0.0.1:{port} connect:1.1.1.1:80");
+    let out = ok(&c.sh(&probe));
+    assert_eq!(
+        out,
+        format!("connect:127.0.0.1:{port} ECONNREFUSED\nconnect:1.1.1.1:80 ENETUNREACH\n")
+    );
 });
 
 both_modes!(host_processes_invisible, |c: Ctx| {
     let me = std::process::id();
-    let out = ok(&c.sh(
-        "ls /proc | grep -E '^[0-9]+$' | tr '\\n' ' '; echo; cat /proc/1/cmdline | tr '\\0' ' '",
-    ));
-    let pids: Vec<u32> = out
-        .lines()
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .map(|p| p.parse().unwrap())
-        .collect();
+    let ws = c.ws.display().to_string();
+    ok(&c.out(&["start", "-w", &ws, "--name", "pids"]));
+    let out = ok(&c.out(&[
+        "exec",
+        "--name",
+        "pids",
+        "--",
+        "sh",
+        "-c",
+        "ls /proc | grep -E '^[0-9]+$' | tr '\\n' ' '",
+    ]));
+    let pids: Vec<u32> = out.split_whitespace().map(|p| p.parse().unwrap()).collect();
     assert!(pids.len() < 10, "too many processes visible: {pids:?}");
     assert!(
         !pids.contains(&me) || me < 10,
         "the test runner's pid {me} is visible"
     );
-    // Killing everything we can see never reaches the host.
-    let o = c.sh("kill -9 -1; echo survived");
-    let _ = o;
-    assert!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(me as i32), None).is_ok());
+
+    // Which host uid does the guest run as? Rootless: the invoker.
+    // Rootful: a reserved unprivileged uid, never host root.
+    let st: serde_json::Value = serde_json::from_str(&ok(
+        &c.out(&["status", "--name", "pids", "--format", "json"])
+    ))
+    .unwrap();
+    let guest_host_uid = st["guest_host_uid"].as_u64().unwrap() as u32;
+    match c.mode {
+        Mode::Rootless => assert_eq!(guest_host_uid, c.invoker_uid()),
+        Mode::Root => {
+            assert!(guest_host_uid >= 0x7F00_0000, "{guest_host_uid}");
+            // So root-only host files stay closed to it.
+            let o = c.out(&["exec", "--name", "pids", "--", "cat", "/etc/shadow"]);
+            assert!(
+                !o.status.success() && stderr(&o).contains("Permission denied"),
+                "{}",
+                stderr(&o)
+            );
+        }
+    }
+    let sleeper = format!("sleep {}", token());
+    ok(&c.out(&[
+        "exec",
+        "--name",
+        "pids",
+        "--",
+        "sh",
+        "-c",
+        &format!("{sleeper} </dev/null >/dev/null 2>&1 &"),
+    ]));
+    wait_for(&sleeper);
+    let inside = host_pids_with(&sleeper)[0];
+    let status = std::fs::read_to_string(format!("/proc/{inside}/status")).unwrap();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(
+        uid_line
+            .split_whitespace()
+            .skip(1)
+            .all(|u| u == guest_host_uid.to_string()),
+        "{uid_line}"
+    );
+
+    // A host process of that very uid survives `kill -9 -1` from inside.
+    let host_sleeper = format!("sleep 8{}", std::process::id());
+    let mut victim = if nix::unistd::geteuid().is_root() {
+        let id = guest_host_uid.to_string();
+        std::process::Command::new("setpriv")
+            .args(["--reuid", &id, "--regid", &id, "--clear-groups"])
+            .args(host_sleeper.split(' '))
+            .spawn()
+            .unwrap()
+    } else {
+        std::process::Command::new("sh")
+            .args(["-c", &format!("exec {host_sleeper}")])
+            .spawn()
+            .unwrap()
+    };
+    wait_for(&host_sleeper);
+    let _ = c.out(&["exec", "--name", "pids", "--", "sh", "-c", "kill -9 -1"]);
+    assert!(
+        victim.try_wait().unwrap().is_none(),
+        "kill -1 inside the sandbox reached a host process"
+    );
+    let _ = victim.kill();
+    let _ = victim.wait();
+    ok(&c.out(&["stop", "--name", "pids"]));
 });
 
 both_modes!(host_homes_root_and_sockets_invisible, |c: Ctx| {
@@ -157,6 +230,9 @@ both_modes!(forbidden_syscalls_fail, |c: Ctx| {
         "fchmod_suid",
         "create_suid",
         "mkdir_sgid",
+        "tioclinux",
+        "process_vm_writev",
+        "swapoff",
     ];
     let ws = c.ws.display().to_string();
     let mut args = vec!["run", "-w", ws.as_str(), "--", "/workspace/aibox-attack"];
@@ -222,6 +298,7 @@ both_modes!(missing_layer_fails_closed, |c: Ctx| {
         ("seccomp", "seccomp"),
         ("landlock", "landlock"),
         ("readonly", "read_only_root"),
+        ("netns", "network"),
     ] {
         c.env("AIBOX_DEBUG_SKIP_LAYER", skip);
         let o = c.sh("echo should-not-run");
@@ -236,6 +313,24 @@ both_modes!(missing_layer_fails_closed, |c: Ctx| {
             c.runtime_entries().is_empty(),
             "left behind: {:?}",
             c.runtime_entries()
+        );
+        // The home made for this start went too; the attempt stays on record.
+        let homes: Vec<_> = std::fs::read_dir(c.data.join("homes"))
+            .map(|r| r.flatten().collect())
+            .unwrap_or_default();
+        assert!(homes.is_empty(), "home left behind: {homes:?}");
+        let log = std::fs::read_to_string(
+            std::fs::read_dir(c.data.join("audit"))
+                .unwrap()
+                .flatten()
+                .next()
+                .unwrap()
+                .path(),
+        )
+        .unwrap();
+        assert!(
+            log.lines().last().unwrap().contains("start failed"),
+            "{log}"
         );
         c.clear_env();
     }

@@ -480,3 +480,24 @@ both_modes!(shell_gets_a_terminal_and_its_resizes, |c: Ctx| {
     assert_eq!(p.child.wait().unwrap().code(), Some(4));
     ok(&c.out(&["stop", "--name", &name]));
 });
+
+both_modes!(a_vanished_client_takes_its_command_along, |c: Ctx| {
+    let name = start(&c, "client");
+    let n = token();
+    let sleeper = format!("sleep {n}");
+    // The client's own argv must not contain `sleeper`: spell the number differently.
+    let cmd = format!("sleep $(({n}+0))");
+    let mut client = c
+        .aibox(&["exec", "--name", &name, "--", "sh", "-c", &cmd])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&sleeper);
+    client.kill().unwrap();
+    let _ = client.wait();
+    assert_gone(&sleeper);
+    // The session's end is on record.
+    ok(&c.out(&["stop", "--name", &name]));
+    let log = std::fs::read_to_string(c.data.join("audit/client.jsonl")).unwrap();
+    assert!(log.contains("\"exit_code\":137"), "{log}");
+});
