@@ -125,28 +125,39 @@ pub fn validate(raw: &Path, check_fs: bool, protected: &[(&str, PathBuf)]) -> Re
         }
     }
     if check_fs {
-        let s = abs.to_string_lossy();
-        let b = s.as_bytes();
-        if s.starts_with("/mnt/")
-            && b.len() >= 6
-            && b[5].is_ascii_lowercase()
-            && (b.len() == 6 || b[6] == b'/')
-        {
-            bail!(
-                "refusing {s}: /mnt/<drive> is a Windows drive under WSL\n  fix: keep the project in the Linux filesystem (e.g. ~/src), or set workspace.validate_fs: false"
-            );
-        }
-        if let Some(fs) = fs_type(&abs)
-            && BAD_FS.contains(&fs.as_str())
-        {
-            {
-                bail!(
-                    "refusing {s}: it is on a {fs} filesystem, which lacks POSIX ownership and permissions\n  fix: move the project to a Linux filesystem (ext4, xfs, btrfs), or set workspace.validate_fs: false"
-                );
-            }
-        }
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        check_filesystem(&abs, &info)?;
     }
     Ok(abs)
+}
+
+/// Refuses WSL drive paths and foreign filesystems (`mountinfo` is the text
+/// of /proc/self/mountinfo).
+fn check_filesystem(abs: &Path, mountinfo: &str) -> Result<()> {
+    let s = abs.to_string_lossy();
+    if is_wsl_drive(abs) {
+        bail!(
+            "refusing {s}: /mnt/<drive> is a Windows drive under WSL\n  fix: keep the project in the Linux filesystem (e.g. ~/src), or set workspace.validate_fs: false"
+        );
+    }
+    if let Some(fs) = fs_type_in(mountinfo, abs)
+        && BAD_FS.contains(&fs.as_str())
+    {
+        bail!(
+            "refusing {s}: it is on a {fs} filesystem, which lacks POSIX ownership and permissions\n  fix: move the project to a Linux filesystem (ext4, xfs, btrfs), or set workspace.validate_fs: false"
+        );
+    }
+    Ok(())
+}
+
+/// `/mnt/<one lowercase letter>` or below: a Windows drive under WSL.
+fn is_wsl_drive(abs: &Path) -> bool {
+    let mut parts = abs.components().skip(1);
+    parts.next().is_some_and(|c| c.as_os_str() == "mnt")
+        && parts.next().is_some_and(|c| {
+            let b = c.as_os_str().as_encoded_bytes();
+            b.len() == 1 && b[0].is_ascii_lowercase()
+        })
 }
 
 /// Home directories of the accounts in /etc/passwd (those that exist), so
@@ -174,6 +185,7 @@ pub fn identity(p: &Path) -> Result<(u64, u64)> {
 
 /// Filesystem type of the mount holding `path` (longest mount-point prefix
 /// in /proc/self/mountinfo).
+#[cfg(test)]
 fn fs_type(path: &Path) -> Option<String> {
     fs_type_in(&std::fs::read_to_string("/proc/self/mountinfo").ok()?, path)
 }
@@ -247,6 +259,28 @@ mod tests {
         for t in ["9p", "ntfs3", "fuseblk", "drvfs", "ntfs"] {
             assert!(BAD_FS.contains(&t));
         }
+    }
+
+    #[test]
+    fn foreign_and_wsl_workspaces_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let abs = std::fs::canonicalize(d.path()).unwrap();
+        let on = |fs: &str| {
+            format!(
+                "22 1 254:0 / / rw - ext4 /dev/vda rw\n30 22 0:9 / {} rw - {fs} x rw\n",
+                abs.display()
+            )
+        };
+        for bad in ["9p", "drvfs", "ntfs", "ntfs3", "fuseblk"] {
+            let e = check_filesystem(&abs, &on(bad)).unwrap_err().to_string();
+            assert!(e.contains(&format!("on a {bad} filesystem")), "{e}");
+        }
+        check_filesystem(&abs, &on("ext4")).unwrap();
+        assert!(is_wsl_drive(Path::new("/mnt/c")));
+        assert!(is_wsl_drive(Path::new("/mnt/d/src/proj")));
+        assert!(!is_wsl_drive(Path::new("/mnt/data/proj")));
+        assert!(!is_wsl_drive(Path::new("/home/mnt/c")));
+        assert!(check_filesystem(Path::new("/mnt/c/proj"), "").is_err());
     }
 
     #[test]

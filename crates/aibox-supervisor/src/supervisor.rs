@@ -236,7 +236,9 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
             cg.remove();
         }
         remove_run_dir(&spec);
-        return Err(format!("writing {}: {e}", spec.state.display()));
+        let message = format!("writing {}: {e}", spec.state.display());
+        let _ = a_fail(&mut audit, &message);
+        return Err(message);
     }
     emit(
         &mut audit,

@@ -280,7 +280,11 @@ pub fn host_pids_with(needle: &str) -> Vec<i32> {
 /// A number unique to this test process, to tell its sandboxed processes
 /// from those of tests running in parallel (`sleep <token>`).
 pub fn token() -> String {
-    format!("9{}", std::process::id())
+    // Unique per process (nextest) and per call (`cargo test` runs many
+    // tests as threads of one process).
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("9{}{n:03}", std::process::id())
 }
 
 /// Waits (up to 5 s) until some host process matches `needle`.

@@ -139,14 +139,18 @@ fn unknown_names() {
         &["exec", "--name", "ghost", "--", "true"][..],
         &["stop", "--name", "ghost"][..],
         &["status", "--name", "ghost"][..],
+        &["shell", "--name", "ghost"][..],
     ] {
         let o = c.out(args);
         assert!(!o.status.success());
+        let e = stderr(&o);
+        assert!(e.starts_with("aibox: error: "), "{e}");
         assert!(
-            stderr(&o).contains("no sandbox named `ghost` is running"),
-            "{}",
-            stderr(&o)
+            e.contains("no sandbox named `ghost` is running") || e.contains("needs a terminal"),
+            "{e}"
         );
+        assert!(c.runtime_entries().is_empty(), "{:?}", c.runtime_entries());
+        assert!(!c.data.join("homes").exists());
     }
     let o = c.out(&["exec", "--", "true"]);
     assert!(stderr(&o).contains("aibox start -w PATH"), "{}", stderr(&o));
@@ -187,6 +191,14 @@ fn config_commands() {
         "{show}"
     );
     ok(&c.out(&["config", "validate"]));
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&c.out(&["config", "show", "--format", "json"]))).unwrap();
+    assert_eq!(json["resources.cpus"]["value"], 2);
+    assert_eq!(
+        json["resources.cpus"]["source"],
+        c.config.display().to_string()
+    );
+    assert_eq!(json["gvisor.enabled"]["source"], "default");
 }
 
 #[test]
