@@ -332,3 +332,10 @@ pub fn landlock_abi() -> i32 {
     };
     if v < 0 { 0 } else { v as i32 }
 }
+
+/// `pidfd_open(2)`: a descriptor that becomes readable when `pid` exits.
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: plain integers in; the returned descriptor is new and owned here.
+    let fd = check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })?;
+    Ok(own_fd(fd as RawFd))
+}

@@ -318,7 +318,8 @@ pub fn status(conn: OwnedFd) -> Result<Status, Error> {
 pub fn stop(conn: OwnedFd, paths: &SandboxPaths) -> Result<(), Error> {
     request(&conn, &Request::Stop, &[])?;
     match response(&conn) {
-        Ok((Response::Stopped, _)) => {}
+        // The supervisor exits right after answering: wait for that (EOF).
+        Ok((Response::Stopped, _)) => while let Ok(Some(_)) = ipc::recv::<Response>(&conn) {},
         Ok((Response::Error { message, .. }, _)) => return Err(Error::Remote(message)),
         Ok((other, _)) => return Err(Error::Remote(format!("unexpected answer {other:?}"))),
         // Another `stop` got there first; the supervisor closed without answering us.
@@ -329,11 +330,12 @@ pub fn stop(conn: OwnedFd, paths: &SandboxPaths) -> Result<(), Error> {
 
 /// Waits (up to 30 s) until the supervisor has released its lock.
 fn wait_gone(paths: &SandboxPaths) -> Result<(), Error> {
-    for _ in 0..3000 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
         if !is_alive(paths) {
             return Ok(());
         }
-        std::thread::sleep(std::time::Duration::from_millis(10));
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
     Err(Error::Remote(format!(
         "sandbox `{}` did not stop within 30 s",

@@ -739,36 +739,38 @@ fn main_loop(shared: Arc<Shared>, events: Receiver<Event>, intermediate: nix::un
     let _ = ipc::send(&shared.init, &ToInit::Shutdown, &[]);
     // init kills everything and exits; if it has not within 10 s, kill it
     // (the kernel then kills the whole pid namespace).
-    let deadline = Instant::now() + std::time::Duration::from_secs(10);
-    let mut killed = false;
+    // Wait for the intermediate to exit, without polling: its pidfd becomes
+    // readable at exit.
+    let pidfd = aibox_sandbox::sys::pidfd_open(intermediate.as_raw());
+    let exited = match &pidfd {
+        Ok(fd) => {
+            use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+            let mut fds = [PollFd::new(std::os::fd::AsFd::as_fd(fd), PollFlags::POLLIN)];
+            matches!(poll(&mut fds, PollTimeout::from(10_000u16)), Ok(n) if n > 0)
+        }
+        Err(_) => false,
+    };
+    if !exited && pidfd.is_ok() {
+        let init = shared.status.lock().map(|s| s.init_pid).unwrap_or(0);
+        log("init did not exit in time; killing it");
+        if init > 0 {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(init), Signal::SIGKILL);
+        }
+        let _ = nix::sys::signal::kill(intermediate, Signal::SIGKILL);
+    }
     let exit = loop {
-        use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-        match waitpid(intermediate, Some(WaitPidFlag::WNOHANG)) {
+        use nix::sys::wait::{WaitStatus, waitpid};
+        match waitpid(intermediate, None) {
             Ok(WaitStatus::Exited(_, c)) => break c,
             Ok(WaitStatus::Signaled(_, s, _)) => break 128 + s as i32,
-            Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::EINTR) => {
-                if !killed && Instant::now() > deadline {
-                    let init = shared.status.lock().map(|s| s.init_pid).unwrap_or(0);
-                    log("init did not exit in time; killing it");
-                    if init > 0 {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(init),
-                            Signal::SIGKILL,
-                        );
-                    }
-                    let _ = nix::sys::signal::kill(intermediate, Signal::SIGKILL);
-                    killed = true;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(2));
-            }
-            Ok(_) => continue,
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
             Err(_) => break -1,
         }
     };
     // Let sessions cut short by the stop record their end first.
     let deadline = Instant::now() + std::time::Duration::from_secs(2);
     while shared.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(5));
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
     if let Some(cg) = &shared.spec.sandbox.cgroup {
         cg.remove();
