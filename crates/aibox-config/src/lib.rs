@@ -289,8 +289,36 @@ pub fn load_texts(
         values.insert(k, v);
     }
 
-    let config = build(&values, &origins)?;
-    validate(&config, &values, &origins)?;
+    // Point value errors at the line that set the value, when a file did.
+    let with_line = |e: ConfigError| match e {
+        ConfigError::BadValue {
+            origin,
+            key,
+            value,
+            message,
+            fix,
+        } => {
+            let text = [system, user]
+                .into_iter()
+                .flatten()
+                .find(|(p, _)| p.display().to_string() == origin);
+            let leaf = key.rsplit('.').next().unwrap_or(&key);
+            let origin = match text.and_then(|(_, t)| find_line(t, leaf)) {
+                Some(n) => format!("{origin} line {n}"),
+                None => origin,
+            };
+            ConfigError::BadValue {
+                origin,
+                key,
+                value,
+                message,
+                fix,
+            }
+        }
+        other => other,
+    };
+    let config = build(&values, &origins).map_err(with_line)?;
+    validate(&config, &values, &origins).map_err(with_line)?;
     Ok(Loaded {
         config,
         origins,

@@ -82,6 +82,7 @@ fn wrong_type_is_an_error() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("`resources.cpus`") && e.contains("many"), "{e}");
+    assert!(e.starts_with("/u/config.yaml line 2:"), "{e}");
     let e = load_user("", &[("AIBOX_GVISOR_ENABLED", "perhaps")])
         .unwrap_err()
         .to_string();
