@@ -2,11 +2,19 @@
 //! to seccomp BPF.
 //!
 //! The policy is data, embedded at build time, so the native filter and the
-//! OCI profile of the container backends come from one file. It compiles to
-//! two stacked filters: an allowlist whose default is `ENOSYS`, then a
-//! denylist (`deny` + `deny_if`) returning `EPERM`. When both return an
-//! errno the kernel uses the one installed last, so denied calls get `EPERM`
-//! and unknown ones `ENOSYS`.
+//! OCI profile of the container backends come from one file. Natively it
+//! compiles to three stacked filters, installed in this order:
+//!
+//! 1. *conditional*: allows every allowed syscall, the `allow_if` ones only
+//!    with matching arguments; anything else `EPERM`;
+//! 2. *allowlist*: allows the allowed syscalls (unconditionally); anything
+//!    else `ENOSYS`;
+//! 3. *denylist*: `EPERM` for `deny` and `deny_if`; anything else allowed.
+//!
+//! The kernel runs all of them and keeps the most restrictive action; among
+//! equal actions (two errnos) the most recently installed filter's wins. So
+//! a denied call gets `EPERM` (3), an unknown one `ENOSYS` (2 over 1), and
+//! an `allow_if` call with other arguments `EPERM` (1).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -35,8 +43,12 @@ pub struct SyscallPolicy {
     /// Syscalls deliberately left out of the allowlist (documented ENOSYS).
     #[serde(default)]
     pub enosys: Vec<String>,
-    /// Argument-conditional denials: syscall → alternatives (OR) of
-    /// conditions (AND).
+    /// Argument-conditional allows: syscall → alternatives (OR) of
+    /// conditions (AND); other calls to the syscall are refused.
+    #[serde(default)]
+    pub allow_if: BTreeMap<String, Vec<Vec<ArgCondition>>>,
+    /// Argument-conditional denials (native filter only): syscall →
+    /// alternatives (OR) of conditions (AND).
     #[serde(default)]
     pub deny_if: BTreeMap<String, Vec<Vec<ArgCondition>>>,
 }
@@ -101,10 +113,20 @@ impl SyscallPolicy {
                 )));
             }
         }
-        for (name, alts) in &p.deny_if {
+        for (section, name, alts) in p
+            .allow_if
+            .iter()
+            .map(|(n, a)| ("allow_if", n, a))
+            .chain(p.deny_if.iter().map(|(n, a)| ("deny_if", n, a)))
+        {
             if !allow.contains(name.as_str()) {
                 return Err(SandboxError::Policy(format!(
-                    "seccomp policy: deny_if names `{name}`, which is not in `allow`"
+                    "seccomp policy: {section} names `{name}`, which is not in `allow`"
+                )));
+            }
+            if alts.is_empty() || alts.iter().any(Vec::is_empty) {
+                return Err(SandboxError::Policy(format!(
+                    "seccomp policy: {section}.{name} has an empty alternative (it would match every call)"
                 )));
             }
             for cond in alts.iter().flatten() {
@@ -119,54 +141,109 @@ impl SyscallPolicy {
         Ok(p)
     }
 
-    /// seccompiler JSON for the allowlist and denylist filters.
+    fn rule(name: &str, alt: &[ArgCondition]) -> Value {
+        let args: Vec<Value> = alt
+            .iter()
+            .map(|c| {
+                let op = match (c.op.as_str(), c.mask) {
+                    ("masked_eq", Some(m)) => json!({"masked_eq": m}),
+                    (op, _) => json!(op),
+                };
+                json!({"index": c.arg, "type": "dword", "op": op, "val": c.value})
+            })
+            .collect();
+        json!({"syscall": name, "args": args})
+    }
+
+    /// seccompiler JSON for the three filters (see the module docs).
     fn to_seccompiler_json(&self) -> Result<Value, SandboxError> {
-        let allow_rules: Vec<Value> = self.allow.iter().map(|s| json!({"syscall": s})).collect();
-        let mut deny_rules: Vec<Value> = self.deny.iter().map(|s| json!({"syscall": s})).collect();
-        for (name, alts) in &self.deny_if {
-            for alt in alts {
-                let args: Vec<Value> = alt
-                    .iter()
-                    .map(|c| {
-                        let op = match (c.op.as_str(), c.mask) {
-                            ("masked_eq", Some(m)) => json!({"masked_eq": m}),
-                            (op, _) => json!(op),
-                        };
-                        json!({"index": c.arg, "type": "dword", "op": op, "val": c.value})
-                    })
-                    .collect();
-                deny_rules.push(json!({"syscall": name, "args": args}));
+        let mut conditional: Vec<Value> = Vec::new();
+        for name in &self.allow {
+            match self.allow_if.get(name) {
+                Some(alts) => conditional.extend(alts.iter().map(|a| Self::rule(name, a))),
+                None => conditional.push(json!({"syscall": name})),
             }
         }
+        let allowlist: Vec<Value> = self.allow.iter().map(|s| json!({"syscall": s})).collect();
+        let mut denylist: Vec<Value> = self.deny.iter().map(|s| json!({"syscall": s})).collect();
+        for (name, alts) in &self.deny_if {
+            denylist.extend(alts.iter().map(|a| Self::rule(name, a)));
+        }
+        let deny_errno = errno(&self.deny_errno)?;
         Ok(json!({
+            "conditional": {
+                "mismatch_action": {"errno": deny_errno},
+                "match_action": "allow",
+                "filter": conditional,
+            },
             "allowlist": {
                 "mismatch_action": {"errno": errno(&self.default_errno)?},
                 "match_action": "allow",
-                "filter": allow_rules,
+                "filter": allowlist,
             },
             "denylist": {
                 "mismatch_action": "allow",
-                "match_action": {"errno": errno(&self.deny_errno)?},
-                "filter": deny_rules,
+                "match_action": {"errno": deny_errno},
+                "filter": denylist,
             }
         }))
     }
 
-    /// Compiles the two filters, allowlist first (install in that order).
+    /// Compiles the three filters in installation order.
     pub fn compile(&self) -> Result<Vec<seccompiler::BpfProgram>, SandboxError> {
         let json = self.to_seccompiler_json()?;
         let text = serde_json::to_vec(&json).map_err(|e| SandboxError::Policy(e.to_string()))?;
         let arch = seccompiler::TargetArch::x86_64;
         let mut map = seccompiler::compile_from_json(text.as_slice(), arch)
             .map_err(|e| SandboxError::Policy(format!("seccomp policy does not compile: {e}")))?;
-        let take = |map: &mut seccompiler::BpfMap, k: &str| {
+        let mut take = |k: &str| {
             map.remove(k)
                 .ok_or_else(|| SandboxError::Policy(format!("filter {k} missing")))
         };
         Ok(vec![
-            take(&mut map, "allowlist")?,
-            take(&mut map, "denylist")?,
+            take("conditional")?,
+            take("allowlist")?,
+            take("denylist")?,
         ])
+    }
+
+    /// The OCI runtime-spec seccomp profile (podman, docker, runc, runsc)
+    /// equivalent to the native filter, as far as libseccomp can express it:
+    /// `allow_if` becomes conditional SCMP_ACT_ALLOW rules (other arguments
+    /// get the default errno, ENOSYS, rather than EPERM), and `deny_if`,
+    /// which needs a masked not-equal test, is left out (see the policy).
+    pub fn oci_profile(&self) -> Result<Value, SandboxError> {
+        let op_name = |c: &ArgCondition| match c.op.as_str() {
+            "eq" => "SCMP_CMP_EQ",
+            "ne" => "SCMP_CMP_NE",
+            _ => "SCMP_CMP_MASKED_EQ",
+        };
+        let mut rules = vec![
+            json!({
+                "names": self.allow.iter().filter(|s| !self.allow_if.contains_key(*s)).collect::<Vec<_>>(),
+                "action": "SCMP_ACT_ALLOW",
+            }),
+            json!({"names": self.deny, "action": "SCMP_ACT_ERRNO", "errnoRet": errno(&self.deny_errno)?}),
+        ];
+        for (name, alts) in &self.allow_if {
+            for alt in alts {
+                let args: Vec<Value> = alt
+                    .iter()
+                    .map(|c| match c.mask {
+                        // runtime-spec: MASKED_EQ compares (arg & value) == valueTwo.
+                        Some(mask) => json!({"index": c.arg, "value": mask, "valueTwo": c.value, "op": op_name(c)}),
+                        None => json!({"index": c.arg, "value": c.value, "valueTwo": 0, "op": op_name(c)}),
+                    })
+                    .collect();
+                rules.push(json!({"names": [name], "action": "SCMP_ACT_ALLOW", "args": args}));
+            }
+        }
+        Ok(json!({
+            "defaultAction": "SCMP_ACT_ERRNO",
+            "defaultErrnoRet": errno(&self.default_errno)?,
+            "architectures": ["SCMP_ARCH_X86_64"],
+            "syscalls": rules,
+        }))
     }
 }
 
@@ -219,13 +296,73 @@ mod tests {
         ] {
             assert!(p.deny.iter().any(|d| d == must), "{must} not denied");
         }
-        for cond in ["clone", "socket", "personality", "ioctl"] {
+        for cond in [
+            "clone",
+            "socket",
+            "socketpair",
+            "personality",
+            "chmod",
+            "openat",
+        ] {
             assert!(
-                p.deny_if.contains_key(cond),
+                p.allow_if.contains_key(cond),
                 "{cond} has no argument filter"
             );
         }
-        assert_eq!(p.compile().unwrap().len(), 2);
+        assert!(p.deny_if.contains_key("ioctl"));
+        assert_eq!(p.compile().unwrap().len(), 3);
+    }
+
+    /// configs/seccomp.json is generated from the policy; regenerate with
+    /// `AIBOX_BLESS=1 cargo test -p aibox-sandbox oci_profile_is_current`.
+    #[test]
+    fn oci_profile_is_current() {
+        let p = SyscallPolicy::embedded().unwrap();
+        let mut text = serde_json::to_string_pretty(&p.oci_profile().unwrap()).unwrap();
+        text.push('\n');
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs/seccomp.json");
+        if std::env::var_os("AIBOX_BLESS").is_some() {
+            std::fs::write(path, &text).unwrap();
+        }
+        let on_disk = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            on_disk == text,
+            "configs/seccomp.json is stale; run with AIBOX_BLESS=1 to regenerate"
+        );
+    }
+
+    #[test]
+    fn oci_profile_shape() {
+        let v = SyscallPolicy::embedded().unwrap().oci_profile().unwrap();
+        assert_eq!(v["defaultAction"], "SCMP_ACT_ERRNO");
+        assert_eq!(v["defaultErrnoRet"], 38);
+        let rules = v["syscalls"].as_array().unwrap();
+        let unconditional: Vec<&str> = rules[0]["names"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_str().unwrap())
+            .collect();
+        for never in [
+            "ptrace", "mount", "clone3", "openat2", "socket", "clone", "chmod",
+        ] {
+            assert!(
+                !unconditional.contains(&never),
+                "{never} allowed unconditionally"
+            );
+        }
+        let socket_rules = rules.iter().filter(|r| r["names"][0] == "socket").count();
+        assert_eq!(socket_rules, 9);
+    }
+
+    #[test]
+    fn empty_alternatives_are_refused() {
+        let text = POLICY_YAML.replace(
+            "  socketpair:\n    - [{arg: 0, op: eq, value: 1}]",
+            "  socketpair:\n    - []",
+        );
+        assert_ne!(text, POLICY_YAML);
+        assert!(SyscallPolicy::parse(&text).is_err());
     }
 
     #[test]
