@@ -15,6 +15,7 @@ command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 command -v script  >/dev/null 2>&1 || missing+=(bsdutils)
 command -v useradd >/dev/null 2>&1 || missing+=(passwd)
 command -v cc      >/dev/null 2>&1 || missing+=(gcc)
+command -v apparmor_parser >/dev/null 2>&1 || [ -x /usr/sbin/apparmor_parser ] || missing+=(apparmor)
 if [ ${#missing[@]} -gt 0 ]; then
   if as_root; then
     echo "installing: ${missing[*]}"

@@ -1,5 +1,6 @@
 mod audit;
 mod common;
+mod configs;
 mod input;
 mod isolation;
 mod lifecycle;
