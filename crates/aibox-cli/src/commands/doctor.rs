@@ -227,6 +227,24 @@ pub fn run(cli_config: Option<PathBuf>, a: DoctorArgs) -> Result<i32> {
         }
     }
 
+    let apparmor =
+        read("/sys/module/apparmor/parameters/enabled").is_some_and(|v| v.starts_with('Y'));
+    if apparmor {
+        add(
+            "apparmor",
+            Level::Ok,
+            "AppArmor is active: container sandboxes get configs/apparmor/aibox-default".into(),
+            "",
+        );
+    } else {
+        add(
+            "apparmor",
+            Level::Info,
+            "this kernel has no AppArmor: container sandboxes run without the aibox-default profile (seccomp, dropped capabilities and the read-only root still apply; the native backend uses Landlock instead)".into(),
+            "boot a kernel with AppArmor (security=apparmor) to add that layer",
+        );
+    }
+
     if aibox_core::euid() != 0 {
         let primary = nix::unistd::getegid();
         let extra: Vec<String> = nix::unistd::getgroups()

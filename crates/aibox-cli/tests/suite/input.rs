@@ -224,6 +224,7 @@ fn doctor_reports_every_check() {
         "sandbox",
         "podman",
         "gvisor",
+        "apparmor",
     ] {
         assert!(checks.contains(&must), "{must} missing: {checks:?}");
     }
