@@ -16,6 +16,9 @@ command -v script  >/dev/null 2>&1 || missing+=(bsdutils)
 command -v useradd >/dev/null 2>&1 || missing+=(passwd)
 command -v cc      >/dev/null 2>&1 || missing+=(gcc)
 command -v apparmor_parser >/dev/null 2>&1 || [ -x /usr/sbin/apparmor_parser ] || missing+=(apparmor)
+# Container engine tests: podman with runc, and mmdebstrap to build images.
+command -v podman      >/dev/null 2>&1 || missing+=(podman runc uidmap slirp4netns fuse-overlayfs)
+command -v mmdebstrap  >/dev/null 2>&1 || missing+=(mmdebstrap)
 if [ ${#missing[@]} -gt 0 ]; then
   if as_root; then
     echo "installing: ${missing[*]}"
@@ -24,6 +27,20 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "missing packages: ${missing[*]} (run: sudo apt-get install ${missing[*]})" >&2
     exit 1
   fi
+fi
+
+# podman on this kind of host: crun fails on hybrid cgroups, there is no
+# systemd session for the systemd cgroup manager, and the default ulimits
+# exceed the hard nofile limit. Only written when the host has no config.
+if as_root && [ ! -f /etc/containers/containers.conf ]; then
+  mkdir -p /etc/containers
+  cat > /etc/containers/containers.conf <<'CONF'
+[engine]
+cgroup_manager = "cgroupfs"
+runtime = "runc"
+[containers]
+default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
+CONF
 fi
 
 # The rootless half of the suite runs as this ordinary account when we are root.

@@ -59,6 +59,9 @@ pub enum Command {
     /// Audit log tools.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Build and list sandbox images (for the podman and docker backends).
+    #[command(subcommand)]
+    Image(ImageCmd),
     /// Internal: the per-sandbox supervisor (started by `aibox start`).
     #[command(name = "__supervise", hide = true)]
     Supervise {
@@ -194,6 +197,40 @@ pub enum AuditCmd {
         /// A log file at an explicit path.
         #[arg(long, value_name = "PATH", conflicts_with = "all")]
         file: Option<PathBuf>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
+}
+
+/// Container engines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineArg {
+    /// podman.
+    Podman,
+    /// docker.
+    Docker,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCmd {
+    /// Build the base image from Debian packages (mmdebstrap) and import it.
+    Build {
+        /// Image name (default: config `image`).
+        #[arg(long)]
+        name: Option<String>,
+        /// Debian suite.
+        #[arg(long, default_value = "bookworm")]
+        suite: String,
+        /// Engine to import into (default: config `runtime` when it is an engine, else podman).
+        #[arg(long, value_enum)]
+        engine: Option<EngineArg>,
+    },
+    /// List the images aibox built (and the configured one).
+    List {
+        /// Engine (default as for build).
+        #[arg(long, value_enum)]
+        engine: Option<EngineArg>,
         /// Output format.
         #[arg(long, value_enum, default_value = "text")]
         format: Format,

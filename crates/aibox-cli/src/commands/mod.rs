@@ -3,6 +3,7 @@
 mod audit;
 mod config;
 mod doctor;
+mod image;
 mod lifecycle;
 
 use anyhow::Result;
@@ -25,6 +26,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Command::Config(c) => config::run(cli.config, c),
         Command::Doctor(a) => doctor::run(cli.config, a),
         Command::Audit(a) => audit::run(cli.config, a),
+        Command::Image(a) => image::run(cli.config, a),
         Command::Start(a) => lifecycle::start(cli.config, a),
         Command::Run(a) => lifecycle::run(cli.config, a),
         Command::Exec(a) => lifecycle::exec(cli.config, a),
