@@ -274,23 +274,117 @@ pub fn run(cli_config: Option<PathBuf>, a: DoctorArgs) -> Result<i32> {
         }
     }
 
-    for (prog, why) in [
-        ("podman", "podman backend"),
-        ("runsc", "gVisor"),
-        ("docker", "docker backend"),
-    ] {
-        match on_path(prog) {
-            Some(p) => add(
-                prog_check(prog),
-                Level::Info,
-                format!("{} found ({why})", p.display()),
+    // Container engines (needed only for `runtime: podman|docker`).
+    let uses_engine = loaded
+        .as_ref()
+        .map(|(l, _)| l.config.runtime != aibox_config::Runtime::Native)
+        .unwrap_or(false);
+    let missing_level = if uses_engine {
+        Level::Fail
+    } else {
+        Level::Info
+    };
+    for engine in [aibox_engine::Engine::Podman, aibox_engine::Engine::Docker] {
+        let check = if engine == aibox_engine::Engine::Podman {
+            "podman"
+        } else {
+            "docker"
+        };
+        match engine.version() {
+            Ok(v) => add(check, Level::Ok, format!("{} {v}", engine.program()), ""),
+            Err(e) => add(
+                check,
+                missing_level,
+                first_line(&e.to_string()),
+                &fix_of(&e.to_string()),
+            ),
+        }
+    }
+    match on_path("runsc") {
+        Some(p) => {
+            let v = std::process::Command::new(&p).arg("--version").output();
+            let version = v.ok().map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string()
+            });
+            add(
+                "gvisor",
+                Level::Ok,
+                format!("{} ({})", p.display(), version.unwrap_or_default()),
+                "",
+            );
+        }
+        None => add(
+            "gvisor",
+            if loaded.as_ref().is_ok_and(|(l, _)| l.config.gvisor.enabled) {
+                Level::Fail
+            } else {
+                Level::Info
+            },
+            "runsc is not installed (needed for gvisor.enabled)".into(),
+            "apt-get install runsc",
+        ),
+    }
+    if aibox_core::euid() != 0 && on_path("podman").is_some() {
+        let user = aibox_core::current_user();
+        let has_range = |file: &str| {
+            std::fs::read_to_string(file)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.split(':').next() == Some(user.as_str()))
+        };
+        let mapper = on_path("newuidmap").is_some() || Path::new("/usr/bin/newuidmap").exists();
+        if has_range("/etc/subuid") && has_range("/etc/subgid") && mapper {
+            add(
+                "rootless_podman",
+                Level::Ok,
+                format!("subordinate ids and newuidmap present for {user}"),
+                "",
+            );
+        } else {
+            add(
+                "rootless_podman",
+                if uses_engine {
+                    Level::Fail
+                } else {
+                    Level::Warn
+                },
+                format!("rootless podman is not set up for {user}"),
+                &format!(
+                    "apt-get install uidmap; add `{user}:100000:65536` to /etc/subuid and /etc/subgid; then `podman system migrate`"
+                ),
+            );
+        }
+    }
+    if let Ok((l, _)) = &loaded
+        && l.config.runtime != aibox_config::Runtime::Native
+    {
+        let engine = if l.config.runtime == aibox_config::Runtime::Docker {
+            aibox_engine::Engine::Docker
+        } else {
+            aibox_engine::Engine::Podman
+        };
+        match aibox_engine::image::id(engine, &l.config.image) {
+            Ok(Some(id)) => add(
+                "image",
+                Level::Ok,
+                format!("{} present ({})", l.config.image, &id[..12.min(id.len())]),
                 "",
             ),
-            None => add(
-                prog_check(prog),
-                Level::Info,
-                format!("not installed (needed only for the {why})"),
-                "apt-get install podman runc (or runsc / docker.io) to use that backend",
+            Ok(None) => add(
+                "image",
+                Level::Fail,
+                format!("{} is not in {}", l.config.image, engine.program()),
+                "aibox image build",
+            ),
+            Err(e) => add(
+                "image",
+                Level::Fail,
+                first_line(&e.to_string()),
+                &fix_of(&e.to_string()),
             ),
         }
     }
@@ -317,12 +411,15 @@ pub fn run(cli_config: Option<PathBuf>, a: DoctorArgs) -> Result<i32> {
     Ok(if bad { 1 } else { 0 })
 }
 
-fn prog_check(prog: &str) -> &'static str {
-    match prog {
-        "podman" => "podman",
-        "runsc" => "gvisor",
-        _ => "docker",
-    }
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or_default().to_string()
+}
+
+fn fix_of(s: &str) -> String {
+    s.lines()
+        .find_map(|l| l.trim().strip_prefix("fix: "))
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// Builds a throw-away native sandbox and reports its self-test.
