@@ -62,6 +62,12 @@ pub enum Command {
     /// Build and list sandbox images (for the podman and docker backends).
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Rebuild (local) or pull (registry) the configured image; prints old and new ids.
+    Update {
+        /// Engine (default: config `runtime` when it is an engine, else podman).
+        #[arg(long, value_enum)]
+        engine: Option<EngineArg>,
+    },
     /// Internal: the per-sandbox supervisor (started by `aibox start`).
     #[command(name = "__supervise", hide = true)]
     Supervise {

@@ -228,3 +228,15 @@ pub fn build(
             ))
         })
 }
+
+/// The value of label `key` on image `name`, if the engine has both.
+pub fn label(engine: Engine, name: &str, key: &str) -> Option<String> {
+    let format = format!("{{{{index .Labels \"{key}\"}}}}");
+    let o = engine
+        .command(["image", "inspect", "--format", format.as_str(), name])
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    let v = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    (o.status.success() && !v.is_empty() && v != "<no value>").then_some(v)
+}

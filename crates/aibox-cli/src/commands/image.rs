@@ -82,3 +82,65 @@ pub fn run(cli_config: Option<PathBuf>, cmd: ImageCmd) -> Result<i32> {
     }
     Ok(0)
 }
+
+fn short(id: Option<&str>) -> &str {
+    id.map(|i| &i[..12.min(i.len())]).unwrap_or("(none)")
+}
+
+/// `aibox update`: rebuild a local image, or pull a registry image and,
+/// with `registry.verify_signatures`, verify it with cosign.
+pub fn update(cli_config: Option<PathBuf>, engine_arg: Option<EngineArg>) -> Result<i32> {
+    let (loaded, _) = super::load_config(cli_config)?;
+    let engine = engine(engine_arg, loaded.config.runtime);
+    let name = loaded.config.image.clone();
+    let local = name.starts_with("localhost/");
+    let verify = loaded.config.registry.verify_signatures && !local;
+    // Refuse before changing anything when verification cannot happen.
+    if verify
+        && std::process::Command::new("cosign")
+            .arg("version")
+            .output()
+            .is_err()
+    {
+        anyhow::bail!(
+            "registry.verify_signatures is on but cosign is not installed, so {name} cannot be verified\n  fix: install cosign, or set registry.verify_signatures: false"
+        );
+    }
+    let old = image::id(engine, &name)?;
+    if local {
+        eprintln!("{name} is a local image: rebuilding it");
+        let suite = image::label(engine, &name, "aibox.suite").unwrap_or_else(|| "bookworm".into());
+        let opts = BuildOptions {
+            name: name.clone(),
+            suite,
+            packages: Vec::new(),
+        };
+        image::build(engine, &opts, &mut |line| eprintln!("  {line}"))?;
+    } else {
+        eprintln!("pulling {name}");
+        engine.run("pull", ["pull", name.as_str()])?;
+        if verify {
+            let o = std::process::Command::new("cosign")
+                .args(["verify", name.as_str()])
+                .output()?;
+            if !o.status.success() {
+                anyhow::bail!(
+                    "the signature of {name} did not verify: {}\n  fix: do not use this image; remove it with `{} rmi {name}` and check the registry",
+                    String::from_utf8_lossy(&o.stderr)
+                        .lines()
+                        .last()
+                        .unwrap_or("cosign failed"),
+                    engine.program()
+                );
+            }
+            eprintln!("signature verified with cosign");
+        }
+    }
+    let new = image::id(engine, &name)?;
+    println!("old: {}", short(old.as_deref()));
+    println!("new: {}", short(new.as_deref()));
+    if old == new {
+        eprintln!("{name} is unchanged");
+    }
+    Ok(0)
+}

@@ -27,6 +27,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Command::Doctor(a) => doctor::run(cli.config, a),
         Command::Audit(a) => audit::run(cli.config, a),
         Command::Image(a) => image::run(cli.config, a),
+        Command::Update { engine } => image::update(cli.config, engine),
         Command::Start(a) => lifecycle::start(cli.config, a),
         Command::Run(a) => lifecycle::run(cli.config, a),
         Command::Exec(a) => lifecycle::exec(cli.config, a),

@@ -70,6 +70,46 @@ fn base_image_is_built_listed_and_runs_as_dev() {
         out.contains("/workspace\n") && out.contains("git version") && out.contains("toolpacks"),
         "{out}"
     );
+
+    // `aibox update` rebuilds a local image and reports old and new ids.
+    let before = entry["id"].as_str().unwrap()[..12].to_string();
+    let mut cfg = std::fs::read_to_string(&c.config).unwrap();
+    cfg.push_str(&format!("image: {name}\n"));
+    std::fs::write(&c.config, cfg).unwrap();
+    let o = c.out(&["update", "--engine", "podman"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.starts_with(&format!("old: {before}\nnew: ")), "{text}");
+    assert!(
+        !text.contains(&format!("new: {before}")),
+        "the image was not rebuilt: {text}"
+    );
+}
+
+#[test]
+fn update_refuses_unverifiable_registry_images() {
+    let Some(c) = Ctx::new(Mode::Rootless) else {
+        return;
+    };
+    if std::process::Command::new("cosign")
+        .arg("version")
+        .output()
+        .is_ok()
+    {
+        return; // cosign present: verification can happen
+    }
+    let mut cfg = std::fs::read_to_string(&c.config).unwrap();
+    cfg.push_str(
+        "image: registry.example.invalid/aibox/base:1\nregistry:\n  verify_signatures: true\n",
+    );
+    std::fs::write(&c.config, cfg).unwrap();
+    let o = c.out(&["update", "--engine", "podman"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("cosign is not installed") && e.contains("fix:"),
+        "{e}"
+    );
 }
 
 #[test]
