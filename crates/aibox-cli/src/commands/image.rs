@@ -139,8 +139,13 @@ pub fn update(cli_config: Option<PathBuf>, engine_arg: Option<EngineArg>) -> Res
     let new = image::id(engine, &name)?;
     println!("old: {}", short(old.as_deref()));
     println!("new: {}", short(new.as_deref()));
-    if old == new {
-        eprintln!("{name} is unchanged");
+    match (&old, &new) {
+        (Some(o), Some(n)) if o == n => eprintln!("{name} is unchanged"),
+        // The old image lost its name; drop it unless a container still uses it.
+        (Some(o), Some(_)) if engine.run("rmi", ["rmi", o.as_str()]).is_ok() => {
+            eprintln!("removed the old image {}", short(Some(o)));
+        }
+        _ => {}
     }
     Ok(0)
 }
