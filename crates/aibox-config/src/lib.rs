@@ -290,32 +290,17 @@ pub fn load_texts(
     }
 
     // Point value errors at the line that set the value, when a file did.
-    let with_line = |e: ConfigError| match e {
-        ConfigError::BadValue {
-            origin,
-            key,
-            value,
-            message,
-            fix,
-        } => {
-            let text = [system, user]
+    let with_line = |mut e: ConfigError| {
+        if let ConfigError::BadValue { origin, key, .. } = &mut e
+            && let Some((_, text)) = [system, user]
                 .into_iter()
                 .flatten()
-                .find(|(p, _)| p.display().to_string() == origin);
-            let leaf = key.rsplit('.').next().unwrap_or(&key);
-            let origin = match text.and_then(|(_, t)| find_line(t, leaf)) {
-                Some(n) => format!("{origin} line {n}"),
-                None => origin,
-            };
-            ConfigError::BadValue {
-                origin,
-                key,
-                value,
-                message,
-                fix,
-            }
+                .find(|(p, _)| p.display().to_string() == *origin)
+            && let Some(n) = find_line(text, key.rsplit('.').next().unwrap_or(key))
+        {
+            *origin = format!("{origin} line {n}");
         }
-        other => other,
+        e
     };
     let config = build(&values, &origins).map_err(with_line)?;
     validate(&config, &values, &origins).map_err(with_line)?;
