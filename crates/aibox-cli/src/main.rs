@@ -8,6 +8,19 @@ mod workspace;
 use clap::Parser;
 
 fn main() {
+    // Inside a container the same binary is init, session shim and
+    // self-test; those entry points bypass the CLI parser.
+    let internal = std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a.to_string_lossy().starts_with("__container-"));
+    if internal {
+        let argv: Vec<String> = std::env::args_os()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        if let Some(code) = aibox_sandbox::container::dispatch(&argv) {
+            std::process::exit(code);
+        }
+    }
     let cli = args::Cli::parse();
     let code = match commands::dispatch(cli) {
         Ok(code) => code,

@@ -209,8 +209,65 @@ impl Engine {
     }
 }
 
+/// Finds `prog` in `PATH`.
+pub fn which(prog: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(prog))
+        .find(|p| p.is_file())
+}
+
+/// The platforms the installed `runsc` offers, read from `runsc flags`
+/// (e.g. "specifies which platform to use: ptrace (default), kvm.").
+pub fn runsc_platforms(runsc: &std::path::Path) -> Result<Vec<String>, EngineError> {
+    let out = Command::new(runsc)
+        .arg("flags")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| EngineError::Failed {
+            engine: "runsc",
+            action: "flags".into(),
+            message: e.to_string(),
+        })?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_platforms(&text).ok_or_else(|| EngineError::BadOutput {
+        engine: "runsc",
+        detail: "no platform list in `runsc flags`".into(),
+    })
+}
+
+fn parse_platforms(text: &str) -> Option<Vec<String>> {
+    let line = text
+        .lines()
+        .find(|l| l.contains("specifies which platform to use:"))?;
+    let list = line.split_once("use:")?.1;
+    let list = list.split_once('.').map_or(list, |(l, _)| l);
+    let v: Vec<String> = list
+        .split(',')
+        .map(|p| p.replace("(default)", "").trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect();
+    (!v.is_empty()).then_some(v)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn runsc_platform_lists() {
+        let old = "  -platform string\n    \tspecifies which platform to use: ptrace (default), kvm. (default \"ptrace\")\n";
+        assert_eq!(super::parse_platforms(old).unwrap(), ["ptrace", "kvm"]);
+        let new = "\tspecifies which platform to use: systrap (default), ptrace, kvm. (default \"systrap\")";
+        assert_eq!(
+            super::parse_platforms(new).unwrap(),
+            ["systrap", "ptrace", "kvm"]
+        );
+        assert!(super::parse_platforms("nothing").is_none());
+    }
+
     use super::*;
 
     #[test]

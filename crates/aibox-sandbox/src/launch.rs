@@ -549,3 +549,29 @@ fn harden(
     };
     Ok(selftest::run(kernel_abi, landlock))
 }
+
+/// Bind-mounts `src` at `dst` in the caller's mount namespace as an
+/// idmapped mount: files owned by `disk` (uid, gid) on disk appear as owned
+/// by host ids `kernel`, and files created by `kernel` are stored as owned
+/// by `disk`. The container backends use this so that the guest (a
+/// reserved host uid) writes workspace files as the invoking user. Needs
+/// root, and a single-threaded caller (it forks a helper).
+pub fn idmapped_bind(
+    src: &Path,
+    dst: &Path,
+    disk: (u32, u32),
+    kernel: (u32, u32),
+) -> Result<(), SandboxError> {
+    let ns = mapped_userns(
+        Path::new("/proc"),
+        &format!("{} {} 1", disk.0, kernel.0),
+        &format!("{} {} 1", disk.1, kernel.1),
+    )?;
+    rootfs::idmapped_attach(src, dst, &ns)
+}
+
+/// Lazily unmounts `path` (a mount made by [`idmapped_bind`]); true if
+/// something was mounted there.
+pub fn detach_mount(path: &Path) -> bool {
+    nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH).is_ok()
+}

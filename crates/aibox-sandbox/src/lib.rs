@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod cgroup;
+pub mod container;
 mod init;
 pub mod ipc;
 pub mod landlock_rules;
@@ -22,7 +23,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use launch::{Launched, guest_host_uid, launch};
+pub use launch::{Launched, detach_mount, guest_host_uid, idmapped_bind, launch};
 pub use selftest::SelfTestReport;
 
 /// Errors of the native sandbox. Messages name the layer and the fix.

@@ -66,7 +66,23 @@ fn setattr(path: &Path, set: u64, clear: u64, recursive: bool) -> Result<(), San
 /// (rootless: the user namespace already maps the guest to the user).
 fn guest_mount(src: &Path, dst: &Path, idmap: Option<&OwnedFd>) -> Result<(), SandboxError> {
     match idmap {
-        Some(userns) => {
+        Some(userns) => idmapped_attach(src, dst, userns),
+        None => {
+            bind(src, dst, false)?;
+            setattr(dst, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, false)
+        }
+    }
+}
+
+/// Attaches an idmapped (through `userns`), nosuid, nodev copy of the mount
+/// at `src` on `dst`.
+pub(crate) fn idmapped_attach(
+    src: &Path,
+    dst: &Path,
+    userns: &OwnedFd,
+) -> Result<(), SandboxError> {
+    {
+        {
             let tree = sys::open_tree_clone(src)
                 .map_err(ioerr(format!("cloning the mount of {}", src.display())))?;
             sys::mount_setattr(
@@ -86,10 +102,6 @@ fn guest_mount(src: &Path, dst: &Path, idmap: Option<&OwnedFd>) -> Result<(), Sa
                 source: e,
             })?;
             sys::move_mount_to(&tree, dst).map_err(ioerr(format!("attaching {}", dst.display())))
-        }
-        None => {
-            bind(src, dst, false)?;
-            setattr(dst, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, false)
         }
     }
 }

@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod container;
 pub mod paths;
 pub mod proto;
 pub mod supervisor;

@@ -28,6 +28,15 @@ pub struct SandboxPaths {
     pub lock: PathBuf,
     /// State file.
     pub state: PathBuf,
+    /// Container backends: the host-side idmapped mounts of the workspace
+    /// and home (`<runtime>/<name>.mnt/…`). Outside `run_dir` on purpose:
+    /// `run_dir` is removed recursively, which must never reach into a
+    /// mounted workspace.
+    pub mounts: PathBuf,
+    /// Container backends: which container belongs to this sandbox,
+    /// written before the container is created so a crashed supervisor's
+    /// container can always be found and removed.
+    pub container_record: PathBuf,
     /// Mount point for the new root.
     pub root: PathBuf,
     /// Persistent home.
@@ -46,6 +55,8 @@ impl SandboxPaths {
             name: name.to_string(),
             socket: run_dir.join("control.sock"),
             lock: runtime_dir.join(format!("{name}.lock")),
+            mounts: runtime_dir.join(format!("{name}.mnt")),
+            container_record: runtime_dir.join(format!("{name}.container.json")),
             state: run_dir.join("state.json"),
             root: run_dir.join("root"),
             run_dir,

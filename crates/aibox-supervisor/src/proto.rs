@@ -95,6 +95,65 @@ pub struct SupervisorSpec {
     pub memory: String,
     /// The same in bytes.
     pub memory_bytes: u64,
+    /// Set for the podman/docker backends.
+    #[serde(default)]
+    pub container: Option<ContainerSpec>,
+}
+
+/// How to run a sandbox as a podman/docker container.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContainerSpec {
+    /// `podman` or `docker`.
+    pub engine: String,
+    /// Container name (`aibox-<user>-<8 hex>`).
+    pub container_name: String,
+    /// Image reference.
+    pub image: String,
+    /// Run under gVisor.
+    pub gvisor: Option<GvisorSpec>,
+    /// The aibox binary, bind-mounted read-only as the container's init.
+    pub aibox_binary: PathBuf,
+    /// Host-side mount directory (see `SandboxPaths::mounts`).
+    pub mounts_dir: PathBuf,
+    /// Record file (see `SandboxPaths::container_record`).
+    pub record: PathBuf,
+    /// Tool packs directory mounted read-only at `/opt/toolpacks`.
+    pub toolpacks: PathBuf,
+    /// Runtime directory (a label, so containers of different aibox
+    /// installations never get confused).
+    pub runtime_dir: PathBuf,
+    /// AppArmor profile to apply, when the host has AppArmor.
+    pub apparmor: Option<String>,
+    /// What happened about AppArmor (for `status`).
+    pub apparmor_note: String,
+}
+
+/// gVisor settings of a container sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GvisorSpec {
+    /// Path of `runsc`.
+    pub runsc: PathBuf,
+    /// Platform actually used.
+    pub platform: String,
+    /// Why this platform (e.g. a fallback).
+    pub note: String,
+}
+
+/// The container of a container-backed sandbox, as `status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContainerStatus {
+    /// `podman` or `docker`.
+    pub engine: String,
+    /// Container name.
+    pub name: String,
+    /// Container id.
+    pub id: String,
+    /// OCI runtime (`runc`, `runsc (platform ptrace)`).
+    pub oci_runtime: String,
+    /// Image reference.
+    pub image: String,
+    /// AppArmor state.
+    pub apparmor: String,
 }
 
 /// One resource limit and whether it is enforced.
@@ -147,4 +206,7 @@ pub struct Status {
     pub selftest: Vec<Check>,
     /// Audit log path.
     pub audit_log: PathBuf,
+    /// The container, for the podman/docker backends.
+    #[serde(default)]
+    pub container: Option<ContainerStatus>,
 }

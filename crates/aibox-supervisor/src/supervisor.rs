@@ -23,7 +23,10 @@ use nix::sys::socket::{
 };
 use serde_json::{Map, Value, json};
 
-use crate::proto::{ExecRequest, Limit, Request, Response, Status, SupervisorSpec};
+use crate::container;
+use crate::proto::{
+    ContainerSpec, ContainerStatus, ExecRequest, Limit, Request, Response, Status, SupervisorSpec,
+};
 
 enum Event {
     Stop {
@@ -35,16 +38,29 @@ enum Event {
 
 type Waiter = Sender<(FromInit, Vec<OwnedFd>)>;
 
+/// How the supervisor reaches the sandbox.
+enum Link {
+    /// The native init's control socket.
+    Native(OwnedFd),
+    /// A podman/docker container.
+    Container {
+        engine: aibox_engine::Engine,
+        record: container::Record,
+    },
+}
+
 struct Shared {
     spec: SupervisorSpec,
     audit: Mutex<AuditLog>,
-    init: OwnedFd,
+    link: Link,
     waiters: Mutex<HashMap<u64, Waiter>>,
     next_id: AtomicU64,
     /// Sessions whose `session.end` is not written yet.
     active: AtomicUsize,
     status: Mutex<Status>,
     events: Sender<Event>,
+    /// Taken by the main loop.
+    events_rx: Mutex<Option<Receiver<Event>>>,
 }
 
 fn details(v: Value) -> Map<String, Value> {
@@ -158,6 +174,9 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
         json!({"config_sha256": spec.config_sha256}),
     )?;
 
+    if let Some(c) = spec.container.clone() {
+        return setup_container(spec, c, audit, t0);
+    }
     // cpu/memory/pids cgroups where this host lets us create them; a
     // failure leaves the limits reported as not enforced, never claimed.
     let mut spec = spec;
@@ -227,6 +246,7 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
         seccomp: "enforced: allowlist (default ENOSYS) + denylist (EPERM) from resources/seccomp/policy.yaml".into(),
         selftest: launched.report.checks.clone(),
         audit_log: spec.audit_log.clone(),
+        container: None,
     };
     let state_json = serde_json::to_string_pretty(&status).unwrap_or_default();
     if let Err(e) = std::fs::write(&spec.state, &state_json) {
@@ -249,6 +269,204 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
         }),
     )?;
 
+    let intermediate = launched.intermediate;
+    let shared = serve(
+        spec,
+        audit,
+        Link::Native(launched.control),
+        status,
+        listener,
+    );
+    Ok(main_loop(shared, intermediate))
+}
+
+/// Runs a container sandbox until it stops.
+fn setup_container(
+    spec: SupervisorSpec,
+    c: ContainerSpec,
+    mut audit: AuditLog,
+    t0: Instant,
+) -> Result<i32, String> {
+    let engine = container::engine_of(&c.engine)?;
+    let started = match container::start(&spec, &c) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = a_fail(&mut audit, &e);
+            remove_run_dir(&spec);
+            return Err(e);
+        }
+    };
+    let record = container::Record {
+        engine: c.engine.clone(),
+        container_name: c.container_name.clone(),
+        mounts_dir: c.mounts_dir.clone(),
+    };
+    let undo = |audit: &mut AuditLog, message: &str| {
+        let _ = container::remove(&record);
+        let _ = std::fs::remove_file(&c.record);
+        let _ = a_fail(audit, message);
+        remove_run_dir(&spec);
+    };
+    let start_ms = t0.elapsed().as_millis() as u64;
+    let listener = match listen_on(&spec.socket) {
+        Ok(l) => l,
+        Err(e) => {
+            undo(&mut audit, &e);
+            return Err(e);
+        }
+    };
+    let oci_runtime = match &c.gvisor {
+        Some(g) => format!("runsc (gVisor, platform {}{})", g.platform, g.note),
+        None => "runc".to_string(),
+    };
+    let landlock = match (started.report.landlock, &c.gvisor) {
+        (_, Some(_)) => "not applied: gVisor's own kernel does not offer Landlock (its user-space kernel is the boundary)".to_string(),
+        (LandlockState::Full, None) => format!(
+            "enforced in every session by the session shim (kernel ABI {})",
+            started.report.landlock_abi
+        ),
+        (LandlockState::Partial, None) => format!(
+            "partially enforced in every session (kernel ABI {})",
+            started.report.landlock_abi
+        ),
+        (LandlockState::Unavailable, None) => "unavailable (kernel has no Landlock)".to_string(),
+    };
+    let status = Status {
+        name: spec.sandbox.name.clone(),
+        state: "running".into(),
+        runtime: spec.runtime.clone(),
+        runtime_reason: spec.runtime_reason.clone(),
+        workspace: spec.sandbox.workspace.clone(),
+        supervisor_pid: std::process::id(),
+        init_pid: started.init_pid,
+        started_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        start_ms,
+        rootless: started.rootless,
+        guest_host_uid: started.guest_host_uid,
+        sessions: 0,
+        limits: container_limits(&spec, started.rootless),
+        landlock,
+        seccomp: format!(
+            "enforced by {}: profile generated from resources/seccomp/policy.yaml (conditional refusals answer ENOSYS)",
+            if c.gvisor.is_some() {
+                "gVisor (oci-seccomp)"
+            } else {
+                "the OCI runtime"
+            }
+        ),
+        selftest: started.report.checks.clone(),
+        audit_log: spec.audit_log.clone(),
+        container: Some(ContainerStatus {
+            engine: c.engine.clone(),
+            name: c.container_name.clone(),
+            id: started.id.clone(),
+            oci_runtime,
+            image: c.image.clone(),
+            apparmor: c.apparmor_note.clone(),
+        }),
+    };
+    let state_json = serde_json::to_string_pretty(&status).unwrap_or_default();
+    if let Err(e) = std::fs::write(&spec.state, &state_json) {
+        let message = format!("writing {}: {e}", spec.state.display());
+        undo(&mut audit, &message);
+        return Err(message);
+    }
+    if let Err(e) = audit.append(
+        EventType::SandboxStart,
+        Source::AiboxSupervisor,
+        Severity::Info,
+        details(json!({
+            "init_pid": started.init_pid,
+            "container": c.container_name, "container_id": started.id,
+            "oci_runtime": status.container.as_ref().map(|x| x.oci_runtime.clone()),
+            "duration_ms": start_ms, "landlock": status.landlock, "selftest": "passed",
+        })),
+    ) {
+        let message = e.to_string();
+        undo(&mut audit, &message);
+        return Err(message);
+    }
+    let mut waiter = started.waiter;
+    let shared = serve(
+        spec,
+        audit,
+        Link::Container { engine, record },
+        status,
+        listener,
+    );
+    {
+        // The container ending by itself (killed, OOM, engine trouble)
+        // stops the sandbox.
+        let tx = shared.events.clone();
+        std::thread::spawn(move || {
+            let _ = waiter.wait();
+            let _ = tx.send(Event::SandboxGone);
+        });
+    }
+    Ok(main_loop(shared, nix::unistd::Pid::from_raw(0)))
+}
+
+fn container_limits(spec: &SupervisorSpec, rootless: bool) -> Vec<Limit> {
+    let engine = spec
+        .container
+        .as_ref()
+        .map(|c| c.engine.clone())
+        .unwrap_or_default();
+    let cg = |what: &str| -> (bool, String) {
+        if rootless {
+            (
+                false,
+                "NOT ENFORCED: rootless containers get no cpu/memory cgroup on this host (cgroup v1)"
+                    .to_string(),
+            )
+        } else {
+            (true, format!("{engine} {what} (container cgroup)"))
+        }
+    };
+    let (cpu_on, cpu_how) = cg("--cpus");
+    let (mem_on, mem_how) = cg("--memory");
+    vec![
+        Limit {
+            name: "pids".into(),
+            value: spec.sandbox.pids.to_string(),
+            enforced: true,
+            how: format!("{engine} --pids-limit (cgroup pids.max)"),
+        },
+        Limit {
+            name: "nofile".into(),
+            value: spec.sandbox.nofile.to_string(),
+            enforced: true,
+            how: "RLIMIT_NOFILE (--ulimit)".into(),
+        },
+        Limit {
+            name: "tmp_size".into(),
+            value: spec.sandbox.tmp_size.clone(),
+            enforced: true,
+            how: "tmpfs size of /tmp and /var/tmp".into(),
+        },
+        Limit {
+            name: "cpus".into(),
+            value: spec.cpus.to_string(),
+            enforced: cpu_on,
+            how: cpu_how,
+        },
+        Limit {
+            name: "memory".into(),
+            value: spec.memory.clone(),
+            enforced: mem_on,
+            how: mem_how,
+        },
+    ]
+}
+
+/// Reports ready and starts the threads that serve the control socket.
+fn serve(
+    spec: SupervisorSpec,
+    audit: AuditLog,
+    link: Link,
+    status: Status,
+    listener: OwnedFd,
+) -> Arc<Shared> {
     // Signals become stop requests; block them before any thread exists.
     let mut mask = SigSet::empty();
     for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
@@ -257,16 +475,16 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
     let _ = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None);
 
     let (events_tx, events_rx) = channel();
-    let intermediate = launched.intermediate;
     let shared = Arc::new(Shared {
         spec,
         audit: Mutex::new(audit),
-        init: launched.control,
+        link,
         waiters: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(1),
         active: AtomicUsize::new(0),
         status: Mutex::new(status.clone()),
         events: events_tx,
+        events_rx: Mutex::new(Some(events_rx)),
     });
 
     report(&format!(
@@ -278,7 +496,7 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
         let _ = aibox_sandbox::sys::dup2(null.as_raw_fd(), 1);
     }
 
-    {
+    if matches!(shared.link, Link::Native(_)) {
         let s = shared.clone();
         std::thread::spawn(move || init_reader(s));
     }
@@ -297,7 +515,7 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
         let s = shared.clone();
         std::thread::spawn(move || accept_loop(s, listener));
     }
-    Ok(main_loop(shared, events_rx, intermediate))
+    shared
 }
 
 fn a_fail(audit: &mut AuditLog, message: &str) -> Result<(), String> {
@@ -445,22 +663,28 @@ fn accept_loop(shared: Arc<Shared>, listener: OwnedFd) {
     }
 }
 
+/// Hands a session event to the connection waiting for it.
+fn deliver(shared: &Shared, msg: FromInit, fds: Vec<OwnedFd>) {
+    let id = match &msg {
+        FromInit::Spawned { id, .. }
+        | FromInit::SpawnFailed { id, .. }
+        | FromInit::Exited { id, .. } => *id,
+        _ => return,
+    };
+    if let Ok(w) = shared.waiters.lock()
+        && let Some(tx) = w.get(&id)
+    {
+        let _ = tx.send((msg, fds));
+    }
+}
+
 fn init_reader(shared: Arc<Shared>) {
+    let Link::Native(init) = &shared.link else {
+        return;
+    };
     loop {
-        match ipc::recv::<FromInit>(&shared.init) {
-            Ok(Some((msg, fds))) => {
-                let id = match &msg {
-                    FromInit::Spawned { id, .. }
-                    | FromInit::SpawnFailed { id, .. }
-                    | FromInit::Exited { id, .. } => *id,
-                    _ => continue,
-                };
-                if let Ok(w) = shared.waiters.lock()
-                    && let Some(tx) = w.get(&id)
-                {
-                    let _ = tx.send((msg, fds));
-                }
-            }
+        match ipc::recv::<FromInit>(init) {
+            Ok(Some((msg, fds))) => deliver(&shared, msg, fds),
             Ok(None) | Err(_) => {
                 if let Ok(mut w) = shared.waiters.lock() {
                     w.clear();
@@ -625,7 +849,7 @@ fn exec_inner(shared: &Arc<Shared>, conn: OwnedFd, req: ExecRequest, fds: Vec<Ow
         );
         return send(&conn, &Response::Error { message, code: 125 }, &[]);
     }
-    if let Err(e) = ipc::send(&shared.init, &ToInit::Spawn(spawn), &raw) {
+    if let Err(e) = link_spawn(shared, spawn, fds, &raw) {
         remove_waiter(shared, id);
         return send(
             &conn,
@@ -636,7 +860,6 @@ fn exec_inner(shared: &Arc<Shared>, conn: OwnedFd, req: ExecRequest, fds: Vec<Ow
             &[],
         );
     }
-    drop(fds);
     // Failures of these after-the-fact records are reported in the
     // supervisor log by `emit`; the command has already run.
     let end = |code: i32, note: &str| {
@@ -688,20 +911,11 @@ fn exec_inner(shared: &Arc<Shared>, conn: OwnedFd, req: ExecRequest, fds: Vec<Ow
         std::thread::spawn(move || {
             loop {
                 match ipc::recv::<Request>(c.as_fd()) {
-                    Ok(Some((Request::Signal(sig), _))) => {
-                        let _ = ipc::send(&s.init, &ToInit::Signal { id, signal: sig }, &[]);
-                    }
+                    Ok(Some((Request::Signal(sig), _))) => link_signal(&s, id, sig),
                     Ok(Some(_)) => {}
                     Ok(None) | Err(_) => {
                         if !d.load(Ordering::SeqCst) {
-                            let _ = ipc::send(
-                                &s.init,
-                                &ToInit::Signal {
-                                    id,
-                                    signal: libc::SIGKILL,
-                                },
-                                &[],
-                            );
+                            link_signal(&s, id, libc::SIGKILL);
                         }
                         return;
                     }
@@ -724,19 +938,101 @@ fn exec_inner(shared: &Arc<Shared>, conn: OwnedFd, req: ExecRequest, fds: Vec<Ow
     send(&conn, &Response::Exited { code }, &[]);
 }
 
+/// Starts a session's command in the sandbox; its events arrive through
+/// [`deliver`].
+fn link_spawn(
+    shared: &Arc<Shared>,
+    spawn: SpawnRequest,
+    fds: Vec<OwnedFd>,
+    raw: &[RawFd],
+) -> Result<(), String> {
+    match &shared.link {
+        Link::Native(init) => {
+            let r = ipc::send(init, &ToInit::Spawn(spawn), raw).map_err(|e| e.to_string());
+            drop(fds);
+            r
+        }
+        Link::Container { engine, record } => {
+            let id = spawn.id;
+            match container::exec(*engine, &record.container_name, id, &spawn, fds) {
+                Err(error) => deliver(
+                    shared,
+                    FromInit::SpawnFailed {
+                        id,
+                        error,
+                        code: 125,
+                    },
+                    Vec::new(),
+                ),
+                Ok(mut ex) => {
+                    let pid = ex.child.id() as i32;
+                    deliver(
+                        shared,
+                        FromInit::Spawned { id, pid },
+                        ex.master.take().into_iter().collect(),
+                    );
+                    let s = shared.clone();
+                    std::thread::spawn(move || {
+                        use std::os::unix::process::ExitStatusExt;
+                        let code = match ex.child.wait() {
+                            Ok(st) => st
+                                .code()
+                                .or_else(|| st.signal().map(|sig| 128 + sig))
+                                .unwrap_or(1),
+                            Err(_) => 125,
+                        };
+                        deliver(&s, FromInit::Exited { id, code }, Vec::new());
+                    });
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Sends a signal to a session's process group.
+fn link_signal(shared: &Arc<Shared>, id: u64, signal: i32) {
+    match &shared.link {
+        Link::Native(init) => {
+            let _ = ipc::send(init, &ToInit::Signal { id, signal }, &[]);
+        }
+        Link::Container { engine, record } => {
+            let (engine, name) = (*engine, record.container_name.clone());
+            std::thread::spawn(move || container::signal(engine, &name, id, signal));
+        }
+    }
+}
+
 fn remove_waiter(shared: &Shared, id: u64) {
     if let Ok(mut w) = shared.waiters.lock() {
         w.remove(&id);
     }
 }
 
-fn main_loop(shared: Arc<Shared>, events: Receiver<Event>, intermediate: nix::unistd::Pid) -> i32 {
-    let (reply, reason, code) = match events.recv() {
-        Ok(Event::Stop { reply, reason }) => (reply, reason, 0),
-        Ok(Event::SandboxGone) => (None, "the sandbox init exited".to_string(), 1),
-        Err(_) => (None, "supervisor internal error".to_string(), 1),
+fn main_loop(shared: Arc<Shared>, intermediate: nix::unistd::Pid) -> i32 {
+    let events = shared.events_rx.lock().ok().and_then(|mut e| e.take());
+    let (reply, reason, code) = match events.map(|e| e.recv()) {
+        Some(Ok(Event::Stop { reply, reason })) => (reply, reason, 0),
+        Some(Ok(Event::SandboxGone)) => (None, "the sandbox init exited".to_string(), 1),
+        _ => (None, "supervisor internal error".to_string(), 1),
     };
-    let _ = ipc::send(&shared.init, &ToInit::Shutdown, &[]);
+    let exit = match &shared.link {
+        Link::Native(init) => native_shutdown(&shared, init, intermediate),
+        Link::Container { record, .. } => {
+            let r = container::shutdown(record);
+            if let Err(e) = &r {
+                log(&format!("removing the container failed: {e}"));
+            } else if let Some(c) = &shared.spec.container {
+                let _ = std::fs::remove_file(&c.record);
+            }
+            i32::from(r.is_err())
+        }
+    };
+    finish(shared, reply, reason, exit, code)
+}
+
+fn native_shutdown(shared: &Shared, init: &OwnedFd, intermediate: nix::unistd::Pid) -> i32 {
+    let _ = ipc::send(init, &ToInit::Shutdown, &[]);
     // init kills everything and exits; if it has not within 10 s, kill it
     // (the kernel then kills the whole pid namespace).
     // Wait for the intermediate to exit, without polling: its pidfd becomes
@@ -758,7 +1054,7 @@ fn main_loop(shared: Arc<Shared>, events: Receiver<Event>, intermediate: nix::un
         }
         let _ = nix::sys::signal::kill(intermediate, Signal::SIGKILL);
     }
-    let exit = loop {
+    loop {
         use nix::sys::wait::{WaitStatus, waitpid};
         match waitpid(intermediate, None) {
             Ok(WaitStatus::Exited(_, c)) => break c,
@@ -766,7 +1062,16 @@ fn main_loop(shared: Arc<Shared>, events: Receiver<Event>, intermediate: nix::un
             Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
             Err(_) => break -1,
         }
-    };
+    }
+}
+
+fn finish(
+    shared: Arc<Shared>,
+    reply: Option<OwnedFd>,
+    reason: String,
+    exit: i32,
+    code: i32,
+) -> i32 {
     // Let sessions cut short by the stop record their end first.
     let deadline = Instant::now() + std::time::Duration::from_secs(2);
     while shared.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {

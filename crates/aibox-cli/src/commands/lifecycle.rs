@@ -8,7 +8,7 @@ use aibox_config::{Loaded, Runtime};
 use aibox_sandbox::SandboxSpec;
 use aibox_supervisor::SandboxPaths;
 use aibox_supervisor::client;
-use aibox_supervisor::proto::{ExecRequest, Status, SupervisorSpec};
+use aibox_supervisor::proto::{ContainerSpec, ExecRequest, GvisorSpec, Status, SupervisorSpec};
 use anyhow::{Result, bail};
 use sha2::{Digest, Sha256};
 
@@ -39,12 +39,6 @@ fn prepare(
             ),
         ),
     };
-    if runtime != Runtime::Native {
-        bail!(
-            "runtime `{}` ({reason}) is not available in this build: only the native backend is implemented so far\n  fix: use --runtime native, or set `runtime: native` (aibox config set runtime native)",
-            runtime.as_str()
-        );
-    }
     let data_dir = loaded.data_dir();
     let runtime_dir = loaded.runtime_dir();
     let raw_ws = a
@@ -72,6 +66,17 @@ fn prepare(
     let paths = SandboxPaths::new(&runtime_dir, &data_dir, &name);
     let rootfs = (!c.sandbox.rootfs.is_empty()).then(|| PathBuf::from(&c.sandbox.rootfs));
     let config_json = serde_json::to_vec(&loaded.config)?;
+    let container = match runtime {
+        Runtime::Native => None,
+        Runtime::Podman | Runtime::Docker => Some(container_spec(
+            &loaded,
+            runtime,
+            &paths,
+            &runtime_dir,
+            &data_dir,
+            &user,
+        )?),
+    };
     let spec = SupervisorSpec {
         sandbox: SandboxSpec {
             name: name.clone(),
@@ -99,8 +104,137 @@ fn prepare(
         cpus: c.resources.cpus,
         memory: c.resources.memory.clone(),
         memory_bytes: aibox_config::parse_size(&c.resources.memory).unwrap_or(u64::MAX),
+        container,
     };
     Ok((loaded, spec, paths))
+}
+
+/// Where the host has AppArmor enabled.
+fn host_has_apparmor() -> bool {
+    std::fs::read_to_string("/sys/module/apparmor/parameters/enabled")
+        .is_ok_and(|v| v.trim() == "Y")
+}
+
+/// The AppArmor profile shipped in `configs/apparmor/`.
+const APPARMOR_PROFILE: &str = include_str!("../../../../configs/apparmor/aibox-default");
+/// Its name.
+const APPARMOR_NAME: &str = "aibox-default";
+
+/// Loads the profile (root) or checks that it is loaded (rootless).
+fn apparmor(require: bool) -> Result<(Option<String>, String)> {
+    if !host_has_apparmor() {
+        if require {
+            bail!(
+                "gvisor.require_apparmor is on but this host has no AppArmor\n  fix: boot a kernel with AppArmor enabled, or set gvisor.require_apparmor: false"
+            );
+        }
+        return Ok((
+            None,
+            "not applied: this host has no AppArmor (the kernel does not offer it)".into(),
+        ));
+    }
+    let loaded = std::fs::read_to_string("/sys/kernel/security/apparmor/profiles").is_ok_and(|p| {
+        p.lines()
+            .any(|l| l.starts_with(&format!("{APPARMOR_NAME} ")))
+    });
+    if !loaded && aibox_core::euid() == 0 {
+        use std::io::Write;
+        let mut child = std::process::Command::new("apparmor_parser")
+            .args(["-r", "-W"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| {
+                anyhow::anyhow!("running apparmor_parser: {e}\n  fix: apt-get install apparmor")
+            })?;
+        if let Some(mut i) = child.stdin.take() {
+            i.write_all(APPARMOR_PROFILE.as_bytes())?;
+        }
+        if !child.wait()?.success() {
+            bail!("apparmor_parser could not load the aibox-default profile");
+        }
+    } else if !loaded {
+        if require {
+            bail!(
+                "the AppArmor profile {APPARMOR_NAME} is not loaded\n  fix: as root, `apparmor_parser -r configs/apparmor/aibox-default`"
+            );
+        }
+        return Ok((
+            None,
+            format!("not applied: profile {APPARMOR_NAME} is not loaded and loading needs root"),
+        ));
+    }
+    Ok((
+        Some(APPARMOR_NAME.to_string()),
+        format!("enforced: profile {APPARMOR_NAME}"),
+    ))
+}
+
+fn container_spec(
+    loaded: &Loaded,
+    runtime: Runtime,
+    paths: &SandboxPaths,
+    runtime_dir: &std::path::Path,
+    data_dir: &std::path::Path,
+    user: &str,
+) -> Result<ContainerSpec> {
+    let c = &loaded.config;
+    let gvisor = if c.gvisor.enabled {
+        let runsc = aibox_engine::which("runsc").ok_or_else(|| {
+            anyhow::anyhow!(
+                "gvisor.enabled is on but runsc is not installed\n  fix: apt-get install runsc, or set gvisor.enabled: false"
+            )
+        })?;
+        let offered = aibox_engine::runsc_platforms(&runsc)?;
+        let wanted = match c.gvisor.platform {
+            aibox_config::GvisorPlatform::Systrap => "systrap",
+            aibox_config::GvisorPlatform::Ptrace => "ptrace",
+        };
+        let (platform, note) = if offered.iter().any(|p| p == wanted) {
+            (wanted.to_string(), String::new())
+        } else if offered.iter().any(|p| p == "ptrace") {
+            eprintln!(
+                "aibox: gvisor.platform `{wanted}` is not offered by the installed runsc ({}); using `ptrace`",
+                offered.join(", ")
+            );
+            (
+                "ptrace".to_string(),
+                format!("; `{wanted}` is not offered by this runsc"),
+            )
+        } else {
+            bail!(
+                "gvisor.platform `{wanted}` is not offered by the installed runsc (it offers: {})\n  fix: set gvisor.platform to one of those",
+                offered.join(", ")
+            );
+        };
+        Some(GvisorSpec {
+            runsc,
+            platform,
+            note,
+        })
+    } else {
+        None
+    };
+    if gvisor.is_some() && runtime == Runtime::Docker {
+        bail!(
+            "gVisor with the docker backend needs runsc registered in the docker daemon, which aibox does not do\n  fix: use `--runtime podman`, or set gvisor.enabled: false"
+        );
+    }
+    let (apparmor, apparmor_note) = apparmor(c.gvisor.require_apparmor)?;
+    let exe = std::env::current_exe()?;
+    Ok(ContainerSpec {
+        engine: runtime.as_str().into(),
+        // Unique per runtime directory and name, in the original's format.
+        container_name: aibox_core::default_sandbox_name(user, &runtime_dir.join(&paths.name)),
+        image: c.image.clone(),
+        gvisor,
+        aibox_binary: std::fs::canonicalize(&exe).unwrap_or(exe),
+        mounts_dir: paths.mounts.clone(),
+        record: paths.container_record.clone(),
+        toolpacks: data_dir.join("toolpacks"),
+        runtime_dir: runtime_dir.to_path_buf(),
+        apparmor,
+        apparmor_note,
+    })
 }
 
 pub fn start(cli_config: Option<PathBuf>, a: StartArgs) -> Result<i32> {

@@ -1,0 +1,187 @@
+//! The parts of aibox that run inside a podman/docker container, where the
+//! engine (runc or runsc) built the namespaces, dropped the capabilities
+//! and installed the seccomp profile. The aibox binary is bind-mounted
+//! read-only at [`BINARY`] and provides:
+//!
+//! - `__container-init`: PID 1. Reaps orphans; on SIGTERM kills every
+//!   process of the container and exits.
+//! - `__container-session ID -- ARGV…`: the first program of every
+//!   `podman exec`. Records its pid (so a later `__container-signal` can
+//!   reach it, since the engines do not forward signals to exec'd
+//!   processes), becomes a process-group leader, applies the same Landlock
+//!   ruleset as the native sandbox where the kernel has Landlock, and
+//!   `execve`s the command in place (same pid, no extra process).
+//! - `__container-signal ID SIG`: sends SIG to a session's process group.
+//! - `__container-selftest`: the in-sandbox self-test, as JSON.
+
+use std::ffi::CString;
+use std::path::Path;
+
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+use crate::landlock_rules::{self, LandlockState};
+use crate::{SandboxError, sys};
+
+/// Where the aibox binary is mounted inside containers.
+pub const BINARY: &str = "/aibox/aibox";
+/// First argument of the container init.
+pub const INIT_ARG: &str = "__container-init";
+/// First argument of the session shim.
+pub const SESSION_ARG: &str = "__container-session";
+/// First argument of the signal helper.
+pub const SIGNAL_ARG: &str = "__container-signal";
+/// First argument of the self-test.
+pub const SELFTEST_ARG: &str = "__container-selftest";
+/// Directory of session pid files (`/dev/shm` is a world-writable tmpfs
+/// under every engine; podman forces `/run` to mode 0755).
+const SESSIONS: &str = "/dev/shm/.aibox-sessions";
+
+/// Runs one of the in-container entry points if `args[1]` names one;
+/// returns its exit code, or None for any other command line.
+pub fn dispatch(args: &[String]) -> Option<i32> {
+    let rest = args.get(2..).unwrap_or(&[]);
+    Some(match args.get(1).map(String::as_str)? {
+        INIT_ARG => init(),
+        SESSION_ARG => session(rest),
+        SIGNAL_ARG => signal(rest),
+        SELFTEST_ARG => selftest(),
+        _ => return None,
+    })
+}
+
+fn fail(msg: &str, code: i32) -> i32 {
+    eprintln!("aibox: {msg}");
+    code
+}
+
+/// PID 1: wait for children and for the engine's stop signal.
+fn init() -> i32 {
+    if std::process::id() != 1 {
+        return fail("the container init must run as PID 1", 2);
+    }
+    let mut mask = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+    ] {
+        mask.add(s);
+    }
+    if sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None).is_err() {
+        return fail("blocking signals failed", 1);
+    }
+    loop {
+        match mask.wait() {
+            Ok(Signal::SIGCHLD) => reap_all(),
+            Ok(_) => {
+                // As PID 1, kill(-1) reaches every other process here.
+                let _ = sys::kill_raw(-1, libc::SIGKILL);
+                while let Ok(_) | Err(nix::errno::Errno::EINTR) = waitpid(None::<Pid>, None) {}
+                return 0;
+            }
+            Err(_) => reap_all(),
+        }
+    }
+}
+
+fn reap_all() {
+    while let Ok(s) = waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+        if s == WaitStatus::StillAlive {
+            break;
+        }
+    }
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 20 && id.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Applies the native sandbox's Landlock ruleset where the kernel has one.
+fn landlock() -> Result<Option<LandlockState>, SandboxError> {
+    if landlock_rules::kernel_abi() <= 0 || crate::debug_skip("landlock") {
+        return Ok(None);
+    }
+    landlock_rules::apply(crate::WRITABLE).map(Some)
+}
+
+fn session(rest: &[String]) -> i32 {
+    let (Some(id), Some("--")) = (rest.first(), rest.get(1).map(String::as_str)) else {
+        return fail("usage: __container-session ID -- PROGRAM [ARGS…]", 2);
+    };
+    let argv = &rest[2..];
+    if !valid_id(id) || argv.is_empty() {
+        return fail("usage: __container-session ID -- PROGRAM [ARGS…]", 2);
+    }
+    // Own process group, so a signal reaches the command's children too
+    // (a terminal session already made us a session leader).
+    let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
+    let _ = std::fs::create_dir_all(SESSIONS);
+    if let Err(e) = std::fs::write(
+        Path::new(SESSIONS).join(format!("{id}.pid")),
+        std::process::id().to_string(),
+    ) {
+        return fail(&format!("recording the session pid: {e}"), 125);
+    }
+    if let Err(e) = landlock() {
+        return fail(&format!("{e}"), 125);
+    }
+    let Ok(cargs) = argv
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<Vec<_>, _>>()
+    else {
+        return fail("arguments must not contain NUL bytes", 2);
+    };
+    let err = nix::unistd::execvp(&cargs[0], &cargs).unwrap_err();
+    let code = if err == nix::errno::Errno::ENOENT {
+        127
+    } else {
+        126
+    };
+    fail(&format!("cannot run `{}`: {}", argv[0], err.desc()), code)
+}
+
+fn signal(rest: &[String]) -> i32 {
+    let (Some(id), Some(sig)) = (rest.first(), rest.get(1)) else {
+        return fail("usage: __container-signal ID SIGNAL", 2);
+    };
+    let Ok(sig) = sig.parse::<i32>() else {
+        return fail("SIGNAL must be a number", 2);
+    };
+    if !valid_id(id) {
+        return fail("bad session id", 2);
+    }
+    let Ok(pid) = std::fs::read_to_string(Path::new(SESSIONS).join(format!("{id}.pid"))) else {
+        // Not started yet (the caller retries on 3) or never will be.
+        return 3;
+    };
+    let Ok(pid) = pid.trim().parse::<i32>() else {
+        return fail("corrupt session pid file", 1);
+    };
+    if pid <= 1 {
+        return fail("corrupt session pid file", 1);
+    }
+    if sys::kill_raw(-pid, sig).is_err() {
+        let _ = sys::kill_raw(pid, sig);
+    }
+    0
+}
+
+fn selftest() -> i32 {
+    let abi = landlock_rules::kernel_abi();
+    let state = match landlock() {
+        Ok(s) => s,
+        Err(e) => return fail(&e.to_string(), 1),
+    };
+    let report = crate::selftest::run_container(abi, state);
+    match serde_json::to_string(&report) {
+        Ok(j) => {
+            println!("{j}");
+            0
+        }
+        Err(e) => fail(&e.to_string(), 1),
+    }
+}

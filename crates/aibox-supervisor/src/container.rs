@@ -1,0 +1,599 @@
+//! The podman and docker backends: a hardened, detached container whose
+//! PID 1 is the aibox binary (bind-mounted read-only), commands run
+//! through `ENGINE exec` and the in-container session shim
+//! (`aibox_sandbox::container`), and death noticed through `ENGINE wait`.
+//!
+//! Ownership of workspace files: rootful containers run in a user
+//! namespace whose ids 0–65535 are the reserved host range starting at
+//! [`GUEST_BASE`] (podman) or, for docker (no per-container user
+//! namespaces), as host uid 1000. The workspace and home are mounted
+//! through host-side idmapped mounts that store the guest's files as the
+//! invoking user. Rootless podman uses `--userns=keep-id:uid=1000,gid=1000`,
+//! which maps the guest to the invoking user directly.
+
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use aibox_engine::Engine;
+use aibox_sandbox::SelfTestReport;
+use serde::{Deserialize, Serialize};
+
+use crate::proto::{ContainerSpec, SupervisorSpec};
+
+/// First host id of the user namespace of rootful podman sandboxes: guest
+/// uid 1000 is host uid `GUEST_BASE + 1000`, a reserved, unnamed id (the
+/// native backend's reserved ids start at 0x7F000000, above this range).
+pub const GUEST_BASE: u32 = 0x7E00_0000;
+
+/// The six build caches of the original AI-Box: (volume suffix, path
+/// inside the sandbox). Volumes are shared by every sandbox of an engine.
+pub const CACHES: &[(&str, &str)] = &[
+    ("maven", "/home/dev/.m2/repository"),
+    ("gradle", "/home/dev/.gradle/caches"),
+    ("npm", "/home/dev/.npm"),
+    ("yarn", "/home/dev/.yarn/cache"),
+    ("bazel", "/home/dev/.cache/bazel"),
+    ("nuget", "/home/dev/.nuget/packages"),
+];
+
+/// Name of the volume holding cache `kind`.
+pub fn cache_volume(kind: &str) -> String {
+    format!("aibox-cache-{kind}")
+}
+
+/// What is recorded about a container before it is created, so that it
+/// can be removed even if its supervisor dies at any point.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    /// `podman` or `docker`.
+    pub engine: String,
+    /// Container name.
+    pub container_name: String,
+    /// Host-side mount directory.
+    pub mounts_dir: PathBuf,
+}
+
+/// Parses an engine name.
+pub fn engine_of(name: &str) -> Result<Engine, String> {
+    match name {
+        "podman" => Ok(Engine::Podman),
+        "docker" => Ok(Engine::Docker),
+        other => Err(format!("unknown container engine `{other}`")),
+    }
+}
+
+/// A started container.
+#[derive(Debug)]
+pub struct Started {
+    /// Container id.
+    pub id: String,
+    /// Host pid of the container's init (as the engine reports it).
+    pub init_pid: i32,
+    /// Self-test run inside.
+    pub report: SelfTestReport,
+    /// Host uid of guest uid 1000.
+    pub guest_host_uid: u32,
+    /// Started without root.
+    pub rootless: bool,
+    /// `ENGINE wait NAME`: exits when the container does.
+    pub waiter: Child,
+}
+
+fn mount_point(dir: &Path, which: &str) -> PathBuf {
+    dir.join(which)
+}
+
+/// Unmounts and removes the host-side mounts of a container sandbox.
+/// Only empty directories are removed (`remove_dir`), so a mount that
+/// could not be detached is never descended into.
+pub fn remove_mounts(dir: &Path) {
+    for which in ["workspace", "home"] {
+        let p = mount_point(dir, which);
+        // A mount may be stacked more than once after a crash mid-start.
+        while aibox_sandbox::detach_mount(&p) {}
+        let _ = std::fs::remove_dir(&p);
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// Removes the container named in `record` and its mounts; used by
+/// `stop` and by stale-state cleanup when the supervisor is gone.
+pub fn remove(record: &Record) -> Result<(), String> {
+    let engine = engine_of(&record.engine)?;
+    let out = engine
+        .command(["rm", "-f", "-t", "2", &record.container_name])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| engine.spawn_error(e).to_string())?;
+    remove_mounts(&record.mounts_dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.success()
+        || err.contains("no such container")
+        || err.contains("No such container")
+    {
+        Ok(())
+    } else {
+        Err(aibox_engine::explain(&err))
+    }
+}
+
+/// Reads a container record.
+pub fn read_record(path: &Path) -> Option<Record> {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+}
+
+/// Engine view of a container: running or not (None when it does not exist).
+pub fn inspect_running(engine: &str, name: &str) -> Option<bool> {
+    let engine = engine_of(engine).ok()?;
+    let v: serde_json::Value = engine
+        .json("inspect", &["container", "inspect", name])
+        .ok()?;
+    v.get(0)?.get("State")?.get("Running")?.as_bool()
+}
+
+fn ensure_dir(p: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(p).map_err(|e| format!("creating {}: {e}", p.display()))
+}
+
+/// Creates the cache volumes that are missing, owned by the guest.
+fn ensure_caches(engine: Engine, guest: (u32, u32), rootless: bool) -> Result<(), String> {
+    for (kind, _) in CACHES {
+        let vol = cache_volume(kind);
+        let exists = engine
+            .command(["volume", "inspect", &vol])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if exists {
+            continue;
+        }
+        engine
+            .run(
+                "volume create",
+                [
+                    "volume",
+                    "create",
+                    "--label",
+                    "aibox=true",
+                    "--label",
+                    "aibox.cache=true",
+                    &vol,
+                ],
+            )
+            .map_err(|e| e.to_string())?;
+        if rootless {
+            // keep-id maps the guest to the user, who owns the new volume.
+            continue;
+        }
+        let v: serde_json::Value = engine
+            .json("volume inspect", &["volume", "inspect", &vol])
+            .map_err(|e| e.to_string())?;
+        let mp = v
+            .get(0)
+            .and_then(|x| x.get("Mountpoint"))
+            .and_then(|m| m.as_str())
+            .ok_or_else(|| format!("{} volume inspect {vol}: no Mountpoint", engine.program()))?;
+        nix::unistd::chown(Path::new(mp), Some(guest.0.into()), Some(guest.1.into()))
+            .map_err(|e| format!("giving cache volume {vol} to the guest: {e}"))?;
+    }
+    Ok(())
+}
+
+fn write_private(path: &Path, data: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    f.write_all(data)
+        .map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+/// The `ENGINE run` arguments of a sandbox.
+fn run_args(
+    spec: &SupervisorSpec,
+    c: &ContainerSpec,
+    engine: Engine,
+    rootless: bool,
+    seccomp: &Path,
+    ws: &Path,
+    home: &Path,
+) -> Vec<String> {
+    let sb = &spec.sandbox;
+    let mut a: Vec<String> = vec!["run".into(), "-d".into()];
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    push(&[
+        "--name",
+        &c.container_name,
+        "--hostname",
+        aibox_core::guest::HOSTNAME,
+    ]);
+    push(&["--label", "aibox=true"]);
+    push(&["--label", &format!("aibox.name={}", sb.name)]);
+    push(&["--label", &format!("aibox.owner={}", spec.user)]);
+    push(&[
+        "--label",
+        &format!("aibox.runtime_dir={}", c.runtime_dir.display()),
+    ]);
+    push(&["--user", "1000:1000", "--cap-drop=ALL"]);
+    push(&["--security-opt", "no-new-privileges"]);
+    push(&["--security-opt", &format!("seccomp={}", seccomp.display())]);
+    if let Some(p) = &c.apparmor {
+        push(&["--security-opt", &format!("apparmor={p}")]);
+    }
+    push(&["--read-only", "--network=none"]);
+    push(&["--pids-limit", &sb.pids.to_string()]);
+    push(&["--ulimit", &format!("nofile={0}:{0}", sb.nofile)]);
+    if engine == Engine::Podman {
+        // Counted per user namespace, so per sandbox. (Without it podman
+        // asks for the host's maximum, which the runtime may not raise.)
+        push(&["--ulimit", &format!("nproc={0}:{0}", sb.pids)]);
+    }
+    if !rootless {
+        // Rootless podman on cgroup v1 cannot set cpu/memory limits; the
+        // status reports that instead of failing the start.
+        push(&["--memory", &spec.memory_bytes.to_string()]);
+        push(&["--cpus", &spec.cpus.to_string()]);
+    }
+    // podman would copy the image's /run (root-owned, 0755) into the
+    // tmpfs and its mode with it.
+    let copyup = if engine == Engine::Podman {
+        ",notmpcopyup"
+    } else {
+        ""
+    };
+    let tmpfs = |dst: &str, size: &str| {
+        format!("{dst}:rw,noexec,nosuid,nodev,size={size},mode=1777{copyup}")
+    };
+    push(&["--tmpfs", &tmpfs("/tmp", &sb.tmp_size)]);
+    push(&["--tmpfs", &tmpfs("/var/tmp", &sb.tmp_size)]);
+    push(&["--tmpfs", &tmpfs("/run", "64m")]);
+    match (engine, rootless) {
+        (Engine::Podman, false) => {
+            let range = format!("0:{GUEST_BASE}:65536");
+            push(&["--uidmap", &range, "--gidmap", &range]);
+        }
+        (Engine::Podman, true) => push(&["--userns=keep-id:uid=1000,gid=1000"]),
+        (Engine::Docker, _) => {}
+    }
+    let vol = |src: &Path, dst: &str, opts: &str| match engine {
+        Engine::Podman => format!("{}:{dst}:{opts}", src.display()),
+        // docker's -v takes no nosuid/nodev (no_new_privs already makes
+        // set-id bits inert).
+        Engine::Docker => format!(
+            "{}:{dst}{}",
+            src.display(),
+            if opts.starts_with("ro") { ":ro" } else { "" }
+        ),
+    };
+    push(&["-v", &vol(ws, "/workspace", "rw,nosuid,nodev")]);
+    push(&["-v", &vol(home, "/home/dev", "rw,nosuid,nodev")]);
+    push(&[
+        "-v",
+        &vol(&c.toolpacks, "/opt/toolpacks", "ro,nosuid,nodev"),
+    ]);
+    push(&[
+        "-v",
+        &vol(&c.aibox_binary, aibox_sandbox::container::BINARY, "ro"),
+    ]);
+    for (kind, dst) in CACHES {
+        let opts = match engine {
+            Engine::Podman => ":rw,nosuid,nodev",
+            Engine::Docker => "",
+        };
+        push(&["-v", &format!("{}:{dst}{opts}", cache_volume(kind))]);
+    }
+    if let Some(g) = &c.gvisor {
+        push(&["--runtime", &g.runsc.display().to_string()]);
+        if engine == Engine::Podman {
+            for f in [
+                "network=none",
+                &format!("platform={}", g.platform),
+                "oci-seccomp",
+            ] {
+                push(&["--runtime-flag", f]);
+            }
+        }
+    }
+    push(&[
+        &c.image,
+        aibox_sandbox::container::BINARY,
+        aibox_sandbox::container::INIT_ARG,
+    ]);
+    a
+}
+
+/// Creates and starts the container, runs the self-test inside, and
+/// returns once it passed. On failure nothing is left behind.
+pub fn start(spec: &SupervisorSpec, c: &ContainerSpec) -> Result<Started, String> {
+    let engine = engine_of(&c.engine)?;
+    let rootless = aibox_core::euid() != 0;
+    if rootless && engine == Engine::Docker {
+        return Err("the docker backend needs root (aibox does not drive rootless docker)\n  fix: run as root, or use `--runtime podman` (rootless works there)".into());
+    }
+    let record = Record {
+        engine: c.engine.clone(),
+        container_name: c.container_name.clone(),
+        mounts_dir: c.mounts_dir.clone(),
+    };
+    // A container of this name left by a crashed start is ours to remove.
+    let _ = remove(&record);
+    write_private(
+        &c.record,
+        serde_json::to_string(&record)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
+    let result = start_inner(spec, c, engine, rootless);
+    if result.is_err() {
+        let _ = remove(&record);
+        let _ = std::fs::remove_file(&c.record);
+    }
+    result
+}
+
+fn start_inner(
+    spec: &SupervisorSpec,
+    c: &ContainerSpec,
+    engine: Engine,
+    rootless: bool,
+) -> Result<Started, String> {
+    let sb = &spec.sandbox;
+    let invoker = (aibox_core::euid(), nix::unistd::getegid().as_raw());
+    let guest = match (engine, rootless) {
+        (_, true) => invoker,
+        (Engine::Podman, false) => (GUEST_BASE + 1000, GUEST_BASE + 1000),
+        (Engine::Docker, false) => (aibox_core::guest::UID, aibox_core::guest::GID),
+    };
+    // Mount points of the caches inside the home must exist beforehand:
+    // the runtime cannot create them through an idmapped mount.
+    for (_, dst) in CACHES {
+        if let Some(rel) = dst.strip_prefix("/home/dev/") {
+            ensure_dir(&sb.home.join(rel))?;
+        }
+    }
+    ensure_dir(&c.toolpacks)?;
+    ensure_caches(engine, guest, rootless)?;
+
+    let seccomp = spec.run_dir.join("seccomp.json");
+    let profile = aibox_sandbox::seccomp::SyscallPolicy::embedded()
+        .and_then(|p| p.oci_profile())
+        .map_err(|e| e.to_string())?;
+    write_private(
+        &seccomp,
+        serde_json::to_string_pretty(&profile)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
+    // Readable by the runtime inside the user namespace (rootful podman).
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(&seccomp, std::fs::Permissions::from_mode(0o644));
+
+    let (ws, home) = if rootless {
+        (sb.workspace.clone(), sb.home.clone())
+    } else {
+        ensure_dir(&c.mounts_dir)?;
+        let ws = mount_point(&c.mounts_dir, "workspace");
+        let home = mount_point(&c.mounts_dir, "home");
+        for (src, dst) in [(&sb.workspace, &ws), (&sb.home, &home)] {
+            ensure_dir(dst)?;
+            aibox_sandbox::idmapped_bind(src, dst, invoker, guest).map_err(|e| e.to_string())?;
+        }
+        // The workspace that got mounted must be the one validated.
+        if let Some((dev, ino)) = sb.workspace_id {
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::metadata(&ws).map_err(|e| format!("checking the workspace: {e}"))?;
+            if (m.dev(), m.ino()) != (dev, ino) {
+                return Err("the workspace changed while it was being mounted; try again".into());
+            }
+        }
+        (ws, home)
+    };
+
+    let args = run_args(spec, c, engine, rootless, &seccomp, &ws, &home);
+    let out = engine.run("run", &args).map_err(|e| e.to_string())?;
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+
+    let waiter = waiter(engine, &c.container_name)?;
+    let info: serde_json::Value = engine
+        .json("inspect", &["container", "inspect", &c.container_name])
+        .map_err(|e| e.to_string())?;
+    let init_pid = info
+        .get(0)
+        .and_then(|i| i.get("State"))
+        .and_then(|s| s.get("Pid"))
+        .and_then(|p| p.as_i64())
+        .unwrap_or(0) as i32;
+    let report = selftest(engine, &c.container_name)?;
+    if let Some(f) = report.failure() {
+        return Err(format!("sandbox self-test failed: {f}"));
+    }
+    Ok(Started {
+        id,
+        init_pid,
+        report,
+        guest_host_uid: guest.0,
+        rootless,
+        waiter,
+    })
+}
+
+/// `ENGINE wait NAME`, killed with us (PR_SET_PDEATHSIG) so it never
+/// outlives the supervisor.
+fn waiter(engine: Engine, name: &str) -> Result<Child, String> {
+    let mut cmd = engine.command(["wait", name]);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    aibox_sandbox::sys::pdeathsig_on_exec(&mut cmd);
+    cmd.spawn().map_err(|e| engine.spawn_error(e).to_string())
+}
+
+fn selftest(engine: Engine, name: &str) -> Result<SelfTestReport, String> {
+    let out = engine
+        .run(
+            "exec (self-test)",
+            [
+                "exec",
+                "--user",
+                "1000:1000",
+                name,
+                aibox_sandbox::container::BINARY,
+                aibox_sandbox::container::SELFTEST_ARG,
+            ],
+        )
+        .map_err(|e| e.to_string())?;
+    serde_json::from_slice(&out.stdout).map_err(|e| {
+        format!(
+            "the in-container self-test printed something unreadable ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// One `ENGINE exec` session.
+#[derive(Debug)]
+pub struct Exec {
+    /// The engine process.
+    pub child: Child,
+    /// Terminal master (tty sessions).
+    pub master: Option<OwnedFd>,
+}
+
+/// Names whose values must not come from the engine process's own
+/// environment (the engine itself needs its own HOME, PATH, …), so they
+/// are passed literally; everything else is passed by name only, so values
+/// never show up in the host's process list.
+const LITERAL: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "HOSTNAME", "TERM", "TMPDIR",
+];
+
+/// Starts `argv` in the container through the session shim.
+pub fn exec(
+    engine: Engine,
+    name: &str,
+    id: u64,
+    req: &aibox_sandbox::SpawnRequest,
+    fds: Vec<OwnedFd>,
+) -> Result<Exec, String> {
+    let mut args: Vec<String> = vec!["exec".into(), "-i".into()];
+    if req.tty.is_some() {
+        args.push("-t".into());
+    }
+    args.extend([
+        "--user".into(),
+        "1000:1000".into(),
+        "-w".into(),
+        req.cwd.clone(),
+    ]);
+    let mut cmd = Command::new(engine.program());
+    for kv in &req.env {
+        let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
+        if k.is_empty() || k.contains('\0') || v.contains('\0') {
+            return Err(format!("invalid environment entry {kv:?}"));
+        }
+        if LITERAL.contains(&k) {
+            args.extend(["-e".into(), kv.clone()]);
+        } else {
+            args.extend(["-e".into(), k.to_string()]);
+            cmd.env(k, v);
+        }
+    }
+    args.extend([
+        name.to_string(),
+        aibox_sandbox::container::BINARY.to_string(),
+        aibox_sandbox::container::SESSION_ARG.to_string(),
+        id.to_string(),
+        "--".to_string(),
+    ]);
+    args.extend(req.argv.iter().cloned());
+    cmd.args(&args);
+    let master = match req.tty {
+        Some(ws) => {
+            let size = nix::pty::Winsize {
+                ws_row: ws.rows,
+                ws_col: ws.cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            let pty = nix::pty::openpty(Some(&size), None)
+                .map_err(|e| format!("allocating a terminal: {e}"))?;
+            let slave = pty.slave;
+            cmd.stdin(Stdio::from(
+                slave.try_clone().map_err(|e| format!("terminal: {e}"))?,
+            ))
+            .stdout(Stdio::from(
+                slave.try_clone().map_err(|e| format!("terminal: {e}"))?,
+            ))
+            .stderr(Stdio::from(slave));
+            // The engine owns the terminal and gets its SIGWINCH.
+            aibox_sandbox::sys::new_session_with_tty_on_exec(&mut cmd);
+            Some(pty.master)
+        }
+        None => {
+            let mut it = fds.into_iter();
+            let (Some(i), Some(o), Some(e)) = (it.next(), it.next(), it.next()) else {
+                return Err("stdin/stdout/stderr were not attached".into());
+            };
+            cmd.stdin(Stdio::from(i))
+                .stdout(Stdio::from(o))
+                .stderr(Stdio::from(e));
+            // Own process group: the terminal's signals are the client's business.
+            cmd.process_group(0);
+            None
+        }
+    };
+    let child = cmd.spawn().map_err(|e| engine.spawn_error(e).to_string())?;
+    Ok(Exec { child, master })
+}
+
+/// Sends `signal` to session `id` (through the in-container helper, since
+/// the engines do not forward signals to exec'd processes). Retries while
+/// the session has not recorded its pid yet.
+pub fn signal(engine: Engine, name: &str, id: u64, signal: i32) {
+    for _ in 0..20 {
+        let st = engine
+            .command([
+                "exec",
+                "--user",
+                "1000:1000",
+                name,
+                aibox_sandbox::container::BINARY,
+                aibox_sandbox::container::SIGNAL_ARG,
+                &id.to_string(),
+                &signal.to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        match st.ok().and_then(|s| s.code()) {
+            Some(3) => std::thread::sleep(std::time::Duration::from_millis(50)),
+            _ => return,
+        }
+    }
+}
+
+/// Stops the container (its init kills everything on SIGTERM) and
+/// removes it and its mounts.
+pub fn shutdown(record: &Record) -> Result<(), String> {
+    if let Ok(engine) = engine_of(&record.engine) {
+        let _ = engine
+            .command(["stop", "-t", "5", &record.container_name])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+    remove(record)
+}
