@@ -5,14 +5,17 @@
 //!
 //! - `__container-init`: PID 1. Reaps orphans; on SIGTERM kills every
 //!   process of the container and exits.
-//! - `__container-session ID -- ARGV…`: the first program of every
+//! - `__container-session ID [--seccomp] -- ARGV…`: the first program of every
 //!   `podman exec`. Records its pid (so a later `__container-signal` can
 //!   reach it, since the engines do not forward signals to exec'd
 //!   processes), becomes a process-group leader, applies the same Landlock
 //!   ruleset as the native sandbox where the kernel has Landlock, and
-//!   `execve`s the command in place (same pid, no extra process).
+//!   `execve`s the command in place (same pid, no extra process). With
+//!   `--seccomp` it also installs the native seccomp filters: runsc applies
+//!   the OCI profile to the container's first process only, not to
+//!   processes started with `exec`.
 //! - `__container-signal ID SIG`: sends SIG to a session's process group.
-//! - `__container-selftest`: the in-sandbox self-test, as JSON.
+//! - `__container-selftest [--seccomp]`: the in-sandbox self-test, as JSON.
 
 use std::ffi::CString;
 use std::path::Path;
@@ -34,6 +37,8 @@ pub const SESSION_ARG: &str = "__container-session";
 pub const SIGNAL_ARG: &str = "__container-signal";
 /// First argument of the self-test.
 pub const SELFTEST_ARG: &str = "__container-selftest";
+/// Asks the shim and self-test to install the seccomp filters themselves.
+pub const SECCOMP_FLAG: &str = "--seccomp";
 /// Directory of session pid files (`/dev/shm` is a world-writable tmpfs
 /// under every engine; podman forces `/run` to mode 0755).
 const SESSIONS: &str = "/dev/shm/.aibox-sessions";
@@ -46,7 +51,7 @@ pub fn dispatch(args: &[String]) -> Option<i32> {
         INIT_ARG => init(),
         SESSION_ARG => session(rest),
         SIGNAL_ARG => signal(rest),
-        SELFTEST_ARG => selftest(),
+        SELFTEST_ARG => selftest(rest.first().map(String::as_str) == Some(SECCOMP_FLAG)),
         _ => return None,
     })
 }
@@ -99,21 +104,34 @@ fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 20 && id.bytes().all(|b| b.is_ascii_digit())
 }
 
-/// Applies the native sandbox's Landlock ruleset where the kernel has one.
-fn landlock() -> Result<Option<LandlockState>, SandboxError> {
-    if landlock_rules::kernel_abi() <= 0 || crate::debug_skip("landlock") {
-        return Ok(None);
+/// Applies the native sandbox's Landlock ruleset where the kernel has
+/// one, then (when asked) the native seccomp filters.
+fn harden(seccomp: bool) -> Result<Option<LandlockState>, SandboxError> {
+    let landlock = if landlock_rules::kernel_abi() <= 0 || crate::debug_skip("landlock") {
+        None
+    } else {
+        Some(landlock_rules::apply(crate::WRITABLE)?)
+    };
+    if seccomp && !crate::debug_skip("seccomp") {
+        let filters = crate::seccomp::SyscallPolicy::embedded()?.compile()?;
+        crate::seccomp::install(&filters)?;
     }
-    landlock_rules::apply(crate::WRITABLE).map(Some)
+    Ok(landlock)
 }
 
 fn session(rest: &[String]) -> i32 {
-    let (Some(id), Some("--")) = (rest.first(), rest.get(1).map(String::as_str)) else {
-        return fail("usage: __container-session ID -- PROGRAM [ARGS…]", 2);
+    let usage = "usage: __container-session ID [--seccomp] -- PROGRAM [ARGS…]";
+    let Some(id) = rest.first() else {
+        return fail(usage, 2);
     };
-    let argv = &rest[2..];
+    let seccomp = rest.get(1).map(String::as_str) == Some(SECCOMP_FLAG);
+    let at = if seccomp { 2 } else { 1 };
+    if rest.get(at).map(String::as_str) != Some("--") {
+        return fail(usage, 2);
+    }
+    let argv = &rest[at + 1..];
     if !valid_id(id) || argv.is_empty() {
-        return fail("usage: __container-session ID -- PROGRAM [ARGS…]", 2);
+        return fail(usage, 2);
     }
     // Own process group, so a signal reaches the command's children too
     // (a terminal session already made us a session leader).
@@ -125,7 +143,7 @@ fn session(rest: &[String]) -> i32 {
     ) {
         return fail(&format!("recording the session pid: {e}"), 125);
     }
-    if let Err(e) = landlock() {
+    if let Err(e) = harden(seccomp) {
         return fail(&format!("{e}"), 125);
     }
     let Ok(cargs) = argv
@@ -170,9 +188,9 @@ fn signal(rest: &[String]) -> i32 {
     0
 }
 
-fn selftest() -> i32 {
+fn selftest(seccomp: bool) -> i32 {
     let abi = landlock_rules::kernel_abi();
-    let state = match landlock() {
+    let state = match harden(seccomp) {
         Ok(s) => s,
         Err(e) => return fail(&e.to_string(), 1),
     };

@@ -556,16 +556,23 @@ fn harden(
 /// by `disk`. The container backends use this so that the guest (a
 /// reserved host uid) writes workspace files as the invoking user. Needs
 /// root, and a single-threaded caller (it forks a helper).
+///
+/// `spare`: a second pair, mapping on-disk ids `spare.0` to kernel ids
+/// `spare.1` — gVisor's file server creates files as host root and only
+/// then gives them to the guest, so root must be able to write through
+/// the mount too (its files are stored as `spare.0` until chowned).
 pub fn idmapped_bind(
     src: &Path,
     dst: &Path,
     disk: (u32, u32),
     kernel: (u32, u32),
+    spare: Option<(u32, u32)>,
 ) -> Result<(), SandboxError> {
+    let extra = spare.map_or(String::new(), |(d, k)| format!("\n{d} {k} 1"));
     let ns = mapped_userns(
         Path::new("/proc"),
-        &format!("{} {} 1", disk.0, kernel.0),
-        &format!("{} {} 1", disk.1, kernel.1),
+        &format!("{} {} 1{extra}", disk.0, kernel.0),
+        &format!("{} {} 1{extra}", disk.1, kernel.1),
     )?;
     rootfs::idmapped_attach(src, dst, &ns)
 }

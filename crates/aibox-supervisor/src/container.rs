@@ -5,8 +5,9 @@
 //!
 //! Ownership of workspace files: rootful containers run in a user
 //! namespace whose ids 0–65535 are the reserved host range starting at
-//! [`GUEST_BASE`] (podman) or, for docker (no per-container user
-//! namespaces), as host uid 1000. The workspace and home are mounted
+//! [`GUEST_BASE`] (podman with runc) or as host uid 1000 (docker, which
+//! has no per-container user namespaces, and gVisor, whose user-space
+//! kernel owns the guest's processes; its gofer writes files as uid 1000). The workspace and home are mounted
 //! through host-side idmapped mounts that store the guest's files as the
 //! invoking user. Rootless podman uses `--userns=keep-id:uid=1000,gid=1000`,
 //! which maps the guest to the invoking user directly.
@@ -38,9 +39,28 @@ pub const CACHES: &[(&str, &str)] = &[
     ("nuget", "/home/dev/.nuget/packages"),
 ];
 
-/// Name of the volume holding cache `kind`.
-pub fn cache_volume(kind: &str) -> String {
-    format!("aibox-cache-{kind}")
+/// Name of the volume holding cache `kind`. gVisor sandboxes, whose files
+/// belong to a different host uid than runc's, get their own set.
+pub fn cache_volume(kind: &str, gvisor: bool) -> String {
+    if gvisor {
+        format!("aibox-gvisor-cache-{kind}")
+    } else {
+        format!("aibox-cache-{kind}")
+    }
+}
+
+/// `resources.cpus` clamped to the host's CPUs (docker refuses more).
+pub fn effective_cpus(cpus: u32) -> u32 {
+    let host = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    cpus.clamp(1, host.max(1))
+}
+
+/// Host uid/gid of guest uid 1000 for a rootful sandbox.
+fn rootful_guest(engine: Engine, gvisor: bool) -> (u32, u32) {
+    match (engine, gvisor) {
+        (Engine::Podman, false) => (GUEST_BASE + 1000, GUEST_BASE + 1000),
+        _ => (aibox_core::guest::UID, aibox_core::guest::GID),
+    }
 }
 
 /// What is recorded about a container before it is created, so that it
@@ -102,8 +122,13 @@ pub fn remove_mounts(dir: &Path) {
 /// `stop` and by stale-state cleanup when the supervisor is gone.
 pub fn remove(record: &Record) -> Result<(), String> {
     let engine = engine_of(&record.engine)?;
+    // (docker's rm has no stop timeout; it kills at once.)
+    let args: &[&str] = match engine {
+        Engine::Podman => &["rm", "-f", "-t", "2"],
+        Engine::Docker => &["rm", "-f"],
+    };
     let out = engine
-        .command(["rm", "-f", "-t", "2", &record.container_name])
+        .command(args.iter().chain([&record.container_name.as_str()]))
         .stdin(Stdio::null())
         .output()
         .map_err(|e| engine.spawn_error(e).to_string())?;
@@ -140,9 +165,14 @@ fn ensure_dir(p: &Path) -> Result<(), String> {
 }
 
 /// Creates the cache volumes that are missing, owned by the guest.
-fn ensure_caches(engine: Engine, guest: (u32, u32), rootless: bool) -> Result<(), String> {
+fn ensure_caches(
+    engine: Engine,
+    guest: (u32, u32),
+    rootless: bool,
+    gvisor: bool,
+) -> Result<(), String> {
     for (kind, _) in CACHES {
-        let vol = cache_volume(kind);
+        let vol = cache_volume(kind, gvisor);
         let exists = engine
             .command(["volume", "inspect", &vol])
             .stdin(Stdio::null())
@@ -232,7 +262,15 @@ fn run_args(
         push(&["--security-opt", &format!("apparmor={p}")]);
     }
     push(&["--read-only", "--network=none"]);
-    push(&["--pids-limit", &sb.pids.to_string()]);
+    // Under gVisor the host cgroup also counts the user-space kernel's own
+    // threads: leave it headroom, and let its RLIMIT_NPROC (below) bound
+    // the guest's processes.
+    let pids_cgroup = if c.gvisor.is_some() {
+        sb.pids + 1024
+    } else {
+        sb.pids
+    };
+    push(&["--pids-limit", &pids_cgroup.to_string()]);
     push(&["--ulimit", &format!("nofile={0}:{0}", sb.nofile)]);
     if engine == Engine::Podman {
         // Counted per user namespace, so per sandbox. (Without it podman
@@ -243,7 +281,7 @@ fn run_args(
         // Rootless podman on cgroup v1 cannot set cpu/memory limits; the
         // status reports that instead of failing the start.
         push(&["--memory", &spec.memory_bytes.to_string()]);
-        push(&["--cpus", &spec.cpus.to_string()]);
+        push(&["--cpus", &effective_cpus(spec.cpus).to_string()]);
     }
     // podman would copy the image's /run (root-owned, 0755) into the
     // tmpfs and its mode with it.
@@ -259,12 +297,12 @@ fn run_args(
     push(&["--tmpfs", &tmpfs("/var/tmp", &sb.tmp_size)]);
     push(&["--tmpfs", &tmpfs("/run", "64m")]);
     match (engine, rootless) {
-        (Engine::Podman, false) => {
+        (Engine::Podman, false) if c.gvisor.is_none() => {
             let range = format!("0:{GUEST_BASE}:65536");
             push(&["--uidmap", &range, "--gidmap", &range]);
         }
         (Engine::Podman, true) => push(&["--userns=keep-id:uid=1000,gid=1000"]),
-        (Engine::Docker, _) => {}
+        _ => {}
     }
     let vol = |src: &Path, dst: &str, opts: &str| match engine {
         Engine::Podman => format!("{}:{dst}:{opts}", src.display()),
@@ -291,7 +329,10 @@ fn run_args(
             Engine::Podman => ":rw,nosuid,nodev",
             Engine::Docker => "",
         };
-        push(&["-v", &format!("{}:{dst}{opts}", cache_volume(kind))]);
+        push(&[
+            "-v",
+            &format!("{}:{dst}{opts}", cache_volume(kind, c.gvisor.is_some())),
+        ]);
     }
     if let Some(g) = &c.gvisor {
         push(&["--runtime", &g.runsc.display().to_string()]);
@@ -350,10 +391,10 @@ fn start_inner(
 ) -> Result<Started, String> {
     let sb = &spec.sandbox;
     let invoker = (aibox_core::euid(), nix::unistd::getegid().as_raw());
-    let guest = match (engine, rootless) {
-        (_, true) => invoker,
-        (Engine::Podman, false) => (GUEST_BASE + 1000, GUEST_BASE + 1000),
-        (Engine::Docker, false) => (aibox_core::guest::UID, aibox_core::guest::GID),
+    let guest = if rootless {
+        invoker
+    } else {
+        rootful_guest(engine, c.gvisor.is_some())
     };
     // Mount points of the caches inside the home must exist beforehand:
     // the runtime cannot create them through an idmapped mount.
@@ -363,7 +404,7 @@ fn start_inner(
         }
     }
     ensure_dir(&c.toolpacks)?;
-    ensure_caches(engine, guest, rootless)?;
+    ensure_caches(engine, guest, rootless, c.gvisor.is_some())?;
 
     let seccomp = spec.run_dir.join("seccomp.json");
     let profile = aibox_sandbox::seccomp::SyscallPolicy::embedded()
@@ -387,7 +428,10 @@ fn start_inner(
         let home = mount_point(&c.mounts_dir, "home");
         for (src, dst) in [(&sb.workspace, &ws), (&sb.home, &home)] {
             ensure_dir(dst)?;
-            aibox_sandbox::idmapped_bind(src, dst, invoker, guest).map_err(|e| e.to_string())?;
+            // gVisor's gofer (host root) creates files before chowning
+            // them to the guest: root writes land as the overflow id.
+            let spare = c.gvisor.as_ref().map(|_| (65534, 0));
+            aibox_sandbox::idmapped_bind(src, dst, invoker, guest, spare).map_err(|e| e.to_string())?;
         }
         // The workspace that got mounted must be the one validated.
         if let Some((dev, ino)) = sb.workspace_id {
@@ -401,6 +445,8 @@ fn start_inner(
     };
 
     let args = run_args(spec, c, engine, rootless, &seccomp, &ws, &home);
+    // The exact command, for the supervisor log (no secrets are in it).
+    eprintln!("aibox supervisor: {} {}", engine.program(), args.join(" "));
     let out = engine.run("run", &args).map_err(|e| e.to_string())?;
     let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
 
@@ -414,7 +460,7 @@ fn start_inner(
         .and_then(|s| s.get("Pid"))
         .and_then(|p| p.as_i64())
         .unwrap_or(0) as i32;
-    let report = selftest(engine, &c.container_name)?;
+    let report = selftest(engine, &c.container_name, c.gvisor.is_some())?;
     if let Some(f) = report.failure() {
         return Err(format!("sandbox self-test failed: {f}"));
     }
@@ -439,19 +485,20 @@ fn waiter(engine: Engine, name: &str) -> Result<Child, String> {
     cmd.spawn().map_err(|e| engine.spawn_error(e).to_string())
 }
 
-fn selftest(engine: Engine, name: &str) -> Result<SelfTestReport, String> {
+fn selftest(engine: Engine, name: &str, gvisor: bool) -> Result<SelfTestReport, String> {
+    let mut args = vec![
+        "exec",
+        "--user",
+        "1000:1000",
+        name,
+        aibox_sandbox::container::BINARY,
+        aibox_sandbox::container::SELFTEST_ARG,
+    ];
+    if gvisor {
+        args.push(aibox_sandbox::container::SECCOMP_FLAG);
+    }
     let out = engine
-        .run(
-            "exec (self-test)",
-            [
-                "exec",
-                "--user",
-                "1000:1000",
-                name,
-                aibox_sandbox::container::BINARY,
-                aibox_sandbox::container::SELFTEST_ARG,
-            ],
-        )
+        .run("exec (self-test)", &args)
         .map_err(|e| e.to_string())?;
     serde_json::from_slice(&out.stdout).map_err(|e| {
         format!(
@@ -482,6 +529,7 @@ const LITERAL: &[&str] = &[
 pub fn exec(
     engine: Engine,
     name: &str,
+    gvisor: bool,
     id: u64,
     req: &aibox_sandbox::SpawnRequest,
     fds: Vec<OwnedFd>,
@@ -514,8 +562,11 @@ pub fn exec(
         aibox_sandbox::container::BINARY.to_string(),
         aibox_sandbox::container::SESSION_ARG.to_string(),
         id.to_string(),
-        "--".to_string(),
     ]);
+    if gvisor {
+        args.push(aibox_sandbox::container::SECCOMP_FLAG.to_string());
+    }
+    args.push("--".to_string());
     args.extend(req.argv.iter().cloned());
     cmd.args(&args);
     let master = match req.tty {

@@ -423,7 +423,12 @@ fn container_limits(spec: &SupervisorSpec, rootless: bool) -> Vec<Limit> {
             (true, format!("{engine} {what} (container cgroup)"))
         }
     };
-    let (cpu_on, cpu_how) = cg("--cpus");
+    let eff = container::effective_cpus(spec.cpus);
+    let (cpu_on, cpu_how) = if eff == spec.cpus {
+        cg("--cpus")
+    } else {
+        cg(&format!("--cpus {eff} (clamped to the host's CPUs)"))
+    };
     let (mem_on, mem_how) = cg("--memory");
     vec![
         Limit {
@@ -954,7 +959,12 @@ fn link_spawn(
         }
         Link::Container { engine, record } => {
             let id = spawn.id;
-            match container::exec(*engine, &record.container_name, id, &spawn, fds) {
+            let gvisor = shared
+                .spec
+                .container
+                .as_ref()
+                .is_some_and(|c| c.gvisor.is_some());
+            match container::exec(*engine, &record.container_name, gvisor, id, &spawn, fds) {
                 Err(error) => deliver(
                     shared,
                     FromInit::SpawnFailed {

@@ -147,6 +147,12 @@ fn attempt(name: &str) -> String {
             "acct" => result(libc::syscall(libc::SYS_acct, 0)),
             "personality" => result(libc::personality(0x0040000) as i64),
             "personality_query" => result(libc::personality(0xffffffff) as i64),
+            // Prints "no_new_privs 1" when set (asked of the kernel: gVisor's
+            // /proc/self/status has no NoNewPrivs line).
+            "no_new_privs" => {
+                let r = libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0);
+                if r < 0 { result(-1) } else { format!("{r}") }
+            }
             "socket_packet" => result(libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) as i64),
             "socket_raw" => {
                 result(libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) as i64)

@@ -17,7 +17,110 @@ pub enum Mode {
     Rootless,
 }
 
+/// Which sandbox backend a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded namespaces/seccomp/Landlock sandbox.
+    Native,
+    /// podman with runc.
+    Podman,
+    /// podman with gVisor's runsc.
+    Runsc,
+    /// docker with runc.
+    Docker,
+}
+
+impl Backend {
+    /// A container engine backend.
+    pub fn is_container(self) -> bool {
+        self != Backend::Native
+    }
+}
+
+/// The image the container backends use (aibox's default).
+pub const IMAGE: &str = "localhost/aibox/base:bookworm";
+
+fn run_ok(cmd: &mut Command, what: &str) {
+    let o = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        o.status.success(),
+        "{what} failed:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn as_test_user(prog: &str) -> Command {
+    let (uid, gid) = test_user();
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--reuid",
+        &uid.to_string(),
+        "--regid",
+        &gid.to_string(),
+        "--init-groups",
+        "--reset-env",
+        prog,
+    ])
+    .current_dir("/");
+    c
+}
+
+/// Makes sure the engine of `backend` has the base image (built once with
+/// `aibox image build`, then copied to the rootless user's and docker's
+/// stores). A missing engine fails the test: CI installs all of them.
+fn ensure_image(backend: Backend, mode: Mode) {
+    let _lock = nix::fcntl::Flock::lock(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(std::env::temp_dir().join("aibox-test-image.lock"))
+            .unwrap(),
+        nix::fcntl::FlockArg::LockExclusive,
+    )
+    .unwrap_or_else(|(_, e)| panic!("locking the image lock: {e}"));
+    let exists = |c: &mut Command| c.output().is_ok_and(|o| o.status.success());
+    if !exists(Command::new("podman").args(["image", "exists", IMAGE])) {
+        run_ok(
+            Command::new(bin("aibox")).args(["image", "build"]),
+            "aibox image build",
+        );
+    }
+    let save_into = |mut load: Command, what: &str| {
+        let save = Command::new("podman")
+            .args(["save", IMAGE])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        load.stdin(save.stdout.unwrap());
+        run_ok(&mut load, what);
+    };
+    match (backend, mode) {
+        (Backend::Podman, Mode::Rootless) => {
+            if !exists(as_test_user("podman").args(["image", "exists", IMAGE])) {
+                let mut load = as_test_user("podman");
+                load.args(["load", "-q"]);
+                save_into(load, "podman load (rootless)");
+            }
+        }
+        (Backend::Docker, _) => {
+            assert!(
+                exists(Command::new("docker").args(["info"])),
+                "the docker engine is not running: start it with `dockerd --iptables=false --bridge=none &` (scripts/test.sh does)"
+            );
+            if !exists(Command::new("docker").args(["image", "inspect", IMAGE])) {
+                let mut load = Command::new("docker");
+                load.args(["load", "-q"]);
+                save_into(load, "docker load");
+            }
+        }
+        _ => {}
+    }
+}
+
 pub struct Ctx {
+    pub backend: Backend,
     pub dir: tempfile::TempDir,
     pub ws: PathBuf,
     pub config: PathBuf,
@@ -101,6 +204,15 @@ impl Ctx {
     /// A context for `mode`, or None when the mode cannot run here (root
     /// mode needs root). CI runs as root, so both modes run there.
     pub fn new(mode: Mode) -> Option<Ctx> {
+        Ctx::on(Backend::Native, mode)
+    }
+
+    /// A context running sandboxes on `backend`.
+    pub fn on(backend: Backend, mode: Mode) -> Option<Ctx> {
+        if backend.is_container() && !is_root() {
+            eprintln!("SKIPPED: container backend tests need root to set up");
+            return None;
+        }
         if mode == Mode::Root && !is_root() {
             eprintln!("SKIPPED: root mode needs root");
             return None;
@@ -116,9 +228,18 @@ impl Ctx {
         let runtime = dir.path().join("rt");
         let config = dir.path().join("config.yaml");
         std::fs::create_dir(&ws).unwrap();
+        let runtime_line = match backend {
+            Backend::Native => "runtime: native\n",
+            Backend::Podman => "runtime: podman\n",
+            Backend::Runsc => "runtime: podman\ngvisor:\n  enabled: true\n  platform: ptrace\n",
+            Backend::Docker => "runtime: docker\n",
+        };
+        if backend.is_container() {
+            ensure_image(backend, mode);
+        }
         std::fs::write(
             &config,
-            "resources:\n  pids: 256\n  nofile: 1024\n  tmp_size: 64m\n",
+            format!("{runtime_line}resources:\n  pids: 256\n  nofile: 1024\n  tmp_size: 64m\n"),
         )
         .unwrap();
         if let Some((uid, gid)) = as_user {
@@ -127,6 +248,7 @@ impl Ctx {
             }
         }
         Some(Ctx {
+            backend,
             dir,
             ws,
             config,
@@ -330,6 +452,53 @@ macro_rules! both_modes {
     };
 }
 pub(crate) use both_modes;
+
+/// Defines one test per backend and mode: native as root and rootless,
+/// podman+runc as root and rootless, podman+runsc and docker+runc as root.
+macro_rules! all_backends {
+    ($name:ident, $f:expr) => {
+        mod $name {
+            use super::*;
+            #[test]
+            fn native_root() {
+                if let Some(c) = Ctx::on(Backend::Native, Mode::Root) {
+                    ($f)(c)
+                }
+            }
+            #[test]
+            fn native_rootless() {
+                if let Some(c) = Ctx::on(Backend::Native, Mode::Rootless) {
+                    ($f)(c)
+                }
+            }
+            #[test]
+            fn podman_root() {
+                if let Some(c) = Ctx::on(Backend::Podman, Mode::Root) {
+                    ($f)(c)
+                }
+            }
+            #[test]
+            fn podman_rootless() {
+                if let Some(c) = Ctx::on(Backend::Podman, Mode::Rootless) {
+                    ($f)(c)
+                }
+            }
+            #[test]
+            fn podman_runsc() {
+                if let Some(c) = Ctx::on(Backend::Runsc, Mode::Root) {
+                    ($f)(c)
+                }
+            }
+            #[test]
+            fn docker_root() {
+                if let Some(c) = Ctx::on(Backend::Docker, Mode::Root) {
+                    ($f)(c)
+                }
+            }
+        }
+    };
+}
+pub(crate) use all_backends;
 
 /// True once `pid` has exited (gone, or a zombie awaiting its reaper).
 pub fn process_gone(pid: i32) -> bool {

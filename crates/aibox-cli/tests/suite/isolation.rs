@@ -1,5 +1,12 @@
 //! The sandbox's security contract, attacked from inside, as root and as an
-//! ordinary user.
+//! ordinary user, on every backend (`all_backends!`): native, podman+runc
+//! (root and rootless), podman+runsc (gVisor) and docker+runc.
+//!
+//! Where gVisor answers differently, the test says so at that spot:
+//! its `/proc/self/status` has no `NoNewPrivs`/`CapAmb` lines (asked of
+//! the kernel instead), processes inside are not host processes (nothing
+//! to inspect from the host), it implements no Landlock, and several
+//! refused calls fail with its own errno instead of EPERM.
 
 use super::common::*;
 
@@ -12,20 +19,31 @@ fn status_field(text: &str, key: &str) -> String {
         .unwrap_or_else(|| panic!("{key} missing in:\n{text}"))
 }
 
-both_modes!(identity_caps_nnp_seccomp, |c: Ctx| {
-    let out = ok(&c.sh("id -u; id -g; id -un; cat /proc/self/status"));
+all_backends!(identity_caps_nnp_seccomp, |c: Ctx| {
+    c.install_attack();
+    let out = ok(&c.sh(
+        "id -u; id -g; id -un; /workspace/aibox-attack no_new_privs; cat /proc/self/status",
+    ));
     let mut lines = out.lines();
     assert_eq!(lines.next(), Some("1000"));
     assert_eq!(lines.next(), Some("1000"));
     assert_eq!(lines.next(), Some("dev"));
-    for cap in ["CapEff", "CapPrm", "CapBnd", "CapInh", "CapAmb"] {
+    assert_eq!(lines.next(), Some("no_new_privs 1"));
+    let caps: &[&str] = if c.backend == Backend::Runsc {
+        &["CapEff", "CapPrm", "CapBnd", "CapInh"]
+    } else {
+        &["CapEff", "CapPrm", "CapBnd", "CapInh", "CapAmb"]
+    };
+    for cap in caps {
         assert_eq!(status_field(&out, cap), "0000000000000000", "{cap}");
     }
-    assert_eq!(status_field(&out, "NoNewPrivs"), "1");
+    if c.backend != Backend::Runsc {
+        assert_eq!(status_field(&out, "NoNewPrivs"), "1");
+    }
     assert_eq!(status_field(&out, "Seccomp"), "2");
 });
 
-both_modes!(root_filesystem_is_read_only, |c: Ctx| {
+all_backends!(root_filesystem_is_read_only, |c: Ctx| {
     for target in ["/usr/x", "/etc/x", "/x", "/bin/x", "/home/x"] {
         let o = c.sh(&format!("echo pwned > {target}"));
         assert!(!o.status.success(), "{target} was writable");
@@ -40,7 +58,7 @@ both_modes!(root_filesystem_is_read_only, |c: Ctx| {
     assert!(!stdout(&o).contains("rc=0"), "{}", stdout(&o));
 });
 
-both_modes!(workspace_writes_belong_to_the_invoker, |c: Ctx| {
+all_backends!(workspace_writes_belong_to_the_invoker, |c: Ctx| {
     ok(&c.sh("echo hello > /workspace/made-inside && mkdir /workspace/d && touch /workspace/d/f"));
     for p in ["made-inside", "d", "d/f"] {
         assert_eq!(owner(&c.ws.join(p)), c.invoker_uid(), "{p}");
@@ -49,6 +67,12 @@ both_modes!(workspace_writes_belong_to_the_invoker, |c: Ctx| {
         std::fs::read_to_string(c.ws.join("made-inside")).unwrap(),
         "hello\n"
     );
+    if c.backend == Backend::Runsc {
+        // KNOWN GAP (see docs/security.md): this runsc's file server fails
+        // stat(2) with EINVAL on files created on the host side of an
+        // idmapped workspace after the sandbox started.
+        return;
+    }
     // And host files the invoker owns look like the guest's own inside.
     std::fs::write(c.ws.join("from-host"), "x").unwrap();
     if let Some((u, g)) = c.as_user {
@@ -58,7 +82,7 @@ both_modes!(workspace_writes_belong_to_the_invoker, |c: Ctx| {
     assert_eq!(out.trim(), "1000:1000");
 });
 
-both_modes!(tmp_and_home_writable, |c: Ctx| {
+all_backends!(tmp_and_home_writable, |c: Ctx| {
     let out = ok(&c.sh("echo t > /tmp/a && echo v > /var/tmp/b && echo h > /home/dev/c && cat /tmp/a /var/tmp/b /home/dev/c && echo $HOME"));
     assert_eq!(out, "t\nv\nh\n/home/dev\n");
     // The home persists across runs of the same sandbox name.
@@ -66,7 +90,7 @@ both_modes!(tmp_and_home_writable, |c: Ctx| {
     assert_eq!(out, "h\n");
 });
 
-both_modes!(only_loopback_network, |c: Ctx| {
+all_backends!(only_loopback_network, |c: Ctx| {
     let out = ok(&c.sh("tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '"));
     assert_eq!(out.trim(), "lo");
     // A service listening on the host's loopback is not the sandbox's
@@ -76,13 +100,15 @@ both_modes!(only_loopback_network, |c: Ctx| {
     c.install_attack();
     let probe = format!("/workspace/aibox-attack connect:127.0.0.1:{port} connect:1.1.1.1:80");
     let out = ok(&c.sh(&probe));
+    // (gVisor answers EHOSTUNREACH where Linux says ENETUNREACH.)
+    let out = out.replace("errno113", "ENETUNREACH");
     assert_eq!(
         out,
         format!("connect:127.0.0.1:{port} ECONNREFUSED\nconnect:1.1.1.1:80 ENETUNREACH\n")
     );
 });
 
-both_modes!(host_processes_invisible, |c: Ctx| {
+all_backends!(host_processes_invisible, |c: Ctx| {
     let me = std::process::id();
     let ws = c.ws.display().to_string();
     ok(&c.out(&["start", "-w", &ws, "--name", "pids"]));
@@ -109,10 +135,18 @@ both_modes!(host_processes_invisible, |c: Ctx| {
     ))
     .unwrap();
     let guest_host_uid = st["guest_host_uid"].as_u64().unwrap() as u32;
-    match c.mode {
-        Mode::Rootless => assert_eq!(guest_host_uid, c.invoker_uid()),
-        Mode::Root => {
-            assert!(guest_host_uid >= 0x7F00_0000, "{guest_host_uid}");
+    match (c.mode, c.backend) {
+        (Mode::Rootless, _) => assert_eq!(guest_host_uid, c.invoker_uid()),
+        // docker has no per-container user namespace: uid 1000 as on the
+        // host; gVisor's guest files are written as uid 1000 by its gofer.
+        (Mode::Root, Backend::Docker | Backend::Runsc) => assert_eq!(guest_host_uid, 1000),
+        (Mode::Root, _) => {
+            let floor = if c.backend == Backend::Native {
+                0x7F00_0000
+            } else {
+                0x7E00_0000
+            };
+            assert!(guest_host_uid >= floor, "{guest_host_uid}");
             // So root-only host files stay closed to it.
             let o = c.out(&["exec", "--name", "pids", "--", "cat", "/etc/shadow"]);
             assert!(
@@ -121,6 +155,19 @@ both_modes!(host_processes_invisible, |c: Ctx| {
                 stderr(&o)
             );
         }
+    }
+    if c.backend == Backend::Runsc {
+        // gVisor: processes inside are not host processes at all; the
+        // host sees only the sandbox's own runsc processes.
+        let sleeper = format!("sleep {}", token());
+        ok(&c.out(&[
+            "exec", "--name", "pids", "--", "sh", "-c",
+            &format!("{sleeper} </dev/null >/dev/null 2>&1 &"),
+        ]));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(host_pids_with(&sleeper).is_empty());
+        ok(&c.out(&["stop", "--name", "pids"]));
+        return;
     }
     let sleeper = format!("sleep {}", token());
     ok(&c.out(&[
@@ -170,11 +217,21 @@ both_modes!(host_processes_invisible, |c: Ctx| {
     ok(&c.out(&["stop", "--name", "pids"]));
 });
 
-both_modes!(host_homes_root_and_sockets_invisible, |c: Ctx| {
+all_backends!(host_homes_root_and_sockets_invisible, |c: Ctx| {
     let out = ok(&c.sh(
-        "ls -A /home; for p in /root /var/run/docker.sock /run/docker.sock /run/podman /run/user /var/lib /run/dbus; do test -e $p && echo VISIBLE $p; done; echo ${SSH_AUTH_SOCK:-no-agent}; echo ${DBUS_SESSION_BUS_ADDRESS:-no-dbus}",
+        // (A container has its image's own /var/lib; the host's is what
+        // must not show, and the native sandbox has none.)
+        &format!("ls -A /home; for p in {} /var/run/docker.sock /run/docker.sock /run/podman /run/user {} /run/dbus; do test -e $p && echo VISIBLE $p; done; echo ${{SSH_AUTH_SOCK:-no-agent}}; echo ${{DBUS_SESSION_BUS_ADDRESS:-no-dbus}}",
+            if c.backend.is_container() { "" } else { "/root" },
+            if c.backend.is_container() { "/var/lib/containers /var/lib/docker /var/lib/aibox" } else { "/var/lib" }),
     ));
-    assert_eq!(out, "dev\nno-agent\nno-dbus\n");
+    // (gVisor lists no mount points in /home; /home/dev is one.)
+    let want = if c.backend == Backend::Runsc {
+        "no-agent\nno-dbus\n"
+    } else {
+        "dev\nno-agent\nno-dbus\n"
+    };
+    assert_eq!(out, want);
     // The audit log and data directory of aibox are not reachable.
     let probe = format!(
         "test -e {} && echo VISIBLE; ls {} 2>&1 || true",
@@ -185,7 +242,7 @@ both_modes!(host_homes_root_and_sockets_invisible, |c: Ctx| {
     assert!(!out.contains("VISIBLE") && !out.contains(".jsonl"), "{out}");
 });
 
-both_modes!(forbidden_syscalls_fail, |c: Ctx| {
+all_backends!(forbidden_syscalls_fail, |c: Ctx| {
     c.install_attack();
     let probes = [
         "ptrace",
@@ -240,7 +297,27 @@ both_modes!(forbidden_syscalls_fail, |c: Ctx| {
     let out = ok(&c.out(&args));
     for line in out.lines() {
         let (name, res) = line.split_once(' ').unwrap();
-        assert_eq!(res, "EPERM", "{name} was not refused by seccomp: {res}");
+        match c.backend {
+            Backend::Native => {
+                assert_eq!(res, "EPERM", "{name} was not refused by seccomp: {res}")
+            }
+            // The OCI profile answers argument-conditional refusals with
+            // the default errno, ENOSYS (libseccomp cannot express an
+            // EPERM for "allowed unless these flags").
+            // TIOCSTI/TIOCLINUX need a masked argument test the OCI format
+            // cannot express; they only reach the container's own terminal
+            // (the engine relays the user's), and fail here without one.
+            Backend::Podman | Backend::Docker if name.starts_with("tioc") => {
+                assert_ne!(res, "ok", "{name} succeeded")
+            }
+            Backend::Podman | Backend::Docker => assert!(
+                res == "EPERM" || res == "ENOSYS",
+                "{name} was not refused by seccomp: {res}"
+            ),
+            // gVisor refuses some calls itself, with its own errno
+            // (e.g. EINVAL, EACCES, EAFNOSUPPORT); any success is a failure.
+            Backend::Runsc => assert_ne!(res, "ok", "{name} succeeded under gVisor"),
+        }
     }
     assert_eq!(out.lines().count(), probes.len());
     // Nothing setuid reached the host's side of the workspace.
@@ -264,17 +341,34 @@ both_modes!(forbidden_syscalls_fail, |c: Ctx| {
         "personality_query",
         "chmod_plain",
     ]));
+    // (docker's runc answers clone3/openat2 with EPERM; both refuse.)
+    // (gVisor does not implement the personality query: EINVAL.)
+    let out = match c.backend {
+        Backend::Docker => out.replace(" EPERM", " ENOSYS"),
+        Backend::Runsc => out.replace("personality_query EINVAL", "personality_query ok"),
+        _ => out,
+    };
     assert_eq!(
         out,
         "clone3 ENOSYS\nopenat2 ENOSYS\nsocket_tcp ok\nsocket_unix ok\nsocket_netlink ok\npersonality_query ok\nchmod_plain ok\n"
     );
 });
 
-both_modes!(fork_bomb_hits_the_pids_limit, |c: Ctx| {
+all_backends!(fork_bomb_hits_the_pids_limit, |c: Ctx| {
     // The config sets resources.pids: 256.
     c.install_attack();
     let tag = format!("tag={}", std::process::id());
     let o = c.sh(&format!("/workspace/aibox-attack fork_bomb {tag}"));
+    if c.backend == Backend::Runsc {
+        // gVisor (this 2022 runsc) does not stop the bomb at RLIMIT_NPROC:
+        // it runs into the host pids cgroup, which its own kernel's
+        // threads share, and the whole sandbox dies. The host is unharmed
+        // and nothing survives; the session fails.
+        assert!(!o.status.success(), "{}", stdout(&o));
+        assert!(std::process::Command::new("true").status().unwrap().success());
+        assert_gone(&tag);
+        return;
+    }
     let out = ok(&o);
     let n: u32 = out.trim().rsplit("n=").next().unwrap().parse().unwrap();
     assert!(out.starts_with("fork_bomb EAGAIN"), "{out}");
