@@ -19,6 +19,9 @@ command -v apparmor_parser >/dev/null 2>&1 || [ -x /usr/sbin/apparmor_parser ] |
 # Container engine tests: podman with runc, and mmdebstrap to build images.
 command -v podman      >/dev/null 2>&1 || missing+=(podman runc uidmap slirp4netns fuse-overlayfs)
 command -v mmdebstrap  >/dev/null 2>&1 || missing+=(mmdebstrap)
+# gVisor and docker backends.
+command -v runsc       >/dev/null 2>&1 || missing+=(runsc)
+command -v dockerd     >/dev/null 2>&1 || missing+=(docker.io)
 if [ ${#missing[@]} -gt 0 ]; then
   if as_root; then
     echo "installing: ${missing[*]}"
@@ -46,6 +49,30 @@ fi
 # The rootless half of the suite runs as this ordinary account when we are root.
 if as_root && ! id aibox-test >/dev/null 2>&1; then
   useradd -m -s /bin/sh aibox-test
+fi
+# Rootless podman needs subordinate ids for it.
+if as_root; then
+  for f in /etc/subuid /etc/subgid; do
+    grep -q '^aibox-test:' "$f" 2>/dev/null || echo "aibox-test:165536:65536" >> "$f"
+  done
+fi
+
+# The docker backend's tests need a running engine; start one for the
+# suite (and stop it afterwards) unless one already answers.
+started_dockerd=""
+stop_dockerd() {
+  if [ -n "$started_dockerd" ] && [ -f /run/aibox-test-dockerd.pid ]; then
+    kill "$(cat /run/aibox-test-dockerd.pid)" 2>/dev/null || true
+  fi
+}
+trap stop_dockerd EXIT
+if as_root && ! docker info >/dev/null 2>&1; then
+  echo "== starting dockerd"
+  dockerd --iptables=false --bridge=none --pidfile /run/aibox-test-dockerd.pid \
+    >/tmp/aibox-test-dockerd.log 2>&1 &
+  started_dockerd=1
+  for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
+  docker info >/dev/null 2>&1 || { echo "dockerd did not start:"; tail -20 /tmp/aibox-test-dockerd.log; exit 1; }
 fi
 
 echo "== rustfmt"

@@ -72,9 +72,8 @@ fn mount_is_ro(dir: &str) -> bool {
         let (Some(mp), Some(opts)) = (f.get(1), f.get(3)) else {
             continue;
         };
-        let covers = *mp == "/"
-            || dir == *mp
-            || dir.strip_prefix(mp).is_some_and(|r| r.starts_with('/'));
+        let covers =
+            *mp == "/" || dir == *mp || dir.strip_prefix(mp).is_some_and(|r| r.starts_with('/'));
         if covers && best.is_none_or(|(len, _)| mp.len() >= len) {
             best = Some((mp.len(), opts.split(',').any(|o| o == "ro")));
         }

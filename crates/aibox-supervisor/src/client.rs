@@ -42,7 +42,11 @@ pub fn start(spec: &SupervisorSpec, paths: &SandboxPaths) -> Result<Status, Erro
     {
         return Err(Error::AlreadyRunning(name));
     }
-    if paths.state.exists() || paths.socket.exists() || paths.root.exists() {
+    if paths.state.exists()
+        || paths.socket.exists()
+        || paths.root.exists()
+        || paths.container_record.exists()
+    {
         clear_stale(paths, &spec.audit_log, &spec.user);
     }
     let created_home = std::cell::Cell::new(false);
@@ -154,8 +158,18 @@ fn connect_to(socket_path: &Path) -> Result<OwnedFd, Error> {
 /// Removes what a dead supervisor left (caller holds the lock) and records
 /// it in the audit log — no supervisor writes that log any more.
 fn clear_stale(paths: &SandboxPaths, audit_log: &Path, user: &str) {
-    let had_state = paths.state.exists();
+    let had_state = paths.state.exists() || paths.container_record.exists();
     aibox_sandbox::cgroup::Cgroup::remove_leftovers(&paths.name);
+    // A container backend's container and host mounts outlive a killed
+    // supervisor; the record says which.
+    match crate::container::read_record(&paths.container_record) {
+        Some(rec) => {
+            if crate::container::remove(&rec).is_ok() {
+                let _ = std::fs::remove_file(&paths.container_record);
+            }
+        }
+        None => crate::container::remove_mounts(&paths.mounts),
+    }
     let _ = std::fs::remove_file(&paths.socket);
     let _ = std::fs::remove_file(&paths.state);
     let _ = std::fs::remove_dir(&paths.root);

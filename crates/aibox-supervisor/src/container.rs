@@ -431,7 +431,8 @@ fn start_inner(
             // gVisor's gofer (host root) creates files before chowning
             // them to the guest: root writes land as the overflow id.
             let spare = c.gvisor.as_ref().map(|_| (65534, 0));
-            aibox_sandbox::idmapped_bind(src, dst, invoker, guest, spare).map_err(|e| e.to_string())?;
+            aibox_sandbox::idmapped_bind(src, dst, invoker, guest, spare)
+                .map_err(|e| e.to_string())?;
         }
         // The workspace that got mounted must be the one validated.
         if let Some((dev, ino)) = sb.workspace_id {

@@ -382,12 +382,72 @@ fn print_status(s: &Status) {
             c.detail
         );
     }
+    if let Some(c) = &s.container {
+        println!(
+            "container:  {} ({}, id {})",
+            c.name,
+            c.engine,
+            &c.id[..c.id.len().min(12)]
+        );
+        println!("  runtime:  {}", c.oci_runtime);
+        println!("  image:    {}", c.image);
+        println!("  apparmor: {}", c.apparmor);
+    }
     println!("audit log:  {}", s.audit_log.display());
+}
+
+/// What is known about a sandbox whose supervisor is gone: its last
+/// state and, for container backends, whether the engine still runs it.
+fn dead_status(paths: &SandboxPaths, format: Format) -> Option<i32> {
+    if client::is_alive(paths) {
+        return None;
+    }
+    let last: Option<Status> = std::fs::read_to_string(&paths.state)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    let record = aibox_supervisor::container::read_record(&paths.container_record);
+    if last.is_none() && record.is_none() {
+        return None;
+    }
+    let container = record.as_ref().map(|r| {
+        let state = match aibox_supervisor::container::inspect_running(&r.engine, &r.container_name)
+        {
+            Some(true) => "running",
+            Some(false) => "stopped",
+            None => "gone",
+        };
+        (r.engine.clone(), r.container_name.clone(), state)
+    });
+    let fix = format!("`aibox stop --name {}` cleans up", paths.name);
+    match format {
+        Format::Json => {
+            let v = serde_json::json!({
+                "name": paths.name, "state": "dead",
+                "reason": "its supervisor is gone",
+                "container": container.as_ref().map(|(e, n, s)| serde_json::json!({"engine": e, "name": n, "state": s})),
+                "last_status": last, "fix": fix,
+            });
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        }
+        Format::Text => {
+            println!("name:       {}", paths.name);
+            println!("state:      dead (its supervisor is gone)");
+            if let Some((e, n, s)) = &container {
+                println!("container:  {n} ({e}): {s}");
+            }
+            println!("fix:        {fix}");
+        }
+    }
+    Some(1)
 }
 
 pub fn status(cli_config: Option<PathBuf>, a: StatusArgs) -> Result<i32> {
     let (loaded, paths) = target(cli_config, &a.name)?;
-    let st = client::status(connect(&loaded, &paths)?)?;
+    let conn = match connect(&loaded, &paths) {
+        Ok(c) => c,
+        Err(e) => return dead_status(&paths, a.format).ok_or(e),
+    };
+    let st = client::status(conn)?;
     match a.format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&st)?),
         Format::Text => print_status(&st),

@@ -21,9 +21,9 @@ fn status_field(text: &str, key: &str) -> String {
 
 all_backends!(identity_caps_nnp_seccomp, |c: Ctx| {
     c.install_attack();
-    let out = ok(&c.sh(
-        "id -u; id -g; id -un; /workspace/aibox-attack no_new_privs; cat /proc/self/status",
-    ));
+    let out = ok(
+        &c.sh("id -u; id -g; id -un; /workspace/aibox-attack no_new_privs; cat /proc/self/status")
+    );
     let mut lines = out.lines();
     assert_eq!(lines.next(), Some("1000"));
     assert_eq!(lines.next(), Some("1000"));
@@ -161,7 +161,12 @@ all_backends!(host_processes_invisible, |c: Ctx| {
         // host sees only the sandbox's own runsc processes.
         let sleeper = format!("sleep {}", token());
         ok(&c.out(&[
-            "exec", "--name", "pids", "--", "sh", "-c",
+            "exec",
+            "--name",
+            "pids",
+            "--",
+            "sh",
+            "-c",
             &format!("{sleeper} </dev/null >/dev/null 2>&1 &"),
         ]));
         std::thread::sleep(std::time::Duration::from_millis(300));
@@ -365,7 +370,12 @@ all_backends!(fork_bomb_hits_the_pids_limit, |c: Ctx| {
         // threads share, and the whole sandbox dies. The host is unharmed
         // and nothing survives; the session fails.
         assert!(!o.status.success(), "{}", stdout(&o));
-        assert!(std::process::Command::new("true").status().unwrap().success());
+        assert!(
+            std::process::Command::new("true")
+                .status()
+                .unwrap()
+                .success()
+        );
         assert_gone(&tag);
         return;
     }

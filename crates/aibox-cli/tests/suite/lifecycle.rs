@@ -501,3 +501,131 @@ both_modes!(a_vanished_client_takes_its_command_along, |c: Ctx| {
     let log = std::fs::read_to_string(c.data.join("audit/client.jsonl")).unwrap();
     assert!(log.contains("\"exit_code\":137"), "{log}");
 });
+
+/// Container backends: the container outlives a killed supervisor; status
+/// says so and stop removes it (and the host-side mounts). A container
+/// killed behind aibox's back ends the sandbox.
+fn container_crash_recovery(c: Ctx) {
+    let ws = c.ws.display().to_string();
+    let name = "crash";
+    let st: serde_json::Value = serde_json::from_str(&ok(&c
+        .out(&["start", "-w", &ws, "--name", name])
+        .pipe_status(&c, name)))
+    .unwrap();
+    let cname = st["container"]["name"].as_str().unwrap().to_string();
+    let engine = st["container"]["engine"].as_str().unwrap().to_string();
+    let engine_cmd = |args: &[&str]| -> std::process::Output {
+        match (c.as_user, engine.as_str()) {
+            (Some((uid, gid)), _) => std::process::Command::new("setpriv")
+                .args([
+                    "--reuid",
+                    &uid.to_string(),
+                    "--regid",
+                    &gid.to_string(),
+                    "--init-groups",
+                    "--reset-env",
+                    "podman",
+                ])
+                .args(args)
+                .current_dir("/")
+                .output()
+                .unwrap(),
+            (None, e) => std::process::Command::new(e).args(args).output().unwrap(),
+        }
+    };
+    let running = |n: &str| {
+        let o = engine_cmd(&["container", "inspect", "--format", "{{.State.Running}}", n]);
+        o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == "true"
+    };
+    assert!(running(&cname));
+
+    // kill -9 the supervisor: the container stays; status tells the truth.
+    let pid = st["supervisor_pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(process_gone(pid));
+    let o = c.out(&["status", "--name", name]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    let text = stdout(&o);
+    assert!(text.contains("dead (its supervisor is gone)"), "{text}");
+    assert!(
+        text.contains(&format!("container:  {cname} ({engine}): running")),
+        "{text}"
+    );
+    // stop cleans up: container, host mounts, runtime entries.
+    ok(&c.out(&["stop", "--name", name]));
+    assert!(!running(&cname));
+    assert!(
+        !engine_cmd(&["container", "inspect", &cname])
+            .status
+            .success(),
+        "container left behind"
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&c.runtime.display().to_string()),
+        "host mounts left behind"
+    );
+    assert!(c.runtime_entries().is_empty(), "{:?}", c.runtime_entries());
+
+    // The engine kills the container: the supervisor notices and ends.
+    let st: serde_json::Value = serde_json::from_str(&ok(&c
+        .out(&["start", "-w", &ws, "--name", name])
+        .pipe_status(&c, name)))
+    .unwrap();
+    let cname = st["container"]["name"].as_str().unwrap().to_string();
+    let pid = st["supervisor_pid"].as_i64().unwrap() as i32;
+    let o = engine_cmd(&["kill", &cname]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(process_gone(pid), "supervisor survived its container");
+    let o = c.out(&["status", "--name", name]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no sandbox named"),
+        "{}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    ok(&c.out(&["list"]));
+    assert!(c.runtime_entries().is_empty(), "{:?}", c.runtime_entries());
+    let audit =
+        std::fs::read_to_string(c.data.join("audit").join(format!("{name}.jsonl"))).unwrap();
+    assert!(audit.contains("\"sandbox.stop\""), "{audit}");
+}
+
+trait PipeStatus {
+    fn pipe_status(self, c: &Ctx, name: &str) -> std::process::Output;
+}
+
+impl PipeStatus for std::process::Output {
+    /// After a successful start, the sandbox's JSON status.
+    fn pipe_status(self, c: &Ctx, name: &str) -> std::process::Output {
+        ok(&self);
+        c.out(&["status", "--name", name, "--format", "json"])
+    }
+}
+
+mod container_crash_recovery {
+    use super::*;
+    #[test]
+    fn podman_root() {
+        if let Some(c) = Ctx::on(Backend::Podman, Mode::Root) {
+            container_crash_recovery(c)
+        }
+    }
+    #[test]
+    fn podman_rootless() {
+        if let Some(c) = Ctx::on(Backend::Podman, Mode::Rootless) {
+            container_crash_recovery(c)
+        }
+    }
+    #[test]
+    fn docker_root() {
+        if let Some(c) = Ctx::on(Backend::Docker, Mode::Root) {
+            container_crash_recovery(c)
+        }
+    }
+}
