@@ -88,21 +88,22 @@ fn ensure_image(backend: Backend, mode: Mode) {
         );
     }
     let save_into = |mut load: Command, what: &str| {
-        let save = Command::new("podman")
+        let mut save = Command::new("podman")
             .args(["save", IMAGE])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        load.stdin(save.stdout.unwrap());
+        load.stdin(save.stdout.take().unwrap());
         run_ok(&mut load, what);
+        assert!(save.wait().unwrap().success(), "podman save failed");
     };
     match (backend, mode) {
-        (Backend::Podman, Mode::Rootless) => {
-            if !exists(as_test_user("podman").args(["image", "exists", IMAGE])) {
-                let mut load = as_test_user("podman");
-                load.args(["load", "-q"]);
-                save_into(load, "podman load (rootless)");
-            }
+        (Backend::Podman, Mode::Rootless)
+            if !exists(as_test_user("podman").args(["image", "exists", IMAGE])) =>
+        {
+            let mut load = as_test_user("podman");
+            load.args(["load", "-q"]);
+            save_into(load, "podman load (rootless)");
         }
         (Backend::Docker, _) => {
             assert!(
