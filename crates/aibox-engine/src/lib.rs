@@ -108,6 +108,10 @@ const KNOWN: &[(&str, &str)] = &[
         "rootless podman needs newuidmap/newgidmap (apt-get install uidmap) and /etc/subuid, /etc/subgid entries for the user",
     ),
     (
+        "permission denied while trying to connect to the Docker daemon",
+        "only root (or members of the docker group, which is root-equivalent) may use the docker engine: run as root, or use podman (rootless works)",
+    ),
+    (
         "Cannot connect to the Docker daemon",
         "the docker engine is not running: start dockerd (e.g. `dockerd --iptables=false --bridge=none &`)",
     ),

@@ -133,14 +133,21 @@ pub fn remove(record: &Record) -> Result<(), String> {
         .output()
         .map_err(|e| engine.spawn_error(e).to_string())?;
     remove_mounts(&record.mounts_dir);
-    let err = String::from_utf8_lossy(&out.stderr);
-    if out.status.success()
-        || err.contains("no such container")
-        || err.contains("No such container")
-    {
+    // Success is the container being gone, whatever rm printed (it may
+    // report the stop timeout, or a race with the engine's own cleanup).
+    let gone = || {
+        !engine
+            .command(["container", "inspect", &record.container_name])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if out.status.success() || gone() {
         Ok(())
     } else {
-        Err(aibox_engine::explain(&err))
+        Err(aibox_engine::explain(&String::from_utf8_lossy(&out.stderr)))
     }
 }
 

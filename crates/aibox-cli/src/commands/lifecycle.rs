@@ -178,6 +178,11 @@ fn container_spec(
     user: &str,
 ) -> Result<ContainerSpec> {
     let c = &loaded.config;
+    if runtime == Runtime::Docker && aibox_core::euid() != 0 {
+        bail!(
+            "the docker backend needs root (aibox does not drive rootless docker)\n  fix: run as root, or use `--runtime podman` (rootless works there)"
+        );
+    }
     let gvisor = if c.gvisor.enabled {
         let runsc = aibox_engine::which("runsc").ok_or_else(|| {
             anyhow::anyhow!(

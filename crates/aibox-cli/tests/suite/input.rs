@@ -79,8 +79,8 @@ fn bad_config_and_workspaces() {
     );
     refused(
         &c,
-        &["start", "-w", &ws, "--runtime", "podman"],
-        &["not available in this build"],
+        &["start", "-w", &ws, "--runtime", "docker"],
+        &["the docker backend needs root", "fix:"],
     );
     // Workspaces containing aibox's own data are refused: the sandbox could rewrite its audit log.
     let mut inside = Ctx::new(Mode::Rootless).unwrap();

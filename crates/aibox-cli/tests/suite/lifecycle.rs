@@ -547,7 +547,15 @@ fn container_crash_recovery(c: Ctx) {
     )
     .unwrap();
     assert!(process_gone(pid));
-    let o = c.out(&["status", "--name", name]);
+    // (Its other threads may hold the lock a moment longer than the main one.)
+    let mut o = c.out(&["status", "--name", name]);
+    for _ in 0..40 {
+        if stdout(&o).contains("dead") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        o = c.out(&["status", "--name", name]);
+    }
     assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
     let text = stdout(&o);
     assert!(text.contains("dead (its supervisor is gone)"), "{text}");
