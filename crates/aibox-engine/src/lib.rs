@@ -202,6 +202,41 @@ impl Engine {
         })
     }
 
+    /// Runs a listing command whose output is JSON: an array (podman) or
+    /// one object per line (docker's `{{json .}}`).
+    pub fn json_list(self, action: &str, args: &[&str]) -> Result<Vec<serde_json::Value>, EngineError> {
+        let out = self.run(action, args)?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let bad = |e: serde_json::Error| EngineError::BadOutput {
+            engine: self.program(),
+            detail: e.to_string(),
+        };
+        if text.trim_start().starts_with('[') {
+            return serde_json::from_str(&text).map_err(bad);
+        }
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).map_err(bad))
+            .collect()
+    }
+
+    /// Names of the volumes carrying `label` (`key=value`).
+    pub fn volumes_labelled(self, label: &str) -> Result<Vec<String>, EngineError> {
+        let filter = format!("label={label}");
+        let format = match self {
+            Engine::Podman => "json",
+            Engine::Docker => "{{json .}}",
+        };
+        let list = self.json_list(
+            "volume ls",
+            &["volume", "ls", "--filter", &filter, "--format", format],
+        )?;
+        Ok(list
+            .iter()
+            .filter_map(|v| v.get("Name").and_then(|n| n.as_str()).map(String::from))
+            .collect())
+    }
+
     /// The engine's version, from its JSON output.
     pub fn version(self) -> Result<String, EngineError> {
         let v: serde_json::Value = self.json("version", &["version", "--format", "json"])?;

@@ -3,8 +3,11 @@
 //! and installed the seccomp profile. The aibox binary is bind-mounted
 //! read-only at [`BINARY`] and provides:
 //!
-//! - `__container-init`: PID 1. Reaps orphans; on SIGTERM kills every
-//!   process of the container and exits.
+//! - `__container-init [--seccomp]`: PID 1. First runs the self-test in a
+//!   child hardened like a session and prints its report as one JSON line
+//!   on stdout (the supervisor reads it from the attached engine); then
+//!   reaps orphans, and on SIGTERM kills every process of the container
+//!   and exits.
 //! - `__container-session ID [--seccomp] -- ARGV…`: the first program of every
 //!   `podman exec`. Records its pid (so a later `__container-signal` can
 //!   reach it, since the engines do not forward signals to exec'd
@@ -15,7 +18,6 @@
 //!   the OCI profile to the container's first process only, not to
 //!   processes started with `exec`.
 //! - `__container-signal ID SIG`: sends SIG to a session's process group.
-//! - `__container-selftest [--seccomp]`: the in-sandbox self-test, as JSON.
 
 use std::ffi::CString;
 use std::path::Path;
@@ -35,8 +37,6 @@ pub const INIT_ARG: &str = "__container-init";
 pub const SESSION_ARG: &str = "__container-session";
 /// First argument of the signal helper.
 pub const SIGNAL_ARG: &str = "__container-signal";
-/// First argument of the self-test.
-pub const SELFTEST_ARG: &str = "__container-selftest";
 /// Asks the shim and self-test to install the seccomp filters themselves.
 pub const SECCOMP_FLAG: &str = "--seccomp";
 /// Directory of session pid files (`/dev/shm` is a world-writable tmpfs
@@ -48,10 +48,9 @@ const SESSIONS: &str = "/dev/shm/.aibox-sessions";
 pub fn dispatch(args: &[String]) -> Option<i32> {
     let rest = args.get(2..).unwrap_or(&[]);
     Some(match args.get(1).map(String::as_str)? {
-        INIT_ARG => init(),
+        INIT_ARG => init(rest.first().map(String::as_str) == Some(SECCOMP_FLAG)),
         SESSION_ARG => session(rest),
         SIGNAL_ARG => signal(rest),
-        SELFTEST_ARG => selftest(rest.first().map(String::as_str) == Some(SECCOMP_FLAG)),
         _ => return None,
     })
 }
@@ -61,10 +60,23 @@ fn fail(msg: &str, code: i32) -> i32 {
     code
 }
 
-/// PID 1: wait for children and for the engine's stop signal.
-fn init() -> i32 {
+/// PID 1: self-test, then wait for children and the engine's stop signal.
+fn init(seccomp: bool) -> i32 {
     if std::process::id() != 1 {
         return fail("the container init must run as PID 1", 2);
+    }
+    // (Until the mask below, signals without a handler are ignored: we are
+    // PID 1 of a pid namespace.)
+    let report = match selftest(seccomp) {
+        Ok(r) => r,
+        Err(e) => return fail(&format!("self-test: {e}"), 1),
+    };
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout();
+        if writeln!(out, "{report}").and_then(|_| out.flush()).is_err() {
+            return fail("could not report the self-test", 1);
+        }
     }
     let mut mask = SigSet::empty();
     for s in [
@@ -107,8 +119,11 @@ fn valid_id(id: &str) -> bool {
 /// Applies the native sandbox's Landlock ruleset where the kernel has
 /// one, then (when asked) the native seccomp filters.
 fn harden(seccomp: bool) -> Result<Option<LandlockState>, SandboxError> {
-    let landlock = if landlock_rules::kernel_abi() <= 0 || crate::debug_skip("landlock") {
+    let landlock = if landlock_rules::kernel_abi() <= 0 {
         None
+    } else if crate::debug_skip("landlock") {
+        // The kernel has it but it is not applied: the self-test must fail.
+        Some(LandlockState::Unavailable)
     } else {
         Some(landlock_rules::apply(crate::WRITABLE)?)
     };
@@ -188,18 +203,36 @@ fn signal(rest: &[String]) -> i32 {
     0
 }
 
-fn selftest(seccomp: bool) -> i32 {
-    let abi = landlock_rules::kernel_abi();
-    let state = match harden(seccomp) {
-        Ok(s) => s,
-        Err(e) => return fail(&e.to_string(), 1),
-    };
-    let report = crate::selftest::run_container(abi, state);
-    match serde_json::to_string(&report) {
-        Ok(j) => {
-            println!("{j}");
-            0
+/// Runs the self-test in a child hardened as a session is (the hardening
+/// is irreversible, and init itself must stay able to kill everything),
+/// and returns its report as JSON.
+fn selftest(seccomp: bool) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let (r, w) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
+    match sys::fork().map_err(|e| format!("fork: {e}"))? {
+        nix::unistd::ForkResult::Child => {
+            drop(r);
+            let abi = landlock_rules::kernel_abi();
+            let json = match harden(seccomp) {
+                Ok(state) => serde_json::to_string(&crate::selftest::run_container(abi, state))
+                    .unwrap_or_default(),
+                Err(e) => format!("error: {e}"),
+            };
+            let mut w = std::fs::File::from(w);
+            let _ = w.write_all(json.as_bytes());
+            sys::exit_now(0)
         }
-        Err(e) => fail(&e.to_string(), 1),
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(w);
+            let mut json = String::new();
+            let read = std::fs::File::from(r).read_to_string(&mut json);
+            let _ = waitpid(child, None);
+            read.map_err(|e| format!("reading the report: {e}"))?;
+            match json.strip_prefix("error: ") {
+                Some(e) => Err(e.to_string()),
+                None if json.is_empty() => Err("the self-test child died".into()),
+                None => Ok(json),
+            }
+        }
     }
 }

@@ -167,13 +167,13 @@ pub enum FromInit {
 /// `landlock`, `readonly`, `netns`) are not applied, so the tests can prove that the
 /// self-test notices a missing layer and that `start` then refuses.
 #[cfg(debug_assertions)]
-pub(crate) fn debug_skip(layer: &str) -> bool {
+pub fn debug_skip(layer: &str) -> bool {
     std::env::var("AIBOX_DEBUG_SKIP_LAYER").is_ok_and(|v| v.split(',').any(|x| x == layer))
 }
 
 /// Release builds have no way to skip a layer.
 #[cfg(not(debug_assertions))]
-pub(crate) fn debug_skip(_layer: &str) -> bool {
+pub fn debug_skip(_layer: &str) -> bool {
     false
 }
 

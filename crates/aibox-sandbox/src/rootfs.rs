@@ -81,29 +81,25 @@ pub(crate) fn idmapped_attach(
     dst: &Path,
     userns: &OwnedFd,
 ) -> Result<(), SandboxError> {
-    {
-        {
-            let tree = sys::open_tree_clone(src)
-                .map_err(ioerr(format!("cloning the mount of {}", src.display())))?;
-            sys::mount_setattr(
-                Some(tree.as_raw_fd()),
-                Path::new(""),
-                MOUNT_ATTR_IDMAP | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-                0,
-                false,
-                Some(userns.as_raw_fd()),
-            )
-            .map_err(|e| SandboxError::Sys {
-                what: format!(
-                    "idmapping {} (its filesystem must support idmapped mounts: ext4, xfs, btrfs, tmpfs on Linux 6.3+; \
-                     or run aibox as an ordinary user)",
-                    src.display()
-                ),
-                source: e,
-            })?;
-            sys::move_mount_to(&tree, dst).map_err(ioerr(format!("attaching {}", dst.display())))
-        }
-    }
+    let tree = sys::open_tree_clone(src)
+        .map_err(ioerr(format!("cloning the mount of {}", src.display())))?;
+    sys::mount_setattr(
+        Some(tree.as_raw_fd()),
+        Path::new(""),
+        MOUNT_ATTR_IDMAP | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        0,
+        false,
+        Some(userns.as_raw_fd()),
+    )
+    .map_err(|e| SandboxError::Sys {
+        what: format!(
+            "idmapping {} (its filesystem must support idmapped mounts: ext4, xfs, btrfs, tmpfs on Linux 6.3+; \
+             or run aibox as an ordinary user)",
+            src.display()
+        ),
+        source: e,
+    })?;
+    sys::move_mount_to(&tree, dst).map_err(ioerr(format!("attaching {}", dst.display())))
 }
 
 /// Generated `/etc` files: (path under /etc, contents).

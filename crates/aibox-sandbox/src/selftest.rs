@@ -230,7 +230,7 @@ fn run_inner(
         );
         add(
             "pid_namespace",
-            cmdline == want.as_bytes(),
+            cmdline.starts_with(want.as_bytes()),
             format!(
                 "PID 1 is {:?}",
                 String::from_utf8_lossy(&cmdline).replace('\0', " ").trim()

@@ -340,20 +340,6 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     Ok(own_fd(fd as RawFd))
 }
 
-/// Makes the child of `cmd` receive SIGKILL when its parent thread exits.
-pub fn pdeathsig_on_exec(cmd: &mut std::process::Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
 /// Makes the child of `cmd` a session leader whose controlling terminal is
 /// its stdin (which must be a terminal).
 pub fn new_session_with_tty_on_exec(cmd: &mut std::process::Command) {

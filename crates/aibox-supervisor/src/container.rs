@@ -97,12 +97,8 @@ pub struct Started {
     pub guest_host_uid: u32,
     /// Started without root.
     pub rootless: bool,
-    /// `ENGINE wait NAME`: exits when the container does.
+    /// The attached `ENGINE run`: exits when the container does.
     pub waiter: Child,
-}
-
-fn mount_point(dir: &Path, which: &str) -> PathBuf {
-    dir.join(which)
 }
 
 /// Unmounts and removes the host-side mounts of a container sandbox.
@@ -110,7 +106,7 @@ fn mount_point(dir: &Path, which: &str) -> PathBuf {
 /// could not be detached is never descended into.
 pub fn remove_mounts(dir: &Path) {
     for which in ["workspace", "home"] {
-        let p = mount_point(dir, which);
+        let p = dir.join(which);
         // A mount may be stacked more than once after a crash mid-start.
         while aibox_sandbox::detach_mount(&p) {}
         let _ = std::fs::remove_dir(&p);
@@ -122,9 +118,10 @@ pub fn remove_mounts(dir: &Path) {
 /// `stop` and by stale-state cleanup when the supervisor is gone.
 pub fn remove(record: &Record) -> Result<(), String> {
     let engine = engine_of(&record.engine)?;
-    // (docker's rm has no stop timeout; it kills at once.)
+    // podman stops with SIGTERM first (the aibox init then kills
+    // everything at once); docker's rm has no timeout and kills at once.
     let args: &[&str] = match engine {
-        Engine::Podman => &["rm", "-f", "-t", "2"],
+        Engine::Podman => &["rm", "-f", "-t", "5"],
         Engine::Docker => &["rm", "-f"],
     };
     let out = engine
@@ -178,16 +175,13 @@ fn ensure_caches(
     rootless: bool,
     gvisor: bool,
 ) -> Result<(), String> {
+    // One listing instead of a probe per volume: this is on the start path.
+    let existing = engine
+        .volumes_labelled("aibox.cache=true")
+        .map_err(|e| e.to_string())?;
     for (kind, _) in CACHES {
         let vol = cache_volume(kind, gvisor);
-        let exists = engine
-            .command(["volume", "inspect", &vol])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if exists {
+        if existing.contains(&vol) {
             continue;
         }
         engine
@@ -243,11 +237,14 @@ fn run_args(
     engine: Engine,
     rootless: bool,
     seccomp: &Path,
+    cidfile: &Path,
     ws: &Path,
     home: &Path,
 ) -> Vec<String> {
     let sb = &spec.sandbox;
-    let mut a: Vec<String> = vec!["run".into(), "-d".into()];
+    // Attached (no -d): the init's first stdout line is the self-test
+    // report, and this engine process ends when the container does.
+    let mut a: Vec<String> = vec!["run".into()];
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     push(&[
         "--name",
@@ -262,13 +259,39 @@ fn run_args(
         "--label",
         &format!("aibox.runtime_dir={}", c.runtime_dir.display()),
     ]);
-    push(&["--user", "1000:1000", "--cap-drop=ALL"]);
+    push(&["--cidfile", &cidfile.display().to_string()]);
+    // Debug builds can leave a layer out (AIBOX_DEBUG_SKIP_LAYER) so the
+    // tests can prove the self-test notices; release builds cannot.
+    let skip = aibox_sandbox::debug_skip;
+    push(&["--user", "1000:1000"]);
+    if !skip("caps") {
+        push(&["--cap-drop=ALL"]);
+    }
     push(&["--security-opt", "no-new-privileges"]);
-    push(&["--security-opt", &format!("seccomp={}", seccomp.display())]);
+    let seccomp_opt = if skip("seccomp") {
+        "seccomp=unconfined".to_string()
+    } else {
+        format!("seccomp={}", seccomp.display())
+    };
+    push(&["--security-opt", &seccomp_opt]);
     if let Some(p) = &c.apparmor {
         push(&["--security-opt", &format!("apparmor={p}")]);
     }
-    push(&["--read-only", "--network=none"]);
+    if !skip("readonly") {
+        push(&["--read-only"]);
+    }
+    push(&[if skip("netns") {
+        "--network=host"
+    } else {
+        "--network=none"
+    }]);
+    if let Ok(layers) = std::env::var("AIBOX_DEBUG_SKIP_LAYER")
+        && cfg!(debug_assertions)
+    {
+        // The init's self-test and the session shim apply Landlock and
+        // (gVisor) seccomp themselves.
+        push(&["--env", &format!("AIBOX_DEBUG_SKIP_LAYER={layers}")]);
+    }
     // Under gVisor the host cgroup also counts the user-space kernel's own
     // threads: leave it headroom, and let its RLIMIT_NPROC (below) bound
     // the guest's processes.
@@ -344,11 +367,11 @@ fn run_args(
     if let Some(g) = &c.gvisor {
         push(&["--runtime", &g.runsc.display().to_string()]);
         if engine == Engine::Podman {
-            for f in [
-                "network=none",
-                &format!("platform={}", g.platform),
-                "oci-seccomp",
-            ] {
+            let mut flags = vec!["network=none".to_string(), format!("platform={}", g.platform)];
+            if !skip("seccomp") {
+                flags.push("oci-seccomp".into());
+            }
+            for f in &flags {
                 push(&["--runtime-flag", f]);
             }
         }
@@ -358,6 +381,9 @@ fn run_args(
         aibox_sandbox::container::BINARY,
         aibox_sandbox::container::INIT_ARG,
     ]);
+    if c.gvisor.is_some() {
+        push(&[aibox_sandbox::container::SECCOMP_FLAG]);
+    }
     a
 }
 
@@ -431,8 +457,8 @@ fn start_inner(
         (sb.workspace.clone(), sb.home.clone())
     } else {
         ensure_dir(&c.mounts_dir)?;
-        let ws = mount_point(&c.mounts_dir, "workspace");
-        let home = mount_point(&c.mounts_dir, "home");
+        let ws = c.mounts_dir.join("workspace");
+        let home = c.mounts_dir.join("home");
         for (src, dst) in [(&sb.workspace, &ws), (&sb.home, &home)] {
             ensure_dir(dst)?;
             // gVisor's gofer (host root) creates files before chowning
@@ -452,15 +478,35 @@ fn start_inner(
         (ws, home)
     };
 
-    let args = run_args(spec, c, engine, rootless, &seccomp, &ws, &home);
+    let cidfile = spec.run_dir.join("container.id");
+    let args = run_args(spec, c, engine, rootless, &seccomp, &cidfile, &ws, &home);
     // The exact command, for the supervisor log (no secrets are in it).
     eprintln!("aibox supervisor: {} {}", engine.program(), args.join(" "));
-    let out = engine.run("run", &args).map_err(|e| e.to_string())?;
-    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
-
-    let waiter = waiter(engine, &c.container_name)?;
+    // The engine's messages go to a file: read on failure, and never a
+    // closed pipe that could kill the attached engine process later.
+    let errlog = spec.run_dir.join("engine.log");
+    write_private(&errlog, b"")?;
+    let err_file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&errlog)
+        .map_err(|e| format!("opening {}: {e}", errlog.display()))?;
+    let mut cmd = engine.command(&args);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(err_file);
+    // No PR_SET_PDEATHSIG here: killing a rootless podman client takes its
+    // container with it, and the container must outlive a dead supervisor
+    // (this client then ends with the container).
+    let mut waiter = cmd.spawn().map_err(|e| engine.spawn_error(e).to_string())?;
+    let report = read_report(engine, &mut waiter, &errlog)?;
+    if let Some(f) = report.failure() {
+        return Err(format!("sandbox self-test failed: {f}"));
+    }
+    let id = std::fs::read_to_string(&cidfile)
+        .map(|s| s.trim().to_string())
+        .map_err(|e| format!("reading {}: {e}", cidfile.display()))?;
     let info: serde_json::Value = engine
-        .json("inspect", &["container", "inspect", &c.container_name])
+        .json("inspect", &["container", "inspect", &id])
         .map_err(|e| e.to_string())?;
     let init_pid = info
         .get(0)
@@ -468,10 +514,6 @@ fn start_inner(
         .and_then(|s| s.get("Pid"))
         .and_then(|p| p.as_i64())
         .unwrap_or(0) as i32;
-    let report = selftest(engine, &c.container_name, c.gvisor.is_some())?;
-    if let Some(f) = report.failure() {
-        return Err(format!("sandbox self-test failed: {f}"));
-    }
     Ok(Started {
         id,
         init_pid,
@@ -482,37 +524,38 @@ fn start_inner(
     })
 }
 
-/// `ENGINE wait NAME`, killed with us (PR_SET_PDEATHSIG) so it never
-/// outlives the supervisor.
-fn waiter(engine: Engine, name: &str) -> Result<Child, String> {
-    let mut cmd = engine.command(["wait", name]);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    aibox_sandbox::sys::pdeathsig_on_exec(&mut cmd);
-    cmd.spawn().map_err(|e| engine.spawn_error(e).to_string())
-}
-
-fn selftest(engine: Engine, name: &str, gvisor: bool) -> Result<SelfTestReport, String> {
-    let mut args = vec![
-        "exec",
-        "--user",
-        "1000:1000",
-        name,
-        aibox_sandbox::container::BINARY,
-        aibox_sandbox::container::SELFTEST_ARG,
-    ];
-    if gvisor {
-        args.push(aibox_sandbox::container::SECCOMP_FLAG);
+/// Reads the self-test report the container init prints first; if the
+/// engine ends without one, its error output explains why.
+fn read_report(engine: Engine, run: &mut Child, errlog: &Path) -> Result<SelfTestReport, String> {
+    use std::io::{BufRead, Read};
+    let mut line = String::new();
+    if let Some(out) = run.stdout.take() {
+        let mut reader = std::io::BufReader::new(out);
+        let _ = reader.read_line(&mut line);
+        // Keep draining: a closed pipe would end the attached engine.
+        std::thread::spawn(move || {
+            // The supervisor turns signals into stop requests on another
+            // thread; this one must never take them.
+            let _ = nix::sys::signal::pthread_sigmask(
+                nix::sys::signal::SigmaskHow::SIG_BLOCK,
+                Some(&nix::sys::signal::SigSet::all()),
+                None,
+            );
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+        });
     }
-    let out = engine
-        .run("exec (self-test)", &args)
-        .map_err(|e| e.to_string())?;
-    serde_json::from_slice(&out.stdout).map_err(|e| {
-        format!(
-            "the in-container self-test printed something unreadable ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
+    if line.trim().is_empty() {
+        let _ = run.wait();
+        let mut err = String::new();
+        let _ = std::fs::File::open(errlog).and_then(|mut f| f.read_to_string(&mut err));
+        return Err(format!(
+            "{} run failed: {}",
+            engine.program(),
+            aibox_engine::explain(&err)
+        ));
+    }
+    serde_json::from_str(line.trim()).map_err(|e| {
+        format!("the container init printed something unreadable ({e}): {line}")
     })
 }
 
@@ -643,16 +686,3 @@ pub fn signal(engine: Engine, name: &str, id: u64, signal: i32) {
     }
 }
 
-/// Stops the container (its init kills everything on SIGTERM) and
-/// removes it and its mounts.
-pub fn shutdown(record: &Record) -> Result<(), String> {
-    if let Ok(engine) = engine_of(&record.engine) {
-        let _ = engine
-            .command(["stop", "-t", "5", &record.container_name])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-    remove(record)
-}

@@ -40,8 +40,12 @@ type Waiter = Sender<(FromInit, Vec<OwnedFd>)>;
 
 /// How the supervisor reaches the sandbox.
 enum Link {
-    /// The native init's control socket.
-    Native(OwnedFd),
+    /// The native init's control socket, and the intermediate process
+    /// (our child) whose exit means the sandbox is gone.
+    Native {
+        init: OwnedFd,
+        intermediate: nix::unistd::Pid,
+    },
     /// A podman/docker container.
     Container {
         engine: aibox_engine::Engine,
@@ -269,15 +273,17 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
         }),
     )?;
 
-    let intermediate = launched.intermediate;
     let shared = serve(
         spec,
         audit,
-        Link::Native(launched.control),
+        Link::Native {
+            init: launched.control,
+            intermediate: launched.intermediate,
+        },
         status,
         listener,
     );
-    Ok(main_loop(shared, intermediate))
+    Ok(main_loop(shared))
 }
 
 /// Runs a container sandbox until it stops.
@@ -403,7 +409,7 @@ fn setup_container(
             let _ = tx.send(Event::SandboxGone);
         });
     }
-    Ok(main_loop(shared, nix::unistd::Pid::from_raw(0)))
+    Ok(main_loop(shared))
 }
 
 fn container_limits(spec: &SupervisorSpec, rootless: bool) -> Vec<Limit> {
@@ -430,37 +436,44 @@ fn container_limits(spec: &SupervisorSpec, rootless: bool) -> Vec<Limit> {
         cg(&format!("--cpus {eff} (clamped to the host's CPUs)"))
     };
     let (mem_on, mem_how) = cg("--memory");
+    limit_list(
+        spec,
+        format!("{engine} --pids-limit (cgroup pids.max)"),
+        "RLIMIT_NOFILE (--ulimit)",
+        (cpu_on, cpu_how),
+        (mem_on, mem_how),
+    )
+}
+
+/// The five limits `status` reports, in a fixed order; pids, nofile and
+/// tmp_size are enforced on every backend, cpus and memory as told.
+fn limit_list(
+    spec: &SupervisorSpec,
+    pids_how: String,
+    nofile_how: &str,
+    cpus: (bool, String),
+    memory: (bool, String),
+) -> Vec<Limit> {
+    let limit = |name: &str, value: String, (enforced, how): (bool, String)| Limit {
+        name: name.into(),
+        value,
+        enforced,
+        how,
+    };
     vec![
-        Limit {
-            name: "pids".into(),
-            value: spec.sandbox.pids.to_string(),
-            enforced: true,
-            how: format!("{engine} --pids-limit (cgroup pids.max)"),
-        },
-        Limit {
-            name: "nofile".into(),
-            value: spec.sandbox.nofile.to_string(),
-            enforced: true,
-            how: "RLIMIT_NOFILE (--ulimit)".into(),
-        },
-        Limit {
-            name: "tmp_size".into(),
-            value: spec.sandbox.tmp_size.clone(),
-            enforced: true,
-            how: "tmpfs size of /tmp and /var/tmp".into(),
-        },
-        Limit {
-            name: "cpus".into(),
-            value: spec.cpus.to_string(),
-            enforced: cpu_on,
-            how: cpu_how,
-        },
-        Limit {
-            name: "memory".into(),
-            value: spec.memory.clone(),
-            enforced: mem_on,
-            how: mem_how,
-        },
+        limit("pids", spec.sandbox.pids.to_string(), (true, pids_how)),
+        limit(
+            "nofile",
+            spec.sandbox.nofile.to_string(),
+            (true, nofile_how.to_string()),
+        ),
+        limit(
+            "tmp_size",
+            spec.sandbox.tmp_size.clone(),
+            (true, "tmpfs size of /tmp and /var/tmp".to_string()),
+        ),
+        limit("cpus", spec.cpus.to_string(), cpus),
+        limit("memory", spec.memory.clone(), memory),
     ]
 }
 
@@ -501,7 +514,7 @@ fn serve(
         let _ = aibox_sandbox::sys::dup2(null.as_raw_fd(), 1);
     }
 
-    if matches!(shared.link, Link::Native(_)) {
+    if matches!(shared.link, Link::Native { .. }) {
         let s = shared.clone();
         std::thread::spawn(move || init_reader(s));
     }
@@ -580,38 +593,13 @@ fn limits(spec: &SupervisorSpec, rootless: bool, cgroup_error: Option<&str>) -> 
         ),
         None => format!("RLIMIT_NPROC, counted per user namespace ({ns})"),
     };
-    vec![
-        Limit {
-            name: "pids".into(),
-            value: spec.sandbox.pids.to_string(),
-            enforced: true,
-            how: pids_how,
-        },
-        Limit {
-            name: "nofile".into(),
-            value: spec.sandbox.nofile.to_string(),
-            enforced: true,
-            how: "RLIMIT_NOFILE".into(),
-        },
-        Limit {
-            name: "tmp_size".into(),
-            value: spec.sandbox.tmp_size.clone(),
-            enforced: true,
-            how: "tmpfs size of /tmp and /var/tmp".into(),
-        },
-        Limit {
-            name: "cpus".into(),
-            value: spec.cpus.to_string(),
-            enforced: cpu_on,
-            how: cpu_how,
-        },
-        Limit {
-            name: "memory".into(),
-            value: spec.memory.clone(),
-            enforced: mem_on,
-            how: mem_how,
-        },
-    ]
+    limit_list(
+        spec,
+        pids_how,
+        "RLIMIT_NOFILE",
+        (cpu_on, cpu_how),
+        (mem_on, mem_how),
+    )
 }
 
 fn listen_on(path: &Path) -> Result<OwnedFd, String> {
@@ -684,7 +672,7 @@ fn deliver(shared: &Shared, msg: FromInit, fds: Vec<OwnedFd>) {
 }
 
 fn init_reader(shared: Arc<Shared>) {
-    let Link::Native(init) = &shared.link else {
+    let Link::Native { init, .. } = &shared.link else {
         return;
     };
     loop {
@@ -952,7 +940,7 @@ fn link_spawn(
     raw: &[RawFd],
 ) -> Result<(), String> {
     match &shared.link {
-        Link::Native(init) => {
+        Link::Native { init, .. } => {
             let r = ipc::send(init, &ToInit::Spawn(spawn), raw).map_err(|e| e.to_string());
             drop(fds);
             r
@@ -1003,7 +991,7 @@ fn link_spawn(
 /// Sends a signal to a session's process group.
 fn link_signal(shared: &Arc<Shared>, id: u64, signal: i32) {
     match &shared.link {
-        Link::Native(init) => {
+        Link::Native { init, .. } => {
             let _ = ipc::send(init, &ToInit::Signal { id, signal }, &[]);
         }
         Link::Container { engine, record } => {
@@ -1019,7 +1007,7 @@ fn remove_waiter(shared: &Shared, id: u64) {
     }
 }
 
-fn main_loop(shared: Arc<Shared>, intermediate: nix::unistd::Pid) -> i32 {
+fn main_loop(shared: Arc<Shared>) -> i32 {
     let events = shared.events_rx.lock().ok().and_then(|mut e| e.take());
     let (reply, reason, code) = match events.map(|e| e.recv()) {
         Some(Ok(Event::Stop { reply, reason })) => (reply, reason, 0),
@@ -1027,9 +1015,9 @@ fn main_loop(shared: Arc<Shared>, intermediate: nix::unistd::Pid) -> i32 {
         _ => (None, "supervisor internal error".to_string(), 1),
     };
     let exit = match &shared.link {
-        Link::Native(init) => native_shutdown(&shared, init, intermediate),
+        Link::Native { init, intermediate } => native_shutdown(&shared, init, *intermediate),
         Link::Container { record, .. } => {
-            let r = container::shutdown(record);
+            let r = container::remove(record);
             if let Err(e) = &r {
                 log(&format!("removing the container failed: {e}"));
             } else if let Some(c) = &shared.spec.container {
