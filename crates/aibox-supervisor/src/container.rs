@@ -114,6 +114,23 @@ pub fn remove_mounts(dir: &Path) {
     let _ = std::fs::remove_dir(dir);
 }
 
+/// Removes the cache mount points made in `home` for a start that failed,
+/// deepest first; only empty directories go, so nothing of the user's does.
+fn remove_cache_points(home: &Path) {
+    for (_, dst) in CACHES {
+        let Some(rel) = dst.strip_prefix("/home/dev/") else {
+            continue;
+        };
+        let mut p = home.join(rel);
+        while p != home && std::fs::remove_dir(&p).is_ok() {
+            match p.parent() {
+                Some(parent) => p = parent.to_path_buf(),
+                None => break,
+            }
+        }
+    }
+}
+
 /// Removes the container named in `record` and its mounts; used by
 /// `stop` and by stale-state cleanup when the supervisor is gone.
 pub fn remove(record: &Record) -> Result<(), String> {
@@ -412,6 +429,7 @@ pub fn start(spec: &SupervisorSpec, c: &ContainerSpec) -> Result<Started, String
     if result.is_err() {
         let _ = remove(&record);
         let _ = std::fs::remove_file(&c.record);
+        remove_cache_points(&spec.sandbox.home);
     }
     result
 }
