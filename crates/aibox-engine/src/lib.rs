@@ -204,7 +204,11 @@ impl Engine {
 
     /// Runs a listing command whose output is JSON: an array (podman) or
     /// one object per line (docker's `{{json .}}`).
-    pub fn json_list(self, action: &str, args: &[&str]) -> Result<Vec<serde_json::Value>, EngineError> {
+    pub fn json_list(
+        self,
+        action: &str,
+        args: &[&str],
+    ) -> Result<Vec<serde_json::Value>, EngineError> {
         let out = self.run(action, args)?;
         let text = String::from_utf8_lossy(&out.stdout);
         let bad = |e: serde_json::Error| EngineError::BadOutput {

@@ -384,7 +384,10 @@ fn run_args(
     if let Some(g) = &c.gvisor {
         push(&["--runtime", &g.runsc.display().to_string()]);
         if engine == Engine::Podman {
-            let mut flags = vec!["network=none".to_string(), format!("platform={}", g.platform)];
+            let mut flags = vec![
+                "network=none".to_string(),
+                format!("platform={}", g.platform),
+            ];
             if !skip("seccomp") {
                 flags.push("oci-seccomp".into());
             }
@@ -572,9 +575,8 @@ fn read_report(engine: Engine, run: &mut Child, errlog: &Path) -> Result<SelfTes
             aibox_engine::explain(&err)
         ));
     }
-    serde_json::from_str(line.trim()).map_err(|e| {
-        format!("the container init printed something unreadable ({e}): {line}")
-    })
+    serde_json::from_str(line.trim())
+        .map_err(|e| format!("the container init printed something unreadable ({e}): {line}"))
 }
 
 /// One `ENGINE exec` session.
@@ -703,4 +705,3 @@ pub fn signal(engine: Engine, name: &str, id: u64, signal: i32) {
         }
     }
 }
-

@@ -50,7 +50,8 @@ fn run_ok(cmd: &mut Command, what: &str) {
     );
 }
 
-fn as_test_user(prog: &str) -> Command {
+/// `prog` run as the rootless test account, with a clean environment.
+pub fn as_test_user(prog: &str) -> Command {
     let (uid, gid) = test_user();
     let mut c = Command::new("setpriv");
     c.args([
@@ -432,23 +433,27 @@ pub fn assert_gone(needle: &str) {
     panic!("processes survived: {:?}", host_pids_with(needle));
 }
 
-/// Defines `<name>_root` and `<name>_rootless` tests calling `f(ctx)`.
+/// One `#[test] fn $test` running `f(ctx)` on `backend` in `mode` (a no-op
+/// where that combination cannot run, see [`Ctx::on`]).
+macro_rules! backend_test {
+    ($test:ident, $backend:expr, $mode:expr, $f:expr) => {
+        #[test]
+        fn $test() {
+            if let Some(c) = Ctx::on($backend, $mode) {
+                ($f)(c)
+            }
+        }
+    };
+}
+pub(crate) use backend_test;
+
+/// Defines `<name>::root` and `<name>::rootless` tests (native backend).
 macro_rules! both_modes {
     ($name:ident, $f:expr) => {
         mod $name {
             use super::*;
-            #[test]
-            fn root() {
-                if let Some(c) = Ctx::new(Mode::Root) {
-                    ($f)(c)
-                }
-            }
-            #[test]
-            fn rootless() {
-                if let Some(c) = Ctx::new(Mode::Rootless) {
-                    ($f)(c)
-                }
-            }
+            backend_test!(root, Backend::Native, Mode::Root, $f);
+            backend_test!(rootless, Backend::Native, Mode::Rootless, $f);
         }
     };
 }
@@ -460,42 +465,12 @@ macro_rules! all_backends {
     ($name:ident, $f:expr) => {
         mod $name {
             use super::*;
-            #[test]
-            fn native_root() {
-                if let Some(c) = Ctx::on(Backend::Native, Mode::Root) {
-                    ($f)(c)
-                }
-            }
-            #[test]
-            fn native_rootless() {
-                if let Some(c) = Ctx::on(Backend::Native, Mode::Rootless) {
-                    ($f)(c)
-                }
-            }
-            #[test]
-            fn podman_root() {
-                if let Some(c) = Ctx::on(Backend::Podman, Mode::Root) {
-                    ($f)(c)
-                }
-            }
-            #[test]
-            fn podman_rootless() {
-                if let Some(c) = Ctx::on(Backend::Podman, Mode::Rootless) {
-                    ($f)(c)
-                }
-            }
-            #[test]
-            fn podman_runsc() {
-                if let Some(c) = Ctx::on(Backend::Runsc, Mode::Root) {
-                    ($f)(c)
-                }
-            }
-            #[test]
-            fn docker_root() {
-                if let Some(c) = Ctx::on(Backend::Docker, Mode::Root) {
-                    ($f)(c)
-                }
-            }
+            backend_test!(native_root, Backend::Native, Mode::Root, $f);
+            backend_test!(native_rootless, Backend::Native, Mode::Rootless, $f);
+            backend_test!(podman_root, Backend::Podman, Mode::Root, $f);
+            backend_test!(podman_rootless, Backend::Podman, Mode::Rootless, $f);
+            backend_test!(podman_runsc, Backend::Runsc, Mode::Root, $f);
+            backend_test!(docker_root, Backend::Docker, Mode::Root, $f);
         }
     };
 }

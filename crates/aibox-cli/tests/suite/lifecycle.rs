@@ -515,23 +515,11 @@ fn container_crash_recovery(c: Ctx) {
     let cname = st["container"]["name"].as_str().unwrap().to_string();
     let engine = st["container"]["engine"].as_str().unwrap().to_string();
     let engine_cmd = |args: &[&str]| -> std::process::Output {
-        match (c.as_user, engine.as_str()) {
-            (Some((uid, gid)), _) => std::process::Command::new("setpriv")
-                .args([
-                    "--reuid",
-                    &uid.to_string(),
-                    "--regid",
-                    &gid.to_string(),
-                    "--init-groups",
-                    "--reset-env",
-                    "podman",
-                ])
-                .args(args)
-                .current_dir("/")
-                .output()
-                .unwrap(),
-            (None, e) => std::process::Command::new(e).args(args).output().unwrap(),
-        }
+        let mut cmd = match c.as_user {
+            Some(_) => as_test_user("podman"),
+            None => std::process::Command::new(&engine),
+        };
+        cmd.args(args).output().unwrap()
     };
     let running = |n: &str| {
         let o = engine_cmd(&["container", "inspect", "--format", "{{.State.Running}}", n]);
@@ -618,22 +606,22 @@ impl PipeStatus for std::process::Output {
 
 mod container_crash_recovery {
     use super::*;
-    #[test]
-    fn podman_root() {
-        if let Some(c) = Ctx::on(Backend::Podman, Mode::Root) {
-            container_crash_recovery(c)
-        }
-    }
-    #[test]
-    fn podman_rootless() {
-        if let Some(c) = Ctx::on(Backend::Podman, Mode::Rootless) {
-            container_crash_recovery(c)
-        }
-    }
-    #[test]
-    fn docker_root() {
-        if let Some(c) = Ctx::on(Backend::Docker, Mode::Root) {
-            container_crash_recovery(c)
-        }
-    }
+    backend_test!(
+        podman_root,
+        Backend::Podman,
+        Mode::Root,
+        container_crash_recovery
+    );
+    backend_test!(
+        podman_rootless,
+        Backend::Podman,
+        Mode::Rootless,
+        container_crash_recovery
+    );
+    backend_test!(
+        docker_root,
+        Backend::Docker,
+        Mode::Root,
+        container_crash_recovery
+    );
 }
