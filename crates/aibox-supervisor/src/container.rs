@@ -247,18 +247,27 @@ fn write_private(path: &Path, data: &[u8]) -> Result<(), String> {
         .map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
+/// Where the generated seccomp profile is written for the engine.
+fn seccomp_path(spec: &SupervisorSpec) -> PathBuf {
+    spec.run_dir.join("seccomp.json")
+}
+
+/// Where the engine writes the container id (`--cidfile`).
+fn cid_path(spec: &SupervisorSpec) -> PathBuf {
+    spec.run_dir.join("container.id")
+}
+
 /// The `ENGINE run` arguments of a sandbox.
 fn run_args(
     spec: &SupervisorSpec,
     c: &ContainerSpec,
     engine: Engine,
     rootless: bool,
-    seccomp: &Path,
-    cidfile: &Path,
     ws: &Path,
     home: &Path,
 ) -> Vec<String> {
     let sb = &spec.sandbox;
+    let (seccomp, cidfile) = (seccomp_path(spec), cid_path(spec));
     // Attached (no -d): the init's first stdout line is the self-test
     // report, and this engine process ends when the container does.
     let mut a: Vec<String> = vec!["run".into()];
@@ -460,7 +469,7 @@ fn start_inner(
     ensure_dir(&c.toolpacks)?;
     ensure_caches(engine, guest, rootless, c.gvisor.is_some())?;
 
-    let seccomp = spec.run_dir.join("seccomp.json");
+    let seccomp = seccomp_path(spec);
     let profile = aibox_sandbox::seccomp::SyscallPolicy::embedded()
         .and_then(|p| p.oci_profile())
         .map_err(|e| e.to_string())?;
@@ -499,8 +508,8 @@ fn start_inner(
         (ws, home)
     };
 
-    let cidfile = spec.run_dir.join("container.id");
-    let args = run_args(spec, c, engine, rootless, &seccomp, &cidfile, &ws, &home);
+    let cidfile = cid_path(spec);
+    let args = run_args(spec, c, engine, rootless, &ws, &home);
     // The exact command, for the supervisor log (no secrets are in it).
     eprintln!("aibox supervisor: {} {}", engine.program(), args.join(" "));
     // The engine's messages go to a file: read on failure, and never a
