@@ -1,6 +1,6 @@
 //! The CLI side of the control protocol.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -108,7 +108,13 @@ pub fn start(spec: &SupervisorSpec, paths: &SandboxPaths) -> Result<Status, Erro
     }
     let mut line = String::new();
     if let Some(out) = child.stdout.take() {
-        let _ = BufReader::new(out).read_line(&mut line);
+        let mut reader = BufReader::new(out);
+        let _ = reader.read_line(&mut line);
+        // An error may span lines (cause, then "fix: …"); the supervisor
+        // exits right after reporting it, so read to the end.
+        if line.starts_with("error ") {
+            let _ = reader.read_to_string(&mut line);
+        }
     }
     let line = line.trim_end();
     if let Some(json) = line.strip_prefix("ready ") {

@@ -405,6 +405,11 @@ fn run_args(
             }
         }
     }
+    if c.image.starts_with("localhost/") {
+        // A local image is built, never pulled: a missing one is an
+        // "image not known" with the fix, not a failed pull from localhost.
+        push(&["--pull=never"]);
+    }
     push(&[
         &c.image,
         aibox_sandbox::container::BINARY,

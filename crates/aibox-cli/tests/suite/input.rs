@@ -254,3 +254,40 @@ fn doctor_reports_every_check() {
     assert!(!o.status.success());
     assert!(stdout(&o).contains("[FAIL] config"), "{}", stdout(&o));
 }
+
+/// A container start whose image is missing fails with one message and
+/// the fix, and leaves nothing behind (podman and docker).
+fn missing_image_is_explained(mut c: Ctx) {
+    c.env("AIBOX_IMAGE", "localhost/aibox/missing:1");
+    let ws = c.ws.display().to_string();
+    let o = c.out(&["start", "-w", &ws, "--name", "noimage"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.starts_with("aibox: error: could not start sandbox `noimage`"),
+        "{e}"
+    );
+    assert!(
+        e.contains("fix: the image is not present: build it with `aibox image build`"),
+        "{e}"
+    );
+    assert!(e.lines().count() <= 3, "engine output dumped: {e}");
+    assert!(c.runtime_entries().is_empty(), "{:?}", c.runtime_entries());
+    assert!(!c.data.join("homes/noimage").exists(), "home left behind");
+}
+
+mod missing_image_is_explained {
+    use super::*;
+    backend_test!(
+        podman_root,
+        Backend::Podman,
+        Mode::Root,
+        missing_image_is_explained
+    );
+    backend_test!(
+        docker_root,
+        Backend::Docker,
+        Mode::Root,
+        missing_image_is_explained
+    );
+}
