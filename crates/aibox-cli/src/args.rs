@@ -68,6 +68,9 @@ pub enum Command {
         #[arg(long, value_enum)]
         engine: Option<EngineArg>,
     },
+    /// Repair aibox's own state.
+    #[command(subcommand)]
+    Repair(RepairCmd),
     /// Internal: the per-sandbox supervisor (started by `aibox start`).
     #[command(name = "__supervise", hide = true)]
     Supervise {
@@ -240,5 +243,18 @@ pub enum ImageCmd {
         /// Output format.
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
+    },
+}
+
+/// `aibox repair …`
+#[derive(Debug, Subcommand)]
+pub enum RepairCmd {
+    /// Remove and recreate the build cache volumes (maven, gradle, npm,
+    /// yarn, bazel, nuget); refused while a sandbox container runs. Homes
+    /// and tool packs are kept.
+    Cache {
+        /// Engine (default: config `runtime` when it is an engine, else podman).
+        #[arg(long, value_enum)]
+        engine: Option<EngineArg>,
     },
 }

@@ -185,6 +185,56 @@ fn ensure_dir(p: &Path) -> Result<(), String> {
     std::fs::create_dir_all(p).map_err(|e| format!("creating {}: {e}", p.display()))
 }
 
+/// `aibox repair cache`: removes every aibox cache volume of `engine` and
+/// creates the set for the configured kind of sandbox (runc or gVisor)
+/// afresh. Refuses while any aibox container of that engine runs, since
+/// it would pull the caches from under it. Returns the volumes removed.
+pub fn repair_caches(engine: Engine, gvisor: bool) -> Result<Vec<String>, String> {
+    let format = match engine {
+        Engine::Podman => "json",
+        Engine::Docker => "{{json .}}",
+    };
+    let running = engine
+        .json_list(
+            "ps",
+            &["ps", "--filter", "label=aibox=true", "--format", format],
+        )
+        .map_err(|e| e.to_string())?;
+    let names: Vec<String> = running
+        .iter()
+        .filter_map(|c| match c.get("Names") {
+            Some(serde_json::Value::Array(a)) => {
+                a.first().and_then(|n| n.as_str()).map(String::from)
+            }
+            Some(serde_json::Value::String(n)) => Some(n.clone()),
+            _ => None,
+        })
+        .collect();
+    if !running.is_empty() {
+        return Err(format!(
+            "{} aibox sandbox container(s) are running and use the caches ({})\n  fix: stop them first (`aibox list`, then `aibox stop --name …`)",
+            running.len(),
+            names.join(", ")
+        ));
+    }
+    let old = engine
+        .volumes_labelled("aibox.cache=true")
+        .map_err(|e| e.to_string())?;
+    for v in &old {
+        engine
+            .run("volume rm", ["volume", "rm", v.as_str()])
+            .map_err(|e| e.to_string())?;
+    }
+    let rootless = aibox_core::euid() != 0;
+    let guest = if rootless {
+        (aibox_core::euid(), nix::unistd::getegid().as_raw())
+    } else {
+        rootful_guest(engine, gvisor)
+    };
+    ensure_caches(engine, guest, rootless, gvisor)?;
+    Ok(old)
+}
+
 /// Creates the cache volumes that are missing, owned by the guest.
 fn ensure_caches(
     engine: Engine,

@@ -149,3 +149,24 @@ pub fn update(cli_config: Option<PathBuf>, engine_arg: Option<EngineArg>) -> Res
     }
     Ok(0)
 }
+
+/// `aibox repair cache`
+pub fn repair_cache(cli_config: Option<PathBuf>, engine_arg: Option<EngineArg>) -> Result<i32> {
+    let (loaded, _) = super::load_config(cli_config)?;
+    let engine = engine(engine_arg, loaded.config.runtime);
+    let gvisor = loaded.config.gvisor.enabled;
+    let removed = aibox_supervisor::container::repair_caches(engine, gvisor)
+        .map_err(|e| anyhow::anyhow!("aibox repair cache: {e}"))?;
+    eprintln!(
+        "removed {} cache volume(s){}; created {} empty ones ({})",
+        removed.len(),
+        if removed.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", removed.join(", "))
+        },
+        aibox_supervisor::container::CACHES.len(),
+        engine.program()
+    );
+    Ok(0)
+}

@@ -28,6 +28,9 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Command::Audit(a) => audit::run(cli.config, a),
         Command::Image(a) => image::run(cli.config, a),
         Command::Update { engine } => image::update(cli.config, engine),
+        Command::Repair(crate::args::RepairCmd::Cache { engine }) => {
+            image::repair_cache(cli.config, engine)
+        }
         Command::Start(a) => lifecycle::start(cli.config, a),
         Command::Run(a) => lifecycle::run(cli.config, a),
         Command::Exec(a) => lifecycle::exec(cli.config, a),

@@ -1,6 +1,8 @@
 //! `aibox image`: a real base image built from Debian packages and run
 //! under podman (root only: it imports into root's podman storage).
 
+use std::process::{Command, Stdio};
+
 use super::common::*;
 
 #[test]
@@ -127,4 +129,90 @@ fn engine_failures_are_one_message_with_a_fix() {
     assert!(e.starts_with("aibox: error: docker "), "{e}");
     assert!(e.contains("\n  fix: "), "{e}");
     assert!(e.lines().count() <= 3, "engine output dumped: {e}");
+}
+
+/// `aibox repair cache` refuses while a sandbox runs, then replaces the
+/// cache volumes with empty ones and keeps the home. Runs against a
+/// private podman store (CONTAINERS_STORAGE_CONF), so the volumes and
+/// containers of tests running in parallel are not touched.
+#[test]
+fn repair_cache_recreates_the_volumes() {
+    let Some(mut c) = Ctx::on(Backend::Podman, Mode::Root) else {
+        return;
+    };
+    let store = c.dir.path().join("store");
+    let conf = c.dir.path().join("storage.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            // vfs: no mounts are left behind in the test's temporary directory.
+            "[storage]\ndriver = \"vfs\"\ngraphroot = \"{0}/graph\"\nrunroot = \"{0}/run\"\n",
+            store.display()
+        ),
+    )
+    .unwrap();
+    let conf_s = conf.display().to_string();
+    let mut save = Command::new("podman")
+        .args(["save", IMAGE])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let load = Command::new("podman")
+        .env("CONTAINERS_STORAGE_CONF", &conf_s)
+        .args(["load", "-q"])
+        .stdin(save.stdout.take().unwrap())
+        .output()
+        .unwrap();
+    assert!(load.status.success(), "{}", stderr(&load));
+    assert!(save.wait().unwrap().success());
+    c.env("CONTAINERS_STORAGE_CONF", &conf_s);
+    let podman = |args: &[&str]| {
+        Command::new("podman")
+            .env("CONTAINERS_STORAGE_CONF", &conf_s)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+
+    let ws = c.ws.display().to_string();
+    ok(&c.out(&["start", "-w", &ws, "--name", "cache"]));
+    ok(&c.out(&[
+        "exec",
+        "--name",
+        "cache",
+        "--",
+        "sh",
+        "-c",
+        "echo jar > /home/dev/.m2/repository/a.jar && echo keep > /home/dev/keep",
+    ]));
+    let o = c.out(&["repair", "cache"]);
+    assert!(!o.status.success(), "repair ran under a live sandbox");
+    let e = stderr(&o);
+    assert!(
+        e.contains("running and use the caches") && e.contains("fix:"),
+        "{e}"
+    );
+    ok(&c.out(&["stop", "--name", "cache"]));
+
+    let o = c.out(&["repair", "cache"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("removed 6 cache volume(s)"),
+        "{}",
+        stderr(&o)
+    );
+    let vols = stdout(&podman(&[
+        "volume",
+        "ls",
+        "--filter",
+        "label=aibox.cache=true",
+        "--format",
+        "{{.Name}}",
+    ]));
+    assert_eq!(vols.lines().count(), 6, "{vols}");
+    let out = ok(&c.out(&[
+        "run", "-w", &ws, "--name", "cache", "--", "sh", "-c",
+        "ls -A /home/dev/.m2/repository; cat /home/dev/keep; touch /home/dev/.m2/repository/w && echo writable",
+    ]));
+    assert_eq!(out, "keep\nwritable\n");
 }
