@@ -316,6 +316,52 @@ pub fn run(cli_config: Option<PathBuf>, a: DoctorArgs) -> Result<i32> {
                 format!("{} ({})", p.display(), version.unwrap_or_default()),
                 "",
             );
+            // The configured platform, and what start falls back to.
+            let wanted = loaded
+                .as_ref()
+                .ok()
+                .map(|(l, _)| match l.config.gvisor.platform {
+                    aibox_config::GvisorPlatform::Systrap => "systrap",
+                    aibox_config::GvisorPlatform::Ptrace => "ptrace",
+                });
+            match (aibox_engine::runsc_platforms(&p), wanted) {
+                (Ok(offered), Some(w)) if offered.iter().any(|o| o == w) => add(
+                    "gvisor_platform",
+                    Level::Ok,
+                    format!(
+                        "gvisor.platform {w} is offered (runsc offers: {})",
+                        offered.join(", ")
+                    ),
+                    "",
+                ),
+                (Ok(offered), Some(w)) if offered.iter().any(|o| o == "ptrace") => add(
+                    "gvisor_platform",
+                    Level::Warn,
+                    format!(
+                        "gvisor.platform {w} is not offered by this runsc (it offers: {}); sandboxes fall back to ptrace",
+                        offered.join(", ")
+                    ),
+                    "set gvisor.platform: ptrace, or install a newer runsc",
+                ),
+                (Ok(offered), None) => add(
+                    "gvisor_platform",
+                    Level::Info,
+                    format!("runsc offers: {}", offered.join(", ")),
+                    "",
+                ),
+                (Ok(offered), Some(_)) => add(
+                    "gvisor_platform",
+                    Level::Fail,
+                    format!("runsc offers only: {}", offered.join(", ")),
+                    "set gvisor.platform to one of those",
+                ),
+                (Err(e), _) => add(
+                    "gvisor_platform",
+                    Level::Warn,
+                    e.to_string(),
+                    "check `runsc flags`",
+                ),
+            }
         }
         None => add(
             "gvisor",
