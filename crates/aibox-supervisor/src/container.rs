@@ -484,8 +484,6 @@ pub fn start(spec: &SupervisorSpec, c: &ContainerSpec) -> Result<Started, String
         container_name: c.container_name.clone(),
         mounts_dir: c.mounts_dir.clone(),
     };
-    // A container of this name left by a crashed start is ours to remove.
-    let _ = remove(&record);
     write_private(
         &c.record,
         serde_json::to_string(&record)
@@ -570,20 +568,38 @@ fn start_inner(
     // The engine's messages go to a file: read on failure, and never a
     // closed pipe that could kill the attached engine process later.
     let errlog = spec.run_dir.join("engine.log");
-    write_private(&errlog, b"")?;
-    let err_file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&errlog)
-        .map_err(|e| format!("opening {}: {e}", errlog.display()))?;
-    let mut cmd = engine.command(&args);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(err_file);
-    // No PR_SET_PDEATHSIG here: killing a rootless podman client takes its
-    // container with it, and the container must outlive a dead supervisor
-    // (this client then ends with the container).
-    let mut waiter = cmd.spawn().map_err(|e| engine.spawn_error(e).to_string())?;
-    let report = read_report(engine, &mut waiter, &errlog)?;
+    let run = || -> Result<(Child, SelfTestReport), String> {
+        write_private(&errlog, b"")?;
+        let err_file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&errlog)
+            .map_err(|e| format!("opening {}: {e}", errlog.display()))?;
+        let mut cmd = engine.command(&args);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(err_file);
+        // No PR_SET_PDEATHSIG here: killing a rootless podman client takes
+        // its container with it, and the container must outlive a dead
+        // supervisor (this client then ends with the container).
+        let mut child = cmd.spawn().map_err(|e| engine.spawn_error(e).to_string())?;
+        let report = read_report(engine, &mut child, &errlog)?;
+        Ok((child, report))
+    };
+    // A container of this name without a record (the record is how stale
+    // ones are normally found and removed before a start) is removed and
+    // the start tried once more; no probe on the common path.
+    let (waiter, report) = match run() {
+        Err(e) if e.contains("already in use") => {
+            let _ = remove(&Record {
+                engine: c.engine.clone(),
+                container_name: c.container_name.clone(),
+                mounts_dir: c.mounts_dir.clone(),
+            });
+            let _ = std::fs::remove_file(&cidfile);
+            run()?
+        }
+        r => r?,
+    };
     if let Some(f) = report.failure() {
         return Err(format!("sandbox self-test failed: {f}"));
     }
