@@ -3,11 +3,13 @@
 //! and installed the seccomp profile. The aibox binary is bind-mounted
 //! read-only at [`BINARY`] and provides:
 //!
-//! - `__container-init [--seccomp]`: PID 1. First runs the self-test in a
-//!   child hardened like a session and prints its report as one JSON line
-//!   on stdout (the supervisor reads it from the attached engine); then
-//!   reaps orphans, and on SIGTERM kills every process of the container
-//!   and exits.
+//! - `__container-init [--seccomp] [--first ID -- ARGV…]`: PID 1. First
+//!   runs the self-test in a child hardened like a session and prints its
+//!   report as one JSON line on stdout (the supervisor reads it from the
+//!   attached engine); then reaps orphans, and on SIGTERM kills every
+//!   process of the container and exits. With `--first` (one-shot
+//!   sandboxes, `aibox run`) it then runs ARGV as session ID, only if the
+//!   self-test passed, and ends the container with that command's code.
 //! - `__container-session ID [--seccomp] -- ARGV…`: the first program of every
 //!   `podman exec`. Records its pid (so a later `__container-signal` can
 //!   reach it, since the engines do not forward signals to exec'd
@@ -37,6 +39,8 @@ pub const INIT_ARG: &str = "__container-init";
 pub const SESSION_ARG: &str = "__container-session";
 /// First argument of the signal helper.
 pub const SIGNAL_ARG: &str = "__container-signal";
+/// Gives the init a first command (see the module docs).
+pub const FIRST_FLAG: &str = "--first";
 /// Asks the shim and self-test to install the seccomp filters themselves.
 pub const SECCOMP_FLAG: &str = "--seccomp";
 /// Directory of session pid files (`/dev/shm` is a world-writable tmpfs
@@ -48,7 +52,7 @@ const SESSIONS: &str = "/dev/shm/.aibox-sessions";
 pub fn dispatch(args: &[String]) -> Option<i32> {
     let rest = args.get(2..).unwrap_or(&[]);
     Some(match args.get(1).map(String::as_str)? {
-        INIT_ARG => init(rest.first().map(String::as_str) == Some(SECCOMP_FLAG)),
+        INIT_ARG => init(rest),
         SESSION_ARG => session(rest),
         SIGNAL_ARG => signal(rest),
         _ => return None,
@@ -61,10 +65,31 @@ fn fail(msg: &str, code: i32) -> i32 {
 }
 
 /// PID 1: self-test, then wait for children and the engine's stop signal.
-fn init(seccomp: bool) -> i32 {
+fn init(rest: &[String]) -> i32 {
     if std::process::id() != 1 {
         return fail("the container init must run as PID 1", 2);
     }
+    let seccomp = rest.first().map(String::as_str) == Some(SECCOMP_FLAG);
+    let rest = &rest[usize::from(seccomp)..];
+    // `--first ID -- ARGV…` is exactly the session shim's command line
+    // (with the same --seccomp choice).
+    let first: Option<Vec<String>> = match rest.first().map(String::as_str) {
+        None => None,
+        Some(FIRST_FLAG) if rest.len() >= 4 && rest[2] == "--" => {
+            let mut v = vec![rest[1].clone()];
+            if seccomp {
+                v.push(SECCOMP_FLAG.into());
+            }
+            v.extend(rest[2..].iter().cloned());
+            Some(v)
+        }
+        Some(_) => {
+            return fail(
+                "usage: __container-init [--seccomp] [--first ID -- PROGRAM [ARGS…]]",
+                2,
+            );
+        }
+    };
     // (Until the mask below, signals without a handler are ignored: we are
     // PID 1 of a pid namespace.)
     let report = match selftest(seccomp) {
@@ -78,6 +103,8 @@ fn init(seccomp: bool) -> i32 {
             return fail("could not report the self-test", 1);
         }
     }
+    let passed =
+        serde_json::from_str::<crate::SelfTestReport>(&report).is_ok_and(|r| r.failure().is_none());
     let mut mask = SigSet::empty();
     for s in [
         Signal::SIGCHLD,
@@ -90,24 +117,52 @@ fn init(seccomp: bool) -> i32 {
     if sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None).is_err() {
         return fail("blocking signals failed", 1);
     }
+    let first_pid = match first {
+        None => None,
+        // Fail closed: the command never runs in a sandbox that failed.
+        Some(_) if !passed => return 125,
+        Some(args) => match sys::fork() {
+            Ok(nix::unistd::ForkResult::Child) => {
+                let _ = sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&mask), None);
+                sys::exit_now(session(&args))
+            }
+            Ok(nix::unistd::ForkResult::Parent { child }) => Some(child),
+            Err(e) => return fail(&format!("starting the command: {e}"), 125),
+        },
+    };
     loop {
         match mask.wait() {
-            Ok(Signal::SIGCHLD) => reap_all(),
-            Ok(_) => {
-                // As PID 1, kill(-1) reaches every other process here.
-                let _ = sys::kill_raw(-1, libc::SIGKILL);
-                while let Ok(_) | Err(nix::errno::Errno::EINTR) = waitpid(None::<Pid>, None) {}
-                return 0;
+            Ok(Signal::SIGCHLD) | Err(_) => {
+                if let Some(code) = reap_all(first_pid) {
+                    return end_all(code);
+                }
             }
-            Err(_) => reap_all(),
+            Ok(_) => return end_all(0),
         }
     }
 }
 
-fn reap_all() {
-    while let Ok(s) = waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
-        if s == WaitStatus::StillAlive {
-            break;
+/// Kills every other process of the container (as PID 1, kill(-1)
+/// reaches them all), reaps them, and returns `code`.
+fn end_all(code: i32) -> i32 {
+    let _ = sys::kill_raw(-1, libc::SIGKILL);
+    while let Ok(_) | Err(nix::errno::Errno::EINTR) = waitpid(None::<Pid>, None) {}
+    code
+}
+
+/// Reaps every exited child; returns the exit code (or 128 + signal) of
+/// `first` if it was among them.
+fn reap_all(first: Option<Pid>) -> Option<i32> {
+    let mut code = None;
+    loop {
+        let (pid, c) = match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(p, c)) => (p, c),
+            Ok(WaitStatus::Signaled(p, s, _)) => (p, 128 + s as i32),
+            Ok(WaitStatus::StillAlive) | Err(_) => return code,
+            Ok(_) => continue,
+        };
+        if Some(pid) == first {
+            code = Some(c);
         }
     }
 }

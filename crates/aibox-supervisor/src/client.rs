@@ -349,7 +349,7 @@ pub fn stop(conn: OwnedFd, paths: &SandboxPaths) -> Result<(), Error> {
 }
 
 /// Waits (up to 30 s) until the supervisor has released its lock.
-fn wait_gone(paths: &SandboxPaths) -> Result<(), Error> {
+pub fn wait_gone(paths: &SandboxPaths) -> Result<(), Error> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while std::time::Instant::now() < deadline {
         if !is_alive(paths) {

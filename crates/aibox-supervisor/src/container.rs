@@ -99,6 +99,9 @@ pub struct Started {
     pub rootless: bool,
     /// The attached `ENGINE run`: exits when the container does.
     pub waiter: Child,
+    /// Threads copying the engine's output (to the client, for a one-shot
+    /// command); they end when the engine does.
+    pub relays: Vec<std::thread::JoinHandle<()>>,
 }
 
 /// Unmounts and removes the host-side mounts of a container sandbox.
@@ -307,7 +310,8 @@ fn cid_path(spec: &SupervisorSpec) -> PathBuf {
     spec.run_dir.join("container.id")
 }
 
-/// The `ENGINE run` arguments of a sandbox.
+/// The `ENGINE run` arguments of a sandbox: options, then (second) the
+/// image and the init's command line.
 fn run_args(
     spec: &SupervisorSpec,
     c: &ContainerSpec,
@@ -315,7 +319,7 @@ fn run_args(
     rootless: bool,
     ws: &Path,
     home: &Path,
-) -> Vec<String> {
+) -> (Vec<String>, Vec<String>) {
     let sb = &spec.sandbox;
     let (seccomp, cidfile) = (seccomp_path(spec), cid_path(spec));
     // Attached (no -d): the init's first stdout line is the self-test
@@ -460,20 +464,47 @@ fn run_args(
         // "image not known" with the fix, not a failed pull from localhost.
         push(&["--pull=never"]);
     }
-    push(&[
-        &c.image,
-        aibox_sandbox::container::BINARY,
-        aibox_sandbox::container::INIT_ARG,
-    ]);
+    let mut tail: Vec<String> = vec![
+        c.image.clone(),
+        aibox_sandbox::container::BINARY.into(),
+        aibox_sandbox::container::INIT_ARG.into(),
+    ];
     if c.gvisor.is_some() {
-        push(&[aibox_sandbox::container::SECCOMP_FLAG]);
+        tail.push(aibox_sandbox::container::SECCOMP_FLAG.into());
     }
-    a
+    (a, tail)
 }
 
-/// Creates and starts the container, runs the self-test inside, and
-/// returns once it passed. On failure nothing is left behind.
-pub fn start(spec: &SupervisorSpec, c: &ContainerSpec) -> Result<Started, String> {
+/// Everything of a container sandbox but the container: mounts, cache
+/// volumes, the seccomp profile, the record, and the `ENGINE run` command.
+#[derive(Debug)]
+pub struct Prepared {
+    engine: Engine,
+    rootless: bool,
+    gvisor: bool,
+    guest: (u32, u32),
+    head: Vec<String>,
+    tail: Vec<String>,
+    cidfile: PathBuf,
+    record: Record,
+    record_path: PathBuf,
+    home: PathBuf,
+}
+
+/// The first command of a one-shot sandbox (`aibox run`): it starts with
+/// the container, in one engine call, and the container ends with it.
+#[derive(Debug)]
+pub struct First {
+    /// Session id.
+    pub id: u64,
+    /// The command.
+    pub req: aibox_sandbox::SpawnRequest,
+    /// The client's stdin, stdout and stderr.
+    pub stdio: [OwnedFd; 3],
+}
+
+/// Sets up everything but the container; on failure nothing is left.
+pub fn prepare(spec: &SupervisorSpec, c: &ContainerSpec) -> Result<Prepared, String> {
     let engine = engine_of(&c.engine)?;
     let rootless = aibox_core::euid() != 0;
     if rootless && engine == Engine::Docker {
@@ -490,55 +521,75 @@ pub fn start(spec: &SupervisorSpec, c: &ContainerSpec) -> Result<Started, String
             .unwrap_or_default()
             .as_bytes(),
     )?;
-    let result = start_inner(spec, c, engine, rootless);
-    if result.is_err() {
-        let _ = remove(&record);
-        let _ = std::fs::remove_file(&c.record);
-        remove_cache_points(&spec.sandbox.home);
-    }
-    result
-}
-
-fn start_inner(
-    spec: &SupervisorSpec,
-    c: &ContainerSpec,
-    engine: Engine,
-    rootless: bool,
-) -> Result<Started, String> {
-    let sb = &spec.sandbox;
-    let invoker = (aibox_core::euid(), nix::unistd::getegid().as_raw());
     let guest = if rootless {
-        invoker
+        (aibox_core::euid(), nix::unistd::getegid().as_raw())
     } else {
         rootful_guest(engine, c.gvisor.is_some())
     };
-    // Mount points of the caches inside the home must exist beforehand:
-    // the runtime cannot create them through an idmapped mount.
-    for (_, dst) in CACHES {
-        if let Some(rel) = dst.strip_prefix("/home/dev/") {
-            ensure_dir(&sb.home.join(rel))?;
+    let p = Prepared {
+        engine,
+        rootless,
+        gvisor: c.gvisor.is_some(),
+        guest,
+        head: Vec::new(),
+        tail: Vec::new(),
+        cidfile: cid_path(spec),
+        record,
+        record_path: c.record.clone(),
+        home: spec.sandbox.home.clone(),
+    };
+    let mut p = p;
+    match prepare_inner(spec, c, &mut p) {
+        Ok(()) => Ok(p),
+        Err(e) => {
+            undo(&p);
+            Err(e)
         }
     }
-    ensure_dir(&c.toolpacks)?;
-    ensure_caches(engine, guest, rootless, c.gvisor.is_some())?;
+}
 
-    let seccomp = seccomp_path(spec);
-    let profile = aibox_sandbox::seccomp::SyscallPolicy::embedded()
-        .and_then(|p| p.oci_profile())
-        .map_err(|e| e.to_string())?;
-    write_private(
-        &seccomp,
-        serde_json::to_string_pretty(&profile)
-            .unwrap_or_default()
-            .as_bytes(),
-    )?;
-    // Readable by the runtime inside the user namespace (rootful podman).
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(&seccomp, std::fs::Permissions::from_mode(0o644));
+/// Removes what a failed start made (container, mounts, record, the cache
+/// mount points in the home).
+fn undo(p: &Prepared) {
+    let _ = remove(&p.record);
+    let _ = std::fs::remove_file(&p.record_path);
+    remove_cache_points(&p.home);
+    // A home left empty goes too (a one-shot start fails after the client
+    // made it; an empty home is recreated by the next start anyway).
+    let _ = std::fs::remove_dir(&p.home);
+}
 
-    let (ws, home) = if rootless {
-        (sb.workspace.clone(), sb.home.clone())
-    } else {
+fn prepare_inner(spec: &SupervisorSpec, c: &ContainerSpec, p: &mut Prepared) -> Result<(), String> {
+    let sb = &spec.sandbox;
+    let invoker = (aibox_core::euid(), nix::unistd::getegid().as_raw());
+    let mounts = (|| -> Result<(PathBuf, PathBuf), String> {
+        // Mount points of the caches inside the home must exist beforehand:
+        // the runtime cannot create them through an idmapped mount.
+        for (_, dst) in CACHES {
+            if let Some(rel) = dst.strip_prefix("/home/dev/") {
+                ensure_dir(&sb.home.join(rel))?;
+            }
+        }
+        ensure_dir(&c.toolpacks)?;
+        ensure_caches(p.engine, p.guest, p.rootless, p.gvisor)?;
+
+        let seccomp = seccomp_path(spec);
+        let profile = aibox_sandbox::seccomp::SyscallPolicy::embedded()
+            .and_then(|p| p.oci_profile())
+            .map_err(|e| e.to_string())?;
+        write_private(
+            &seccomp,
+            serde_json::to_string_pretty(&profile)
+                .unwrap_or_default()
+                .as_bytes(),
+        )?;
+        // Readable by the runtime inside the user namespace (rootful podman).
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&seccomp, std::fs::Permissions::from_mode(0o644));
+
+        if p.rootless {
+            return Ok((sb.workspace.clone(), sb.home.clone()));
+        }
         ensure_dir(&c.mounts_dir)?;
         let ws = c.mounts_dir.join("workspace");
         let home = c.mounts_dir.join("home");
@@ -547,7 +598,7 @@ fn start_inner(
             // gVisor's gofer (host root) creates files before chowning
             // them to the guest: root writes land as the overflow id.
             let spare = c.gvisor.as_ref().map(|_| (65534, 0));
-            aibox_sandbox::idmapped_bind(src, dst, invoker, guest, spare)
+            aibox_sandbox::idmapped_bind(src, dst, invoker, p.guest, spare)
                 .map_err(|e| e.to_string())?;
         }
         // The workspace that got mounted must be the one validated.
@@ -558,105 +609,173 @@ fn start_inner(
                 return Err("the workspace changed while it was being mounted; try again".into());
             }
         }
-        (ws, home)
-    };
+        Ok((ws, home))
+    })();
+    let (ws, home) = mounts?;
+    (p.head, p.tail) = run_args(spec, c, p.engine, p.rootless, &ws, &home);
+    Ok(())
+}
 
-    let cidfile = cid_path(spec);
-    let args = run_args(spec, c, engine, rootless, &ws, &home);
-    // The exact command, for the supervisor log (no secrets are in it).
-    eprintln!("aibox supervisor: {} {}", engine.program(), args.join(" "));
-    // The engine's messages go to a file: read on failure, and never a
-    // closed pipe that could kill the attached engine process later.
-    let errlog = spec.run_dir.join("engine.log");
-    let run = || -> Result<(Child, SelfTestReport), String> {
-        write_private(&errlog, b"")?;
-        let err_file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&errlog)
-            .map_err(|e| format!("opening {}: {e}", errlog.display()))?;
-        let mut cmd = engine.command(&args);
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(err_file);
-        // No PR_SET_PDEATHSIG here: killing a rootless podman client takes
-        // its container with it, and the container must outlive a dead
-        // supervisor (this client then ends with the container).
+/// Creates and starts the container (with `first` as its one command,
+/// if given) and returns once the init's self-test passed. On failure
+/// nothing is left behind.
+pub fn launch(p: &Prepared, first: Option<First>) -> Result<Started, String> {
+    let r = launch_inner(p, first);
+    if r.is_err() {
+        undo(p);
+    }
+    r
+}
+
+fn launch_inner(p: &Prepared, first: Option<First>) -> Result<Started, String> {
+    let engine = p.engine;
+    let mut cmd = engine.command(&p.head);
+    let (mut stdin, mut stdout, mut stderr) = (None, None, None);
+    let mut tail = p.tail.clone();
+    if let Some(f) = first {
+        // One call does it all: podman removes the container when the
+        // command (and with it the init) ends.
+        let mut args: Vec<String> =
+            vec!["-i".into(), "--rm".into(), "-w".into(), f.req.cwd.clone()];
+        env_args(&f.req, &mut cmd, &mut args)?;
+        cmd.args(&args);
+        tail.extend([
+            aibox_sandbox::container::FIRST_FLAG.to_string(),
+            f.id.to_string(),
+            "--".to_string(),
+        ]);
+        tail.extend(f.req.argv.iter().cloned());
+        let [i, o, e] = f.stdio;
+        (stdin, stdout, stderr) = (Some(i), Some(o), Some(e));
+    }
+    cmd.args(&tail);
+    // The exact command, for the supervisor log (no secrets are in it:
+    // environment values are passed by name).
+    eprintln!(
+        "aibox supervisor: {} {} {}",
+        engine.program(),
+        p.head.join(" "),
+        tail.join(" ")
+    );
+    cmd.stdin(stdin.map_or_else(Stdio::null, Stdio::from))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // No PR_SET_PDEATHSIG here: killing a rootless podman client takes its
+    // container with it, and the container must outlive a dead supervisor
+    // (this client then ends with the container).
+    let run = |cmd: &mut Command| -> Result<(Child, SelfTestReport), String> {
         let mut child = cmd.spawn().map_err(|e| engine.spawn_error(e).to_string())?;
-        let report = read_report(engine, &mut child, &errlog)?;
+        let report = read_report(engine, &mut child)?;
         Ok((child, report))
     };
     // A container of this name without a record (the record is how stale
     // ones are normally found and removed before a start) is removed and
     // the start tried once more; no probe on the common path.
-    let (waiter, report) = match run() {
+    let (mut waiter, report) = match run(&mut cmd) {
         Err(e) if e.contains("already in use") => {
-            let _ = remove(&Record {
-                engine: c.engine.clone(),
-                container_name: c.container_name.clone(),
-                mounts_dir: c.mounts_dir.clone(),
-            });
-            let _ = std::fs::remove_file(&cidfile);
-            run()?
+            let _ = remove(&p.record);
+            let _ = std::fs::remove_file(&p.cidfile);
+            run(&mut cmd)?
         }
         r => r?,
     };
     if let Some(f) = report.failure() {
+        let _ = waiter.kill();
+        let _ = waiter.wait();
         return Err(format!("sandbox self-test failed: {f}"));
     }
-    let id = std::fs::read_to_string(&cidfile)
+    let relays = [
+        relay(waiter.stdout.take(), stdout),
+        relay(waiter.stderr.take(), stderr),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let id = std::fs::read_to_string(&p.cidfile)
         .map(|s| s.trim().to_string())
-        .map_err(|e| format!("reading {}: {e}", cidfile.display()))?;
-    let info: serde_json::Value = engine
-        .json("inspect", &["container", "inspect", &id])
-        .map_err(|e| e.to_string())?;
-    let init_pid = info
-        .get(0)
-        .and_then(|i| i.get("State"))
-        .and_then(|s| s.get("Pid"))
-        .and_then(|p| p.as_i64())
+        .map_err(|e| format!("reading {}: {e}", p.cidfile.display()))?;
+    // Informational (status, audit); a one-shot container may already be
+    // gone by now, so 0 when the engine no longer knows it.
+    let init_pid = engine
+        .json::<serde_json::Value>("inspect", &["container", "inspect", &id])
+        .ok()
+        .and_then(|info| info.get(0)?.get("State")?.get("Pid")?.as_i64())
         .unwrap_or(0) as i32;
     Ok(Started {
         id,
         init_pid,
         report,
-        guest_host_uid: guest.0,
-        rootless,
+        guest_host_uid: p.guest.0,
+        rootless: p.rootless,
         waiter,
+        relays,
     })
 }
 
-/// Reads the self-test report the container init prints first; if the
-/// engine ends without one, its error output explains why.
-fn read_report(engine: Engine, run: &mut Child, errlog: &Path) -> Result<SelfTestReport, String> {
-    use std::io::{BufRead, Read};
-    let mut line = String::new();
-    if let Some(out) = run.stdout.take() {
-        let mut reader = std::io::BufReader::new(out);
-        let _ = reader.read_line(&mut line);
-        // Keep draining: a closed pipe would end the attached engine.
-        std::thread::spawn(move || {
-            // The supervisor turns signals into stop requests on another
-            // thread; this one must never take them.
-            let _ = nix::sys::signal::pthread_sigmask(
-                nix::sys::signal::SigmaskHow::SIG_BLOCK,
-                Some(&nix::sys::signal::SigSet::all()),
-                None,
-            );
-            let _ = std::io::copy(&mut reader, &mut std::io::sink());
-        });
+/// Copies what the engine still writes to `to` (the client's descriptor
+/// of a one-shot command) or nowhere, on a thread that takes no signals
+/// (the supervisor turns signals into stop requests on another thread).
+/// The pipe is drained to the end: closing it would end the engine.
+fn relay<R: std::io::Read + Send + 'static>(
+    from: Option<R>,
+    to: Option<OwnedFd>,
+) -> Option<std::thread::JoinHandle<()>> {
+    let mut from = from?;
+    Some(std::thread::spawn(move || {
+        let _ = nix::sys::signal::pthread_sigmask(
+            nix::sys::signal::SigmaskHow::SIG_BLOCK,
+            Some(&nix::sys::signal::SigSet::all()),
+            None,
+        );
+        match to {
+            Some(fd) => {
+                let mut f = std::fs::File::from(fd);
+                let _ = std::io::copy(&mut from, &mut f);
+                // A closed client stops mattering; keep draining.
+                let _ = std::io::copy(&mut from, &mut std::io::sink());
+            }
+            None => {
+                let _ = std::io::copy(&mut from, &mut std::io::sink());
+            }
+        }
+    }))
+}
+
+/// Reads the self-test report the container init prints first. If the
+/// engine ends without one, its error output (read to the end, the engine
+/// has exited) explains why.
+fn read_report(engine: Engine, run: &mut Child) -> Result<SelfTestReport, String> {
+    use std::io::Read;
+    let mut line = Vec::new();
+    if let Some(out) = run.stdout.as_mut() {
+        // Byte by byte: nothing after the report line may be consumed
+        // here (it is the one-shot command's output).
+        let mut b = [0u8; 1];
+        while let Ok(1) = out.read(&mut b) {
+            if b[0] == b'\n' {
+                break;
+            }
+            line.push(b[0]);
+        }
     }
-    if line.trim().is_empty() {
-        let _ = run.wait();
+    if line.iter().all(u8::is_ascii_whitespace) {
         let mut err = String::new();
-        let _ = std::fs::File::open(errlog).and_then(|mut f| f.read_to_string(&mut err));
+        if let Some(mut e) = run.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        let _ = run.wait();
         return Err(format!(
             "{} run failed: {}",
             engine.program(),
             aibox_engine::explain(&err)
         ));
     }
-    serde_json::from_str(line.trim())
-        .map_err(|e| format!("the container init printed something unreadable ({e}): {line}"))
+    serde_json::from_slice(&line).map_err(|e| {
+        format!(
+            "the container init printed something unreadable ({e}): {}",
+            String::from_utf8_lossy(&line)
+        )
+    })
 }
 
 /// One `ENGINE exec` session.
@@ -675,6 +794,28 @@ pub struct Exec {
 const LITERAL: &[&str] = &[
     "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "HOSTNAME", "TERM", "TMPDIR",
 ];
+
+/// Adds `-e` options for the request's environment to `args`: names
+/// only, with the values in `cmd`'s own environment (see [`LITERAL`]).
+fn env_args(
+    req: &aibox_sandbox::SpawnRequest,
+    cmd: &mut Command,
+    args: &mut Vec<String>,
+) -> Result<(), String> {
+    for kv in &req.env {
+        let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
+        if k.is_empty() || k.contains('\0') || v.contains('\0') {
+            return Err(format!("invalid environment entry {kv:?}"));
+        }
+        if LITERAL.contains(&k) {
+            args.extend(["-e".into(), kv.clone()]);
+        } else {
+            args.extend(["-e".into(), k.to_string()]);
+            cmd.env(k, v);
+        }
+    }
+    Ok(())
+}
 
 /// Starts `argv` in the container through the session shim.
 pub fn exec(
@@ -696,18 +837,7 @@ pub fn exec(
         req.cwd.clone(),
     ]);
     let mut cmd = Command::new(engine.program());
-    for kv in &req.env {
-        let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
-        if k.is_empty() || k.contains('\0') || v.contains('\0') {
-            return Err(format!("invalid environment entry {kv:?}"));
-        }
-        if LITERAL.contains(&k) {
-            args.extend(["-e".into(), kv.clone()]);
-        } else {
-            args.extend(["-e".into(), k.to_string()]);
-            cmd.env(k, v);
-        }
-    }
+    env_args(req, &mut cmd, &mut args)?;
     args.extend([
         name.to_string(),
         aibox_sandbox::container::BINARY.to_string(),

@@ -126,6 +126,10 @@ pub struct ContainerSpec {
     pub apparmor: Option<String>,
     /// What happened about AppArmor (for `status`).
     pub apparmor_note: String,
+    /// One-shot sandbox (`aibox run`): the container starts with the first
+    /// command, in one engine call, and ends with it.
+    #[serde(default)]
+    pub run_mode: bool,
 }
 
 /// gVisor settings of a container sandbox.

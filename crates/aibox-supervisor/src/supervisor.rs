@@ -50,6 +50,11 @@ enum Link {
     Container {
         engine: aibox_engine::Engine,
         record: container::Record,
+        /// One-shot sandboxes: everything prepared for the container that
+        /// starts with the first command.
+        pending: Mutex<Option<Box<container::Prepared>>>,
+        /// The one-shot container ended and the engine removed it (`--rm`).
+        auto_removed: AtomicBool,
     },
 }
 
@@ -286,7 +291,9 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
     Ok(main_loop(shared))
 }
 
-/// Runs a container sandbox until it stops.
+/// Runs a container sandbox until it stops. A one-shot sandbox
+/// (`run_mode`, for `aibox run`) has no container until its first command
+/// arrives: the container then starts with that command in one engine call.
 fn setup_container(
     spec: SupervisorSpec,
     c: ContainerSpec,
@@ -294,8 +301,8 @@ fn setup_container(
     t0: Instant,
 ) -> Result<i32, String> {
     let engine = container::engine_of(&c.engine)?;
-    let started = match container::start(&spec, &c) {
-        Ok(s) => s,
+    let prepared = match container::prepare(&spec, &c) {
+        Ok(p) => p,
         Err(e) => {
             let _ = a_fail(&mut audit, &e);
             remove_run_dir(&spec);
@@ -313,6 +320,19 @@ fn setup_container(
         let _ = a_fail(audit, message);
         remove_run_dir(&spec);
     };
+    let started = if c.run_mode {
+        None
+    } else {
+        match container::launch(&prepared, None) {
+            Ok(s) => Some(s),
+            // (launch removed what it and prepare made.)
+            Err(e) => {
+                let _ = a_fail(&mut audit, &e);
+                remove_run_dir(&spec);
+                return Err(e);
+            }
+        }
+    };
     let start_ms = t0.elapsed().as_millis() as u64;
     let listener = match listen_on(&spec.socket) {
         Ok(l) => l,
@@ -321,95 +341,137 @@ fn setup_container(
             return Err(e);
         }
     };
+    let status = container_status(&spec, &c, started.as_ref(), start_ms);
+    if let Err(message) = write_state(&spec, &status) {
+        undo(&mut audit, &message);
+        return Err(message);
+    }
+    if let Some(st) = &started
+        && let Err(message) = emit_container_start(&mut audit, &status, st)
+    {
+        undo(&mut audit, &message);
+        return Err(message);
+    }
+    let shared = serve(
+        spec,
+        audit,
+        Link::Container {
+            engine,
+            record,
+            pending: Mutex::new(c.run_mode.then(|| Box::new(prepared))),
+            auto_removed: AtomicBool::new(false),
+        },
+        status,
+        listener,
+    );
+    if let Some(st) = started {
+        watch_container(&shared, st.waiter);
+    }
+    Ok(main_loop(shared))
+}
+
+/// The container ending by itself (killed, OOM, engine trouble) stops
+/// the sandbox.
+fn watch_container(shared: &Arc<Shared>, mut waiter: std::process::Child) {
+    let tx = shared.events.clone();
+    std::thread::spawn(move || {
+        let _ = waiter.wait();
+        let _ = tx.send(Event::SandboxGone);
+    });
+}
+
+fn write_state(spec: &SupervisorSpec, status: &Status) -> Result<(), String> {
+    let state_json = serde_json::to_string_pretty(status).unwrap_or_default();
+    std::fs::write(&spec.state, &state_json)
+        .map_err(|e| format!("writing {}: {e}", spec.state.display()))
+}
+
+fn emit_container_start(
+    audit: &mut AuditLog,
+    status: &Status,
+    st: &container::Started,
+) -> Result<(), String> {
+    let c = status.container.as_ref();
+    audit
+        .append(
+            EventType::SandboxStart,
+            Source::AiboxSupervisor,
+            Severity::Info,
+            details(json!({
+                "init_pid": st.init_pid,
+                "container": c.map(|x| x.name.clone()), "container_id": st.id,
+                "oci_runtime": c.map(|x| x.oci_runtime.clone()),
+                "duration_ms": status.start_ms, "landlock": status.landlock, "selftest": "passed",
+            })),
+        )
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+/// Status of a container sandbox; `started` is None for a one-shot
+/// sandbox whose container has not started yet.
+fn container_status(
+    spec: &SupervisorSpec,
+    c: &ContainerSpec,
+    started: Option<&container::Started>,
+    start_ms: u64,
+) -> Status {
     let oci_runtime = match &c.gvisor {
         Some(g) => format!("runsc (gVisor, platform {}{})", g.platform, g.note),
         None => "runc".to_string(),
     };
-    let landlock = match (started.report.landlock, &c.gvisor) {
+    let landlock = match (started.map(|s| (s.report.landlock, s.report.landlock_abi)), &c.gvisor) {
         (_, Some(_)) => "not applied: gVisor's own kernel does not offer Landlock (its user-space kernel is the boundary)".to_string(),
-        (LandlockState::Full, None) => format!(
-            "enforced in every session by the session shim (kernel ABI {})",
-            started.report.landlock_abi
-        ),
-        (LandlockState::Partial, None) => format!(
-            "partially enforced in every session (kernel ABI {})",
-            started.report.landlock_abi
-        ),
-        (LandlockState::Unavailable, None) => "unavailable (kernel has no Landlock)".to_string(),
+        (None, None) => "applied in every session by the session shim where the kernel has it".to_string(),
+        (Some((LandlockState::Full, abi)), None) => {
+            format!("enforced in every session by the session shim (kernel ABI {abi})")
+        }
+        (Some((LandlockState::Partial, abi)), None) => {
+            format!("partially enforced in every session (kernel ABI {abi})")
+        }
+        (Some((LandlockState::Unavailable, _)), None) => {
+            "unavailable (kernel has no Landlock)".to_string()
+        }
     };
-    let status = Status {
+    let rootless = aibox_core::euid() != 0;
+    Status {
         name: spec.sandbox.name.clone(),
-        state: "running".into(),
+        state: if started.is_some() {
+            "running".into()
+        } else {
+            "prepared (one-shot: the container starts with its command)".into()
+        },
         runtime: spec.runtime.clone(),
         runtime_reason: spec.runtime_reason.clone(),
         workspace: spec.sandbox.workspace.clone(),
         supervisor_pid: std::process::id(),
-        init_pid: started.init_pid,
+        init_pid: started.map_or(0, |s| s.init_pid),
         started_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         start_ms,
-        rootless: started.rootless,
-        guest_host_uid: started.guest_host_uid,
+        rootless,
+        guest_host_uid: started.map_or(0, |s| s.guest_host_uid),
         sessions: 0,
-        limits: container_limits(&spec, started.rootless),
+        limits: container_limits(spec, rootless),
         landlock,
         seccomp: format!(
             "enforced by {}: profile generated from resources/seccomp/policy.yaml (conditional refusals answer ENOSYS)",
             if c.gvisor.is_some() {
-                "gVisor (oci-seccomp)"
+                "gVisor (oci-seccomp and the session shim)"
             } else {
                 "the OCI runtime"
             }
         ),
-        selftest: started.report.checks.clone(),
+        selftest: started.map(|s| s.report.checks.clone()).unwrap_or_default(),
         audit_log: spec.audit_log.clone(),
         container: Some(ContainerStatus {
             engine: c.engine.clone(),
             name: c.container_name.clone(),
-            id: started.id.clone(),
+            id: started.map(|s| s.id.clone()).unwrap_or_default(),
             oci_runtime,
             image: c.image.clone(),
             apparmor: c.apparmor_note.clone(),
         }),
-    };
-    let state_json = serde_json::to_string_pretty(&status).unwrap_or_default();
-    if let Err(e) = std::fs::write(&spec.state, &state_json) {
-        let message = format!("writing {}: {e}", spec.state.display());
-        undo(&mut audit, &message);
-        return Err(message);
     }
-    if let Err(e) = audit.append(
-        EventType::SandboxStart,
-        Source::AiboxSupervisor,
-        Severity::Info,
-        details(json!({
-            "init_pid": started.init_pid,
-            "container": c.container_name, "container_id": started.id,
-            "oci_runtime": status.container.as_ref().map(|x| x.oci_runtime.clone()),
-            "duration_ms": start_ms, "landlock": status.landlock, "selftest": "passed",
-        })),
-    ) {
-        let message = e.to_string();
-        undo(&mut audit, &message);
-        return Err(message);
-    }
-    let mut waiter = started.waiter;
-    let shared = serve(
-        spec,
-        audit,
-        Link::Container { engine, record },
-        status,
-        listener,
-    );
-    {
-        // The container ending by itself (killed, OOM, engine trouble)
-        // stops the sandbox.
-        let tx = shared.events.clone();
-        std::thread::spawn(move || {
-            let _ = waiter.wait();
-            let _ = tx.send(Event::SandboxGone);
-        });
-    }
-    Ok(main_loop(shared))
 }
 
 fn container_limits(spec: &SupervisorSpec, rootless: bool) -> Vec<Limit> {
@@ -945,8 +1007,17 @@ fn link_spawn(
             drop(fds);
             r
         }
-        Link::Container { engine, record } => {
+        Link::Container {
+            engine,
+            record,
+            pending,
+            ..
+        } => {
             let id = spawn.id;
+            if let Some(prepared) = pending.lock().ok().and_then(|mut p| p.take()) {
+                first_spawn(shared, &prepared, spawn, fds);
+                return Ok(());
+            }
             let gvisor = shared
                 .spec
                 .container
@@ -988,13 +1059,98 @@ fn link_spawn(
     }
 }
 
+/// The first command of a one-shot sandbox: starts the container with it,
+/// then reports like any session; the sandbox ends with it.
+fn first_spawn(
+    shared: &Arc<Shared>,
+    prepared: &container::Prepared,
+    spawn: SpawnRequest,
+    fds: Vec<OwnedFd>,
+) {
+    let id = spawn.id;
+    // The sandbox cannot outlive a failed start; its stop and destroy
+    // records say why.
+    let failed = |error: String| {
+        let _ = shared.events.send(Event::Stop {
+            reply: None,
+            reason: format!("start failed: {error}"),
+        });
+        deliver(
+            shared,
+            FromInit::SpawnFailed {
+                id,
+                error,
+                code: 125,
+            },
+            Vec::new(),
+        );
+    };
+    let Ok(stdio) = <[OwnedFd; 3]>::try_from(fds) else {
+        return failed("stdin/stdout/stderr were not attached".into());
+    };
+    let t0 = Instant::now();
+    let started = match container::launch(
+        prepared,
+        Some(container::First {
+            id,
+            req: spawn,
+            stdio,
+        }),
+    ) {
+        Ok(s) => s,
+        Err(e) => return failed(e),
+    };
+    let Some(c) = &shared.spec.container else {
+        return failed("internal error: no container spec".into());
+    };
+    let start_ms = shared.status.lock().map_or(0, |s| s.start_ms) + t0.elapsed().as_millis() as u64;
+    let status = container_status(&shared.spec, c, Some(&started), start_ms);
+    let _ = write_state(&shared.spec, &status);
+    if let Ok(mut a) = shared.audit.lock() {
+        let _ = emit_container_start(&mut a, &status, &started);
+    }
+    if let Ok(mut s) = shared.status.lock() {
+        *s = status;
+    }
+    let mut waiter = started.waiter;
+    let relays = started.relays;
+    deliver(
+        shared,
+        FromInit::Spawned {
+            id,
+            pid: waiter.id() as i32,
+        },
+        Vec::new(),
+    );
+    let s = shared.clone();
+    std::thread::spawn(move || {
+        use std::os::unix::process::ExitStatusExt;
+        let code = match waiter.wait() {
+            Ok(st) => st
+                .code()
+                .or_else(|| st.signal().map(|sig| 128 + sig))
+                .unwrap_or(1),
+            Err(_) => 125,
+        };
+        if let Link::Container { auto_removed, .. } = &s.link {
+            auto_removed.store(true, Ordering::SeqCst);
+        }
+        // All output reaches the client before its exit code does.
+        for r in relays {
+            let _ = r.join();
+        }
+        deliver(&s, FromInit::Exited { id, code }, Vec::new());
+        let _ = s.events.send(Event::SandboxGone);
+    });
+}
+
 /// Sends a signal to a session's process group.
 fn link_signal(shared: &Arc<Shared>, id: u64, signal: i32) {
     match &shared.link {
         Link::Native { init, .. } => {
             let _ = ipc::send(init, &ToInit::Signal { id, signal }, &[]);
         }
-        Link::Container { engine, record } => {
+        Link::Container { engine, record, .. } => {
             let (engine, name) = (*engine, record.container_name.clone());
             std::thread::spawn(move || container::signal(engine, &name, id, signal));
         }
@@ -1011,13 +1167,32 @@ fn main_loop(shared: Arc<Shared>) -> i32 {
     let events = shared.events_rx.lock().ok().and_then(|mut e| e.take());
     let (reply, reason, code) = match events.map(|e| e.recv()) {
         Some(Ok(Event::Stop { reply, reason })) => (reply, reason, 0),
-        Some(Ok(Event::SandboxGone)) => (None, "the sandbox init exited".to_string(), 1),
+        Some(Ok(Event::SandboxGone)) => {
+            let one_shot = shared.spec.container.as_ref().is_some_and(|c| c.run_mode);
+            let reason = if one_shot {
+                "its one-shot command ended"
+            } else {
+                "the sandbox init exited"
+            };
+            (None, reason.to_string(), i32::from(!one_shot))
+        }
         _ => (None, "supervisor internal error".to_string(), 1),
     };
     let exit = match &shared.link {
         Link::Native { init, intermediate } => native_shutdown(&shared, init, *intermediate),
-        Link::Container { record, .. } => {
-            let r = container::remove(record);
+        Link::Container {
+            record,
+            auto_removed,
+            ..
+        } => {
+            // A one-shot container that ended was removed by the engine
+            // (`--rm`); only the host mounts remain.
+            let r = if auto_removed.load(Ordering::SeqCst) {
+                container::remove_mounts(&record.mounts_dir);
+                Ok(())
+            } else {
+                container::remove(record)
+            };
             if let Err(e) = &r {
                 log(&format!("removing the container failed: {e}"));
             } else if let Some(c) = &shared.spec.container {

@@ -239,6 +239,7 @@ fn container_spec(
         runtime_dir: runtime_dir.to_path_buf(),
         apparmor,
         apparmor_note,
+        run_mode: false,
     })
 }
 
@@ -285,11 +286,20 @@ fn exec_request(opts: &ExecOpts, argv: Vec<String>) -> Result<ExecRequest> {
 
 pub fn run(cli_config: Option<PathBuf>, a: RunArgs) -> Result<i32> {
     let req = exec_request(&a.opts, a.command.clone())?;
-    let (loaded, spec, paths) = prepare(cli_config, &a.start)?;
+    let (loaded, mut spec, paths) = prepare(cli_config, &a.start)?;
+    // Container backends: the container starts with the command, in one
+    // engine call (a terminal session takes the ordinary path).
+    if let Some(c) = spec.container.as_mut() {
+        c.run_mode = req.tty.is_none();
+    }
     client::start(&spec, &paths)?;
     let (rt, data) = (loaded.runtime_dir(), loaded.data_dir());
     let result = client::connect_named(&paths, &rt, &data).and_then(|c| client::exec(c, req));
-    let stopped = client::connect_named(&paths, &rt, &data).and_then(|c| client::stop(c, &paths));
+    // A one-shot sandbox ends with its command; it may be gone already.
+    let stopped = match client::connect_named(&paths, &rt, &data) {
+        Ok(c) => client::stop(c, &paths),
+        Err(_) => client::wait_gone(&paths),
+    };
     let code = result?;
     stopped?;
     Ok(code)
