@@ -3,7 +3,7 @@
 //! and installed the seccomp profile. The aibox binary is bind-mounted
 //! read-only at [`BINARY`] and provides:
 //!
-//! - `__container-init [--seccomp] [--first ID -- ARGV…]`: PID 1. First
+//! - `__container-init [--first ID -- ARGV…]`: PID 1. First
 //!   runs the self-test in a child hardened like a session and prints its
 //!   report as one JSON line on stdout (the supervisor reads it from the
 //!   attached engine); then reaps orphans, and on SIGTERM kills every
@@ -69,30 +69,20 @@ fn init(rest: &[String]) -> i32 {
     if std::process::id() != 1 {
         return fail("the container init must run as PID 1", 2);
     }
-    let seccomp = rest.first().map(String::as_str) == Some(SECCOMP_FLAG);
-    let rest = &rest[usize::from(seccomp)..];
-    // `--first ID -- ARGV…` is exactly the session shim's command line
-    // (with the same --seccomp choice).
-    let first: Option<Vec<String>> = match rest.first().map(String::as_str) {
+    // `--first ID -- ARGV…` is the session shim's command line. The init's
+    // children inherit the engine's seccomp filter (which gVisor installs
+    // for the container's first process only), so they never need
+    // `--seccomp`.
+    let first: Option<&[String]> = match rest.first().map(String::as_str) {
         None => None,
-        Some(FIRST_FLAG) if rest.len() >= 4 && rest[2] == "--" => {
-            let mut v = vec![rest[1].clone()];
-            if seccomp {
-                v.push(SECCOMP_FLAG.into());
-            }
-            v.extend(rest[2..].iter().cloned());
-            Some(v)
-        }
+        Some(FIRST_FLAG) if rest.len() >= 4 && rest[2] == "--" => Some(&rest[1..]),
         Some(_) => {
-            return fail(
-                "usage: __container-init [--seccomp] [--first ID -- PROGRAM [ARGS…]]",
-                2,
-            );
+            return fail("usage: __container-init [--first ID -- PROGRAM [ARGS…]]", 2);
         }
     };
     // (Until the mask below, signals without a handler are ignored: we are
     // PID 1 of a pid namespace.)
-    let report = match selftest(seccomp) {
+    let report = match selftest() {
         Ok(r) => r,
         Err(e) => return fail(&format!("self-test: {e}"), 1),
     };
@@ -124,7 +114,7 @@ fn init(rest: &[String]) -> i32 {
         Some(args) => match sys::fork() {
             Ok(nix::unistd::ForkResult::Child) => {
                 let _ = sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&mask), None);
-                sys::exit_now(session(&args))
+                sys::exit_now(session(args))
             }
             Ok(nix::unistd::ForkResult::Parent { child }) => Some(child),
             Err(e) => return fail(&format!("starting the command: {e}"), 125),
@@ -258,17 +248,17 @@ fn signal(rest: &[String]) -> i32 {
     0
 }
 
-/// Runs the self-test in a child hardened as a session is (the hardening
-/// is irreversible, and init itself must stay able to kill everything),
-/// and returns its report as JSON.
-fn selftest(seccomp: bool) -> Result<String, String> {
+/// Runs the self-test in a child hardened as the init's own children are
+/// (the hardening is irreversible, and init itself must stay able to kill
+/// everything), and returns its report as JSON.
+fn selftest() -> Result<String, String> {
     use std::io::{Read, Write};
     let (r, w) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
     match sys::fork().map_err(|e| format!("fork: {e}"))? {
         nix::unistd::ForkResult::Child => {
             drop(r);
             let abi = landlock_rules::kernel_abi();
-            let json = match harden(seccomp) {
+            let json = match harden(false) {
                 Ok(state) => serde_json::to_string(&crate::selftest::run_container(abi, state))
                     .unwrap_or_default(),
                 Err(e) => format!("error: {e}"),

@@ -464,14 +464,11 @@ fn run_args(
         // "image not known" with the fix, not a failed pull from localhost.
         push(&["--pull=never"]);
     }
-    let mut tail: Vec<String> = vec![
+    let tail: Vec<String> = vec![
         c.image.clone(),
         aibox_sandbox::container::BINARY.into(),
         aibox_sandbox::container::INIT_ARG.into(),
     ];
-    if c.gvisor.is_some() {
-        tail.push(aibox_sandbox::container::SECCOMP_FLAG.into());
-    }
     (a, tail)
 }
 
@@ -632,6 +629,7 @@ fn launch_inner(p: &Prepared, first: Option<First>) -> Result<Started, String> {
     let mut cmd = engine.command(&p.head);
     let (mut stdin, mut stdout, mut stderr) = (None, None, None);
     let mut tail = p.tail.clone();
+    let one_shot = first.is_some();
     if let Some(f) = first {
         // One call does it all: podman removes the container when the
         // command (and with it the init) ends.
@@ -694,13 +692,18 @@ fn launch_inner(p: &Prepared, first: Option<First>) -> Result<Started, String> {
     let id = std::fs::read_to_string(&p.cidfile)
         .map(|s| s.trim().to_string())
         .map_err(|e| format!("reading {}: {e}", p.cidfile.display()))?;
-    // Informational (status, audit); a one-shot container may already be
-    // gone by now, so 0 when the engine no longer knows it.
-    let init_pid = engine
-        .json::<serde_json::Value>("inspect", &["container", "inspect", &id])
-        .ok()
-        .and_then(|info| info.get(0)?.get("State")?.get("Pid")?.as_i64())
-        .unwrap_or(0) as i32;
+    // Informational (status, audit), and not looked up for a one-shot
+    // container: it may be gone already, and the lookup would compete
+    // with its command. 0 = unknown.
+    let init_pid = if one_shot {
+        0
+    } else {
+        engine
+            .json::<serde_json::Value>("inspect", &["container", "inspect", &id])
+            .ok()
+            .and_then(|info| info.get(0)?.get("State")?.get("Pid")?.as_i64())
+            .unwrap_or(0) as i32
+    };
     Ok(Started {
         id,
         init_pid,
