@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Container backend benchmark: `aibox start` → ready (+ stop) and
+# Container backend benchmark: `aibox start` → ready, start+stop, and
 # `aibox run -- true` on podman+runc and podman+runsc, side by side with a
-# bare `podman run --rm IMAGE true` (runc and runsc) in the same run.
+# bare `podman run --rm IMAGE true` (runc and runsc) on the same host.
 # Target (issue 3): aibox ≤ 1.5 × bare podman. Results:
 # bench/results/containers.{md,json}. Needs root and the base image
 # (`aibox image build`); installs hyperfine and runsc when missing.
@@ -33,7 +33,8 @@ GV="AIBOX_GVISOR_ENABLED=true AIBOX_GVISOR_PLATFORM=ptrace"
 hyperfine -N --warmup 2 --runs "$RUNS" \
   --prepare "sh -c '$AIBOX stop --name b0 >/dev/null 2>&1 || true'" \
   --export-markdown bench/results/containers-start.md --export-json bench/results/containers-start.json \
-  -n "aibox start → ready (podman+runc)" "$AIBOX start -w $work/ws --name b0"
+  -n "aibox start → ready (podman+runc)" "$AIBOX start -w $work/ws --name b0" \
+  -n "aibox start → ready (podman+runsc)" "env $GV $AIBOX start -w $work/ws --name b0"
 "$AIBOX" stop --name b0 >/dev/null 2>&1 || true
 
 hyperfine -N --warmup 2 --runs "$RUNS" \
