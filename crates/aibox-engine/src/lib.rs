@@ -283,6 +283,23 @@ pub fn runsc_platforms(runsc: &std::path::Path) -> Result<Vec<String>, EngineErr
     })
 }
 
+/// Whether `runsc exec` takes `--tty`, which podman's conmon passes for
+/// `podman exec -t` (runsc builds from 2022 lack it).
+pub fn runsc_exec_has_tty(runsc: &std::path::Path) -> bool {
+    Command::new(runsc)
+        .args(["help", "exec"])
+        .stdin(Stdio::null())
+        .output()
+        .is_ok_and(|o| {
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            text.lines().any(|l| l.trim_start().starts_with("-tty"))
+        })
+}
+
 fn parse_platforms(text: &str) -> Option<Vec<String>> {
     let line = text
         .lines()

@@ -206,6 +206,17 @@ fn session(rest: &[String]) -> i32 {
     if let Err(e) = harden(seccomp) {
         return fail(&format!("{e}"), 125);
     }
+    // Some engines (docker with an older daemon) size the terminal only
+    // after the process started: give them a moment, so the command does
+    // not begin on a 0x0 terminal.
+    if nix::unistd::isatty(std::io::stdin()).unwrap_or(false) {
+        for _ in 0..50 {
+            if !matches!(sys::get_winsize(0), Ok((0, 0))) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
     let Ok(cargs) = argv
         .iter()
         .map(|a| CString::new(a.as_bytes()))
@@ -219,6 +230,10 @@ fn session(rest: &[String]) -> i32 {
     } else {
         126
     };
+    // Worded as the native sandbox words it.
+    if code == 127 {
+        return fail(&format!("{}: command not found", argv[0]), code);
+    }
     fail(&format!("cannot run `{}`: {}", argv[0], err.desc()), code)
 }
 

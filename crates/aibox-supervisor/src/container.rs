@@ -1,16 +1,19 @@
-//! The podman and docker backends: a hardened, detached container whose
-//! PID 1 is the aibox binary (bind-mounted read-only), commands run
-//! through `ENGINE exec` and the in-container session shim
-//! (`aibox_sandbox::container`), and death noticed through `ENGINE wait`.
+//! The podman and docker backends: a hardened container whose PID 1 is the
+//! aibox binary (bind-mounted read-only), started by an attached
+//! `ENGINE run` that reads the init's self-test report and ends with the
+//! container; commands run through `ENGINE exec` and the in-container
+//! session shim (`aibox_sandbox::container`). A one-shot sandbox
+//! (`aibox run`) starts the container together with its command.
 //!
 //! Ownership of workspace files: rootful containers run in a user
 //! namespace whose ids 0–65535 are the reserved host range starting at
-//! [`GUEST_BASE`] (podman with runc) or as host uid 1000 (docker, which
+//! [`GUEST_BASE`] (podman with runc), or as host uid 1000 (docker, which
 //! has no per-container user namespaces, and gVisor, whose user-space
-//! kernel owns the guest's processes; its gofer writes files as uid 1000). The workspace and home are mounted
-//! through host-side idmapped mounts that store the guest's files as the
-//! invoking user. Rootless podman uses `--userns=keep-id:uid=1000,gid=1000`,
-//! which maps the guest to the invoking user directly.
+//! kernel owns the guest's processes and whose file server writes files
+//! as uid 1000). The workspace and home are host-side idmapped mounts
+//! that store the guest's files as the invoking user. Rootless podman uses
+//! `--userns=keep-id:uid=1000,gid=1000`, which maps the guest to the
+//! invoking user directly.
 
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
@@ -435,14 +438,8 @@ fn run_args(
         &vol(&c.aibox_binary, aibox_sandbox::container::BINARY, "ro"),
     ]);
     for (kind, dst) in CACHES {
-        let opts = match engine {
-            Engine::Podman => ":rw,nosuid,nodev",
-            Engine::Docker => "",
-        };
-        push(&[
-            "-v",
-            &format!("{}:{dst}{opts}", cache_volume(kind, c.gvisor.is_some())),
-        ]);
+        let volume = cache_volume(kind, c.gvisor.is_some());
+        push(&["-v", &vol(Path::new(&volume), dst, "rw,nosuid,nodev")]);
     }
     if let Some(g) = &c.gvisor {
         push(&["--runtime", &g.runsc.display().to_string()]);

@@ -141,6 +141,9 @@ pub struct GvisorSpec {
     pub platform: String,
     /// Why this platform (e.g. a fallback).
     pub note: String,
+    /// `runsc exec` takes `--tty` (needed for terminal sessions).
+    #[serde(default)]
+    pub exec_tty: bool,
 }
 
 /// The container of a container-backed sandbox, as `status` shows it.

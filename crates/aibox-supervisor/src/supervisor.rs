@@ -1022,7 +1022,20 @@ fn link_spawn(
                 .spec
                 .container
                 .as_ref()
-                .is_some_and(|c| c.gvisor.is_some());
+                .and_then(|c| c.gvisor.as_ref());
+            if spawn.tty.is_some() && gvisor.is_some_and(|g| !g.exec_tty) {
+                deliver(
+                    shared,
+                    FromInit::SpawnFailed {
+                        id,
+                        error: "terminal sessions are not available with this runsc: `runsc exec` has no --tty, which podman passes for `exec -t`\n  fix: run the command without -t, or install a newer runsc (or set gvisor.enabled: false)".into(),
+                        code: 125,
+                    },
+                    Vec::new(),
+                );
+                return Ok(());
+            }
+            let gvisor = gvisor.is_some();
             match container::exec(*engine, &record.container_name, gvisor, id, &spawn, fds) {
                 Err(error) => deliver(
                     shared,

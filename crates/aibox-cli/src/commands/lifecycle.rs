@@ -212,6 +212,7 @@ fn container_spec(
             );
         };
         Some(GvisorSpec {
+            exec_tty: aibox_engine::runsc_exec_has_tty(&runsc),
             runsc,
             platform,
             note,

@@ -18,7 +18,7 @@ fn state_pid(c: &Ctx, name: &str, key: &str) -> i32 {
     v[key].as_i64().unwrap() as i32
 }
 
-both_modes!(exit_codes_and_stdin_pass_through, |c: Ctx| {
+all_backends!(exit_codes_and_stdin_pass_through, |c: Ctx| {
     let o = c.sh("exit 42");
     assert_eq!(o.status.code(), Some(42));
     let o = c.sh("kill -TERM $$");
@@ -70,7 +70,7 @@ both_modes!(exit_codes_and_stdin_pass_through, |c: Ctx| {
     assert!(stderr(&o).contains("command not found"), "{}", stderr(&o));
 });
 
-both_modes!(signals_reach_the_command, |c: Ctx| {
+all_backends!(signals_reach_the_command, |c: Ctx| {
     let name = start(&c, "sig");
     signal_round_trip(&c, &["exec", "--name", &name, "--"]);
     ok(&c.out(&["stop", "--name", &name]));
@@ -223,7 +223,7 @@ both_modes!(several_sandboxes_and_duplicate_names, |c: Ctx| {
     assert!(c.runtime_entries().is_empty());
 });
 
-both_modes!(exec_cwd_and_env, |c: Ctx| {
+all_backends!(exec_cwd_and_env, |c: Ctx| {
     std::fs::create_dir(c.ws.join("sub")).unwrap();
     let name = start(&c, "cwd");
     let out = ok(&c
@@ -449,9 +449,26 @@ impl Pty {
     }
 }
 
-both_modes!(shell_gets_a_terminal_and_its_resizes, |c: Ctx| {
+all_backends!(shell_gets_a_terminal_and_its_resizes, |c: Ctx| {
     use std::io::Write;
     let name = start(&c, "pty");
+    if c.backend == Backend::Runsc {
+        // KNOWN GAP (docs/security.md): podman passes --tty to `runsc exec`,
+        // which this runsc lacks; aibox says so instead of a runsc dump.
+        let mut p = Pty::spawn(
+            c.aibox(&["exec", "-t", "--name", &name, "--", "true"]),
+            24,
+            80,
+        );
+        let out = p.read_until("fix:");
+        assert!(
+            out.contains("terminal sessions are not available with this runsc"),
+            "{out:?}"
+        );
+        assert_eq!(p.child.wait().unwrap().code(), Some(125));
+        ok(&c.out(&["stop", "--name", &name]));
+        return;
+    }
     // exec -t: the initial size arrives, and a resize reaches the command.
     let script =
         "stty size; trap 'stty size; exit 3' WINCH; echo ready; while :; do sleep 0.05; done";
@@ -481,7 +498,7 @@ both_modes!(shell_gets_a_terminal_and_its_resizes, |c: Ctx| {
     ok(&c.out(&["stop", "--name", &name]));
 });
 
-both_modes!(a_vanished_client_takes_its_command_along, |c: Ctx| {
+all_backends!(a_vanished_client_takes_its_command_along, |c: Ctx| {
     let name = start(&c, "client");
     let n = token();
     let sleeper = format!("sleep {n}");
@@ -492,10 +509,28 @@ both_modes!(a_vanished_client_takes_its_command_along, |c: Ctx| {
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
-    wait_for(&sleeper);
-    client.kill().unwrap();
-    let _ = client.wait();
-    assert_gone(&sleeper);
+    if c.backend == Backend::Runsc {
+        // gVisor's processes are not host processes: look from inside.
+        let inside = |want_running: bool| {
+            for _ in 0..100 {
+                let o = c.out(&["exec", "--name", &name, "--", "pgrep", "-f", &sleeper]);
+                if o.status.success() == want_running {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            panic!("`{sleeper}` running inside: expected {want_running}");
+        };
+        inside(true);
+        client.kill().unwrap();
+        let _ = client.wait();
+        inside(false);
+    } else {
+        wait_for(&sleeper);
+        client.kill().unwrap();
+        let _ = client.wait();
+        assert_gone(&sleeper);
+    }
     // The session's end is on record.
     ok(&c.out(&["stop", "--name", &name]));
     let log = std::fs::read_to_string(c.data.join("audit/client.jsonl")).unwrap();
