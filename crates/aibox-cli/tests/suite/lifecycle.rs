@@ -654,6 +654,12 @@ mod container_crash_recovery {
         container_crash_recovery
     );
     backend_test!(
+        podman_runsc,
+        Backend::Runsc,
+        Mode::Root,
+        container_crash_recovery
+    );
+    backend_test!(
         docker_root,
         Backend::Docker,
         Mode::Root,
