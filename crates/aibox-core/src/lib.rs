@@ -68,7 +68,8 @@ pub fn current_user() -> String {
     }
 }
 
-fn passwd_name(uid: u32) -> Option<String> {
+/// Name of the account with `uid` in `/etc/passwd`, if any.
+pub fn passwd_name(uid: u32) -> Option<String> {
     let text = std::fs::read_to_string("/etc/passwd").ok()?;
     text.lines().find_map(|line| {
         let mut fields = line.split(':');

@@ -108,6 +108,10 @@ const KNOWN: &[(&str, &str)] = &[
         "rootless podman needs newuidmap/newgidmap (apt-get install uidmap) and /etc/subuid, /etc/subgid entries for the user",
     ),
     (
+        "GLIBC_",
+        "the image's C library is older than the host's, and aibox's own binary runs inside the container: use an image of the host's Debian release (`aibox image build`)",
+    ),
+    (
         "permission denied while trying to connect to the Docker daemon",
         "only root (or members of the docker group, which is root-equivalent) may use the docker engine: run as root, or use podman (rootless works)",
     ),

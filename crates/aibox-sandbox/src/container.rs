@@ -39,6 +39,36 @@ pub const INIT_ARG: &str = "__container-init";
 pub const SESSION_ARG: &str = "__container-session";
 /// First argument of the signal helper.
 pub const SIGNAL_ARG: &str = "__container-signal";
+/// Prefix under which the supervisor passes the guest's variables that the
+/// dynamic loader or libc read at startup; the shim restores their names
+/// for the command alone (see [`held`]).
+pub const HELD_PREFIX: &str = "AIBOX_HELD_";
+
+/// Variables held back from the aibox binary itself: the loader's and
+/// libc's (glibc's list of variables it ignores for set-id programs).
+pub fn held(name: &str) -> bool {
+    name.starts_with("LD_")
+        || name.starts_with("MALLOC_")
+        || matches!(
+            name,
+            "GCONV_PATH"
+                | "GETCONF_DIR"
+                | "HOSTALIASES"
+                | "LOCALDOMAIN"
+                | "LOCPATH"
+                | "NIS_PATH"
+                | "NLSPATH"
+                | "RESOLV_HOST_CONF"
+                | "RES_OPTIONS"
+                | "TZDIR"
+        )
+}
+
+/// Set by the supervisor: the Landlock ABI of the host kernel, so that a
+/// container whose seccomp profile hid Landlock is not taken for a kernel
+/// without it.
+pub const HOST_LANDLOCK_ENV: &str = "AIBOX_HOST_LANDLOCK_ABI";
+
 /// Gives the init a first command (see the module docs).
 pub const FIRST_FLAG: &str = "--first";
 /// Asks the shim and self-test to install the seccomp filters themselves.
@@ -127,7 +157,15 @@ fn init(rest: &[String]) -> i32 {
                     return end_all(code);
                 }
             }
-            Ok(_) => return end_all(0),
+            // Stopped: a one-shot command that was still running ends
+            // as killed by that signal, not as a success.
+            Ok(sig) => {
+                return end_all(if first_pid.is_some() {
+                    128 + sig as i32
+                } else {
+                    0
+                });
+            }
         }
     }
 }
@@ -164,8 +202,13 @@ fn valid_id(id: &str) -> bool {
 /// Applies the native sandbox's Landlock ruleset where the kernel has
 /// one, then (when asked) the native seccomp filters.
 fn harden(seccomp: bool) -> Result<Option<LandlockState>, SandboxError> {
+    let host_abi: i32 = std::env::var(HOST_LANDLOCK_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let landlock = if landlock_rules::kernel_abi() <= 0 {
-        None
+        // The host has it but it cannot be reached from here: not enforced.
+        (host_abi > 0).then_some(LandlockState::Unavailable)
     } else if crate::debug_skip("landlock") {
         // The kernel has it but it is not applied: the self-test must fail.
         Some(LandlockState::Unavailable)
@@ -196,15 +239,15 @@ fn session(rest: &[String]) -> i32 {
     // Own process group, so a signal reaches the command's children too
     // (a terminal session already made us a session leader).
     let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
-    let _ = std::fs::create_dir_all(SESSIONS);
-    if let Err(e) = std::fs::write(
-        Path::new(SESSIONS).join(format!("{id}.pid")),
-        std::process::id().to_string(),
-    ) {
+    if let Err(e) = record_session(id) {
         return fail(&format!("recording the session pid: {e}"), 125);
     }
     if let Err(e) = harden(seccomp) {
         return fail(&format!("{e}"), 125);
+    }
+    // Fail closed: the engine's layers must be on this very process.
+    if let Err(e) = crate::selftest::session_layers() {
+        return fail(&format!("refusing to run the command: {e}"), 125);
     }
     // Some engines (docker with an older daemon) size the terminal only
     // after the process started: give them a moment, so the command does
@@ -224,7 +267,19 @@ fn session(rest: &[String]) -> i32 {
     else {
         return fail("arguments must not contain NUL bytes", 2);
     };
-    let err = nix::unistd::execvp(&cargs[0], &cargs).unwrap_err();
+    // The environment with the held variables under their own names again.
+    let env: Vec<CString> = std::env::vars_os()
+        .filter_map(|(k, v)| {
+            use std::os::unix::ffi::OsStrExt;
+            let k = k.as_bytes();
+            let k = k.strip_prefix(HELD_PREFIX.as_bytes()).unwrap_or(k);
+            let mut kv = k.to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            CString::new(kv).ok()
+        })
+        .collect();
+    let err = nix::unistd::execvpe(&cargs[0], &cargs, &env).unwrap_err();
     let code = if err == nix::errno::Errno::ENOENT {
         127
     } else {
@@ -237,6 +292,40 @@ fn session(rest: &[String]) -> i32 {
     fail(&format!("cannot run `{}`: {}", argv[0], err.desc()), code)
 }
 
+/// Start time of `pid` (field 22 of /proc/PID/stat), to tell a process
+/// from a later one with the same pid.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: count from
+    // the last ')'.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// Writes `<pid> <start time>` for session `id`, refusing to follow or
+/// reuse anything already there.
+fn record_session(id: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(SESSIONS) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    let me = std::process::id() as i32;
+    let start = start_time(me).ok_or_else(|| std::io::Error::other("no start time"))?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(Path::new(SESSIONS).join(format!("{id}.pid")))?
+        .write_all(format!("{me} {start}").as_bytes())
+}
+
 fn signal(rest: &[String]) -> i32 {
     let (Some(id), Some(sig)) = (rest.first(), rest.get(1)) else {
         return fail("usage: __container-signal ID SIGNAL", 2);
@@ -247,15 +336,21 @@ fn signal(rest: &[String]) -> i32 {
     if !valid_id(id) {
         return fail("bad session id", 2);
     }
-    let Ok(pid) = std::fs::read_to_string(Path::new(SESSIONS).join(format!("{id}.pid"))) else {
+    let Ok(text) = std::fs::read_to_string(Path::new(SESSIONS).join(format!("{id}.pid"))) else {
         // Not started yet (the caller retries on 3) or never will be.
         return 3;
     };
-    let Ok(pid) = pid.trim().parse::<i32>() else {
+    let mut it = text.split_whitespace().map(str::parse::<u64>);
+    let (Some(Ok(pid)), Some(Ok(start))) = (it.next(), it.next()) else {
         return fail("corrupt session pid file", 1);
     };
-    if pid <= 1 {
+    let Ok(pid) = i32::try_from(pid) else {
         return fail("corrupt session pid file", 1);
+    };
+    // A pid that now belongs to another process (the session ended and the
+    // number was reused) gets nothing.
+    if pid <= 1 || start_time(pid) != Some(start) {
+        return 0;
     }
     if sys::kill_raw(-pid, sig).is_err() {
         let _ = sys::kill_raw(pid, sig);

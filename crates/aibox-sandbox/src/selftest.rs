@@ -62,6 +62,29 @@ fn field(fields: &[(String, String)], name: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Checks, in a session process about to run its command, that the
+/// engine's layers are on it: a seccomp filter, no_new_privs, and no
+/// capabilities.
+pub fn session_layers() -> Result<(), String> {
+    let st = status_fields();
+    if field(&st, "Seccomp") != "2" {
+        return Err(format!(
+            "no seccomp filter (Seccomp={})",
+            field(&st, "Seccomp")
+        ));
+    }
+    if nix::sys::prctl::get_no_new_privs() != Ok(true) {
+        return Err("no_new_privs is not set".into());
+    }
+    for cap in ["CapEff", "CapPrm"] {
+        let v = field(&st, cap);
+        if v.is_empty() || v.chars().any(|c| c != '0') {
+            return Err(format!("capabilities present ({cap}={v})"));
+        }
+    }
+    Ok(())
+}
+
 /// True when the mount holding `dir` (longest mount-point prefix in
 /// `/proc/self/mounts`) is read-only.
 fn mount_is_ro(dir: &str) -> bool {

@@ -15,7 +15,7 @@
 //! `--userns=keep-id:uid=1000,gid=1000`, which maps the guest to the
 //! invoking user directly.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -127,11 +127,16 @@ fn remove_cache_points(home: &Path) {
         let Some(rel) = dst.strip_prefix("/home/dev/") else {
             continue;
         };
-        let mut p = home.join(rel);
-        while p != home && std::fs::remove_dir(&p).is_ok() {
-            match p.parent() {
-                Some(parent) => p = parent.to_path_buf(),
-                None => break,
+        // Relative to directories opened without following symlinks.
+        let Ok(chain) = open_beneath(home, rel, false) else {
+            continue;
+        };
+        let comps: Vec<&str> = rel.split('/').filter(|c| !c.is_empty()).collect();
+        for (i, comp) in comps.iter().enumerate().rev() {
+            if nix::unistd::unlinkat(&chain[i], *comp, nix::unistd::UnlinkatFlags::RemoveDir)
+                .is_err()
+            {
+                break;
             }
         }
     }
@@ -140,7 +145,28 @@ fn remove_cache_points(home: &Path) {
 /// Removes the container named in `record` and its mounts; used by
 /// `stop` and by stale-state cleanup when the supervisor is gone.
 pub fn remove(record: &Record) -> Result<(), String> {
-    let engine = engine_of(&record.engine)?;
+    let r = remove_container(&record.engine, &record.container_name);
+    remove_mounts(&record.mounts_dir);
+    r
+}
+
+/// True when the engine says it has no container of that name (an engine
+/// that cannot be asked is not taken for "gone").
+fn container_gone(engine: Engine, name: &str) -> bool {
+    engine
+        .command(["container", "inspect", name])
+        .stdin(Stdio::null())
+        .output()
+        .is_ok_and(|o| {
+            let err = String::from_utf8_lossy(&o.stderr).to_ascii_lowercase();
+            !o.status.success()
+                && (err.contains("no such container") || err.contains("no such object"))
+        })
+}
+
+/// Force-removes one container (stopping it first with SIGTERM).
+fn remove_container(engine: &str, name: &str) -> Result<(), String> {
+    let engine = engine_of(engine)?;
     // podman stops with SIGTERM first (the aibox init then kills
     // everything at once); docker's rm has no timeout and kills at once.
     let args: &[&str] = match engine {
@@ -148,23 +174,13 @@ pub fn remove(record: &Record) -> Result<(), String> {
         Engine::Docker => &["rm", "-f"],
     };
     let out = engine
-        .command(args.iter().chain([&record.container_name.as_str()]))
+        .command(args.iter().chain([&name]))
         .stdin(Stdio::null())
         .output()
         .map_err(|e| engine.spawn_error(e).to_string())?;
-    remove_mounts(&record.mounts_dir);
     // Success is the container being gone, whatever rm printed (it may
     // report the stop timeout, or a race with the engine's own cleanup).
-    let gone = || {
-        !engine
-            .command(["container", "inspect", &record.container_name])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if out.status.success() || gone() {
+    if out.status.success() || container_gone(engine, name) {
         Ok(())
     } else {
         Err(aibox_engine::explain(&String::from_utf8_lossy(&out.stderr)))
@@ -189,6 +205,36 @@ pub fn inspect_running(engine: &str, name: &str) -> Option<bool> {
 
 fn ensure_dir(p: &Path) -> Result<(), String> {
     std::fs::create_dir_all(p).map_err(|e| format!("creating {}: {e}", p.display()))
+}
+
+/// Opens each component of `rel` beneath `base` without following
+/// symlinks, creating missing directories when `create`. The home is
+/// written by the sandbox: a symlink planted there must not steer what the
+/// (possibly root) supervisor creates or removes on the host.
+fn open_beneath(base: &Path, rel: &str, create: bool) -> Result<Vec<OwnedFd>, String> {
+    use nix::fcntl::{OFlag, open, openat};
+    use nix::sys::stat::Mode;
+    let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_RDONLY;
+    let root =
+        open(base, flags, Mode::empty()).map_err(|e| format!("opening {}: {e}", base.display()))?;
+    let mut chain = vec![root];
+    for comp in rel.split('/').filter(|c| !c.is_empty()) {
+        let parent = chain.last().ok_or("empty path")?;
+        if create {
+            match nix::sys::stat::mkdirat(parent, comp, Mode::from_bits_truncate(0o755)) {
+                Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+                Err(e) => return Err(format!("creating {rel} in {}: {e}", base.display())),
+            }
+        }
+        let next = openat(parent, comp, flags, Mode::empty()).map_err(|e| {
+            format!(
+                "{rel} in {} is not a plain directory ({e}); remove it",
+                base.display()
+            )
+        })?;
+        chain.push(next);
+    }
+    Ok(chain)
 }
 
 /// `aibox repair cache`: removes every aibox cache volume of `engine` and
@@ -257,20 +303,24 @@ fn ensure_caches(
         if existing.contains(&vol) {
             continue;
         }
-        engine
-            .run(
-                "volume create",
-                [
-                    "volume",
-                    "create",
-                    "--label",
-                    "aibox=true",
-                    "--label",
-                    "aibox.cache=true",
-                    &vol,
-                ],
-            )
-            .map_err(|e| e.to_string())?;
+        let created = engine.run(
+            "volume create",
+            [
+                "volume",
+                "create",
+                "--label",
+                "aibox=true",
+                "--label",
+                "aibox.cache=true",
+                &vol,
+            ],
+        );
+        // Another sandbox starting at the same moment may have made it.
+        if let Err(e) = created
+            && !e.to_string().contains("already exists")
+        {
+            return Err(e.to_string());
+        }
         if rootless {
             // keep-id maps the guest to the user, who owns the new volume.
             continue;
@@ -368,6 +418,13 @@ fn run_args(
     } else {
         "--network=none"
     }]);
+    if c.gvisor.is_none() {
+        let abi = aibox_sandbox::landlock_rules::kernel_abi();
+        push(&[
+            "--env",
+            &format!("{}={abi}", aibox_sandbox::container::HOST_LANDLOCK_ENV),
+        ]);
+    }
     if let Ok(layers) = std::env::var("AIBOX_DEBUG_SKIP_LAYER")
         && cfg!(debug_assertions)
     {
@@ -480,6 +537,7 @@ pub struct Prepared {
     head: Vec<String>,
     tail: Vec<String>,
     cidfile: PathBuf,
+    run_dir: PathBuf,
     record: Record,
     record_path: PathBuf,
     home: PathBuf,
@@ -497,13 +555,18 @@ pub struct First {
     pub stdio: [OwnedFd; 3],
 }
 
+impl Prepared {
+    /// Which container and mounts belong to the sandbox.
+    pub fn record(&self) -> &Record {
+        &self.record
+    }
+}
+
 /// Sets up everything but the container; on failure nothing is left.
+/// (`aibox start` refuses docker without root before it gets here.)
 pub fn prepare(spec: &SupervisorSpec, c: &ContainerSpec) -> Result<Prepared, String> {
     let engine = engine_of(&c.engine)?;
     let rootless = aibox_core::euid() != 0;
-    if rootless && engine == Engine::Docker {
-        return Err("the docker backend needs root (aibox does not drive rootless docker)\n  fix: run as root, or use `--runtime podman` (rootless works there)".into());
-    }
     let record = Record {
         engine: c.engine.clone(),
         container_name: c.container_name.clone(),
@@ -528,6 +591,7 @@ pub fn prepare(spec: &SupervisorSpec, c: &ContainerSpec) -> Result<Prepared, Str
         head: Vec::new(),
         tail: Vec::new(),
         cidfile: cid_path(spec),
+        run_dir: spec.run_dir.clone(),
         record,
         record_path: c.record.clone(),
         home: spec.sandbox.home.clone(),
@@ -544,6 +608,10 @@ pub fn prepare(spec: &SupervisorSpec, c: &ContainerSpec) -> Result<Prepared, Str
 
 /// Removes what a failed start made (container, mounts, record, the cache
 /// mount points in the home).
+pub fn discard(p: &Prepared) {
+    undo(p)
+}
+
 fn undo(p: &Prepared) {
     let _ = remove(&p.record);
     let _ = std::fs::remove_file(&p.record_path);
@@ -561,7 +629,7 @@ fn prepare_inner(spec: &SupervisorSpec, c: &ContainerSpec, p: &mut Prepared) -> 
         // the runtime cannot create them through an idmapped mount.
         for (_, dst) in CACHES {
             if let Some(rel) = dst.strip_prefix("/home/dev/") {
-                ensure_dir(&sb.home.join(rel))?;
+                open_beneath(&sb.home, rel, true)?;
             }
         }
         ensure_dir(&c.toolpacks)?;
@@ -627,13 +695,14 @@ fn launch_inner(p: &Prepared, first: Option<First>) -> Result<Started, String> {
     let (mut stdin, mut stdout, mut stderr) = (None, None, None);
     let mut tail = p.tail.clone();
     let one_shot = first.is_some();
+    let mut env_path = None;
     if let Some(f) = first {
         // One call does it all: podman removes the container when the
         // command (and with it the init) ends.
-        let mut args: Vec<String> =
-            vec!["-i".into(), "--rm".into(), "-w".into(), f.req.cwd.clone()];
-        env_args(&f.req, &mut cmd, &mut args)?;
-        cmd.args(&args);
+        let env = env_file(&p.run_dir, f.id, &f.req)?;
+        cmd.args(["-i", "--rm", "-w", &f.req.cwd, "--env-file"])
+            .arg(&env);
+        env_path = Some(env);
         tail.extend([
             aibox_sandbox::container::FIRST_FLAG.to_string(),
             f.id.to_string(),
@@ -659,6 +728,9 @@ fn launch_inner(p: &Prepared, first: Option<First>) -> Result<Started, String> {
     // container with it, and the container must outlive a dead supervisor
     // (this client then ends with the container).
     let run = |cmd: &mut Command| -> Result<(Child, SelfTestReport), String> {
+        // The engines refuse an existing id file (one may be left by a
+        // supervisor that died).
+        let _ = std::fs::remove_file(&p.cidfile);
         let mut child = cmd.spawn().map_err(|e| engine.spawn_error(e).to_string())?;
         let report = read_report(engine, &mut child)?;
         Ok((child, report))
@@ -666,19 +738,27 @@ fn launch_inner(p: &Prepared, first: Option<First>) -> Result<Started, String> {
     // A container of this name without a record (the record is how stale
     // ones are normally found and removed before a start) is removed and
     // the start tried once more; no probe on the common path.
-    let (mut waiter, report) = match run(&mut cmd) {
+    let result = match run(&mut cmd) {
         Err(e) if e.contains("already in use") => {
-            let _ = remove(&p.record);
-            let _ = std::fs::remove_file(&p.cidfile);
-            run(&mut cmd)?
+            // (Only the container: the mounts it would use are ours.)
+            let _ = remove_container(&p.record.engine, &p.record.container_name);
+            run(&mut cmd)
         }
-        r => r?,
+        r => r,
     };
+    // The engine has read the environment file by the time the init spoke.
+    if let Some(env) = env_path {
+        let _ = std::fs::remove_file(env);
+    }
+    let (mut waiter, report) = result?;
     if let Some(f) = report.failure() {
         let _ = waiter.kill();
         let _ = waiter.wait();
         return Err(format!("sandbox self-test failed: {f}"));
     }
+    // A persistent container's later messages (why it died, say) go to
+    // the supervisor log, which is our stderr.
+    let stderr = stderr.or_else(|| std::io::stderr().as_fd().try_clone_to_owned().ok());
     let relays = [
         relay(waiter.stdout.take(), stdout),
         relay(waiter.stderr.take(), stderr),
@@ -785,36 +865,47 @@ pub struct Exec {
     pub child: Child,
     /// Terminal master (tty sessions).
     pub master: Option<OwnedFd>,
+    /// The environment file; remove it once the engine process ended.
+    pub env_file: PathBuf,
 }
 
-/// Names whose values must not come from the engine process's own
-/// environment (the engine itself needs its own HOME, PATH, …), so they
-/// are passed literally; everything else is passed by name only, so values
-/// never show up in the host's process list.
-const LITERAL: &[&str] = &[
-    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "HOSTNAME", "TERM", "TMPDIR",
-];
-
-/// Adds `-e` options for the request's environment to `args`: names
-/// only, with the values in `cmd`'s own environment (see [`LITERAL`]).
-fn env_args(
-    req: &aibox_sandbox::SpawnRequest,
-    cmd: &mut Command,
-    args: &mut Vec<String>,
-) -> Result<(), String> {
+/// Writes the request's environment to a private file for the engine's
+/// `--env-file` (so values never reach the host's process list or the
+/// engine's own environment) and returns its path; the caller removes it
+/// once the engine has started the process. Names must be plain
+/// identifiers (the engines read `*` as a pattern over their own
+/// environment) and values one line. Variables the dynamic loader reads
+/// are held under [`aibox_sandbox::container::HELD_PREFIX`] and restored
+/// by the session shim for the command alone, so they cannot act on the
+/// aibox binary inside before it has applied its layers.
+fn env_file(run_dir: &Path, id: u64, req: &aibox_sandbox::SpawnRequest) -> Result<PathBuf, String> {
+    let mut text = String::new();
     for kv in &req.env {
         let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
-        if k.is_empty() || k.contains('\0') || v.contains('\0') {
-            return Err(format!("invalid environment entry {kv:?}"));
+        let ident = k
+            .bytes()
+            .enumerate()
+            .all(|(i, b)| b == b'_' || b.is_ascii_alphabetic() || (i > 0 && b.is_ascii_digit()));
+        if k.is_empty() || !ident {
+            return Err(format!(
+                "environment variable name {k:?} is not a plain identifier (letters, digits, _)"
+            ));
         }
-        if LITERAL.contains(&k) {
-            args.extend(["-e".into(), kv.clone()]);
+        if v.contains(['\n', '\0']) {
+            return Err(format!(
+                "the value of {k} contains a newline or NUL, which the container engines cannot pass"
+            ));
+        }
+        let name = if aibox_sandbox::container::held(k) {
+            format!("{}{k}", aibox_sandbox::container::HELD_PREFIX)
         } else {
-            args.extend(["-e".into(), k.to_string()]);
-            cmd.env(k, v);
-        }
+            k.to_string()
+        };
+        text.push_str(&format!("{name}={v}\n"));
     }
-    Ok(())
+    let path = run_dir.join(format!("env-{id}"));
+    write_private(&path, text.as_bytes())?;
+    Ok(path)
 }
 
 /// Starts `argv` in the container through the session shim.
@@ -822,6 +913,7 @@ pub fn exec(
     engine: Engine,
     name: &str,
     gvisor: bool,
+    run_dir: &Path,
     id: u64,
     req: &aibox_sandbox::SpawnRequest,
     fds: Vec<OwnedFd>,
@@ -836,8 +928,9 @@ pub fn exec(
         "-w".into(),
         req.cwd.clone(),
     ]);
-    let mut cmd = Command::new(engine.program());
-    env_args(req, &mut cmd, &mut args)?;
+    let env = env_file(run_dir, id, req)?;
+    args.extend(["--env-file".into(), env.display().to_string()]);
+    let mut cmd = engine.command(&[] as &[&str]);
     args.extend([
         name.to_string(),
         aibox_sandbox::container::BINARY.to_string(),
@@ -860,6 +953,13 @@ pub fn exec(
             };
             let pty = nix::pty::openpty(Some(&size), None)
                 .map_err(|e| format!("allocating a terminal: {e}"))?;
+            // Not inherited by engine processes other threads spawn.
+            for fd in [&pty.master, &pty.slave] {
+                let _ = nix::fcntl::fcntl(
+                    fd,
+                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+                );
+            }
             let slave = pty.slave;
             cmd.stdin(Stdio::from(
                 slave.try_clone().map_err(|e| format!("terminal: {e}"))?,
@@ -885,8 +985,15 @@ pub fn exec(
             None
         }
     };
-    let child = cmd.spawn().map_err(|e| engine.spawn_error(e).to_string())?;
-    Ok(Exec { child, master })
+    let child = cmd.spawn().map_err(|e| {
+        let _ = std::fs::remove_file(&env);
+        engine.spawn_error(e).to_string()
+    })?;
+    Ok(Exec {
+        child,
+        master,
+        env_file: env,
+    })
 }
 
 /// Sends `signal` to session `id` (through the in-container helper, since

@@ -309,14 +309,9 @@ fn setup_container(
             return Err(e);
         }
     };
-    let record = container::Record {
-        engine: c.engine.clone(),
-        container_name: c.container_name.clone(),
-        mounts_dir: c.mounts_dir.clone(),
-    };
+    let record = prepared.record().clone();
     let undo = |audit: &mut AuditLog, message: &str| {
-        let _ = container::remove(&record);
-        let _ = std::fs::remove_file(&c.record);
+        container::discard(&prepared);
         let _ = a_fail(audit, message);
         remove_run_dir(&spec);
     };
@@ -484,7 +479,7 @@ fn container_limits(spec: &SupervisorSpec, rootless: bool) -> Vec<Limit> {
         if rootless {
             (
                 false,
-                "NOT ENFORCED: rootless containers get no cpu/memory cgroup on this host (cgroup v1)"
+                "NOT ENFORCED: aibox sets no cgroup limits on rootless containers (podman needs a delegated cgroup v2 hierarchy for them)"
                     .to_string(),
             )
         } else {
@@ -498,9 +493,16 @@ fn container_limits(spec: &SupervisorSpec, rootless: bool) -> Vec<Limit> {
         cg(&format!("--cpus {eff} (clamped to the host's CPUs)"))
     };
     let (mem_on, mem_how) = cg("--memory");
+    let gvisor = spec.container.as_ref().is_some_and(|c| c.gvisor.is_some());
+    let pids_how = match (rootless, engine.as_str(), gvisor) {
+        (true, _, _) => "RLIMIT_NPROC (--ulimit nproc, counted in the container's user namespace); no cgroup pids limit rootless".to_string(),
+        (false, "podman", false) => "podman --pids-limit (cgroup pids.max) and RLIMIT_NPROC per user namespace".to_string(),
+        (false, _, true) => "podman --pids-limit on the whole gVisor sandbox (with room for gVisor's own threads; see docs/security.md)".to_string(),
+        _ => format!("{engine} --pids-limit (cgroup pids.max)"),
+    };
     limit_list(
         spec,
-        format!("{engine} --pids-limit (cgroup pids.max)"),
+        pids_how,
         "RLIMIT_NOFILE (--ulimit)",
         (cpu_on, cpu_how),
         (mem_on, mem_how),
@@ -1014,7 +1016,11 @@ fn link_spawn(
             ..
         } => {
             let id = spawn.id;
-            if let Some(prepared) = pending.lock().ok().and_then(|mut p| p.take()) {
+            // The lock is held while the container starts, so that a stop
+            // arriving meanwhile waits for it (and then removes it).
+            if let Ok(mut guard) = pending.lock()
+                && let Some(prepared) = guard.take()
+            {
                 first_spawn(shared, &prepared, spawn, fds);
                 return Ok(());
             }
@@ -1036,7 +1042,16 @@ fn link_spawn(
                 return Ok(());
             }
             let gvisor = gvisor.is_some();
-            match container::exec(*engine, &record.container_name, gvisor, id, &spawn, fds) {
+            let run_dir = &shared.spec.run_dir;
+            match container::exec(
+                *engine,
+                &record.container_name,
+                gvisor,
+                run_dir,
+                id,
+                &spawn,
+                fds,
+            ) {
                 Err(error) => deliver(
                     shared,
                     FromInit::SpawnFailed {
@@ -1055,14 +1070,8 @@ fn link_spawn(
                     );
                     let s = shared.clone();
                     std::thread::spawn(move || {
-                        use std::os::unix::process::ExitStatusExt;
-                        let code = match ex.child.wait() {
-                            Ok(st) => st
-                                .code()
-                                .or_else(|| st.signal().map(|sig| 128 + sig))
-                                .unwrap_or(1),
-                            Err(_) => 125,
-                        };
+                        let code = exit_code(ex.child.wait());
+                        let _ = std::fs::remove_file(&ex.env_file);
                         deliver(&s, FromInit::Exited { id, code }, Vec::new());
                     });
                 }
@@ -1137,14 +1146,7 @@ fn first_spawn(
     );
     let s = shared.clone();
     std::thread::spawn(move || {
-        use std::os::unix::process::ExitStatusExt;
-        let code = match waiter.wait() {
-            Ok(st) => st
-                .code()
-                .or_else(|| st.signal().map(|sig| 128 + sig))
-                .unwrap_or(1),
-            Err(_) => 125,
-        };
+        let code = exit_code(waiter.wait());
         if let Link::Container { auto_removed, .. } = &s.link {
             auto_removed.store(true, Ordering::SeqCst);
         }
@@ -1155,6 +1157,19 @@ fn first_spawn(
         deliver(&s, FromInit::Exited { id, code }, Vec::new());
         let _ = s.events.send(Event::SandboxGone);
     });
+}
+
+/// An engine process's exit as a command's exit code (128 + signal when
+/// killed, 125 when it could not be waited for).
+fn exit_code(status: std::io::Result<std::process::ExitStatus>) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(st) => st
+            .code()
+            .or_else(|| st.signal().map(|sig| 128 + sig))
+            .unwrap_or(1),
+        Err(_) => 125,
+    }
 }
 
 /// Sends a signal to a session's process group.
@@ -1196,8 +1211,11 @@ fn main_loop(shared: Arc<Shared>) -> i32 {
         Link::Container {
             record,
             auto_removed,
+            pending,
             ..
         } => {
+            // Wait for a one-shot container still being started.
+            let _starting = pending.lock();
             // A one-shot container that ended was removed by the engine
             // (`--rm`); only the host mounts remain.
             let r = if auto_removed.load(Ordering::SeqCst) {

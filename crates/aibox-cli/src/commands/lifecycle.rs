@@ -225,6 +225,16 @@ fn container_spec(
             "gVisor with the docker backend needs runsc registered in the docker daemon, which aibox does not do\n  fix: use `--runtime podman`, or set gvisor.enabled: false"
         );
     }
+    if runtime == Runtime::Docker
+        && let Some(account) = aibox_core::passwd_name(aibox_core::guest::UID)
+    {
+        // docker has no per-container user namespace: the guest is host
+        // uid 1000, and so is that account (see docs/security.md).
+        eprintln!(
+            "aibox: warning: host account `{account}` has uid {}, the uid docker sandboxes run as: it can reach this sandbox's processes and files (/proc/PID/root)\n  fix: use `--runtime podman` (a reserved uid range), or remove that account",
+            aibox_core::guest::UID
+        );
+    }
     let (apparmor, apparmor_note) = apparmor(c.gvisor.require_apparmor)?;
     let exe = std::env::current_exe()?;
     Ok(ContainerSpec {
@@ -264,9 +274,17 @@ pub fn start(cli_config: Option<PathBuf>, a: StartArgs) -> Result<i32> {
 
 fn exec_request(opts: &ExecOpts, argv: Vec<String>) -> Result<ExecRequest> {
     for kv in &opts.env {
+        let ident = |k: &str| {
+            !k.is_empty()
+                && k.bytes().enumerate().all(|(i, b)| {
+                    b == b'_' || b.is_ascii_alphabetic() || (i > 0 && b.is_ascii_digit())
+                })
+        };
         match kv.split_once('=') {
-            Some((k, _)) if !k.is_empty() => {}
-            _ => bail!("-e {kv:?}: expected KEY=VALUE"),
+            Some((k, _)) if ident(k) => {}
+            _ => bail!(
+                "-e {kv:?}: expected KEY=VALUE with KEY made of letters, digits and _ (not starting with a digit)"
+            ),
         }
     }
     if opts.tty && !std::io::stdin().is_terminal() {

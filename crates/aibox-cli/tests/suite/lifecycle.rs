@@ -246,6 +246,35 @@ all_backends!(exec_cwd_and_env, |c: Ctx| {
     assert_eq!(out, "/workspace/sub\nbar\n0\n");
     let out = ok(&c.out(&["exec", "--name", &name, "--cwd", "/tmp", "--", "pwd"]));
     assert_eq!(out, "/tmp\n");
+    // Loader variables reach the command, not aibox's own binary on the
+    // way in (it would complain about the missing object too).
+    let o = c.out(&[
+        "exec",
+        "--name",
+        &name,
+        "-e",
+        "LD_PRELOAD=/nonexistent-aibox.so",
+        "--",
+        "sh",
+        "-c",
+        "echo $LD_PRELOAD",
+    ]);
+    assert_eq!(stdout(&o), "/nonexistent-aibox.so\n", "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o).matches("nonexistent-aibox.so").count(),
+        1,
+        "{}",
+        stderr(&o)
+    );
+    // Names are plain identifiers (an engine reads `*` as a pattern over
+    // its own environment).
+    let o = c.out(&["exec", "--name", &name, "-e", "A*=x", "--", "true"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("letters, digits and _"),
+        "{}",
+        stderr(&o)
+    );
     ok(&c.out(&["stop", "--name", &name]));
 });
 
@@ -602,10 +631,35 @@ fn container_crash_recovery(c: Ctx) {
     );
     assert!(c.runtime_entries().is_empty(), "{:?}", c.runtime_entries());
 
-    // The engine kills the container: the supervisor notices and ends.
+    // A start right after a killed supervisor takes over: the stale
+    // container is removed and a new one starts.
     let st: serde_json::Value = serde_json::from_str(&ok(&c
         .out(&["start", "-w", &ws, "--name", name])
         .pipe_status(&c, name)))
+    .unwrap();
+    let pid = st["supervisor_pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(process_gone(pid));
+    let mut o = c.out(&["start", "-w", &ws, "--name", name]);
+    for _ in 0..40 {
+        if o.status.success() {
+            break;
+        }
+        // (The killed supervisor's other threads may hold the lock a moment.)
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        o = c.out(&["start", "-w", &ws, "--name", name]);
+    }
+    ok(&o);
+    ok(&c.out(&["exec", "--name", name, "--", "true"]));
+
+    // The engine kills the container: the supervisor notices and ends.
+    let st: serde_json::Value = serde_json::from_str(&stdout(
+        &c.out(&["status", "--name", name, "--format", "json"]),
+    ))
     .unwrap();
     let cname = st["container"]["name"].as_str().unwrap().to_string();
     let pid = st["supervisor_pid"].as_i64().unwrap() as i32;
