@@ -262,10 +262,12 @@ fn missing_image_is_explained(mut c: Ctx) {
     let ws = c.ws.display().to_string();
     let o = c.out(&["start", "-w", &ws, "--name", "noimage"]);
     assert!(!o.status.success());
-    let e = stderr(&o);
+    let all = stderr(&o);
+    // (docker may first warn about a host account with the guest's uid.)
+    let e = &all[all.find("aibox: error:").unwrap_or(0)..];
     assert!(
         e.starts_with("aibox: error: could not start sandbox `noimage`"),
-        "{e}"
+        "{all}"
     );
     assert!(
         e.contains("fix: the image is not present: build it with `aibox image build`"),
