@@ -1030,14 +1030,10 @@ fn link_spawn(
                 .as_ref()
                 .and_then(|c| c.gvisor.as_ref());
             if spawn.tty.is_some() && gvisor.is_some_and(|g| !g.exec_tty) {
-                deliver(
+                spawn_failed(
                     shared,
-                    FromInit::SpawnFailed {
-                        id,
-                        error: "terminal sessions are not available with this runsc: `runsc exec` has no --tty, which podman passes for `exec -t`\n  fix: run the command without -t, or install a newer runsc (or set gvisor.enabled: false)".into(),
-                        code: 125,
-                    },
-                    Vec::new(),
+                    id,
+                    "terminal sessions are not available with this runsc: `runsc exec` has no --tty, which podman passes for `exec -t`\n  fix: run the command without -t, or install a newer runsc (or set gvisor.enabled: false)".into(),
                 );
                 return Ok(());
             }
@@ -1052,15 +1048,7 @@ fn link_spawn(
                 &spawn,
                 fds,
             ) {
-                Err(error) => deliver(
-                    shared,
-                    FromInit::SpawnFailed {
-                        id,
-                        error,
-                        code: 125,
-                    },
-                    Vec::new(),
-                ),
+                Err(error) => spawn_failed(shared, id, error),
                 Ok(mut ex) => {
                     let pid = ex.child.id() as i32;
                     deliver(
@@ -1097,15 +1085,7 @@ fn first_spawn(
             reply: None,
             reason: format!("start failed: {error}"),
         });
-        deliver(
-            shared,
-            FromInit::SpawnFailed {
-                id,
-                error,
-                code: 125,
-            },
-            Vec::new(),
-        );
+        spawn_failed(shared, id, error);
     };
     let Ok(stdio) = <[OwnedFd; 3]>::try_from(fds) else {
         return failed("stdin/stdout/stderr were not attached".into());
@@ -1157,6 +1137,19 @@ fn first_spawn(
         deliver(&s, FromInit::Exited { id, code }, Vec::new());
         let _ = s.events.send(Event::SandboxGone);
     });
+}
+
+/// Tells session `id` that its command could not be started (125).
+fn spawn_failed(shared: &Shared, id: u64, error: String) {
+    deliver(
+        shared,
+        FromInit::SpawnFailed {
+            id,
+            error,
+            code: 125,
+        },
+        Vec::new(),
+    );
 }
 
 /// An engine process's exit as a command's exit code (128 + signal when

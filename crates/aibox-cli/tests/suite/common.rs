@@ -50,9 +50,8 @@ fn run_ok(cmd: &mut Command, what: &str) {
     );
 }
 
-/// `prog` run as the rootless test account, with a clean environment.
-pub fn as_test_user(prog: &str) -> Command {
-    let (uid, gid) = test_user();
+/// `prog` run as (uid, gid) with that account's groups and a clean environment.
+fn setpriv(uid: u32, gid: u32, prog: &str) -> Command {
     let mut c = Command::new("setpriv");
     c.args([
         "--reuid",
@@ -62,8 +61,15 @@ pub fn as_test_user(prog: &str) -> Command {
         "--init-groups",
         "--reset-env",
         prog,
-    ])
-    .current_dir("/");
+    ]);
+    c
+}
+
+/// `prog` run as the rootless test account, with a clean environment.
+pub fn as_test_user(prog: &str) -> Command {
+    let (uid, gid) = test_user();
+    let mut c = setpriv(uid, gid, prog);
+    c.current_dir("/");
     c
 }
 
@@ -301,16 +307,7 @@ impl Ctx {
         let env = self.env_pairs();
         let mut cmd = match self.as_user {
             Some((uid, gid)) => {
-                let mut c = Command::new("setpriv");
-                c.args([
-                    "--reuid",
-                    &uid.to_string(),
-                    "--regid",
-                    &gid.to_string(),
-                    "--init-groups",
-                    "--reset-env",
-                    "env",
-                ]);
+                let mut c = setpriv(uid, gid, "env");
                 for (k, v) in &env {
                     c.arg(format!("{k}={v}"));
                 }
