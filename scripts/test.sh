@@ -57,6 +57,14 @@ if as_root; then
   done
 fi
 
+# Its rootless podman state lives in /tmp/podman-run-<uid>, which outlives a
+# reboot while the pause process does not; podman then refuses every command
+# ("invalid internal status"). Reset it so a restarted machine tests cleanly.
+if as_root && command -v podman >/dev/null 2>&1; then
+  (cd / && setpriv --reuid aibox-test --regid aibox-test --init-groups --reset-env \
+     podman system migrate >/dev/null 2>&1) || true
+fi
+
 # The docker backend's tests need a running engine; start one for the
 # suite (and stop it afterwards) unless one already answers.
 started_dockerd=""

@@ -108,6 +108,10 @@ const KNOWN: &[(&str, &str)] = &[
         "rootless podman needs newuidmap/newgidmap (apt-get install uidmap) and /etc/subuid, /etc/subgid entries for the user",
     ),
     (
+        "invalid internal status",
+        "rootless podman's pause process is gone while its state says it runs (typical after a reboot when its run directory is not on tmpfs): run `podman system migrate` as this user (it stops the user's running containers)",
+    ),
+    (
         "GLIBC_",
         "the image's C library is older than the host's, and aibox's own binary runs inside the container: use an image of the host's Debian release (`aibox image build`)",
     ),
@@ -347,6 +351,11 @@ mod tests {
             "Error: crun: cgroups in hybrid mode not supported, drop all controllers from cgroupv2: OCI runtime error\n",
         );
         assert!(e.contains("fix: this host's cgroups are hybrid"), "{e}");
+        // Seen on a restored machine: the state file outlived the pause process.
+        let e = explain(
+            "time=\"x\" level=error msg=\"invalid internal status, try resetting the pause process with \\\"podman system migrate\\\": could not find any running process: no such process\"\n",
+        );
+        assert!(e.contains("fix: rootless podman's pause process is gone"), "{e}");
         assert_eq!(explain("something odd\n"), "something odd");
     }
 
