@@ -355,7 +355,10 @@ mod tests {
         let e = explain(
             "time=\"x\" level=error msg=\"invalid internal status, try resetting the pause process with \\\"podman system migrate\\\": could not find any running process: no such process\"\n",
         );
-        assert!(e.contains("fix: rootless podman's pause process is gone"), "{e}");
+        assert!(
+            e.contains("fix: rootless podman's pause process is gone"),
+            "{e}"
+        );
         assert_eq!(explain("something odd\n"), "something odd");
     }
 

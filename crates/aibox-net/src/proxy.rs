@@ -1,0 +1,909 @@
+//! The egress proxy that runs in the supervisor. Every byte a sandbox
+//! sends to the outside passes here: HTTP/1.1 forward proxying
+//! (absolute-form), CONNECT tunnels, transparent connections to synthetic
+//! addresses, and DNS. It decides with the allowlist, resolves names
+//! itself, refuses non-public addresses unless a rule names them, connects
+//! to exactly the address it checked, and reports every decision.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UdpSocket, UnixListener};
+
+use crate::dns::{self, SYNTHETIC_PREFIX, Synthetic};
+use crate::host::{Host, parse_host, split_authority};
+use crate::rules::{Access, Allowlist};
+use crate::tls::{self, Hello};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How a connection reached the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// Through the proxy port (`HTTP_PROXY`).
+    Proxy,
+    /// Through a synthetic address handed out by the DNS answerer.
+    Transparent,
+}
+
+impl Via {
+    /// Name used in events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::Proxy => "proxy",
+            Via::Transparent => "transparent",
+        }
+    }
+}
+
+/// What the proxy reports to the audit log.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NetEvent {
+    /// A connection or request that policy allowed, reported when it ends.
+    Allow {
+        /// Canonical host.
+        host: String,
+        /// Destination port.
+        port: u16,
+        /// HTTP method, or `CONNECT` for tunnels.
+        method: String,
+        /// The address actually connected to.
+        address: String,
+        /// The rule that allowed it.
+        rule: String,
+        /// Bytes sent by the sandbox.
+        bytes_up: u64,
+        /// Bytes received by the sandbox.
+        bytes_down: u64,
+        /// Connection lifetime.
+        duration_ms: u64,
+        /// Proxy port or transparent.
+        via: Via,
+        /// Why it failed after being allowed (upstream unreachable...).
+        error: Option<String>,
+    },
+    /// A refused connection or request.
+    Deny {
+        /// Host as requested (canonical when it parsed).
+        host: String,
+        /// Destination port (0 when unknown).
+        port: u16,
+        /// HTTP method, or `CONNECT`.
+        method: String,
+        /// Why.
+        reason: String,
+        /// Proxy port or transparent.
+        via: Via,
+    },
+    /// A DNS query from inside.
+    DnsQuery {
+        /// The queried name.
+        name: String,
+        /// Query type.
+        qtype: String,
+    },
+    /// The answer to it.
+    DnsResponse {
+        /// The queried name.
+        name: String,
+        /// Query type.
+        qtype: String,
+        /// Response code.
+        rcode: String,
+        /// Synthetic address given, if any.
+        address: Option<Ipv4Addr>,
+    },
+}
+
+/// Receives the proxy's events (the supervisor writes them to the audit log).
+pub trait Sink: Send + Sync {
+    /// Records one event.
+    fn record(&self, event: NetEvent);
+}
+
+/// Running totals, shown by `status`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Allowed connections and requests.
+    pub allowed: AtomicU64,
+    /// Denied connections and requests.
+    pub denied: AtomicU64,
+    /// DNS queries answered with an address.
+    pub dns_resolved: AtomicU64,
+    /// DNS queries refused (NXDOMAIN and errors).
+    pub dns_refused: AtomicU64,
+}
+
+/// The proxy of one sandbox.
+pub struct Proxy {
+    allow: Allowlist,
+    synth: Mutex<Synthetic>,
+    sink: Arc<dyn Sink>,
+    /// Totals for `status`.
+    pub counters: Counters,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("allow", &self.allow)
+            .finish_non_exhaustive()
+    }
+}
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// An approved destination.
+#[derive(Debug, Clone)]
+struct Target {
+    host: Host,
+    port: u16,
+    addr: SocketAddr,
+    rule: String,
+}
+
+/// A refusal, with the fix to offer.
+#[derive(Debug, Clone)]
+struct Denial {
+    status: StatusCode,
+    host: String,
+    port: u16,
+    reason: String,
+    fix: String,
+}
+
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        "content-type",
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Counts bytes in each direction of a stream.
+struct Counted<S> {
+    inner: S,
+    up: Arc<AtomicU64>,
+    down: Arc<AtomicU64>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.down
+            .fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = r {
+            self.up.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Headers that belong to one hop and are never forwarded.
+fn strip_hop_headers(h: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = h
+        .get_all("connection")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in listed {
+        h.remove(n);
+    }
+    for n in [
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        h.remove(n);
+    }
+}
+
+impl Proxy {
+    /// A proxy deciding with `allow` and reporting to `sink`.
+    pub fn new(allow: Allowlist, sink: Arc<dyn Sink>) -> Arc<Proxy> {
+        Arc::new(Proxy {
+            allow,
+            synth: Mutex::new(Synthetic::default()),
+            sink,
+            counters: Counters::default(),
+        })
+    }
+
+    /// The ports the transparent listeners should accept on.
+    pub fn transparent_ports(&self) -> Vec<u16> {
+        self.allow.transparent_ports()
+    }
+
+    fn deny(&self, d: &Denial, method: &str, via: Via) -> Response<Body> {
+        self.counters.denied.fetch_add(1, Ordering::Relaxed);
+        self.sink.record(NetEvent::Deny {
+            host: d.host.clone(),
+            port: d.port,
+            method: method.to_string(),
+            reason: d.reason.clone(),
+            via,
+        });
+        let mut r = text(
+            d.status,
+            format!(
+                "aibox: {}:{} blocked: {}\n{}\n",
+                d.host, d.port, d.reason, d.fix
+            ),
+        );
+        if let Ok(v) = HeaderValue::from_str(&d.reason.replace(['\r', '\n'], " ")) {
+            r.headers_mut().insert("x-aibox-denied", v);
+        }
+        r
+    }
+
+    /// Checks `host:port` against policy and resolves it to one address
+    /// that is allowed; the caller connects to exactly that address.
+    async fn decide(&self, raw_host: &str, port: u16, access: Access) -> Result<Target, Denial> {
+        let deny = |status, host: &str, reason: String, fix: String| Denial {
+            status,
+            host: host.to_string(),
+            port,
+            reason,
+            fix,
+        };
+        let host = parse_host(raw_host).map_err(|e| {
+            deny(
+                StatusCode::BAD_REQUEST,
+                &raw_host.escape_debug().to_string(),
+                format!("malformed host: {e}"),
+                "use a plain host name".into(),
+            )
+        })?;
+        let shown = host.to_string();
+        let Some(rule) = self.allow.rule_for(&host, port, access) else {
+            let entry = match (&host, port, access) {
+                (Host::Name(n), 443, _) => n.clone(),
+                (Host::Name(n), 80, Access::Http) => n.clone(),
+                _ => format!("{shown}:{port}"),
+            };
+            let why = match host {
+                Host::Ip(_) => "no rule names this address (name rules never match IP literals)",
+                Host::Name(_) => "no network rule allows this host and port",
+            };
+            return Err(deny(
+                StatusCode::FORBIDDEN,
+                &shown,
+                why.into(),
+                format!(
+                    "to allow it, add `{entry}` to network.allowed_domains in the aibox config or policy"
+                ),
+            ));
+        };
+        let rule = rule.text.clone();
+        let candidates: Vec<IpAddr> = match &host {
+            Host::Ip(ip) => vec![*ip],
+            Host::Name(n) => match self.allow.static_address(n) {
+                Some(ip) => vec![ip],
+                None => {
+                    let lookup = tokio::time::timeout(
+                        RESOLVE_TIMEOUT,
+                        tokio::net::lookup_host((n.as_str(), port)),
+                    )
+                    .await;
+                    match lookup {
+                        Ok(Ok(addrs)) => addrs.map(|a| a.ip()).collect(),
+                        Ok(Err(e)) => {
+                            return Err(deny(
+                                StatusCode::BAD_GATEWAY,
+                                &shown,
+                                format!("the name does not resolve: {e}"),
+                                "check the host name".into(),
+                            ));
+                        }
+                        Err(_) => {
+                            return Err(deny(
+                                StatusCode::GATEWAY_TIMEOUT,
+                                &shown,
+                                "resolving the name timed out".into(),
+                                "retry later".into(),
+                            ));
+                        }
+                    }
+                }
+            },
+        };
+        let mut refused = None;
+        for ip in candidates {
+            let ip = ip.to_canonical();
+            match crate::addr::restricted(ip) {
+                Some(why) if !self.allow.names_address(ip, port) => {
+                    refused.get_or_insert((ip, why));
+                }
+                _ => {
+                    return Ok(Target {
+                        host,
+                        port,
+                        addr: SocketAddr::new(ip, port),
+                        rule,
+                    });
+                }
+            }
+        }
+        let (ip, why) = refused.unwrap_or((IpAddr::V4(Ipv4Addr::UNSPECIFIED), "no address"));
+        Err(deny(
+            StatusCode::FORBIDDEN,
+            &shown,
+            format!("resolves to {ip}, a {why} address"),
+            format!(
+                "only a rule naming the address may reach it: add `{ip}:{port}` to network.allowed_domains if the sandbox really must"
+            ),
+        ))
+    }
+
+    async fn connect(&self, t: &Target) -> std::io::Result<TcpStream> {
+        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(t.addr)).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            )),
+        }
+    }
+
+    fn allowed(
+        &self,
+        t: &Target,
+        method: &str,
+        via: Via,
+        (up, down): (u64, u64),
+        started: Instant,
+        error: Option<String>,
+    ) {
+        self.counters.allowed.fetch_add(1, Ordering::Relaxed);
+        self.sink.record(NetEvent::Allow {
+            host: t.host.to_string(),
+            port: t.port,
+            method: method.to_string(),
+            address: t.addr.to_string(),
+            rule: t.rule.clone(),
+            bytes_up: up,
+            bytes_down: down,
+            duration_ms: started.elapsed().as_millis() as u64,
+            via,
+            error,
+        });
+    }
+
+    /// Serves the proxy port (HTTP proxy protocol).
+    pub async fn serve_proxy(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            if let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(self.clone().http_conn(s, None));
+            }
+        }
+    }
+
+    /// Serves transparent connections to synthetic addresses.
+    pub async fn serve_transparent(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            if let Ok((s, _)) = listener.accept().await
+                && let Ok(local) = s.local_addr()
+            {
+                tokio::spawn(self.clone().transparent(s, local));
+            }
+        }
+    }
+
+    /// Serves DNS over UDP.
+    pub async fn serve_dns_udp(self: Arc<Self>, socket: UdpSocket) {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+                continue;
+            };
+            if let Some(reply) = self.dns_message(&buf[..n]) {
+                let _ = socket.send_to(&reply, from).await;
+            }
+        }
+    }
+
+    /// Serves DNS over TCP (length-prefixed messages).
+    pub async fn serve_dns_tcp(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            if let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(self.clone().dns_stream(s));
+            }
+        }
+    }
+
+    /// Serves relayed connections from an in-sandbox forwarder (container
+    /// backends). Each connection starts with one line saying what it is:
+    /// `PROXY`, `TRANSPARENT a.b.c.d:port` or `DNS`. The line grants
+    /// nothing: whatever follows is decided exactly as if it had arrived on
+    /// the matching listener.
+    pub async fn serve_relay(self: Arc<Self>, listener: UnixListener) {
+        loop {
+            if let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(self.clone().relayed(s));
+            }
+        }
+    }
+
+    async fn relayed(self: Arc<Self>, mut s: tokio::net::UnixStream) {
+        let mut line = Vec::new();
+        let read = tokio::time::timeout(HEADER_TIMEOUT, async {
+            loop {
+                let b = s.read_u8().await?;
+                if b == b'\n' {
+                    return Ok::<_, std::io::Error>(true);
+                }
+                line.push(b);
+                if line.len() > 64 {
+                    return Ok(false);
+                }
+            }
+        })
+        .await;
+        if !matches!(read, Ok(Ok(true))) {
+            return;
+        }
+        let line = String::from_utf8_lossy(&line).into_owned();
+        match line.split_once(' ') {
+            None if line == "PROXY" => self.http_conn(s, None).await,
+            None if line == "DNS" => self.dns_stream(s).await,
+            Some(("TRANSPARENT", addr)) => {
+                if let Ok(local) = addr.parse::<SocketAddr>() {
+                    self.transparent(s, local).await;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn dns_message(&self, query: &[u8]) -> Option<Vec<u8>> {
+        let a = {
+            let mut synth = self.synth.lock().unwrap_or_else(|e| e.into_inner());
+            dns::answer(query, &self.allow, &mut synth)
+        };
+        self.sink.record(NetEvent::DnsQuery {
+            name: a.name.clone(),
+            qtype: a.qtype.clone(),
+        });
+        if a.address.is_some() {
+            self.counters.dns_resolved.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.counters.dns_refused.fetch_add(1, Ordering::Relaxed);
+        }
+        self.sink.record(NetEvent::DnsResponse {
+            name: a.name,
+            qtype: a.qtype,
+            rcode: a.rcode,
+            address: a.address,
+        });
+        a.reply
+    }
+
+    async fn dns_stream<S: AsyncRead + AsyncWrite + Unpin>(self: Arc<Self>, mut s: S) {
+        loop {
+            let Ok(Ok(len)) = tokio::time::timeout(HEADER_TIMEOUT, s.read_u16()).await else {
+                return;
+            };
+            let mut q = vec![0u8; len as usize];
+            if s.read_exact(&mut q).await.is_err() {
+                return;
+            }
+            let Some(reply) = self.dns_message(&q) else {
+                return;
+            };
+            let Ok(n) = u16::try_from(reply.len()) else {
+                return;
+            };
+            if s.write_u16(n).await.is_err() || s.write_all(&reply).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn transparent<S>(self: Arc<Self>, s: S, local: SocketAddr)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let port = local.port();
+        let name = match local.ip() {
+            IpAddr::V4(a) if a.octets()[..2] == SYNTHETIC_PREFIX => {
+                let synth = self.synth.lock().unwrap_or_else(|e| e.into_inner());
+                synth.name(a).map(str::to_string)
+            }
+            _ => None,
+        };
+        let Some(name) = name else {
+            let d = Denial {
+                status: StatusCode::FORBIDDEN,
+                host: local.ip().to_string(),
+                port,
+                reason: "connection to an address the aibox DNS did not hand out".into(),
+                fix: "connect by host name, through the proxy".into(),
+            };
+            let _ = self.deny(&d, "CONNECT", Via::Transparent);
+            return;
+        };
+        if port == 80 {
+            return self.http_conn(s, Some(name)).await;
+        }
+        let started = Instant::now();
+        match self.decide(&name, port, Access::Tunnel).await {
+            Ok(t) => match self.connect(&t).await {
+                Ok(up) => {
+                    self.tunnel(s, up, t, "CONNECT", Via::Transparent, started)
+                        .await
+                }
+                Err(e) => self.allowed(
+                    &t,
+                    "CONNECT",
+                    Via::Transparent,
+                    (0, 0),
+                    started,
+                    Some(e.to_string()),
+                ),
+            },
+            Err(d) => {
+                let _ = self.deny(&d, "CONNECT", Via::Transparent);
+            }
+        }
+    }
+
+    /// Serves HTTP/1.1 on one connection: proxy requests, or (with
+    /// `transparent_name`) origin requests that must be for that name.
+    async fn http_conn<S>(self: Arc<Self>, s: S, transparent_name: Option<String>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let me = self.clone();
+        let name = Arc::new(transparent_name);
+        let svc = service_fn(move |req| {
+            let me = me.clone();
+            let name = name.clone();
+            async move { Ok::<_, Infallible>(me.request(req, name.as_deref()).await) }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            .max_buf_size(64 * 1024)
+            .serve_connection(TokioIo::new(s), svc)
+            .with_upgrades()
+            .await;
+    }
+
+    async fn request(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        transparent: Option<&str>,
+    ) -> Response<Body> {
+        let method = req.method().to_string();
+        let via = if transparent.is_some() {
+            Via::Transparent
+        } else {
+            Via::Proxy
+        };
+        let bad = |reason: &str, host: String, port: u16| Denial {
+            status: StatusCode::BAD_REQUEST,
+            host,
+            port,
+            reason: reason.into(),
+            fix: "send proxy requests as `CONNECT host:port` or with an absolute http:// URI"
+                .into(),
+        };
+        if let Some(name) = transparent {
+            // The connection was for `name`: every request on it must say so.
+            let host = req
+                .headers()
+                .get("host")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let (h, p) = split_authority(host).unwrap_or((host, 80));
+            if p != 80 || parse_host(h) != Ok(Host::Name(name.to_string())) {
+                let d = Denial {
+                    status: StatusCode::FORBIDDEN,
+                    host: name.to_string(),
+                    port: 80,
+                    reason: format!(
+                        "the Host header ({}) differs from the host connected to",
+                        host.escape_debug()
+                    ),
+                    fix: "send each request to the host it names".into(),
+                };
+                return self.deny(&d, &method, via);
+            }
+            return self.forward(req, name.to_string(), 80, via).await;
+        }
+        if req.method() == Method::CONNECT {
+            let authority = req
+                .uri()
+                .authority()
+                .map(|a| a.as_str().to_string())
+                .unwrap_or_default();
+            let Some((host, port)) = split_authority(&authority) else {
+                return self.deny(
+                    &bad("CONNECT needs host:port", authority.clone(), 0),
+                    &method,
+                    via,
+                );
+            };
+            let started = Instant::now();
+            let t = match self.decide(host, port, Access::Tunnel).await {
+                Ok(t) => t,
+                Err(d) => return self.deny(&d, &method, via),
+            };
+            let upstream = match self.connect(&t).await {
+                Ok(u) => u,
+                Err(e) => {
+                    self.allowed(&t, &method, via, (0, 0), started, Some(e.to_string()));
+                    return text(
+                        StatusCode::BAD_GATEWAY,
+                        format!("aibox: cannot reach {}: {e}\n", t.addr),
+                    );
+                }
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                match hyper::upgrade::on(req).await {
+                    Ok(up) => {
+                        me.tunnel(TokioIo::new(up), upstream, t, "CONNECT", via, started)
+                            .await
+                    }
+                    Err(e) => me.allowed(&t, "CONNECT", via, (0, 0), started, Some(e.to_string())),
+                }
+            });
+            return Response::new(http_body_util::Empty::new().map_err(|e| match e {}).boxed());
+        }
+        let uri = req.uri();
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some(_) => {
+                return self.deny(
+                    &bad("only http:// URIs are proxied in absolute form (https goes through CONNECT)", uri.to_string(), 0),
+                    &method,
+                    via,
+                );
+            }
+            None => {
+                return self.deny(
+                    &bad("not a proxy request (no absolute URI)", String::new(), 0),
+                    &method,
+                    via,
+                );
+            }
+        }
+        let Some(authority) = uri.authority() else {
+            return self.deny(
+                &bad("the URI has no host", uri.to_string(), 0),
+                &method,
+                via,
+            );
+        };
+        let auth = authority.as_str().to_string();
+        let (host, port) = split_authority(&auth).unwrap_or((auth.as_str(), 80));
+        // A Host header naming another host is domain fronting: refuse.
+        if let Some(h) = req.headers().get("host") {
+            let h = h.to_str().unwrap_or("\u{0}");
+            let (hh, hp) = split_authority(h).unwrap_or((h, 80));
+            if hp != port || parse_host(hh).ok() != parse_host(host).ok() {
+                let d = Denial {
+                    status: StatusCode::FORBIDDEN,
+                    host: host.to_string(),
+                    port,
+                    reason: format!(
+                        "the Host header ({}) differs from the request URI",
+                        h.escape_debug()
+                    ),
+                    fix: "send each request to the host it names".into(),
+                };
+                return self.deny(&d, &method, via);
+            }
+        }
+        let (host, port) = (host.to_string(), port);
+        self.forward(req, host, port, via).await
+    }
+
+    /// Forwards one plain-HTTP request to `host:port` after checking it.
+    async fn forward(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        host: String,
+        port: u16,
+        via: Via,
+    ) -> Response<Body> {
+        let method = req.method().to_string();
+        let started = Instant::now();
+        let t = match self.decide(&host, port, Access::Http).await {
+            Ok(t) => t,
+            Err(d) => return self.deny(&d, &method, via),
+        };
+        let stream = match self.connect(&t).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.allowed(&t, &method, via, (0, 0), started, Some(e.to_string()));
+                return text(
+                    StatusCode::BAD_GATEWAY,
+                    format!("aibox: cannot reach {}: {e}\n", t.addr),
+                );
+            }
+        };
+        let (up, down) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let counted = Counted {
+            inner: stream,
+            up: up.clone(),
+            down: down.clone(),
+        };
+        let (mut sender, conn) =
+            match hyper::client::conn::http1::handshake(TokioIo::new(counted)).await {
+                Ok(x) => x,
+                Err(e) => {
+                    self.allowed(&t, &method, via, (0, 0), started, Some(e.to_string()));
+                    return text(StatusCode::BAD_GATEWAY, format!("aibox: {e}\n"));
+                }
+            };
+        let me = self.clone();
+        let (t2, m2) = (t.clone(), method.clone());
+        tokio::spawn(async move {
+            let err = conn.await.err().map(|e| e.to_string());
+            me.allowed(
+                &t2,
+                &m2,
+                via,
+                (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed)),
+                started,
+                err,
+            );
+        });
+        let (mut parts, body) = req.into_parts();
+        strip_hop_headers(&mut parts.headers);
+        let authority = if port == 80 {
+            t.host.to_string()
+        } else {
+            format!("{}:{port}", t.host)
+        };
+        if let Ok(v) = HeaderValue::from_str(&authority) {
+            parts.headers.insert("host", v);
+        }
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        parts.uri = match path.parse() {
+            Ok(u) => u,
+            Err(_) => return text(StatusCode::BAD_REQUEST, "aibox: bad request path\n".into()),
+        };
+        parts.version = hyper::Version::HTTP_11;
+        match sender.send_request(Request::from_parts(parts, body)).await {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_headers(&mut parts.headers);
+                Response::from_parts(parts, body.boxed())
+            }
+            Err(e) => text(
+                StatusCode::BAD_GATEWAY,
+                format!("aibox: upstream error: {e}\n"),
+            ),
+        }
+    }
+
+    /// Relays a tunnel. The first bytes the sandbox sends are inspected: a
+    /// TLS ClientHello must name the approved host (or none); an encrypted
+    /// or malformed one ends the tunnel. Server-first protocols (SSH) work:
+    /// the upstream's bytes flow while we wait.
+    async fn tunnel<C>(
+        self: Arc<Self>,
+        client: C,
+        upstream: TcpStream,
+        t: Target,
+        method: &str,
+        via: Via,
+        started: Instant,
+    ) where
+        C: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (mut cr, mut cw) = tokio::io::split(client);
+        let (mut ur, mut uw) = upstream.into_split();
+        let down = tokio::spawn(async move {
+            let n = tokio::io::copy(&mut ur, &mut cw).await.unwrap_or(0);
+            let _ = cw.shutdown().await;
+            n
+        });
+        let mut first = Vec::with_capacity(1024);
+        let mut chunk = vec![0u8; 16 * 1024];
+        let verdict = loop {
+            let n = match cr.read(&mut chunk).await {
+                Ok(0) | Err(_) => break Ok(()),
+                Ok(n) => n,
+            };
+            first.extend_from_slice(&chunk[..n]);
+            match tls::client_hello(&first) {
+                Hello::Incomplete if first.len() < tls::MAX_HELLO => continue,
+                Hello::Incomplete | Hello::Malformed => {
+                    break Err("malformed TLS ClientHello".to_string());
+                }
+                Hello::Encrypted => {
+                    break Err("Encrypted ClientHello hides the server name".to_string());
+                }
+                Hello::NotTls | Hello::Sni(None) => break Ok(()),
+                Hello::Sni(Some(sni)) => match (parse_host(&sni), &t.host) {
+                    (_, Host::Ip(_)) => break Ok(()),
+                    (Ok(h), want) if &h == want => break Ok(()),
+                    _ => {
+                        break Err(format!(
+                            "TLS server name `{}` differs from the approved host",
+                            sni.escape_debug()
+                        ));
+                    }
+                },
+            }
+        };
+        if let Err(reason) = verdict {
+            down.abort();
+            let d = Denial {
+                status: StatusCode::FORBIDDEN,
+                host: t.host.to_string(),
+                port: t.port,
+                reason,
+                fix: "connect to the host the TLS connection names".into(),
+            };
+            let _ = self.deny(&d, method, via);
+            return;
+        }
+        let mut up = first.len() as u64;
+        if uw.write_all(&first).await.is_ok() {
+            up += tokio::io::copy(&mut cr, &mut uw).await.unwrap_or(0);
+        }
+        let _ = uw.shutdown().await;
+        let down = down.await.unwrap_or(0);
+        self.allowed(&t, method, via, (up, down), started, None);
+    }
+}
+
+#[cfg(test)]
+mod tests;
