@@ -654,6 +654,39 @@ fn validate(
             ));
         }
     }
+    network_rules(&c.network).map_err(|(key, e)| {
+        bad(
+            key,
+            &e,
+            "fix or remove that entry (see docs/network.md for the syntax)",
+        )
+    })?;
+    if c.network.proxy_addr != "127.0.0.1" {
+        return Err(bad(
+            "network.proxy_addr",
+            "the in-sandbox proxy listens on 127.0.0.1 only",
+            "remove the setting or set it to 127.0.0.1",
+        ));
+    }
+    if !c
+        .network
+        .dns_addr
+        .parse::<std::net::Ipv4Addr>()
+        .is_ok_and(|a| a.is_loopback() && a.octets()[1] != 100)
+    {
+        return Err(bad(
+            "network.dns_addr",
+            "must be a loopback IPv4 address outside 127.100.0.0/16 (the synthetic range)",
+            "remove the setting (default 127.0.0.53)",
+        ));
+    }
+    if c.network.dns_port != 53 {
+        return Err(bad(
+            "network.dns_port",
+            "resolv.conf cannot name another port",
+            "remove the setting (53)",
+        ));
+    }
     for key in ["paths.data_dir", "paths.runtime_dir", "sandbox.rootfs"] {
         let v = values.get(key).and_then(Value::as_str).unwrap_or_default();
         if !v.is_empty() && !v.starts_with('/') {
@@ -672,6 +705,29 @@ fn validate(
         ));
     }
     Ok(())
+}
+
+/// Parses `network.allowed_domains` and `network.hosts` into the proxy's
+/// allowlist; on error, the key and the message.
+pub fn network_rules(n: &Network) -> Result<aibox_net::Allowlist, (&'static str, String)> {
+    let mut hosts = std::collections::BTreeMap::new();
+    for h in &n.hosts {
+        let Some((name, ip)) = h.split_once('=') else {
+            return Err(("network.hosts", format!("`{h}` is not `name=address`")));
+        };
+        hosts.insert(name.trim().to_string(), ip.trim().to_string());
+    }
+    aibox_net::Allowlist::parse::<String>(&[], &hosts)
+        .map_err(|e| ("network.hosts", e.to_string()))?;
+    let allow = aibox_net::Allowlist::parse(&n.allowed_domains, &hosts)
+        .map_err(|e| ("network.allowed_domains", e.to_string()))?;
+    if allow.transparent_ports().len() > 24 {
+        return Err((
+            "network.allowed_domains",
+            "more than 22 distinct ports besides 80 and 443".into(),
+        ));
+    }
+    Ok(allow)
 }
 
 /// Effective value of `key`, formatted as `config set` accepts it.

@@ -219,7 +219,9 @@ impl Default for Registry {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Network {
-    /// Give the sandbox egress through the aibox proxy (default: no egress at all).
+    /// Give the sandbox egress through the aibox proxy and DNS answerer
+    /// (default on; with an empty allowlist every destination is refused
+    /// with a message naming the rule to add). Off: no egress path at all.
     pub enabled: bool,
     /// In-sandbox proxy address.
     pub proxy_addr: String,
@@ -229,8 +231,12 @@ pub struct Network {
     pub dns_addr: String,
     /// In-sandbox DNS port.
     pub dns_port: u16,
-    /// Hosts the proxy allows (merged with policy).
+    /// Destinations the proxy allows (merged with policy): `host`,
+    /// `host:port`, `*.domain[:port]`, `ip[:port]`.
     pub allowed_domains: Vec<String>,
+    /// Static name resolution for the proxy, `name=ip` (internal hosts).
+    /// A private address still needs a rule naming it.
+    pub hosts: Vec<String>,
     /// LLM gateway host.
     pub llm_gateway: String,
 }
@@ -238,12 +244,13 @@ pub struct Network {
 impl Default for Network {
     fn default() -> Self {
         Self {
-            enabled: false,
+            enabled: true,
             proxy_addr: "127.0.0.1".into(),
             proxy_port: 3128,
-            dns_addr: "127.0.0.1".into(),
+            dns_addr: "127.0.0.53".into(),
             dns_port: 53,
             allowed_domains: Vec::new(),
+            hosts: Vec::new(),
             llm_gateway: String::new(),
         }
     }

@@ -17,7 +17,7 @@ use crate::sys::own_fd;
 /// Largest message accepted (argv + environment of an exec request).
 pub const MAX_MESSAGE: usize = 256 * 1024;
 /// Most descriptors attached to one message.
-pub const MAX_FDS: usize = 4;
+pub const MAX_FDS: usize = 32;
 
 /// A connected pair of close-on-exec seqpacket sockets.
 pub fn pair() -> io::Result<(OwnedFd, OwnedFd)> {

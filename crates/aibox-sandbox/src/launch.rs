@@ -51,6 +51,8 @@ pub struct Launched {
     pub rootless: bool,
     /// Host uid (and gid) that the guest's uid 1000 maps to.
     pub guest_host_uid: u32,
+    /// The egress listeners of `spec.net`, in its order (empty without).
+    pub net: Vec<OwnedFd>,
 }
 
 /// Host uid/gid used for the guest under a rootful start: 0x7F00_0000 plus
@@ -138,13 +140,14 @@ pub fn launch(spec: &SandboxSpec) -> Result<Launched, SandboxError> {
         ForkResult::Parent { child } => {
             drop(theirs);
             match wait_ready(&ours) {
-                Ok((init_pid, report)) => Ok(Launched {
+                Ok((init_pid, report, net)) => Ok(Launched {
                     intermediate: child,
                     init_pid,
                     control: ours,
                     report,
                     rootless,
                     guest_host_uid: guest_host,
+                    net,
                 }),
                 Err(e) => {
                     let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
@@ -156,7 +159,7 @@ pub fn launch(spec: &SandboxSpec) -> Result<Launched, SandboxError> {
     }
 }
 
-fn wait_ready(sock: &OwnedFd) -> Result<(i32, SelfTestReport), SandboxError> {
+fn wait_ready(sock: &OwnedFd) -> Result<(i32, SelfTestReport, Vec<OwnedFd>), SandboxError> {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     let deadline = std::time::Instant::now() + READY_TIMEOUT;
     let mut init_pid = None;
@@ -185,13 +188,13 @@ fn wait_ready(sock: &OwnedFd) -> Result<(i32, SelfTestReport), SandboxError> {
             }
             Some((FromInit::InitPid(p), _)) => init_pid = Some(p),
             Some((FromInit::Failed(m), _)) => return Err(SandboxError::Setup(m)),
-            Some((FromInit::Ready(report), _)) => {
+            Some((FromInit::Ready(report), fds)) => {
                 let pid = init_pid
                     .ok_or_else(|| SandboxError::Setup("init pid never reported".into()))?;
                 if let Some(failure) = report.failure() {
                     return Err(SandboxError::SelfTest(failure));
                 }
-                return Ok((pid, report));
+                return Ok((pid, report, fds));
             }
             Some((other, _)) => {
                 return Err(SandboxError::Setup(format!(
@@ -278,9 +281,13 @@ fn intermediate(
     match sys::fork().map_err(|e| SandboxError::sys("forking init", e))? {
         ForkResult::Child => {
             let code = match init_setup(spec, filters, rootless, guest_host) {
-                Ok(report) => {
+                Ok((report, net)) => {
                     let failed = report.failure().is_some();
-                    if ipc::send(sock, &FromInit::Ready(report), &[]).is_err() || failed {
+                    let raw: Vec<i32> = net.iter().map(|f| f.as_raw_fd()).collect();
+                    let sent = ipc::send(sock, &FromInit::Ready(report), &raw);
+                    // The supervisor serves them; no sandbox process may.
+                    drop(net);
+                    if sent.is_err() || failed {
                         1
                     } else {
                         init::run(sock)
@@ -365,7 +372,7 @@ fn init_setup(
     filters: &[seccompiler::BpfProgram],
     rootless: bool,
     guest_host: u32,
-) -> Result<SelfTestReport, SandboxError> {
+) -> Result<(SelfTestReport, Vec<OwnedFd>), SandboxError> {
     // Our parent is the intermediate process; if it dies, so do we (and with
     // us, as PID 1, the whole pid namespace).
     prctl::set_pdeathsig(Signal::SIGKILL).map_err(|e| SandboxError::sys("PR_SET_PDEATHSIG", e))?;
@@ -415,6 +422,11 @@ fn init_setup(
     if !crate::debug_skip("netns") {
         sys::loopback_up().map_err(|e| SandboxError::sys("bringing up lo", e))?;
     }
+    // Bound while we may still use privileged ports in this namespace.
+    let net = match &spec.net {
+        Some(n) => net_listeners(n)?,
+        None => Vec::new(),
+    };
 
     if !rootless {
         nix::unistd::setgroups(&[])
@@ -426,7 +438,30 @@ fn init_setup(
         nix::unistd::setresuid(u, u, u).map_err(|e| SandboxError::sys("setresuid", e))?;
     }
 
-    harden(spec, filters)
+    Ok((harden(spec, filters)?, net))
+}
+
+/// Opens the egress listeners of `n` in the current network namespace.
+fn net_listeners(n: &crate::NetListen) -> Result<Vec<OwnedFd>, SandboxError> {
+    use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
+    let tcp = |ip: Ipv4Addr, port: u16| {
+        TcpListener::bind(SocketAddrV4::new(ip, port))
+            .map(OwnedFd::from)
+            .map_err(|e| {
+                SandboxError::sys(format!("listening on {ip}:{port} inside the sandbox"), e)
+            })
+    };
+    let mut fds = vec![tcp(Ipv4Addr::LOCALHOST, n.proxy_port)?];
+    fds.push(
+        UdpSocket::bind(SocketAddrV4::new(n.dns_addr, 53))
+            .map(OwnedFd::from)
+            .map_err(|e| SandboxError::sys("binding the DNS socket inside the sandbox", e))?,
+    );
+    fds.push(tcp(n.dns_addr, 53)?);
+    for p in &n.transparent_ports {
+        fds.push(tcp(Ipv4Addr::UNSPECIFIED, *p)?);
+    }
+    Ok(fds)
 }
 
 /// Rootful only: moves init into a new user namespace whose only ids are

@@ -85,6 +85,24 @@ pub struct SandboxSpec {
     /// cgroups the sandbox joins before it is built (cpu/memory/pids limits).
     #[serde(default)]
     pub cgroup: Option<cgroup::Cgroup>,
+    /// Egress listeners to create inside the sandbox's network namespace
+    /// and hand to the supervisor's proxy; None = no egress at all.
+    #[serde(default)]
+    pub net: Option<NetListen>,
+}
+
+/// The sockets init opens inside the sandbox's network namespace. The
+/// supervisor receives them (in this order: proxy, DNS/UDP, DNS/TCP, then
+/// one per transparent port) and serves them from outside, so no process
+/// in the sandbox carries the egress path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetListen {
+    /// `127.0.0.1:<proxy_port>`: the HTTP proxy (`HTTP_PROXY`).
+    pub proxy_port: u16,
+    /// Address of the DNS answerer (port 53, UDP and TCP).
+    pub dns_addr: std::net::Ipv4Addr,
+    /// Ports accepted on every address for transparent connections.
+    pub transparent_ports: Vec<u16>,
 }
 
 /// Window size of a terminal.

@@ -137,6 +137,12 @@ fn etc_files() -> Vec<(&'static str, String)> {
                 h = guest::HOSTNAME
             ),
         ),
+        // The aibox DNS answerer (served by the supervisor when the
+        // sandbox has egress; nothing answers otherwise).
+        (
+            "resolv.conf",
+            "nameserver 127.0.0.53\noptions edns0 attempts:1 timeout:2\n".to_string(),
+        ),
     ]
 }
 

@@ -20,6 +20,7 @@ fn spec(dir: &Path) -> aibox_sandbox::SandboxSpec {
         nofile: 256,
         landlock_required: false,
         cgroup: None,
+        net: None,
     }
 }
 

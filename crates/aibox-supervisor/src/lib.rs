@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod container;
+pub mod egress;
 pub mod paths;
 pub mod proto;
 pub mod supervisor;

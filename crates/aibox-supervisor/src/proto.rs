@@ -98,6 +98,43 @@ pub struct SupervisorSpec {
     /// Set for the podman/docker backends.
     #[serde(default)]
     pub container: Option<ContainerSpec>,
+    /// Egress policy; None = the sandbox has no egress path at all.
+    #[serde(default)]
+    pub network: Option<NetworkSpec>,
+}
+
+/// What the supervisor's proxy enforces.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetworkSpec {
+    /// Allowlist entries (validated by the CLI).
+    pub allowed: Vec<String>,
+    /// Static resolution, name → address.
+    pub hosts: std::collections::BTreeMap<String, String>,
+    /// In-sandbox proxy port.
+    pub proxy_port: u16,
+    /// In-sandbox DNS address.
+    pub dns_addr: std::net::Ipv4Addr,
+}
+
+/// Egress state shown by `status`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NetworkStatus {
+    /// `enforced`, or why there is no egress.
+    pub state: String,
+    /// In-sandbox proxy address (`HTTP_PROXY`).
+    pub proxy: String,
+    /// In-sandbox DNS answerer.
+    pub dns: String,
+    /// Allowlist entries.
+    pub allowed: Vec<String>,
+    /// Connections and requests allowed so far.
+    pub allow_count: u64,
+    /// Connections and requests denied so far.
+    pub deny_count: u64,
+    /// DNS queries answered with an address.
+    pub dns_resolved: u64,
+    /// DNS queries refused.
+    pub dns_refused: u64,
 }
 
 /// How to run a sandbox as a podman/docker container.
@@ -216,4 +253,7 @@ pub struct Status {
     /// The container, for the podman/docker backends.
     #[serde(default)]
     pub container: Option<ContainerStatus>,
+    /// Egress (None: no egress path).
+    #[serde(default)]
+    pub network: Option<NetworkStatus>,
 }

@@ -12,7 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Instant;
 
 use aibox_audit::{AuditLog, EventType, Severity, Source};
@@ -70,6 +70,8 @@ struct Shared {
     events: Sender<Event>,
     /// Taken by the main loop.
     events_rx: Mutex<Option<Receiver<Event>>>,
+    /// The egress proxy, when the sandbox has one.
+    egress: Option<crate::egress::Egress>,
 }
 
 fn details(v: Value) -> Map<String, Value> {
@@ -256,6 +258,7 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
         selftest: launched.report.checks.clone(),
         audit_log: spec.audit_log.clone(),
         container: None,
+        network: None,
     };
     let state_json = serde_json::to_string_pretty(&status).unwrap_or_default();
     if let Err(e) = std::fs::write(&spec.state, &state_json) {
@@ -278,6 +281,38 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
         }),
     )?;
 
+    // The proxy's threads must not take the stop signals: block them now.
+    block_stop_signals();
+    let sink = Arc::new(OnceLock::<Weak<Shared>>::new());
+    let egress = match &spec.network {
+        Some(n) if !launched.net.is_empty() => {
+            let sink = sink.clone();
+            let emit: crate::egress::Emit =
+                Arc::new(move |t, sev, d| match sink.get().and_then(Weak::upgrade) {
+                    Some(s) => drop(s.emit(t, sev, d)),
+                    None => log(&format!(
+                        "egress event before the supervisor was ready: {}",
+                        t.as_str()
+                    )),
+                });
+            match crate::egress::Egress::start_native(n, launched.net, emit) {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    let _ = ipc::send(&launched.control, &ToInit::Shutdown, &[]);
+                    let _ = nix::sys::wait::waitpid(launched.intermediate, None);
+                    let _ = a_fail(&mut audit, &e);
+                    if let Some(cg) = &spec.sandbox.cgroup {
+                        cg.remove();
+                    }
+                    remove_run_dir(&spec);
+                    return Err(e);
+                }
+            }
+        }
+        _ => None,
+    };
+    let mut status = status;
+    status.network = egress.as_ref().map(|e| e.status());
     let shared = serve(
         spec,
         audit,
@@ -287,7 +322,9 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
         },
         status,
         listener,
+        egress,
     );
+    let _ = sink.set(Arc::downgrade(&shared));
     Ok(main_loop(shared))
 }
 
@@ -358,6 +395,7 @@ fn setup_container(
         },
         status,
         listener,
+        None,
     );
     if let Some(st) = started {
         watch_container(&shared, st.waiter);
@@ -466,6 +504,7 @@ fn container_status(
             image: c.image.clone(),
             apparmor: c.apparmor_note.clone(),
         }),
+        network: None,
     }
 }
 
@@ -548,13 +587,9 @@ fn serve(
     link: Link,
     status: Status,
     listener: OwnedFd,
+    egress: Option<crate::egress::Egress>,
 ) -> Arc<Shared> {
-    // Signals become stop requests; block them before any thread exists.
-    let mut mask = SigSet::empty();
-    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
-        mask.add(s);
-    }
-    let _ = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None);
+    let mask = block_stop_signals();
 
     let (events_tx, events_rx) = channel();
     let shared = Arc::new(Shared {
@@ -567,6 +602,7 @@ fn serve(
         status: Mutex::new(status.clone()),
         events: events_tx,
         events_rx: Mutex::new(Some(events_rx)),
+        egress,
     });
 
     report(&format!(
@@ -598,6 +634,17 @@ fn serve(
         std::thread::spawn(move || accept_loop(s, listener));
     }
     shared
+}
+
+/// Signals become stop requests: blocks them (in this thread, so in every
+/// thread created after) and returns the set for `sigwait`.
+fn block_stop_signals() -> SigSet {
+    let mut mask = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        mask.add(s);
+    }
+    let _ = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None);
+    mask
 }
 
 fn a_fail(audit: &mut AuditLog, message: &str) -> Result<(), String> {
@@ -772,6 +819,9 @@ fn handle_conn(shared: Arc<Shared>, conn: OwnedFd) {
         Request::Status => {
             let st = shared.status.lock().map(|mut s| {
                 s.sessions = shared.waiters.lock().map(|w| w.len()).unwrap_or(0);
+                if let Some(e) = &shared.egress {
+                    s.network = Some(e.status());
+                }
                 s.clone()
             });
             match st {
@@ -842,6 +892,9 @@ fn guest_env(shared: &Shared, req: &ExecRequest) -> Vec<String> {
     ];
     if req.tty.is_some() {
         env.push(("TERM".into(), "xterm-256color".into()));
+    }
+    if let (Some(_), Some(n)) = (&shared.egress, &shared.spec.network) {
+        env.extend(crate::egress::proxy_env(n.proxy_port));
     }
     for kv in &req.env {
         let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));

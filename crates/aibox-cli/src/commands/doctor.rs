@@ -492,6 +492,7 @@ fn probe_sandbox(l: &aibox_config::Loaded) -> Result<String, String> {
         landlock_required: l.config.sandbox.landlock == aibox_config::LandlockMode::Required,
         cgroup: None,
         workspace_id: None,
+        net: None,
     };
     let t0 = std::time::Instant::now();
     match aibox_sandbox::launch(&spec) {

@@ -8,8 +8,10 @@ use aibox_config::{Loaded, Runtime};
 use aibox_sandbox::SandboxSpec;
 use aibox_supervisor::SandboxPaths;
 use aibox_supervisor::client;
-use aibox_supervisor::proto::{ContainerSpec, ExecRequest, GvisorSpec, Status, SupervisorSpec};
-use anyhow::{Result, bail};
+use aibox_supervisor::proto::{
+    ContainerSpec, ExecRequest, GvisorSpec, NetworkSpec, Status, SupervisorSpec,
+};
+use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
 use crate::args::{
@@ -77,6 +79,19 @@ fn prepare(
             &user,
         )?),
     };
+    let network = network_spec(&c.network)?;
+    // Native: init opens the listeners inside the sandbox. (Container
+    // backends do not have the egress path yet: they stay without network.)
+    let net = match (&network, runtime) {
+        (Some(n), Runtime::Native) => Some(aibox_sandbox::NetListen {
+            proxy_port: n.proxy_port,
+            dns_addr: n.dns_addr,
+            transparent_ports: aibox_supervisor::egress::transparent_ports(n)
+                .map_err(anyhow::Error::msg)?,
+        }),
+        _ => None,
+    };
+    let network = network.filter(|_| net.is_some());
     let spec = SupervisorSpec {
         sandbox: SandboxSpec {
             name: name.clone(),
@@ -90,6 +105,7 @@ fn prepare(
             landlock_required: c.sandbox.landlock == aibox_config::LandlockMode::Required,
             cgroup: None,
             workspace_id: Some(workspace::identity(&ws)?),
+            net,
         },
         user,
         runtime: runtime.as_str().into(),
@@ -105,8 +121,29 @@ fn prepare(
         memory: c.resources.memory.clone(),
         memory_bytes: aibox_config::parse_size(&c.resources.memory).unwrap_or(u64::MAX),
         container,
+        network,
     };
     Ok((loaded, spec, paths))
+}
+
+/// The proxy's policy from `network.*` (already validated with the config).
+fn network_spec(n: &aibox_config::Network) -> Result<Option<NetworkSpec>> {
+    if !n.enabled {
+        return Ok(None);
+    }
+    aibox_config::network_rules(n).map_err(|(key, e)| anyhow::anyhow!("{key}: {e}"))?;
+    let hosts = n
+        .hosts
+        .iter()
+        .filter_map(|h| h.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    Ok(Some(NetworkSpec {
+        allowed: n.allowed_domains.clone(),
+        hosts,
+        proxy_port: n.proxy_port,
+        dns_addr: n.dns_addr.parse().context("network.dns_addr")?,
+    }))
 }
 
 /// Where the host has AppArmor enabled.

@@ -1,0 +1,194 @@
+//! Runs a sandbox's egress: aibox-net's proxy and DNS answerer on the
+//! listeners init opened inside the sandbox, with every decision written
+//! to the audit log.
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use aibox_audit::{EventType, Severity};
+use aibox_net::{Allowlist, NetEvent, Proxy, Sink};
+use serde_json::{Value, json};
+
+use crate::proto::{NetworkSpec, NetworkStatus};
+
+/// Writes one audit event (the supervisor's `Shared::emit`).
+pub(crate) type Emit = Arc<dyn Fn(EventType, Severity, Value) + Send + Sync>;
+
+struct AuditSink(Emit);
+
+impl Sink for AuditSink {
+    fn record(&self, e: NetEvent) {
+        let (t, sev, d) = match e {
+            NetEvent::Allow {
+                host,
+                port,
+                method,
+                address,
+                rule,
+                bytes_up,
+                bytes_down,
+                duration_ms,
+                via,
+                error,
+            } => (
+                EventType::NetworkAllow,
+                if error.is_some() {
+                    Severity::Warning
+                } else {
+                    Severity::Info
+                },
+                json!({
+                    "host": host, "port": port, "method": method, "address": address,
+                    "rule": rule, "bytes_up": bytes_up, "bytes_down": bytes_down,
+                    "duration_ms": duration_ms, "via": via.as_str(), "error": error,
+                }),
+            ),
+            NetEvent::Deny {
+                host,
+                port,
+                method,
+                reason,
+                via,
+            } => (
+                EventType::NetworkDeny,
+                Severity::Warning,
+                json!({"host": host, "port": port, "method": method, "reason": reason, "via": via.as_str()}),
+            ),
+            NetEvent::DnsQuery { name, qtype } => (
+                EventType::DnsQuery,
+                Severity::Info,
+                json!({"name": name, "qtype": qtype}),
+            ),
+            NetEvent::DnsResponse {
+                name,
+                qtype,
+                rcode,
+                address,
+            } => (
+                EventType::DnsResponse,
+                Severity::Info,
+                json!({"name": name, "qtype": qtype, "rcode": rcode,
+                       "address": address.map(|a| a.to_string())}),
+            ),
+        };
+        (self.0)(t, sev, d)
+    }
+}
+
+/// The running egress of one sandbox.
+pub(crate) struct Egress {
+    /// Keeps the proxy's threads alive.
+    _rt: tokio::runtime::Runtime,
+    proxy: Arc<Proxy>,
+    spec: NetworkSpec,
+}
+
+impl std::fmt::Debug for Egress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Egress").finish_non_exhaustive()
+    }
+}
+
+fn allowlist(spec: &NetworkSpec) -> Result<Allowlist, String> {
+    Allowlist::parse(&spec.allowed, &spec.hosts).map_err(|e| e.to_string())
+}
+
+/// The transparent ports for `spec` (what init must listen on).
+pub fn transparent_ports(spec: &NetworkSpec) -> Result<Vec<u16>, String> {
+    Ok(allowlist(spec)?.transparent_ports())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("aibox-egress")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the egress proxy: {e}"))
+}
+
+impl Egress {
+    /// Serves the listeners init opened (proxy, DNS/UDP, DNS/TCP, then the
+    /// transparent ports, see `aibox_sandbox::NetListen`).
+    pub(crate) fn start_native(
+        spec: &NetworkSpec,
+        fds: Vec<OwnedFd>,
+        emit: Emit,
+    ) -> Result<Egress, String> {
+        let proxy = Proxy::new(allowlist(spec)?, Arc::new(AuditSink(emit)));
+        let rt = runtime()?;
+        let _guard = rt.enter();
+        let tcp = |fd: OwnedFd| {
+            let l = std::net::TcpListener::from(fd);
+            l.set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpListener::from_std(l))
+                .map_err(|e| format!("serving an egress listener: {e}"))
+        };
+        let mut fds = fds.into_iter();
+        let (Some(p), Some(u), Some(d)) = (fds.next(), fds.next(), fds.next()) else {
+            return Err("the sandbox did not hand over its egress listeners".into());
+        };
+        rt.spawn(proxy.clone().serve_proxy(tcp(p)?));
+        let udp = std::net::UdpSocket::from(u);
+        let udp = udp
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UdpSocket::from_std(udp))
+            .map_err(|e| format!("serving the DNS socket: {e}"))?;
+        rt.spawn(proxy.clone().serve_dns_udp(udp));
+        rt.spawn(proxy.clone().serve_dns_tcp(tcp(d)?));
+        for t in fds {
+            rt.spawn(proxy.clone().serve_transparent(tcp(t)?));
+        }
+        drop(_guard);
+        Ok(Egress {
+            _rt: rt,
+            proxy,
+            spec: spec.clone(),
+        })
+    }
+
+    /// The live counters, for `status`.
+    pub(crate) fn status(&self) -> NetworkStatus {
+        let c = &self.proxy.counters;
+        NetworkStatus {
+            state: "enforced: default-deny through the aibox proxy".into(),
+            proxy: format!("127.0.0.1:{}", self.spec.proxy_port),
+            dns: self.spec.dns_addr.to_string(),
+            allowed: self.spec.allowed.clone(),
+            allow_count: c.allowed.load(Ordering::Relaxed),
+            deny_count: c.denied.load(Ordering::Relaxed),
+            dns_resolved: c.dns_resolved.load(Ordering::Relaxed),
+            dns_refused: c.dns_refused.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Environment that points tools inside the sandbox at the proxy: the
+/// usual variables (curl, git, pip, Go, Node's fetch with undici's env
+/// support), plus the tool-specific ones npm, cargo, git and the JVM read.
+pub(crate) fn proxy_env(port: u16) -> Vec<(String, String)> {
+    let url = format!("http://127.0.0.1:{port}");
+    let no_proxy = "localhost,127.0.0.1,::1";
+    let mut env: Vec<(String, String)> = Vec::new();
+    for k in ["http_proxy", "https_proxy", "all_proxy"] {
+        env.push((k.into(), url.clone()));
+        env.push((k.to_ascii_uppercase(), url.clone()));
+    }
+    env.push(("no_proxy".into(), no_proxy.into()));
+    env.push(("NO_PROXY".into(), no_proxy.into()));
+    env.push(("npm_config_proxy".into(), url.clone()));
+    env.push(("npm_config_https_proxy".into(), url.clone()));
+    env.push(("PIP_PROXY".into(), url.clone()));
+    env.push(("CARGO_HTTP_PROXY".into(), url.clone()));
+    env.push(("GIT_CONFIG_COUNT".into(), "1".into()));
+    env.push(("GIT_CONFIG_KEY_0".into(), "http.proxy".into()));
+    env.push(("GIT_CONFIG_VALUE_0".into(), url));
+    env.push((
+        "JAVA_TOOL_OPTIONS".into(),
+        format!(
+            "-Dhttp.proxyHost=127.0.0.1 -Dhttp.proxyPort={port} -Dhttps.proxyHost=127.0.0.1 -Dhttps.proxyPort={port} -Dhttp.nonProxyHosts=localhost|127.0.0.1"
+        ),
+    ));
+    env
+}
