@@ -15,6 +15,8 @@ command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 command -v script  >/dev/null 2>&1 || missing+=(bsdutils)
 command -v useradd >/dev/null 2>&1 || missing+=(passwd)
 command -v cc      >/dev/null 2>&1 || missing+=(gcc)
+# The egress tests use real clients inside the sandbox.
+command -v curl    >/dev/null 2>&1 || missing+=(curl)
 command -v apparmor_parser >/dev/null 2>&1 || [ -x /usr/sbin/apparmor_parser ] || missing+=(apparmor)
 # Container engine tests: podman with runc, and mmdebstrap to build images.
 command -v podman      >/dev/null 2>&1 || missing+=(podman runc uidmap slirp4netns fuse-overlayfs)

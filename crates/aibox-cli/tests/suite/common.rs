@@ -268,6 +268,16 @@ impl Ctx {
         })
     }
 
+    /// Appends YAML to this context's config file.
+    pub fn add_config(&self, yaml: &str) {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.config)
+            .unwrap();
+        f.write_all(yaml.as_bytes()).unwrap();
+    }
+
     /// Adds an environment variable to every aibox invocation.
     pub fn env(&mut self, k: &str, v: &str) {
         self.extra_env.push((k.into(), v.into()));

@@ -5,3 +5,4 @@ mod image;
 mod input;
 mod isolation;
 mod lifecycle;
+mod network;
