@@ -236,7 +236,7 @@ all_backends!(exec_cwd_and_env, |c: Ctx| {
             "--",
             "sh",
             "-c",
-            "pwd; echo $FOO; env | grep -c -E 'AIBOX_CONFIG|CARGO' || true",
+            "pwd; echo $FOO; env | grep -v ^CARGO_HTTP_PROXY= | grep -c -E 'AIBOX_CONFIG|CARGO' || true",
         ])
         .current_dir(c.ws.join("sub"))
         .stdin(Stdio::null())
