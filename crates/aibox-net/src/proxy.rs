@@ -137,7 +137,14 @@ pub struct Proxy {
     sink: Arc<dyn Sink>,
     /// Totals for `status`.
     pub counters: Counters,
+    /// Bounds the connections served at once, so a sandbox cannot exhaust
+    /// the supervisor's descriptors or memory: beyond it, new connections
+    /// wait in the kernel's backlog.
+    slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// Connections (and DNS-over-TCP streams) one sandbox may have open at once.
+pub const MAX_CONNECTIONS: usize = 512;
 
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -219,6 +226,18 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     }
 }
 
+/// The accepted connection, or None after a pause: errors such as EMFILE
+/// would otherwise repeat at once and spin.
+async fn accepted<T>(r: std::io::Result<T>) -> Option<T> {
+    match r {
+        Ok(x) => Some(x),
+        Err(_) => {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            None
+        }
+    }
+}
+
 /// Headers that belong to one hop and are never forwarded.
 fn strip_hop_headers(h: &mut HeaderMap) {
     let listed: Vec<HeaderName> = h
@@ -254,6 +273,7 @@ impl Proxy {
             synth: Mutex::new(Synthetic::default()),
             sink,
             counters: Counters::default(),
+            slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
         })
     }
 
@@ -420,19 +440,33 @@ impl Proxy {
     /// Serves the proxy port (HTTP proxy protocol).
     pub async fn serve_proxy(self: Arc<Self>, listener: TcpListener) {
         loop {
-            if let Ok((s, _)) = listener.accept().await {
-                tokio::spawn(self.clone().http_conn(s, None));
+            let slot = self.slot().await;
+            if let Some((s, _)) = accepted(listener.accept().await).await {
+                let fut = self.clone().http_conn(s, None);
+                tokio::spawn(async move {
+                    fut.await;
+                    drop(slot);
+                });
             }
         }
+    }
+
+    async fn slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.slots.clone().acquire_owned().await.ok()
     }
 
     /// Serves transparent connections to synthetic addresses.
     pub async fn serve_transparent(self: Arc<Self>, listener: TcpListener) {
         loop {
-            if let Ok((s, _)) = listener.accept().await
+            let slot = self.slot().await;
+            if let Some((s, _)) = accepted(listener.accept().await).await
                 && let Ok(local) = s.local_addr()
             {
-                tokio::spawn(self.clone().transparent(s, local));
+                let fut = self.clone().transparent(s, local);
+                tokio::spawn(async move {
+                    fut.await;
+                    drop(slot);
+                });
             }
         }
     }
@@ -453,8 +487,13 @@ impl Proxy {
     /// Serves DNS over TCP (length-prefixed messages).
     pub async fn serve_dns_tcp(self: Arc<Self>, listener: TcpListener) {
         loop {
-            if let Ok((s, _)) = listener.accept().await {
-                tokio::spawn(self.clone().dns_stream(s));
+            let slot = self.slot().await;
+            if let Some((s, _)) = accepted(listener.accept().await).await {
+                let fut = self.clone().dns_stream(s);
+                tokio::spawn(async move {
+                    fut.await;
+                    drop(slot);
+                });
             }
         }
     }
@@ -466,8 +505,13 @@ impl Proxy {
     /// the matching listener.
     pub async fn serve_relay(self: Arc<Self>, listener: UnixListener) {
         loop {
-            if let Ok((s, _)) = listener.accept().await {
-                tokio::spawn(self.clone().relayed(s));
+            let slot = self.slot().await;
+            if let Some((s, _)) = accepted(listener.accept().await).await {
+                let fut = self.clone().relayed(s);
+                tokio::spawn(async move {
+                    fut.await;
+                    drop(slot);
+                });
             }
         }
     }
@@ -672,6 +716,13 @@ impl Proxy {
                     via,
                 );
             };
+            // The tunnel outlives this HTTP connection: it needs its own slot.
+            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("aibox: more than {MAX_CONNECTIONS} connections open; close some\n"),
+                );
+            };
             let started = Instant::now();
             let t = match self.decide(host, port, Access::Tunnel).await {
                 Ok(t) => t,
@@ -696,6 +747,7 @@ impl Proxy {
                     }
                     Err(e) => me.allowed(&t, "CONNECT", via, (0, 0), started, Some(e.to_string())),
                 }
+                drop(slot);
             });
             return Response::new(http_body_util::Empty::new().map_err(|e| match e {}).boxed());
         }
