@@ -721,6 +721,22 @@ pub fn network_rules(n: &Network) -> Result<aibox_net::Allowlist, (&'static str,
         .map_err(|e| ("network.hosts", e.to_string()))?;
     let allow = aibox_net::Allowlist::parse(&n.allowed_domains, &hosts)
         .map_err(|e| ("network.allowed_domains", e.to_string()))?;
+    let ports = allow.transparent_ports();
+    if let Some(p) = ports.iter().find(|p| **p == 53 || **p == n.proxy_port) {
+        return Err((
+            "network.allowed_domains",
+            format!(
+                "port {p} is taken inside the sandbox by the aibox DNS answerer or proxy, so names cannot be reached on it without the proxy; remove that port or change network.proxy_port"
+            ),
+        ));
+    }
+    if matches!(n.proxy_port, 53 | 80 | 443) {
+        return Err((
+            "network.proxy_port",
+            "53, 80 and 443 are taken inside the sandbox by DNS and the transparent listeners"
+                .into(),
+        ));
+    }
     if allow.transparent_ports().len() > 24 {
         return Err((
             "network.allowed_domains",

@@ -21,7 +21,9 @@ fn restricted_v4(a: Ipv4Addr) -> Option<&'static str> {
         [10, ..] => "private (10.0.0.0/8)",
         [172, b, ..] if (16..32).contains(&b) => "private (172.16.0.0/12)",
         [192, 168, ..] => "private (192.168.0.0/16)",
-        [169, 254, 169, 254] => "cloud metadata service",
+        [169, 254, 169, 254] | [168, 63, 129, 16] => "cloud metadata service",
+        [192, 0, 0, _] => "IETF protocol assignments (192.0.0.0/24, includes 192.0.0.192 metadata)",
+        [198, 18..=19, ..] => "benchmarking range (198.18.0.0/15, used by fake-IP proxies)",
         [169, 254, ..] => "link-local",
         [100, b, ..] if (64..128).contains(&b) => {
             "carrier-grade NAT / cloud metadata (100.64.0.0/10)"
@@ -33,16 +35,10 @@ fn restricted_v4(a: Ipv4Addr) -> Option<&'static str> {
     Some(reason)
 }
 
-fn embedded_v4(a: Ipv6Addr) -> Option<Ipv4Addr> {
-    let s = a.segments();
-    let tail = || Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
-    match s {
-        // ::ffff:a.b.c.d (mapped) and ::a.b.c.d (deprecated compatible)
-        [0, 0, 0, 0, 0, 0xffff, ..] | [0, 0, 0, 0, 0, 0, _, _] => Some(tail()),
-        // NAT64 well-known prefix 64:ff9b::/96 and local-use 64:ff9b:1::/48
-        [0x64, 0xff9b, 0, 0, 0, 0, ..] | [0x64, 0xff9b, 1, ..] => Some(tail()),
-        // 6to4: 2002:AABB:CCDD::/48
-        [0x2002, hi, lo, ..] => Some(Ipv4Addr::new(
+/// The IPv4 address of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`).
+fn mapped_v4(a: Ipv6Addr) -> Option<Ipv4Addr> {
+    match a.segments() {
+        [0, 0, 0, 0, 0, 0xffff, hi, lo] => Some(Ipv4Addr::new(
             (hi >> 8) as u8,
             hi as u8,
             (lo >> 8) as u8,
@@ -59,14 +55,20 @@ fn restricted_v6(a: Ipv6Addr) -> Option<&'static str> {
     if a.is_loopback() {
         return Some("loopback");
     }
-    if let Some(v4) = embedded_v4(a) {
-        return Some(match restricted_v4(v4) {
-            Some(r) => r,
-            // Translation prefixes reach whatever gateway sits there; only
-            // a rule naming the address may use them.
-            None if a.segments()[5] != 0xffff => "IPv6 transition prefix carrying an IPv4 address",
-            None => return None,
-        });
+    if let Some(v4) = mapped_v4(a) {
+        return restricted_v4(v4);
+    }
+    let seg = a.segments();
+    // Translation and tunnel prefixes reach whatever gateway sits there;
+    // only a rule naming the address may use them.
+    if seg[0] == 0 && seg[1] & 0xff00 == 0 {
+        return Some("reserved (::/8: IPv4-compatible, SIIT and other embedded forms)");
+    }
+    if seg[0] == 0x64 && seg[1] == 0xff9b {
+        return Some("NAT64 prefix carrying an IPv4 address");
+    }
+    if seg[0] == 0x2002 {
+        return Some("6to4 prefix carrying an IPv4 address");
     }
     let s0 = a.segments()[0];
     let reason = match s0 {
@@ -116,6 +118,12 @@ mod tests {
             "64:ff9b::10.0.0.1",
             "64:ff9b::8.8.8.8",
             "2002:7f00:0001::1",
+            "2002:808:808::ffff:0:0",
+            "64:ff9b:1:a00:0:ffff:808:808",
+            "::ffff:0:808:808",
+            "168.63.129.16",
+            "192.0.0.192",
+            "198.18.0.1",
             "fd00:ec2::254",
             "fe80::1",
             "ff02::1",

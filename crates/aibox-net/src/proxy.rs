@@ -32,6 +32,8 @@ use crate::tls::{self, Hello};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a tunnel may stay open before the sandbox sent its first bytes.
+const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How a connection reached the proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,6 +228,46 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     }
 }
 
+/// A stream whose first bytes were already read: they are replayed first.
+struct Prefixed<S> {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.at < self.prefix.len() {
+            let n = (self.prefix.len() - self.at).min(buf.remaining());
+            let at = self.at;
+            buf.put_slice(&self.prefix[at..at + n]);
+            self.at += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// The accepted connection, or None after a pause: errors such as EMFILE
 /// would otherwise repeat at once and spin.
 async fn accepted<T>(r: std::io::Result<T>) -> Option<T> {
@@ -236,6 +278,34 @@ async fn accepted<T>(r: std::io::Result<T>) -> Option<T> {
             None
         }
     }
+}
+
+/// At most 256 characters of `s`, marked when cut.
+fn clip(s: &str) -> String {
+    match s.char_indices().nth(256) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+/// Whether the first bytes of a tunnel are a plain HTTP/1 request, whose
+/// `Host` could name any site behind the approved address.
+fn http_request_line(first: &[u8]) -> bool {
+    const METHODS: [&[u8]; 9] = [
+        b"GET ",
+        b"POST ",
+        b"PUT ",
+        b"HEAD ",
+        b"DELETE ",
+        b"OPTIONS ",
+        b"PATCH ",
+        b"TRACE ",
+        b"CONNECT ",
+    ];
+    METHODS.iter().any(|m| {
+        let n = m.len().min(first.len());
+        first[..n].eq_ignore_ascii_case(&m[..n])
+    })
 }
 
 /// Headers that belong to one hop and are never forwarded.
@@ -284,11 +354,13 @@ impl Proxy {
 
     fn deny(&self, d: &Denial, method: &str, via: Via) -> Response<Body> {
         self.counters.denied.fetch_add(1, Ordering::Relaxed);
+        // Attacker-chosen strings are cut short: one refusal must not be
+        // able to write a huge audit record.
         self.sink.record(NetEvent::Deny {
-            host: d.host.clone(),
+            host: clip(&d.host),
             port: d.port,
-            method: method.to_string(),
-            reason: d.reason.clone(),
+            method: clip(method),
+            reason: clip(&d.reason),
             via,
         });
         let mut r = text(
@@ -350,7 +422,9 @@ impl Proxy {
                 None => {
                     let lookup = tokio::time::timeout(
                         RESOLVE_TIMEOUT,
-                        tokio::net::lookup_host((n.as_str(), port)),
+                        // Fully qualified: the host's search domains must
+                        // not turn the name into another one.
+                        tokio::net::lookup_host((format!("{n}."), port)),
                     )
                     .await;
                     match lookup {
@@ -379,7 +453,7 @@ impl Proxy {
         for ip in candidates {
             let ip = ip.to_canonical();
             match crate::addr::restricted(ip) {
-                Some(why) if !self.allow.names_address(ip, port) => {
+                Some(why) if !self.allow.names_address(ip, port, access) => {
                     refused.get_or_insert((ip, why));
                 }
                 _ => {
@@ -576,7 +650,10 @@ impl Proxy {
                 return;
             };
             let mut q = vec![0u8; len as usize];
-            if s.read_exact(&mut q).await.is_err() {
+            if !matches!(
+                tokio::time::timeout(HEADER_TIMEOUT, s.read_exact(&mut q)).await,
+                Ok(Ok(_))
+            ) {
                 return;
             }
             let Some(reply) = self.dns_message(&q) else {
@@ -614,8 +691,23 @@ impl Proxy {
             let _ = self.deny(&d, "CONNECT", Via::Transparent);
             return;
         };
-        if port == 80 {
-            return self.http_conn(s, Some(name)).await;
+        // Plain HTTP (on any port) is served request by request, so that
+        // every Host header is checked; anything else is a tunnel.
+        let mut s = s;
+        let mut first = vec![0u8; 16];
+        let n = match tokio::time::timeout(FIRST_BYTES_TIMEOUT, s.read(&mut first)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return,
+        };
+        first.truncate(n);
+        let is_http = http_request_line(&first);
+        let s = Prefixed {
+            prefix: first,
+            at: 0,
+            inner: s,
+        };
+        if is_http {
+            return self.http_conn(s, Some((name, port))).await;
         }
         let started = Instant::now();
         match self.decide(&name, port, Access::Tunnel).await {
@@ -641,7 +733,7 @@ impl Proxy {
 
     /// Serves HTTP/1.1 on one connection: proxy requests, or (with
     /// `transparent_name`) origin requests that must be for that name.
-    async fn http_conn<S>(self: Arc<Self>, s: S, transparent_name: Option<String>)
+    async fn http_conn<S>(self: Arc<Self>, s: S, transparent_name: Option<(String, u16)>)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -650,7 +742,10 @@ impl Proxy {
         let svc = service_fn(move |req| {
             let me = me.clone();
             let name = name.clone();
-            async move { Ok::<_, Infallible>(me.request(req, name.as_deref()).await) }
+            async move {
+                let target = name.as_ref().as_ref().map(|(n, p)| (n.as_str(), *p));
+                Ok::<_, Infallible>(me.request(req, target).await)
+            }
         });
         let _ = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
@@ -664,7 +759,7 @@ impl Proxy {
     async fn request(
         self: Arc<Self>,
         req: Request<Incoming>,
-        transparent: Option<&str>,
+        transparent: Option<(&str, u16)>,
     ) -> Response<Body> {
         let method = req.method().to_string();
         let via = if transparent.is_some() {
@@ -680,7 +775,7 @@ impl Proxy {
             fix: "send proxy requests as `CONNECT host:port` or with an absolute http:// URI"
                 .into(),
         };
-        if let Some(name) = transparent {
+        if let Some((name, port)) = transparent {
             // The connection was for `name`: every request on it must say so.
             let host = req
                 .headers()
@@ -688,11 +783,11 @@ impl Proxy {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
             let (h, p) = split_authority(host).unwrap_or((host, 80));
-            if p != 80 || parse_host(h) != Ok(Host::Name(name.to_string())) {
+            if p != port || parse_host(h) != Ok(Host::Name(name.to_string())) {
                 let d = Denial {
                     status: StatusCode::FORBIDDEN,
                     host: name.to_string(),
-                    port: 80,
+                    port,
                     reason: format!(
                         "the Host header ({}) differs from the host connected to",
                         host.escape_debug()
@@ -701,7 +796,7 @@ impl Proxy {
                 };
                 return self.deny(&d, &method, via);
             }
-            return self.forward(req, name.to_string(), 80, via).await;
+            return self.forward(req, name.to_string(), port, via).await;
         }
         if req.method() == Method::CONNECT {
             let authority = req
@@ -908,10 +1003,13 @@ impl Proxy {
         });
         let mut first = Vec::with_capacity(1024);
         let mut chunk = vec![0u8; 16 * 1024];
+        let deadline = tokio::time::Instant::now() + FIRST_BYTES_TIMEOUT;
         let verdict = loop {
-            let n = match cr.read(&mut chunk).await {
-                Ok(0) | Err(_) => break Ok(()),
-                Ok(n) => n,
+            let n = match tokio::time::timeout_at(deadline, cr.read(&mut chunk)).await {
+                // Closed before anything could be judged: forward nothing.
+                Ok(Ok(0)) | Ok(Err(_)) => break Err(String::new()),
+                Ok(Ok(n)) => n,
+                Err(_) => break Err("the client sent nothing it could be judged by in time".into()),
             };
             first.extend_from_slice(&chunk[..n]);
             match tls::client_hello(&first) {
@@ -921,6 +1019,9 @@ impl Proxy {
                 }
                 Hello::Encrypted => {
                     break Err("Encrypted ClientHello hides the server name".to_string());
+                }
+                Hello::NotTls if http_request_line(&first) => {
+                    break Err("plain HTTP inside a tunnel (its Host header is not checked there); send it through the proxy as http://host/…".to_string());
                 }
                 Hello::NotTls | Hello::Sni(None) => break Ok(()),
                 Hello::Sni(Some(sni)) => match (parse_host(&sni), &t.host) {
@@ -937,6 +1038,9 @@ impl Proxy {
         };
         if let Err(reason) = verdict {
             down.abort();
+            if reason.is_empty() {
+                return;
+            }
             let d = Denial {
                 status: StatusCode::FORBIDDEN,
                 host: t.host.to_string(),
@@ -948,11 +1052,25 @@ impl Proxy {
             return;
         }
         let mut up = first.len() as u64;
-        if uw.write_all(&first).await.is_ok() {
-            up += tokio::io::copy(&mut cr, &mut uw).await.unwrap_or(0);
-        }
-        let _ = uw.shutdown().await;
-        let down = down.await.unwrap_or(0);
+        let mut down = down;
+        // Ends when the sandbox is done sending, or when the upstream closed
+        // (a client that never closes must not pin the connection).
+        let finished = tokio::select! {
+            n = async {
+                if uw.write_all(&first).await.is_ok() {
+                    up += tokio::io::copy(&mut cr, &mut uw).await.unwrap_or(0);
+                }
+                let _ = uw.shutdown().await;
+            } => {
+                let () = n;
+                None
+            }
+            d = &mut down => Some(d.unwrap_or(0)),
+        };
+        let down = match finished {
+            Some(d) => d,
+            None => down.await.unwrap_or(0),
+        };
         self.allowed(&t, method, via, (up, down), started, None);
     }
 }

@@ -183,11 +183,11 @@ impl Allowlist {
 
     /// Whether an IP rule names `ip` for `port`, which lets a name resolve
     /// to it even when it is loopback/private/metadata.
-    pub fn names_address(&self, ip: IpAddr, port: u16) -> bool {
+    pub fn names_address(&self, ip: IpAddr, port: u16, access: Access) -> bool {
         let host = Host::Ip(ip.to_canonical());
         self.rules
             .iter()
-            .any(|r| r.host_matches(&host) && r.port.is_none_or(|p| p == port))
+            .any(|r| r.host_matches(&host) && r.port_matches(port, access))
     }
 
     /// A static address configured for `name`.
@@ -264,7 +264,9 @@ mod tests {
         assert!(allows(&l, "203.0.113.7", 8080, Access::Tunnel));
         assert!(allows(&l, "::ffff:203.0.113.7", 8080, Access::Tunnel));
         assert!(!allows(&l, "203.0.113.7", 443, Access::Tunnel));
-        assert!(l.names_address("203.0.113.7".parse().unwrap_or(IpAddr::from([0; 4])), 8080));
+        let ip = "203.0.113.7".parse().unwrap_or(IpAddr::from([0; 4]));
+        assert!(l.names_address(ip, 8080, Access::Tunnel));
+        assert!(!l.names_address(ip, 5432, Access::Tunnel));
         assert!(l.knows_name("registry.npmjs.org"));
         assert!(!l.knows_name("npmjs.org"));
         assert_eq!(l.transparent_ports(), vec![22, 80, 443]);

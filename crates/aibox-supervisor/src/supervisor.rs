@@ -126,6 +126,13 @@ pub fn run() -> i32 {
     };
     // Own session: the terminal's signals and hangups are not ours.
     let _ = nix::unistd::setsid();
+    // The proxy holds two descriptors per sandbox connection (up to
+    // aibox_net::proxy::MAX_CONNECTIONS): take the whole hard limit. The
+    // sandbox sets its own, lower limit.
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
     match setup(spec) {
         Ok(code) => code,
         Err(message) => {
