@@ -231,13 +231,13 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
     let listener = match listen_on(&spec.socket) {
         Ok(l) => l,
         Err(e) => {
-            let _ = ipc::send(&launched.control, &ToInit::Shutdown, &[]);
-            let _ = nix::sys::wait::waitpid(launched.intermediate, None);
-            let _ = a_fail(&mut audit, &e);
-            if let Some(cg) = &spec.sandbox.cgroup {
-                cg.remove();
-            }
-            remove_run_dir(&spec);
+            undo_native(
+                &launched.control,
+                launched.intermediate,
+                &mut audit,
+                &spec,
+                &e,
+            );
             return Err(e);
         }
     };
@@ -305,13 +305,13 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
             match crate::egress::Egress::start_native(n, launched.net, emit) {
                 Ok(e) => Some(e),
                 Err(e) => {
-                    let _ = ipc::send(&launched.control, &ToInit::Shutdown, &[]);
-                    let _ = nix::sys::wait::waitpid(launched.intermediate, None);
-                    let _ = a_fail(&mut audit, &e);
-                    if let Some(cg) = &spec.sandbox.cgroup {
-                        cg.remove();
-                    }
-                    remove_run_dir(&spec);
+                    undo_native(
+                        &launched.control,
+                        launched.intermediate,
+                        &mut audit,
+                        &spec,
+                        &e,
+                    );
                     return Err(e);
                 }
             }
@@ -333,6 +333,23 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
     );
     let _ = sink.set(Arc::downgrade(&shared));
     Ok(main_loop(shared))
+}
+
+/// Undoes a native start that failed after the sandbox was launched.
+fn undo_native(
+    control: &OwnedFd,
+    intermediate: nix::unistd::Pid,
+    audit: &mut AuditLog,
+    spec: &SupervisorSpec,
+    message: &str,
+) {
+    let _ = ipc::send(control, &ToInit::Shutdown, &[]);
+    let _ = nix::sys::wait::waitpid(intermediate, None);
+    let _ = a_fail(audit, message);
+    if let Some(cg) = &spec.sandbox.cgroup {
+        cg.remove();
+    }
+    remove_run_dir(spec);
 }
 
 /// Runs a container sandbox until it stops. A one-shot sandbox
