@@ -11,6 +11,7 @@
 
 pub mod addr;
 pub mod dns;
+pub mod forward;
 pub mod host;
 pub mod proxy;
 pub mod rules;

@@ -3,7 +3,7 @@
 //! and installed the seccomp profile. The aibox binary is bind-mounted
 //! read-only at [`BINARY`] and provides:
 //!
-//! - `__container-init [--first ID -- ARGV…]`: PID 1. First
+//! - `__container-init [--net JSON] [--first ID -- ARGV…]`: PID 1. First
 //!   runs the self-test in a child hardened like a session and prints its
 //!   report as one JSON line on stdout (the supervisor reads it from the
 //!   attached engine); then reaps orphans, and on SIGTERM kills every
@@ -71,6 +71,11 @@ pub const HOST_LANDLOCK_ENV: &str = "AIBOX_HOST_LANDLOCK_ABI";
 
 /// Gives the init a first command (see the module docs).
 pub const FIRST_FLAG: &str = "--first";
+/// Gives the init the egress listeners to open (JSON of a
+/// [`crate::NetListen`]).
+pub const NET_FLAG: &str = "--net";
+/// Where the supervisor's egress socket is mounted inside containers.
+pub const EGRESS_SOCKET: &str = "/aibox/egress.sock";
 /// Asks the shim and self-test to install the seccomp filters themselves.
 pub const SECCOMP_FLAG: &str = "--seccomp";
 /// Directory of session pid files (`/dev/shm` is a world-writable tmpfs
@@ -99,15 +104,45 @@ fn init(rest: &[String]) -> i32 {
     if std::process::id() != 1 {
         return fail("the container init must run as PID 1", 2);
     }
-    // `--first ID -- ARGV…` is the session shim's command line. The init's
-    // children inherit the engine's seccomp filter (which gVisor installs
-    // for the container's first process only), so they never need
-    // `--seccomp`.
+    // `--first ID [--seccomp] -- ARGV…` is the session shim's command
+    // line. The init's children inherit the engine's seccomp filter; under
+    // gVisor the supervisor still asks for the native one on top (see
+    // `aibox_supervisor::container`).
+    // `--net JSON` (a [`crate::NetListen`]): open the egress listeners and
+    // relay them to the supervisor's socket at [`EGRESS_SOCKET`].
+    let (net, rest) = match rest.first().map(String::as_str) {
+        Some(NET_FLAG) => match rest
+            .get(1)
+            .map(|j| serde_json::from_str::<crate::NetListen>(j))
+        {
+            Some(Ok(n)) => (Some(n), &rest[2..]),
+            _ => {
+                return fail(
+                    "usage: __container-init [--net JSON] [--first ID -- PROGRAM [ARGS…]]",
+                    2,
+                );
+            }
+        },
+        _ => (None, rest),
+    };
+    // Opened before anything forks, so that a failure stops the start and
+    // the self-test child can see them.
+    let listeners = match &net {
+        Some(n) => match crate::launch::net_listeners(n) {
+            Ok(l) => Some(l),
+            Err(e) => return fail(&format!("egress: {e}"), 1),
+        },
+        None => None,
+    };
     let first: Option<&[String]> = match rest.first().map(String::as_str) {
         None => None,
-        Some(FIRST_FLAG) if rest.len() >= 4 && rest[2] == "--" => Some(&rest[1..]),
+        // (The session shim checks the rest: `ID [--seccomp] -- ARGV…`.)
+        Some(FIRST_FLAG) if rest.len() >= 4 => Some(&rest[1..]),
         Some(_) => {
-            return fail("usage: __container-init [--first ID -- PROGRAM [ARGS…]]", 2);
+            return fail(
+                "usage: __container-init [--net JSON] [--first ID [--seccomp] -- PROGRAM [ARGS…]]",
+                2,
+            );
         }
     };
     // (Until the mask below, signals without a handler are ignored: we are
@@ -150,11 +185,23 @@ fn init(rest: &[String]) -> i32 {
             Err(e) => return fail(&format!("starting the command: {e}"), 125),
         },
     };
+    let mut forwarder = Forwarder {
+        listeners,
+        pid: None,
+        starts: 0,
+        mask,
+    };
+    forwarder.start();
     loop {
         match mask.wait() {
             Ok(Signal::SIGCHLD) | Err(_) => {
-                if let Some(code) = reap_all(first_pid) {
+                let (code, forwarder_ended) = reap_all(first_pid, forwarder.pid);
+                if let Some(code) = code {
                     return end_all(code);
+                }
+                if forwarder_ended {
+                    forwarder.pid = None;
+                    forwarder.start();
                 }
             }
             // Stopped: a one-shot command that was still running ends
@@ -179,18 +226,69 @@ fn end_all(code: i32) -> i32 {
 }
 
 /// Reaps every exited child; returns the exit code (or 128 + signal) of
-/// `first` if it was among them.
-fn reap_all(first: Option<Pid>) -> Option<i32> {
-    let mut code = None;
+/// `first` if it was among them, and whether `forwarder` was.
+fn reap_all(first: Option<Pid>, forwarder: Option<Pid>) -> (Option<i32>, bool) {
+    let (mut code, mut fwd) = (None, false);
     loop {
         let (pid, c) = match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(p, c)) => (p, c),
             Ok(WaitStatus::Signaled(p, s, _)) => (p, 128 + s as i32),
-            Ok(WaitStatus::StillAlive) | Err(_) => return code,
+            Ok(WaitStatus::StillAlive) | Err(_) => return (code, fwd),
             Ok(_) => continue,
         };
         if Some(pid) == first {
             code = Some(c);
+        }
+        fwd |= Some(pid) == forwarder;
+    }
+}
+
+/// The egress forwarder: a child of init relaying the listeners init
+/// holds (a process of its own, since init may not be able to start
+/// threads; see `aibox_net::forward::run`). Sessions run as the same uid
+/// and can kill it, which only cuts their own network: init starts it
+/// again, on the same listeners, a bounded number of times.
+struct Forwarder {
+    listeners: Option<Vec<std::os::fd::OwnedFd>>,
+    pid: Option<Pid>,
+    starts: u32,
+    mask: SigSet,
+}
+
+impl Forwarder {
+    const MAX_STARTS: u32 = 100;
+
+    fn start(&mut self) {
+        let Some(fds) = &self.listeners else {
+            return;
+        };
+        if self.starts >= Self::MAX_STARTS {
+            eprintln!("aibox: the egress forwarder keeps dying; the sandbox has no network now");
+            self.listeners = None;
+            return;
+        }
+        if self.starts > 0 {
+            // A forwarder killed in a loop must not make init spin.
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        self.starts += 1;
+        match sys::fork() {
+            Ok(nix::unistd::ForkResult::Child) => {
+                let _ = sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&self.mask), None);
+                let code = match fds
+                    .iter()
+                    .map(|f| f.try_clone())
+                    .collect::<Result<Vec<_>, _>>()
+                    .and_then(aibox_net::forward::Listeners::from_fds)
+                    .and_then(|l| aibox_net::forward::run(l, EGRESS_SOCKET.into()))
+                {
+                    Ok(()) => 0,
+                    Err(e) => fail(&format!("the egress forwarder stopped: {e}"), 1),
+                };
+                sys::exit_now(code)
+            }
+            Ok(nix::unistd::ForkResult::Parent { child }) => self.pid = Some(child),
+            Err(e) => eprintln!("aibox: starting the egress forwarder: {e}"),
         }
     }
 }

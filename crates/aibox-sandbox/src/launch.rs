@@ -444,7 +444,7 @@ fn init_setup(
 }
 
 /// Opens the egress listeners of `n` in the current network namespace.
-fn net_listeners(n: &crate::NetListen) -> Result<Vec<OwnedFd>, SandboxError> {
+pub(crate) fn net_listeners(n: &crate::NetListen) -> Result<Vec<OwnedFd>, SandboxError> {
     use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
     let tcp = |ip: Ipv4Addr, port: u16| {
         TcpListener::bind(SocketAddrV4::new(ip, port))

@@ -103,7 +103,11 @@ pub(crate) fn idmapped_attach(
 }
 
 /// Generated `/etc` files: (path under /etc, contents).
-fn etc_files() -> Vec<(&'static str, String)> {
+fn etc_files(spec: &SandboxSpec) -> Vec<(&'static str, String)> {
+    let dns = spec
+        .net
+        .as_ref()
+        .map_or(std::net::Ipv4Addr::new(127, 0, 0, 53), |n| n.dns_addr);
     use aibox_core::guest;
     let shell = if Path::new("/bin/bash").exists() {
         "/bin/bash"
@@ -141,7 +145,7 @@ fn etc_files() -> Vec<(&'static str, String)> {
         // sandbox has egress; nothing answers otherwise).
         (
             "resolv.conf",
-            "nameserver 127.0.0.53\noptions edns0 attempts:1 timeout:2\n".to_string(),
+            format!("nameserver {dns}\noptions edns0 attempts:1 timeout:2\n"),
         ),
     ]
 }
@@ -197,7 +201,7 @@ pub(crate) fn build(spec: &SandboxSpec, idmap: Option<&OwnedFd>) -> Result<(), S
     let gen_dir = root.join("run/aibox/etc");
     mkdir(&gen_dir)?;
     let mut etc_binds = Vec::new();
-    for (name, body) in etc_files() {
+    for (name, body) in etc_files(spec) {
         let generated = gen_dir.join(name);
         fs::write(&generated, body).map_err(ioerr(format!("writing {}", generated.display())))?;
         let target = root.join("etc").join(name);

@@ -358,9 +358,36 @@ fn seccomp_path(spec: &SupervisorSpec) -> PathBuf {
     spec.run_dir.join("seccomp.json")
 }
 
+/// The supervisor's end of the container's egress (mounted at
+/// `aibox_sandbox::container::EGRESS_SOCKET`).
+pub(crate) fn egress_socket(spec: &SupervisorSpec) -> PathBuf {
+    spec.run_dir.join("egress.sock")
+}
+
+/// The sandbox's `/etc/resolv.conf`: the aibox DNS answerer only.
+fn resolv_path(spec: &SupervisorSpec) -> PathBuf {
+    spec.run_dir.join("resolv.conf")
+}
+
 /// Where the engine writes the container id (`--cidfile`).
 fn cid_path(spec: &SupervisorSpec) -> PathBuf {
     spec.run_dir.join("container.id")
+}
+
+/// The listeners the container's init opens and relays, when the
+/// sandbox has egress.
+fn net_listen(spec: &SupervisorSpec) -> Option<aibox_sandbox::NetListen> {
+    let n = spec.network.as_ref()?;
+    if aibox_sandbox::debug_skip("netns") {
+        return None;
+    }
+    // (The config was validated before the supervisor started.)
+    let ports = crate::egress::transparent_ports(n).ok()?;
+    Some(aibox_sandbox::NetListen {
+        proxy_port: n.proxy_port,
+        dns_addr: n.dns_addr,
+        transparent_ports: ports,
+    })
 }
 
 /// The `ENGINE run` arguments of a sandbox: options, then (second) the
@@ -418,6 +445,12 @@ fn run_args(
     } else {
         "--network=none"
     }]);
+    let net = net_listen(spec);
+    if net.is_some() {
+        // The forwarder runs as the guest and must bind 53, 80 and 443 in
+        // the container's own network namespace (nowhere else).
+        push(&["--sysctl", "net.ipv4.ip_unprivileged_port_start=0"]);
+    }
     if c.gvisor.is_none() {
         let abi = aibox_sandbox::landlock_rules::kernel_abi();
         push(&[
@@ -494,6 +527,17 @@ fn run_args(
         "-v",
         &vol(&c.aibox_binary, aibox_sandbox::container::BINARY, "ro"),
     ]);
+    if net.is_some() {
+        push(&[
+            "-v",
+            &vol(
+                &egress_socket(spec),
+                aibox_sandbox::container::EGRESS_SOCKET,
+                "rw",
+            ),
+        ]);
+        push(&["-v", &vol(&resolv_path(spec), "/etc/resolv.conf", "ro")]);
+    }
     for (kind, dst) in CACHES {
         let volume = cache_volume(kind, c.gvisor.is_some());
         push(&["-v", &vol(Path::new(&volume), dst, "rw,nosuid,nodev")]);
@@ -508,6 +552,11 @@ fn run_args(
             if !skip("seccomp") {
                 flags.push("oci-seccomp".into());
             }
+            if net.is_some() {
+                // Lets the sandbox connect to the one host socket it is
+                // given (the egress); it still cannot create any.
+                flags.push("host-uds=open".into());
+            }
             for f in &flags {
                 push(&["--runtime-flag", f]);
             }
@@ -518,11 +567,15 @@ fn run_args(
         // "image not known" with the fix, not a failed pull from localhost.
         push(&["--pull=never"]);
     }
-    let tail: Vec<String> = vec![
+    let mut tail: Vec<String> = vec![
         c.image.clone(),
         aibox_sandbox::container::BINARY.into(),
         aibox_sandbox::container::INIT_ARG.into(),
     ];
+    if let Some(n) = net {
+        tail.push(aibox_sandbox::container::NET_FLAG.into());
+        tail.push(serde_json::to_string(&n).unwrap_or_default());
+    }
     (a, tail)
 }
 
@@ -648,6 +701,20 @@ fn prepare_inner(spec: &SupervisorSpec, c: &ContainerSpec, p: &mut Prepared) -> 
         // Readable by the runtime inside the user namespace (rootful podman).
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&seccomp, std::fs::Permissions::from_mode(0o644));
+        if let Some(n) = &spec.network {
+            let resolv = resolv_path(spec);
+            write_private(
+                &resolv,
+                format!(
+                    "nameserver {}\noptions edns0 attempts:1 timeout:2\n",
+                    n.dns_addr
+                )
+                .as_bytes(),
+            )?;
+            // Read by the guest, whose uid is not ours.
+            std::fs::set_permissions(&resolv, std::fs::Permissions::from_mode(0o644))
+                .map_err(|e| format!("writing the sandbox's resolv.conf: {e}"))?;
+        }
 
         if p.rootless {
             return Ok((sb.workspace.clone(), sb.home.clone()));
@@ -706,8 +773,15 @@ fn launch_inner(p: &Prepared, first: Option<First>) -> Result<Started, String> {
         tail.extend([
             aibox_sandbox::container::FIRST_FLAG.to_string(),
             f.id.to_string(),
-            "--".to_string(),
         ]);
+        if p.gvisor {
+            // This runsc answers every refusal of its OCI profile with
+            // EPERM (it ignores errnoRet), so clone3 would not fall back to
+            // clone and no thread could start; the native filter, stacked
+            // on top, answers ENOSYS as exec'd sessions get it.
+            tail.push(aibox_sandbox::container::SECCOMP_FLAG.to_string());
+        }
+        tail.push("--".to_string());
         tail.extend(f.req.argv.iter().cloned());
         let [i, o, e] = f.stdio;
         (stdin, stdout, stderr) = (Some(i), Some(o), Some(e));

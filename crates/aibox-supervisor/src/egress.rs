@@ -1,5 +1,6 @@
-//! Runs a sandbox's egress: aibox-net's proxy and DNS answerer on the
-//! listeners init opened inside the sandbox, with every decision written
+//! Runs a sandbox's egress: aibox-net's proxy and DNS answerer, on the
+//! listeners init opened inside the sandbox (native) or behind the unix
+//! socket a container's forwarder relays to, with every decision written
 //! to the audit log.
 
 use std::os::fd::OwnedFd;
@@ -140,6 +141,40 @@ impl Egress {
         for t in fds {
             rt.spawn(proxy.clone().serve_transparent(tcp(t)?));
         }
+        drop(_guard);
+        Ok(Egress {
+            _rt: rt,
+            proxy,
+            spec: spec.clone(),
+        })
+    }
+
+    /// Serves a container's egress: binds the unix socket at `socket`
+    /// (which the container gets mounted at
+    /// `aibox_sandbox::container::EGRESS_SOCKET`) and decides whatever the
+    /// in-container forwarder relays through it.
+    pub(crate) fn start_relay(
+        spec: &NetworkSpec,
+        socket: &std::path::Path,
+        emit: Emit,
+    ) -> Result<Egress, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let proxy = Proxy::new(allowlist(spec)?, Arc::new(AuditSink(emit)));
+        let _ = std::fs::remove_file(socket);
+        let l = std::os::unix::net::UnixListener::bind(socket)
+            .map_err(|e| format!("creating the egress socket {}: {e}", socket.display()))?;
+        // The guest's uid differs from ours on most backends; the directory
+        // around the socket (the sandbox's run directory, 0700) is what
+        // keeps everyone else on the host out.
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666))
+            .map_err(|e| format!("opening the egress socket to the sandbox: {e}"))?;
+        let rt = runtime()?;
+        let _guard = rt.enter();
+        let l = l
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixListener::from_std(l))
+            .map_err(|e| format!("serving the egress socket: {e}"))?;
+        rt.spawn(proxy.clone().serve_relay(l));
         drop(_guard);
         Ok(Egress {
             _rt: rt,

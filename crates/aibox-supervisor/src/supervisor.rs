@@ -293,16 +293,7 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
     let sink = Arc::new(OnceLock::<Weak<Shared>>::new());
     let egress = match &spec.network {
         Some(n) if !launched.net.is_empty() => {
-            let sink = sink.clone();
-            let emit: crate::egress::Emit =
-                Arc::new(move |t, sev, d| match sink.get().and_then(Weak::upgrade) {
-                    Some(s) => drop(s.emit(t, sev, d)),
-                    None => log(&format!(
-                        "egress event before the supervisor was ready: {}",
-                        t.as_str()
-                    )),
-                });
-            match crate::egress::Egress::start_native(n, launched.net, emit) {
+            match crate::egress::Egress::start_native(n, launched.net, egress_emit(&sink)) {
                 Ok(e) => Some(e),
                 Err(e) => {
                     undo_native(
@@ -335,6 +326,19 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
     Ok(main_loop(shared))
 }
 
+/// The egress's audit writer: events go to the supervisor's log once it
+/// serves (`sink` is set right after `serve`).
+fn egress_emit(sink: &Arc<OnceLock<Weak<Shared>>>) -> crate::egress::Emit {
+    let sink = sink.clone();
+    Arc::new(move |t, sev, d| match sink.get().and_then(Weak::upgrade) {
+        Some(s) => drop(s.emit(t, sev, d)),
+        None => log(&format!(
+            "egress event before the supervisor was ready: {}",
+            t.as_str()
+        )),
+    })
+}
+
 /// Undoes a native start that failed after the sandbox was launched.
 fn undo_native(
     control: &OwnedFd,
@@ -362,6 +366,30 @@ fn setup_container(
     t0: Instant,
 ) -> Result<i32, String> {
     let engine = container::engine_of(&c.engine)?;
+    // The egress serves before the container exists: its socket is one of
+    // the container's mounts. (Its threads must not take the stop
+    // signals.)
+    block_stop_signals();
+    let sink = Arc::new(OnceLock::<Weak<Shared>>::new());
+    let egress = match spec
+        .network
+        .as_ref()
+        .filter(|_| !aibox_sandbox::debug_skip("netns"))
+    {
+        Some(n) => match crate::egress::Egress::start_relay(
+            n,
+            &container::egress_socket(&spec),
+            egress_emit(&sink),
+        ) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                let _ = a_fail(&mut audit, &e);
+                remove_run_dir(&spec);
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     let prepared = match container::prepare(&spec, &c) {
         Ok(p) => p,
         Err(e) => {
@@ -397,7 +425,8 @@ fn setup_container(
             return Err(e);
         }
     };
-    let status = container_status(&spec, &c, started.as_ref(), start_ms);
+    let mut status = container_status(&spec, &c, started.as_ref(), start_ms);
+    status.network = egress.as_ref().map(|e| e.status());
     if let Err(message) = write_state(&spec, &status) {
         undo(&mut audit, &message);
         return Err(message);
@@ -419,8 +448,9 @@ fn setup_container(
         },
         status,
         listener,
-        None,
+        egress,
     );
+    let _ = sink.set(Arc::downgrade(&shared));
     if let Some(st) = started {
         watch_container(&shared, st.waiter);
     }

@@ -90,6 +90,12 @@ fn attempt(name: &str) -> String {
                 0,
                 0,
             )),
+            // An ordinary thread (glibc tries clone3 first and falls back
+            // to clone only when clone3 answers ENOSYS).
+            "thread" => match std::thread::Builder::new().spawn(|| ()) {
+                Ok(h) => h.join().map_or("panicked".into(), |()| "ok".into()),
+                Err(e) => format!("errno{}", e.raw_os_error().unwrap_or(0)),
+            },
             "clone3" => {
                 let mut args = [0u64; 11];
                 args[0] = libc::CLONE_NEWUSER as u64;

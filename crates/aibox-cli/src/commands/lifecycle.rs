@@ -80,8 +80,9 @@ fn prepare(
         )?),
     };
     let network = network_spec(&c.network)?;
-    // Native: init opens the listeners inside the sandbox. (Container
-    // backends do not have the egress path yet: they stay without network.)
+    // Native: init opens the listeners inside the sandbox and hands them
+    // to the supervisor. (A container's init opens them itself and relays
+    // them to the supervisor's socket.)
     let net = match (&network, runtime) {
         (Some(n), Runtime::Native) => Some(aibox_sandbox::NetListen {
             proxy_port: n.proxy_port,
@@ -91,7 +92,6 @@ fn prepare(
         }),
         _ => None,
     };
-    let network = network.filter(|_| net.is_some());
     let spec = SupervisorSpec {
         sandbox: SandboxSpec {
             name: name.clone(),

@@ -48,7 +48,7 @@ fn audit_events(c: &Ctx, name: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-both_modes!(egress_follows_the_allowlist, |c: Ctx| {
+all_backends!(egress_follows_the_allowlist, |c: Ctx| {
     let (port, port2) = (upstream(), upstream());
     c.add_config(&format!(
         "network:\n  allowed_domains: [\"svc.test:{port}\", \"127.0.0.1:{port}\", \"rebind.test:{port2}\"]\n  hosts: [\"svc.test=127.0.0.1\", \"rebind.test=127.0.0.1\"]\n"
@@ -129,7 +129,7 @@ both_modes!(egress_follows_the_allowlist, |c: Ctx| {
     assert!(ok(&c.out(&["audit", "verify", "--name", "egress"])).contains("intact"));
 });
 
-both_modes!(network_off_means_no_egress_path, |c: Ctx| {
+all_backends!(network_off_means_no_egress_path, |c: Ctx| {
     c.add_config("network:\n  enabled: false\n");
     let out = stdout(&c.sh(
         "env | grep -ci proxy; curl -sS http://127.0.0.1:3128/ 2>&1; getent hosts deb.debian.org; echo rc=$?",
