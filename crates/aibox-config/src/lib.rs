@@ -197,7 +197,9 @@ pub fn default_leaves() -> BTreeMap<String, Value> {
 
 fn flatten(prefix: &str, value: &Value, out: &mut BTreeMap<String, Value>) {
     match value {
-        Value::Object(map) => {
+        // An empty mapping in the defaults is a map-valued key
+        // (`network.resolve`), not a section: its entries are data.
+        Value::Object(map) if !map.is_empty() => {
             for (k, v) in map {
                 let key = if prefix.is_empty() {
                     k.clone()
@@ -707,19 +709,12 @@ fn validate(
     Ok(())
 }
 
-/// Parses `network.allowed_domains` and `network.hosts` into the proxy's
-/// allowlist; on error, the key and the message.
+/// Parses `network.allowed_domains` and `network.resolve` into the
+/// proxy's allowlist; on error, the key and the message.
 pub fn network_rules(n: &Network) -> Result<aibox_net::Allowlist, (&'static str, String)> {
-    let mut hosts = std::collections::BTreeMap::new();
-    for h in &n.hosts {
-        let Some((name, ip)) = h.split_once('=') else {
-            return Err(("network.hosts", format!("`{h}` is not `name=address`")));
-        };
-        hosts.insert(name.trim().to_string(), ip.trim().to_string());
-    }
-    aibox_net::Allowlist::parse::<String>(&[], &hosts)
-        .map_err(|e| ("network.hosts", e.to_string()))?;
-    let allow = aibox_net::Allowlist::parse(&n.allowed_domains, &hosts)
+    aibox_net::Allowlist::parse::<String>(&[], &n.resolve)
+        .map_err(|e| ("network.resolve", e.to_string()))?;
+    let allow = aibox_net::Allowlist::parse(&n.allowed_domains, &n.resolve)
         .map_err(|e| ("network.allowed_domains", e.to_string()))?;
     let ports = allow.transparent_ports();
     if let Some(p) = ports.iter().find(|p| **p == 53 || **p == n.proxy_port) {

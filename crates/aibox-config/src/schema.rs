@@ -234,9 +234,11 @@ pub struct Network {
     /// Destinations the proxy allows (merged with policy): `host`,
     /// `host:port`, `*.domain[:port]`, `ip[:port]`.
     pub allowed_domains: Vec<String>,
-    /// Static name resolution for the proxy, `name=ip` (internal hosts).
-    /// A private address still needs a rule naming it.
-    pub hosts: Vec<String>,
+    /// Name → address overrides for the proxy's resolver (air-gapped and
+    /// internal hosts, tests). They decide where a name goes, not whether
+    /// it may: the name still needs a rule, and a private address a rule
+    /// naming that address.
+    pub resolve: std::collections::BTreeMap<String, String>,
     /// LLM gateway host.
     pub llm_gateway: String,
 }
@@ -250,7 +252,7 @@ impl Default for Network {
             dns_addr: "127.0.0.53".into(),
             dns_port: 53,
             allowed_domains: Vec::new(),
-            hosts: Vec::new(),
+            resolve: Default::default(),
             llm_gateway: String::new(),
         }
     }

@@ -314,6 +314,71 @@ fn attempt(name: &str) -> String {
             }
             "swapoff" => result(libc::syscall(libc::SYS_swapoff, c"/tmp/x".as_ptr())),
             "setuid0" => result(libc::setuid(0) as i64),
+            other if other.starts_with("udp:") => {
+                match other[4..].parse::<std::net::SocketAddr>() {
+                    // udp:A.B.C.D:PORT — one datagram (DNS to a public
+                    // resolver, QUIC).
+                    Ok(to) => io_result(
+                        std::net::UdpSocket::bind("0.0.0.0:0").and_then(|u| u.send_to(b"\0\0", to)),
+                    ),
+                    Err(_) => "bad-address".into(),
+                }
+            }
+            other if other.starts_with("icmp:") => match other[5..].parse::<std::net::Ipv4Addr>() {
+                // icmp:A.B.C.D — an echo request on an ICMP datagram socket.
+                Ok(ip) => {
+                    let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_ICMP);
+                    if fd < 0 {
+                        return errno_name();
+                    }
+                    let sa = sockaddr(ip, 0);
+                    let echo: [u8; 8] = [8, 0, 0, 0, 0, 1, 0, 1];
+                    let rc = libc::sendto(
+                        fd,
+                        echo.as_ptr().cast(),
+                        echo.len(),
+                        0,
+                        (&sa as *const libc::sockaddr_in).cast(),
+                        std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                    );
+                    result(rc as i64)
+                }
+                Err(_) => "bad-address".into(),
+            },
+            other if other.starts_with("proxy_connect:") => {
+                // proxy_connect:HOST:PORT — a raw CONNECT to the aibox proxy
+                // (`\0` stands for a NUL byte); prints the status code.
+                let target = other["proxy_connect:".len()..].replace("\\0", "\0");
+                proxy_status(&format!(
+                    "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n"
+                ))
+            }
+            other if other.starts_with("relay:") => {
+                match other[6..].parse::<std::net::SocketAddr>() {
+                    // relay:A.B.C.D:PORT — a proxy of our own inside the sandbox:
+                    // takes a connection on loopback and dials the target.
+                    Ok(to) => {
+                        let l = match std::net::TcpListener::bind("127.0.0.1:0") {
+                            Ok(l) => l,
+                            Err(e) => return format!("errno{}", e.raw_os_error().unwrap_or(0)),
+                        };
+                        let at = l.local_addr().map_err(|e| e.to_string());
+                        let relay = std::thread::spawn(move || {
+                            let (_client, _) = l.accept()?;
+                            std::net::TcpStream::connect_timeout(
+                                &to,
+                                std::time::Duration::from_secs(3),
+                            )
+                        });
+                        let _client = at.map(std::net::TcpStream::connect);
+                        match relay.join() {
+                            Ok(r) => io_result(r),
+                            Err(_) => "panicked".into(),
+                        }
+                    }
+                    Err(_) => "bad-address".into(),
+                }
+            }
             other => match other.strip_prefix("connect:") {
                 // connect:A.B.C.D:PORT — a TCP connection attempt.
                 Some(target) => {
@@ -342,6 +407,52 @@ fn attempt(name: &str) -> String {
                 None => "unknown-probe".into(),
             },
         }
+    }
+}
+
+fn io_result<T>(r: std::io::Result<T>) -> String {
+    match r {
+        Ok(_) => "ok".into(),
+        Err(e) => match e.raw_os_error() {
+            Some(libc::ENETUNREACH) => "ENETUNREACH".into(),
+            Some(libc::ECONNREFUSED) => "ECONNREFUSED".into(),
+            Some(libc::EPERM) => "EPERM".into(),
+            Some(libc::EACCES) => "EACCES".into(),
+            Some(n) => format!("errno{n}"),
+            None => e.to_string(),
+        },
+    }
+}
+
+fn sockaddr(ip: std::net::Ipv4Addr, port: u16) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+/// Sends `request` to the aibox proxy on 127.0.0.1:3128 and returns
+/// `statusNNN` from its answer.
+fn proxy_status(request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = match std::net::TcpStream::connect("127.0.0.1:3128") {
+        Ok(s) => s,
+        Err(e) => return io_result::<()>(Err(e)),
+    };
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+    if let Err(e) = s.write_all(request.as_bytes()) {
+        return io_result::<()>(Err(e));
+    }
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap_or(0);
+    let head = String::from_utf8_lossy(&buf[..n]);
+    match head.split_whitespace().nth(1) {
+        Some(code) => format!("status{code}"),
+        None => "no-answer".into(),
     }
 }
 

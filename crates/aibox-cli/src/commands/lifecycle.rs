@@ -132,15 +132,9 @@ fn network_spec(n: &aibox_config::Network) -> Result<Option<NetworkSpec>> {
         return Ok(None);
     }
     aibox_config::network_rules(n).map_err(|(key, e)| anyhow::anyhow!("{key}: {e}"))?;
-    let hosts = n
-        .hosts
-        .iter()
-        .filter_map(|h| h.split_once('='))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
     Ok(Some(NetworkSpec {
         allowed: n.allowed_domains.clone(),
-        hosts,
+        hosts: n.resolve.clone(),
         proxy_port: n.proxy_port,
         dns_addr: n.dns_addr.parse().context("network.dns_addr")?,
     }))

@@ -2,7 +2,7 @@
 //! attacked from inside real sandboxes with real tools (curl, getent).
 //!
 //! The "internet" here is an HTTP server on the host's loopback, reached
-//! through names mapped with `network.hosts`: the proxy refuses loopback
+//! through names mapped with `network.resolve`: the proxy refuses loopback
 //! unless a rule names the address, so the tests name it where they mean
 //! to reach it and leave it out where they test that refusal.
 
@@ -40,6 +40,77 @@ fn upstream() -> u16 {
     port
 }
 
+/// An HTTPS server on 127.0.0.1 for `tls.test`, answering
+/// `ok-tls <request line>`, with a certificate from a fresh CA whose PEM is
+/// written to `<ws>/ca.pem` (the sandbox's curl is told to trust it).
+fn tls_upstream(c: &Ctx) -> u16 {
+    use std::sync::Arc;
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    // (Distinct names: a leaf whose subject equals its issuer's reads as
+    // self-signed to OpenSSL.)
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "aibox test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf = rcgen::CertificateParams::new(vec!["tls.test".to_string()]).unwrap();
+    leaf.distinguished_name
+        .push(rcgen::DnType::CommonName, "tls.test");
+    let cert = leaf.signed_by(&key, &ca).unwrap();
+    let ca_path = c.ws.join("ca.pem");
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    if let Some((uid, gid)) = c.as_user {
+        nix::unistd::chown(&ca_path, Some(uid.into()), Some(gid.into())).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap(),
+    );
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let config = config.clone();
+            std::thread::spawn(move || {
+                let Ok(conn) = rustls::ServerConnection::new(config) else {
+                    return;
+                };
+                let mut tls = rustls::StreamOwned::new(conn, s);
+                let mut r = BufReader::new(&mut tls);
+                let mut line = String::new();
+                let _ = r.read_line(&mut line);
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                }
+                let body = format!("ok-tls {}", line.trim_end());
+                let _ = tls.write_all(
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                );
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            });
+        }
+    });
+    port
+}
+
 fn audit_events(c: &Ctx, name: &str) -> Vec<serde_json::Value> {
     std::fs::read_to_string(c.data.join(format!("audit/{name}.jsonl")))
         .unwrap_or_default()
@@ -49,9 +120,9 @@ fn audit_events(c: &Ctx, name: &str) -> Vec<serde_json::Value> {
 }
 
 all_backends!(egress_follows_the_allowlist, |c: Ctx| {
-    let (port, port2) = (upstream(), upstream());
+    let (port, port2, tport) = (upstream(), upstream(), tls_upstream(&c));
     c.add_config(&format!(
-        "network:\n  allowed_domains: [\"svc.test:{port}\", \"127.0.0.1:{port}\", \"rebind.test:{port2}\"]\n  hosts: [\"svc.test=127.0.0.1\", \"rebind.test=127.0.0.1\"]\n"
+        "network:\n  allowed_domains: [\"svc.test:{port}\", \"127.0.0.1:{port}\", \"rebind.test:{port2}\", \"tls.test:{tport}\", \"127.0.0.1:{tport}\"]\n  resolve: {{svc.test: 127.0.0.1, rebind.test: 127.0.0.1, tls.test: 127.0.0.1}}\n"
     ));
     let ws = c.ws.display().to_string();
     ok(&c.out(&["start", "-w", &ws, "--name", "egress"]));
@@ -68,6 +139,13 @@ all_backends!(egress_follows_the_allowlist, |c: Ctx| {
         out.contains("127.100.0.1") && out.contains("svc.test"),
         "{out}"
     );
+    // HTTPS: a CONNECT tunnel, and by name without the proxy variables
+    // (the TLS server name is checked either way).
+    let out = ok(&sh(&format!(
+        "curl -sS --cacert /workspace/ca.pem https://tls.test:{tport}/via-connect; echo; curl -sS --noproxy '*' --cacert /workspace/ca.pem https://tls.test:{tport}/via-dns"
+    )));
+    assert!(out.contains("ok-tls GET /via-connect HTTP/1.1"), "{out}");
+    assert!(out.contains("ok-tls GET /via-dns HTTP/1.1"), "{out}");
 
     // Denied: a 403 that names the rule to add, for plain HTTP and CONNECT.
     let out = stdout(&sh(
@@ -118,6 +196,11 @@ all_backends!(egress_follows_the_allowlist, |c: Ctx| {
         && d["bytes_down"].as_u64() > Some(0)));
     assert!(has("network.allow", &|d| d["host"] == "svc.test"
         && d["via"] == "transparent"));
+    assert!(has("network.allow", &|d| d["host"] == "tls.test"
+        && d["method"] == "CONNECT"
+        && d["via"] == "proxy"));
+    assert!(has("network.allow", &|d| d["host"] == "tls.test"
+        && d["via"] == "transparent"));
     assert!(has("network.deny", &|d| d["host"] == "evil.test"
         && d["method"] == "CONNECT"));
     assert!(has("network.deny", &|d| d["host"] == "rebind.test"));
@@ -151,4 +234,146 @@ both_modes!(bad_network_rules_are_refused_before_start, |c: Ctx| {
         err.contains("network.allowed_domains") && err.contains("allow-all"),
         "{err}"
     );
+});
+
+all_backends!(egress_attacks_fail, |c: Ctx| {
+    let port = upstream();
+    // Every name here has a rule: what stops them is the address check, the
+    // port, or the parser, not a missing rule.
+    c.add_config(&format!(
+        "network:\n  allowed_domains: [\"svc.test:{port}\", meta.test, ten.test, mapped.test, loop.test]\n  resolve: {{svc.test: 127.0.0.1, meta.test: 169.254.169.254, ten.test: 10.1.2.3, mapped.test: \"::ffff:127.0.0.1\", loop.test: 127.0.0.1}}\n"
+    ));
+    c.install_attack();
+    let ws = c.ws.display().to_string();
+    ok(&c.out(&["start", "-w", &ws, "--name", "attacks"]));
+    let attack = |probes: &[&str]| {
+        let mut argv = vec!["exec", "--name", "attacks", "--", "/workspace/aibox-attack"];
+        argv.extend_from_slice(probes);
+        ok(&c.out(&argv))
+    };
+    let connects = [
+        ("loop.test:443", "status403"),
+        ("meta.test:443", "status403"),
+        ("ten.test:443", "status403"),
+        ("mapped.test:443", "status403"),
+        (&format!("svc.test:{}", port + 1) as &str, "status403"),
+        ("svc.test:443", "status403"),
+        ("0177.0.0.1:443", "status400"),
+        ("2130706433:443", "status400"),
+        ("0x7f.1:443", "status400"),
+        ("svc.test.evil.test:443", "status403"),
+        ("evilsvc.test:443", "status403"),
+        ("svc.test@evil.test:443", "status400"),
+        ("svc.test\\0.evil.test:443", "status400"),
+        ("169.254.169.254:80", "status403"),
+        ("[::ffff:127.0.0.1]:443", "status403"),
+    ];
+    let probes: Vec<String> = connects
+        .iter()
+        .map(|(t, _)| format!("proxy_connect:{t}"))
+        .collect();
+    let out = attack(&probes.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(out.lines().count(), connects.len(), "{out}");
+    for ((target, want), line) in connects.iter().zip(out.lines()) {
+        assert_eq!(
+            line,
+            format!("proxy_connect:{target} {want}"),
+            "CONNECT {target}: {out}"
+        );
+    }
+    // Around the proxy: no route for UDP (DNS to a public resolver, QUIC),
+    // ICMP, or TCP to an address; a relay of our own inside gets no
+    // further. (gVisor says EHOSTUNREACH where Linux says ENETUNREACH; an
+    // ICMP socket may be refused outright.)
+    let out = attack(&[
+        "udp:8.8.8.8:53",
+        "udp:1.1.1.1:443",
+        "icmp:1.1.1.1",
+        "connect:1.1.1.1:443",
+        "relay:1.1.1.1:80",
+    ]);
+    for line in out.lines() {
+        let (probe, result) = line.rsplit_once(' ').unwrap();
+        assert!(
+            matches!(result, "ENETUNREACH" | "errno113" | "EACCES" | "EPERM"),
+            "{probe} got out: {out}"
+        );
+    }
+    assert_eq!(out.lines().count(), 5, "{out}");
+    // DNS: a denied name, and a tunnelling-style query (data in long random
+    // labels), get NXDOMAIN from the aibox answerer, which never forwards.
+    let tunnel = format!(
+        "{}.{}.t.attacker.test",
+        "a1b2c3d4e5".repeat(6),
+        "f6e7d8c9b0".repeat(6)
+    );
+    let o = c.out(&[
+        "exec",
+        "--name",
+        "attacks",
+        "--",
+        "sh",
+        "-c",
+        &format!("getent hosts evil.test; echo rc=$?; getent hosts {tunnel}; echo rc=$?"),
+    ]);
+    assert_eq!(stdout(&o).matches("rc=2").count(), 2, "{}", stdout(&o));
+    // The host's engine sockets and the supervisor's control socket are not
+    // there to be reached.
+    let out = ok(&c.out(&[
+        "exec", "--name", "attacks", "--", "sh", "-c",
+        &format!(
+            "for p in /run/podman/podman.sock /var/run/docker.sock /run/docker.sock {}; do test -e $p && echo VISIBLE $p; done; true",
+            c.runtime.display()
+        ),
+    ]));
+    assert_eq!(out, "", "{out}");
+    ok(&c.out(&["stop", "--name", "attacks"]));
+
+    let events = audit_events(&c, "attacks");
+    let denied = |host: &str| {
+        events.iter().any(|e| {
+            e["event_type"] == "network.deny"
+                && e["details"]["host"]
+                    .as_str()
+                    .is_some_and(|h| h.contains(host))
+        })
+    };
+    for host in [
+        "loop.test",
+        "meta.test",
+        "ten.test",
+        "mapped.test",
+        "svc.test.evil.test",
+        "evilsvc.test",
+        "0177.0.0.1",
+        "svc.test@evil.test",
+        "169.254.169.254",
+    ] {
+        assert!(denied(host), "no network.deny for {host}");
+    }
+    let reason = |host: &str| {
+        events
+            .iter()
+            .find(|e| e["event_type"] == "network.deny" && e["details"]["host"] == host)
+            .map(|e| {
+                e["details"]["reason"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .unwrap_or_default()
+    };
+    assert!(
+        reason("meta.test").contains("169.254.169.254"),
+        "{}",
+        reason("meta.test")
+    );
+    assert!(
+        reason("mapped.test").contains("127.0.0.1"),
+        "{}",
+        reason("mapped.test")
+    );
+    assert!(events.iter().any(|e| e["event_type"] == "dns.response"
+        && e["details"]["name"] == tunnel.as_str()
+        && e["details"]["rcode"] == "NXDomain"));
 });
