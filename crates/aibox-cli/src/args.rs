@@ -59,6 +59,9 @@ pub enum Command {
     /// Audit log tools.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Check a running sandbox's network from inside.
+    #[command(subcommand)]
+    Network(NetworkCmd),
     /// Build and list sandbox images (for the podman and docker backends).
     #[command(subcommand)]
     Image(ImageCmd),
@@ -91,6 +94,23 @@ pub struct FormatArg {
     /// Output format.
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NetworkCmd {
+    /// From inside the sandbox: an allowed host is reachable through the
+    /// proxy; a denied host, a raw IP, DNS for a denied name, DNS to a
+    /// public resolver, UDP and ICMP go nowhere. Exits 1 if any check fails.
+    Test {
+        #[command(flatten)]
+        name: NameArg,
+        /// The allowed host to reach (default: the first single-host rule).
+        #[arg(long, value_name = "HOST[:PORT]")]
+        host: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -13,6 +13,12 @@ fn main() {
     let internal = std::env::args_os()
         .nth(1)
         .is_some_and(|a| a.to_string_lossy().starts_with("__container-"));
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == commands::network::INSIDE_ARG)
+    {
+        std::process::exit(commands::network::inside());
+    }
     if internal {
         let argv: Vec<String> = std::env::args_os()
             .map(|a| a.to_string_lossy().into_owned())

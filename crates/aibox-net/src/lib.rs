@@ -13,6 +13,7 @@ pub mod addr;
 pub mod dns;
 pub mod forward;
 pub mod host;
+pub mod probe;
 pub mod proxy;
 pub mod rules;
 pub mod tls;

@@ -89,6 +89,10 @@ pub struct SandboxSpec {
     /// and hand to the supervisor's proxy; None = no egress at all.
     #[serde(default)]
     pub net: Option<NetListen>,
+    /// The aibox binary, mounted read-only at [`container::BINARY`] as in
+    /// containers (the in-sandbox side of `aibox network test`).
+    #[serde(default)]
+    pub aibox_binary: Option<PathBuf>,
 }
 
 /// The sockets init opens inside the sandbox's network namespace. The

@@ -219,6 +219,17 @@ pub(crate) fn build(spec: &SandboxSpec, idmap: Option<&OwnedFd>) -> Result<(), S
         }
     }
 
+    // The aibox binary, for aibox's own in-sandbox commands.
+    if let Some(bin) = &spec.aibox_binary {
+        let dst = root.join(crate::container::BINARY.trim_start_matches('/'));
+        if let Some(dir) = dst.parent() {
+            mkdir(dir)?;
+        }
+        touch(&dst)?;
+        bind(bin, &dst, false)?;
+        system_mounts.push(PathBuf::from(crate::container::BINARY));
+    }
+
     // Writable places.
     let ws = root.join("workspace");
     mkdir(&ws)?;

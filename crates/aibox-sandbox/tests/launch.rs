@@ -21,6 +21,7 @@ fn spec(dir: &Path) -> aibox_sandbox::SandboxSpec {
         landlock_required: false,
         cgroup: None,
         net: None,
+        aibox_binary: None,
     }
 }
 

@@ -493,6 +493,7 @@ fn probe_sandbox(l: &aibox_config::Loaded) -> Result<String, String> {
         cgroup: None,
         workspace_id: None,
         net: None,
+        aibox_binary: None,
     };
     let t0 = std::time::Instant::now();
     match aibox_sandbox::launch(&spec) {

@@ -106,6 +106,10 @@ fn prepare(
             cgroup: None,
             workspace_id: Some(workspace::identity(&ws)?),
             net,
+            aibox_binary: matches!(runtime, Runtime::Native)
+                .then(std::env::current_exe)
+                .transpose()
+                .context("locating the aibox binary")?,
         },
         user,
         runtime: runtime.as_str().into(),
@@ -356,7 +360,10 @@ pub fn run(cli_config: Option<PathBuf>, a: RunArgs) -> Result<i32> {
 }
 
 /// Resolves `--name` (or the implicit choice) to paths of a running sandbox.
-fn target(cli_config: Option<PathBuf>, name: &NameArg) -> Result<(Loaded, SandboxPaths)> {
+pub(crate) fn target(
+    cli_config: Option<PathBuf>,
+    name: &NameArg,
+) -> Result<(Loaded, SandboxPaths)> {
     let (loaded, _) = super::load_config(cli_config)?;
     let (rt, data) = (loaded.runtime_dir(), loaded.data_dir());
     let name = match &name.name {
@@ -377,7 +384,7 @@ fn target(cli_config: Option<PathBuf>, name: &NameArg) -> Result<(Loaded, Sandbo
     Ok((loaded, paths))
 }
 
-fn connect(loaded: &Loaded, paths: &SandboxPaths) -> Result<std::os::fd::OwnedFd> {
+pub(crate) fn connect(loaded: &Loaded, paths: &SandboxPaths) -> Result<std::os::fd::OwnedFd> {
     Ok(client::connect_named(
         paths,
         &loaded.runtime_dir(),

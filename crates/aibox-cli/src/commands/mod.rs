@@ -5,6 +5,7 @@ mod config;
 mod doctor;
 mod image;
 mod lifecycle;
+pub(crate) mod network;
 
 use anyhow::Result;
 
@@ -26,6 +27,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Command::Config(c) => config::run(cli.config, c),
         Command::Doctor(a) => doctor::run(cli.config, a),
         Command::Audit(a) => audit::run(cli.config, a),
+        Command::Network(a) => network::run(cli.config, a),
         Command::Image(a) => image::run(cli.config, a),
         Command::Update { engine } => image::update(cli.config, engine),
         Command::Repair(crate::args::RepairCmd::Cache { engine }) => {

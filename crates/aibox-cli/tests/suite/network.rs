@@ -377,3 +377,51 @@ all_backends!(egress_attacks_fail, |c: Ctx| {
         && e["details"]["name"] == tunnel.as_str()
         && e["details"]["rcode"] == "NXDomain"));
 });
+
+all_backends!(network_test_command_reports_each_check, |c: Ctx| {
+    let port = upstream();
+    c.add_config(&format!(
+        "network:\n  allowed_domains: [\"svc.test:{port}\", \"127.0.0.1:{port}\"]\n  resolve: {{svc.test: 127.0.0.1}}\n"
+    ));
+    let ws = c.ws.display().to_string();
+    ok(&c.out(&["start", "-w", &ws, "--name", "nettest"]));
+    let out = ok(&c.out(&["network", "test", "--name", "nettest"]));
+    assert!(
+        out.contains(&format!(
+            "PASS  allowed host reachable through the proxy: CONNECT svc.test:{port}: HTTP 200"
+        )),
+        "{out}"
+    );
+    for check in [
+        "denied host refused by the proxy",
+        "raw IP refused by the proxy",
+        "raw IP unreachable without the proxy",
+        "DNS for a denied name fails",
+        "DNS to a public resolver goes nowhere",
+        "UDP (QUIC) goes nowhere",
+        "ICMP goes nowhere",
+    ] {
+        assert!(out.contains(&format!("PASS  {check}")), "{check}: {out}");
+    }
+    assert!(out.contains("9 passed, 0 failed, 0 skipped"), "{out}");
+    // A host the rules do not allow: the check fails, and so does the
+    // command.
+    let o = c.out(&[
+        "network",
+        "test",
+        "--name",
+        "nettest",
+        "--host",
+        "evil.test",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let checks: Vec<serde_json::Value> = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(checks[0]["outcome"], "fail", "{checks:?}");
+    assert!(checks[0]["detail"].as_str().unwrap().contains("HTTP 403"));
+    let o = c.out(&["network", "test", "--name", "nettest", "--host", "bad host"]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("--host bad host"), "{}", stderr(&o));
+    ok(&c.out(&["stop", "--name", "nettest"]));
+});
