@@ -35,12 +35,14 @@ fn one(
     if !head.starts_with(b"HTTP/1.1 200") && !head.starts_with(b"HTTP/1.0 200") {
         return Err(format!("proxy said {}", String::from_utf8_lossy(&head)));
     }
-    let conn = rustls::ClientConnection::new(config.clone(), name.clone())
-        .map_err(|e| e.to_string())?;
+    let conn =
+        rustls::ClientConnection::new(config.clone(), name.clone()).map_err(|e| e.to_string())?;
     let mut tls = rustls::StreamOwned::new(conn, s);
     let host = target.rsplit_once(':').map_or(target, |(h, _)| h);
-    tls.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
-        .map_err(|e| format!("tls write: {e}"))?;
+    tls.write_all(
+        format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .map_err(|e| format!("tls write: {e}"))?;
     let mut body = Vec::new();
     match tls.read_to_end(&mut body) {
         Ok(_) => {}
@@ -56,31 +58,39 @@ fn one(
 }
 
 fn main() {
-    let a: Vec<String> = std::env::args().collect();
-    if a.len() != 6 {
-        eprintln!("usage: connect_load PROXY TARGET_HOST:PORT CA_PEM CONNECTIONS SECONDS");
+    if let Err(e) = run() {
+        eprintln!("connect_load: {e}");
         std::process::exit(2);
     }
+}
+
+type Outcome = (Vec<Duration>, u64, Option<String>);
+
+fn run() -> Result<(), String> {
+    let a: Vec<String> = std::env::args().collect();
+    if a.len() != 6 {
+        return Err("usage: connect_load PROXY TARGET_HOST:PORT CA_PEM CONNECTIONS SECONDS".into());
+    }
     let (proxy, target) = (a[1].clone(), a[2].clone());
-    let ca = CertificateDer::from_pem_file(&a[3]).expect("reading the CA");
-    let conns: usize = a[4].parse().expect("CONNECTIONS");
-    let secs: u64 = a[5].parse().expect("SECONDS");
+    let ca = CertificateDer::from_pem_file(&a[3]).map_err(|e| format!("reading the CA: {e}"))?;
+    let conns: usize = a[4].parse().map_err(|_| "CONNECTIONS must be a number")?;
+    let secs: u64 = a[5].parse().map_err(|_| "SECONDS must be a number")?;
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca).expect("adding the CA");
+    roots.add(ca).map_err(|e| format!("adding the CA: {e}"))?;
     let config = Arc::new(
         rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
-        .expect("TLS versions")
+        .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth(),
     );
     let host = target.rsplit_once(':').map_or(target.as_str(), |(h, _)| h);
-    let name = ServerName::try_from(host.to_string()).expect("server name");
+    let name = ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
     let start = Instant::now();
     let deadline = start + Duration::from_secs(secs);
-    let workers: Vec<_> = (0..conns)
+    let workers: Vec<std::thread::JoinHandle<Outcome>> = (0..conns)
         .map(|_| {
             let (proxy, target, name, config) =
                 (proxy.clone(), target.clone(), name.clone(), config.clone());
@@ -102,7 +112,7 @@ fn main() {
         .collect();
     let (mut lat, mut errors, mut first_error) = (Vec::new(), 0, None);
     for w in workers {
-        let (l, e, f) = w.join().expect("worker");
+        let (l, e, f) = w.join().map_err(|_| "a worker panicked")?;
         lat.extend(l);
         errors += e;
         if first_error.is_none() {
@@ -123,4 +133,5 @@ fn main() {
         pct(0.99),
         first_error.unwrap_or_default()
     );
+    Ok(())
 }
