@@ -153,25 +153,5 @@ for c in $LEVELS; do
   results+=("connect aibox $c $a $(rss_kib "$sup")")
 done
 
-printf '%s\n' "${results[@]}" | python3 -c '
-import json, sys
-rows = []
-for line in sys.stdin:
-    kind, proxy, conns, rest = line.split(" ", 3)
-    if kind == "http":
-        rps, p99, non2xx, rest2 = rest.split(" ", 3)
-        sock, rss = rest2.rsplit("|", 1)
-        rows.append(dict(kind="plain HTTP (wrk)", proxy=proxy, connections=int(conns), rps=float(rps),
-                         p99_ms=float(p99), errors=int(non2xx), socket_errors=sock.strip("| "), rss_mib=round(int(rss)/1024, 1)))
-    else:
-        j, rss = rest.rsplit("} ", 1)
-        d = json.loads(j + "}")
-        rows.append(dict(kind="CONNECT+TLS+GET", proxy=proxy, connections=int(conns), rps=d["rps"],
-                         p99_ms=d["p99_ms"], errors=d["errors"], socket_errors=d["first_error"], rss_mib=round(int(rss)/1024, 1)))
-json.dump(rows, open("bench/results/proxy.json", "w"), indent=1)
-with open("bench/results/proxy.md", "w") as f:
-    f.write("| load | connections | proxy | requests/s | p99 [ms] | errors | RSS after [MiB] |\n|:---|---:|:---|---:|---:|---:|---:|\n")
-    for r in rows:
-        f.write(f"| {r[\"kind\"]} | {r[\"connections\"]} | {r[\"proxy\"]} | {r[\"rps\"]:.0f} | {r[\"p99_ms\"]:.2f} | {r[\"errors\"]} | {r[\"rss_mib\"]} |\n")
-print(open("bench/results/proxy.md").read())
-'
+printf '%s\n' "${results[@]}" > bench/results/proxy.raw
+python3 bench/proxy_report.py bench/results/proxy.raw

@@ -20,6 +20,7 @@ fn one(
     config: &Arc<rustls::ClientConfig>,
 ) -> Result<(), String> {
     let mut s = TcpStream::connect(proxy).map_err(|e| format!("connect: {e}"))?;
+    s.set_nodelay(true).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(|e| e.to_string())?;
     s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())

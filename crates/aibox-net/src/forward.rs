@@ -115,7 +115,7 @@ async fn accept_loop(
             return;
         };
         let (s, local) = match listener.accept().await {
-            Ok((s, _)) => match s.local_addr() {
+            Ok((s, _)) => match s.local_addr().inspect(|_| drop(s.set_nodelay(true))) {
                 Ok(local) => (s, local),
                 Err(_) => continue,
             },

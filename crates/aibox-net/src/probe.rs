@@ -256,7 +256,7 @@ mod tests {
         let q = dns_query();
         let m = hickory_proto::op::Message::from_vec(&q).unwrap();
         assert_eq!(m.queries.len(), 1);
-        assert_eq!(m.queries[0].name().to_ascii(), "example.com");
+        assert_eq!(m.queries[0].name().to_ascii(), "example.com.");
     }
 
     /// Against a stand-in proxy: the status line is read, not guessed.

@@ -158,6 +158,73 @@ impl std::fmt::Debug for Proxy {
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
+/// A client connection's kept upstream connection (see `http_conn`).
+type Pool = Arc<tokio::sync::Mutex<Option<Upstream>>>;
+
+/// An upstream HTTP/1 connection and what it was opened for.
+struct Upstream {
+    addr: SocketAddr,
+    host: Host,
+    port: u16,
+    sender: hyper::client::conn::http1::SendRequest<Incoming>,
+    up: Arc<AtomicU64>,
+    down: Arc<AtomicU64>,
+}
+
+/// A response body that reports once when it ends: fully sent (no
+/// error), failed, or dropped early (the client went away).
+struct Finished {
+    inner: Incoming,
+    done: Option<Box<dyn FnOnce(Option<String>) + Send + Sync>>,
+}
+
+impl hyper::body::Body for Finished {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(None) => {
+                if let Some(f) = self.done.take() {
+                    f(None)
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let e = e.to_string();
+                if let Some(f) = self.done.take() {
+                    f(Some(e))
+                }
+            }
+            _ => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        if let Some(f) = self.done.take() {
+            f(if hyper::body::Body::is_end_stream(&self.inner) {
+                None
+            } else {
+                Some("the client stopped reading the response".into())
+            })
+        }
+    }
+}
+
 /// An approved destination.
 #[derive(Debug, Clone)]
 struct Target {
@@ -479,7 +546,7 @@ impl Proxy {
 
     async fn connect(&self, t: &Target) -> std::io::Result<TcpStream> {
         match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(t.addr)).await {
-            Ok(r) => r,
+            Ok(r) => r.inspect(|s| drop(s.set_nodelay(true))),
             Err(_) => Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 "connect timed out",
@@ -516,6 +583,8 @@ impl Proxy {
         loop {
             let slot = self.slot().await;
             if let Some((s, _)) = accepted(listener.accept().await).await {
+                // Proxied exchanges are small and latency-bound.
+                let _ = s.set_nodelay(true);
                 let fut = self.clone().http_conn(s, None);
                 tokio::spawn(async move {
                     fut.await;
@@ -536,6 +605,7 @@ impl Proxy {
             if let Some((s, _)) = accepted(listener.accept().await).await
                 && let Ok(local) = s.local_addr()
             {
+                let _ = s.set_nodelay(true);
                 let fut = self.clone().transparent(s, local);
                 tokio::spawn(async move {
                     fut.await;
@@ -739,12 +809,17 @@ impl Proxy {
     {
         let me = self.clone();
         let name = Arc::new(transparent_name);
+        // This client connection's upstream connection, kept for its next
+        // request to the same checked destination (never shared between
+        // client connections).
+        let pool: Pool = Arc::new(tokio::sync::Mutex::new(None));
         let svc = service_fn(move |req| {
             let me = me.clone();
             let name = name.clone();
+            let pool = pool.clone();
             async move {
                 let target = name.as_ref().as_ref().map(|(n, p)| (n.as_str(), *p));
-                Ok::<_, Infallible>(me.request(req, target).await)
+                Ok::<_, Infallible>(me.request(req, target, &pool).await)
             }
         });
         let _ = hyper::server::conn::http1::Builder::new()
@@ -760,6 +835,7 @@ impl Proxy {
         self: Arc<Self>,
         req: Request<Incoming>,
         transparent: Option<(&str, u16)>,
+        pool: &Pool,
     ) -> Response<Body> {
         let method = req.method().to_string();
         let via = if transparent.is_some() {
@@ -796,7 +872,7 @@ impl Proxy {
                 };
                 return self.deny(&d, &method, via);
             }
-            return self.forward(req, name.to_string(), port, via).await;
+            return self.forward(req, name.to_string(), port, via, pool).await;
         }
         if req.method() == Method::CONNECT {
             let authority = req
@@ -892,16 +968,51 @@ impl Proxy {
             }
         }
         let (host, port) = (host.to_string(), port);
-        self.forward(req, host, port, via).await
+        self.forward(req, host, port, via, pool).await
     }
 
     /// Forwards one plain-HTTP request to `host:port` after checking it.
+    /// An upstream connection for `t`: the client connection's previous
+    /// one when it went to the same checked address for the same host and
+    /// is still usable, else a new one.
+    async fn upstream(&self, t: &Target, pool: &Pool) -> Result<Upstream, String> {
+        if let Some(mut u) = pool.lock().await.take()
+            && u.addr == t.addr
+            && u.host == t.host
+            && u.port == t.port
+            && !u.sender.is_closed()
+            && u.sender.ready().await.is_ok()
+        {
+            return Ok(u);
+        }
+        let stream = self.connect(t).await.map_err(|e| e.to_string())?;
+        let (up, down) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let counted = Counted {
+            inner: stream,
+            up: up.clone(),
+            down: down.clone(),
+        };
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(counted))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        Ok(Upstream {
+            addr: t.addr,
+            host: t.host.clone(),
+            port: t.port,
+            sender,
+            up,
+            down,
+        })
+    }
+
     async fn forward(
         self: Arc<Self>,
         req: Request<Incoming>,
         host: String,
         port: u16,
         via: Via,
+        pool: &Pool,
     ) -> Response<Body> {
         let method = req.method().to_string();
         let started = Instant::now();
@@ -909,43 +1020,16 @@ impl Proxy {
             Ok(t) => t,
             Err(d) => return self.deny(&d, &method, via),
         };
-        let stream = match self.connect(&t).await {
-            Ok(s) => s,
+        let mut u = match self.upstream(&t, pool).await {
+            Ok(u) => u,
             Err(e) => {
-                self.allowed(&t, &method, via, (0, 0), started, Some(e.to_string()));
+                self.allowed(&t, &method, via, (0, 0), started, Some(e.clone()));
                 return text(
                     StatusCode::BAD_GATEWAY,
                     format!("aibox: cannot reach {}: {e}\n", t.addr),
                 );
             }
         };
-        let (up, down) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let counted = Counted {
-            inner: stream,
-            up: up.clone(),
-            down: down.clone(),
-        };
-        let (mut sender, conn) =
-            match hyper::client::conn::http1::handshake(TokioIo::new(counted)).await {
-                Ok(x) => x,
-                Err(e) => {
-                    self.allowed(&t, &method, via, (0, 0), started, Some(e.to_string()));
-                    return text(StatusCode::BAD_GATEWAY, format!("aibox: {e}\n"));
-                }
-            };
-        let me = self.clone();
-        let (t2, m2) = (t.clone(), method.clone());
-        tokio::spawn(async move {
-            let err = conn.await.err().map(|e| e.to_string());
-            me.allowed(
-                &t2,
-                &m2,
-                via,
-                (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed)),
-                started,
-                err,
-            );
-        });
         let (mut parts, body) = req.into_parts();
         strip_hop_headers(&mut parts.headers);
         let authority = if port == 80 {
@@ -966,16 +1050,49 @@ impl Proxy {
             Err(_) => return text(StatusCode::BAD_REQUEST, "aibox: bad request path\n".into()),
         };
         parts.version = hyper::Version::HTTP_11;
-        match sender.send_request(Request::from_parts(parts, body)).await {
+        // Bytes are counted on the upstream connection; requests on it are
+        // sequential, so the difference is this request's.
+        let base = (u.up.load(Ordering::Relaxed), u.down.load(Ordering::Relaxed));
+        match u
+            .sender
+            .send_request(Request::from_parts(parts, body))
+            .await
+        {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_headers(&mut parts.headers);
-                Response::from_parts(parts, body.boxed())
+                let (up, down) = (u.up.clone(), u.down.clone());
+                *pool.lock().await = Some(u);
+                let me = self.clone();
+                let done = move |error: Option<String>| {
+                    me.allowed(
+                        &t,
+                        &method,
+                        via,
+                        (
+                            up.load(Ordering::Relaxed).saturating_sub(base.0),
+                            down.load(Ordering::Relaxed).saturating_sub(base.1),
+                        ),
+                        started,
+                        error,
+                    )
+                };
+                Response::from_parts(
+                    parts,
+                    Finished {
+                        inner: body,
+                        done: Some(Box::new(done)),
+                    }
+                    .boxed(),
+                )
             }
-            Err(e) => text(
-                StatusCode::BAD_GATEWAY,
-                format!("aibox: upstream error: {e}\n"),
-            ),
+            Err(e) => {
+                self.allowed(&t, &method, via, (0, 0), started, Some(e.to_string()));
+                text(
+                    StatusCode::BAD_GATEWAY,
+                    format!("aibox: upstream error: {e}\n"),
+                )
+            }
         }
     }
 

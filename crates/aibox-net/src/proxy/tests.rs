@@ -438,3 +438,108 @@ async fn dns_and_transparent_connections() {
     let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut got)).await;
     assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "{n:?}");
 }
+
+/// A keep-alive client's requests to one destination share one upstream
+/// connection; a request for another host (even at the same address)
+/// gets its own, and every request is its own audit event with its bytes.
+#[tokio::test]
+async fn upstream_connections_are_reused_only_for_the_same_destination() {
+    let l = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let up_port = l.local_addr().map(|a| a.port()).unwrap_or(0);
+    tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok((mut s, _)) = l.accept().await {
+            n += 1;
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut b = [0u8; 4096];
+                while let Ok(k) = s.read(&mut b).await {
+                    if k == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&b[..k]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let body = format!("conn{n}");
+                        let _ = s
+                            .write_all(
+                                format!(
+                                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                                    body.len()
+                                )
+                                .as_bytes(),
+                            )
+                            .await;
+                        buf.drain(..end + 4);
+                    }
+                }
+            });
+        }
+    });
+    let mut hosts = BTreeMap::new();
+    hosts.insert("a.test".to_string(), "127.0.0.1".to_string());
+    hosts.insert("b.test".to_string(), "127.0.0.1".to_string());
+    let rules = [
+        format!("127.0.0.1:{up_port}"),
+        format!("a.test:{up_port}"),
+        format!("b.test:{up_port}"),
+    ];
+    let events = Arc::new(Events::default());
+    let proxy = Proxy::new(
+        Allowlist::parse(&rules, &hosts).unwrap_or_else(|e| panic!("{e}")),
+        events.clone(),
+    );
+    let pl = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let proxy_port = pl.local_addr().map(|a| a.port()).unwrap_or(0);
+    tokio::spawn(proxy.serve_proxy(pl));
+
+    let mut c = TcpStream::connect(("127.0.0.1", proxy_port))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut answers = Vec::new();
+    for host in ["a.test", "a.test", "b.test", "a.test"] {
+        let req =
+            format!("GET http://{host}:{up_port}/ HTTP/1.1\r\nHost: {host}:{up_port}\r\n\r\n");
+        c.write_all(req.as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut got = Vec::new();
+        let mut b = [0u8; 1024];
+        while !complete(&String::from_utf8_lossy(&got)) {
+            let n = c.read(&mut b).await.unwrap_or(0);
+            assert!(n > 0, "closed after {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&b[..n]);
+        }
+        let text = String::from_utf8_lossy(&got).into_owned();
+        answers.push(text.rsplit("\r\n\r\n").next().unwrap_or("").to_string());
+    }
+    assert_eq!(answers, ["conn1", "conn1", "conn2", "conn3"]);
+    for _ in 0..200 {
+        if events.all().len() >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let allows: Vec<_> = events
+        .all()
+        .into_iter()
+        .filter_map(|e| match e {
+            NetEvent::Allow {
+                host,
+                bytes_up,
+                bytes_down,
+                error,
+                ..
+            } => Some((host, bytes_up > 0 && bytes_down > 0, error)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(allows.len(), 4, "{allows:?}");
+    for (host, bytes, error) in &allows {
+        assert!(bytes, "{host}: no bytes counted: {allows:?}");
+        assert_eq!(error, &None, "{allows:?}");
+    }
+}
