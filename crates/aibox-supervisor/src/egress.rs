@@ -16,10 +16,79 @@ use crate::proto::{NetworkSpec, NetworkStatus};
 /// Writes one audit event (the supervisor's `Shared::emit`).
 pub(crate) type Emit = Arc<dyn Fn(EventType, Severity, Value) + Send + Sync>;
 
-struct AuditSink(Emit);
+/// Hands the proxy's events to a writer thread: appending to the audit log
+/// (hashing, a write) must not stall the proxy's async workers. The queue
+/// is bounded and a full queue makes the proxy wait: events are never
+/// dropped.
+#[derive(Clone)]
+struct AuditSink {
+    tx: std::sync::mpsc::SyncSender<Msg>,
+    /// When the writer last wrote an event.
+    last: Arc<std::sync::Mutex<std::time::Instant>>,
+}
+
+enum Msg {
+    Event(NetEvent),
+    /// Answered once every event queued before it is written.
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+impl AuditSink {
+    fn new(emit: Emit) -> Result<AuditSink, String> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(4096);
+        let last = Arc::new(std::sync::Mutex::new(std::time::Instant::now()));
+        let last2 = last.clone();
+        std::thread::Builder::new()
+            .name("aibox-egress-audit".into())
+            .spawn(move || {
+                for m in rx {
+                    match m {
+                        Msg::Event(e) => {
+                            write_event(&emit, e);
+                            if let Ok(mut l) = last2.lock() {
+                                *l = std::time::Instant::now();
+                            }
+                        }
+                        Msg::Flush(done) => drop(done.send(())),
+                    }
+                }
+            })
+            .map_err(|e| format!("starting the egress audit writer: {e}"))?;
+        Ok(AuditSink { tx, last })
+    }
+
+    /// Waits (at most `max`) until the queue is written and no event has
+    /// come for a moment: connections of a sandbox that just died report
+    /// their end a little after it.
+    fn drain(&self, max: std::time::Duration) {
+        let quiet = std::time::Duration::from_millis(100);
+        let deadline = std::time::Instant::now() + max;
+        loop {
+            let (done, wait) = std::sync::mpsc::channel();
+            if self.tx.send(Msg::Flush(done)).is_err() {
+                return;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if wait.recv_timeout(left).is_err() {
+                return;
+            }
+            let since = self.last.lock().map(|l| l.elapsed()).unwrap_or(quiet);
+            if since >= quiet || std::time::Instant::now() >= deadline {
+                return;
+            }
+            std::thread::sleep(quiet - since);
+        }
+    }
+}
 
 impl Sink for AuditSink {
     fn record(&self, e: NetEvent) {
+        let _ = self.tx.send(Msg::Event(e));
+    }
+}
+
+fn write_event(emit: &Emit, e: NetEvent) {
+    {
         let (t, sev, d) = match e {
             NetEvent::Allow {
                 host,
@@ -73,7 +142,7 @@ impl Sink for AuditSink {
                        "address": address.map(|a| a.to_string())}),
             ),
         };
-        (self.0)(t, sev, d)
+        emit(t, sev, d)
     }
 }
 
@@ -83,6 +152,7 @@ pub(crate) struct Egress {
     _rt: tokio::runtime::Runtime,
     proxy: Arc<Proxy>,
     spec: NetworkSpec,
+    sink: AuditSink,
 }
 
 impl std::fmt::Debug for Egress {
@@ -100,9 +170,18 @@ pub fn transparent_ports(spec: &NetworkSpec) -> Result<Vec<u16>, String> {
     Ok(allowlist(spec)?.transparent_ports())
 }
 
+/// Proxy worker threads: half the host's CPUs, 1 to 4. The proxy shares
+/// the machine with the very programs it serves; on 2 CPUs one worker
+/// gave both more throughput and a lower p99 than two (docs/benchmarks.md).
+fn workers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get() / 2)
+        .clamp(1, 4)
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers())
         .thread_name("aibox-egress")
         .enable_all()
         .build()
@@ -117,7 +196,8 @@ impl Egress {
         fds: Vec<OwnedFd>,
         emit: Emit,
     ) -> Result<Egress, String> {
-        let proxy = Proxy::new(allowlist(spec)?, Arc::new(AuditSink(emit)));
+        let sink = AuditSink::new(emit)?;
+        let proxy = Proxy::new(allowlist(spec)?, Arc::new(sink.clone()));
         let rt = runtime()?;
         let _guard = rt.enter();
         let tcp = |fd: OwnedFd| {
@@ -146,6 +226,7 @@ impl Egress {
             _rt: rt,
             proxy,
             spec: spec.clone(),
+            sink,
         })
     }
 
@@ -159,7 +240,8 @@ impl Egress {
         emit: Emit,
     ) -> Result<Egress, String> {
         use std::os::unix::fs::PermissionsExt;
-        let proxy = Proxy::new(allowlist(spec)?, Arc::new(AuditSink(emit)));
+        let sink = AuditSink::new(emit)?;
+        let proxy = Proxy::new(allowlist(spec)?, Arc::new(sink.clone()));
         let _ = std::fs::remove_file(socket);
         let l = std::os::unix::net::UnixListener::bind(socket)
             .map_err(|e| format!("creating the egress socket {}: {e}", socket.display()))?;
@@ -180,7 +262,14 @@ impl Egress {
             _rt: rt,
             proxy,
             spec: spec.clone(),
+            sink,
         })
+    }
+
+    /// Writes out the events still queued (see `AuditSink::drain`); for
+    /// the stop, before its own events.
+    pub(crate) fn drain(&self) {
+        self.sink.drain(std::time::Duration::from_secs(2));
     }
 
     /// The live counters, for `status`.

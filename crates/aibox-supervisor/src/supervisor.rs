@@ -1384,6 +1384,9 @@ fn finish(
     if let Some(cg) = &shared.spec.sandbox.cgroup {
         cg.remove();
     }
+    if let Some(e) = &shared.egress {
+        e.drain();
+    }
     let _ = shared.emit(
         EventType::SandboxStop,
         Severity::Info,
