@@ -714,7 +714,8 @@ fn validate(
 pub fn network_rules(n: &Network) -> Result<aibox_net::Allowlist, (&'static str, String)> {
     aibox_net::Allowlist::parse::<String>(&[], &n.resolve)
         .map_err(|e| ("network.resolve", e.to_string()))?;
-    let allow = aibox_net::Allowlist::parse(&n.allowed_domains, &n.resolve)
+    check_gateway(&n.llm_gateway)?;
+    let allow = aibox_net::Allowlist::parse(&all_rules(n), &n.resolve)
         .map_err(|e| ("network.allowed_domains", e.to_string()))?;
     let ports = allow.transparent_ports();
     if let Some(p) = ports.iter().find(|p| **p == 53 || **p == n.proxy_port) {
@@ -739,6 +740,85 @@ pub fn network_rules(n: &Network) -> Result<aibox_net::Allowlist, (&'static str,
         ));
     }
     Ok(allow)
+}
+
+/// `network.allowed_domains` plus the LLM gateway's hosts (port 443),
+/// which the sandbox must be able to resolve and reach.
+pub fn all_rules(n: &Network) -> Vec<String> {
+    let mut rules = n.allowed_domains.clone();
+    rules.extend(n.llm_gateway.providers.iter().map(|p| p.host.clone()));
+    rules
+}
+
+/// Checks `network.llm_gateway` (everything but reading the keys, which
+/// `aibox start` does).
+fn check_gateway(g: &LlmGateway) -> Result<(), (&'static str, String)> {
+    const KEY: &str = "network.llm_gateway";
+    let mut names = BTreeSet::new();
+    let mut hosts = BTreeSet::new();
+    for p in &g.providers {
+        let who = format!("provider `{}`", p.name);
+        if p.name.is_empty() || !names.insert(p.name.as_str()) {
+            return Err((KEY, format!("{who}: names must be non-empty and unique")));
+        }
+        match aibox_net::parse_host(&p.host) {
+            Ok(aibox_net::Host::Name(h)) if !h.starts_with('*') => {
+                if !hosts.insert(h) {
+                    return Err((KEY, format!("{who}: another provider has host {}", p.host)));
+                }
+            }
+            _ => {
+                return Err((
+                    KEY,
+                    format!("{who}: host `{}` must be a plain DNS name", p.host),
+                ));
+            }
+        }
+        match (&p.api_key_env, &p.api_key_file) {
+            (Some(_), None) | (None, Some(_)) => {}
+            _ => {
+                return Err((
+                    KEY,
+                    format!("{who}: set exactly one of api_key_env and api_key_file"),
+                ));
+            }
+        }
+        if let Some(u) = &p.upstream
+            && !u.starts_with("https://")
+        {
+            return Err((
+                KEY,
+                format!("{who}: upstream `{u}` must start with https://"),
+            ));
+        }
+        for v in p.placeholder_env.iter().flatten() {
+            let ok = !v.is_empty()
+                && v.bytes().enumerate().all(|(i, b)| {
+                    b == b'_' || b.is_ascii_alphabetic() || (i > 0 && b.is_ascii_digit())
+                });
+            if !ok {
+                return Err((KEY, format!("{who}: `{v}` is not a variable name")));
+            }
+        }
+    }
+    for r in &g.routes {
+        if !names.contains(r.provider.as_str()) {
+            return Err((
+                KEY,
+                format!(
+                    "route for model `{}` names provider `{}`, which is not configured",
+                    r.model, r.provider
+                ),
+            ));
+        }
+    }
+    if parse_size(&g.max_body).is_none_or(|n| n == 0) {
+        return Err((
+            "network.llm_gateway.max_body",
+            format!("`{}` is not a size such as 10m", g.max_body),
+        ));
+    }
+    Ok(())
 }
 
 /// Effective value of `key`, formatted as `config set` accepts it.

@@ -239,8 +239,85 @@ pub struct Network {
     /// it may: the name still needs a rule, and a private address a rule
     /// naming that address.
     pub resolve: std::collections::BTreeMap<String, String>,
-    /// LLM gateway host.
-    pub llm_gateway: String,
+    /// The LLM gateway: HTTPS to these providers' hosts is terminated by
+    /// aibox, which adds the real API key (see docs/network.md).
+    pub llm_gateway: LlmGateway,
+}
+
+/// `network.llm_gateway`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LlmGateway {
+    /// The providers (none: no gateway).
+    pub providers: Vec<LlmProvider>,
+    /// Model → provider routes, first match wins.
+    pub routes: Vec<LlmRoute>,
+    /// Requests per minute for the sandbox (0: unlimited).
+    pub requests_per_minute: u32,
+    /// Prompt + completion tokens per minute (0: unlimited).
+    pub tokens_per_minute: u64,
+    /// Largest request body, e.g. `10m`.
+    pub max_body: String,
+}
+
+impl Default for LlmGateway {
+    fn default() -> Self {
+        Self {
+            providers: Vec::new(),
+            routes: Vec::new(),
+            requests_per_minute: 0,
+            tokens_per_minute: 0,
+            max_body: "10m".into(),
+        }
+    }
+}
+
+/// One LLM provider behind the gateway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmProvider {
+    /// Name used in routes and audit events.
+    pub name: String,
+    /// Host name the sandbox's tools connect to (HTTPS, port 443).
+    pub host: String,
+    /// `anthropic` (`x-api-key`) or `openai` (`Authorization: Bearer`).
+    pub style: LlmStyle,
+    /// Host environment variable holding the key, read by `aibox start`.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// File holding the key (mode 0600, owned by the invoking user).
+    #[serde(default)]
+    pub api_key_file: Option<std::path::PathBuf>,
+    /// Where requests go (default `https://<host>`).
+    #[serde(default)]
+    pub upstream: Option<String>,
+    /// Extra CA certificates (PEM file) for the upstream.
+    #[serde(default)]
+    pub upstream_ca: Option<std::path::PathBuf>,
+    /// Variables set inside the sandbox to a placeholder (default:
+    /// `ANTHROPIC_API_KEY` or `OPENAI_API_KEY` by style).
+    #[serde(default)]
+    pub placeholder_env: Option<Vec<String>>,
+}
+
+/// Key style of an LLM provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LlmStyle {
+    /// `x-api-key: KEY`.
+    Anthropic,
+    /// `Authorization: Bearer KEY`.
+    Openai,
+}
+
+/// A model → provider route.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmRoute {
+    /// Model name, or a prefix ending in `*`.
+    pub model: String,
+    /// Provider name.
+    pub provider: String,
 }
 
 impl Default for Network {
@@ -253,7 +330,7 @@ impl Default for Network {
             dns_port: 53,
             allowed_domains: Vec::new(),
             resolve: Default::default(),
-            llm_gateway: String::new(),
+            llm_gateway: LlmGateway::default(),
         }
     }
 }

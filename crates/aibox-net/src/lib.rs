@@ -12,6 +12,7 @@
 pub mod addr;
 pub mod dns;
 pub mod forward;
+pub mod gateway;
 pub mod host;
 pub mod probe;
 pub mod proxy;

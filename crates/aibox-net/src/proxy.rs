@@ -31,7 +31,7 @@ use crate::tls::{self, Hello};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
-const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a tunnel may stay open before the sandbox sent its first bytes.
 const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -111,6 +111,54 @@ pub enum NetEvent {
         /// Synthetic address given, if any.
         address: Option<Ipv4Addr>,
     },
+    /// A request the LLM gateway received (and will send on).
+    LlmRequest {
+        /// Provider the request goes to (after routing).
+        provider: String,
+        /// Host the sandbox connected to.
+        host: String,
+        /// `model` from the JSON body, if any.
+        model: Option<String>,
+        /// HTTP method.
+        method: String,
+        /// Path and query.
+        path: String,
+        /// Body size.
+        bytes: u64,
+        /// Proxy port or transparent.
+        via: Via,
+        /// The body (`full` logging).
+        body: Option<String>,
+        /// SHA-256 of the body (`hash` and `full` logging).
+        sha256: Option<String>,
+    },
+    /// The gateway's answer: the upstream's, or its own refusal.
+    LlmResponse {
+        /// Provider.
+        provider: String,
+        /// Host the sandbox connected to.
+        host: String,
+        /// `model` of the request.
+        model: Option<String>,
+        /// HTTP status sent to the sandbox.
+        status: u16,
+        /// Response body size.
+        bytes: u64,
+        /// From request to the end of the response.
+        duration_ms: u64,
+        /// Prompt tokens the upstream reported.
+        input_tokens: Option<u64>,
+        /// Completion tokens the upstream reported.
+        output_tokens: Option<u64>,
+        /// The gateway limit that refused the request, if one did.
+        limited: Option<String>,
+        /// What went wrong, if something did.
+        error: Option<String>,
+        /// The body (`full` logging; up to 4 MiB).
+        body: Option<String>,
+        /// SHA-256 of the whole body (`hash` and `full` logging).
+        sha256: Option<String>,
+    },
 }
 
 /// Receives the proxy's events (the supervisor writes them to the audit log).
@@ -143,6 +191,8 @@ pub struct Proxy {
     /// the supervisor's descriptors or memory: beyond it, new connections
     /// wait in the kernel's backlog.
     slots: Arc<tokio::sync::Semaphore>,
+    /// The LLM gateway, which terminates connections to its hosts.
+    gateway: Option<Arc<crate::gateway::Gateway>>,
 }
 
 /// Connections (and DNS-over-TCP streams) one sandbox may have open at once.
@@ -156,7 +206,7 @@ impl std::fmt::Debug for Proxy {
     }
 }
 
-type Body = BoxBody<Bytes, hyper::Error>;
+pub(crate) type Body = BoxBody<Bytes, hyper::Error>;
 
 /// A client connection's kept upstream connection (see `http_conn`).
 type Pool = Arc<tokio::sync::Mutex<Option<Upstream>>>;
@@ -227,24 +277,24 @@ impl Drop for Finished {
 
 /// An approved destination.
 #[derive(Debug, Clone)]
-struct Target {
-    host: Host,
-    port: u16,
-    addr: SocketAddr,
+pub(crate) struct Target {
+    pub(crate) host: Host,
+    pub(crate) port: u16,
+    pub(crate) addr: SocketAddr,
     rule: String,
 }
 
 /// A refusal, with the fix to offer.
 #[derive(Debug, Clone)]
-struct Denial {
-    status: StatusCode,
-    host: String,
-    port: u16,
-    reason: String,
-    fix: String,
+pub(crate) struct Denial {
+    pub(crate) status: StatusCode,
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) reason: String,
+    pub(crate) fix: String,
 }
 
-fn text(status: StatusCode, body: String) -> Response<Body> {
+pub(crate) fn text(status: StatusCode, body: String) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -348,7 +398,7 @@ async fn accepted<T>(r: std::io::Result<T>) -> Option<T> {
 }
 
 /// At most 256 characters of `s`, marked when cut.
-fn clip(s: &str) -> String {
+pub(crate) fn clip(s: &str) -> String {
     match s.char_indices().nth(256) {
         Some((i, _)) => format!("{}…", &s[..i]),
         None => s.to_string(),
@@ -376,7 +426,7 @@ fn http_request_line(first: &[u8]) -> bool {
 }
 
 /// Headers that belong to one hop and are never forwarded.
-fn strip_hop_headers(h: &mut HeaderMap) {
+pub(crate) fn strip_hop_headers(h: &mut HeaderMap) {
     let listed: Vec<HeaderName> = h
         .get_all("connection")
         .iter()
@@ -405,13 +455,37 @@ fn strip_hop_headers(h: &mut HeaderMap) {
 impl Proxy {
     /// A proxy deciding with `allow` and reporting to `sink`.
     pub fn new(allow: Allowlist, sink: Arc<dyn Sink>) -> Arc<Proxy> {
+        Proxy::with_gateway(allow, sink, None)
+    }
+
+    /// A proxy whose connections to `gateway`'s hosts (port 443) go to the
+    /// gateway instead of being tunnelled. The allowlist must allow those
+    /// hosts, so that the DNS answers for them.
+    pub fn with_gateway(
+        allow: Allowlist,
+        sink: Arc<dyn Sink>,
+        gateway: Option<Arc<crate::gateway::Gateway>>,
+    ) -> Arc<Proxy> {
         Arc::new(Proxy {
             allow,
             synth: Mutex::new(Synthetic::default()),
             sink,
             counters: Counters::default(),
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+            gateway,
         })
+    }
+
+    /// The gateway provider `host:port` belongs to.
+    fn gateway_for(&self, host: &str, port: u16) -> Option<(Arc<crate::gateway::Gateway>, usize)> {
+        let g = self.gateway.as_ref()?;
+        let h = parse_host(host).ok()?;
+        g.provider_for(&h, port).map(|i| (g.clone(), i))
+    }
+
+    /// Reports one event to the sink.
+    pub(crate) fn record(&self, e: NetEvent) {
+        self.sink.record(e);
     }
 
     /// The ports the transparent listeners should accept on.
@@ -482,6 +556,26 @@ impl Proxy {
             ));
         };
         let rule = rule.text.clone();
+        self.resolve_checked(host, port, access, rule).await
+    }
+
+    /// Resolves an approved `host` to one address that is public or that
+    /// a rule names (`rule` is what approved it, for the record).
+    pub(crate) async fn resolve_checked(
+        &self,
+        host: Host,
+        port: u16,
+        access: Access,
+        rule: String,
+    ) -> Result<Target, Denial> {
+        let shown = host.to_string();
+        let deny = |status, host: &str, reason: String, fix: String| Denial {
+            status,
+            host: host.to_string(),
+            port,
+            reason,
+            fix,
+        };
         let candidates: Vec<IpAddr> = match &host {
             Host::Ip(ip) => vec![*ip],
             Host::Name(n) => match self.allow.static_address(n) {
@@ -544,7 +638,7 @@ impl Proxy {
         ))
     }
 
-    async fn connect(&self, t: &Target) -> std::io::Result<TcpStream> {
+    pub(crate) async fn connect(&self, t: &Target) -> std::io::Result<TcpStream> {
         match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(t.addr)).await {
             Ok(r) => r.inspect(|s| drop(s.set_nodelay(true))),
             Err(_) => Err(std::io::Error::new(
@@ -761,6 +855,11 @@ impl Proxy {
             let _ = self.deny(&d, "CONNECT", Via::Transparent);
             return;
         };
+        if let Some((g, idx)) = self.gateway_for(&name, port) {
+            self.counters.allowed.fetch_add(1, Ordering::Relaxed);
+            g.serve(self.clone(), s, idx, Via::Transparent).await;
+            return;
+        }
         // Plain HTTP (on any port) is served request by request, so that
         // every Host header is checked; anything else is a tunnel.
         let mut s = s;
@@ -894,6 +993,17 @@ impl Proxy {
                     format!("aibox: more than {MAX_CONNECTIONS} connections open; close some\n"),
                 );
             };
+            if let Some((g, idx)) = self.gateway_for(host, port) {
+                self.counters.allowed.fetch_add(1, Ordering::Relaxed);
+                let me = self.clone();
+                tokio::spawn(async move {
+                    if let Ok(up) = hyper::upgrade::on(req).await {
+                        g.serve(me, TokioIo::new(up), idx, via).await;
+                    }
+                    drop(slot);
+                });
+                return Response::new(http_body_util::Empty::new().map_err(|e| match e {}).boxed());
+            }
             let started = Instant::now();
             let t = match self.decide(host, port, Access::Tunnel).await {
                 Ok(t) => t,
@@ -1016,6 +1126,23 @@ impl Proxy {
     ) -> Response<Body> {
         let method = req.method().to_string();
         let started = Instant::now();
+        if self.gateway.as_ref().is_some_and(|g| {
+            g.provider_for(
+                &parse_host(&host).unwrap_or(Host::Ip(Ipv4Addr::UNSPECIFIED.into())),
+                443,
+            )
+            .is_some()
+        }) {
+            let d = Denial {
+                status: StatusCode::FORBIDDEN,
+                host,
+                port,
+                reason: "LLM hosts are reached over HTTPS only, through the aibox LLM gateway"
+                    .into(),
+                fix: "use https://".into(),
+            };
+            return self.deny(&d, &method, via);
+        }
         let t = match self.decide(&host, port, Access::Http).await {
             Ok(t) => t,
             Err(d) => return self.deny(&d, &method, via),

@@ -93,7 +93,18 @@ pub struct SandboxSpec {
     /// containers (the in-sandbox side of `aibox network test`).
     #[serde(default)]
     pub aibox_binary: Option<PathBuf>,
+    /// A CA certificate (PEM) the sandbox trusts besides the system's: the
+    /// LLM gateway's. Added to the system bundle and put at
+    /// [`CA_PATH`].
+    #[serde(default)]
+    pub extra_ca_pem: Option<String>,
 }
+
+/// Where the sandbox finds the LLM gateway's CA certificate alone (for
+/// `NODE_EXTRA_CA_CERTS`).
+pub const CA_PATH: &str = "/aibox/ca.pem";
+/// The system CA bundle (Debian's path), which includes it.
+pub const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// The sockets init opens inside the sandbox's network namespace. The
 /// supervisor receives them (in this order: proxy, DNS/UDP, DNS/TCP, then

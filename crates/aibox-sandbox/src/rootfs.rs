@@ -219,6 +219,29 @@ pub(crate) fn build(spec: &SandboxSpec, idmap: Option<&OwnedFd>) -> Result<(), S
         }
     }
 
+    // The LLM gateway's CA: alone at CA_PATH, and appended to a copy of
+    // the system bundle that shadows it.
+    if let Some(ca) = &spec.extra_ca_pem {
+        let aibox_dir = root.join("aibox");
+        mkdir(&aibox_dir)?;
+        let alone = root.join(crate::CA_PATH.trim_start_matches('/'));
+        fs::write(&alone, ca).map_err(ioerr(format!("writing {}", alone.display())))?;
+        let bundle = root.join(crate::CA_BUNDLE.trim_start_matches('/'));
+        if bundle.is_file() {
+            let mut text = fs::read_to_string(&bundle)
+                .map_err(ioerr(format!("reading {}", bundle.display())))?;
+            if !text.ends_with('\n') {
+                text.push('\n');
+            }
+            text.push_str(ca);
+            let generated = gen_dir.join("ca-certificates.crt");
+            fs::write(&generated, text)
+                .map_err(ioerr(format!("writing {}", generated.display())))?;
+            bind(&generated, &bundle, false)?;
+            etc_binds.push(PathBuf::from(crate::CA_BUNDLE));
+        }
+    }
+
     // The aibox binary, for aibox's own in-sandbox commands.
     if let Some(bin) = &spec.aibox_binary {
         let dst = root.join(crate::container::BINARY.trim_start_matches('/'));

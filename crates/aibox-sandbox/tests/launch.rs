@@ -22,6 +22,7 @@ fn spec(dir: &Path) -> aibox_sandbox::SandboxSpec {
         cgroup: None,
         net: None,
         aibox_binary: None,
+        extra_ca_pem: None,
     }
 }
 

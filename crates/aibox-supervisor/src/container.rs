@@ -364,6 +364,37 @@ pub(crate) fn egress_socket(spec: &SupervisorSpec) -> PathBuf {
     spec.run_dir.join("egress.sock")
 }
 
+/// The LLM gateway's CA certificate, alone and appended to the host's
+/// system bundle (containers get both mounted, see [`write_ca_files`]).
+fn ca_paths(spec: &SupervisorSpec) -> (PathBuf, PathBuf) {
+    (
+        spec.run_dir.join("aibox-ca.pem"),
+        spec.run_dir.join("ca-bundle.pem"),
+    )
+}
+
+/// Writes the files of [`ca_paths`] for `gateway`'s CA (readable by the
+/// guest, whose uid is not ours; a CA certificate is public).
+pub(crate) fn write_ca_files(
+    spec: &SupervisorSpec,
+    gateway: Option<&aibox_net::gateway::Gateway>,
+) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(g) = gateway else { return Ok(()) };
+    let (alone, bundle) = ca_paths(spec);
+    let mut text = std::fs::read_to_string(aibox_sandbox::CA_BUNDLE).unwrap_or_default();
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str(g.ca_pem());
+    for (path, body) in [(&alone, g.ca_pem()), (&bundle, text.as_str())] {
+        write_private(path, body.as_bytes())?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// The sandbox's `/etc/resolv.conf`: the aibox DNS answerer only.
 fn resolv_path(spec: &SupervisorSpec) -> PathBuf {
     spec.run_dir.join("resolv.conf")
@@ -537,6 +568,11 @@ fn run_args(
             ),
         ]);
         push(&["-v", &vol(&resolv_path(spec), "/etc/resolv.conf", "ro")]);
+        if spec.network.as_ref().is_some_and(|n| n.gateway.is_some()) {
+            let (alone, bundle) = ca_paths(spec);
+            push(&["-v", &vol(&alone, aibox_sandbox::CA_PATH, "ro")]);
+            push(&["-v", &vol(&bundle, aibox_sandbox::CA_BUNDLE, "ro")]);
+        }
     }
     for (kind, dst) in CACHES {
         let volume = cache_volume(kind, c.gvisor.is_some());

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use aibox_audit::{EventType, Severity};
+use aibox_net::gateway::Gateway;
 use aibox_net::{Allowlist, NetEvent, Proxy, Sink};
 use serde_json::{Value, json};
 
@@ -28,7 +29,7 @@ struct AuditSink {
 }
 
 enum Msg {
-    Event(NetEvent),
+    Event(Box<NetEvent>),
     /// Answered once every event queued before it is written.
     Flush(std::sync::mpsc::Sender<()>),
 }
@@ -44,7 +45,7 @@ impl AuditSink {
                 for m in rx {
                     match m {
                         Msg::Event(e) => {
-                            write_event(&emit, e);
+                            write_event(&emit, *e);
                             if let Ok(mut l) = last2.lock() {
                                 *l = std::time::Instant::now();
                             }
@@ -83,7 +84,7 @@ impl AuditSink {
 
 impl Sink for AuditSink {
     fn record(&self, e: NetEvent) {
-        let _ = self.tx.send(Msg::Event(e));
+        let _ = self.tx.send(Msg::Event(Box::new(e)));
     }
 }
 
@@ -141,6 +142,62 @@ fn write_event(emit: &Emit, e: NetEvent) {
                 json!({"name": name, "qtype": qtype, "rcode": rcode,
                        "address": address.map(|a| a.to_string())}),
             ),
+            NetEvent::LlmRequest {
+                provider,
+                host,
+                model,
+                method,
+                path,
+                bytes,
+                via,
+                body,
+                sha256,
+            } => {
+                let mut d = json!({
+                    "provider": provider, "host": host, "model": model.unwrap_or_default(),
+                    "method": method, "path": path, "bytes": bytes, "via": via.as_str(),
+                });
+                if let Some(h) = sha256 {
+                    d["sha256"] = json!(h);
+                }
+                if let Some(b) = body {
+                    d["body"] = json!(b);
+                }
+                (EventType::LlmRequest, Severity::Info, d)
+            }
+            NetEvent::LlmResponse {
+                provider,
+                host,
+                model,
+                status,
+                bytes,
+                duration_ms,
+                input_tokens,
+                output_tokens,
+                limited,
+                error,
+                body,
+                sha256,
+            } => {
+                let mut d = json!({
+                    "provider": provider, "host": host, "model": model.unwrap_or_default(),
+                    "status": status, "bytes": bytes, "duration_ms": duration_ms,
+                    "input_tokens": input_tokens, "output_tokens": output_tokens,
+                    "limited": limited, "error": error,
+                });
+                if let Some(h) = sha256 {
+                    d["sha256"] = json!(h);
+                }
+                if let Some(b) = body {
+                    d["body"] = json!(b);
+                }
+                let sev = if limited.is_some() || error.is_some() || status >= 400 {
+                    Severity::Warning
+                } else {
+                    Severity::Info
+                };
+                (EventType::LlmResponse, sev, d)
+            }
         };
         emit(t, sev, d)
     }
@@ -195,9 +252,10 @@ impl Egress {
         spec: &NetworkSpec,
         fds: Vec<OwnedFd>,
         emit: Emit,
+        gateway: Option<Arc<Gateway>>,
     ) -> Result<Egress, String> {
         let sink = AuditSink::new(emit)?;
-        let proxy = Proxy::new(allowlist(spec)?, Arc::new(sink.clone()));
+        let proxy = Proxy::with_gateway(allowlist(spec)?, Arc::new(sink.clone()), gateway);
         let rt = runtime()?;
         let _guard = rt.enter();
         let tcp = |fd: OwnedFd| {
@@ -238,10 +296,11 @@ impl Egress {
         spec: &NetworkSpec,
         socket: &std::path::Path,
         emit: Emit,
+        gateway: Option<Arc<Gateway>>,
     ) -> Result<Egress, String> {
         use std::os::unix::fs::PermissionsExt;
         let sink = AuditSink::new(emit)?;
-        let proxy = Proxy::new(allowlist(spec)?, Arc::new(sink.clone()));
+        let proxy = Proxy::with_gateway(allowlist(spec)?, Arc::new(sink.clone()), gateway);
         let _ = std::fs::remove_file(socket);
         let l = std::os::unix::net::UnixListener::bind(socket)
             .map_err(|e| format!("creating the egress socket {}: {e}", socket.display()))?;
@@ -287,6 +346,44 @@ impl Egress {
         }
     }
 }
+
+/// Builds the sandbox's LLM gateway (and with it the CA the sandbox is to
+/// trust), if the spec has one.
+pub(crate) fn gateway(spec: &NetworkSpec) -> Result<Option<Arc<Gateway>>, String> {
+    match &spec.gateway {
+        None => Ok(None),
+        Some(g) => Gateway::new(g.clone())
+            .map(|g| Some(Arc::new(g)))
+            .map_err(|e| e.to_string()),
+    }
+}
+
+/// Environment for the LLM gateway: the CA bundle variables of the usual
+/// tools, and placeholders where agents look for their API keys.
+pub(crate) fn gateway_env(spec: &NetworkSpec) -> Vec<(String, String)> {
+    if spec.gateway.is_none() {
+        return Vec::new();
+    }
+    let bundle = aibox_sandbox::CA_BUNDLE.to_string();
+    let mut env = vec![
+        ("SSL_CERT_FILE".to_string(), bundle.clone()),
+        ("REQUESTS_CA_BUNDLE".to_string(), bundle.clone()),
+        ("CURL_CA_BUNDLE".to_string(), bundle.clone()),
+        ("GIT_SSL_CAINFO".to_string(), bundle),
+        (
+            "NODE_EXTRA_CA_CERTS".to_string(),
+            aibox_sandbox::CA_PATH.to_string(),
+        ),
+    ];
+    for v in &spec.placeholders {
+        env.push((v.clone(), PLACEHOLDER.to_string()));
+    }
+    env
+}
+
+/// What the sandbox holds instead of an API key. Not a secret: the
+/// gateway replaces whatever key a request carries.
+pub const PLACEHOLDER: &str = "aibox-placeholder-the-llm-gateway-adds-the-real-key";
 
 /// Environment that points tools inside the sandbox at the proxy: the
 /// usual variables (curl, git, pip, Go, Node's fetch with undici's env

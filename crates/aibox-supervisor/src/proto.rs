@@ -114,6 +114,13 @@ pub struct NetworkSpec {
     pub proxy_port: u16,
     /// In-sandbox DNS address.
     pub dns_addr: std::net::Ipv4Addr,
+    /// The LLM gateway (with the real keys: this spec travels over the
+    /// supervisor's stdin only and is never written down).
+    #[serde(default)]
+    pub gateway: Option<aibox_net::gateway::GatewaySpec>,
+    /// Variables set inside the sandbox to a placeholder instead of a key.
+    #[serde(default)]
+    pub placeholders: Vec<String>,
 }
 
 /// Egress state shown by `status`.

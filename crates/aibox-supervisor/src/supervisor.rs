@@ -192,12 +192,26 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
         json!({"config_sha256": spec.config_sha256}),
     )?;
 
+    // The LLM gateway's CA must exist before the sandbox is built (the
+    // sandbox trusts it). Nothing here starts a thread.
+    let gateway = match spec.network.as_ref().map(crate::egress::gateway) {
+        None | Some(Ok(None)) => None,
+        Some(Ok(Some(g))) => Some(g),
+        Some(Err(e)) => {
+            let _ = a_fail(&mut audit, &e);
+            remove_run_dir(&spec);
+            return Err(e);
+        }
+    };
     if let Some(c) = spec.container.clone() {
-        return setup_container(spec, c, audit, t0);
+        return setup_container(spec, c, audit, t0, gateway);
     }
     // cpu/memory/pids cgroups where this host lets us create them; a
     // failure leaves the limits reported as not enforced, never claimed.
     let mut spec = spec;
+    if spec.sandbox.net.is_some() {
+        spec.sandbox.extra_ca_pem = gateway.as_ref().map(|g| g.ca_pem().to_string());
+    }
     let cg_limits = aibox_sandbox::cgroup::CgroupLimits {
         cpus: spec.cpus,
         memory: spec.memory_bytes,
@@ -293,7 +307,8 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
     let sink = Arc::new(OnceLock::<Weak<Shared>>::new());
     let egress = match &spec.network {
         Some(n) if !launched.net.is_empty() => {
-            match crate::egress::Egress::start_native(n, launched.net, egress_emit(&sink)) {
+            match crate::egress::Egress::start_native(n, launched.net, egress_emit(&sink), gateway)
+            {
                 Ok(e) => Some(e),
                 Err(e) => {
                     undo_native(
@@ -364,6 +379,7 @@ fn setup_container(
     c: ContainerSpec,
     mut audit: AuditLog,
     t0: Instant,
+    gateway: Option<Arc<aibox_net::gateway::Gateway>>,
 ) -> Result<i32, String> {
     let engine = container::engine_of(&c.engine)?;
     // The egress serves before the container exists: its socket is one of
@@ -376,11 +392,14 @@ fn setup_container(
         .as_ref()
         .filter(|_| !aibox_sandbox::debug_skip("netns"))
     {
-        Some(n) => match crate::egress::Egress::start_relay(
-            n,
-            &container::egress_socket(&spec),
-            egress_emit(&sink),
-        ) {
+        Some(n) => match container::write_ca_files(&spec, gateway.as_deref()).and_then(|()| {
+            crate::egress::Egress::start_relay(
+                n,
+                &container::egress_socket(&spec),
+                egress_emit(&sink),
+                gateway,
+            )
+        }) {
             Ok(e) => Some(e),
             Err(e) => {
                 let _ = a_fail(&mut audit, &e);
@@ -949,6 +968,7 @@ fn guest_env(shared: &Shared, req: &ExecRequest) -> Vec<String> {
     }
     if let (Some(_), Some(n)) = (&shared.egress, &shared.spec.network) {
         env.extend(crate::egress::proxy_env(n.proxy_port));
+        env.extend(crate::egress::gateway_env(n));
     }
     for kv in &req.env {
         let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));

@@ -494,6 +494,7 @@ fn probe_sandbox(l: &aibox_config::Loaded) -> Result<String, String> {
         workspace_id: None,
         net: None,
         aibox_binary: None,
+        extra_ca_pem: None,
     };
     let t0 = std::time::Instant::now();
     match aibox_sandbox::launch(&spec) {

@@ -79,7 +79,7 @@ fn prepare(
             &user,
         )?),
     };
-    let network = network_spec(&c.network)?;
+    let network = network_spec(c)?;
     // Native: init opens the listeners inside the sandbox and hands them
     // to the supervisor. (A container's init opens them itself and relays
     // them to the supervisor's socket.)
@@ -110,6 +110,8 @@ fn prepare(
                 .then(std::env::current_exe)
                 .transpose()
                 .context("locating the aibox binary")?,
+            // (Set by the supervisor, which creates the gateway's CA.)
+            extra_ca_pem: None,
         },
         user,
         runtime: runtime.as_str().into(),
@@ -130,18 +132,131 @@ fn prepare(
     Ok((loaded, spec, paths))
 }
 
-/// The proxy's policy from `network.*` (already validated with the config).
-fn network_spec(n: &aibox_config::Network) -> Result<Option<NetworkSpec>> {
+/// The proxy's policy from `network.*` (already validated with the config),
+/// with the LLM gateway's keys read from where the config says.
+fn network_spec(c: &aibox_config::Config) -> Result<Option<NetworkSpec>> {
+    let n = &c.network;
     if !n.enabled {
         return Ok(None);
     }
     aibox_config::network_rules(n).map_err(|(key, e)| anyhow::anyhow!("{key}: {e}"))?;
+    let (gateway, placeholders) = gateway_spec(c)?;
     Ok(Some(NetworkSpec {
-        allowed: n.allowed_domains.clone(),
+        allowed: aibox_config::all_rules(n),
         hosts: n.resolve.clone(),
         proxy_port: n.proxy_port,
         dns_addr: n.dns_addr.parse().context("network.dns_addr")?,
+        gateway,
+        placeholders,
     }))
+}
+
+/// `network.llm_gateway` with its keys, and the variables that get a
+/// placeholder inside.
+fn gateway_spec(
+    c: &aibox_config::Config,
+) -> Result<(Option<aibox_net::gateway::GatewaySpec>, Vec<String>)> {
+    use aibox_net::gateway::{GatewaySpec, KeyStyle, LogMode, ProviderSpec, RouteSpec, Secret};
+    let g = &c.network.llm_gateway;
+    if g.providers.is_empty() {
+        return Ok((None, Vec::new()));
+    }
+    let mut providers = Vec::new();
+    let mut placeholders = Vec::new();
+    for p in &g.providers {
+        let who = format!("network.llm_gateway provider `{}`", p.name);
+        let key = match (&p.api_key_env, &p.api_key_file) {
+            (Some(var), _) => std::env::var(var).map_err(|_| {
+                anyhow::anyhow!(
+                    "{who}: the environment variable {var} is not set\n  fix: export {var}=<key> before `aibox start` (it stays outside the sandbox)"
+                )
+            })?,
+            (None, Some(file)) => read_key_file(file).with_context(|| who.clone())?,
+            (None, None) => bail!("{who}: no key source (set api_key_env or api_key_file)"),
+        };
+        let key = key.trim().to_string();
+        if key.is_empty() {
+            bail!("{who}: the API key is empty");
+        }
+        let upstream_ca_pem = match &p.upstream_ca {
+            Some(f) => Some(
+                std::fs::read_to_string(f)
+                    .with_context(|| format!("{who}: reading upstream_ca {}", f.display()))?,
+            ),
+            None => None,
+        };
+        let style = match p.style {
+            aibox_config::LlmStyle::Anthropic => KeyStyle::Anthropic,
+            aibox_config::LlmStyle::Openai => KeyStyle::Openai,
+        };
+        placeholders.extend(p.placeholder_env.clone().unwrap_or_else(|| {
+            vec![match style {
+                KeyStyle::Anthropic => "ANTHROPIC_API_KEY".to_string(),
+                KeyStyle::Openai => "OPENAI_API_KEY".to_string(),
+            }]
+        }));
+        providers.push(ProviderSpec {
+            name: p.name.clone(),
+            host: p.host.clone(),
+            style,
+            key: Secret::new(key),
+            upstream: p
+                .upstream
+                .clone()
+                .unwrap_or_else(|| format!("https://{}", p.host)),
+            upstream_ca_pem,
+        });
+    }
+    let spec = GatewaySpec {
+        providers,
+        routes: g
+            .routes
+            .iter()
+            .map(|r| RouteSpec {
+                model: r.model.clone(),
+                provider: r.provider.clone(),
+            })
+            .collect(),
+        requests_per_minute: g.requests_per_minute,
+        tokens_per_minute: g.tokens_per_minute,
+        max_body_bytes: aibox_config::parse_size(&g.max_body).unwrap_or(10 << 20),
+        log: match c.audit.llm_logging_mode {
+            aibox_config::LlmLoggingMode::Full => LogMode::Full,
+            aibox_config::LlmLoggingMode::Hash => LogMode::Hash,
+            aibox_config::LlmLoggingMode::MetadataOnly => LogMode::MetadataOnly,
+        },
+    };
+    // Fail here, with the config's words, rather than in the supervisor.
+    aibox_net::gateway::Gateway::new(spec.clone()).map_err(anyhow::Error::msg)?;
+    placeholders.sort();
+    placeholders.dedup();
+    Ok((Some(spec), placeholders))
+}
+
+/// A key file: a regular file of ours, readable by nobody else.
+fn read_key_file(path: &std::path::Path) -> Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let f = std::fs::File::open(path)
+        .with_context(|| format!("opening the key file {}", path.display()))?;
+    let m = f.metadata()?;
+    if !m.is_file() {
+        bail!("{} is not a regular file", path.display());
+    }
+    if m.mode() & 0o077 != 0 {
+        bail!(
+            "{} is readable by others (mode {:o})\n  fix: chmod 600 {}",
+            path.display(),
+            m.mode() & 0o777,
+            path.display()
+        );
+    }
+    if m.uid() != aibox_core::euid() {
+        bail!("{} belongs to another user", path.display());
+    }
+    let mut s = String::new();
+    std::io::Read::read_to_string(&mut &f, &mut s)
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok(s)
 }
 
 /// Where the host has AppArmor enabled.

@@ -5,4 +5,5 @@ mod image;
 mod input;
 mod isolation;
 mod lifecycle;
+mod llm;
 mod network;

@@ -1,0 +1,858 @@
+//! The LLM gateway: HTTPS to a configured LLM host is terminated here,
+//! with a certificate from a per-sandbox CA that only this sandbox trusts
+//! (and that may only sign the gateway's host names), so that
+//!
+//! - the real API key is added on the way out (`x-api-key` or
+//!   `Authorization: Bearer`) and never enters the sandbox, which holds a
+//!   placeholder;
+//! - request size, requests per minute and tokens per minute are limited
+//!   (413, 429 with `Retry-After`);
+//! - each exchange is an `llm.request`/`llm.response` pair in the audit
+//!   log, with bodies in full, as hashes, or not at all;
+//! - the request's `model` can route it to another upstream.
+//!
+//! Responses stream back frame by frame (server-sent events arrive as
+//! the upstream sends them).
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Frame, Incoming};
+use hyper::header::HeaderValue;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::host::{Host, parse_host};
+use crate::proxy::{Body, NetEvent, Proxy, Via, strip_hop_headers, text};
+use crate::rules::Access;
+
+/// How long a TLS handshake from the sandbox may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How much of a response is kept for `full` logging and token counting.
+const RESPONSE_KEEP: usize = 4 * 1024 * 1024;
+
+/// Errors building the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// A provider or route is not usable.
+    #[error("network.llm_gateway: {0}")]
+    Config(String),
+    /// Certificate generation failed.
+    #[error("network.llm_gateway: creating the sandbox's CA: {0}")]
+    Ca(String),
+}
+
+/// How the API key is presented upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyStyle {
+    /// `x-api-key: KEY` (Anthropic).
+    Anthropic,
+    /// `Authorization: Bearer KEY` (OpenAI and compatible).
+    Openai,
+}
+
+/// What `llm.request`/`llm.response` events carry of the bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogMode {
+    /// Sizes, model, status, tokens: no content.
+    #[default]
+    MetadataOnly,
+    /// Also the SHA-256 of each body.
+    Hash,
+    /// Also the bodies themselves (responses up to 4 MiB).
+    Full,
+}
+
+/// A secret string: never shown by `Debug`, overwritten when dropped.
+#[derive(Clone, Serialize, Deserialize, Default)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps `s`.
+    pub fn new(s: String) -> Secret {
+        Secret(s)
+    }
+    fn expose(&self) -> &str {
+        &self.0
+    }
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        // (Best effort: copies made while building headers are not ours.)
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
+/// One LLM provider.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProviderSpec {
+    /// Name used in routes and events.
+    pub name: String,
+    /// The host name the sandbox connects to (port 443).
+    pub host: String,
+    /// How the key is sent.
+    pub style: KeyStyle,
+    /// The real key (held outside the sandbox only).
+    pub key: Secret,
+    /// Where requests go: `https://host[:port][/base-path]`.
+    pub upstream: String,
+    /// Extra CA certificates (PEM) to trust for the upstream, besides the
+    /// host's system roots.
+    #[serde(default)]
+    pub upstream_ca_pem: Option<String>,
+}
+
+/// A model → provider route.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RouteSpec {
+    /// Model name, or a prefix ending in `*`.
+    pub model: String,
+    /// Provider name.
+    pub provider: String,
+}
+
+/// The gateway's configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct GatewaySpec {
+    /// Providers.
+    pub providers: Vec<ProviderSpec>,
+    /// Routes, first match wins; unrouted requests go to the provider
+    /// whose host was connected to.
+    #[serde(default)]
+    pub routes: Vec<RouteSpec>,
+    /// Requests per minute for the sandbox (0: unlimited).
+    #[serde(default)]
+    pub requests_per_minute: u32,
+    /// Tokens (prompt + completion, as the upstream reports them) per
+    /// minute (0: unlimited).
+    #[serde(default)]
+    pub tokens_per_minute: u64,
+    /// Largest request body accepted.
+    pub max_body_bytes: u64,
+    /// Body logging.
+    #[serde(default)]
+    pub log: LogMode,
+}
+
+struct Upstream {
+    host: Host,
+    port: u16,
+    base: String,
+    client: Arc<rustls::ClientConfig>,
+}
+
+/// The running gateway of one sandbox.
+pub struct Gateway {
+    spec: GatewaySpec,
+    upstreams: Vec<Upstream>,
+    ca_pem: String,
+    server: Arc<rustls::ServerConfig>,
+    window: Mutex<Window>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway").finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct Window {
+    requests: VecDeque<Instant>,
+    tokens: VecDeque<(Instant, u64)>,
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+impl Window {
+    fn prune(&mut self, now: Instant) {
+        while self
+            .requests
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= MINUTE)
+        {
+            self.requests.pop_front();
+        }
+        while self
+            .tokens
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) >= MINUTE)
+        {
+            self.tokens.pop_front();
+        }
+    }
+}
+
+/// Seconds until `t` is a minute old (at least 1).
+fn retry_after(now: Instant, t: Instant) -> u64 {
+    MINUTE
+        .saturating_sub(now.duration_since(t))
+        .as_secs_f64()
+        .ceil()
+        .max(1.0) as u64
+}
+
+fn provider_err(p: &ProviderSpec, what: &str) -> GatewayError {
+    GatewayError::Config(format!("provider `{}`: {what}", p.name))
+}
+
+/// `https://host[:port][/base]` → (host, port, base without a trailing /).
+fn parse_upstream(p: &ProviderSpec) -> Result<(Host, u16, String), GatewayError> {
+    let rest = p.upstream.strip_prefix("https://").ok_or_else(|| {
+        provider_err(
+            p,
+            "upstream must start with https:// (keys never travel in clear)",
+        )
+    })?;
+    let (authority, base) = match rest.find('/') {
+        Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
+        None => (rest, ""),
+    };
+    let (h, port) = match crate::host::split_authority(authority) {
+        Some((h, port)) => (h, port),
+        None => (authority, 443),
+    };
+    let host = parse_host(h.trim_start_matches('[').trim_end_matches(']'))
+        .map_err(|e| provider_err(p, &format!("upstream host: {e}")))?;
+    if base.contains(['?', '#', ' ']) {
+        return Err(provider_err(p, "upstream path must be a plain path"));
+    }
+    Ok((host, port, base.to_string()))
+}
+
+impl Gateway {
+    /// Checks `spec` and creates the sandbox's CA and the certificate for
+    /// the gateway's host names.
+    pub fn new(spec: GatewaySpec) -> Result<Gateway, GatewayError> {
+        if spec.providers.is_empty() {
+            return Err(GatewayError::Config("no providers".into()));
+        }
+        let mut names = Vec::new();
+        let mut upstreams = Vec::new();
+        let native = rustls_native_certs::load_native_certs();
+        for p in &spec.providers {
+            let host = match parse_host(&p.host) {
+                Ok(Host::Name(n)) => n,
+                _ => return Err(provider_err(p, "host must be a DNS name")),
+            };
+            if names.contains(&host) {
+                return Err(provider_err(p, "two providers have the same host"));
+            }
+            if p.key.is_empty() {
+                return Err(provider_err(p, "no API key"));
+            }
+            names.push(host);
+            let (uh, port, base) = parse_upstream(p)?;
+            let mut roots = rustls::RootCertStore::empty();
+            for c in &native.certs {
+                let _ = roots.add(c.clone());
+            }
+            if let Some(pem) = &p.upstream_ca_pem {
+                let mut any = false;
+                for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                    let c = c.map_err(|e| provider_err(p, &format!("upstream CA: {e}")))?;
+                    roots
+                        .add(c)
+                        .map_err(|e| provider_err(p, &format!("upstream CA: {e}")))?;
+                    any = true;
+                }
+                if !any {
+                    return Err(provider_err(p, "upstream CA: no certificate in the PEM"));
+                }
+            }
+            let mut client = rustls::ClientConfig::builder_with_provider(crypto())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| GatewayError::Ca(e.to_string()))?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            client.alpn_protocols = vec![b"http/1.1".to_vec()];
+            upstreams.push(Upstream {
+                host: uh,
+                port,
+                base,
+                client: Arc::new(client),
+            });
+        }
+        for r in &spec.routes {
+            if !spec.providers.iter().any(|p| p.name == r.provider) {
+                return Err(GatewayError::Config(format!(
+                    "route for model `{}` names provider `{}`, which is not configured",
+                    r.model, r.provider
+                )));
+            }
+        }
+        let (ca_pem, server) = certificates(&names)?;
+        Ok(Gateway {
+            spec,
+            upstreams,
+            ca_pem,
+            server,
+            window: Mutex::new(Window::default()),
+        })
+    }
+
+    /// The sandbox's CA certificate (PEM), to be trusted inside.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// The host names the gateway answers for.
+    pub fn hosts(&self) -> Vec<String> {
+        self.spec.providers.iter().map(|p| p.host.clone()).collect()
+    }
+
+    /// The provider a connection to `host:port` is for, if any.
+    pub(crate) fn provider_for(&self, host: &Host, port: u16) -> Option<usize> {
+        if port != 443 {
+            return None;
+        }
+        let Host::Name(n) = host else { return None };
+        self.spec
+            .providers
+            .iter()
+            .position(|p| parse_host(&p.host).is_ok_and(|h| h == Host::Name(n.clone())))
+    }
+
+    /// Serves one connection from the sandbox to provider `idx`'s host:
+    /// TLS with the sandbox's CA, then HTTP/1.1 requests.
+    pub(crate) async fn serve<S>(
+        self: Arc<Self>,
+        proxy: Arc<Proxy>,
+        stream: S,
+        idx: usize,
+        via: Via,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.server.clone());
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            Ok(Ok(t)) => t,
+            _ => return,
+        };
+        let me = self.clone();
+        let svc = service_fn(move |req| {
+            let (me, proxy) = (me.clone(), proxy.clone());
+            async move { Ok::<_, std::convert::Infallible>(me.handle(proxy, req, idx, via).await) }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(crate::proxy::HEADER_TIMEOUT)
+            .serve_connection(TokioIo::new(tls), svc)
+            .await;
+    }
+
+    fn provider_name(&self, idx: usize) -> String {
+        self.spec.providers[idx].name.clone()
+    }
+
+    /// Which limit, if any, refuses a request now; with Retry-After.
+    fn admit(&self) -> Result<(), (&'static str, u64)> {
+        let now = Instant::now();
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        w.prune(now);
+        let rpm = self.spec.requests_per_minute as usize;
+        if rpm > 0
+            && w.requests.len() >= rpm
+            && let Some(t) = w.requests.front()
+        {
+            return Err(("requests_per_minute", retry_after(now, *t)));
+        }
+        let tpm = self.spec.tokens_per_minute;
+        if tpm > 0 {
+            let used: u64 = w.tokens.iter().map(|(_, n)| n).sum();
+            if used >= tpm {
+                // Wait until enough of the window has expired.
+                let mut freed = 0;
+                let mut at = now;
+                for (t, n) in &w.tokens {
+                    freed += n;
+                    at = *t;
+                    if used - freed < tpm {
+                        break;
+                    }
+                }
+                return Err(("tokens_per_minute", retry_after(now, at)));
+            }
+        }
+        w.requests.push_back(now);
+        Ok(())
+    }
+
+    fn record_tokens(&self, n: u64) {
+        if n > 0 {
+            let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+            w.tokens.push_back((Instant::now(), n));
+        }
+    }
+
+    fn route(&self, model: Option<&str>, connected: usize) -> usize {
+        let Some(m) = model else { return connected };
+        for r in &self.spec.routes {
+            let hit = match r.model.strip_suffix('*') {
+                Some(prefix) => m.starts_with(prefix),
+                None => m == r.model,
+            };
+            if hit
+                && let Some(i) = self
+                    .spec
+                    .providers
+                    .iter()
+                    .position(|p| p.name == r.provider)
+            {
+                return i;
+            }
+        }
+        connected
+    }
+
+    fn body_fields(&self, body: &[u8]) -> (Option<String>, Option<String>) {
+        match self.spec.log {
+            LogMode::MetadataOnly => (None, None),
+            LogMode::Hash => (None, Some(hex::encode(Sha256::digest(body)))),
+            LogMode::Full => (
+                Some(self.redact(String::from_utf8_lossy(body).into_owned())),
+                Some(hex::encode(Sha256::digest(body))),
+            ),
+        }
+    }
+
+    /// A logged body never carries a real key, whatever echoed it.
+    fn redact(&self, mut text: String) -> String {
+        for p in &self.spec.providers {
+            if !p.key.is_empty() && text.contains(p.key.expose()) {
+                text = text.replace(p.key.expose(), "[aibox: API key redacted]");
+            }
+        }
+        text
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        proxy: Arc<Proxy>,
+        req: Request<Incoming>,
+        connected: usize,
+        via: Via,
+    ) -> Response<Body> {
+        let started = Instant::now();
+        let host = self.spec.providers[connected].host.clone();
+        let method = req.method().to_string();
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        let limited =
+            |status: StatusCode, limit: &str, retry: Option<u64>, model: Option<String>| {
+                proxy.record(NetEvent::LlmResponse {
+                    provider: self.provider_name(connected),
+                    host: host.clone(),
+                    model,
+                    status: status.as_u16(),
+                    bytes: 0,
+                    duration_ms: started.elapsed().as_millis() as u64,
+                    input_tokens: None,
+                    output_tokens: None,
+                    limited: Some(limit.to_string()),
+                    error: None,
+                    body: None,
+                    sha256: None,
+                });
+                let mut r = text(
+                    status,
+                    format!("aibox: LLM gateway limit `{limit}` reached\n"),
+                );
+                if let Some(s) = retry
+                    && let Ok(v) = HeaderValue::from_str(&s.to_string())
+                {
+                    r.headers_mut().insert("retry-after", v);
+                }
+                r
+            };
+        let max = self.spec.max_body_bytes;
+        let declared = req
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > max) {
+            return limited(StatusCode::PAYLOAD_TOO_LARGE, "max_body_bytes", None, None);
+        }
+        if let Err((limit, retry)) = self.admit() {
+            return limited(StatusCode::TOO_MANY_REQUESTS, limit, Some(retry), None);
+        }
+        let (mut parts, body) = req.into_parts();
+        let body = match Limited::new(body, max as usize).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e)
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                return limited(StatusCode::PAYLOAD_TOO_LARGE, "max_body_bytes", None, None);
+            }
+            Err(e) => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!("aibox: reading the request: {e}\n"),
+                );
+            }
+        };
+        let model = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("model").and_then(|m| m.as_str()).map(str::to_string));
+        let idx = self.route(model.as_deref(), connected);
+        let provider = &self.spec.providers[idx];
+        let (logged_body, digest) = self.body_fields(&body);
+        proxy.record(NetEvent::LlmRequest {
+            provider: provider.name.clone(),
+            host: host.clone(),
+            model: model.clone(),
+            method: method.clone(),
+            path: crate::proxy::clip(&path),
+            bytes: body.len() as u64,
+            via,
+            body: logged_body,
+            sha256: digest,
+        });
+
+        let up = &self.upstreams[idx];
+        // Whatever key or credential the sandbox sent (a placeholder) goes;
+        // the real one is added for the provider the request goes to.
+        strip_hop_headers(&mut parts.headers);
+        for h in ["authorization", "x-api-key", "api-key", "cookie"] {
+            parts.headers.remove(h);
+        }
+        let key = match provider.style {
+            KeyStyle::Anthropic => ("x-api-key", provider.key.expose().to_string()),
+            KeyStyle::Openai => ("authorization", format!("Bearer {}", provider.key.expose())),
+        };
+        match HeaderValue::from_str(&key.1) {
+            Ok(mut v) => {
+                v.set_sensitive(true);
+                parts.headers.insert(key.0, v);
+            }
+            Err(_) => {
+                return self.failed(
+                    &proxy,
+                    idx,
+                    &host,
+                    model,
+                    started,
+                    "the configured API key is not a valid header value",
+                );
+            }
+        }
+        let authority = if up.port == 443 {
+            up.host.to_string()
+        } else {
+            format!("{}:{}", up.host, up.port)
+        };
+        if let Ok(v) = HeaderValue::from_str(&authority) {
+            parts.headers.insert("host", v);
+        }
+        parts.uri = match format!("{}{}", up.base, path).parse() {
+            Ok(u) => u,
+            Err(_) => return text(StatusCode::BAD_REQUEST, "aibox: bad request path\n".into()),
+        };
+        parts.version = hyper::Version::HTTP_11;
+        parts
+            .headers
+            .insert("content-length", HeaderValue::from(body.len()));
+        let request = Request::from_parts(parts, Full::new(body).map_err(|e| match e {}).boxed());
+
+        let resp = match self.send(&proxy, up, request).await {
+            Ok(r) => r,
+            Err(e) => return self.failed(&proxy, idx, &host, model, started, &e),
+        };
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_headers(&mut parts.headers);
+        let sse = parts
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let status = parts.status.as_u16();
+        let me = self.clone();
+        let provider_name = provider.name.clone();
+        let tap = Tap {
+            inner: body,
+            kept: Vec::new(),
+            hasher: Sha256::new(),
+            bytes: 0,
+            done: Some(Box::new(
+                move |kept: Vec<u8>, hash: String, bytes: u64, error: Option<String>| {
+                    let (input, output) = usage(&kept, sse);
+                    me.record_tokens(input.unwrap_or(0) + output.unwrap_or(0));
+                    let (body, sha256) = match me.spec.log {
+                        LogMode::MetadataOnly => (None, None),
+                        LogMode::Hash => (None, Some(hash)),
+                        LogMode::Full => (
+                            Some(me.redact(String::from_utf8_lossy(&kept).into_owned())),
+                            Some(hash),
+                        ),
+                    };
+                    proxy.record(NetEvent::LlmResponse {
+                        provider: provider_name,
+                        host,
+                        model,
+                        status,
+                        bytes,
+                        duration_ms: started.elapsed().as_millis() as u64,
+                        input_tokens: input,
+                        output_tokens: output,
+                        limited: None,
+                        error,
+                        body,
+                        sha256,
+                    });
+                },
+            )),
+        };
+        Response::from_parts(parts, tap.boxed())
+    }
+
+    fn failed(
+        &self,
+        proxy: &Proxy,
+        idx: usize,
+        host: &str,
+        model: Option<String>,
+        started: Instant,
+        e: &str,
+    ) -> Response<Body> {
+        proxy.record(NetEvent::LlmResponse {
+            provider: self.provider_name(idx),
+            host: host.to_string(),
+            model,
+            status: 502,
+            bytes: 0,
+            duration_ms: started.elapsed().as_millis() as u64,
+            input_tokens: None,
+            output_tokens: None,
+            limited: None,
+            error: Some(crate::proxy::clip(e)),
+            body: None,
+            sha256: None,
+        });
+        text(
+            StatusCode::BAD_GATEWAY,
+            format!("aibox: LLM upstream: {e}\n"),
+        )
+    }
+
+    /// Connects to the upstream (address checked like any destination)
+    /// over TLS and sends one request.
+    async fn send(
+        &self,
+        proxy: &Proxy,
+        up: &Upstream,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, String> {
+        let t = proxy
+            .resolve_checked(
+                up.host.clone(),
+                up.port,
+                Access::Tunnel,
+                "network.llm_gateway".into(),
+            )
+            .await
+            .map_err(|d| format!("{}:{}: {}", d.host, d.port, d.reason))?;
+        let tcp = proxy
+            .connect(&t)
+            .await
+            .map_err(|e| format!("connecting to {}: {e}", t.addr))?;
+        let name = ServerName::try_from(up.host.to_string()).map_err(|e| e.to_string())?;
+        let tls = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            tokio_rustls::TlsConnector::from(up.client.clone()).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| "TLS handshake timed out".to_string())?
+        .map_err(|e| format!("TLS with {}: {e}", up.host))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+type Done = Box<dyn FnOnce(Vec<u8>, String, u64, Option<String>) + Send + Sync>;
+
+/// Passes a response through frame by frame while keeping what logging
+/// and token counting need; reports once at the end.
+struct Tap {
+    inner: Incoming,
+    kept: Vec<u8>,
+    hasher: Sha256,
+    bytes: u64,
+    done: Option<Done>,
+}
+
+impl Tap {
+    fn finish(&mut self, error: Option<String>) {
+        if let Some(f) = self.done.take() {
+            let hash = hex::encode(std::mem::take(&mut self.hasher).finalize());
+            f(std::mem::take(&mut self.kept), hash, self.bytes, error);
+        }
+    }
+}
+
+impl hyper::body::Body for Tap {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    let d = d.clone();
+                    self.bytes += d.len() as u64;
+                    self.hasher.update(&d);
+                    let room = RESPONSE_KEEP.saturating_sub(self.kept.len());
+                    self.kept.extend_from_slice(&d[..d.len().min(room)]);
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let e = e.to_string();
+                self.finish(Some(e));
+            }
+            Poll::Ready(None) => self.finish(None),
+            Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        if self.done.is_some() {
+            let e = (!hyper::body::Body::is_end_stream(&self.inner))
+                .then(|| "the sandbox stopped reading the response".to_string());
+            self.finish(e);
+        }
+    }
+}
+
+/// Token counts from a response body: the `usage` object of a JSON
+/// response, or the largest counts seen in a stream's events (Anthropic
+/// reports input tokens at the start and output tokens at the end; OpenAI
+/// in a final chunk).
+fn usage(body: &[u8], sse: bool) -> (Option<u64>, Option<u64>) {
+    let mut input = None;
+    let mut output = None;
+    let mut take = |v: &serde_json::Value| {
+        for u in [
+            v.get("usage"),
+            v.get("message").and_then(|m| m.get("usage")),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let n = |k: &str| u.get(k).and_then(serde_json::Value::as_u64);
+            if let Some(i) = n("input_tokens").or(n("prompt_tokens")) {
+                input = Some(input.map_or(i, |x: u64| x.max(i)));
+            }
+            if let Some(o) = n("output_tokens").or(n("completion_tokens")) {
+                output = Some(output.map_or(o, |x: u64| x.max(o)));
+            }
+        }
+    };
+    if sse {
+        for line in String::from_utf8_lossy(body).lines() {
+            if let Some(data) = line.strip_prefix("data:")
+                && let Ok(v) = serde_json::from_str::<serde_json::Value>(data.trim())
+            {
+                take(&v);
+            }
+        }
+    } else if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
+        take(&v);
+    }
+    (input, output)
+}
+
+fn crypto() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A CA that may only sign `names` (name constraints), and a certificate
+/// for all of them; the CA's key exists only in this process.
+fn certificates(names: &[String]) -> Result<(String, Arc<rustls::ServerConfig>), GatewayError> {
+    let err = |e: rcgen::Error| GatewayError::Ca(e.to_string());
+    let ca_key = rcgen::KeyPair::generate().map_err(err)?;
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "aibox sandbox LLM gateway CA");
+    ca.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    ca.name_constraints = Some(rcgen::NameConstraints {
+        permitted_subtrees: names
+            .iter()
+            .map(|n| rcgen::GeneralSubtree::DnsName(n.clone()))
+            .collect(),
+        excluded_subtrees: Vec::new(),
+    });
+    let ca = rcgen::CertifiedIssuer::self_signed(ca, ca_key).map_err(err)?;
+    let key = rcgen::KeyPair::generate().map_err(err)?;
+    let mut leaf = rcgen::CertificateParams::new(names.to_vec()).map_err(err)?;
+    leaf.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        names.first().cloned().unwrap_or_default(),
+    );
+    leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = leaf.signed_by(&key, &ca).map_err(err)?;
+    let mut server = rustls::ServerConfig::builder_with_provider(crypto())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| GatewayError::Ca(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone(), ca.der().clone()],
+            PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())
+                .map_err(|e| GatewayError::Ca(e.to_string()))?,
+        )
+        .map_err(|e| GatewayError::Ca(e.to_string()))?;
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok((ca.pem(), Arc::new(server)))
+}
