@@ -856,3 +856,136 @@ fn certificates(names: &[String]) -> Result<(String, Arc<rustls::ServerConfig>),
     server.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok((ca.pem(), Arc::new(server)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(rpm: u32, tpm: u64) -> GatewaySpec {
+        GatewaySpec {
+            providers: vec![
+                ProviderSpec {
+                    name: "a".into(),
+                    host: "llm.test".into(),
+                    style: KeyStyle::Anthropic,
+                    key: Secret::new("sk-real-a".into()),
+                    upstream: "https://llm.test".into(),
+                    upstream_ca_pem: None,
+                },
+                ProviderSpec {
+                    name: "b".into(),
+                    host: "other.test".into(),
+                    style: KeyStyle::Openai,
+                    key: Secret::new("sk-real-b".into()),
+                    upstream: "https://up.test:8443/v1/".into(),
+                    upstream_ca_pem: None,
+                },
+            ],
+            routes: vec![RouteSpec {
+                model: "gpt-*".into(),
+                provider: "b".into(),
+            }],
+            requests_per_minute: rpm,
+            tokens_per_minute: tpm,
+            max_body_bytes: 1024,
+            log: LogMode::Full,
+        }
+    }
+
+    #[test]
+    fn usage_from_json_and_streams() {
+        assert_eq!(
+            usage(br#"{"usage":{"input_tokens":3,"output_tokens":4}}"#, false),
+            (Some(3), Some(4))
+        );
+        assert_eq!(
+            usage(
+                br#"{"usage":{"prompt_tokens":5,"completion_tokens":6}}"#,
+                false
+            ),
+            (Some(5), Some(6))
+        );
+        let sse = b"event: message_start\ndata: {\"message\":{\"usage\":{\"input_tokens\":9,\"output_tokens\":1}}}\n\nevent: message_delta\ndata: {\"usage\":{\"output_tokens\":40}}\n\ndata: [DONE]\n";
+        assert_eq!(usage(sse, true), (Some(9), Some(40)));
+        assert_eq!(usage(b"not json", false), (None, None));
+    }
+
+    #[test]
+    fn limits_per_minute() {
+        let g = Gateway::new(spec(2, 0)).unwrap();
+        assert!(g.admit().is_ok());
+        assert!(g.admit().is_ok());
+        let (limit, retry) = g.admit().unwrap_err();
+        assert_eq!(limit, "requests_per_minute");
+        assert!((1..=60).contains(&retry));
+
+        let g = Gateway::new(spec(0, 100)).unwrap();
+        assert!(g.admit().is_ok());
+        g.record_tokens(60);
+        assert!(g.admit().is_ok());
+        g.record_tokens(50);
+        let (limit, retry) = g.admit().unwrap_err();
+        assert_eq!(limit, "tokens_per_minute");
+        assert!((1..=60).contains(&retry));
+    }
+
+    #[test]
+    fn routes_and_upstreams() {
+        let g = Gateway::new(spec(0, 0)).unwrap();
+        assert_eq!(g.route(Some("gpt-4o"), 0), 1);
+        assert_eq!(g.route(Some("claude-3"), 0), 0);
+        assert_eq!(g.route(None, 1), 1);
+        assert_eq!(g.upstreams[1].port, 8443);
+        assert_eq!(g.upstreams[1].base, "/v1");
+        assert_eq!(g.provider_for(&Host::Name("llm.test".into()), 443), Some(0));
+        assert_eq!(g.provider_for(&Host::Name("llm.test".into()), 8443), None);
+        assert_eq!(g.provider_for(&Host::Name("evil.test".into()), 443), None);
+        assert!(g.ca_pem().starts_with("-----BEGIN CERTIFICATE-----"));
+    }
+
+    #[test]
+    fn keys_never_reach_a_logged_body() {
+        let g = Gateway::new(spec(0, 0)).unwrap();
+        let (body, hash) = g.body_fields(br#"{"echo":"sk-real-a and sk-real-b"}"#);
+        let body = body.unwrap();
+        assert!(!body.contains("sk-real"), "{body}");
+        assert_eq!(hash.map(|h| h.len()), Some(64));
+        assert_eq!(format!("{:?}", Secret::new("sk-x".into())), "Secret(…)");
+    }
+
+    #[test]
+    fn bad_specs_are_refused() {
+        let mut s = spec(0, 0);
+        s.providers[0].upstream = "http://llm.test".into();
+        assert!(
+            Gateway::new(s)
+                .unwrap_err()
+                .to_string()
+                .contains("https://")
+        );
+        let mut s = spec(0, 0);
+        s.routes[0].provider = "nope".into();
+        assert!(
+            Gateway::new(s)
+                .unwrap_err()
+                .to_string()
+                .contains("not configured")
+        );
+        let mut s = spec(0, 0);
+        s.providers[1].host = "llm.test".into();
+        assert!(
+            Gateway::new(s)
+                .unwrap_err()
+                .to_string()
+                .contains("same host")
+        );
+        let mut s = spec(0, 0);
+        s.providers[0].key = Secret::default();
+        assert!(
+            Gateway::new(s)
+                .unwrap_err()
+                .to_string()
+                .contains("no API key")
+        );
+    }
+}

@@ -343,6 +343,16 @@ impl Egress {
             deny_count: c.denied.load(Ordering::Relaxed),
             dns_resolved: c.dns_resolved.load(Ordering::Relaxed),
             dns_refused: c.dns_refused.load(Ordering::Relaxed),
+            llm_gateway: self
+                .spec
+                .gateway
+                .iter()
+                .flat_map(|g| {
+                    g.providers
+                        .iter()
+                        .map(|p| format!("{} ({})", p.host, p.name))
+                })
+                .collect(),
         }
     }
 }

@@ -142,6 +142,9 @@ pub struct NetworkStatus {
     pub dns_resolved: u64,
     /// DNS queries refused.
     pub dns_refused: u64,
+    /// Hosts the LLM gateway answers for.
+    #[serde(default)]
+    pub llm_gateway: Vec<String>,
 }
 
 /// How to run a sandbox as a podman/docker container.

@@ -580,6 +580,28 @@ fn print_status(s: &Status) {
         println!("  image:    {}", c.image);
         println!("  apparmor: {}", c.apparmor);
     }
+    match &s.network {
+        None => println!("network:    none (network.enabled is false: no egress path at all)"),
+        Some(n) => {
+            println!("network:    {}", n.state);
+            println!("  proxy:    {} (dns {})", n.proxy, n.dns);
+            println!(
+                "  allowed:  {}",
+                if n.allowed.is_empty() {
+                    "nothing (every destination is refused)".to_string()
+                } else {
+                    n.allowed.join(", ")
+                }
+            );
+            if !n.llm_gateway.is_empty() {
+                println!("  llm gateway: {}", n.llm_gateway.join(", "));
+            }
+            println!(
+                "  counters: {} allowed, {} denied, {} DNS answers, {} DNS refusals",
+                n.allow_count, n.deny_count, n.dns_resolved, n.dns_refused
+            );
+        }
+    }
     println!("audit log:  {}", s.audit_log.display());
 }
 
