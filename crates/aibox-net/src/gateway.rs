@@ -25,7 +25,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Frame, Incoming};
 use hyper::header::HeaderValue;
 use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
 use serde::{Deserialize, Serialize};
@@ -38,8 +38,14 @@ use crate::rules::Access;
 
 /// How long a TLS handshake from the sandbox may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How much of a response is kept for `full` logging and token counting.
-const RESPONSE_KEEP: usize = 4 * 1024 * 1024;
+/// The most of a body an event carries (`full` logging).
+const LOG_CAP: usize = 1024 * 1024;
+/// What is kept of a response's start and end to find its token counts.
+const USAGE_KEEP: usize = 64 * 1024;
+/// Requests the gateway handles at once for one sandbox.
+const MAX_INFLIGHT: usize = 16;
+/// How long reading a request body may take.
+const BODY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Errors building the gateway.
 #[derive(Debug, thiserror::Error)]
@@ -172,6 +178,8 @@ pub struct Gateway {
     ca_pem: String,
     server: Arc<rustls::ServerConfig>,
     window: Mutex<Window>,
+    /// Requests being handled at once (each may buffer `max_body_bytes`).
+    inflight: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -183,7 +191,10 @@ impl std::fmt::Debug for Gateway {
 #[derive(Default)]
 struct Window {
     requests: VecDeque<Instant>,
-    tokens: VecDeque<(Instant, u64)>,
+    /// (when, reservation id, tokens): a request's estimate until its
+    /// response reports the real count.
+    tokens: VecDeque<(Instant, u64, u64)>,
+    next_id: u64,
 }
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -200,7 +211,7 @@ impl Window {
         while self
             .tokens
             .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) >= MINUTE)
+            .is_some_and(|(t, _, _)| now.duration_since(*t) >= MINUTE)
         {
             self.tokens.pop_front();
         }
@@ -312,6 +323,7 @@ impl Gateway {
             ca_pem,
             server,
             window: Mutex::new(Window::default()),
+            inflight: Arc::new(tokio::sync::Semaphore::new(MAX_INFLIGHT)),
         })
     }
 
@@ -369,8 +381,11 @@ impl Gateway {
         self.spec.providers[idx].name.clone()
     }
 
-    /// Which limit, if any, refuses a request now; with Retry-After.
-    fn admit(&self) -> Result<(), (&'static str, u64)> {
+    /// Admits a request expected to use `estimate` tokens, or says which
+    /// limit refuses it and when to retry. The estimate is reserved until
+    /// [`Gateway::settle`] replaces it with what the upstream reported, so
+    /// parallel requests and responses that report nothing still count.
+    fn admit(&self, estimate: u64) -> Result<u64, (&'static str, u64)> {
         let now = Instant::now();
         let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
         w.prune(now);
@@ -383,15 +398,17 @@ impl Gateway {
         }
         let tpm = self.spec.tokens_per_minute;
         if tpm > 0 {
-            let used: u64 = w.tokens.iter().map(|(_, n)| n).sum();
-            if used >= tpm {
+            let used: u64 = w.tokens.iter().map(|(_, _, n)| n).sum();
+            // (A request larger than the whole budget still runs alone.)
+            if used >= tpm || (used > 0 && used.saturating_add(estimate) > tpm) {
                 // Wait until enough of the window has expired.
-                let mut freed = 0;
+                let need = used.saturating_add(estimate).saturating_sub(tpm);
+                let mut freed = 0u64;
                 let mut at = now;
-                for (t, n) in &w.tokens {
+                for (t, _, n) in &w.tokens {
                     freed += n;
                     at = *t;
-                    if used - freed < tpm {
+                    if freed >= need.max(1) {
                         break;
                     }
                 }
@@ -399,13 +416,19 @@ impl Gateway {
             }
         }
         w.requests.push_back(now);
-        Ok(())
+        w.next_id += 1;
+        let id = w.next_id;
+        w.tokens.push_back((now, id, estimate));
+        Ok(id)
     }
 
-    fn record_tokens(&self, n: u64) {
-        if n > 0 {
-            let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
-            w.tokens.push_back((Instant::now(), n));
+    /// Replaces reservation `id` with the tokens the upstream reported
+    /// (without a report the estimate stands).
+    fn settle(&self, id: u64, reported: Option<u64>) {
+        let Some(n) = reported else { return };
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = w.tokens.iter_mut().find(|(_, i, _)| *i == id) {
+            e.2 = n;
         }
     }
 
@@ -434,7 +457,7 @@ impl Gateway {
             LogMode::MetadataOnly => (None, None),
             LogMode::Hash => (None, Some(hex::encode(Sha256::digest(body)))),
             LogMode::Full => (
-                Some(self.redact(String::from_utf8_lossy(body).into_owned())),
+                Some(self.redact(logged(body, body.len() as u64))),
                 Some(hex::encode(Sha256::digest(body))),
             ),
         }
@@ -459,13 +482,13 @@ impl Gateway {
     ) -> Response<Body> {
         let started = Instant::now();
         let host = self.spec.providers[connected].host.clone();
-        let method = req.method().to_string();
+        let method = req.method().clone();
         let path = req
             .uri()
             .path_and_query()
             .map(|p| p.as_str().to_string())
             .unwrap_or_else(|| "/".into());
-        let limited =
+        let refuse =
             |status: StatusCode, limit: &str, retry: Option<u64>, model: Option<String>| {
                 proxy.record(NetEvent::LlmResponse {
                     provider: self.provider_name(connected),
@@ -492,6 +515,18 @@ impl Gateway {
                 }
                 r
             };
+        // LLM APIs need no more; TRACE and friends could echo the key.
+        if !matches!(method, Method::GET | Method::POST | Method::DELETE) {
+            return refuse(StatusCode::METHOD_NOT_ALLOWED, "method", None, None);
+        }
+        let Ok(permit) = self.inflight.clone().try_acquire_owned() else {
+            return refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "concurrent_requests",
+                Some(1),
+                None,
+            );
+        };
         let max = self.spec.max_body_bytes;
         let declared = req
             .headers()
@@ -499,30 +534,50 @@ impl Gateway {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > max) {
-            return limited(StatusCode::PAYLOAD_TOO_LARGE, "max_body_bytes", None, None);
-        }
-        if let Err((limit, retry)) = self.admit() {
-            return limited(StatusCode::TOO_MANY_REQUESTS, limit, Some(retry), None);
+            return refuse(StatusCode::PAYLOAD_TOO_LARGE, "max_body_bytes", None, None);
         }
         let (mut parts, body) = req.into_parts();
-        let body = match Limited::new(body, max as usize).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e)
+        let body = match tokio::time::timeout(
+            BODY_TIMEOUT,
+            Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX)).collect(),
+        )
+        .await
+        {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(e))
                 if e.downcast_ref::<http_body_util::LengthLimitError>()
                     .is_some() =>
             {
-                return limited(StatusCode::PAYLOAD_TOO_LARGE, "max_body_bytes", None, None);
+                return refuse(StatusCode::PAYLOAD_TOO_LARGE, "max_body_bytes", None, None);
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 return text(
                     StatusCode::BAD_REQUEST,
                     format!("aibox: reading the request: {e}\n"),
                 );
             }
+            Err(_) => {
+                return text(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "aibox: the request body was too slow\n".into(),
+                );
+            }
         };
-        let model = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v.get("model").and_then(|m| m.as_str()).map(str::to_string));
+        // Only the fields needed, borrowed: the rest of the body is skipped
+        // without building a tree of it.
+        let fields = serde_json::from_slice::<RequestFields>(&body).unwrap_or_default();
+        let model = fields.model.as_deref().map(crate::proxy::clip);
+        let estimate = fields
+            .max_tokens
+            .or(fields.max_completion_tokens)
+            .unwrap_or(0)
+            .saturating_add(body.len() as u64 / 4);
+        let reservation = match self.admit(estimate) {
+            Ok(id) => id,
+            Err((limit, retry)) => {
+                return refuse(StatusCode::TOO_MANY_REQUESTS, limit, Some(retry), model);
+            }
+        };
         let idx = self.route(model.as_deref(), connected);
         let provider = &self.spec.providers[idx];
         let (logged_body, digest) = self.body_fields(&body);
@@ -530,7 +585,7 @@ impl Gateway {
             provider: provider.name.clone(),
             host: host.clone(),
             model: model.clone(),
-            method: method.clone(),
+            method: method.to_string(),
             path: crate::proxy::clip(&path),
             bytes: body.len() as u64,
             via,
@@ -539,10 +594,18 @@ impl Gateway {
         });
 
         let up = &self.upstreams[idx];
-        // Whatever key or credential the sandbox sent (a placeholder) goes;
-        // the real one is added for the provider the request goes to.
+        // Whatever credential the sandbox sent (a placeholder) goes, and so
+        // do headers that would pick another organisation or project to
+        // bill; the real key is added for the provider the request goes to.
         strip_hop_headers(&mut parts.headers);
-        for h in ["authorization", "x-api-key", "api-key", "cookie"] {
+        for h in [
+            "authorization",
+            "x-api-key",
+            "api-key",
+            "cookie",
+            "openai-organization",
+            "openai-project",
+        ] {
             parts.headers.remove(h);
         }
         let key = match provider.style {
@@ -589,47 +652,48 @@ impl Gateway {
         };
         let (mut parts, body) = resp.into_parts();
         strip_hop_headers(&mut parts.headers);
-        let sse = parts
-            .headers
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
         let status = parts.status.as_u16();
         let me = self.clone();
         let provider_name = provider.name.clone();
+        let full = self.spec.log == LogMode::Full;
         let tap = Tap {
             inner: body,
-            kept: Vec::new(),
+            head: Vec::new(),
+            head_cap: if full { LOG_CAP } else { USAGE_KEEP },
+            tail: VecDeque::new(),
             hasher: Sha256::new(),
             bytes: 0,
-            done: Some(Box::new(
-                move |kept: Vec<u8>, hash: String, bytes: u64, error: Option<String>| {
-                    let (input, output) = usage(&kept, sse);
-                    me.record_tokens(input.unwrap_or(0) + output.unwrap_or(0));
-                    let (body, sha256) = match me.spec.log {
-                        LogMode::MetadataOnly => (None, None),
-                        LogMode::Hash => (None, Some(hash)),
-                        LogMode::Full => (
-                            Some(me.redact(String::from_utf8_lossy(&kept).into_owned())),
-                            Some(hash),
-                        ),
-                    };
-                    proxy.record(NetEvent::LlmResponse {
-                        provider: provider_name,
-                        host,
-                        model,
-                        status,
-                        bytes,
-                        duration_ms: started.elapsed().as_millis() as u64,
-                        input_tokens: input,
-                        output_tokens: output,
-                        limited: None,
-                        error,
-                        body,
-                        sha256,
-                    });
-                },
-            )),
+            _permit: permit,
+            done: Some(Box::new(move |seen: Seen, error: Option<String>| {
+                let (input, output) = usage(&seen.head, &seen.tail);
+                let reported = match (input, output) {
+                    (None, None) => None,
+                    (i, o) => Some(i.unwrap_or(0) + o.unwrap_or(0)),
+                };
+                me.settle(reservation, reported);
+                let (body, sha256) = match me.spec.log {
+                    LogMode::MetadataOnly => (None, None),
+                    LogMode::Hash => (None, Some(seen.hash)),
+                    LogMode::Full => (
+                        Some(me.redact(logged(&seen.head, seen.bytes))),
+                        Some(seen.hash),
+                    ),
+                };
+                proxy.record(NetEvent::LlmResponse {
+                    provider: provider_name,
+                    host,
+                    model,
+                    status,
+                    bytes: seen.bytes,
+                    duration_ms: started.elapsed().as_millis() as u64,
+                    input_tokens: input,
+                    output_tokens: output,
+                    limited: None,
+                    error,
+                    body,
+                    sha256,
+                });
+            })),
         };
         Response::from_parts(parts, tap.boxed())
     }
@@ -703,23 +767,72 @@ impl Gateway {
     }
 }
 
-type Done = Box<dyn FnOnce(Vec<u8>, String, u64, Option<String>) + Send + Sync>;
+/// The fields of a request body the gateway reads.
+#[derive(Deserialize, Default)]
+struct RequestFields<'a> {
+    #[serde(borrow, default)]
+    model: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+}
 
-/// Passes a response through frame by frame while keeping what logging
-/// and token counting need; reports once at the end.
+/// At most [`LOG_CAP`] bytes of a body as text, marked when cut.
+fn logged(kept: &[u8], total: u64) -> String {
+    let mut t = String::from_utf8_lossy(&kept[..kept.len().min(LOG_CAP)]).into_owned();
+    if total > t.len() as u64 {
+        t.push_str(&format!("…[aibox: {total} bytes in all, cut at {LOG_CAP}]"));
+    }
+    t
+}
+
+/// What a response's tap saw.
+struct Seen {
+    head: Vec<u8>,
+    tail: Vec<u8>,
+    hash: String,
+    bytes: u64,
+}
+
+type Done = Box<dyn FnOnce(Seen, Option<String>) + Send + Sync>;
+
+/// Passes a response through frame by frame while keeping its start
+/// (for `full` logging, or enough for token counts) and its end (where
+/// totals are reported); reports once at the end.
 struct Tap {
     inner: Incoming,
-    kept: Vec<u8>,
+    head: Vec<u8>,
+    head_cap: usize,
+    tail: VecDeque<u8>,
     hasher: Sha256,
     bytes: u64,
+    /// Held until the response is done (the gateway's concurrency bound).
+    _permit: tokio::sync::OwnedSemaphorePermit,
     done: Option<Done>,
 }
 
 impl Tap {
+    fn keep(&mut self, d: &[u8]) {
+        self.bytes += d.len() as u64;
+        self.hasher.update(d);
+        let room = self.head_cap.saturating_sub(self.head.len());
+        let (h, rest) = d.split_at(d.len().min(room));
+        self.head.extend_from_slice(h);
+        self.tail.extend(rest);
+        let over = self.tail.len().saturating_sub(USAGE_KEEP);
+        self.tail.drain(..over);
+    }
+
     fn finish(&mut self, error: Option<String>) {
         if let Some(f) = self.done.take() {
-            let hash = hex::encode(std::mem::take(&mut self.hasher).finalize());
-            f(std::mem::take(&mut self.kept), hash, self.bytes, error);
+            let seen = Seen {
+                head: std::mem::take(&mut self.head),
+                tail: std::mem::take(&mut self.tail).into(),
+                hash: hex::encode(std::mem::take(&mut self.hasher).finalize()),
+                bytes: self.bytes,
+            };
+            f(seen, error);
         }
     }
 }
@@ -737,10 +850,7 @@ impl hyper::body::Body for Tap {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
                     let d = d.clone();
-                    self.bytes += d.len() as u64;
-                    self.hasher.update(&d);
-                    let room = RESPONSE_KEEP.saturating_sub(self.kept.len());
-                    self.kept.extend_from_slice(&d[..d.len().min(room)]);
+                    self.keep(&d);
                 }
             }
             Poll::Ready(Some(Err(e))) => {
@@ -772,40 +882,37 @@ impl Drop for Tap {
     }
 }
 
-/// Token counts from a response body: the `usage` object of a JSON
-/// response, or the largest counts seen in a stream's events (Anthropic
-/// reports input tokens at the start and output tokens at the end; OpenAI
-/// in a final chunk).
-fn usage(body: &[u8], sse: bool) -> (Option<u64>, Option<u64>) {
+/// Token counts in a response, from its kept start and end: the largest
+/// value of each usage key found (Anthropic streams report input tokens
+/// at the start and output tokens at the end; OpenAI in a final `usage`
+/// object or chunk). Read as text, so that a body cut in the middle
+/// still counts.
+fn usage(head: &[u8], tail: &[u8]) -> (Option<u64>, Option<u64>) {
     let mut input = None;
     let mut output = None;
-    let mut take = |v: &serde_json::Value| {
-        for u in [
-            v.get("usage"),
-            v.get("message").and_then(|m| m.get("usage")),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let n = |k: &str| u.get(k).and_then(serde_json::Value::as_u64);
-            if let Some(i) = n("input_tokens").or(n("prompt_tokens")) {
-                input = Some(input.map_or(i, |x: u64| x.max(i)));
-            }
-            if let Some(o) = n("output_tokens").or(n("completion_tokens")) {
-                output = Some(output.map_or(o, |x: u64| x.max(o)));
-            }
-        }
-    };
-    if sse {
-        for line in String::from_utf8_lossy(body).lines() {
-            if let Some(data) = line.strip_prefix("data:")
-                && let Ok(v) = serde_json::from_str::<serde_json::Value>(data.trim())
-            {
-                take(&v);
+    for part in [head, tail] {
+        let text = String::from_utf8_lossy(part);
+        for (keys, slot) in [
+            (["\"input_tokens\"", "\"prompt_tokens\""], &mut input),
+            (["\"output_tokens\"", "\"completion_tokens\""], &mut output),
+        ] {
+            for key in keys {
+                let mut rest: &str = &text;
+                while let Some(at) = rest.find(key) {
+                    rest = &rest[at + key.len()..];
+                    let v = rest.trim_start().strip_prefix(':').map(str::trim_start);
+                    let digits: String = v
+                        .unwrap_or("")
+                        .chars()
+                        .take_while(char::is_ascii_digit)
+                        .take(18)
+                        .collect();
+                    if let Ok(n) = digits.parse::<u64>() {
+                        *slot = Some(slot.map_or(n, |x: u64| x.max(n)));
+                    }
+                }
             }
         }
-    } else if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
-        take(&v);
     }
     (input, output)
 }
@@ -894,39 +1001,57 @@ mod tests {
 
     #[test]
     fn usage_from_json_and_streams() {
+        let u = |b: &[u8]| usage(b, b"");
         assert_eq!(
-            usage(br#"{"usage":{"input_tokens":3,"output_tokens":4}}"#, false),
+            u(br#"{"usage":{"input_tokens":3,"output_tokens":4}}"#),
             (Some(3), Some(4))
         );
         assert_eq!(
-            usage(
-                br#"{"usage":{"prompt_tokens":5,"completion_tokens":6}}"#,
-                false
-            ),
+            u(br#"{"usage": {"prompt_tokens" : 5, "completion_tokens":6}}"#),
             (Some(5), Some(6))
         );
         let sse = b"event: message_start\ndata: {\"message\":{\"usage\":{\"input_tokens\":9,\"output_tokens\":1}}}\n\nevent: message_delta\ndata: {\"usage\":{\"output_tokens\":40}}\n\ndata: [DONE]\n";
-        assert_eq!(usage(sse, true), (Some(9), Some(40)));
-        assert_eq!(usage(b"not json", false), (None, None));
+        assert_eq!(u(sse), (Some(9), Some(40)));
+        assert_eq!(u(b"not json"), (None, None));
+        // A long body cut in the middle: the counts at its end still count.
+        assert_eq!(
+            usage(
+                br#"{"id":"x","content":"aaaa"#,
+                br#"aaaa"}],"usage":{"input_tokens":12,"output_tokens":34}}"#
+            ),
+            (Some(12), Some(34))
+        );
     }
 
     #[test]
     fn limits_per_minute() {
         let g = Gateway::new(spec(2, 0)).unwrap();
-        assert!(g.admit().is_ok());
-        assert!(g.admit().is_ok());
-        let (limit, retry) = g.admit().unwrap_err();
+        assert!(g.admit(0).is_ok());
+        assert!(g.admit(0).is_ok());
+        let (limit, retry) = g.admit(0).unwrap_err();
         assert_eq!(limit, "requests_per_minute");
         assert!((1..=60).contains(&retry));
 
+        // Tokens: reported counts replace the reservation.
         let g = Gateway::new(spec(0, 100)).unwrap();
-        assert!(g.admit().is_ok());
-        g.record_tokens(60);
-        assert!(g.admit().is_ok());
-        g.record_tokens(50);
-        let (limit, retry) = g.admit().unwrap_err();
+        let a = g.admit(10).unwrap();
+        g.settle(a, Some(60));
+        let b = g.admit(10).unwrap();
+        g.settle(b, Some(50));
+        let (limit, retry) = g.admit(1).unwrap_err();
         assert_eq!(limit, "tokens_per_minute");
         assert!((1..=60).contains(&retry));
+        // Reservations count before any response reports: parallel
+        // requests cannot all get in, and a response that reports nothing
+        // keeps its estimate.
+        let g = Gateway::new(spec(0, 100)).unwrap();
+        let _a = g.admit(70).unwrap();
+        assert_eq!(g.admit(40).unwrap_err().0, "tokens_per_minute");
+        assert!(g.admit(30).is_ok());
+        // One request bigger than the budget still runs alone.
+        let g = Gateway::new(spec(0, 100)).unwrap();
+        assert!(g.admit(500).is_ok());
+        assert!(g.admit(1).is_err());
     }
 
     #[test]

@@ -425,6 +425,78 @@ fn http_request_line(first: &[u8]) -> bool {
     })
 }
 
+/// Whether the first bytes of a tunnel are an HTTP request.
+#[derive(Debug, PartialEq, Eq)]
+enum PlainHttp {
+    Yes,
+    No,
+    NeedMore,
+}
+
+/// The longest request line waited for before a tunnel is judged.
+const MAX_REQUEST_LINE: usize = 8192;
+
+/// Judges the first bytes of a tunnel: an HTTP/1 request line (any method,
+/// after any leading empty lines, which servers skip) or the HTTP/2
+/// preface is plain HTTP, whose `Host` could name any site behind the
+/// approved address. A line-oriented protocol whose first line does not
+/// end in ` HTTP/1.x` (SMTP's `EHLO x`) is not.
+fn plain_http(first: &[u8]) -> PlainHttp {
+    let more = || {
+        if first.len() < MAX_REQUEST_LINE {
+            PlainHttp::NeedMore
+        } else {
+            PlainHttp::No
+        }
+    };
+    let start = first
+        .iter()
+        .position(|b| !matches!(b, b'\r' | b'\n' | b' ' | b'\t'))
+        .unwrap_or(first.len());
+    let rest = &first[start..];
+    if rest.is_empty() {
+        return more();
+    }
+    const H2: &[u8] = b"PRI * HTTP/2";
+    let n = H2.len().min(rest.len());
+    if rest[..n] == H2[..n] {
+        return if n == H2.len() {
+            PlainHttp::Yes
+        } else {
+            more()
+        };
+    }
+    // Methods in use are letters (and `-`/`_`); a digit or NUL early on
+    // means another protocol (git's pkt-lines start with a hex length).
+    if rest.contains(&0) {
+        return PlainHttp::No;
+    }
+    let token = rest
+        .iter()
+        .take_while(|b| b.is_ascii_alphabetic() || matches!(b, b'-' | b'_'))
+        .count();
+    if token == 0 || token > 32 {
+        return PlainHttp::No;
+    }
+    match rest.get(token) {
+        None => return more(),
+        Some(b' ') => {}
+        Some(_) => return PlainHttp::No,
+    }
+    let Some(nl) = rest.iter().position(|b| *b == b'\n') else {
+        return more();
+    };
+    let line = rest[..nl].strip_suffix(b"\r").unwrap_or(&rest[..nl]);
+    let version = line.len().checked_sub(9).map(|i| &line[i..]);
+    if version.is_some_and(|v| {
+        v.eq_ignore_ascii_case(b" HTTP/1.1") || v.eq_ignore_ascii_case(b" HTTP/1.0")
+    }) {
+        PlainHttp::Yes
+    } else {
+        PlainHttp::No
+    }
+}
+
 /// Headers that belong to one hop and are never forwarded.
 pub(crate) fn strip_hop_headers(h: &mut HeaderMap) {
     let listed: Vec<HeaderName> = h
@@ -661,7 +733,7 @@ impl Proxy {
         self.sink.record(NetEvent::Allow {
             host: t.host.to_string(),
             port: t.port,
-            method: method.to_string(),
+            method: clip(method),
             address: t.addr.to_string(),
             rule: t.rule.clone(),
             bytes_up: up,
@@ -1085,13 +1157,18 @@ impl Proxy {
     /// An upstream connection for `t`: the client connection's previous
     /// one when it went to the same checked address for the same host and
     /// is still usable, else a new one.
-    async fn upstream(&self, t: &Target, pool: &Pool) -> Result<Upstream, String> {
+    async fn upstream(&self, t: &Target, pool: &Pool, reuse: bool) -> Result<Upstream, String> {
         if let Some(mut u) = pool.lock().await.take()
+            && reuse
             && u.addr == t.addr
             && u.host == t.host
             && u.port == t.port
             && !u.sender.is_closed()
-            && u.sender.ready().await.is_ok()
+            // (An upstream that stopped reading must not hang the client.)
+            && matches!(
+                tokio::time::timeout(CONNECT_TIMEOUT, u.sender.ready()).await,
+                Ok(Ok(()))
+            )
         {
             return Ok(u);
         }
@@ -1147,7 +1224,7 @@ impl Proxy {
             Ok(t) => t,
             Err(d) => return self.deny(&d, &method, via),
         };
-        let mut u = match self.upstream(&t, pool).await {
+        let mut u = match self.upstream(&t, pool, true).await {
             Ok(u) => u,
             Err(e) => {
                 self.allowed(&t, &method, via, (0, 0), started, Some(e.clone()));
@@ -1179,12 +1256,30 @@ impl Proxy {
         parts.version = hyper::Version::HTTP_11;
         // Bytes are counted on the upstream connection; requests on it are
         // sequential, so the difference is this request's.
-        let base = (u.up.load(Ordering::Relaxed), u.down.load(Ordering::Relaxed));
-        match u
+        let mut base = (u.up.load(Ordering::Relaxed), u.down.load(Ordering::Relaxed));
+        let mut sent = u
             .sender
-            .send_request(Request::from_parts(parts, body))
-            .await
+            .try_send_request(Request::from_parts(parts, body))
+            .await;
+        if let Err(e) = &mut sent
+            && let Some(req) = e.take_message()
         {
+            // A kept connection the upstream had closed: the request was
+            // not sent, so it goes once more on a fresh connection.
+            u = match self.upstream(&t, pool, false).await {
+                Ok(u) => u,
+                Err(e) => {
+                    self.allowed(&t, &method, via, (0, 0), started, Some(e.clone()));
+                    return text(
+                        StatusCode::BAD_GATEWAY,
+                        format!("aibox: cannot reach {}: {e}\n", t.addr),
+                    );
+                }
+            };
+            base = (0, 0);
+            sent = u.sender.try_send_request(req).await;
+        }
+        match sent.map_err(|e| e.into_error()) {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_headers(&mut parts.headers);
@@ -1264,10 +1359,14 @@ impl Proxy {
                 Hello::Encrypted => {
                     break Err("Encrypted ClientHello hides the server name".to_string());
                 }
-                Hello::NotTls if http_request_line(&first) => {
-                    break Err("plain HTTP inside a tunnel (its Host header is not checked there); send it through the proxy as http://host/…".to_string());
-                }
-                Hello::NotTls | Hello::Sni(None) => break Ok(()),
+                Hello::NotTls => match plain_http(&first) {
+                    PlainHttp::Yes => {
+                        break Err("plain HTTP inside a tunnel (its Host header is not checked there); send it through the proxy as http://host/…".to_string());
+                    }
+                    PlainHttp::NeedMore => continue,
+                    PlainHttp::No => break Ok(()),
+                },
+                Hello::Sni(None) => break Ok(()),
                 Hello::Sni(Some(sni)) => match (parse_host(&sni), &t.host) {
                     (_, Host::Ip(_)) => break Ok(()),
                     (Ok(h), want) if &h == want => break Ok(()),

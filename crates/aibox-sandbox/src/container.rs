@@ -190,6 +190,7 @@ fn init(rest: &[String]) -> i32 {
         pid: None,
         starts: 0,
         mask,
+        given_up: false,
     };
     forwarder.start();
     loop {
@@ -253,6 +254,9 @@ struct Forwarder {
     pid: Option<Pid>,
     starts: u32,
     mask: SigSet,
+    /// Gave up restarting (the listeners stay open, so that no sandbox
+    /// process can take the ports over).
+    given_up: bool,
 }
 
 impl Forwarder {
@@ -262,9 +266,12 @@ impl Forwarder {
         let Some(fds) = &self.listeners else {
             return;
         };
+        if self.given_up {
+            return;
+        }
         if self.starts >= Self::MAX_STARTS {
             eprintln!("aibox: the egress forwarder keeps dying; the sandbox has no network now");
-            self.listeners = None;
+            self.given_up = true;
             return;
         }
         if self.starts > 0 {

@@ -88,7 +88,11 @@ pub fn start(spec: &SupervisorSpec, paths: &SandboxPaths) -> Result<Status, Erro
     let exe = std::env::current_exe().map_err(|e| Error::io("locating the aibox binary", e))?;
     let mut spec = spec.clone();
     spec.lock_fd = lock.as_raw_fd();
-    let mut child = Command::new(exe)
+    let mut cmd = Command::new(exe);
+    for k in spec.network.iter().flat_map(|n| &n.key_env) {
+        cmd.env_remove(k);
+    }
+    let mut child = cmd
         .arg("__supervise")
         .arg(&name)
         .stdin(Stdio::piped())

@@ -382,8 +382,15 @@ pub(crate) fn write_ca_files(
     use std::os::unix::fs::PermissionsExt;
     let Some(g) = gateway else { return Ok(()) };
     let (alone, bundle) = ca_paths(spec);
-    let mut text = std::fs::read_to_string(aibox_sandbox::CA_BUNDLE).unwrap_or_default();
-    if !text.is_empty() && !text.ends_with('\n') {
+    // Without the system roots every other HTTPS connection in the
+    // sandbox would fail: refuse instead.
+    let mut text = std::fs::read_to_string(aibox_sandbox::CA_BUNDLE).map_err(|e| {
+        format!(
+            "the LLM gateway needs the host's CA bundle {} to give the sandbox (it is the system roots plus the gateway's CA): {e}",
+            aibox_sandbox::CA_BUNDLE
+        )
+    })?;
+    if !text.ends_with('\n') {
         text.push('\n');
     }
     text.push_str(g.ca_pem());

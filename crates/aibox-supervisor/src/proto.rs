@@ -121,6 +121,11 @@ pub struct NetworkSpec {
     /// Variables set inside the sandbox to a placeholder instead of a key.
     #[serde(default)]
     pub placeholders: Vec<String>,
+    /// Host environment variables the keys were read from: removed from
+    /// the supervisor's environment (the keys reach it over stdin only),
+    /// so that neither it nor the engines it runs carry them.
+    #[serde(default)]
+    pub key_env: Vec<String>,
 }
 
 /// Egress state shown by `status`.

@@ -148,6 +148,12 @@ fn network_spec(c: &aibox_config::Config) -> Result<Option<NetworkSpec>> {
         dns_addr: n.dns_addr.parse().context("network.dns_addr")?,
         gateway,
         placeholders,
+        key_env: n
+            .llm_gateway
+            .providers
+            .iter()
+            .filter_map(|p| p.api_key_env.clone())
+            .collect(),
     }))
 }
 

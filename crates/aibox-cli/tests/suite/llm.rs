@@ -175,6 +175,19 @@ all_backends!(llm_gateway_holds_the_key_limits_and_logs, |mut c: Ctx| {
     let ws = c.ws.display().to_string();
     ok(&c.out(&["start", "-w", &ws, "--name", "llm"]));
     let sh = |script: &str| c.out(&["exec", "--name", "llm", "--", "sh", "-c", script]);
+    // The supervisor got the keys over its stdin, not in its environment
+    // (which the engines it runs would inherit).
+    let st: serde_json::Value =
+        serde_json::from_str(&ok(&c.out(&["status", "--name", "llm", "--format", "json"])))
+            .unwrap();
+    let environ = std::fs::read(format!("/proc/{}/environ", st["supervisor_pid"])).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(
+        !environ.contains(KEY)
+            && !environ.contains(KEY2)
+            && !environ.contains("AIBOX_TEST_LLM_KEY"),
+        "a key is in the supervisor's environment"
+    );
 
     // 1: through the proxy (CONNECT), the placeholder key from the
     // environment; the LLM sees the real one.

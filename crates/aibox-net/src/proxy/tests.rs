@@ -175,11 +175,11 @@ async fn connect_to_an_allowed_host_tunnels_and_is_recorded() {
         "{}",
         String::from_utf8_lossy(&b[..n])
     );
-    c.write_all(b"ECHO hello")
+    c.write_all(b"ECHO hello\r\n")
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let n = c.read(&mut b).await.unwrap_or(0);
-    assert_eq!(&b[..n], b"ECHO hello");
+    assert_eq!(&b[..n], b"ECHO hello\r\n");
     drop(c);
     let e = s
         .events
@@ -202,7 +202,7 @@ async fn connect_to_an_allowed_host_tunnels_and_is_recorded() {
         ("allowed.test", s.up_port, "CONNECT")
     );
     assert_eq!(address, format!("127.0.0.1:{}", s.up_port));
-    assert_eq!((bytes_up, bytes_down), (10, 10));
+    assert_eq!((bytes_up, bytes_down), (12, 12));
     assert_eq!(s.proxy.counters.allowed.load(Ordering::Relaxed), 1);
 }
 
@@ -418,14 +418,14 @@ async fn dns_and_transparent_connections() {
     let mut c = TcpStream::connect(("127.100.0.1", s.up_port))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    c.write_all(b"ECHO via dns")
+    c.write_all(b"ECHO via dns\r\n")
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let mut got = [0u8; 12];
+    let mut got = [0u8; 14];
     c.read_exact(&mut got)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(&got, b"ECHO via dns");
+    assert_eq!(&got, b"ECHO via dns\r\n");
     // An address the DNS never handed out is refused.
     let l2 = TcpListener::bind(("127.100.0.9", s.up_port))
         .await
@@ -541,5 +541,48 @@ async fn upstream_connections_are_reused_only_for_the_same_destination() {
     for (host, bytes, error) in &allows {
         assert!(bytes, "{host}: no bytes counted: {allows:?}");
         assert_eq!(error, &None, "{allows:?}");
+    }
+}
+
+/// What counts as plain HTTP at the start of a tunnel: any method, after
+/// empty lines, and the HTTP/2 preface; not other line protocols.
+#[test]
+fn plain_http_in_tunnels_is_recognised() {
+    for yes in [
+        &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        b"\r\n\r\nGET / HTTP/1.1\r\n",
+        b"PROPFIND /x HTTP/1.1\r\n",
+        b"MKCOL /x http/1.0\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    ] {
+        assert_eq!(
+            plain_http(yes),
+            PlainHttp::Yes,
+            "{}",
+            String::from_utf8_lossy(yes)
+        );
+    }
+    for no in [
+        &b"EHLO mail.example\r\n"[..],
+        b"SSH-2.0-OpenSSH_9.2\r\n",
+        b"0032git-upload-pack /x\0host=y\0",
+        b"\x00\x01binary",
+    ] {
+        assert_eq!(
+            plain_http(no),
+            PlainHttp::No,
+            "{}",
+            String::from_utf8_lossy(no)
+        );
+    }
+    // A request line still arriving is waited for (and a tunnel that never
+    // completes it is refused when the first-bytes timeout ends).
+    for more in [&b"GET / HTT"[..], b"\r\n", b"PRI * HT", b"GET"] {
+        assert_eq!(
+            plain_http(more),
+            PlainHttp::NeedMore,
+            "{}",
+            String::from_utf8_lossy(more)
+        );
     }
 }
