@@ -401,14 +401,18 @@ impl Gateway {
             let used: u64 = w.tokens.iter().map(|(_, _, n)| n).sum();
             // (A request larger than the whole budget still runs alone.)
             if used >= tpm || (used > 0 && used.saturating_add(estimate) > tpm) {
-                // Wait until enough of the window has expired.
-                let need = used.saturating_add(estimate).saturating_sub(tpm);
+                // Wait until enough of the window has expired: down to
+                // below the budget, and to room for this request.
+                let need = used
+                    .saturating_add(estimate)
+                    .saturating_sub(tpm)
+                    .max(used.saturating_sub(tpm) + 1);
                 let mut freed = 0u64;
                 let mut at = now;
                 for (t, _, n) in &w.tokens {
                     freed += n;
                     at = *t;
-                    if freed >= need.max(1) {
+                    if freed >= need {
                         break;
                     }
                 }
@@ -427,9 +431,13 @@ impl Gateway {
     fn settle(&self, id: u64, reported: Option<u64>) {
         let Some(n) = reported else { return };
         let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = w.tokens.iter_mut().find(|(_, i, _)| *i == id) {
-            e.2 = n;
+        // The tokens were used when the response ended: they count from
+        // now (a generation longer than a minute must not escape the
+        // window because its reservation expired).
+        if let Some(at) = w.tokens.iter().position(|(_, i, _)| *i == id) {
+            w.tokens.remove(at);
         }
+        w.tokens.push_back((Instant::now(), id, n));
     }
 
     fn route(&self, model: Option<&str>, connected: usize) -> usize {
@@ -565,7 +573,7 @@ impl Gateway {
         };
         // Only the fields needed, borrowed: the rest of the body is skipped
         // without building a tree of it.
-        let fields = serde_json::from_slice::<RequestFields>(&body).unwrap_or_default();
+        let fields = RequestFields::read(&body);
         let model = fields.model.as_deref().map(crate::proxy::clip);
         let estimate = fields
             .max_tokens
@@ -767,21 +775,71 @@ impl Gateway {
     }
 }
 
-/// The fields of a request body the gateway reads.
-#[derive(Deserialize, Default)]
-struct RequestFields<'a> {
-    #[serde(borrow, default)]
-    model: Option<std::borrow::Cow<'a, str>>,
-    #[serde(default)]
+/// The fields of a request body the gateway reads. Lenient like the
+/// usual JSON readers (the last of duplicate keys wins; a field of
+/// another type is ignored, not fatal), and without building the rest of
+/// the body: other values are skipped, the read ones are borrowed raw.
+#[derive(Default)]
+struct RequestFields {
+    model: Option<String>,
     max_tokens: Option<u64>,
-    #[serde(default)]
     max_completion_tokens: Option<u64>,
+}
+
+impl RequestFields {
+    fn read(body: &[u8]) -> RequestFields {
+        serde_json::from_slice::<RequestFields>(body).unwrap_or_default()
+    }
+}
+
+impl<'de> Deserialize<'de> for RequestFields {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RequestFields;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RequestFields, A::Error> {
+                let mut out = RequestFields::default();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "model" | "max_tokens" | "max_completion_tokens" => {
+                            let raw: &'de serde_json::value::RawValue = map.next_value()?;
+                            let text = raw.get();
+                            match key.as_ref() {
+                                "model" => {
+                                    out.model = serde_json::from_str::<String>(text).ok();
+                                }
+                                "max_tokens" => {
+                                    out.max_tokens = serde_json::from_str::<u64>(text).ok();
+                                }
+                                _ => {
+                                    out.max_completion_tokens =
+                                        serde_json::from_str::<u64>(text).ok();
+                                }
+                            }
+                        }
+                        _ => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// At most [`LOG_CAP`] bytes of a body as text, marked when cut.
 fn logged(kept: &[u8], total: u64) -> String {
-    let mut t = String::from_utf8_lossy(&kept[..kept.len().min(LOG_CAP)]).into_owned();
-    if total > t.len() as u64 {
+    let shown = kept.len().min(LOG_CAP);
+    let mut t = String::from_utf8_lossy(&kept[..shown]).into_owned();
+    if total > shown as u64 {
         t.push_str(&format!("…[aibox: {total} bytes in all, cut at {LOG_CAP}]"));
     }
     t
@@ -1048,10 +1106,47 @@ mod tests {
         let _a = g.admit(70).unwrap();
         assert_eq!(g.admit(40).unwrap_err().0, "tokens_per_minute");
         assert!(g.admit(30).is_ok());
+        // Tokens reported at the end count from the end.
+        let g = Gateway::new(spec(0, 100)).unwrap();
+        let a = g.admit(10).unwrap();
+        {
+            let mut w = g.window.lock().unwrap();
+            for e in w.tokens.iter_mut() {
+                e.0 = e.0.checked_sub(Duration::from_secs(61)).unwrap();
+            }
+        }
+        g.settle(a, Some(100));
+        assert_eq!(g.admit(1).unwrap_err().0, "tokens_per_minute");
         // One request bigger than the budget still runs alone.
         let g = Gateway::new(spec(0, 100)).unwrap();
         assert!(g.admit(500).is_ok());
         assert!(g.admit(1).is_err());
+    }
+
+    #[test]
+    fn request_fields_are_read_leniently() {
+        let f = RequestFields::read(
+            br#"{"messages":[{"a":[1,2,3]}],"model":"first","max_tokens":"100","model":"second","max_completion_tokens":64}"#,
+        );
+        assert_eq!(f.model.as_deref(), Some("second"));
+        assert_eq!(f.max_tokens, None);
+        assert_eq!(f.max_completion_tokens, Some(64));
+        let f = RequestFields::read(br#"{"model":["not","a","string"],"max_tokens":1.5}"#);
+        assert_eq!((f.model, f.max_tokens), (None, None));
+        assert!(RequestFields::read(b"not json").model.is_none());
+        let f = RequestFields::read(br#"{"model":"caf\u00e9"}"#);
+        assert_eq!(f.model.as_deref(), Some("café"));
+    }
+
+    #[test]
+    fn logged_bodies_are_cut_and_marked() {
+        let big = vec![b'a'; LOG_CAP + 10];
+        let t = logged(&big, big.len() as u64);
+        assert!(t.ends_with(&format!(
+            "…[aibox: {} bytes in all, cut at {LOG_CAP}]",
+            LOG_CAP + 10
+        )));
+        assert_eq!(logged(b"abc", 3), "abc");
     }
 
     #[test]

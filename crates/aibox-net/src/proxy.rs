@@ -405,26 +405,6 @@ pub(crate) fn clip(s: &str) -> String {
     }
 }
 
-/// Whether the first bytes of a tunnel are a plain HTTP/1 request, whose
-/// `Host` could name any site behind the approved address.
-fn http_request_line(first: &[u8]) -> bool {
-    const METHODS: [&[u8]; 9] = [
-        b"GET ",
-        b"POST ",
-        b"PUT ",
-        b"HEAD ",
-        b"DELETE ",
-        b"OPTIONS ",
-        b"PATCH ",
-        b"TRACE ",
-        b"CONNECT ",
-    ];
-    METHODS.iter().any(|m| {
-        let n = m.len().min(first.len());
-        first[..n].eq_ignore_ascii_case(&m[..n])
-    })
-}
-
 /// Whether the first bytes of a tunnel are an HTTP request.
 #[derive(Debug, PartialEq, Eq)]
 enum PlainHttp {
@@ -436,17 +416,20 @@ enum PlainHttp {
 /// The longest request line waited for before a tunnel is judged.
 const MAX_REQUEST_LINE: usize = 8192;
 
-/// Judges the first bytes of a tunnel: an HTTP/1 request line (any method,
-/// after any leading empty lines, which servers skip) or the HTTP/2
-/// preface is plain HTTP, whose `Host` could name any site behind the
-/// approved address. A line-oriented protocol whose first line does not
-/// end in ` HTTP/1.x` (SMTP's `EHLO x`) is not.
+/// Judges the first bytes of a tunnel: an HTTP/1 request line (any
+/// token as method, after any number of leading empty lines, which servers
+/// skip) or the HTTP/2 preface is plain HTTP, whose `Host` could name any
+/// site behind the approved address. A first line that does not mention
+/// `HTTP/` (SMTP's `EHLO x`, RTSP, SIP) or that carries a NUL (git's
+/// pkt-lines) is not. Fails closed: a buffer that could still become a
+/// request line when the limit is reached counts as one.
 fn plain_http(first: &[u8]) -> PlainHttp {
-    let more = || {
-        if first.len() < MAX_REQUEST_LINE {
-            PlainHttp::NeedMore
+    let full = first.len() >= MAX_REQUEST_LINE;
+    let undecided = || {
+        if full {
+            PlainHttp::Yes
         } else {
-            PlainHttp::No
+            PlainHttp::NeedMore
         }
     };
     let start = first
@@ -455,7 +438,7 @@ fn plain_http(first: &[u8]) -> PlainHttp {
         .unwrap_or(first.len());
     let rest = &first[start..];
     if rest.is_empty() {
-        return more();
+        return undecided();
     }
     const H2: &[u8] = b"PRI * HTTP/2";
     let n = H2.len().min(rest.len());
@@ -463,37 +446,29 @@ fn plain_http(first: &[u8]) -> PlainHttp {
         return if n == H2.len() {
             PlainHttp::Yes
         } else {
-            more()
+            undecided()
         };
     }
-    // Methods in use are letters (and `-`/`_`); a digit or NUL early on
-    // means another protocol (git's pkt-lines start with a hex length).
-    if rest.contains(&0) {
+    let line_end = rest.iter().position(|b| *b == b'\n');
+    let line = &rest[..line_end.unwrap_or(rest.len())];
+    if line.contains(&0) {
         return PlainHttp::No;
     }
-    let token = rest
-        .iter()
-        .take_while(|b| b.is_ascii_alphabetic() || matches!(b, b'-' | b'_'))
-        .count();
+    let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+    let token = line.iter().take_while(|b| tchar(b)).count();
     if token == 0 || token > 32 {
         return PlainHttp::No;
     }
-    match rest.get(token) {
-        None => return more(),
+    match line.get(token) {
+        None if line_end.is_none() => return undecided(),
         Some(b' ') => {}
-        Some(_) => return PlainHttp::No,
+        _ => return PlainHttp::No,
     }
-    let Some(nl) = rest.iter().position(|b| *b == b'\n') else {
-        return more();
-    };
-    let line = rest[..nl].strip_suffix(b"\r").unwrap_or(&rest[..nl]);
-    let version = line.len().checked_sub(9).map(|i| &line[i..]);
-    if version.is_some_and(|v| {
-        v.eq_ignore_ascii_case(b" HTTP/1.1") || v.eq_ignore_ascii_case(b" HTTP/1.0")
-    }) {
-        PlainHttp::Yes
-    } else {
-        PlainHttp::No
+    let mentions_http = line.windows(5).any(|w| w.eq_ignore_ascii_case(b"HTTP/"));
+    match (mentions_http, line_end) {
+        (true, _) => PlainHttp::Yes,
+        (false, Some(_)) => PlainHttp::No,
+        (false, None) => undecided(),
     }
 }
 
@@ -935,13 +910,24 @@ impl Proxy {
         // Plain HTTP (on any port) is served request by request, so that
         // every Host header is checked; anything else is a tunnel.
         let mut s = s;
-        let mut first = vec![0u8; 16];
-        let n = match tokio::time::timeout(FIRST_BYTES_TIMEOUT, s.read(&mut first)).await {
-            Ok(Ok(n)) if n > 0 => n,
-            _ => return,
+        let mut first = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let deadline = tokio::time::Instant::now() + FIRST_BYTES_TIMEOUT;
+        let is_http = loop {
+            // (Closed, or not decidable in time: nothing is forwarded.)
+            let Ok(Ok(n)) = tokio::time::timeout_at(deadline, s.read(&mut chunk)).await else {
+                return;
+            };
+            if n == 0 {
+                return;
+            }
+            first.extend_from_slice(&chunk[..n]);
+            match plain_http(&first) {
+                PlainHttp::Yes => break true,
+                PlainHttp::No => break false,
+                PlainHttp::NeedMore => {}
+            }
         };
-        first.truncate(n);
-        let is_http = http_request_line(&first);
         let s = Prefixed {
             prefix: first,
             at: 0,

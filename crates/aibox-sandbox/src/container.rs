@@ -272,6 +272,15 @@ impl Forwarder {
         if self.starts >= Self::MAX_STARTS {
             eprintln!("aibox: the egress forwarder keeps dying; the sandbox has no network now");
             self.given_up = true;
+            // Keep the ports bound (no sandbox process may take them), but
+            // stop listening, so that connections are refused instead of
+            // waiting in a backlog nobody accepts from.
+            for fd in fds {
+                let _ = nix::sys::socket::shutdown(
+                    std::os::fd::AsRawFd::as_raw_fd(fd),
+                    nix::sys::socket::Shutdown::Read,
+                );
+            }
             return;
         }
         if self.starts > 0 {

@@ -163,7 +163,16 @@ fn wait_ready(sock: &OwnedFd) -> Result<(i32, SelfTestReport, Vec<OwnedFd>), San
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     let deadline = std::time::Instant::now() + READY_TIMEOUT;
     let mut init_pid = None;
+    // The intermediate (InitPid) and init (Ready) write to the socket
+    // independently: under load init's Ready can come first.
+    let mut ready: Option<(SelfTestReport, Vec<OwnedFd>)> = None;
     loop {
+        if let (Some(pid), Some((report, fds))) = (init_pid, ready.take()) {
+            if let Some(failure) = report.failure() {
+                return Err(SandboxError::SelfTest(failure));
+            }
+            return Ok((pid, report, fds));
+        }
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         let ms =
             PollTimeout::try_from(left.as_millis().min(60_000) as u32).unwrap_or(PollTimeout::MAX);
@@ -188,14 +197,7 @@ fn wait_ready(sock: &OwnedFd) -> Result<(i32, SelfTestReport, Vec<OwnedFd>), San
             }
             Some((FromInit::InitPid(p), _)) => init_pid = Some(p),
             Some((FromInit::Failed(m), _)) => return Err(SandboxError::Setup(m)),
-            Some((FromInit::Ready(report), fds)) => {
-                let pid = init_pid
-                    .ok_or_else(|| SandboxError::Setup("init pid never reported".into()))?;
-                if let Some(failure) = report.failure() {
-                    return Err(SandboxError::SelfTest(failure));
-                }
-                return Ok((pid, report, fds));
-            }
+            Some((FromInit::Ready(report), fds)) => ready = Some((report, fds)),
             Some((other, _)) => {
                 return Err(SandboxError::Setup(format!(
                     "unexpected message during setup: {other:?}"

@@ -384,12 +384,21 @@ pub(crate) fn write_ca_files(
     let (alone, bundle) = ca_paths(spec);
     // Without the system roots every other HTTPS connection in the
     // sandbox would fail: refuse instead.
-    let mut text = std::fs::read_to_string(aibox_sandbox::CA_BUNDLE).map_err(|e| {
-        format!(
-            "the LLM gateway needs the host's CA bundle {} to give the sandbox (it is the system roots plus the gateway's CA): {e}",
-            aibox_sandbox::CA_BUNDLE
-        )
-    })?;
+    const BUNDLES: [&str; 3] = [
+        aibox_sandbox::CA_BUNDLE,
+        "/etc/pki/tls/certs/ca-bundle.crt",
+        "/etc/ssl/cert.pem",
+    ];
+    let mut text = BUNDLES
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .find(|t| t.contains("-----BEGIN CERTIFICATE-----"))
+        .ok_or_else(|| {
+            format!(
+                "the LLM gateway needs the host's system CA bundle (looked for {}) to build the sandbox's: the system roots plus the gateway's CA",
+                BUNDLES.join(", ")
+            )
+        })?;
     if !text.ends_with('\n') {
         text.push('\n');
     }

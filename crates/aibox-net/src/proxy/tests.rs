@@ -548,12 +548,24 @@ async fn upstream_connections_are_reused_only_for_the_same_destination() {
 /// empty lines, and the HTTP/2 preface; not other line protocols.
 #[test]
 fn plain_http_in_tunnels_is_recognised() {
+    let long_line = format!("GET /{} HTTP/1.1\r\n", "a".repeat(9000));
+    let many_crlf = format!("{}GET / HTTP/1.1\r\n", "\r\n".repeat(5000));
     for yes in [
         &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
         b"\r\n\r\nGET / HTTP/1.1\r\n",
         b"PROPFIND /x HTTP/1.1\r\n",
         b"MKCOL /x http/1.0\n",
+        b"G3T / HTTP/1.1\r\n",
+        b"GET / HTTP/1.1 \r\n",
+        b"GET / HTTP/1.2\r\n",
         b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        // A NUL after the request line does not hide it.
+        b"POST / HTTP/1.1\r\nHost: evil\r\nContent-Length: 4\r\n\r\n\0\0\0\0",
+        // Past the limit, whatever could still be a request line is one.
+        long_line.as_bytes(),
+        &long_line.as_bytes()[..8200],
+        many_crlf.as_bytes(),
+        &many_crlf.as_bytes()[..8200],
     ] {
         assert_eq!(
             plain_http(yes),
@@ -564,6 +576,8 @@ fn plain_http_in_tunnels_is_recognised() {
     }
     for no in [
         &b"EHLO mail.example\r\n"[..],
+        b"OPTIONS rtsp://cam/x RTSP/1.0\r\n",
+        b"*1\r\n$4\r\nPING\r\n",
         b"SSH-2.0-OpenSSH_9.2\r\n",
         b"0032git-upload-pack /x\0host=y\0",
         b"\x00\x01binary",
