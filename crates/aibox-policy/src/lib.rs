@@ -1,0 +1,101 @@
+//! aibox policy: the org → team → project tiers of YAML policy, read
+//! strictly ([`load`]), merged tighten-only ([`merge`]), and the command
+//! classification the tool rules define ([`classify`]).
+
+#![warn(missing_docs)]
+
+pub mod hosts;
+pub mod load;
+pub mod merge;
+pub mod schema;
+
+pub use load::{load, parse};
+pub use merge::{Merged, Tier, Violation, merge};
+pub use schema::{PolicyFile, Risk};
+
+/// One problem in one file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Issue {
+    /// `org`, `team` or `project`.
+    pub tier: String,
+    /// The file.
+    pub file: String,
+    /// Line, when known.
+    pub line: Option<usize>,
+    /// Key path (`tools.rules[0].risk`); empty for the whole file.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for Issue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(l) = self.line {
+            write!(f, ":{l}")?;
+        }
+        write!(f, " ({} tier)", self.tier)?;
+        if !self.path.is_empty() {
+            write!(f, ": `{}`", self.path)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Why a tier could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The file cannot be read.
+    #[error("{tier} policy {path} cannot be read: {reason}")]
+    Unreadable {
+        /// Tier.
+        tier: String,
+        /// File.
+        path: String,
+        /// The OS's words.
+        reason: String,
+    },
+    /// The file is not a valid policy.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Issue>),
+}
+
+/// How a command is classified by the tool rules of `p`: the strictest
+/// class of every rule matching `argv` (the program compared by its base
+/// name), or the default (`safe` when no tier sets one), with the index
+/// of the deciding rule.
+pub fn classify(p: &PolicyFile, argv: &[String]) -> (Risk, Option<usize>) {
+    let tools = p.tools.as_ref();
+    let mut best: Option<(Risk, usize)> = None;
+    for (i, r) in tools
+        .and_then(|t| t.rules.as_ref())
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        if rule_matches(&r.matches, argv) && best.is_none_or(|(b, _)| r.risk > b) {
+            best = Some((r.risk, i));
+        }
+    }
+    match best {
+        Some((risk, i)) => (risk, Some(i)),
+        None => (tools.and_then(|t| t.default).unwrap_or(Risk::Safe), None),
+    }
+}
+
+fn rule_matches(tokens: &[String], argv: &[String]) -> bool {
+    if tokens.is_empty() || argv.len() < tokens.len() {
+        return false;
+    }
+    tokens.iter().zip(argv).enumerate().all(|(i, (t, a))| {
+        let a = if i == 0 {
+            a.rsplit('/').next().unwrap_or(a)
+        } else {
+            a.as_str()
+        };
+        t == "*" || t == a
+    })
+}
+
+#[cfg(test)]
+mod tests;
