@@ -62,6 +62,9 @@ pub enum Command {
     /// Check a running sandbox's network from inside.
     #[command(subcommand)]
     Network(NetworkCmd),
+    /// Policy tiers: validate, show the merged policy, dry-run a command.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
     /// Build and list sandbox images (for the podman and docker backends).
     #[command(subcommand)]
     Image(ImageCmd),
@@ -94,6 +97,68 @@ pub struct FormatArg {
     /// Output format.
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
+}
+
+/// Which policy files to use (default: the config's `policy.*` paths;
+/// the project tier is `<workspace>/<policy.project_policy_path>`).
+#[derive(Debug, Args, Clone, Default)]
+pub struct TierArgs {
+    /// Org tier file.
+    #[arg(long, value_name = "FILE")]
+    pub org: Option<PathBuf>,
+    /// Team tier file.
+    #[arg(long, value_name = "FILE")]
+    pub team: Option<PathBuf>,
+    /// Project tier file.
+    #[arg(long, value_name = "FILE")]
+    pub project: Option<PathBuf>,
+    /// Workspace whose project tier to use (default: the current directory).
+    #[arg(long, short = 'w', value_name = "PATH")]
+    pub workspace: Option<PathBuf>,
+}
+
+/// YAML or JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DocFormat {
+    /// YAML.
+    Yaml,
+    /// JSON.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCmd {
+    /// Check the tiers and their merge. Exit 0: valid; 1: a schema error
+    /// or a loosening; 2: a file cannot be read.
+    Validate {
+        #[command(flatten)]
+        tiers: TierArgs,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
+    /// Print the merged policy, with its version and tiers.
+    Show {
+        #[command(flatten)]
+        tiers: TierArgs,
+        /// The merged policy (the only view so far).
+        #[arg(long)]
+        merged: bool,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "yaml")]
+        format: DocFormat,
+    },
+    /// Dry-run the decision for a command (nothing runs).
+    Check {
+        #[command(flatten)]
+        tiers: TierArgs,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+        /// The command.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

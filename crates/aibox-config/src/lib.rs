@@ -746,7 +746,12 @@ pub fn network_rules(n: &Network) -> Result<aibox_net::Allowlist, (&'static str,
 /// which the sandbox must be able to resolve and reach.
 pub fn all_rules(n: &Network) -> Vec<String> {
     let mut rules = n.allowed_domains.clone();
-    rules.extend(n.llm_gateway.providers.iter().map(|p| p.host.clone()));
+    rules.extend(
+        n.llm_gateway
+            .providers
+            .iter()
+            .map(|p| format!("{}:443", p.host)),
+    );
     rules
 }
 

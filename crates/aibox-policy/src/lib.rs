@@ -99,3 +99,52 @@ fn rule_matches(tokens: &[String], argv: &[String]) -> bool {
 
 #[cfg(test)]
 mod tests;
+
+/// Where one tier's file is, and whether it must exist.
+#[derive(Debug, Clone)]
+pub struct TierSource {
+    /// `org`, `team` or `project`.
+    pub name: String,
+    /// The file.
+    pub path: std::path::PathBuf,
+    /// Named explicitly (a missing file is an error), or a default
+    /// location (a missing file means the tier is absent).
+    pub required: bool,
+}
+
+/// What loading the tiers found.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// The tiers present, top first.
+    pub tiers: Vec<Tier>,
+    /// Files that could not be read.
+    pub unreadable: Vec<String>,
+    /// Problems inside files.
+    pub issues: Vec<Issue>,
+}
+
+/// Loads every tier of `sources`, collecting every problem of every file.
+pub fn load_tiers(sources: &[TierSource]) -> Loaded {
+    let mut out = Loaded::default();
+    for s in sources {
+        if !s.required && !s.path.exists() {
+            continue;
+        }
+        match load(&s.name, &s.path) {
+            Ok(policy) => out.tiers.push(Tier {
+                name: s.name.clone(),
+                path: s.path.display().to_string(),
+                policy,
+            }),
+            Err(PolicyError::Unreadable { .. }) if !s.required && !s.path.exists() => {}
+            Err(e @ PolicyError::Unreadable { .. }) => out.unreadable.push(e.to_string()),
+            Err(PolicyError::Invalid(v)) => out.issues.extend(v),
+        }
+    }
+    out
+}
+
+/// `p` as YAML (the format of the policy files).
+pub fn to_yaml(p: &PolicyFile) -> Result<String, String> {
+    serde_saphyr::to_string(p).map_err(|e| e.to_string())
+}

@@ -89,12 +89,22 @@ fn line_of(text: &str, path: &str) -> Option<usize> {
     let mut want = keys.iter().peekable();
     let mut found = None;
     for (n, l) in text.lines().enumerate() {
-        let Some(k) = want.peek() else { break };
-        let t = l.trim_start().trim_start_matches("- ");
-        if t.starts_with(&format!("{k}:")) {
+        // Block style (`key:` at the start) or flow style (`{a: 1, key: 2}`):
+        // several keys of the path may sit on one line.
+        while let Some(k) = want.peek() {
+            let pat = format!("{k}:");
+            let hit = l.match_indices(&pat).any(|(i, _)| {
+                i == 0 || matches!(l.as_bytes()[i - 1], b' ' | b'{' | b',' | b'-' | b'\t')
+            });
+            if !hit {
+                break;
+            }
             found = Some(n + 1);
             want.next();
         }
+    }
+    if want.peek().is_some() && found.is_none() {
+        return None;
     }
     found
 }

@@ -41,7 +41,7 @@ impl std::fmt::Display for Violation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} tier ({}): `{}` loosens the policy above: parent allows {}, this asks for {}",
+            "{} tier ({}): `{}` would loosen the policy: the tiers above set {}; this file asks for {}",
             self.tier, self.file, self.path, self.parent, self.attempted
         )
     }

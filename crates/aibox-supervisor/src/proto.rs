@@ -101,6 +101,10 @@ pub struct SupervisorSpec {
     /// Egress policy; None = the sandbox has no egress path at all.
     #[serde(default)]
     pub network: Option<NetworkSpec>,
+    /// `sha256:…` of the merged policy the start was checked against
+    /// (empty: no policy files).
+    #[serde(default)]
+    pub policy_version: String,
 }
 
 /// What the supervisor's proxy enforces.

@@ -189,7 +189,7 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
     emit(
         &mut audit,
         EventType::SandboxConfig,
-        json!({"config_sha256": spec.config_sha256}),
+        json!({"config_sha256": spec.config_sha256, "policy_version": spec.policy_version}),
     )?;
 
     // The LLM gateway's CA must exist before the sandbox is built (the

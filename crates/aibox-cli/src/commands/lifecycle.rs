@@ -57,6 +57,9 @@ fn prepare(
             ("config file", sources.user_file.clone()),
         ],
     )?;
+    // The policy tiers, before anything is created: a start they refuse
+    // never begins.
+    let policy = super::policy::at_start(c, runtime, &ws)?;
     let user = aibox_core::current_user();
     let name = match &a.name {
         Some(n) => {
@@ -79,7 +82,7 @@ fn prepare(
             &user,
         )?),
     };
-    let network = network_spec(c)?;
+    let network = network_spec(c, &policy)?;
     // Native: init opens the listeners inside the sandbox and hands them
     // to the supervisor. (A container's init opens them itself and relays
     // them to the supervisor's socket.)
@@ -128,19 +131,31 @@ fn prepare(
         memory_bytes: aibox_config::parse_size(&c.resources.memory).unwrap_or(u64::MAX),
         container,
         network,
+        policy_version: policy.version.clone(),
     };
     Ok((loaded, spec, paths))
 }
 
 /// The proxy's policy from `network.*` (already validated with the config),
 /// with the LLM gateway's keys read from where the config says.
-fn network_spec(c: &aibox_config::Config) -> Result<Option<NetworkSpec>> {
-    let n = &c.network;
-    if !n.enabled {
+fn network_spec(
+    c: &aibox_config::Config,
+    policy: &super::policy::AtStart,
+) -> Result<Option<NetworkSpec>> {
+    if !c.network.enabled {
         return Ok(None);
     }
-    aibox_config::network_rules(n).map_err(|(key, e)| anyhow::anyhow!("{key}: {e}"))?;
-    let (gateway, placeholders) = gateway_spec(c)?;
+    // The policy's own destinations join the config's (which the policy
+    // has already checked are inside it).
+    let mut n = c.network.clone();
+    n.allowed_domains.extend(policy.rules.iter().cloned());
+    let n = &n;
+    aibox_config::network_rules(n)
+        .map_err(|(key, e)| anyhow::anyhow!("{key} (with the policy's network.allow): {e}"))?;
+    let (mut gateway, placeholders) = gateway_spec(c)?;
+    if let Some(g) = gateway.as_mut() {
+        limit_gateway(g, &policy.policy);
+    }
     Ok(Some(NetworkSpec {
         allowed: aibox_config::all_rules(n),
         hosts: n.resolve.clone(),
@@ -155,6 +170,37 @@ fn network_spec(c: &aibox_config::Config) -> Result<Option<NetworkSpec>> {
             .filter_map(|p| p.api_key_env.clone())
             .collect(),
     }))
+}
+
+/// The policy's rate limits for the gateway's hosts (the strictest of
+/// the config's and every policy entry naming such a host on 443).
+fn limit_gateway(g: &mut aibox_net::gateway::GatewaySpec, p: &aibox_policy::PolicyFile) {
+    let Some(allow) = p.network.as_ref().and_then(|n| n.allow.as_ref()) else {
+        return;
+    };
+    let min = |cur: u64, new: Option<u64>| match (cur, new) {
+        (_, None) => cur,
+        (0, Some(n)) => n,
+        (c, Some(n)) => c.min(n),
+    };
+    for prov in &g.providers {
+        let Ok(h) = aibox_policy::hosts::parse_pattern(&prov.host) else {
+            continue;
+        };
+        for e in allow.iter().filter(|e| e.ports.contains(&443)) {
+            let covers = e.hosts.iter().any(|x| {
+                aibox_policy::hosts::parse_pattern(x)
+                    .is_ok_and(|x| aibox_policy::hosts::covers(&x, &h))
+            });
+            if let (true, Some(rl)) = (covers, e.rate_limit) {
+                g.requests_per_minute = min(
+                    u64::from(g.requests_per_minute),
+                    rl.requests_per_min.map(u64::from),
+                ) as u32;
+                g.tokens_per_minute = min(g.tokens_per_minute, rl.tokens_per_min);
+            }
+        }
+    }
 }
 
 /// `network.llm_gateway` with its keys, and the variables that get a

@@ -6,6 +6,7 @@ mod doctor;
 mod image;
 mod lifecycle;
 pub(crate) mod network;
+pub(crate) mod policy;
 
 use anyhow::Result;
 
@@ -28,6 +29,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Command::Doctor(a) => doctor::run(cli.config, a),
         Command::Audit(a) => audit::run(cli.config, a),
         Command::Network(a) => network::run(cli.config, a),
+        Command::Policy(a) => policy::run(cli.config, a),
         Command::Image(a) => image::run(cli.config, a),
         Command::Update { engine } => image::update(cli.config, engine),
         Command::Repair(crate::args::RepairCmd::Cache { engine }) => {

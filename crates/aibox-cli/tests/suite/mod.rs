@@ -7,3 +7,4 @@ mod isolation;
 mod lifecycle;
 mod llm;
 mod network;
+mod policy;

@@ -1,0 +1,402 @@
+//! `aibox policy …`: the tiers from the config (or the command line),
+//! validated, merged and shown; dry-run decisions.
+
+use std::path::{Path, PathBuf};
+
+use aibox_policy::{Merged, TierSource, Violation};
+use anyhow::{Context, Result};
+
+use crate::args::{DocFormat, Format, PolicyCmd, TierArgs};
+
+/// The tier files: explicit ones must exist, the config's defaults may be
+/// absent.
+pub(crate) fn sources(
+    cfg: &aibox_config::Config,
+    args: &TierArgs,
+    workspace: &Path,
+) -> Vec<TierSource> {
+    let pick = |name: &str, explicit: &Option<PathBuf>, default: Option<PathBuf>| {
+        explicit
+            .clone()
+            .map(|path| TierSource {
+                name: name.into(),
+                path,
+                required: true,
+            })
+            .or(default.map(|path| TierSource {
+                name: name.into(),
+                path,
+                required: false,
+            }))
+    };
+    let p = &cfg.policy;
+    let nonempty = |s: &str| (!s.is_empty()).then(|| PathBuf::from(s));
+    [
+        pick("org", &args.org, nonempty(&p.org_baseline_path)),
+        pick("team", &args.team, nonempty(&p.team_policy_path)),
+        pick(
+            "project",
+            &args.project,
+            nonempty(&p.project_policy_path).map(|r| workspace.join(r)),
+        ),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// The outcome of loading and merging.
+pub(crate) struct Outcome {
+    pub merged: Merged,
+    pub unreadable: Vec<String>,
+    pub issues: Vec<aibox_policy::Issue>,
+    pub violations: Vec<Violation>,
+}
+
+impl Outcome {
+    /// Every problem, one per line.
+    pub(crate) fn problems(&self) -> Vec<String> {
+        self.unreadable
+            .iter()
+            .cloned()
+            .chain(self.issues.iter().map(ToString::to_string))
+            .chain(self.violations.iter().map(ToString::to_string))
+            .collect()
+    }
+}
+
+pub(crate) fn evaluate(sources: &[TierSource]) -> Outcome {
+    let loaded = aibox_policy::load_tiers(sources);
+    let (merged, violations) = aibox_policy::merge(&loaded.tiers);
+    Outcome {
+        merged,
+        unreadable: loaded.unreadable,
+        issues: loaded.issues,
+        violations,
+    }
+}
+
+fn workspace(args: &TierArgs) -> Result<PathBuf> {
+    match &args.workspace {
+        Some(w) => std::fs::canonicalize(w).with_context(|| format!("workspace {}", w.display())),
+        None => std::env::current_dir().context("the current directory"),
+    }
+}
+
+pub fn run(cli_config: Option<PathBuf>, cmd: PolicyCmd) -> Result<i32> {
+    let (loaded, _) = super::load_config(cli_config)?;
+    match cmd {
+        PolicyCmd::Validate { tiers, format } => {
+            let src = sources(&loaded.config, &tiers, &workspace(&tiers)?);
+            let o = evaluate(&src);
+            let code = if !o.unreadable.is_empty() {
+                2
+            } else if !o.issues.is_empty() || !o.violations.is_empty() {
+                1
+            } else {
+                0
+            };
+            match format {
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "valid": code == 0,
+                        "policy_version": o.merged.version,
+                        "tiers": o.merged.tiers,
+                        "unreadable": o.unreadable,
+                        "issues": o.issues,
+                        "violations": o.violations,
+                    }))?
+                ),
+                Format::Text => {
+                    for p in o.problems() {
+                        eprintln!("aibox: {p}");
+                    }
+                    if code == 0 {
+                        if o.merged.tiers.is_empty() {
+                            println!("no policy files (looked for: {})", list(&src));
+                        } else {
+                            println!(
+                                "valid: {} (policy version {})",
+                                o.merged
+                                    .tiers
+                                    .iter()
+                                    .map(|(n, p, _)| format!("{n} {p}"))
+                                    .collect::<Vec<_>>()
+                                    .join(", "),
+                                o.merged.version
+                            );
+                        }
+                    }
+                }
+            }
+            Ok(code)
+        }
+        PolicyCmd::Show {
+            tiers,
+            merged: _,
+            format,
+        } => {
+            let o = evaluate(&sources(&loaded.config, &tiers, &workspace(&tiers)?));
+            let problems = o.problems();
+            if !problems.is_empty() {
+                anyhow::bail!(
+                    "{}\n  fix: correct the policy files (`aibox policy validate` lists the problems)",
+                    problems.join("\n")
+                );
+            }
+            match format {
+                DocFormat::Json => println!("{}", serde_json::to_string_pretty(&o.merged)?),
+                DocFormat::Yaml => {
+                    println!("# policy version {}", o.merged.version);
+                    for (n, p, h) in &o.merged.tiers {
+                        println!("# {n} tier: {p} ({h})");
+                    }
+                    print!(
+                        "{}",
+                        aibox_policy::to_yaml(&o.merged.policy)
+                            .map_err(|e| anyhow::anyhow!("writing YAML: {e}"))?
+                    );
+                }
+            }
+            Ok(0)
+        }
+        PolicyCmd::Check {
+            tiers,
+            format,
+            command,
+        } => {
+            let o = evaluate(&sources(&loaded.config, &tiers, &workspace(&tiers)?));
+            let problems = o.problems();
+            if !problems.is_empty() {
+                anyhow::bail!("{}", problems.join("\n"));
+            }
+            let p = &o.merged.policy;
+            let (risk, rule) = aibox_policy::classify(p, &command);
+            let rule_desc = rule
+                .and_then(|i| p.tools.as_ref()?.rules.as_ref()?.get(i).map(|r| (i, r)))
+                .map(|(i, r)| {
+                    (
+                        format!("tools.rules[{i}] (match: {})", r.matches.join(" ")),
+                        r.reason.clone().unwrap_or_default(),
+                    )
+                })
+                .unwrap_or_else(|| ("tools.default".into(), "no rule matches".into()));
+            let decision = match risk {
+                aibox_policy::Risk::BlockedByDefault => "deny",
+                aibox_policy::Risk::ReviewRequired => "allow (logged for review)",
+                aibox_policy::Risk::Safe => "allow",
+            };
+            match format {
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "command": command, "decision": decision, "risk_class": risk.as_str(),
+                        "rule": rule_desc.0, "reason": rule_desc.1, "policy_version": o.merged.version,
+                    }))?
+                ),
+                Format::Text => {
+                    println!("decision:   {decision}");
+                    println!("risk class: {}", risk.as_str());
+                    println!("rule:       {}", rule_desc.0);
+                    if !rule_desc.1.is_empty() {
+                        println!("reason:     {}", rule_desc.1);
+                    }
+                    println!("policy:     {}", o.merged.version);
+                }
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn list(src: &[TierSource]) -> String {
+    src.iter()
+        .map(|s| s.path.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// What the merged policy means for one start: checked before anything
+/// exists, refused with every reason at once.
+pub(crate) struct AtStart {
+    /// `sha256:…` of the merged policy (empty: no policy files).
+    pub version: String,
+    /// Allowlist rules the policy itself grants (host:port), added to the
+    /// config's.
+    pub rules: Vec<String>,
+    /// The merged policy.
+    pub policy: aibox_policy::PolicyFile,
+}
+
+/// `host[:port]` of an allowlist rule → (host, ports it grants).
+fn rule_ports(rule: &str) -> (String, Vec<u16>) {
+    let (host, port) = match rule.rsplit_once(':') {
+        Some((h, p)) if (!h.contains(':') || h.ends_with(']')) && p.parse::<u16>().is_ok() => (
+            h.trim_start_matches('[').trim_end_matches(']').to_string(),
+            p.parse().ok(),
+        ),
+        _ => (rule.to_string(), None),
+    };
+    // A rule without a port: CONNECT to 443 and plain HTTP to 80 and 443.
+    (host, port.map_or(vec![80, 443], |p| vec![p]))
+}
+
+/// Loads, merges and applies the policy to a start of `runtime` with
+/// config `c` around workspace `ws`.
+pub(crate) fn at_start(
+    c: &aibox_config::Config,
+    runtime: aibox_config::Runtime,
+    ws: &Path,
+) -> Result<AtStart> {
+    let o = evaluate(&sources(c, &TierArgs::default(), ws));
+    let mut problems = o.problems();
+    let p = o.merged.policy.clone();
+    if o.merged.tiers.is_empty() {
+        return Ok(AtStart {
+            version: String::new(),
+            rules: Vec::new(),
+            policy: p,
+        });
+    }
+    use aibox_policy::schema::Engine;
+    if let Some(rt) = &p.runtime {
+        let engine = match runtime {
+            aibox_config::Runtime::Native => Engine::Native,
+            aibox_config::Runtime::Podman => Engine::Podman,
+            aibox_config::Runtime::Docker => Engine::Docker,
+        };
+        if let Some(list) = &rt.engines
+            && !list.contains(&engine)
+        {
+            problems.push(format!(
+                "runtime.engines: the policy allows {list:?}, not {engine:?}; choose one of them with --runtime"
+            ));
+        }
+        if rt.rootless == Some(true) && aibox_core::euid() == 0 {
+            problems.push(
+                "runtime.rootless: the policy requires rootless sandboxes; run aibox as an ordinary user".into(),
+            );
+        }
+        let gvisor = runtime == aibox_config::Runtime::Podman && c.gvisor.enabled;
+        if rt.gvisor_required == Some(true) && !gvisor {
+            problems.push(
+                "runtime.gvisor_required: the policy requires gVisor; use --runtime podman with gvisor.enabled: true".into(),
+            );
+        }
+    }
+    if let Some(r) = &p.resources {
+        let over = |what: &str, have: u64, max: u64, shown: String| {
+            (have > max).then(|| {
+                format!("resources.{what}: the config asks for {shown}, above the policy's limit; lower it in the config")
+            })
+        };
+        let size = |s: &str| aibox_config::parse_size(s).unwrap_or(u64::MAX);
+        problems.extend(
+            [
+                r.cpus.and_then(|m| {
+                    over(
+                        "cpus",
+                        u64::from(c.resources.cpus),
+                        u64::from(m),
+                        c.resources.cpus.to_string(),
+                    )
+                }),
+                r.pids
+                    .and_then(|m| over("pids", c.resources.pids, m, c.resources.pids.to_string())),
+                r.memory.as_deref().and_then(|m| {
+                    over(
+                        "memory",
+                        size(&c.resources.memory),
+                        size(m),
+                        c.resources.memory.clone(),
+                    )
+                }),
+                r.tmp_size.as_deref().and_then(|m| {
+                    over(
+                        "tmp_size",
+                        size(&c.resources.tmp_size),
+                        size(m),
+                        c.resources.tmp_size.clone(),
+                    )
+                }),
+            ]
+            .into_iter()
+            .flatten(),
+        );
+    }
+    if p.filesystem
+        .as_ref()
+        .and_then(|f| f.deny.as_ref())
+        .is_some_and(|d| !d.is_empty())
+    {
+        problems.push(
+            "filesystem.deny: this aibox cannot enforce path denials yet, and a policy it cannot enforce is not run; remove the list or wait for the release that enforces it".into(),
+        );
+    }
+    let mut rules = Vec::new();
+    if let Some(allow) = p.network.as_ref().and_then(|n| n.allow.as_ref()) {
+        let pats: Vec<(
+            Vec<aibox_policy::hosts::Pattern>,
+            &aibox_policy::schema::AllowEntry,
+        )> = allow
+            .iter()
+            .map(|e| {
+                (
+                    e.hosts
+                        .iter()
+                        .filter_map(|h| aibox_policy::hosts::parse_pattern(h).ok())
+                        .collect(),
+                    e,
+                )
+            })
+            .collect();
+        for rule in aibox_config::all_rules(&c.network) {
+            let (host, ports) = rule_ports(&rule);
+            let Ok(hp) = aibox_policy::hosts::parse_pattern(&host) else {
+                continue;
+            };
+            for port in ports {
+                let ok = pats.iter().any(|(ps, e)| {
+                    e.ports.contains(&port)
+                        && ps.iter().any(|x| aibox_policy::hosts::covers(x, &hp))
+                });
+                if !ok {
+                    problems.push(format!(
+                        "network: `{rule}` (port {port}) is outside the policy's network.allow; remove it from the config{}",
+                        if rule.contains(':') { "" } else { ", or name a port the policy permits (e.g. host:443)" }
+                    ));
+                }
+            }
+        }
+        for e in allow {
+            for h in &e.hosts {
+                for port in &e.ports {
+                    let host = if h.parse::<std::net::Ipv6Addr>().is_ok() {
+                        format!("[{h}]")
+                    } else {
+                        h.clone()
+                    };
+                    rules.push(format!("{host}:{port}"));
+                }
+            }
+        }
+    }
+    if !problems.is_empty() {
+        anyhow::bail!(
+            "the policy refuses this start ({}):\n  {}\n  (`aibox policy validate` and `aibox policy show --merged` explain the policy)",
+            o.merged
+                .tiers
+                .iter()
+                .map(|(n, p, _)| format!("{n} {p}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            problems.join("\n  ")
+        );
+    }
+    Ok(AtStart {
+        version: o.merged.version,
+        rules,
+        policy: p,
+    })
+}

@@ -1,0 +1,183 @@
+//! Policy tiers through the CLI: `policy validate/show/check`, and starts
+//! the merged policy refuses or shapes.
+
+use super::common::*;
+
+const ORG: &str = "version: 1
+network:
+  allow:
+    - id: svc
+      hosts: [svc.test, 127.0.0.1]
+      ports: [PORT]
+tools:
+  rules:
+    - match: [curl]
+      risk: blocked-by-default
+      reason: fetch through the reviewed tool instead
+resources: {cpus: 4, pids: 256}
+runtime: {engines: [native, podman, docker]}
+";
+
+/// Writes the org tier and points the config at it.
+fn org(c: &Ctx, text: &str) -> String {
+    let path = c.dir.path().join("org-policy.yaml");
+    std::fs::write(&path, text).unwrap();
+    c.add_config(&format!(
+        "policy:\n  org_baseline_path: {}\n",
+        path.display()
+    ));
+    path.display().to_string()
+}
+
+both_modes!(policy_commands_validate_show_and_check, |c: Ctx| {
+    let org_path = org(&c, &ORG.replace("PORT", "443"));
+    let team = c.dir.path().join("team.yaml");
+    std::fs::write(
+        &team,
+        "version: 1\nresources: {cpus: 8}\ntools:\n  rules:\n    - {match: [curl], risk: safe}\n",
+    )
+    .unwrap();
+    let team = team.display().to_string();
+    let ws = c.ws.display().to_string();
+    // Valid alone.
+    let o = c.out(&["policy", "validate", "-w", &ws]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("valid: org ") && stdout(&o).contains("sha256:"));
+    // A team tier that loosens: exit 1, every loosening named.
+    let o = c.out(&["policy", "validate", "-w", &ws, "--team", &team]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(err.contains("`resources.cpus` would loosen"), "{err}");
+    assert!(err.contains("`tools.rules[0].risk` would loosen"), "{err}");
+    // A schema error: exit 1 with file, line and key path.
+    std::fs::write(
+        c.dir.path().join("team.yaml"),
+        "version: 1\ntools:\n  rules:\n    - {match: [x], risk: maybe}\n",
+    )
+    .unwrap();
+    let o = c.out(&["policy", "validate", "-w", &ws, "--team", &team]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("team.yaml:4 (team tier): `tools.rules[0].risk`"),
+        "{}",
+        stderr(&o)
+    );
+    // A file that cannot be read: exit 2.
+    let o = c.out(&[
+        "policy",
+        "validate",
+        "-w",
+        &ws,
+        "--team",
+        "/nonexistent/team.yaml",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    // Show, as YAML and JSON.
+    let out = ok(&c.out(&["policy", "show", "--merged", "-w", &ws]));
+    assert!(
+        out.contains(&format!("# org tier: {org_path}"))
+            && out.contains("risk: blocked-by-default"),
+        "{out}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&ok(
+        &c.out(&["policy", "show", "--merged", "-w", &ws, "--format", "json"])
+    ))
+    .unwrap();
+    assert_eq!(v["policy"]["resources"]["cpus"], 4);
+    assert!(v["version"].as_str().unwrap().starts_with("sha256:"));
+    // Check: a dry run names the rule and the reason.
+    let out = ok(&c.out(&[
+        "policy",
+        "check",
+        "-w",
+        &ws,
+        "--",
+        "/usr/bin/curl",
+        "-s",
+        "x",
+    ]));
+    assert!(
+        out.contains("decision:   deny")
+            && out.contains("tools.rules[0] (match: curl)")
+            && out.contains("reviewed tool"),
+        "{out}"
+    );
+    let out = ok(&c.out(&["policy", "check", "-w", &ws, "--", "ls"]));
+    assert!(
+        out.contains("decision:   allow") && out.contains("tools.default"),
+        "{out}"
+    );
+});
+
+both_modes!(a_start_the_policy_refuses_never_begins, |c: Ctx| {
+    org(
+        &c,
+        "version: 1\nnetwork:\n  allow: [{id: a, hosts: [allowed.test], ports: [443]}]\nresources: {cpus: 1}\nruntime: {engines: [podman]}\nfilesystem: {deny: [/workspace/.env]}\n",
+    );
+    let base = std::fs::read_to_string(&c.config).unwrap();
+    std::fs::write(
+        &c.config,
+        base.replace("resources:\n", "resources:\n  cpus: 2\n"),
+    )
+    .unwrap();
+    c.add_config("network:\n  allowed_domains: [other.test, allowed.test]\n");
+    let o = c.sh("true");
+    assert_ne!(o.status.code(), Some(0));
+    let err = stderr(&o);
+    for want in [
+        "the policy refuses this start",
+        "runtime.engines",
+        "resources.cpus",
+        "`other.test` (port 443) is outside the policy's network.allow",
+        // allowed.test without a port also means plain HTTP on 80.
+        "`allowed.test` (port 80) is outside",
+        "filesystem.deny",
+    ] {
+        assert!(err.contains(want), "{want}: {err}");
+    }
+    // Nothing was created.
+    assert!(c.runtime_entries().is_empty(), "{:?}", c.runtime_entries());
+});
+
+both_modes!(the_policy_allowlist_reaches_the_proxy, |c: Ctx| {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut s in l.incoming().flatten() {
+            let mut b = [0u8; 1024];
+            let _ = s.read(&mut b);
+            let _ = s.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nConnection: close\r\n\r\nfrom-host",
+            );
+        }
+    });
+    org(&c, &ORG.replace("PORT", &port.to_string()));
+    // The config names no destination: the policy's own do.
+    c.add_config("network:\n  resolve: {svc.test: 127.0.0.1}\n");
+    let out = ok(&c.sh(&format!(
+        "curl -sS http://svc.test:{port}/; echo; curl -sS http://other.test/ | head -c 60"
+    )));
+    assert!(out.starts_with("from-host\n"), "{out}");
+    assert!(out.contains("blocked"), "{out}");
+    // The start recorded which policy it ran under.
+    let audit = std::fs::read_dir(c.data.join("audit"))
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    let text = std::fs::read_to_string(audit).unwrap();
+    let config = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|e| e["event_type"] == "sandbox.config")
+        .unwrap();
+    assert!(
+        config["details"]["policy_version"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:"),
+        "{config}"
+    );
+});
