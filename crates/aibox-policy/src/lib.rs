@@ -148,3 +148,8 @@ pub fn load_tiers(sources: &[TierSource]) -> Loaded {
 pub fn to_yaml(p: &PolicyFile) -> Result<String, String> {
     serde_saphyr::to_string(p).map_err(|e| e.to_string())
 }
+
+/// The JSON Schema of policy files (published as `docs/policy.schema.json`).
+pub fn json_schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(PolicyFile)).unwrap_or_default()
+}

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 /// One tier's policy file.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyFile {
     /// Format version; 1 is the only one.
@@ -31,7 +31,7 @@ pub struct PolicyFile {
 }
 
 /// `network`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkPolicy {
     /// `deny-by-default`, the only mode.
@@ -45,7 +45,7 @@ pub struct NetworkPolicy {
 }
 
 /// The network mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum NetMode {
     /// Everything not allowed is refused.
@@ -53,7 +53,7 @@ pub enum NetMode {
 }
 
 /// One permitted group of destinations.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AllowEntry {
     /// Name, for messages and the audit log.
@@ -69,7 +69,7 @@ pub struct AllowEntry {
 }
 
 /// Request and token limits.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimit {
     /// Requests per minute.
@@ -81,7 +81,7 @@ pub struct RateLimit {
 }
 
 /// `filesystem`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FilesystemPolicy {
     /// Where the workspace is mounted (`/workspace`; may not change).
@@ -93,7 +93,7 @@ pub struct FilesystemPolicy {
 }
 
 /// `tools`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ToolsPolicy {
     /// Risk class of a command no rule matches (`safe` if no tier says).
@@ -105,7 +105,7 @@ pub struct ToolsPolicy {
 }
 
 /// A command rule.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ToolRule {
     /// Leading argv tokens (the program's base name first); `*` matches
@@ -120,7 +120,7 @@ pub struct ToolRule {
 }
 
 /// Risk classes, in increasing strictness.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Risk {
     /// Runs.
@@ -143,7 +143,7 @@ impl Risk {
 }
 
 /// `resources`: upper bounds for the sandbox's configuration.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResourcesPolicy {
     /// CPUs.
@@ -161,7 +161,7 @@ pub struct ResourcesPolicy {
 }
 
 /// `runtime`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimePolicy {
     /// Backends a sandbox may use.
@@ -176,7 +176,7 @@ pub struct RuntimePolicy {
 }
 
 /// Backends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Engine {
     /// The embedded namespaces sandbox.
@@ -188,7 +188,7 @@ pub enum Engine {
 }
 
 /// `credentials`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CredentialsPolicy {
     /// Longest lifetime of a git token (`4h`).

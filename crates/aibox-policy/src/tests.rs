@@ -420,3 +420,16 @@ fn a_new_rule_cannot_undercut_the_default_above() {
     assert_eq!(c("ls"), Risk::ReviewRequired);
     assert_eq!(c("make"), Risk::BlockedByDefault);
 }
+
+/// docs/policy.schema.json is generated from the types; regenerate with
+/// AIBOX_BLESS=1.
+#[test]
+fn published_json_schema_is_current() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/policy.schema.json");
+    let want = serde_json::to_string_pretty(&json_schema()).unwrap() + "\n";
+    if std::env::var_os("AIBOX_BLESS").is_some() {
+        std::fs::write(path, &want).unwrap();
+    }
+    let have = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(have == want, "docs/policy.schema.json is stale; run with AIBOX_BLESS=1 to regenerate");
+}
