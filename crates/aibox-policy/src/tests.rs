@@ -431,5 +431,8 @@ fn published_json_schema_is_current() {
         std::fs::write(path, &want).unwrap();
     }
     let have = std::fs::read_to_string(path).unwrap_or_default();
-    assert!(have == want, "docs/policy.schema.json is stale; run with AIBOX_BLESS=1 to regenerate");
+    assert!(
+        have == want,
+        "docs/policy.schema.json is stale; run with AIBOX_BLESS=1 to regenerate"
+    );
 }
