@@ -98,6 +98,12 @@ pub struct SandboxSpec {
     /// [`CA_PATH`].
     #[serde(default)]
     pub extra_ca_pem: Option<String>,
+    /// Paths inside the workspace (relative, checked by the caller to be
+    /// free of symlinks) mounted read-only over themselves: the project
+    /// policy tier, which the sandbox must not be able to change for its
+    /// next start.
+    #[serde(default)]
+    pub read_only_in_workspace: Vec<PathBuf>,
 }
 
 /// Where the sandbox finds the LLM gateway's CA certificate alone (for

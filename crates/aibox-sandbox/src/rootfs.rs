@@ -267,6 +267,29 @@ pub(crate) fn build(spec: &SandboxSpec, idmap: Option<&OwnedFd>) -> Result<(), S
             )));
         }
     }
+    for rel in &spec.read_only_in_workspace {
+        if rel.is_absolute()
+            || rel
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+        {
+            return Err(SandboxError::Setup(format!(
+                "{} is not a plain path inside the workspace",
+                rel.display()
+            )));
+        }
+        let p = ws.join(rel);
+        // (A symlink planted since the caller's check is refused, not
+        // followed out of the workspace.)
+        if fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(SandboxError::Setup(format!(
+                "{} is a symbolic link; refusing to start",
+                p.display()
+            )));
+        }
+        bind(&p, &p, false)?;
+        system_mounts.push(Path::new("/workspace").join(rel));
+    }
     let home = root.join("home/dev");
     mkdir(&home)?;
     guest_mount(&spec.home, &home, idmap)?;

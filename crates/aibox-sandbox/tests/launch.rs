@@ -23,6 +23,7 @@ fn spec(dir: &Path) -> aibox_sandbox::SandboxSpec {
         net: None,
         aibox_binary: None,
         extra_ca_pem: None,
+        read_only_in_workspace: Vec::new(),
     }
 }
 

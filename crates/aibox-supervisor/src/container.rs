@@ -565,6 +565,18 @@ fn run_args(
         ),
     };
     push(&["-v", &vol(ws, "/workspace", "rw,nosuid,nodev")]);
+    // The project policy tier, read-only over the workspace's own (the
+    // engine orders nested mounts after their parent).
+    for rel in &sb.read_only_in_workspace {
+        push(&[
+            "-v",
+            &vol(
+                &ws.join(rel),
+                &Path::new("/workspace").join(rel).display().to_string(),
+                "ro,nosuid,nodev",
+            ),
+        ]);
+    }
     push(&["-v", &vol(home, "/home/dev", "rw,nosuid,nodev")]);
     push(&[
         "-v",

@@ -495,6 +495,7 @@ fn probe_sandbox(l: &aibox_config::Loaded) -> Result<String, String> {
         net: None,
         aibox_binary: None,
         extra_ca_pem: None,
+        read_only_in_workspace: Vec::new(),
     };
     let t0 = std::time::Instant::now();
     match aibox_sandbox::launch(&spec) {

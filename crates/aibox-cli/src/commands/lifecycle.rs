@@ -115,6 +115,7 @@ fn prepare(
                 .context("locating the aibox binary")?,
             // (Set by the supervisor, which creates the gateway's CA.)
             extra_ca_pem: None,
+            read_only_in_workspace: project_policy_guard(c, &ws)?,
         },
         user,
         runtime: runtime.as_str().into(),
@@ -134,6 +135,45 @@ fn prepare(
         policy_version: policy.version.clone(),
     };
     Ok((loaded, spec, paths))
+}
+
+/// What to make read-only inside the workspace so that the sandbox cannot
+/// change the project policy tier for its next start: the directory that
+/// holds the file (renaming it away would otherwise get around a
+/// read-only file), or the file itself when it sits at the workspace's
+/// top. Nothing when there is no project policy file.
+fn project_policy_guard(c: &aibox_config::Config, ws: &std::path::Path) -> Result<Vec<PathBuf>> {
+    let rel = PathBuf::from(&c.policy.project_policy_path);
+    if c.policy.project_policy_path.is_empty() || rel.is_absolute() {
+        return Ok(Vec::new());
+    }
+    if rel
+        .components()
+        .any(|x| !matches!(x, std::path::Component::Normal(_)))
+    {
+        bail!(
+            "policy.project_policy_path `{}` must be a plain relative path inside the workspace",
+            rel.display()
+        );
+    }
+    // Every component must be what it says: a symlink could make the
+    // read-only mount cover something else.
+    let mut at = ws.to_path_buf();
+    for part in rel.components() {
+        at.push(part);
+        match std::fs::symlink_metadata(&at) {
+            Err(_) => return Ok(Vec::new()),
+            Ok(m) if m.file_type().is_symlink() => bail!(
+                "{} is a symbolic link; the project policy and the directories above it must be real\n  fix: replace the link with the file itself",
+                at.display()
+            ),
+            Ok(_) => {}
+        }
+    }
+    Ok(vec![match rel.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => rel,
+    }])
 }
 
 /// The proxy's policy from `network.*` (already validated with the config),

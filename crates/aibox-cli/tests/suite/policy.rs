@@ -181,3 +181,35 @@ both_modes!(the_policy_allowlist_reaches_the_proxy, |c: Ctx| {
         "{config}"
     );
 });
+
+all_backends!(the_project_tier_is_read_only_inside, |c: Ctx| {
+    let dir = c.ws.join("aibox");
+    std::fs::create_dir(&dir).unwrap();
+    let text = "version: 1\ntools:\n  rules:\n    - {match: [curl], risk: blocked-by-default}\n";
+    std::fs::write(dir.join("policy.yaml"), text).unwrap();
+    if let Some((uid, gid)) = c.as_user {
+        for p in [dir.clone(), dir.join("policy.yaml")] {
+            nix::unistd::chown(&p, Some(uid.into()), Some(gid.into())).unwrap();
+        }
+    }
+    let ws = c.ws.display().to_string();
+    ok(&c.out(&["start", "-w", &ws, "--name", "proj"]));
+    // Every way of changing it for the next start fails; the rest of the
+    // workspace stays writable.
+    let out = ok(&c.out(&[
+        "exec", "--name", "proj", "--", "sh", "-c",
+        "cd /workspace; echo 'version: 1' > aibox/policy.yaml && echo WROTE; rm -f aibox/policy.yaml && echo REMOVED; mv aibox gone 2>/dev/null && echo MOVED; touch aibox/other 2>/dev/null && echo ADDED; echo ok > free.txt && echo FREE",
+    ]));
+    assert_eq!(out.trim(), "FREE", "{out}");
+    ok(&c.out(&["stop", "--name", "proj"]));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("policy.yaml")).unwrap(),
+        text
+    );
+    // A symlink in its place refuses the start.
+    std::fs::remove_file(dir.join("policy.yaml")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", dir.join("policy.yaml")).unwrap();
+    let o = c.out(&["start", "-w", &ws, "--name", "proj2"]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("is a symbolic link"), "{}", stderr(&o));
+});
