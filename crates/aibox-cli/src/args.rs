@@ -148,6 +148,12 @@ pub enum PolicyCmd {
         #[arg(long, value_enum, default_value = "yaml")]
         format: DocFormat,
     },
+    /// Run the Rego unit tests (`test_` rules) of the org baseline.
+    Test {
+        /// Output format.
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
     /// Dry-run the decision for a command (nothing runs).
     Check {
         #[command(flatten)]

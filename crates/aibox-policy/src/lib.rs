@@ -7,6 +7,7 @@
 pub mod hosts;
 pub mod load;
 pub mod merge;
+pub mod rego;
 pub mod schema;
 
 pub use load::{load, parse};

@@ -171,43 +171,74 @@ pub fn run(cli_config: Option<PathBuf>, cmd: PolicyCmd) -> Result<i32> {
             if !problems.is_empty() {
                 anyhow::bail!("{}", problems.join("\n"));
             }
-            let p = &o.merged.policy;
-            let (risk, rule) = aibox_policy::classify(p, &command);
-            let rule_desc = rule
-                .and_then(|i| p.tools.as_ref()?.rules.as_ref()?.get(i).map(|r| (i, r)))
-                .map(|(i, r)| {
-                    (
-                        format!("tools.rules[{i}] (match: {})", r.matches.join(" ")),
-                        r.reason.clone().unwrap_or_default(),
-                    )
-                })
-                .unwrap_or_else(|| ("tools.default".into(), "no rule matches".into()));
-            let decision = match risk {
-                aibox_policy::Risk::BlockedByDefault => "deny",
-                aibox_policy::Risk::ReviewRequired => "allow (logged for review)",
-                aibox_policy::Risk::Safe => "allow",
+            let mut decider =
+                aibox_policy::rego::Decider::new(&o.merged).map_err(anyhow::Error::msg)?;
+            let exe = resolve_exe(&command[0]);
+            let d = decider.decide(&aibox_policy::rego::ExecInput {
+                argv: command.clone(),
+                exe,
+                exe_sha256: String::new(),
+                cwd: "/workspace".into(),
+                uid: aibox_core::guest::UID,
+                env_names: Vec::new(),
+                sandbox: String::new(),
+            });
+            let decision = match d.action {
+                aibox_policy::rego::Action::Deny => "deny",
+                aibox_policy::rego::Action::Review => "allow (logged for review)",
+                aibox_policy::rego::Action::Allow => "allow",
             };
             match format {
                 Format::Json => println!(
                     "{}",
                     serde_json::to_string_pretty(&serde_json::json!({
-                        "command": command, "decision": decision, "risk_class": risk.as_str(),
-                        "rule": rule_desc.0, "reason": rule_desc.1, "policy_version": o.merged.version,
+                        "command": command, "decision": d,
                     }))?
                 ),
                 Format::Text => {
                     println!("decision:   {decision}");
-                    println!("risk class: {}", risk.as_str());
-                    println!("rule:       {}", rule_desc.0);
-                    if !rule_desc.1.is_empty() {
-                        println!("reason:     {}", rule_desc.1);
-                    }
-                    println!("policy:     {}", o.merged.version);
+                    println!("risk class: {}", d.risk.as_str());
+                    println!("rule:       {}", d.rule);
+                    println!("reason:     {}", d.reason);
+                    println!("policy:     {}", d.policy_version);
                 }
             }
             Ok(0)
         }
+        PolicyCmd::Test { format } => {
+            let results = aibox_policy::rego::run_tests(aibox_policy::rego::BASELINE)
+                .map_err(anyhow::Error::msg)?;
+            let failed = results.iter().filter(|r| !r.passed).count();
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&results)?),
+                Format::Text => {
+                    for r in &results {
+                        let tag = if r.passed { "PASS" } else { "FAIL" };
+                        match &r.error {
+                            Some(e) => println!("{tag}  {}: {}", r.name, e.trim()),
+                            None => println!("{tag}  {}", r.name),
+                        }
+                    }
+                    println!("{} passed, {failed} failed", results.len() - failed);
+                }
+            }
+            Ok(i32::from(failed > 0))
+        }
     }
+}
+
+/// The file `argv0` names: a path as given, else the first match on the
+/// host's PATH (a dry run has no sandbox to look in).
+fn resolve_exe(argv0: &str) -> String {
+    if argv0.contains('/') {
+        return argv0.to_string();
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(argv0))
+        .find(|p| p.is_file())
+        .map_or_else(|| argv0.to_string(), |p| p.display().to_string())
 }
 
 fn list(src: &[TierSource]) -> String {

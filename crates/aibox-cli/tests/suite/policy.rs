@@ -98,8 +98,21 @@ both_modes!(policy_commands_validate_show_and_check, |c: Ctx| {
     ]));
     assert!(
         out.contains("decision:   deny")
-            && out.contains("tools.rules[0] (match: curl)")
+            && out.contains("rule:       tools.rules[0]")
             && out.contains("reviewed tool"),
+        "{out}"
+    );
+    // Rego findings count too, on the file executed.
+    let out = ok(&c.out(&["policy", "check", "-w", &ws, "--", "rm", "-rf", "/"]));
+    assert!(
+        out.contains("decision:   deny") && out.contains("org.rego/rm-root"),
+        "{out}"
+    );
+    // The baseline's Rego unit tests.
+    let out = ok(&c.out(&["policy", "test"]));
+    assert!(
+        out.contains("PASS  aibox.tools.test_rm_root_is_blocked")
+            && out.contains(" passed, 0 failed"),
         "{out}"
     );
     let out = ok(&c.out(&["policy", "check", "-w", &ws, "--", "ls"]));

@@ -1,0 +1,344 @@
+//! Rego, evaluated in-process with regorus (OPA-compatible): the org
+//! baseline under `policies/org/` (embedded in the binary) adds findings the
+//! YAML rules cannot express, and ships with `test_` rules that
+//! [`run_tests`] runs like `opa test`.
+//!
+//! A [`Decider`] gives one decision for an exec request: the strictest of
+//! the YAML tool rules (matched on the file actually executed, not on
+//! argv[0]) and every Rego finding. Decisions are cached by (policy
+//! version, input).
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::{Merged, Risk, classify};
+
+/// The org baseline modules: (path, text).
+pub const BASELINE: &[(&str, &str)] = &[
+    (
+        "policies/org/tools.rego",
+        include_str!("../../../policies/org/tools.rego"),
+    ),
+    (
+        "policies/org/tools_test.rego",
+        include_str!("../../../policies/org/tools_test.rego"),
+    ),
+];
+
+/// The rule a decision reads.
+const FINDINGS: &str = "data.aibox.tools.findings";
+
+/// One exec request, as the gate sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExecInput {
+    /// The command line.
+    pub argv: Vec<String>,
+    /// Path of the file actually executed.
+    pub exe: String,
+    /// Its SHA-256 (empty when unknown).
+    #[serde(default)]
+    pub exe_sha256: String,
+    /// Working directory.
+    #[serde(default)]
+    pub cwd: String,
+    /// User id inside.
+    #[serde(default)]
+    pub uid: u32,
+    /// Names of the environment variables (never their values).
+    #[serde(default)]
+    pub env_names: Vec<String>,
+    /// Sandbox name.
+    #[serde(default)]
+    pub sandbox: String,
+}
+
+/// What happens to the command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Runs.
+    Allow,
+    /// Runs, logged for review.
+    Review,
+    /// Refused.
+    Deny,
+}
+
+/// A decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    /// What happens.
+    pub action: Action,
+    /// Risk class.
+    pub risk: Risk,
+    /// The rule that decided (`tools.rules[i]`, `tools.default`, or a
+    /// Rego rule name).
+    pub rule: String,
+    /// Why.
+    pub reason: String,
+    /// The policy version decided under.
+    pub policy_version: String,
+    /// SHA-256 of the input (hex, first 16), for the decision log.
+    pub input_hash: String,
+}
+
+/// Decides exec requests under one merged policy.
+pub struct Decider {
+    engine: regorus::Engine,
+    merged: Merged,
+    cache: HashMap<String, Decision>,
+}
+
+impl std::fmt::Debug for Decider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decider")
+            .field("policy_version", &self.merged.version)
+            .finish_non_exhaustive()
+    }
+}
+
+fn engine_with(modules: &[(&str, &str)]) -> Result<regorus::Engine, String> {
+    let mut engine = regorus::Engine::new();
+    for (path, text) in modules {
+        engine
+            .add_policy(path.to_string(), text.to_string())
+            .map_err(|e| format!("{path}: {e}"))?;
+    }
+    Ok(engine)
+}
+
+impl Decider {
+    /// A decider for `merged` with the org baseline.
+    pub fn new(merged: &Merged) -> Result<Decider, String> {
+        let mut engine = engine_with(BASELINE)?;
+        let data = serde_json::json!({ "policy": merged.policy }).to_string();
+        engine
+            .add_data(regorus::Value::from_json_str(&data).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+        Ok(Decider {
+            engine,
+            merged: merged.clone(),
+            cache: HashMap::new(),
+        })
+    }
+
+    /// The decision for `input`.
+    pub fn decide(&mut self, input: &ExecInput) -> Decision {
+        let json = serde_json::to_string(input).unwrap_or_default();
+        let input_hash = hex::encode(&Sha256::digest(json.as_bytes())[..8]);
+        if let Some(d) = self.cache.get(&input_hash) {
+            return d.clone();
+        }
+        let d = self.evaluate(input, &json, input_hash.clone());
+        if self.cache.len() >= 4096 {
+            self.cache.clear();
+        }
+        self.cache.insert(input_hash, d.clone());
+        d
+    }
+
+    fn evaluate(&mut self, input: &ExecInput, json: &str, input_hash: String) -> Decision {
+        let p = &self.merged.policy;
+        // The program is the file executed: a renamed copy is still what
+        // it is, whatever argv[0] says.
+        let base = input.exe.rsplit('/').next().unwrap_or(&input.exe);
+        let mut argv = vec![base.to_string()];
+        argv.extend(input.argv.iter().skip(1).cloned());
+        let (mut risk, rule) = classify(p, &argv);
+        let (mut rule, mut reason) = match rule.and_then(|i| {
+            p.tools
+                .as_ref()?
+                .rules
+                .as_ref()?
+                .get(i)
+                .map(|r| (i, r.reason.clone()))
+        }) {
+            Some((i, why)) => (
+                format!("tools.rules[{i}]"),
+                why.unwrap_or_else(|| "matched a tool rule".into()),
+            ),
+            None => ("tools.default".to_string(), "no rule matches".to_string()),
+        };
+        match self.findings(json) {
+            Ok(found) => {
+                for (r, name, why) in found {
+                    if r > risk {
+                        (risk, rule, reason) = (r, name, why);
+                    }
+                }
+            }
+            // Fail closed: a policy that cannot be evaluated denies.
+            Err(e) => {
+                (risk, rule, reason) = (
+                    Risk::BlockedByDefault,
+                    "rego".into(),
+                    format!("the Rego policy could not be evaluated: {e}"),
+                );
+            }
+        }
+        Decision {
+            action: match risk {
+                Risk::Safe => Action::Allow,
+                Risk::ReviewRequired => Action::Review,
+                Risk::BlockedByDefault => Action::Deny,
+            },
+            risk,
+            rule,
+            reason,
+            policy_version: self.merged.version.clone(),
+            input_hash,
+        }
+    }
+
+    fn findings(&mut self, input_json: &str) -> Result<Vec<(Risk, String, String)>, String> {
+        let input = regorus::Value::from_json_str(input_json).map_err(|e| e.to_string())?;
+        self.engine.set_input(input);
+        let v = self
+            .engine
+            .eval_rule(FINDINGS.to_string())
+            .map_err(|e| e.to_string())?;
+        let text = v.to_json_str().map_err(|e| e.to_string())?;
+        let set: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        for f in set.as_array().into_iter().flatten() {
+            let risk = serde_json::from_value::<Risk>(f["risk"].clone())
+                .map_err(|e| format!("a finding has a bad risk class: {e}"))?;
+            out.push((
+                risk,
+                f["rule"].as_str().unwrap_or("rego").to_string(),
+                f["reason"].as_str().unwrap_or_default().to_string(),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// One `test_` rule's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct TestResult {
+    /// `package.test_name`.
+    pub name: String,
+    /// True when the rule evaluated to `true`.
+    pub passed: bool,
+    /// Why it failed, if it did not evaluate.
+    pub error: Option<String>,
+}
+
+/// Runs every `test_` rule of `modules` (like `opa test`).
+pub fn run_tests(modules: &[(&str, &str)]) -> Result<Vec<TestResult>, String> {
+    let mut engine = engine_with(modules)?;
+    let mut out = Vec::new();
+    for (_, text) in modules {
+        let Some(pkg) = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("package ").map(str::trim))
+        else {
+            continue;
+        };
+        for l in text.lines() {
+            let Some(rest) = l.strip_prefix("test_") else {
+                continue;
+            };
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let full = format!("{pkg}.test_{name}");
+            let (passed, error) = match engine.eval_rule(format!("data.{full}")) {
+                Ok(v) => (v == regorus::Value::from(true), None),
+                Err(e) => (false, Some(e.to_string())),
+            };
+            out.push(TestResult {
+                name: full,
+                passed,
+                error,
+            });
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(argv: &[&str], exe: &str) -> ExecInput {
+        ExecInput {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            exe: exe.into(),
+            exe_sha256: String::new(),
+            cwd: "/workspace".into(),
+            uid: 1000,
+            env_names: Vec::new(),
+            sandbox: "t".into(),
+        }
+    }
+
+    #[test]
+    fn the_baseline_tests_pass() {
+        let results = run_tests(BASELINE).unwrap();
+        assert!(results.len() >= 6, "{results:?}");
+        for r in &results {
+            assert!(r.passed, "{r:?}");
+        }
+    }
+
+    #[test]
+    fn a_failing_rego_test_is_reported() {
+        let results = run_tests(&[(
+            "t.rego",
+            "package t\nimport rego.v1\ntest_ok if { 1 == 1 }\ntest_bad if { 1 == 2 }\n",
+        )])
+        .unwrap();
+        let by: HashMap<_, _> = results
+            .iter()
+            .map(|r| (r.name.as_str(), r.passed))
+            .collect();
+        assert_eq!(by.get("t.test_ok"), Some(&true));
+        assert_eq!(by.get("t.test_bad"), Some(&false));
+    }
+
+    #[test]
+    fn yaml_and_rego_decide_together_and_the_strictest_wins() {
+        let tier = crate::Tier {
+            name: "org".into(),
+            path: "org.yaml".into(),
+            policy: crate::parse(
+                "org",
+                "org.yaml",
+                "version: 1\ntools:\n  rules:\n    - {match: [curl], risk: blocked-by-default, reason: no curl}\n    - {match: [rm], risk: review-required}\n",
+            )
+            .unwrap(),
+        };
+        let (merged, _) = crate::merge(&[tier]);
+        let mut d = Decider::new(&merged).unwrap();
+        // YAML, on the executed file (a renamed curl is curl).
+        let x = d.decide(&input(&["fetch", "-s", "x"], "/usr/bin/curl"));
+        assert_eq!(
+            (x.action, x.rule.as_str(), x.reason.as_str()),
+            (Action::Deny, "tools.rules[0]", "no curl")
+        );
+        // Rego is stricter than the YAML rule for rm -rf /.
+        let x = d.decide(&input(&["rm", "-rf", "/"], "/usr/bin/rm"));
+        assert_eq!(
+            (x.action, x.rule.as_str()),
+            (Action::Deny, "org.rego/rm-root")
+        );
+        // YAML alone for an ordinary rm.
+        let x = d.decide(&input(&["rm", "f"], "/usr/bin/rm"));
+        assert_eq!(
+            (x.action, x.rule.as_str()),
+            (Action::Review, "tools.rules[1]")
+        );
+        let x = d.decide(&input(&["ls"], "/usr/bin/ls"));
+        assert_eq!(
+            (x.action, x.rule.as_str()),
+            (Action::Allow, "tools.default")
+        );
+        assert_eq!(x.policy_version, merged.version);
+        // Cached: the same input, the same answer.
+        assert_eq!(d.decide(&input(&["ls"], "/usr/bin/ls")), x);
+    }
+}
