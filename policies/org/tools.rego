@@ -18,29 +18,49 @@ import rego.v1
 
 exe_parts := split(input.exe, "/")
 
-base := exe_parts[count(exe_parts) - 1]
+exe_base := exe_parts[count(exe_parts) - 1]
+
+argv0_parts := split(input.argv[0], "/")
+
+argv0_base := argv0_parts[count(argv0_parts) - 1]
+
+# The names the program goes by: the file executed, the name it was called
+# by, and a busybox applet.
+names contains exe_base
+
+names contains argv0_base
+
+names contains input.argv[1] if exe_base == "busybox"
 
 args := array.slice(input.argv, 1, count(input.argv))
 
-# Recursive, forced removal of the root, the workspace, or the home.
+# What a removal target amounts to, without trailing `/`, `.` and `*`.
+root_like := {"", "/workspace", "/home/dev", "~", "$HOME"}
+
+interpreters := {"sh", "bash", "dash", "zsh", "python", "python3", "node", "perl", "ruby"}
+
+# Recursive, forced removal of the root, the workspace, or the home. (A
+# glob the shell expanded before exec, `rm -rf /workspace/*`, arrives as
+# the files it matched and is not recognised.)
 findings contains {
 	"risk": "blocked-by-default",
 	"rule": "org.rego/rm-root",
 	"reason": "recursive forced removal of /, /workspace or the home directory",
 } if {
-	base == "rm"
+	"rm" in names
 	some flag in args
 	startswith(flag, "-")
-	contains(flag, "r")
+	contains(lower(flag), "r")
 	some f2 in args
 	startswith(f2, "-")
 	contains(f2, "f")
 	some target in args
-	target in {"/", "/*", "/workspace", "/workspace/", "/workspace/*", "/home/dev", "~"}
+	not startswith(target, "-")
+	trim_right(target, "/.*") in root_like
 }
 
-# Programs run from scratch space (tmpfs is noexec; this also names the
-# attempt when a script interpreter is pointed at it).
+# Programs run from scratch space, directly or through an interpreter
+# (the tmpfs is noexec, so the interpreter is the way in).
 findings contains {
 	"risk": "blocked-by-default",
 	"rule": "org.rego/scratch-exec",
@@ -50,25 +70,50 @@ findings contains {
 	startswith(input.exe, prefix)
 }
 
+findings contains {
+	"risk": "blocked-by-default",
+	"rule": "org.rego/scratch-exec",
+	"reason": "running programs from /tmp, /var/tmp or /dev/shm",
+} if {
+	some n in names
+	n in interpreters
+	some a in args
+	some prefix in ["/tmp/", "/var/tmp/", "/dev/shm/"]
+	startswith(a, prefix)
+}
+
 # Force-pushing rewrites shared history: held for review.
+force_flag(a) if a in {"--force", "-f", "--force-with-lease", "--force-if-includes"}
+
+force_flag(a) if startswith(a, "--force-with-lease=")
+
+force_flag(a) if {
+	startswith(a, "-")
+	not startswith(a, "--")
+	contains(a, "f")
+}
+
+# A `+` refspec forces that ref.
+force_flag(a) if startswith(a, "+")
+
 findings contains {
 	"risk": "review-required",
 	"rule": "org.rego/force-push",
 	"reason": "git push --force rewrites history others have",
 } if {
-	base == "git"
+	"git" in names
 	"push" in args
 	some a in args
-	a in {"--force", "-f", "--force-with-lease"}
+	force_flag(a)
 }
 
-# Reading the sandbox's own credentials helpers' stores is never needed.
+# Reading credential stores is never needed inside.
 findings contains {
 	"risk": "blocked-by-default",
 	"rule": "org.rego/credential-files",
 	"reason": "reading credential stores (.ssh keys, .netrc, cloud credentials)",
 } if {
 	some a in args
-	some pattern in [".ssh/id_", ".netrc", ".aws/credentials", ".config/gcloud/", ".docker/config.json"]
+	some pattern in [".ssh", ".netrc", ".aws/credentials", ".config/gcloud", ".docker/config.json"]
 	contains(a, pattern)
 }

@@ -47,11 +47,13 @@ pub fn parse(tier: &str, file: &str, text: &str) -> Result<PolicyFile, PolicyErr
             let path = e.path().to_string();
             let path = if path == "." { String::new() } else { path };
             let line = line_of(text, &path);
-            return Err(PolicyError::Invalid(vec![issue(
-                path,
-                line,
-                e.inner().to_string(),
-            )]));
+            // (Values are cut short: a message must not reproduce a file.)
+            let mut message = e.inner().to_string();
+            if let Some((i, _)) = message.char_indices().nth(300) {
+                message.truncate(i);
+                message.push('…');
+            }
+            return Err(PolicyError::Invalid(vec![issue(path, line, message)]));
         }
     };
     let mut issues = Vec::new();
@@ -245,6 +247,21 @@ fn check_entry(
     }
     if e.ports.contains(&0) {
         report(format!("{at}.ports"), "ports are 1-65535".into());
+    }
+    if let Some(rl) = e.rate_limit {
+        // (0 would read as "no limit" further on.)
+        if rl.requests_per_min == Some(0) {
+            report(
+                format!("{at}.rate_limit.requests_per_min"),
+                "must be at least 1".into(),
+            );
+        }
+        if rl.tokens_per_min == Some(0) {
+            report(
+                format!("{at}.rate_limit.tokens_per_min"),
+                "must be at least 1".into(),
+            );
+        }
     }
 }
 

@@ -230,7 +230,11 @@ impl Merger<'_> {
         }
         if let Some(cr) = &c.credentials {
             let e = eff.credentials.get_or_insert_with(Default::default);
-            let ttl = |v: &String| parse_ttl(v).map_or(u64::MAX, |d| d.as_secs());
+            let ttl = |v: &String| {
+                parse_ttl(v).map_or(u64::MAX, |d| {
+                    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+                })
+            };
             self.at_most(
                 "credentials.git_token_ttl",
                 &mut e.git_token_ttl,

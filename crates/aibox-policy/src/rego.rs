@@ -127,26 +127,36 @@ impl Decider {
     /// The decision for `input`.
     pub fn decide(&mut self, input: &ExecInput) -> Decision {
         let json = serde_json::to_string(input).unwrap_or_default();
-        let input_hash = hex::encode(&Sha256::digest(json.as_bytes())[..8]);
-        if let Some(d) = self.cache.get(&input_hash) {
+        // Keyed by the whole input: the sandbox chooses argv, so a short
+        // hash could be made to collide with an allowed input.
+        if let Some(d) = self.cache.get(&json) {
             return d.clone();
         }
-        let d = self.evaluate(input, &json, input_hash.clone());
+        let input_hash = hex::encode(&Sha256::digest(json.as_bytes())[..8]);
+        let d = self.evaluate(input, &json, input_hash);
         if self.cache.len() >= 4096 {
             self.cache.clear();
         }
-        self.cache.insert(input_hash, d.clone());
+        self.cache.insert(json, d.clone());
         d
     }
 
     fn evaluate(&mut self, input: &ExecInput, json: &str, input_hash: String) -> Decision {
         let p = &self.merged.policy;
-        // The program is the file executed: a renamed copy is still what
-        // it is, whatever argv[0] says.
+        // The program is judged by the file executed and by the name it
+        // was called by, the stricter counting: a renamed argv[0] does not
+        // hide curl, and a copy of curl called `fetch` is caught by a rule
+        // on `fetch` (rules on hashes belong in Rego, with exe_sha256).
         let base = input.exe.rsplit('/').next().unwrap_or(&input.exe);
-        let mut argv = vec![base.to_string()];
-        argv.extend(input.argv.iter().skip(1).cloned());
-        let (mut risk, rule) = classify(p, &argv);
+        let mut by_exe = vec![base.to_string()];
+        by_exe.extend(input.argv.iter().skip(1).cloned());
+        let (r1, i1) = classify(p, &by_exe);
+        let (r2, i2) = classify(p, &input.argv);
+        let (mut risk, rule) = if r2 > r1 || (r2 == r1 && i1.is_none()) {
+            (r2, i2)
+        } else {
+            (r1, i1)
+        };
         let (mut rule, mut reason) = match rule.and_then(|i| {
             p.tools
                 .as_ref()?
@@ -201,8 +211,11 @@ impl Decider {
             .map_err(|e| e.to_string())?;
         let text = v.to_json_str().map_err(|e| e.to_string())?;
         let set: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        let Some(items) = set.as_array() else {
+            return Err(format!("`findings` is not a set: {text}"));
+        };
         let mut out = Vec::new();
-        for f in set.as_array().into_iter().flatten() {
+        for f in items {
             let risk = serde_json::from_value::<Risk>(f["risk"].clone())
                 .map_err(|e| format!("a finding has a bad risk class: {e}"))?;
             out.push((

@@ -53,12 +53,21 @@ fn prepare(
         &[
             ("data_dir", data_dir.clone()),
             ("runtime_dir", runtime_dir.clone()),
-            // The sandbox must not rewrite the config of its next start.
+            // The sandbox must not rewrite the config of its next start,
+            // nor the upper policy tiers.
             ("config file", sources.user_file.clone()),
+            ("org policy", PathBuf::from(&c.policy.org_baseline_path)),
+            ("team policy", PathBuf::from(&c.policy.team_policy_path)),
+            (
+                "system org policy",
+                PathBuf::from(super::policy::SYSTEM_ORG_POLICY),
+            ),
         ],
     )?;
-    // The policy tiers, before anything is created: a start they refuse
-    // never begins.
+    // The project tier's path is checked (no symlinks, one link) before it
+    // is read; then the policy tiers, before anything is created: a start
+    // they refuse never begins.
+    let read_only_in_workspace = project_policy_guard(c, &ws)?;
     let policy = super::policy::at_start(c, runtime, &ws)?;
     let user = aibox_core::current_user();
     let name = match &a.name {
@@ -115,7 +124,7 @@ fn prepare(
                 .context("locating the aibox binary")?,
             // (Set by the supervisor, which creates the gateway's CA.)
             extra_ca_pem: None,
-            read_only_in_workspace: project_policy_guard(c, &ws)?,
+            read_only_in_workspace,
         },
         user,
         runtime: runtime.as_str().into(),
@@ -144,8 +153,14 @@ fn prepare(
 /// top. Nothing when there is no project policy file.
 fn project_policy_guard(c: &aibox_config::Config, ws: &std::path::Path) -> Result<Vec<PathBuf>> {
     let rel = PathBuf::from(&c.policy.project_policy_path);
-    if c.policy.project_policy_path.is_empty() || rel.is_absolute() {
+    if c.policy.project_policy_path.is_empty() {
         return Ok(Vec::new());
+    }
+    if rel.is_absolute() {
+        bail!(
+            "policy.project_policy_path `{}` must be relative to the workspace",
+            rel.display()
+        );
     }
     if rel
         .components()
@@ -159,6 +174,7 @@ fn project_policy_guard(c: &aibox_config::Config, ws: &std::path::Path) -> Resul
     // Every component must be what it says: a symlink could make the
     // read-only mount cover something else.
     let mut at = ws.to_path_buf();
+    let mut last = None;
     for part in rel.components() {
         at.push(part);
         match std::fs::symlink_metadata(&at) {
@@ -167,13 +183,26 @@ fn project_policy_guard(c: &aibox_config::Config, ws: &std::path::Path) -> Resul
                 "{} is a symbolic link; the project policy and the directories above it must be real\n  fix: replace the link with the file itself",
                 at.display()
             ),
-            Ok(_) => {}
+            Ok(m) => last = Some(m),
         }
     }
-    Ok(vec![match rel.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => rel,
-    }])
+    use std::os::unix::fs::MetadataExt;
+    if let Some(m) = last {
+        // Another name for the same file would stay writable.
+        if !m.is_file() || m.nlink() != 1 {
+            bail!(
+                "{} must be a regular file with no other hard links\n  fix: replace it with a fresh copy (cp, then mv over it)",
+                at.display()
+            );
+        }
+    }
+    // Read-only from its top directory down: renaming any directory on
+    // the way would otherwise let a new file take its place.
+    let first = rel
+        .components()
+        .next()
+        .map(|c| PathBuf::from(c.as_os_str()));
+    Ok(first.into_iter().collect())
 }
 
 /// The proxy's policy from `network.*` (already validated with the config),

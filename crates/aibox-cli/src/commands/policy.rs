@@ -8,6 +8,9 @@ use anyhow::{Context, Result};
 
 use crate::args::{DocFormat, Format, PolicyCmd, TierArgs};
 
+/// Where the system's org baseline lives.
+pub(crate) const SYSTEM_ORG_POLICY: &str = "/etc/aibox/org-policy.yaml";
+
 /// The tier files: explicit ones must exist, the config's defaults may be
 /// absent.
 pub(crate) fn sources(
@@ -31,8 +34,21 @@ pub(crate) fn sources(
     };
     let p = &cfg.policy;
     let nonempty = |s: &str| (!s.is_empty()).then(|| PathBuf::from(s));
+    // The system's org baseline always applies when it exists: a user's
+    // config or environment may add an org file below it, never drop it.
+    let system = Path::new(SYSTEM_ORG_POLICY);
+    let configured = nonempty(&p.org_baseline_path);
+    let system_tier = (args.org.is_none()
+        && system.exists()
+        && configured.as_deref() != Some(system))
+    .then(|| TierSource {
+        name: "org".into(),
+        path: system.to_path_buf(),
+        required: true,
+    });
     [
-        pick("org", &args.org, nonempty(&p.org_baseline_path)),
+        system_tier,
+        pick("org", &args.org, configured),
         pick("team", &args.team, nonempty(&p.team_policy_path)),
         pick(
             "project",
@@ -48,6 +64,8 @@ pub(crate) fn sources(
 /// The outcome of loading and merging.
 pub(crate) struct Outcome {
     pub merged: Merged,
+    /// The tiers that loaded, top first.
+    pub tiers: Vec<aibox_policy::Tier>,
     pub unreadable: Vec<String>,
     pub issues: Vec<aibox_policy::Issue>,
     pub violations: Vec<Violation>,
@@ -70,6 +88,7 @@ pub(crate) fn evaluate(sources: &[TierSource]) -> Outcome {
     let (merged, violations) = aibox_policy::merge(&loaded.tiers);
     Outcome {
         merged,
+        tiers: loaded.tiers,
         unreadable: loaded.unreadable,
         issues: loaded.issues,
         violations,
@@ -283,6 +302,13 @@ pub(crate) fn at_start(
     let o = evaluate(&sources(c, &TierArgs::default(), ws));
     let mut problems = o.problems();
     let p = o.merged.policy.clone();
+    if !problems.is_empty() && o.merged.tiers.is_empty() {
+        // A broken or unreadable tier is never the same as no policy.
+        anyhow::bail!(
+            "the policy refuses this start:\n  {}\n  (`aibox policy validate` explains)",
+            problems.join("\n  ")
+        );
+    }
     if o.merged.tiers.is_empty() {
         return Ok(AtStart {
             version: String::new(),
@@ -382,17 +408,52 @@ pub(crate) fn at_start(
                 )
             })
             .collect();
+        let permits = |hp: &aibox_policy::hosts::Pattern, port: u16| {
+            pats.iter().any(|(ps, e)| {
+                e.ports.contains(&port) && ps.iter().any(|x| aibox_policy::hosts::covers(x, hp))
+            })
+        };
+        // Where the gateway sends requests, and fixed addresses for names,
+        // are destinations too.
+        for prov in &c.network.llm_gateway.providers {
+            let Some(up) = &prov.upstream else { continue };
+            let authority = up
+                .trim_start_matches("https://")
+                .split('/')
+                .next()
+                .unwrap_or_default();
+            let (host, ports) = rule_ports(authority);
+            let port = if authority.contains(':') {
+                ports[0]
+            } else {
+                443
+            };
+            match aibox_policy::hosts::parse_pattern(&host) {
+                Ok(hp) if permits(&hp, port) => {}
+                _ => problems.push(format!(
+                    "network.llm_gateway: provider `{}` sends requests to {host}:{port}, outside the policy's network.allow",
+                    prov.name
+                )),
+            }
+        }
+        for (name, addr) in &c.network.resolve {
+            match aibox_policy::hosts::parse_pattern(addr.trim()) {
+                Ok(hp) if pats.iter().any(|(ps, _)| ps.iter().any(|x| aibox_policy::hosts::covers(x, &hp))) => {}
+                _ => problems.push(format!(
+                    "network.resolve: `{name}` → {addr}: the policy's network.allow does not name that address, so a name could be sent anywhere; list the address in the policy or remove the entry"
+                )),
+            }
+        }
         for rule in aibox_config::all_rules(&c.network) {
-            let (host, ports) = rule_ports(&rule);
+            let (host, ports) = rule_ports(rule.trim());
             let Ok(hp) = aibox_policy::hosts::parse_pattern(&host) else {
+                problems.push(format!(
+                    "network: `{rule}` cannot be checked against the policy's network.allow; write it as host, host:port, *.domain or an address"
+                ));
                 continue;
             };
             for port in ports {
-                let ok = pats.iter().any(|(ps, e)| {
-                    e.ports.contains(&port)
-                        && ps.iter().any(|x| aibox_policy::hosts::covers(x, &hp))
-                });
-                if !ok {
+                if !permits(&hp, port) {
                     problems.push(format!(
                         "network: `{rule}` (port {port}) is outside the policy's network.allow; remove it from the config{}",
                         if rule.contains(':') { "" } else { ", or name a port the policy permits (e.g. host:443)" }
@@ -400,7 +461,13 @@ pub(crate) fn at_start(
                 }
             }
         }
-        for e in allow {
+        // Destinations come from the org and team tiers only: the project
+        // tier sits in the sandbox's own workspace (a cloned repository
+        // brings one), so it may bound the allowlist but never add to it.
+        let upper_allows = o.tiers.iter().any(|t| {
+            t.name != "project" && t.policy.network.as_ref().is_some_and(|n| n.allow.is_some())
+        });
+        for e in allow.iter().filter(|_| upper_allows) {
             for h in &e.hosts {
                 for port in &e.ports {
                     let host = if h.parse::<std::net::Ipv6Addr>().is_ok() {

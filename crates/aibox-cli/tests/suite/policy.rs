@@ -226,3 +226,70 @@ all_backends!(the_project_tier_is_read_only_inside, |c: Ctx| {
     assert_ne!(o.status.code(), Some(0));
     assert!(stderr(&o).contains("is a symbolic link"), "{}", stderr(&o));
 });
+
+both_modes!(policy_holes_found_in_review_stay_closed, |c: Ctx| {
+    // A broken org tier alone is not "no policy".
+    org(
+        &c,
+        "version: 1\ntools: {rules: [{match: [curl], risk: nope}]}\n",
+    );
+    let o = c.sh("true");
+    assert_ne!(o.status.code(), Some(0));
+    assert!(
+        stderr(&o).contains("the policy refuses this start")
+            && stderr(&o).contains("tools.rules[0].risk"),
+        "{}",
+        stderr(&o)
+    );
+
+    // With a valid org tier that sets no allowlist, a project tier in the
+    // workspace may bound destinations but never add them.
+    let base = std::fs::read_to_string(&c.config).unwrap();
+    let org_path = c.dir.path().join("org-policy.yaml");
+    std::fs::write(&org_path, "version: 1\n").unwrap();
+    std::fs::create_dir_all(c.ws.join("aibox")).unwrap();
+    std::fs::write(
+        c.ws.join("aibox/policy.yaml"),
+        "version: 1\nnetwork:\n  allow: [{id: x, hosts: [evil.test], ports: [80, 443]}]\n",
+    )
+    .unwrap();
+    if let Some((uid, gid)) = c.as_user {
+        for p in [c.ws.join("aibox"), c.ws.join("aibox/policy.yaml")] {
+            nix::unistd::chown(&p, Some(uid.into()), Some(gid.into())).unwrap();
+        }
+    }
+    let out = stdout(&c.sh("curl -sS http://evil.test/ 2>&1 | head -c 200"));
+    assert!(
+        out.contains("blocked"),
+        "the project tier added a destination: {out}"
+    );
+
+    // network.resolve may not send an allowed name to an address the
+    // policy does not name; a gateway upstream must be inside the policy.
+    std::fs::write(
+        &org_path,
+        "version: 1\nnetwork:\n  allow: [{id: a, hosts: [allowed.test], ports: [443]}]\n",
+    )
+    .unwrap();
+    std::fs::remove_file(c.ws.join("aibox/policy.yaml")).unwrap();
+    std::fs::write(
+        &c.config,
+        format!("{base}network:\n  allowed_domains: [\"allowed.test:443\"]\n  resolve: {{allowed.test: 203.0.113.9}}\n"),
+    )
+    .unwrap();
+    let o = c.sh("true");
+    assert_ne!(o.status.code(), Some(0));
+    assert!(
+        stderr(&o).contains("network.resolve: `allowed.test`"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A hard link to the project policy is refused (it would stay writable).
+    std::fs::write(&c.config, &base).unwrap();
+    std::fs::write(c.ws.join("aibox/policy.yaml"), "version: 1\n").unwrap();
+    std::fs::hard_link(c.ws.join("aibox/policy.yaml"), c.ws.join("other-name.yaml")).unwrap();
+    let o = c.sh("true");
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("no other hard links"), "{}", stderr(&o));
+});
