@@ -255,45 +255,70 @@ fn parse_upstream(p: &ProviderSpec) -> Result<(Host, u16, String), GatewayError>
     Ok((host, port, base.to_string()))
 }
 
+/// Checks `spec` without building anything (no CA, no TLS setup), so
+/// that a configuration can be refused early; returns the host names.
+pub fn check(spec: &GatewaySpec) -> Result<Vec<String>, GatewayError> {
+    if spec.providers.is_empty() {
+        return Err(GatewayError::Config("no providers".into()));
+    }
+    let mut names = Vec::new();
+    for p in &spec.providers {
+        let host = match parse_host(&p.host) {
+            Ok(Host::Name(n)) => n,
+            _ => return Err(provider_err(p, "host must be a DNS name")),
+        };
+        if names.contains(&host) {
+            return Err(provider_err(p, "two providers have the same host"));
+        }
+        if p.key.is_empty() {
+            return Err(provider_err(p, "no API key"));
+        }
+        names.push(host);
+        parse_upstream(p)?;
+        upstream_cas(p)?;
+    }
+    for r in &spec.routes {
+        if !spec.providers.iter().any(|p| p.name == r.provider) {
+            return Err(GatewayError::Config(format!(
+                "route for model `{}` names provider `{}`, which is not configured",
+                r.model, r.provider
+            )));
+        }
+    }
+    Ok(names)
+}
+
+/// The extra CA certificates of `p`'s upstream.
+fn upstream_cas(p: &ProviderSpec) -> Result<Vec<CertificateDer<'static>>, GatewayError> {
+    let Some(pem) = &p.upstream_ca_pem else {
+        return Ok(Vec::new());
+    };
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| provider_err(p, &format!("upstream CA: {e}")))?;
+    if certs.is_empty() {
+        return Err(provider_err(p, "upstream CA: no certificate in the PEM"));
+    }
+    Ok(certs)
+}
+
 impl Gateway {
     /// Checks `spec` and creates the sandbox's CA and the certificate for
     /// the gateway's host names.
     pub fn new(spec: GatewaySpec) -> Result<Gateway, GatewayError> {
-        if spec.providers.is_empty() {
-            return Err(GatewayError::Config("no providers".into()));
-        }
-        let mut names = Vec::new();
-        let mut upstreams = Vec::new();
+        let names = check(&spec)?;
         let native = rustls_native_certs::load_native_certs();
+        let mut upstreams = Vec::new();
         for p in &spec.providers {
-            let host = match parse_host(&p.host) {
-                Ok(Host::Name(n)) => n,
-                _ => return Err(provider_err(p, "host must be a DNS name")),
-            };
-            if names.contains(&host) {
-                return Err(provider_err(p, "two providers have the same host"));
-            }
-            if p.key.is_empty() {
-                return Err(provider_err(p, "no API key"));
-            }
-            names.push(host);
-            let (uh, port, base) = parse_upstream(p)?;
+            let (host, port, base) = parse_upstream(p)?;
             let mut roots = rustls::RootCertStore::empty();
             for c in &native.certs {
                 let _ = roots.add(c.clone());
             }
-            if let Some(pem) = &p.upstream_ca_pem {
-                let mut any = false;
-                for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-                    let c = c.map_err(|e| provider_err(p, &format!("upstream CA: {e}")))?;
-                    roots
-                        .add(c)
-                        .map_err(|e| provider_err(p, &format!("upstream CA: {e}")))?;
-                    any = true;
-                }
-                if !any {
-                    return Err(provider_err(p, "upstream CA: no certificate in the PEM"));
-                }
+            for c in upstream_cas(p)? {
+                roots
+                    .add(c)
+                    .map_err(|e| provider_err(p, &format!("upstream CA: {e}")))?;
             }
             let mut client = rustls::ClientConfig::builder_with_provider(crypto())
                 .with_safe_default_protocol_versions()
@@ -302,19 +327,11 @@ impl Gateway {
                 .with_no_client_auth();
             client.alpn_protocols = vec![b"http/1.1".to_vec()];
             upstreams.push(Upstream {
-                host: uh,
+                host,
                 port,
                 base,
                 client: Arc::new(client),
             });
-        }
-        for r in &spec.routes {
-            if !spec.providers.iter().any(|p| p.name == r.provider) {
-                return Err(GatewayError::Config(format!(
-                    "route for model `{}` names provider `{}`, which is not configured",
-                    r.model, r.provider
-                )));
-            }
         }
         let (ca_pem, server) = certificates(&names)?;
         Ok(Gateway {

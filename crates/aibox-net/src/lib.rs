@@ -21,4 +21,4 @@ pub mod tls;
 
 pub use host::{Host, HostError, parse_host};
 pub use proxy::{Counters, NetEvent, Proxy, Sink, Via};
-pub use rules::{Access, Allowlist, RuleError};
+pub use rules::{Access, Allowlist, Rule, RuleError};

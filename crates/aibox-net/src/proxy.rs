@@ -397,6 +397,18 @@ async fn accepted<T>(r: std::io::Result<T>) -> Option<T> {
     }
 }
 
+/// Runs `fut` as a task that holds `slot` (a connection's place under
+/// [`MAX_CONNECTIONS`]) until it ends.
+fn spawn_holding<F>(slot: Option<tokio::sync::OwnedSemaphorePermit>, fut: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        fut.await;
+        drop(slot);
+    });
+}
+
 /// At most 256 characters of `s`, marked when cut.
 pub(crate) fn clip(s: &str) -> String {
     match s.char_indices().nth(256) {
@@ -726,11 +738,7 @@ impl Proxy {
             if let Some((s, _)) = accepted(listener.accept().await).await {
                 // Proxied exchanges are small and latency-bound.
                 let _ = s.set_nodelay(true);
-                let fut = self.clone().http_conn(s, None);
-                tokio::spawn(async move {
-                    fut.await;
-                    drop(slot);
-                });
+                spawn_holding(slot, self.clone().http_conn(s, None));
             }
         }
     }
@@ -747,11 +755,7 @@ impl Proxy {
                 && let Ok(local) = s.local_addr()
             {
                 let _ = s.set_nodelay(true);
-                let fut = self.clone().transparent(s, local);
-                tokio::spawn(async move {
-                    fut.await;
-                    drop(slot);
-                });
+                spawn_holding(slot, self.clone().transparent(s, local));
             }
         }
     }
@@ -774,11 +778,7 @@ impl Proxy {
         loop {
             let slot = self.slot().await;
             if let Some((s, _)) = accepted(listener.accept().await).await {
-                let fut = self.clone().dns_stream(s);
-                tokio::spawn(async move {
-                    fut.await;
-                    drop(slot);
-                });
+                spawn_holding(slot, self.clone().dns_stream(s));
             }
         }
     }
@@ -792,11 +792,7 @@ impl Proxy {
         loop {
             let slot = self.slot().await;
             if let Some((s, _)) = accepted(listener.accept().await).await {
-                let fut = self.clone().relayed(s);
-                tokio::spawn(async move {
-                    fut.await;
-                    drop(slot);
-                });
+                spawn_holding(slot, self.clone().relayed(s));
             }
         }
     }
@@ -1189,13 +1185,8 @@ impl Proxy {
     ) -> Response<Body> {
         let method = req.method().to_string();
         let started = Instant::now();
-        if self.gateway.as_ref().is_some_and(|g| {
-            g.provider_for(
-                &parse_host(&host).unwrap_or(Host::Ip(Ipv4Addr::UNSPECIFIED.into())),
-                443,
-            )
-            .is_some()
-        }) {
+        // (Any port: the key is only ever added over TLS.)
+        if self.gateway_for(&host, 443).is_some() {
             let d = Denial {
                 status: StatusCode::FORBIDDEN,
                 host,

@@ -22,12 +22,62 @@ pub enum Access {
     Http,
 }
 
+/// The host part of a rule, canonical.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Pattern {
+pub enum Pattern {
+    /// One name.
     Exact(String),
-    /// `*.suffix`: stored as `.suffix`.
+    /// `*.suffix`, stored as `.suffix`: every sub-domain, not the suffix.
     Suffix(String),
+    /// One address.
     Ip(IpAddr),
+}
+
+impl Pattern {
+    /// Parses a host pattern: a name, `*.domain` or an address. `*`,
+    /// `*.tld` and wildcards over addresses are refused.
+    pub fn parse(host: &str) -> Result<Pattern, String> {
+        if host == "*" {
+            return Err("allow-all is not supported; list the hosts the sandbox needs".into());
+        }
+        if let Some(suffix) = host.strip_prefix("*.") {
+            return match parse_host(suffix) {
+                Ok(Host::Name(n)) if n.contains('.') => Ok(Pattern::Suffix(format!(".{n}"))),
+                Ok(Host::Name(_)) => {
+                    Err("a wildcard over a whole top-level domain is too broad".into())
+                }
+                Ok(Host::Ip(_)) => Err("wildcards apply to names, not addresses".into()),
+                Err(e) => Err(e.to_string()),
+            };
+        }
+        match parse_host(host) {
+            Ok(Host::Name(n)) => Ok(Pattern::Exact(n)),
+            Ok(Host::Ip(ip)) => Ok(Pattern::Ip(ip.to_canonical())),
+            Err(e) => Err(format!(
+                "{e}; write a host name, `*.domain`, or an IP address, optionally with `:port`"
+            )),
+        }
+    }
+
+    /// Whether `host` is matched.
+    pub fn matches(&self, host: &Host) -> bool {
+        match (self, host) {
+            (Pattern::Exact(p), Host::Name(n)) => p == n,
+            (Pattern::Suffix(s), Host::Name(n)) => n.ends_with(s.as_str()),
+            (Pattern::Ip(a), Host::Ip(b)) => *a == b.to_canonical(),
+            _ => false,
+        }
+    }
+
+    /// Whether every host `other` matches is matched by this one.
+    pub fn covers(&self, other: &Pattern) -> bool {
+        match (self, other) {
+            (Pattern::Suffix(s), Pattern::Suffix(t)) => t.ends_with(s.as_str()),
+            (_, Pattern::Exact(n)) => self.matches(&Host::Name(n.clone())),
+            (_, Pattern::Ip(ip)) => self.matches(&Host::Ip(*ip)),
+            _ => false,
+        }
+    }
 }
 
 /// One allowlist entry.
@@ -74,40 +124,7 @@ impl Rule {
             }
             None => (text, None),
         };
-        if host == "*" {
-            return Err(invalid(
-                entry,
-                "allow-all is not supported; list the hosts the sandbox needs",
-            ));
-        }
-        let pattern = if let Some(suffix) = host.strip_prefix("*.") {
-            match parse_host(suffix) {
-                Ok(Host::Name(n)) if n.contains('.') => Pattern::Suffix(format!(".{n}")),
-                Ok(Host::Name(_)) => {
-                    return Err(invalid(
-                        entry,
-                        "a wildcard over a whole top-level domain is too broad",
-                    ));
-                }
-                Ok(Host::Ip(_)) => {
-                    return Err(invalid(entry, "wildcards apply to names, not addresses"));
-                }
-                Err(e) => return Err(invalid(entry, e.to_string())),
-            }
-        } else {
-            match parse_host(host) {
-                Ok(Host::Name(n)) => Pattern::Exact(n),
-                Ok(Host::Ip(ip)) => Pattern::Ip(ip.to_canonical()),
-                Err(e) => {
-                    return Err(invalid(
-                        entry,
-                        format!(
-                            "{e}; write a host name, `*.domain`, or an IP address, optionally with `:port`"
-                        ),
-                    ));
-                }
-            }
-        };
+        let pattern = Pattern::parse(host).map_err(|why| invalid(entry, why))?;
         Ok(Rule {
             pattern,
             port,
@@ -116,12 +133,23 @@ impl Rule {
     }
 
     fn host_matches(&self, host: &Host) -> bool {
-        match (&self.pattern, host) {
-            (Pattern::Exact(p), Host::Name(n)) => p == n,
-            (Pattern::Suffix(s), Host::Name(n)) => n.ends_with(s.as_str()),
-            (Pattern::Ip(a), Host::Ip(b)) => *a == b.to_canonical(),
-            _ => false,
-        }
+        self.pattern.matches(host)
+    }
+
+    /// The port it names, if any.
+    pub fn port(&self) -> Option<u16> {
+        self.port
+    }
+
+    /// The host part.
+    pub fn pattern(&self) -> &Pattern {
+        &self.pattern
+    }
+
+    /// Every port the rule opens: its own, or 80 and 443 (plain HTTP to
+    /// both, `CONNECT` to 443) when it names none.
+    pub fn ports(&self) -> Vec<u16> {
+        self.port.map_or(vec![80, 443], |p| vec![p])
     }
 
     fn port_matches(&self, port: u16, access: Access) -> bool {

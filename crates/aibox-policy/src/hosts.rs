@@ -1,36 +1,13 @@
 //! Host patterns of `network.allow`: names, `*.suffix` wildcards (sub-
-//! domains only) and IP addresses, in aibox-net's canonical form, and
-//! whether one pattern is inside another.
+//! domains only) and IP addresses. The proxy's own parser (aibox-net's
+//! `rules::Pattern`), so that the policy and the proxy never read a host
+//! two ways.
 
-use aibox_net::{Host, parse_host};
+pub use aibox_net::rules::Pattern;
 
-/// A parsed pattern.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Pattern {
-    /// One name or address.
-    Exact(Host),
-    /// Every sub-domain of the suffix (not the suffix itself).
-    Suffix(String),
-}
-
-/// Parses `h`, refusing what would allow too much or is not a host.
+/// Parses `h` exactly as the proxy parses the host of a rule.
 pub fn parse_pattern(h: &str) -> Result<Pattern, String> {
-    if h == "*" {
-        return Err("`*` would allow every host; list hosts or `*.domain` wildcards".into());
-    }
-    if let Some(suffix) = h.strip_prefix("*.") {
-        let s = match parse_host(suffix) {
-            Ok(Host::Name(n)) => n,
-            _ => return Err("a wildcard needs a domain after `*.`".into()),
-        };
-        if !s.contains('.') {
-            return Err("a wildcard over a whole top-level domain allows too much".into());
-        }
-        return Ok(Pattern::Suffix(s));
-    }
-    parse_host(h)
-        .map(Pattern::Exact)
-        .map_err(|e| format!("not a host name or address: {e}"))
+    Pattern::parse(h)
 }
 
 /// Checks `h` (for the loader).
@@ -40,17 +17,7 @@ pub fn check_pattern(h: &str) -> Result<(), String> {
 
 /// Whether every host `child` matches is matched by `parent`.
 pub fn covers(parent: &Pattern, child: &Pattern) -> bool {
-    match (parent, child) {
-        (Pattern::Exact(p), Pattern::Exact(c)) => p == c,
-        (Pattern::Suffix(s), Pattern::Exact(Host::Name(n))) => n.ends_with(&format!(".{s}")),
-        (Pattern::Suffix(s), Pattern::Suffix(t)) => t == s || t.ends_with(&format!(".{s}")),
-        _ => false,
-    }
-}
-
-/// Whether `host` (canonical) is matched by `p`.
-pub fn matches(p: &Pattern, host: &Host) -> bool {
-    covers(p, &Pattern::Exact(host.clone()))
+    parent.covers(child)
 }
 
 #[cfg(test)]

@@ -246,9 +246,10 @@ fn reap_all(first: Option<Pid>, forwarder: Option<Pid>) -> (Option<i32>, bool) {
 
 /// The egress forwarder: a child of init relaying the listeners init
 /// holds (a process of its own, since init may not be able to start
-/// threads; see `aibox_net::forward::run`). Sessions run as the same uid
-/// and can kill it, which only cuts their own network: init starts it
-/// again, on the same listeners, a bounded number of times.
+/// threads; see `aibox_net::forward::run`). Landlock's signal scoping
+/// keeps sessions from killing it; where there is no Landlock (gVisor) a
+/// session can, which only cuts its own network: init starts it again, on
+/// the same listeners, a bounded number of times.
 struct Forwarder {
     listeners: Option<Vec<std::os::fd::OwnedFd>>,
     pid: Option<Pid>,

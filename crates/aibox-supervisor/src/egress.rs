@@ -157,12 +157,7 @@ fn write_event(emit: &Emit, e: NetEvent) {
                     "provider": provider, "host": host, "model": model.unwrap_or_default(),
                     "method": method, "path": path, "bytes": bytes, "via": via.as_str(),
                 });
-                if let Some(h) = sha256 {
-                    d["sha256"] = json!(h);
-                }
-                if let Some(b) = body {
-                    d["body"] = json!(b);
-                }
+                with_bodies(&mut d, sha256, body);
                 (EventType::LlmRequest, Severity::Info, d)
             }
             NetEvent::LlmResponse {
@@ -185,12 +180,7 @@ fn write_event(emit: &Emit, e: NetEvent) {
                     "input_tokens": input_tokens, "output_tokens": output_tokens,
                     "limited": limited, "error": error,
                 });
-                if let Some(h) = sha256 {
-                    d["sha256"] = json!(h);
-                }
-                if let Some(b) = body {
-                    d["body"] = json!(b);
-                }
+                with_bodies(&mut d, sha256, body);
                 let sev = if limited.is_some() || error.is_some() || status >= 400 {
                     Severity::Warning
                 } else {
@@ -200,6 +190,17 @@ fn write_event(emit: &Emit, e: NetEvent) {
             }
         };
         emit(t, sev, d)
+    }
+}
+
+/// Adds what the logging mode kept of a body (absent fields stay absent,
+/// so `metadata_only` events carry neither).
+fn with_bodies(d: &mut Value, sha256: Option<String>, body: Option<String>) {
+    if let Some(h) = sha256 {
+        d["sha256"] = json!(h);
+    }
+    if let Some(b) = body {
+        d["body"] = json!(b);
     }
 }
 

@@ -348,7 +348,7 @@ fn gateway_spec(
         },
     };
     // Fail here, with the config's words, rather than in the supervisor.
-    aibox_net::gateway::Gateway::new(spec.clone()).map_err(anyhow::Error::msg)?;
+    aibox_net::gateway::check(&spec).map_err(anyhow::Error::msg)?;
     placeholders.sort();
     placeholders.dedup();
     Ok((Some(spec), placeholders))

@@ -18,6 +18,15 @@ pub(crate) fn sources(
     args: &TierArgs,
     workspace: &Path,
 ) -> Vec<TierSource> {
+    sources_with(cfg, args, workspace, Path::new(SYSTEM_ORG_POLICY))
+}
+
+fn sources_with(
+    cfg: &aibox_config::Config,
+    args: &TierArgs,
+    workspace: &Path,
+    system: &Path,
+) -> Vec<TierSource> {
     let pick = |name: &str, explicit: &Option<PathBuf>, default: Option<PathBuf>| {
         explicit
             .clone()
@@ -36,7 +45,6 @@ pub(crate) fn sources(
     let nonempty = |s: &str| (!s.is_empty()).then(|| PathBuf::from(s));
     // The system's org baseline always applies when it exists: a user's
     // config or environment may add an org file below it, never drop it.
-    let system = Path::new(SYSTEM_ORG_POLICY);
     let configured = nonempty(&p.org_baseline_path);
     let system_tier = (args.org.is_none()
         && system.exists()
@@ -137,12 +145,7 @@ pub fn run(cli_config: Option<PathBuf>, cmd: PolicyCmd) -> Result<i32> {
                         } else {
                             println!(
                                 "valid: {} (policy version {})",
-                                o.merged
-                                    .tiers
-                                    .iter()
-                                    .map(|(n, p, _)| format!("{n} {p}"))
-                                    .collect::<Vec<_>>()
-                                    .join(", "),
+                                tier_list(&o.merged),
                                 o.merged.version
                             );
                         }
@@ -260,6 +263,15 @@ fn resolve_exe(argv0: &str) -> String {
         .map_or_else(|| argv0.to_string(), |p| p.display().to_string())
 }
 
+/// `org /etc/…, project /work/…`.
+fn tier_list(m: &Merged) -> String {
+    m.tiers
+        .iter()
+        .map(|(n, p, _)| format!("{n} {p}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn list(src: &[TierSource]) -> String {
     src.iter()
         .map(|s| s.path.display().to_string())
@@ -277,19 +289,6 @@ pub(crate) struct AtStart {
     pub rules: Vec<String>,
     /// The merged policy.
     pub policy: aibox_policy::PolicyFile,
-}
-
-/// `host[:port]` of an allowlist rule → (host, ports it grants).
-fn rule_ports(rule: &str) -> (String, Vec<u16>) {
-    let (host, port) = match rule.rsplit_once(':') {
-        Some((h, p)) if (!h.contains(':') || h.ends_with(']')) && p.parse::<u16>().is_ok() => (
-            h.trim_start_matches('[').trim_end_matches(']').to_string(),
-            p.parse().ok(),
-        ),
-        _ => (rule.to_string(), None),
-    };
-    // A rule without a port: CONNECT to 443 and plain HTTP to 80 and 443.
-    (host, port.map_or(vec![80, 443], |p| vec![p]))
 }
 
 /// Loads, merges and applies the policy to a start of `runtime` with
@@ -422,16 +421,12 @@ pub(crate) fn at_start(
                 .split('/')
                 .next()
                 .unwrap_or_default();
-            let (host, ports) = rule_ports(authority);
-            let port = if authority.contains(':') {
-                ports[0]
-            } else {
-                443
-            };
-            match aibox_policy::hosts::parse_pattern(&host) {
-                Ok(hp) if permits(&hp, port) => {}
+            // (Parsed as the proxy parses a rule; the gateway's default
+            // port is 443.)
+            match aibox_net::Rule::parse(authority) {
+                Ok(r) if permits(r.pattern(), r.port().unwrap_or(443)) => {}
                 _ => problems.push(format!(
-                    "network.llm_gateway: provider `{}` sends requests to {host}:{port}, outside the policy's network.allow",
+                    "network.llm_gateway: provider `{}` sends requests to {authority}, outside the policy's network.allow",
                     prov.name
                 )),
             }
@@ -445,15 +440,15 @@ pub(crate) fn at_start(
             }
         }
         for rule in aibox_config::all_rules(&c.network) {
-            let (host, ports) = rule_ports(rule.trim());
-            let Ok(hp) = aibox_policy::hosts::parse_pattern(&host) else {
+            // Exactly as the proxy will read it.
+            let Ok(r) = aibox_net::Rule::parse(&rule) else {
                 problems.push(format!(
                     "network: `{rule}` cannot be checked against the policy's network.allow; write it as host, host:port, *.domain or an address"
                 ));
                 continue;
             };
-            for port in ports {
-                if !permits(&hp, port) {
+            for port in r.ports() {
+                if !permits(r.pattern(), port) {
                     problems.push(format!(
                         "network: `{rule}` (port {port}) is outside the policy's network.allow; remove it from the config{}",
                         if rule.contains(':') { "" } else { ", or name a port the policy permits (e.g. host:443)" }
@@ -483,12 +478,7 @@ pub(crate) fn at_start(
     if !problems.is_empty() {
         anyhow::bail!(
             "the policy refuses this start ({}):\n  {}\n  (`aibox policy validate` and `aibox policy show --merged` explain the policy)",
-            o.merged
-                .tiers
-                .iter()
-                .map(|(n, p, _)| format!("{n} {p}"))
-                .collect::<Vec<_>>()
-                .join(", "),
+            tier_list(&o.merged),
             problems.join("\n  ")
         );
     }
@@ -497,4 +487,53 @@ pub(crate) fn at_start(
         rules,
         policy: p,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The system's org file cannot be dropped by the user's config or
+    /// environment: a configured org file only adds a tier below it.
+    #[test]
+    fn the_system_org_policy_always_applies() {
+        let dir = std::env::temp_dir().join(format!("aibox-sys-org-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let system = dir.join("org-policy.yaml");
+        std::fs::write(&system, "version: 1\n").unwrap();
+        let mut cfg = aibox_config::Config::default();
+        let ws = Path::new("/nonexistent-ws");
+        let names = |cfg: &aibox_config::Config, args: &TierArgs| {
+            sources_with(cfg, args, ws, &system)
+                .into_iter()
+                .map(|s| (s.name, s.path))
+                .collect::<Vec<_>>()
+        };
+        for configured in ["", "/elsewhere/org.yaml"] {
+            cfg.policy.org_baseline_path = configured.into();
+            let got = names(&cfg, &TierArgs::default());
+            assert_eq!(
+                got[0],
+                ("org".to_string(), system.clone()),
+                "{configured:?}: {got:?}"
+            );
+        }
+        // Configured as the system file itself: once.
+        cfg.policy.org_baseline_path = system.display().to_string();
+        let got = names(&cfg, &TierArgs::default());
+        assert_eq!(
+            got.iter().filter(|(_, p)| *p == system).count(),
+            1,
+            "{got:?}"
+        );
+        // Without a system file, the configured one is the org tier.
+        std::fs::remove_file(&system).unwrap();
+        cfg.policy.org_baseline_path = "/elsewhere/org.yaml".into();
+        let got = names(&cfg, &TierArgs::default());
+        assert_eq!(
+            got[0],
+            ("org".to_string(), PathBuf::from("/elsewhere/org.yaml"))
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -466,6 +466,21 @@ macro_rules! both_modes {
 }
 pub(crate) use both_modes;
 
+/// Defines one test per container backend (podman+runc root and rootless,
+/// podman+runsc, docker+runc), for what exists only in containers.
+macro_rules! container_backends {
+    ($name:ident, $f:expr) => {
+        mod $name {
+            use super::*;
+            backend_test!(podman_root, Backend::Podman, Mode::Root, $f);
+            backend_test!(podman_rootless, Backend::Podman, Mode::Rootless, $f);
+            backend_test!(podman_runsc, Backend::Runsc, Mode::Root, $f);
+            backend_test!(docker_root, Backend::Docker, Mode::Root, $f);
+        }
+    };
+}
+pub(crate) use container_backends;
+
 /// Defines one test per backend and mode: native as root and rootless,
 /// podman+runc as root and rootless, podman+runsc and docker+runc as root.
 macro_rules! all_backends {
@@ -506,4 +521,43 @@ pub fn process_gone(pid: i32) -> bool {
 pub fn cgroup_v1() -> bool {
     std::path::Path::new("/sys/fs/cgroup/memory/cgroup.procs").exists()
         && std::path::Path::new("/sys/fs/cgroup/cpu/cgroup.procs").exists()
+}
+
+/// A CA and a server config for `names`; returns (CA PEM, config).
+pub fn tls_server(names: &[&str]) -> (String, std::sync::Arc<rustls::ServerConfig>) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "aibox test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf =
+        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    leaf.distinguished_name
+        .push(rcgen::DnType::CommonName, names[0]);
+    let cert = leaf.signed_by(&key, &ca).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .unwrap();
+    (ca.pem(), std::sync::Arc::new(config))
+}
+
+/// The audit events of sandbox `name`, parsed.
+pub fn audit_events(c: &Ctx, name: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(c.data.join(format!("audit/{name}.jsonl")))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }

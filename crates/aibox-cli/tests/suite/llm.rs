@@ -14,36 +14,6 @@ use std::sync::Arc;
 const KEY: &str = "sk-test-REALKEY-4f1c9a7be2d34c0f";
 const KEY2: &str = "sk-test-OTHERKEY-99ab01cd";
 
-/// A CA and a server config for `names`; returns (CA PEM, config).
-fn tls_server(names: &[&str]) -> (String, Arc<rustls::ServerConfig>) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "aibox test LLM CA");
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut leaf =
-        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-            .unwrap();
-    leaf.distinguished_name
-        .push(rcgen::DnType::CommonName, names[0]);
-    let cert = leaf.signed_by(&key, &ca).unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![cert.der().clone()],
-        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-    )
-    .unwrap();
-    (ca.pem(), Arc::new(config))
-}
-
 /// What the stand-in LLM says about a credential: never the value itself
 /// (a real API does not echo keys, and the sandbox must not see them).
 fn verdict(v: &str) -> &'static str {
@@ -132,14 +102,6 @@ fn llm_server(config: Arc<rustls::ServerConfig>) -> u16 {
     port
 }
 
-fn audit_events(c: &Ctx, name: &str) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(c.data.join(format!("audit/{name}.jsonl")))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 /// Config for a gateway in front of the stand-in LLM at `port`.
 fn gateway_config(c: &Ctx, port: u16, ca_pem: &str, mode: &str, extra: &str) -> String {
     let ca = c.dir.path().join("llm-ca.pem");
@@ -221,6 +183,11 @@ all_backends!(llm_gateway_holds_the_key_limits_and_logs, |mut c: Ctx| {
         spread_ms >= 600,
         "events arrived together ({spread_ms} ms apart): {out}"
     );
+    // Methods that could echo the key back (TRACE) never reach the LLM.
+    let out = ok(&sh(
+        "curl -sS -o /dev/null -w '%{http_code}' -X TRACE https://llm.test/v1/messages",
+    ));
+    assert_eq!(out, "405");
     // 4: too big a body is a 413 (max_body 1k).
     let out = ok(&sh(
         "head -c 4000 /dev/zero | tr '\\0' a > /tmp/big; curl -sS -o /dev/null -w '%{http_code}' https://llm.test/v1/messages --data-binary @/tmp/big",

@@ -44,38 +44,12 @@ fn upstream() -> u16 {
 /// `ok-tls <request line>`, with a certificate from a fresh CA whose PEM is
 /// written to `<ws>/ca.pem` (the sandbox's curl is told to trust it).
 fn tls_upstream(c: &Ctx) -> u16 {
-    use std::sync::Arc;
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    // (Distinct names: a leaf whose subject equals its issuer's reads as
-    // self-signed to OpenSSL.)
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "aibox test CA");
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut leaf = rcgen::CertificateParams::new(vec!["tls.test".to_string()]).unwrap();
-    leaf.distinguished_name
-        .push(rcgen::DnType::CommonName, "tls.test");
-    let cert = leaf.signed_by(&key, &ca).unwrap();
+    let (ca_pem, config) = tls_server(&["tls.test"]);
     let ca_path = c.ws.join("ca.pem");
-    std::fs::write(&ca_path, ca.pem()).unwrap();
+    std::fs::write(&ca_path, ca_pem).unwrap();
     if let Some((uid, gid)) = c.as_user {
         nix::unistd::chown(&ca_path, Some(uid.into()), Some(gid.into())).unwrap();
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = Arc::new(
-        rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![cert.der().clone()],
-                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-            )
-            .unwrap(),
-    );
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     std::thread::spawn(move || {
@@ -109,14 +83,6 @@ fn tls_upstream(c: &Ctx) -> u16 {
         }
     });
     port
-}
-
-fn audit_events(c: &Ctx, name: &str) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(c.data.join(format!("audit/{name}.jsonl")))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
 }
 
 all_backends!(egress_follows_the_allowlist, |c: Ctx| {
@@ -424,4 +390,45 @@ all_backends!(network_test_command_reports_each_check, |c: Ctx| {
     assert_ne!(o.status.code(), Some(0));
     assert!(stderr(&o).contains("--host bad host"), "{}", stderr(&o));
     ok(&c.out(&["stop", "--name", "nettest"]));
+});
+
+container_backends!(a_killed_forwarder_comes_back, |c: Ctx| {
+    let port = upstream();
+    c.add_config(&format!(
+        "network:\n  allowed_domains: [\"svc.test:{port}\", \"127.0.0.1:{port}\"]\n  resolve: {{svc.test: 127.0.0.1}}\n"
+    ));
+    let ws = c.ws.display().to_string();
+    ok(&c.out(&["start", "-w", &ws, "--name", "fwd"]));
+    // The forwarder is init's child running the same binary.
+    let out = ok(&c.out(&[
+        "exec", "--name", "fwd", "--", "sh", "-c",
+        &format!(
+            "fwd() {{ for p in /proc/[0-9]*; do n=${{p#/proc/}}; [ \"$n\" = 1 ] && continue; tr '\\0' ' ' < $p/cmdline 2>/dev/null | grep -q ^/aibox/aibox.__contai[n]er-init && echo $n; done; }}; a=$(fwd); kill -9 $a 2>&1 && echo killed; sleep 1; b=$(fwd); echo \"a=$a b=$b\"; curl -sS http://svc.test:{port}/after"
+        ),
+    ]));
+    let ids: Vec<&str> = out
+        .lines()
+        .find(|l| l.starts_with("a="))
+        .unwrap_or_default()
+        .split(' ')
+        .map(|x| x.split('=').nth(1).unwrap_or_default())
+        .collect();
+    assert!(
+        !ids[0].is_empty() && !ids[1].is_empty(),
+        "no forwarder found: {out}"
+    );
+    if c.backend == Backend::Runsc {
+        // No Landlock under gVisor: a session can kill the forwarder, and
+        // init starts a new one.
+        assert!(
+            out.contains("killed") && ids[0] != ids[1],
+            "no new forwarder: {out}"
+        );
+    } else {
+        // Landlock scopes signals to the session's own domain: the
+        // forwarder (init's child, outside it) cannot be killed at all.
+        assert!(!out.contains("killed") && ids[0] == ids[1], "{out}");
+    }
+    assert!(out.contains("ok GET /after HTTP/1.1"), "{out}");
+    ok(&c.out(&["stop", "--name", "fwd"]));
 });
