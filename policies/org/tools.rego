@@ -32,6 +32,10 @@ names contains argv0_base
 
 names contains input.argv[1] if exe_base == "busybox"
 
+# Other names of the same file (or of an identical copy) in the system's
+# program directories, found by the gate.
+names contains n if some n in input.exe_aliases
+
 args := array.slice(input.argv, 1, count(input.argv))
 
 # What a removal target amounts to, without trailing `/`, `.` and `*`.

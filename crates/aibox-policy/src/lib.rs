@@ -12,6 +12,7 @@ pub mod schema;
 
 pub use load::{load, parse};
 pub use merge::{Merged, Tier, Violation, merge};
+pub use rego::{Action, Decider, Decision, ExecInput};
 pub use schema::{PolicyFile, Risk};
 
 /// One problem in one file.
@@ -82,6 +83,25 @@ pub fn classify(p: &PolicyFile, argv: &[String]) -> (Risk, Option<usize>) {
         Some((risk, i)) => (risk, Some(i)),
         None => (tools.and_then(|t| t.default).unwrap_or(Risk::Safe), None),
     }
+}
+
+/// Program names `p` blocks whatever their arguments: the single-token
+/// `blocked-by-default` rules. The sandbox denies their files execution
+/// with Landlock as well as at the exec gate.
+pub fn blocked_programs(p: &PolicyFile) -> Vec<String> {
+    let mut out: Vec<String> = p
+        .tools
+        .as_ref()
+        .and_then(|t| t.rules.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|r| r.risk == Risk::BlockedByDefault && r.matches.len() == 1)
+        .map(|r| r.matches[0].clone())
+        .filter(|n| n != "*" && !n.is_empty() && !n.contains('/'))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 fn rule_matches(tokens: &[String], argv: &[String]) -> bool {

@@ -48,7 +48,7 @@ impl std::fmt::Display for Violation {
 }
 
 /// The merged policy and where it came from.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct Merged {
     /// `sha256:<hex>` of the merged policy: the "policy version" every
     /// decision records.
@@ -57,6 +57,10 @@ pub struct Merged {
     pub tiers: Vec<(String, String, String)>,
     /// The effective policy.
     pub policy: PolicyFile,
+    /// For each of `policy.tools.rules`, the tier it comes from (the
+    /// lowest tier that set it as it stands).
+    #[serde(default)]
+    pub rule_tiers: Vec<String>,
 }
 
 fn sha256_of<T: Serialize>(v: &T) -> String {
@@ -85,7 +89,34 @@ pub fn merge(tiers: &[Tier]) -> (Merged, Vec<Violation>) {
             m.policy(&mut eff, &t.policy);
         }
     }
+    let rule_tiers = eff
+        .tools
+        .as_ref()
+        .and_then(|t| t.rules.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            let has = |t: &&Tier, same_risk: bool| {
+                t.policy
+                    .tools
+                    .as_ref()
+                    .and_then(|x| x.rules.as_ref())
+                    .is_some_and(|rs| {
+                        rs.iter()
+                            .any(|x| x.matches == r.matches && (!same_risk || x.risk == r.risk))
+                    })
+            };
+            tiers
+                .iter()
+                .rev()
+                .find(|t| has(t, true))
+                .or_else(|| tiers.iter().find(|t| has(t, false)))
+                .map(|t| t.name.clone())
+                .unwrap_or_default()
+        })
+        .collect();
     let merged = Merged {
+        rule_tiers,
         version: sha256_of(&eff),
         tiers: tiers
             .iter()

@@ -31,7 +31,7 @@ pub const BASELINE: &[(&str, &str)] = &[
 const FINDINGS: &str = "data.aibox.tools.findings";
 
 /// One exec request, as the gate sees it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ExecInput {
     /// The command line.
     pub argv: Vec<String>,
@@ -52,6 +52,14 @@ pub struct ExecInput {
     /// Sandbox name.
     #[serde(default)]
     pub sandbox: String,
+    /// Other names of the executed file in the system's program
+    /// directories (the same file, or a file with the same SHA-256): a
+    /// copy of curl called `fetch` is still curl.
+    #[serde(default)]
+    pub exe_aliases: Vec<String>,
+    /// The parent process's program (`comm`), for context.
+    #[serde(default)]
+    pub parent: String,
 }
 
 /// What happens to the command.
@@ -82,6 +90,10 @@ pub struct Decision {
     pub policy_version: String,
     /// SHA-256 of the input (hex, first 16), for the decision log.
     pub input_hash: String,
+    /// The tier the deciding rule belongs to (`org`, `team`, `project`,
+    /// `org baseline` for the shipped Rego, `default`).
+    #[serde(default)]
+    pub tier: String,
 }
 
 /// Decides exec requests under one merged policy.
@@ -148,16 +160,23 @@ impl Decider {
         // hide curl, and a copy of curl called `fetch` is caught by a rule
         // on `fetch` (rules on hashes belong in Rego, with exe_sha256).
         let base = input.exe.rsplit('/').next().unwrap_or(&input.exe);
-        let mut by_exe = vec![base.to_string()];
-        by_exe.extend(input.argv.iter().skip(1).cloned());
-        let (r1, i1) = classify(p, &by_exe);
-        let (r2, i2) = classify(p, &input.argv);
-        let (mut risk, rule) = if r2 > r1 || (r2 == r1 && i1.is_none()) {
-            (r2, i2)
-        } else {
-            (r1, i1)
-        };
-        let (mut rule, mut reason) = match rule.and_then(|i| {
+        let argv0 = input.argv.first().map(String::as_str).unwrap_or_default();
+        let mut risk = Risk::Safe;
+        let mut rule = None;
+        let mut first = true;
+        for name in std::iter::once(base)
+            .chain(input.exe_aliases.iter().map(String::as_str))
+            .chain(std::iter::once(argv0))
+        {
+            let mut argv = vec![name.to_string()];
+            argv.extend(input.argv.iter().skip(1).cloned());
+            let (r, i) = classify(p, &argv);
+            if first || r > risk || (r == risk && rule.is_none() && i.is_some()) {
+                (risk, rule) = (r, i);
+            }
+            first = false;
+        }
+        let (mut rule, mut reason, mut tier) = match rule.and_then(|i| {
             p.tools
                 .as_ref()?
                 .rules
@@ -168,23 +187,29 @@ impl Decider {
             Some((i, why)) => (
                 format!("tools.rules[{i}]"),
                 why.unwrap_or_else(|| "matched a tool rule".into()),
+                self.merged.rule_tiers.get(i).cloned().unwrap_or_default(),
             ),
-            None => ("tools.default".to_string(), "no rule matches".to_string()),
+            None => (
+                "tools.default".to_string(),
+                "no rule matches".to_string(),
+                self.default_tier(),
+            ),
         };
         match self.findings(json) {
             Ok(found) => {
                 for (r, name, why) in found {
                     if r > risk {
-                        (risk, rule, reason) = (r, name, why);
+                        (risk, rule, reason, tier) = (r, name, why, "org baseline".into());
                     }
                 }
             }
             // Fail closed: a policy that cannot be evaluated denies.
             Err(e) => {
-                (risk, rule, reason) = (
+                (risk, rule, reason, tier) = (
                     Risk::BlockedByDefault,
                     "rego".into(),
                     format!("the Rego policy could not be evaluated: {e}"),
+                    "org baseline".into(),
                 );
             }
         }
@@ -199,7 +224,29 @@ impl Decider {
             reason,
             policy_version: self.merged.version.clone(),
             input_hash,
+            tier,
         }
+    }
+
+    /// The lowest tier that sets `tools.default` (`default` when none
+    /// does: unmatched commands are `safe`).
+    fn default_tier(&self) -> String {
+        // (Tiers only record their file's hash; the default's origin is
+        // the lowest tier whose policy, merged, sets one.)
+        match self.merged.policy.tools.as_ref().and_then(|t| t.default) {
+            Some(_) => self
+                .merged
+                .tiers
+                .first()
+                .map(|t| t.0.clone())
+                .unwrap_or_default(),
+            None => "default".into(),
+        }
+    }
+
+    /// The policy version this decider decides under.
+    pub fn policy_version(&self) -> &str {
+        &self.merged.version
     }
 
     fn findings(&mut self, input_json: &str) -> Result<Vec<(Risk, String, String)>, String> {
@@ -286,6 +333,8 @@ mod tests {
             uid: 1000,
             env_names: Vec::new(),
             sandbox: "t".into(),
+            exe_aliases: Vec::new(),
+            parent: String::new(),
         }
     }
 

@@ -328,7 +328,7 @@ fn harden(seccomp: bool) -> Result<Option<LandlockState>, SandboxError> {
         // The kernel has it but it is not applied: the self-test must fail.
         Some(LandlockState::Unavailable)
     } else {
-        Some(landlock_rules::apply(crate::WRITABLE)?)
+        Some(landlock_rules::apply(crate::WRITABLE, &[])?)
     };
     if seccomp && !crate::debug_skip("seccomp") {
         let filters = crate::seccomp::SyscallPolicy::embedded()?.compile()?;

@@ -210,8 +210,15 @@ fn spawn(req: &SpawnRequest, fds: Vec<OwnedFd>) -> Result<Spawned, (String, i32)
                     }
                 }
             }
-            // Nothing of init's (control socket, terminal master) survives exec.
-            let _ = sys::cloexec_from(3);
+            // Nothing of init's (control socket, terminal master) reaches
+            // the command, not even while the exec gate holds its exec.
+            if let Err(e) = sys::close_all_except(&[0, 1, 2, err_w.as_raw_fd()]) {
+                fail(format!("closing descriptors: {e}"));
+            }
+            // Init is not dumpable (see `harden`) and we inherited that: a
+            // rootless supervisor could not read this exec's arguments to
+            // decide it. The exec resets the flag for the new program.
+            let _ = nix::sys::prctl::set_dumpable(true);
             if let Err(e) = nix::unistd::chdir(cwd.as_str()) {
                 fail(format!("cannot enter {cwd}: {e}"));
             }

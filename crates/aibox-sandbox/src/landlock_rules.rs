@@ -6,6 +6,9 @@ use landlock::{
     ABI, Access, AccessFs, CompatLevel, Compatible, RestrictionStatus, Ruleset, RulesetAttr,
     RulesetCreatedAttr, RulesetStatus, Scope, path_beneath_rules,
 };
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
 use serde::{Deserialize, Serialize};
 
 use crate::SandboxError;
@@ -30,11 +33,81 @@ pub fn kernel_abi() -> i32 {
     crate::sys::landlock_abi()
 }
 
-/// Restricts the calling thread (and its future children).
-pub fn apply(writable: &[&str]) -> Result<LandlockState, SandboxError> {
+/// Directories whose programs `exec_blocked` names are looked up in.
+pub const PROGRAM_DIRS: &[&str] = &[
+    "/usr/local/sbin",
+    "/usr/local/bin",
+    "/usr/sbin",
+    "/usr/bin",
+    "/sbin",
+    "/bin",
+];
+
+/// The files the program names `names` denote in [`PROGRAM_DIRS`], with
+/// links resolved (Landlock judges the file executed, not the link).
+pub fn blocked_files(names: &[String]) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = Vec::new();
+    for dir in PROGRAM_DIRS {
+        for name in names {
+            if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+                continue;
+            }
+            if let Ok(real) = std::fs::canonicalize(Path::new(dir).join(name))
+                && real.is_file()
+                && !out.contains(&real)
+            {
+                out.push(real);
+            }
+        }
+    }
+    out
+}
+
+/// Where execution stays allowed when `blocked` files must not run: every
+/// entry of every directory on the way to a blocked file, except that
+/// directory's own next step and the blocked files themselves. Symbolic
+/// links are skipped (their targets are covered where they live).
+fn execute_grants(blocked: &[PathBuf]) -> Vec<PathBuf> {
+    let mut ancestors: BTreeSet<PathBuf> = BTreeSet::new();
+    for b in blocked {
+        let mut p = b.parent();
+        while let Some(d) = p {
+            ancestors.insert(d.to_path_buf());
+            p = d.parent();
+        }
+    }
+    let mut grants = Vec::new();
+    for dir in &ancestors {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if ancestors.contains(&path) || blocked.contains(&path) {
+                continue;
+            }
+            if e.file_type().is_ok_and(|t| t.is_symlink()) {
+                continue;
+            }
+            grants.push(path);
+        }
+    }
+    grants
+}
+
+/// Restricts the calling thread (and its future children): read and
+/// execute everywhere, everything beneath `writable`, and no execution of
+/// the files in `blocked` (see [`blocked_files`]).
+pub fn apply(writable: &[&str], blocked: &[PathBuf]) -> Result<LandlockState, SandboxError> {
     let err = |e: &dyn std::fmt::Display| SandboxError::Sys {
         what: "applying the Landlock ruleset".into(),
         source: std::io::Error::other(e.to_string()),
+    };
+    let read = AccessFs::from_read(TARGET_ABI);
+    let (root_rights, grants) = if blocked.is_empty() {
+        (read, Vec::new())
+    } else {
+        (read & !AccessFs::Execute, execute_grants(blocked))
     };
     let status: RestrictionStatus = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)
@@ -44,7 +117,9 @@ pub fn apply(writable: &[&str]) -> Result<LandlockState, SandboxError> {
         .map_err(|e| err(&e))?
         .create()
         .map_err(|e| err(&e))?
-        .add_rules(path_beneath_rules(["/"], AccessFs::from_read(TARGET_ABI)))
+        .add_rules(path_beneath_rules(["/"], root_rights))
+        .map_err(|e| err(&e))?
+        .add_rules(path_beneath_rules(grants, read))
         .map_err(|e| err(&e))?
         .add_rules(path_beneath_rules(writable, AccessFs::from_all(TARGET_ABI)))
         .map_err(|e| err(&e))?

@@ -53,6 +53,9 @@ pub struct Launched {
     pub guest_host_uid: u32,
     /// The egress listeners of `spec.net`, in its order (empty without).
     pub net: Vec<OwnedFd>,
+    /// The exec gate's seccomp listener (`spec.exec_gate`): every exec in
+    /// the sandbox waits for an answer on it.
+    pub gate: Option<OwnedFd>,
 }
 
 /// Host uid/gid used for the guest under a rootful start: 0x7F00_0000 plus
@@ -140,15 +143,20 @@ pub fn launch(spec: &SandboxSpec) -> Result<Launched, SandboxError> {
         ForkResult::Parent { child } => {
             drop(theirs);
             match wait_ready(&ours) {
-                Ok((init_pid, report, net)) => Ok(Launched {
-                    intermediate: child,
-                    init_pid,
-                    control: ours,
-                    report,
-                    rootless,
-                    guest_host_uid: guest_host,
-                    net,
-                }),
+                Ok((init_pid, report, mut net)) => {
+                    // The gate's listener comes first (see `init_setup`).
+                    let gate = (spec.exec_gate && !net.is_empty()).then(|| net.remove(0));
+                    Ok(Launched {
+                        intermediate: child,
+                        init_pid,
+                        control: ours,
+                        report,
+                        rootless,
+                        guest_host_uid: guest_host,
+                        net,
+                        gate,
+                    })
+                }
                 Err(e) => {
                     let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
                     let _ = waitpid(child, None);
@@ -442,7 +450,20 @@ fn init_setup(
         nix::unistd::setresuid(u, u, u).map_err(|e| SandboxError::sys("setresuid", e))?;
     }
 
-    Ok((harden(spec, filters)?, net))
+    let report = harden(spec, filters)?;
+    // Installed last, after the self-test, so nothing of init's own setup
+    // waits for a listener that is not there yet. Asked for and not
+    // available is a failed start, never an ungated sandbox.
+    let mut fds = Vec::with_capacity(net.len() + 1);
+    if spec.exec_gate {
+        crate::notify::check_sizes().map_err(|e| SandboxError::sys("the exec gate", e))?;
+        fds.push(
+            crate::notify::install_exec_filter()
+                .map_err(|e| SandboxError::sys("installing the exec gate's seccomp filter", e))?,
+        );
+    }
+    fds.extend(net);
+    Ok((report, fds))
 }
 
 /// Opens the egress listeners of `n` in the current network namespace.
@@ -562,7 +583,10 @@ fn harden(
     let landlock = if crate::debug_skip("landlock") {
         None
     } else if kernel_abi > 0 {
-        Some(landlock_rules::apply(WRITABLE)?)
+        Some(landlock_rules::apply(
+            WRITABLE,
+            &landlock_rules::blocked_files(&spec.exec_blocked),
+        )?)
     } else if spec.landlock_required {
         return Err(SandboxError::Setup(
             "Landlock is required (sandbox.landlock: required) but this kernel has none; boot a kernel with CONFIG_SECURITY_LANDLOCK and lsm=landlock, or set sandbox.landlock: best_effort".into(),

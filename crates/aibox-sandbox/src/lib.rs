@@ -14,6 +14,7 @@ mod init;
 pub mod ipc;
 pub mod landlock_rules;
 mod launch;
+pub mod notify;
 mod rootfs;
 pub mod seccomp;
 pub mod selftest;
@@ -104,6 +105,15 @@ pub struct SandboxSpec {
     /// next start.
     #[serde(default)]
     pub read_only_in_workspace: Vec<PathBuf>,
+    /// Hold every exec for a decision: init installs a seccomp
+    /// user-notification filter and hands its listener to the caller
+    /// ([`Launched::gate`]).
+    #[serde(default)]
+    pub exec_gate: bool,
+    /// Program names the policy blocks outright: their files in the
+    /// system's program directories get no Landlock execute right.
+    #[serde(default)]
+    pub exec_blocked: Vec<String>,
 }
 
 /// Where the sandbox finds the LLM gateway's CA certificate alone (for

@@ -8,6 +8,7 @@
 pub mod client;
 pub mod container;
 pub mod egress;
+pub mod gate;
 pub mod paths;
 pub mod proto;
 pub mod supervisor;

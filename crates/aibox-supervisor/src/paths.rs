@@ -72,6 +72,23 @@ pub fn audit_log(data_dir: &Path, name: &str) -> PathBuf {
     data_dir.join("audit").join(format!("{name}.jsonl"))
 }
 
+/// Decision log of the sandbox whose audit log is `audit_log`
+/// (`<name>.decisions.jsonl` beside it).
+pub fn decision_log_for(audit_log: &Path) -> PathBuf {
+    audit_log.with_extension("decisions.jsonl")
+}
+
+/// Where the merged policy of version `version` (`sha256:<hex>`) is kept
+/// for `aibox policy explain`: `<name>.policies/<hex>.json` beside the
+/// audit log.
+pub fn policy_snapshot_for(audit_log: &Path, version: &str) -> PathBuf {
+    let hex = version.strip_prefix("sha256:").unwrap_or(version);
+    let hex = if hex.is_empty() { "none" } else { hex };
+    audit_log
+        .with_extension("policies")
+        .join(format!("{hex}.json"))
+}
+
 /// Creates `dir` (0700) if needed and refuses one that another user owns
 /// or others can write: a planted runtime directory in /tmp would let
 /// someone else read our control sockets or swap our mount points.

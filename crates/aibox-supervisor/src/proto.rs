@@ -105,6 +105,9 @@ pub struct SupervisorSpec {
     /// (empty: no policy files).
     #[serde(default)]
     pub policy_version: String,
+    /// The merged policy the exec gate decides with (native backend).
+    #[serde(default)]
+    pub policy: Option<aibox_policy::Merged>,
 }
 
 /// What the supervisor's proxy enforces.

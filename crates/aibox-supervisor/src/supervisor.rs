@@ -324,6 +324,29 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
         }
         _ => None,
     };
+    if let Some(listener) = launched.gate {
+        if let Err(e) = start_gate(&spec, listener, launched.init_pid, egress_emit(&sink)) {
+            undo_native(
+                &launched.control,
+                launched.intermediate,
+                &mut audit,
+                &spec,
+                &e,
+            );
+            return Err(e);
+        }
+    } else if spec.sandbox.exec_gate {
+        // Asked for and not delivered: never run ungated.
+        let e = "the sandbox did not hand over its exec gate".to_string();
+        undo_native(
+            &launched.control,
+            launched.intermediate,
+            &mut audit,
+            &spec,
+            &e,
+        );
+        return Err(e);
+    }
     let mut status = status;
     status.network = egress.as_ref().map(|e| e.status());
     let shared = serve(
@@ -339,6 +362,37 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
     );
     let _ = sink.set(Arc::downgrade(&shared));
     Ok(main_loop(shared))
+}
+
+/// Starts the exec gate's threads: the policy's decider, the decision
+/// log, and a snapshot of the policy for `aibox policy explain`.
+fn start_gate(
+    spec: &SupervisorSpec,
+    listener: OwnedFd,
+    init_pid: i32,
+    emit: crate::egress::Emit,
+) -> Result<(), String> {
+    let merged = spec.policy.clone().unwrap_or_default();
+    let decider =
+        aibox_policy::Decider::new(&merged).map_err(|e| format!("the exec gate's policy: {e}"))?;
+    let snapshot = crate::paths::policy_snapshot_for(&spec.audit_log, &merged.version);
+    if let Some(dir) = snapshot.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let body = serde_json::to_vec_pretty(&merged).map_err(|e| e.to_string())?;
+    std::fs::write(&snapshot, body).map_err(|e| format!("writing {}: {e}", snapshot.display()))?;
+    let log_path = crate::paths::decision_log_for(&spec.audit_log);
+    let log = crate::gate::DecisionLog::open(&log_path, emit)
+        .map_err(|e| format!("opening {}: {e}", log_path.display()))?;
+    let gate = Arc::new(crate::gate::Gate::new(
+        listener, init_pid, spec, decider, log,
+    ));
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(2, 4);
+    gate.serve(workers)
+        .map_err(|e| format!("starting the exec gate: {e}"))
 }
 
 /// The egress's audit writer: events go to the supervisor's log once it

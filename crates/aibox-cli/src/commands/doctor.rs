@@ -496,6 +496,8 @@ fn probe_sandbox(l: &aibox_config::Loaded) -> Result<String, String> {
         aibox_binary: None,
         extra_ca_pem: None,
         read_only_in_workspace: Vec::new(),
+        exec_gate: false,
+        exec_blocked: Vec::new(),
     };
     let t0 = std::time::Instant::now();
     match aibox_sandbox::launch(&spec) {

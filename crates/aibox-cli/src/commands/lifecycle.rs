@@ -125,6 +125,8 @@ fn prepare(
             // (Set by the supervisor, which creates the gateway's CA.)
             extra_ca_pem: None,
             read_only_in_workspace,
+            exec_gate: matches!(runtime, Runtime::Native),
+            exec_blocked: aibox_policy::blocked_programs(&policy.policy),
         },
         user,
         runtime: runtime.as_str().into(),
@@ -142,6 +144,7 @@ fn prepare(
         container,
         network,
         policy_version: policy.version.clone(),
+        policy: Some(policy.merged.clone()),
     };
     Ok((loaded, spec, paths))
 }

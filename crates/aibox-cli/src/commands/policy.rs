@@ -199,11 +199,9 @@ pub fn run(cli_config: Option<PathBuf>, cmd: PolicyCmd) -> Result<i32> {
             let d = decider.decide(&aibox_policy::rego::ExecInput {
                 argv: command.clone(),
                 exe,
-                exe_sha256: String::new(),
                 cwd: "/workspace".into(),
                 uid: aibox_core::guest::UID,
-                env_names: Vec::new(),
-                sandbox: String::new(),
+                ..Default::default()
             });
             let decision = match d.action {
                 aibox_policy::rego::Action::Deny => "deny",
@@ -220,7 +218,7 @@ pub fn run(cli_config: Option<PathBuf>, cmd: PolicyCmd) -> Result<i32> {
                 Format::Text => {
                     println!("decision:   {decision}");
                     println!("risk class: {}", d.risk.as_str());
-                    println!("rule:       {}", d.rule);
+                    println!("rule:       {} ({} tier)", d.rule, d.tier);
                     println!("reason:     {}", d.reason);
                     println!("policy:     {}", d.policy_version);
                 }
@@ -289,6 +287,8 @@ pub(crate) struct AtStart {
     pub rules: Vec<String>,
     /// The merged policy.
     pub policy: aibox_policy::PolicyFile,
+    /// The same with its provenance (what the exec gate decides with).
+    pub merged: aibox_policy::Merged,
 }
 
 /// Loads, merges and applies the policy to a start of `runtime` with
@@ -313,6 +313,7 @@ pub(crate) fn at_start(
             version: String::new(),
             rules: Vec::new(),
             policy: p,
+            merged: o.merged,
         });
     }
     use aibox_policy::schema::Engine;
@@ -483,9 +484,10 @@ pub(crate) fn at_start(
         );
     }
     Ok(AtStart {
-        version: o.merged.version,
+        version: o.merged.version.clone(),
         rules,
         policy: p,
+        merged: o.merged,
     })
 }
 

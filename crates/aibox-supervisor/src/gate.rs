@@ -1,0 +1,981 @@
+//! The exec gate's decision side. Every `execve`/`execveat` in a native
+//! sandbox waits on a seccomp listener (`aibox_sandbox::notify`); here the
+//! supervisor reads what the caller asked for, finds the file the kernel
+//! would run inside the sandbox's root, asks the policy
+//! ([`aibox_policy::Decider`]) and answers: run, or fail with `EPERM`
+//! after a one-line reason on the caller's stderr.
+//!
+//! The program is judged by the file executed (its path, its SHA-256, and
+//! the other names of that file in the system's program directories), not
+//! by argv[0]; a script is judged with its interpreter, and the dynamic
+//! loader (`ld-linux-x86-64.so.2 /usr/bin/x`) by the program it is given.
+//! Every decision is appended to the decision log and mirrored as audit
+//! events before the answer is sent.
+//!
+//! Limits (also in docs/security.md): after "run", the kernel reads the
+//! path and arguments again, so another thread of the caller can change
+//! them in between; denials are exact, allows are best effort plus audit.
+//! Programs the policy blocks by name are also denied by Landlock, which
+//! has no such window.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use aibox_audit::{EventType, Severity};
+use aibox_policy::{Action, Decider, Decision, ExecInput, Risk};
+use aibox_sandbox::notify::{self, Notification, Verdict};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::egress::Emit;
+
+/// Longest path read from a caller.
+const PATH_MAX: usize = 4096;
+/// Most argv/envp strings read (Linux allows more; such a command is
+/// refused with E2BIG rather than decided on part of its arguments).
+const MAX_ARGS: usize = 65_536;
+/// Most argv/envp bytes read (the kernel's usual limit is a quarter of an
+/// 8 MiB stack).
+const MAX_ARG_BYTES: usize = 2 * 1024 * 1024;
+/// Interpreter levels followed (the kernel's own limit is 4).
+const MAX_DEPTH: usize = 5;
+
+/// One line of the decision log (`<name>.decisions.jsonl` next to the
+/// audit log). Entry numbers start at 1.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// Entry number (line number).
+    pub entry: u64,
+    /// RFC 3339 time.
+    pub timestamp: String,
+    /// Policy version decided under.
+    pub policy_version: String,
+    /// Hash of the deciding input.
+    pub input_hash: String,
+    /// What was asked: `exec`, or `hook` for an agent's pre-tool check.
+    pub action: String,
+    /// The command line, joined.
+    pub command: String,
+    /// The file decided on.
+    pub target: String,
+    /// Host user.
+    pub user: String,
+    /// Workspace (host path).
+    pub workspace: String,
+    /// Sandbox name.
+    pub sandbox_id: String,
+    /// `allow`, `review` or `deny`.
+    pub decision: Action,
+    /// Risk class.
+    pub risk_class: Risk,
+    /// Deciding rule.
+    pub rule: String,
+    /// Tier of the deciding rule.
+    #[serde(default)]
+    pub tier: String,
+    /// Why.
+    pub reason: String,
+    /// Time to decide, in microseconds.
+    pub duration_us: u64,
+    /// Every input decided on for this exec (the file, its interpreter,
+    /// the program a loader was given), for `aibox policy explain`.
+    pub inputs: Vec<ExecInput>,
+}
+
+/// Where decisions go: the decision log, the audit log.
+#[allow(missing_debug_implementations)]
+pub struct DecisionLog {
+    file: File,
+    next: u64,
+    emit: Emit,
+}
+
+impl DecisionLog {
+    /// Opens (appends to) the decision log at `path`.
+    pub fn open(path: &Path, emit: Emit) -> std::io::Result<DecisionLog> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .mode(0o600)
+            .open(path)?;
+        let mut text = String::new();
+        file.read_to_string(&mut text)?;
+        let next = text.lines().count() as u64 + 1;
+        Ok(DecisionLog { file, next, emit })
+    }
+
+    /// Writes `e` (numbering it) and mirrors it as audit events; returns
+    /// its entry number.
+    pub fn record(&mut self, mut e: LogEntry) -> u64 {
+        e.entry = self.next;
+        self.next += 1;
+        if let Ok(mut line) = serde_json::to_string(&e) {
+            line.push('\n');
+            let _ = self.file.write_all(line.as_bytes());
+        }
+        let argv: Vec<String> = e.inputs.first().map(|i| i.argv.clone()).unwrap_or_default();
+        let common = json!({
+            "action": e.action, "argv": argv, "exe": e.target, "rule": e.rule,
+            "tier": e.tier, "reason": e.reason, "risk_class": e.risk_class.as_str(),
+            "policy_version": e.policy_version, "input_hash": e.input_hash,
+            "decision_entry": e.entry, "duration_us": e.duration_us,
+        });
+        match e.decision {
+            Action::Allow => (self.emit)(EventType::PolicyAllow, Severity::Info, common),
+            Action::Review => {
+                (self.emit)(EventType::PolicyAllow, Severity::Warning, common.clone());
+                let mut v = common;
+                v["awaiting_review"] = json!(true);
+                (self.emit)(EventType::ToolInvoke, Severity::Warning, v);
+            }
+            Action::Deny => {
+                (self.emit)(EventType::PolicyDeny, Severity::Warning, common.clone());
+                (self.emit)(EventType::ToolDeny, Severity::Warning, common);
+            }
+        }
+        e.entry
+    }
+}
+
+/// Identity of a file's content as far as the cache cares.
+type FileKey = (u64, u64, u64, i64, i64, i64, i64);
+
+fn key_of(m: &std::fs::Metadata) -> FileKey {
+    (
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    )
+}
+
+/// The system's program directories, as the sandbox sees them: which
+/// names each file goes by, and which files have which size (to find
+/// copies by hash).
+#[derive(Default)]
+struct ProgramIndex {
+    by_inode: HashMap<(u64, u64), Vec<String>>,
+    by_size: HashMap<u64, Vec<(String, PathBuf)>>,
+}
+
+/// What the gate shares between its threads.
+#[allow(missing_debug_implementations)]
+pub struct Gate {
+    listener: OwnedFd,
+    /// Host pid of the sandbox init (whose root every sandbox process
+    /// shares: none can chroot).
+    init_pid: i32,
+    sandbox: String,
+    user: String,
+    workspace: String,
+    decider: Mutex<Decider>,
+    hashes: Mutex<HashMap<FileKey, String>>,
+    index: OnceLock<ProgramIndex>,
+    loaders: OnceLock<Vec<String>>,
+    log: Mutex<DecisionLog>,
+    /// The last denial told to a process: a shell that tries each `PATH`
+    /// directory in turn hears the reason once.
+    last_told: Mutex<Option<(u32, String)>>,
+}
+
+/// What the caller asked for, read from its memory.
+struct Request {
+    pid: u32,
+    dirfd: i32,
+    path: Vec<u8>,
+    flags: u64,
+    argv: Vec<String>,
+    env_names: Vec<String>,
+}
+
+/// A file found inside the sandbox.
+struct Found {
+    fd: OwnedFd,
+    /// Its path inside the sandbox.
+    path: String,
+}
+
+impl Gate {
+    /// A gate answering on `listener` for the sandbox whose init is
+    /// `init_pid`.
+    pub fn new(
+        listener: OwnedFd,
+        init_pid: i32,
+        spec: &crate::proto::SupervisorSpec,
+        decider: Decider,
+        log: DecisionLog,
+    ) -> Gate {
+        Gate {
+            listener,
+            init_pid,
+            sandbox: spec.sandbox.name.clone(),
+            user: spec.user.clone(),
+            workspace: spec.sandbox.workspace.display().to_string(),
+            decider: Mutex::new(decider),
+            hashes: Mutex::new(HashMap::new()),
+            index: OnceLock::new(),
+            loaders: OnceLock::new(),
+            log: Mutex::new(log),
+            last_told: Mutex::new(None),
+        }
+    }
+
+    /// Starts `workers` threads answering held execs until the sandbox is
+    /// gone.
+    pub fn serve(self: &Arc<Self>, workers: usize) -> std::io::Result<()> {
+        for i in 0..workers.max(1) {
+            let g = self.clone();
+            std::thread::Builder::new()
+                .name(format!("exec-gate-{i}"))
+                .spawn(move || g.worker())?;
+        }
+        Ok(())
+    }
+
+    fn worker(&self) {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        loop {
+            let mut fds = [PollFd::new(self.listener.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return,
+            }
+            let revents = fds[0].revents().unwrap_or(PollFlags::empty());
+            if !revents.contains(PollFlags::POLLIN) {
+                // POLLHUP: every process of the sandbox is gone.
+                if revents.intersects(PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL)
+                {
+                    return;
+                }
+                continue;
+            }
+            let n = match notify::receive(self.listener.as_fd()) {
+                Ok(n) => n,
+                // Another worker took it, or the caller died first.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::ENOENT)) => {
+                    continue;
+                }
+                Err(_) => return,
+            };
+            if let Some(v) = self.handle(n) {
+                // ENOENT: the caller died while we decided.
+                let _ = notify::answer(self.listener.as_fd(), n.id, v);
+            }
+        }
+    }
+
+    /// The answer to one held exec (None: the caller is gone).
+    fn handle(&self, n: Notification) -> Option<Verdict> {
+        let t0 = Instant::now();
+        let req = match self.read_request(&n) {
+            Ok(r) => r,
+            Err(errno) => {
+                return notify::still_valid(self.listener.as_fd(), n.id)
+                    .then_some(Verdict::Fail(errno));
+            }
+        };
+        // What we read is only the caller's if the request is still live
+        // (the pid could otherwise have been reused).
+        if !notify::still_valid(self.listener.as_fd(), n.id) {
+            return None;
+        }
+        let inputs = match self.inputs_for(&req) {
+            Ok(i) => i,
+            // The kernel would fail the same way (a missing file): no
+            // decision to record, and execvp goes on down its PATH.
+            Err(Unresolved::Errno(e)) => return Some(Verdict::Fail(e)),
+            Err(Unresolved::Refused(why)) => {
+                let d = Decision {
+                    action: Action::Deny,
+                    risk: Risk::BlockedByDefault,
+                    rule: "gate".into(),
+                    reason: why,
+                    policy_version: self.policy_version(),
+                    input_hash: String::new(),
+                    tier: "aibox".into(),
+                };
+                let input = ExecInput {
+                    argv: req.argv.clone(),
+                    exe: String::from_utf8_lossy(&req.path).into_owned(),
+                    sandbox: self.sandbox.clone(),
+                    ..ExecInput::default()
+                };
+                return Some(self.conclude(&req, d, vec![input], t0));
+            }
+        };
+        let mut decisions = Vec::with_capacity(inputs.len());
+        if let Ok(mut d) = self.decider.lock() {
+            for i in &inputs {
+                decisions.push(d.decide(i));
+            }
+        }
+        // The strictest decision stands; the first (the file itself) on a tie.
+        let Some(worst) = decisions
+            .iter()
+            .enumerate()
+            .max_by(|(ia, a), (ib, b)| a.risk.cmp(&b.risk).then(ib.cmp(ia)))
+            .map(|(i, d)| (i, d.clone()))
+        else {
+            return Some(Verdict::Fail(libc::EPERM));
+        };
+        let (at, decision) = worst;
+        let mut ordered = inputs;
+        // The deciding input goes first in the log entry.
+        let first = ordered.remove(at);
+        ordered.insert(0, first);
+        Some(self.conclude(&req, decision, ordered, t0))
+    }
+
+    fn policy_version(&self) -> String {
+        self.decider
+            .lock()
+            .map(|d| d.policy_version().to_string())
+            .unwrap_or_default()
+    }
+
+    /// Logs the decision and turns it into an answer.
+    fn conclude(&self, req: &Request, d: Decision, inputs: Vec<ExecInput>, t0: Instant) -> Verdict {
+        let entry = LogEntry {
+            entry: 0,
+            timestamp: humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+            policy_version: d.policy_version.clone(),
+            input_hash: d.input_hash.clone(),
+            action: "exec".into(),
+            command: shell_words(&req.argv),
+            target: inputs.first().map(|i| i.exe.clone()).unwrap_or_default(),
+            user: self.user.clone(),
+            workspace: self.workspace.clone(),
+            sandbox_id: self.sandbox.clone(),
+            decision: d.action,
+            risk_class: d.risk,
+            rule: d.rule.clone(),
+            tier: d.tier.clone(),
+            reason: d.reason.clone(),
+            duration_us: t0.elapsed().as_micros() as u64,
+            inputs,
+        };
+        let target = entry.target.clone();
+        let number = match self.log.lock() {
+            Ok(mut l) => l.record(entry),
+            Err(_) => 0,
+        };
+        match d.action {
+            Action::Allow | Action::Review => Verdict::Continue,
+            Action::Deny => {
+                let line = format!(
+                    "aibox: `{}` blocked by policy rule {} ({} tier): {}\naibox: details and how to ask for an exception: aibox policy explain --log-entry {number} --name {}\n",
+                    target, d.rule, d.tier, d.reason, self.sandbox
+                );
+                let told = (req.pid, target);
+                let repeat = self
+                    .last_told
+                    .lock()
+                    .map(|mut l| l.replace(told.clone()).as_ref() == Some(&told))
+                    .unwrap_or(false);
+                if !repeat {
+                    tell(req.pid, line);
+                }
+                Verdict::Fail(libc::EPERM)
+            }
+        }
+    }
+
+    fn read_request(&self, n: &Notification) -> Result<Request, i32> {
+        let (dirfd, path, argv, envp, flags) = match n.nr {
+            notify::NR_EXECVE => (notify::AT_FDCWD, n.args[0], n.args[1], n.args[2], 0),
+            notify::NR_EXECVEAT => (n.args[0] as i32, n.args[1], n.args[2], n.args[3], n.args[4]),
+            _ => return Err(libc::ENOSYS),
+        };
+        let errno = |e: std::io::Error| e.raw_os_error().unwrap_or(libc::EFAULT);
+        let path = notify::read_cstring(n.pid, path, PATH_MAX).map_err(errno)?;
+        let argv = notify::read_string_array(n.pid, argv, MAX_ARGS, MAX_ARG_BYTES)
+            .map_err(errno)?
+            .into_iter()
+            .map(|a| String::from_utf8_lossy(&a).into_owned())
+            .collect();
+        let env_names = notify::read_string_array(n.pid, envp, MAX_ARGS, MAX_ARG_BYTES)
+            .map_err(errno)?
+            .into_iter()
+            .map(|e| {
+                let name = e.split(|b| *b == b'=').next().unwrap_or_default();
+                String::from_utf8_lossy(name).into_owned()
+            })
+            .collect();
+        Ok(Request {
+            pid: n.pid,
+            dirfd,
+            path,
+            flags,
+            argv,
+            env_names,
+        })
+    }
+
+    /// Every input to decide for this exec: the file, each interpreter of
+    /// a script, the program a loader was asked to run.
+    fn inputs_for(&self, req: &Request) -> Result<Vec<ExecInput>, Unresolved> {
+        let root = open_dir(&format!("/proc/{}/root", self.init_pid))?;
+        let cwd = proc_link(req.pid, "cwd")?;
+        let found = if req.path.is_empty() {
+            if req.flags & notify::AT_EMPTY_PATH == 0 {
+                return Err(Unresolved::Errno(libc::ENOENT));
+            }
+            self.open_fd(req.pid, req.dirfd)?
+        } else {
+            let base = if req.path.first() == Some(&b'/') || req.dirfd == notify::AT_FDCWD {
+                cwd.clone()
+            } else {
+                proc_link(req.pid, &format!("fd/{}", req.dirfd))?
+            };
+            self.resolve(
+                root.as_fd(),
+                req.pid,
+                &base,
+                &String::from_utf8_lossy(&req.path),
+            )?
+        };
+        let parent = parent_comm(req.pid);
+        let mut out = Vec::new();
+        let mut argv = req.argv.clone();
+        let mut file = found;
+        for _ in 0..MAX_DEPTH {
+            let meta = meta_of(&file.fd)?;
+            if !meta.is_file() {
+                return Err(Unresolved::Errno(libc::EACCES));
+            }
+            let (sha, head) = self.hash_and_head(&file.fd, &meta)?;
+            let aliases = self.aliases(root.as_fd(), &file.path, &meta, &sha);
+            out.push(ExecInput {
+                argv: argv.clone(),
+                exe: file.path.clone(),
+                exe_sha256: sha.clone(),
+                cwd: cwd.clone(),
+                uid: aibox_core::guest::UID,
+                env_names: req.env_names.clone(),
+                sandbox: self.sandbox.clone(),
+                exe_aliases: aliases,
+                parent: parent.clone(),
+            });
+            if let Some((interp, arg)) = shebang(&head) {
+                // The kernel runs `interp [arg] script args…`.
+                let mut next = vec![interp.clone()];
+                next.extend(arg);
+                next.push(file.path.clone());
+                next.extend(argv.iter().skip(1).cloned());
+                argv = next;
+                file = self.resolve(root.as_fd(), req.pid, &cwd, &interp)?;
+                continue;
+            }
+            if self.is_loader(&file.path, &sha)
+                && let Some((prog, rest)) = loader_target(&argv)
+            {
+                let mut next = vec![prog.clone()];
+                next.extend(rest);
+                argv = next;
+                file = self.resolve(root.as_fd(), req.pid, &cwd, &prog)?;
+                continue;
+            }
+            return Ok(out);
+        }
+        Err(Unresolved::Refused(format!(
+            "more than {MAX_DEPTH} levels of interpreters"
+        )))
+    }
+
+    /// Opens `path` (relative to `base`) as the caller would, inside the
+    /// sandbox's root. `/proc/<pid>/{root,cwd,exe,fd/N}` spellings are
+    /// followed by hand (the scoped lookup refuses magic links).
+    fn resolve(
+        &self,
+        root: BorrowedFd<'_>,
+        pid: u32,
+        base: &str,
+        path: &str,
+    ) -> Result<Found, Unresolved> {
+        let mut text = if path.starts_with('/') {
+            path.to_string()
+        } else {
+            format!("{}/{path}", base.trim_end_matches('/'))
+        };
+        for _ in 0..8 {
+            match proc_magic(&text) {
+                None => {
+                    let fd = notify::open_in_root(root, text.as_bytes()).map_err(|e| {
+                        match e.raw_os_error() {
+                            Some(libc::EXDEV | libc::ELOOP) => Unresolved::Refused(format!(
+                                "{path}: its path leads through /proc links the gate cannot follow"
+                            )),
+                            Some(e) => Unresolved::Errno(e),
+                            None => Unresolved::Errno(libc::EACCES),
+                        }
+                    })?;
+                    let real = self.inside_path(&fd).unwrap_or_else(|| text.clone());
+                    return Ok(Found { fd, path: real });
+                }
+                Some((who, what, rest)) => {
+                    let host = self.host_pid_of(pid, &who)?;
+                    match (what.as_str(), rest.is_empty()) {
+                        ("root", _) => text = format!("/{rest}"),
+                        ("cwd", _) => text = format!("{}/{rest}", proc_link(host, "cwd")?),
+                        ("exe", true) => return self.open_proc(host, "exe"),
+                        (fd, true) if fd.starts_with("fd/") => return self.open_proc(host, fd),
+                        (fd, false) if fd.starts_with("fd/") => {
+                            text = format!("{}/{rest}", proc_link(host, fd)?)
+                        }
+                        _ => return Err(Unresolved::Errno(libc::ENOTDIR)),
+                    }
+                }
+            }
+        }
+        Err(Unresolved::Errno(libc::ELOOP))
+    }
+
+    /// The host pid of sandbox process `who` (`self`, `thread-self` or a
+    /// number in the sandbox's pid namespace), asked by `caller`.
+    fn host_pid_of(&self, caller: u32, who: &str) -> Result<u32, Unresolved> {
+        if who == "self" || who == "thread-self" {
+            return Ok(caller);
+        }
+        let inner: u32 = who.parse().map_err(|_| Unresolved::Errno(libc::ENOENT))?;
+        // Rare spelling: find the host process in the sandbox's pid
+        // namespace whose innermost pid is `inner`.
+        let ns = std::fs::read_link(format!("/proc/{}/ns/pid", self.init_pid))
+            .map_err(|e| errno_of(&e))?;
+        for e in std::fs::read_dir("/proc")
+            .map_err(|e| errno_of(&e))?
+            .flatten()
+        {
+            let Some(host) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            if std::fs::read_link(format!("/proc/{host}/ns/pid"))
+                .ok()
+                .as_ref()
+                != Some(&ns)
+            {
+                continue;
+            }
+            let Ok(status) = std::fs::read_to_string(format!("/proc/{host}/status")) else {
+                continue;
+            };
+            let last = status
+                .lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .and_then(|v| v.split_whitespace().last()?.parse::<u32>().ok());
+            if last == Some(inner) {
+                return Ok(host);
+            }
+        }
+        Err(Unresolved::Errno(libc::ENOENT))
+    }
+
+    fn open_proc(&self, host: u32, what: &str) -> Result<Found, Unresolved> {
+        let p = format!("/proc/{host}/{what}");
+        let fd = open_path(&p)?;
+        let path = self
+            .inside_path(&fd)
+            .or_else(|| std::fs::read_link(&p).ok().map(|l| l.display().to_string()))
+            .unwrap_or(p);
+        Ok(Found { fd, path })
+    }
+
+    fn open_fd(&self, pid: u32, fd: i32) -> Result<Found, Unresolved> {
+        self.open_proc(pid, &format!("fd/{fd}"))
+    }
+
+    /// The path of an opened file as the sandbox sees it.
+    fn inside_path(&self, fd: &OwnedFd) -> Option<String> {
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
+        let s = link.to_string_lossy().into_owned();
+        s.starts_with('/').then_some(s)
+    }
+
+    /// SHA-256 (cached by inode, size and times) and the first 256 bytes.
+    fn hash_and_head(
+        &self,
+        fd: &OwnedFd,
+        meta: &std::fs::Metadata,
+    ) -> Result<(String, Vec<u8>), Unresolved> {
+        let mut f = File::open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .map_err(|e| Unresolved::Errno(e.raw_os_error().unwrap_or(libc::EACCES)))?;
+        let mut head = vec![0u8; 256];
+        let n = read_full(&mut f, &mut head);
+        head.truncate(n);
+        let key = key_of(meta);
+        if let Some(h) = self.hashes.lock().ok().and_then(|c| c.get(&key).cloned()) {
+            return Ok((h, head));
+        }
+        let mut hasher = Sha256::new();
+        hasher.update(&head);
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match f.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => hasher.update(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return Err(Unresolved::Errno(libc::EIO)),
+            }
+        }
+        let h = hex::encode(hasher.finalize());
+        if let Ok(mut c) = self.hashes.lock() {
+            if c.len() > 65_536 {
+                c.clear();
+            }
+            c.insert(key, h.clone());
+        }
+        Ok((h, head))
+    }
+
+    fn hash_path(&self, root: BorrowedFd<'_>, path: &Path) -> Option<String> {
+        let fd = notify::open_in_root(root, path.as_os_str().as_encoded_bytes()).ok()?;
+        let meta = meta_of(&fd).ok()?;
+        self.hash_and_head(&fd, &meta).ok().map(|(h, _)| h)
+    }
+
+    /// Other names of this file in the program directories: the same
+    /// inode (hard links, and the links pointing at it), or the same
+    /// content (a copy).
+    fn aliases(
+        &self,
+        root: BorrowedFd<'_>,
+        path: &str,
+        meta: &std::fs::Metadata,
+        sha: &str,
+    ) -> Vec<String> {
+        let index = self.index.get_or_init(|| build_index(root));
+        let own = path.rsplit('/').next().unwrap_or(path);
+        let mut out: Vec<String> = index
+            .by_inode
+            .get(&(meta.dev(), meta.ino()))
+            .into_iter()
+            .flatten()
+            .filter(|n| n.as_str() != own)
+            .cloned()
+            .collect();
+        for (name, p) in index.by_size.get(&meta.size()).into_iter().flatten() {
+            if name == own || out.contains(name) {
+                continue;
+            }
+            if self.hash_path(root, p).as_deref() == Some(sha) {
+                out.push(name.clone());
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Whether the file is the dynamic loader (by name, or by the content
+    /// of the sandbox's own loaders: a renamed copy is still one).
+    fn is_loader(&self, path: &str, sha: &str) -> bool {
+        let base = path.rsplit('/').next().unwrap_or(path);
+        if base.starts_with("ld-linux") || base.starts_with("ld.so") || base.starts_with("ld-musl")
+        {
+            return true;
+        }
+        let loaders = self.loaders.get_or_init(|| {
+            let Ok(root) = open_dir(&format!("/proc/{}/root", self.init_pid)) else {
+                return Vec::new();
+            };
+            [
+                "/lib64/ld-linux-x86-64.so.2",
+                "/usr/lib64/ld-linux-x86-64.so.2",
+                "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+                "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+                "/lib/ld-musl-x86_64.so.1",
+            ]
+            .iter()
+            .filter_map(|p| self.hash_path(root.as_fd(), Path::new(p)))
+            .collect()
+        });
+        loaders.iter().any(|h| h == sha)
+    }
+}
+
+/// Why a path could not be decided.
+enum Unresolved {
+    /// The exec would fail anyway with this errno.
+    Errno(i32),
+    /// The gate refuses to guess (recorded as a denial).
+    Refused(String),
+}
+
+fn errno_of(e: &std::io::Error) -> Unresolved {
+    Unresolved::Errno(e.raw_os_error().unwrap_or(libc::EACCES))
+}
+
+fn open_path(p: &str) -> Result<OwnedFd, Unresolved> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(p)
+        .map(OwnedFd::from)
+        .map_err(|e| errno_of(&e))
+}
+
+fn open_dir(p: &str) -> Result<OwnedFd, Unresolved> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(p)
+        .map(OwnedFd::from)
+        .map_err(|_| Unresolved::Refused("the sandbox's root could not be opened".into()))
+}
+
+fn meta_of(fd: &OwnedFd) -> Result<std::fs::Metadata, Unresolved> {
+    std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|e| errno_of(&e))
+}
+
+/// A `/proc/<pid>/…` link of a sandbox process as the sandbox sees it.
+/// (Read from outside, the kernel prints the path relative to the
+/// sandbox's root: it is not reachable from ours.)
+fn proc_link(pid: u32, what: &str) -> Result<String, Unresolved> {
+    let l = std::fs::read_link(format!("/proc/{pid}/{what}")).map_err(|e| errno_of(&e))?;
+    let s = l.to_string_lossy().into_owned();
+    if !s.starts_with('/') || s.ends_with(" (deleted)") {
+        return Err(Unresolved::Refused(format!(
+            "the process's {what} is not a directory the gate can name ({s})"
+        )));
+    }
+    Ok(s)
+}
+
+fn parent_comm(pid: u32) -> String {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return String::new();
+    };
+    let Some(ppid) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .map(str::trim)
+    else {
+        return String::new();
+    };
+    std::fs::read_to_string(format!("/proc/{ppid}/comm"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Splits `/proc/<who>/<what>[/rest]` with what ∈ root, cwd, exe, fd/N.
+fn proc_magic(path: &str) -> Option<(String, String, String)> {
+    let mut parts = path.trim_start_matches('/').splitn(4, '/');
+    if parts.next()? != "proc" {
+        return None;
+    }
+    let who = parts.next()?.to_string();
+    if !(who == "self" || who == "thread-self" || who.bytes().all(|b| b.is_ascii_digit())) {
+        return None;
+    }
+    let what = parts.next()?.to_string();
+    let rest = parts.next().unwrap_or_default().to_string();
+    match what.as_str() {
+        "root" | "cwd" | "exe" => Some((who, what, rest)),
+        "fd" => {
+            let mut r = rest.splitn(2, '/');
+            let n = r.next()?.to_string();
+            n.bytes().all(|b| b.is_ascii_digit()).then(|| {
+                (
+                    who,
+                    format!("fd/{n}"),
+                    r.next().unwrap_or_default().to_string(),
+                )
+            })
+        }
+        // `task/<tid>/…` is the same process's view: strip it.
+        "task" => {
+            let mut r = rest.splitn(3, '/');
+            let _tid = r.next()?;
+            let what = r.next()?.to_string();
+            let rest = r.next().unwrap_or_default();
+            proc_magic(&format!("/proc/{who}/{what}/{rest}"))
+        }
+        _ => None,
+    }
+}
+
+/// `#!interp [arg]` of a script, as the kernel parses it.
+fn shebang(head: &[u8]) -> Option<(String, Option<String>)> {
+    let rest = head.strip_prefix(b"#!")?;
+    let line = rest.split(|b| *b == b'\n').next()?;
+    let line = String::from_utf8_lossy(line);
+    let line = line.trim_matches(|c| c == ' ' || c == '\t');
+    let (interp, arg) = match line.find([' ', '\t']) {
+        Some(i) => (&line[..i], Some(line[i..].trim().to_string())),
+        None => (line, None),
+    };
+    (!interp.is_empty()).then(|| (interp.to_string(), arg.filter(|a| !a.is_empty())))
+}
+
+/// The program the dynamic loader is asked to run, and its arguments.
+fn loader_target(argv: &[String]) -> Option<(String, Vec<String>)> {
+    const WITH_VALUE: &[&str] = &[
+        "--library-path",
+        "--inhibit-rpath",
+        "--audit",
+        "--preload",
+        "--argv0",
+        "--glibc-hwcaps-prefix",
+        "--glibc-hwcaps-mask",
+    ];
+    let mut i = 1;
+    while i < argv.len() {
+        let a = &argv[i];
+        if WITH_VALUE.contains(&a.as_str()) {
+            i += 2;
+        } else if a == "--" {
+            i += 1;
+            break;
+        } else if a.starts_with("--") {
+            i += 1;
+        } else {
+            break;
+        }
+    }
+    let prog = argv.get(i)?.clone();
+    Some((prog, argv[i + 1..].to_vec()))
+}
+
+fn build_index(root: BorrowedFd<'_>) -> ProgramIndex {
+    let mut idx = ProgramIndex::default();
+    let root_path = format!("/proc/self/fd/{}", root.as_raw_fd());
+    for dir in aibox_sandbox::landlock_rules::PROGRAM_DIRS {
+        let Ok(entries) = std::fs::read_dir(format!("{root_path}{dir}")) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let inside = Path::new(dir).join(&name);
+            let Ok(fd) = notify::open_in_root(root, inside.as_os_str().as_encoded_bytes()) else {
+                continue;
+            };
+            let Ok(m) = meta_of(&fd) else { continue };
+            if !m.is_file() {
+                continue;
+            }
+            let names = idx.by_inode.entry((m.dev(), m.ino())).or_default();
+            if !names.contains(&name) {
+                names.push(name.clone());
+            }
+            idx.by_size
+                .entry(m.size())
+                .or_default()
+                .push((name, inside));
+        }
+    }
+    idx
+}
+
+fn read_full(f: &mut File, buf: &mut [u8]) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    n
+}
+
+fn shell_words(argv: &[String]) -> String {
+    argv.iter()
+        .map(|a| {
+            if !a.is_empty()
+                && a.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b))
+            {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Writes `line` to the caller's stderr (a duplicate of its descriptor 2,
+/// so with its own access mode: nothing it could not write itself). On a
+/// thread of its own: a full pipe must not hold the gate.
+fn tell(pid: u32, line: String) {
+    let Ok(pidfd) = aibox_sandbox::sys::pidfd_open(pid as i32) else {
+        return;
+    };
+    let Ok(fd) = notify::pidfd_getfd(pidfd.as_fd(), 2) else {
+        return;
+    };
+    let _ = std::thread::Builder::new()
+        .name("exec-gate-tell".into())
+        .spawn(move || {
+            let mut f = File::from(fd);
+            let _ = f.write_all(line.as_bytes());
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_spellings_are_split() {
+        let s = |a: &str, b: &str, c: &str| Some((a.to_string(), b.to_string(), c.to_string()));
+        assert_eq!(
+            proc_magic("/proc/self/root/usr/bin/curl"),
+            s("self", "root", "usr/bin/curl")
+        );
+        assert_eq!(proc_magic("/proc/12/cwd/x"), s("12", "cwd", "x"));
+        assert_eq!(proc_magic("/proc/self/fd/3"), s("self", "fd/3", ""));
+        assert_eq!(
+            proc_magic("/proc/thread-self/exe"),
+            s("thread-self", "exe", "")
+        );
+        assert_eq!(
+            proc_magic("/proc/self/task/7/root/bin/sh"),
+            s("self", "root", "bin/sh")
+        );
+        assert_eq!(proc_magic("/proc/cpuinfo"), None);
+        assert_eq!(proc_magic("/usr/bin/curl"), None);
+    }
+
+    #[test]
+    fn shebang_lines_parse_like_the_kernel() {
+        assert_eq!(shebang(b"#!/bin/sh\necho"), Some(("/bin/sh".into(), None)));
+        assert_eq!(
+            shebang(b"#! /usr/bin/env  python3 -u\n"),
+            Some(("/usr/bin/env".into(), Some("python3 -u".into())))
+        );
+        assert_eq!(shebang(b"\x7fELF"), None);
+        assert_eq!(shebang(b"#!\n"), None);
+    }
+
+    #[test]
+    fn the_loader_target_skips_options() {
+        let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            loader_target(&v(&[
+                "ld.so",
+                "--library-path",
+                "/x",
+                "/usr/bin/curl",
+                "-s"
+            ])),
+            Some(("/usr/bin/curl".into(), v(&["-s"])))
+        );
+        assert_eq!(loader_target(&v(&["ld.so", "--list"])), None);
+    }
+}
