@@ -17,6 +17,11 @@ command -v useradd >/dev/null 2>&1 || missing+=(passwd)
 command -v cc      >/dev/null 2>&1 || missing+=(gcc)
 # The egress tests use real clients inside the sandbox.
 command -v curl    >/dev/null 2>&1 || missing+=(curl)
+# The exec gate is attacked from Python and Node subprocesses; Claude Code
+# (npm) gets its hook config tested.
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
+command -v node    >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm     >/dev/null 2>&1 || missing+=(npm)
 command -v apparmor_parser >/dev/null 2>&1 || [ -x /usr/sbin/apparmor_parser ] || missing+=(apparmor)
 # Container engine tests: podman with runc, and mmdebstrap to build images.
 command -v podman      >/dev/null 2>&1 || missing+=(podman runc uidmap slirp4netns fuse-overlayfs)

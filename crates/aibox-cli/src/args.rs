@@ -154,6 +154,20 @@ pub enum PolicyCmd {
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
     },
+    /// Explain a logged decision of the exec gate: the inputs, the tier
+    /// and rule that decided, the policy version, whether deciding again
+    /// under that policy gives the same answer, and on a denial how to ask
+    /// for an exception. Exit 1 when it does not reproduce.
+    Explain {
+        #[command(flatten)]
+        name: NameArg,
+        /// Entry number (the `--log-entry N` a denial prints).
+        #[arg(long, value_name = "N")]
+        log_entry: u64,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
     /// Dry-run the decision for a command (nothing runs).
     Check {
         #[command(flatten)]

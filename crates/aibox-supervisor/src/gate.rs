@@ -374,6 +374,9 @@ impl Gate {
         };
         match d.action {
             Action::Allow | Action::Review => Verdict::Continue,
+            // Test builds only: lets a test show what the Landlock layer
+            // does on its own.
+            Action::Deny if aibox_sandbox::debug_skip("exec-gate") => Verdict::Continue,
             Action::Deny => {
                 let line = format!(
                     "aibox: `{}` blocked by policy rule {} ({} tier): {}\naibox: details and how to ask for an exception: aibox policy explain --log-entry {number} --name {}\n",
@@ -427,7 +430,10 @@ impl Gate {
     /// Every input to decide for this exec: the file, each interpreter of
     /// a script, the program a loader was asked to run.
     fn inputs_for(&self, req: &Request) -> Result<Vec<ExecInput>, Unresolved> {
-        let root = open_dir(&format!("/proc/{}/root", self.init_pid))?;
+        // The caller's root is every sandbox process's root (none can
+        // chroot). Not init's: in a rootless sandbox init is not dumpable,
+        // and its /proc links are closed to us.
+        let root = open_dir(&format!("/proc/{}/root", req.pid))?;
         let cwd = proc_link(req.pid, "cwd")?;
         let found = if req.path.is_empty() {
             if req.flags & notify::AT_EMPTY_PATH == 0 {
@@ -479,7 +485,7 @@ impl Gate {
                 file = self.resolve(root.as_fd(), req.pid, &cwd, &interp)?;
                 continue;
             }
-            if self.is_loader(&file.path, &sha)
+            if self.is_loader(root.as_fd(), &file.path, &sha)
                 && let Some((prog, rest)) = loader_target(&argv)
             {
                 let mut next = vec![prog.clone()];
@@ -680,16 +686,13 @@ impl Gate {
 
     /// Whether the file is the dynamic loader (by name, or by the content
     /// of the sandbox's own loaders: a renamed copy is still one).
-    fn is_loader(&self, path: &str, sha: &str) -> bool {
+    fn is_loader(&self, root: BorrowedFd<'_>, path: &str, sha: &str) -> bool {
         let base = path.rsplit('/').next().unwrap_or(path);
         if base.starts_with("ld-linux") || base.starts_with("ld.so") || base.starts_with("ld-musl")
         {
             return true;
         }
         let loaders = self.loaders.get_or_init(|| {
-            let Ok(root) = open_dir(&format!("/proc/{}/root", self.init_pid)) else {
-                return Vec::new();
-            };
             [
                 "/lib64/ld-linux-x86-64.so.2",
                 "/usr/lib64/ld-linux-x86-64.so.2",
@@ -698,7 +701,7 @@ impl Gate {
                 "/lib/ld-musl-x86_64.so.1",
             ]
             .iter()
-            .filter_map(|p| self.hash_path(root.as_fd(), Path::new(p)))
+            .filter_map(|p| self.hash_path(root, Path::new(p)))
             .collect()
         });
         loaders.iter().any(|h| h == sha)

@@ -200,6 +200,76 @@ fn attempt(name: &str) -> String {
                     }
                 }
             }
+            // A second seccomp listener on execve, to answer our own execs
+            // "continue": the kernel allows one listener per filter chain,
+            // and the exec gate holds it (EBUSY).
+            "seccomp_listener" => {
+                let mut filter = [
+                    libc::sock_filter {
+                        code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+                        jt: 0,
+                        jf: 0,
+                        k: 0,
+                    },
+                    libc::sock_filter {
+                        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+                        jt: 0,
+                        jf: 1,
+                        k: 59,
+                    },
+                    libc::sock_filter {
+                        code: (libc::BPF_RET | libc::BPF_K) as u16,
+                        jt: 0,
+                        jf: 0,
+                        k: libc::SECCOMP_RET_USER_NOTIF,
+                    },
+                    libc::sock_filter {
+                        code: (libc::BPF_RET | libc::BPF_K) as u16,
+                        jt: 0,
+                        jf: 0,
+                        k: libc::SECCOMP_RET_ALLOW,
+                    },
+                ];
+                let prog = libc::sock_fprog {
+                    len: filter.len() as u16,
+                    filter: filter.as_mut_ptr(),
+                };
+                let rc = libc::syscall(
+                    libc::SYS_seccomp,
+                    libc::SECCOMP_SET_MODE_FILTER,
+                    libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
+                    &prog as *const libc::sock_fprog,
+                );
+                if rc < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EBUSY) {
+                    "EBUSY".into()
+                } else {
+                    result(rc)
+                }
+            }
+            // curl copied into an anonymous memory file and run from its
+            // descriptor (execveat AT_EMPTY_PATH): no path at all.
+            "fexecve_memfd_curl" => {
+                let Ok(bytes) = std::fs::read("/usr/bin/curl") else {
+                    return "no-curl".into();
+                };
+                let fd = libc::memfd_create(c"x".as_ptr(), 0);
+                if fd < 0 {
+                    return errno_name();
+                }
+                if libc::write(fd, bytes.as_ptr().cast(), bytes.len()) != bytes.len() as isize {
+                    return errno_name();
+                }
+                let argv = [c"fetch".as_ptr(), c"--version".as_ptr(), std::ptr::null()];
+                let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+                result(libc::syscall(
+                    libc::SYS_execveat,
+                    fd,
+                    c"".as_ptr(),
+                    argv.as_ptr(),
+                    envp.as_ptr(),
+                    libc::AT_EMPTY_PATH,
+                ))
+            }
             "alloc_256m" => {
                 // Touch every page of 256 MiB so it is really charged.
                 let size = 256usize << 20;

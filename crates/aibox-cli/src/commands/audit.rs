@@ -34,7 +34,12 @@ pub fn run(cli_config: Option<PathBuf>, cmd: AuditCmd) -> Result<i32> {
             if let Ok(entries) = std::fs::read_dir(&dir) {
                 for e in entries.flatten() {
                     let p = e.path();
-                    if p.extension().is_some_and(|x| x == "jsonl") {
+                    // (`<name>.decisions.jsonl` is the exec gate's
+                    // decision log, not a chained audit log.)
+                    let decisions = p
+                        .file_name()
+                        .is_some_and(|f| f.to_string_lossy().ends_with(".decisions.jsonl"));
+                    if p.extension().is_some_and(|x| x == "jsonl") && !decisions {
                         let n = p
                             .file_stem()
                             .map(|s| s.to_string_lossy().into_owned())

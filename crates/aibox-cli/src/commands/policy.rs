@@ -225,6 +225,11 @@ pub fn run(cli_config: Option<PathBuf>, cmd: PolicyCmd) -> Result<i32> {
             }
             Ok(0)
         }
+        PolicyCmd::Explain {
+            name,
+            log_entry,
+            format,
+        } => explain(&loaded, &name, log_entry, format),
         PolicyCmd::Test { format } => {
             let results = aibox_policy::rego::run_tests(aibox_policy::rego::BASELINE)
                 .map_err(anyhow::Error::msg)?;
@@ -245,6 +250,155 @@ pub fn run(cli_config: Option<PathBuf>, cmd: PolicyCmd) -> Result<i32> {
             Ok(i32::from(failed > 0))
         }
     }
+}
+
+/// `aibox policy explain`: entry `n` of the sandbox's decision log,
+/// decided again under the policy snapshot it names.
+fn explain(
+    loaded: &aibox_config::Loaded,
+    name: &crate::args::NameArg,
+    n: u64,
+    format: Format,
+) -> Result<i32> {
+    use aibox_policy::{Action, Decider};
+    use aibox_supervisor::gate::LogEntry;
+    let sandbox = match &name.name {
+        Some(s) => {
+            aibox_core::validate_name(s).map_err(anyhow::Error::msg)?;
+            s.clone()
+        }
+        None => {
+            let cwd = std::env::current_dir()
+                .ok()
+                .and_then(|d| std::fs::canonicalize(d).ok())
+                .unwrap_or_default();
+            aibox_core::default_sandbox_name(&aibox_core::current_user(), &cwd)
+        }
+    };
+    let audit = aibox_supervisor::client::audit_log_path(&loaded.data_dir(), &sandbox);
+    let log = aibox_supervisor::paths::decision_log_for(&audit);
+    let text = std::fs::read_to_string(&log).with_context(|| {
+        format!(
+            "reading the decision log of sandbox `{sandbox}` ({}); name the sandbox with --name",
+            log.display()
+        )
+    })?;
+    let line = usize::try_from(n)
+        .ok()
+        .and_then(|i| i.checked_sub(1))
+        .and_then(|i| text.lines().nth(i))
+        .with_context(|| {
+            format!(
+                "{} has {} entries; --log-entry {n} is not one of them",
+                log.display(),
+                text.lines().count()
+            )
+        })?;
+    let e: LogEntry = serde_json::from_str(line)
+        .with_context(|| format!("{}: entry {n} is not a decision record", log.display()))?;
+    let snap = aibox_supervisor::paths::policy_snapshot_for(&audit, &e.policy_version);
+    let merged: Option<Merged> = std::fs::read(&snap)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    // Decided again: the strictest decision over the entry's inputs.
+    let again = match &merged {
+        Some(m) if m.version == e.policy_version => {
+            let mut d = Decider::new(m).map_err(anyhow::Error::msg)?;
+            e.inputs
+                .iter()
+                .map(|i| d.decide(i))
+                .max_by(|a, b| a.risk.cmp(&b.risk))
+        }
+        _ => None,
+    };
+    // (A denial by the gate itself, not by a rule, is reproduced as such.)
+    let reproduced = e.rule == "gate"
+        || again
+            .as_ref()
+            .is_some_and(|d| d.action == e.decision && d.rule == e.rule);
+    let tier_file = merged.as_ref().and_then(|m| {
+        m.tiers
+            .iter()
+            .find(|(t, _, _)| *t == e.tier)
+            .map(|(_, f, _)| f.clone())
+    });
+    let exception = (e.decision == Action::Deny).then(|| match (e.tier.as_str(), &tier_file) {
+        ("org baseline", _) => format!(
+            "rule {} is part of aibox's org baseline (policies/org/); an exception needs the org policy owner to run the command outside the sandbox or to change the baseline for your organisation",
+            e.rule
+        ),
+        ("aibox", _) => "the gate could not identify the program; run it by a plain path inside the sandbox".to_string(),
+        (t, Some(f)) => format!(
+            "rule {} comes from the {t} tier ({f}); lower tiers can only tighten it, so ask the owner of that file for a narrower rule (check it first with `aibox policy check -- {}`)",
+            e.rule, e.command
+        ),
+        (t, None) => format!("rule {} comes from the {t} tier; ask its owner", e.rule),
+    });
+    match format {
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "entry": e, "reproduced": reproduced, "decided_again": again,
+                "policy_snapshot": snap, "tier_file": tier_file, "exception": exception,
+            }))?
+        ),
+        Format::Text => {
+            let verdict = match e.decision {
+                Action::Allow => "allow",
+                Action::Review => "allow, logged for review",
+                Action::Deny => "deny",
+            };
+            println!("entry:      {} of {}", e.entry, log.display());
+            println!("time:       {}", e.timestamp);
+            println!("command:    {}", e.command);
+            println!("program:    {}", e.target);
+            println!("decision:   {verdict} ({})", e.risk_class.as_str());
+            println!(
+                "rule:       {} ({} tier{})",
+                e.rule,
+                e.tier,
+                tier_file
+                    .as_deref()
+                    .map(|f| format!(", {f}"))
+                    .unwrap_or_default()
+            );
+            println!("reason:     {}", e.reason);
+            println!("policy:     {}", e.policy_version);
+            for (i, inp) in e.inputs.iter().enumerate() {
+                let what = if i == 0 { "decided on" } else { "also decided" };
+                println!("{what}: {} sha256:{}", inp.exe, inp.exe_sha256);
+                if !inp.exe_aliases.is_empty() {
+                    println!("  also known as: {}", inp.exe_aliases.join(", "));
+                }
+                println!("  argv: {}", serde_json::to_string(&inp.argv)?);
+                println!(
+                    "  cwd: {}  parent: {}  env: {} names",
+                    inp.cwd,
+                    inp.parent,
+                    inp.env_names.len()
+                );
+            }
+            match (&merged, &again) {
+                (None, _) => println!(
+                    "reproduced: no (the policy snapshot {} is missing)",
+                    snap.display()
+                ),
+                (Some(_), Some(d)) => println!(
+                    "reproduced: {} (decided again: {:?} by {})",
+                    if reproduced { "yes" } else { "NO" },
+                    d.action,
+                    d.rule
+                ),
+                (Some(_), None) => {
+                    println!("reproduced: {}", if reproduced { "yes" } else { "no" })
+                }
+            }
+            if let Some(x) = &exception {
+                println!("exception:  {x}");
+            }
+        }
+    }
+    Ok(i32::from(!reproduced))
 }
 
 /// The file `argv0` names: a path as given, else the first match on the

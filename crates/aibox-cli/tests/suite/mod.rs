@@ -1,6 +1,7 @@
 mod audit;
 mod common;
 mod configs;
+mod gate;
 mod image;
 mod input;
 mod isolation;

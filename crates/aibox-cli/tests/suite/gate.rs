@@ -1,0 +1,263 @@
+//! The exec gate on the native backend: a blocked program is refused
+//! however it is spelled, allowed programs behave exactly as without the
+//! gate, review-required runs are logged, decisions are logged and
+//! explained, and the Landlock layer holds on its own.
+
+use super::common::*;
+
+/// Blocks curl outright, puts `sort` under review.
+const POLICY: &str = "version: 1
+tools:
+  rules:
+    - match: [curl]
+      risk: blocked-by-default
+      reason: fetch through the proxy-aware tool instead
+    - match: [sort]
+      risk: review-required
+";
+
+fn with_policy(c: &Ctx) {
+    let p = c.dir.path().join("org-policy.yaml");
+    std::fs::write(&p, POLICY).unwrap();
+    c.add_config(&format!("policy:\n  org_baseline_path: {}\n", p.display()));
+}
+
+fn decisions(c: &Ctx, name: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(c.data.join(format!("audit/{name}.decisions.jsonl")))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Each spelling runs curl with its output in /workspace/out.NAME and
+/// prints `NAME rc`; curl's `--version` output names libcurl, so a file
+/// containing it means curl ran.
+const SPELLINGS: &str = r#"
+set -u
+cd /workspace
+t() { n=$1; shift; "$@" > "out.$n" 2>&1; echo "$n $?"; }
+cp /usr/bin/curl /workspace/fetch
+ln -s /usr/bin/curl /workspace/lnk
+printf '#!/bin/sh\ncurl --version\n' > script.sh; chmod +x script.sh
+t absolute /usr/bin/curl --version
+t relative ../usr/bin/curl --version
+t path curl --version
+t copy ./fetch --version
+t symlink ./lnk --version
+t proc_root /proc/self/root/usr/bin/curl --version
+t loader /lib64/ld-linux-x86-64.so.2 /usr/bin/curl --version
+t sh_c sh -c 'curl --version'
+t bash_var bash -c 'x=curl; $x --version'
+t env env curl --version
+t find find /usr/bin/curl -exec {} --version ';'
+t xargs sh -c 'echo --version | xargs curl'
+t shebang ./script.sh
+t python python3 -c 'import subprocess, sys; sys.exit(subprocess.call(["curl", "--version"]))'
+t node node -e 'const r = require("child_process").spawnSync("curl", ["--version"], {stdio: "inherit"}); process.exit(r.error ? 126 : r.status)'
+t memfd ./aibox-attack fexecve_memfd_curl
+for f in out.*; do grep -q libcurl "$f" && echo "RAN ${f#out.}"; done
+cat out.memfd out.absolute
+# Allowed programs: output and exit codes as without the gate.
+printf 'b\na\n' | sort; echo "sort $?"
+sh -c 'exit 7'; echo "exit7 $?"
+false; echo "false $?"
+ls /workspace/script.sh; echo "ls $?"
+rm -rf /workspace/ ; echo "rm_root $?"
+ls -d /workspace && echo "workspace kept"
+"#;
+
+both_modes!(
+    a_blocked_program_is_denied_however_it_is_spelled,
+    |c: Ctx| {
+        with_policy(&c);
+        c.install_attack();
+        let ws = c.ws.display().to_string();
+        let o = c.out(&[
+            "run", "-w", &ws, "--name", "gate", "--", "sh", "-c", SPELLINGS,
+        ]);
+        let out = stdout(&o);
+        let err = stderr(&o);
+        assert!(!out.contains("RAN "), "curl ran:\n{out}\n{err}");
+        let node = std::path::Path::new("/usr/bin/node").exists();
+        for spelling in [
+            "absolute",
+            "relative",
+            "path",
+            "copy",
+            "symlink",
+            "proc_root",
+            "loader",
+            "sh_c",
+            "bash_var",
+            "env",
+            "find",
+            "xargs",
+            "shebang",
+            "python",
+            "node",
+            "memfd",
+        ] {
+            if spelling == "node" && !node {
+                continue;
+            }
+            let line = out
+                .lines()
+                .find(|l| l.starts_with(&format!("{spelling} ")))
+                .unwrap_or_else(|| panic!("{spelling} missing:\n{out}\n{err}"));
+            // find exits 0 whatever -exec returns, and the attack helper
+            // reports the errno instead of failing; their denials are in
+            // the log.
+            if spelling != "find" && spelling != "memfd" {
+                assert_ne!(line, format!("{spelling} 0"), "{out}\n{err}");
+            }
+        }
+        assert!(out.contains("fexecve_memfd_curl EPERM"), "{out}");
+        // Allowed commands are untouched.
+        assert!(out.contains("a\nb\nsort 0\n"), "{out}");
+        for l in ["exit7 7", "false 1", "ls 0", "workspace kept"] {
+            assert!(out.lines().any(|x| x == l), "{l}: {out}\n{err}");
+        }
+        assert!(!out.contains("rm_root 0"), "{out}");
+        // The caller heard why (on its stderr), with the way to an explanation.
+        assert!(
+        out.contains("`/usr/bin/curl` blocked by policy rule tools.rules[0] (org tier): fetch through the proxy-aware tool instead"),
+        "{out}"
+    );
+        assert!(out.contains("aibox policy explain --log-entry "), "{out}");
+
+        // Every spelling left a denial on curl's file (or its copy) in the
+        // decision log, mirrored in the audit log.
+        let log = decisions(&c, "gate");
+        let denied: Vec<&serde_json::Value> =
+            log.iter().filter(|e| e["decision"] == "deny").collect();
+        let curl_denials = denied
+            .iter()
+            .filter(|e| e["rule"] == "tools.rules[0]")
+            .count();
+        assert!(curl_denials >= 15, "{curl_denials} denials: {log:#?}");
+        let copy = denied
+            .iter()
+            .find(|e| e["target"] == "/workspace/fetch")
+            .expect("the copy was not denied");
+        assert_eq!(
+            copy["inputs"][0]["exe_aliases"],
+            serde_json::json!(["curl"])
+        );
+        let loader = denied
+            .iter()
+            .find(|e| {
+                e["command"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("/lib64/ld-linux")
+            })
+            .expect("the loader spelling was not denied");
+        assert_eq!(loader["target"], "/usr/bin/curl");
+        let rm = denied
+            .iter()
+            .find(|e| e["rule"] == "org.rego/rm-root")
+            .expect("rm -rf /workspace/ was not denied by the Rego baseline");
+        assert_eq!(rm["tier"], "org baseline");
+        // Review: ran, logged as awaiting review.
+        let sort = log
+            .iter()
+            .find(|e| e["target"] == "/usr/bin/sort")
+            .expect("sort not logged");
+        assert_eq!(sort["decision"], "review");
+        let events = audit_events(&c, "gate");
+        let of = |t: &str| {
+            events
+                .iter()
+                .filter(|e| e["event_type"] == t)
+                .collect::<Vec<_>>()
+        };
+        assert!(
+            of("tool.invoke")
+                .iter()
+                .any(|e| e["details"]["argv"][0] == "sort"
+                    && e["details"]["awaiting_review"] == true),
+            "{events:#?}"
+        );
+        assert_eq!(of("policy.deny").len(), denied.len());
+        assert_eq!(of("tool.deny").len(), denied.len());
+        assert!(of("policy.allow").len() >= log.len() - denied.len());
+
+        // explain reproduces a denial and an allow.
+        let n = copy["entry"].to_string();
+        let o = c.out(&["policy", "explain", "--name", "gate", "--log-entry", &n]);
+        let text = ok(&o);
+        assert!(text.contains("reproduced: yes"), "{text}");
+        assert!(text.contains("also known as: curl"), "{text}");
+        assert!(
+            text.contains("exception:") && text.contains("org tier"),
+            "{text}"
+        );
+        let allowed = log
+            .iter()
+            .find(|e| e["decision"] == "allow")
+            .expect("no allow logged");
+        let n = allowed["entry"].to_string();
+        let o = c.out(&[
+            "policy",
+            "explain",
+            "--name",
+            "gate",
+            "--log-entry",
+            &n,
+            "--format",
+            "json",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+        assert_eq!(v["reproduced"], true, "{v:#}");
+        assert_eq!(v["decided_again"]["action"], "allow");
+        // An entry that does not exist is a clear error.
+        let o = c.out(&[
+            "policy",
+            "explain",
+            "--name",
+            "gate",
+            "--log-entry",
+            "100000",
+        ]);
+        assert_ne!(o.status.code(), Some(0));
+        assert!(stderr(&o).contains("is not one of them"), "{}", stderr(&o));
+    }
+);
+
+both_modes!(the_gate_cannot_be_replaced_from_inside, |c: Ctx| {
+    with_policy(&c);
+    c.install_attack();
+    // A second listener to answer our own execs is refused; so is a
+    // symlink that leads through /proc/self (the gate cannot follow it
+    // and does not guess).
+    let o = c.sh(
+        "cd /workspace; ./aibox-attack seccomp_listener; ln -s /proc/self/root/usr/bin/curl via; ./via --version > out 2>&1; echo via $?; grep -q libcurl out && echo RAN",
+    );
+    let out = stdout(&o);
+    assert!(
+        out.contains("seccomp_listener EBUSY"),
+        "{out}\n{}",
+        stderr(&o)
+    );
+    assert!(!out.contains("RAN") && !out.contains("via 0"), "{out}");
+});
+
+both_modes!(landlock_blocks_by_path_without_the_gate, |mut c: Ctx| {
+    with_policy(&c);
+    // Test builds only: the gate logs its denials but lets them run, so
+    // what stops curl here is Landlock alone. A copy of curl (a path
+    // Landlock does not know) then runs: only the gate catches copies.
+    c.env("AIBOX_DEBUG_SKIP_LAYER", "exec-gate");
+    let o = c.sh(
+        "cd /workspace; curl --version > a 2>&1; echo curl $?; cat a; cp /usr/bin/curl fetch; ./fetch --version | head -1",
+    );
+    let out = stdout(&o);
+    assert!(out.contains("curl 126"), "{out}\n{}", stderr(&o));
+    assert!(out.contains("Permission denied"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("curl 7.") || l.starts_with("curl 8.")),
+        "{out}"
+    );
+});
