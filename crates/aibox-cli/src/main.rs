@@ -19,6 +19,13 @@ fn main() {
     {
         std::process::exit(commands::network::inside());
     }
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == commands::hook::INSIDE_ARG)
+    {
+        let rest: Vec<String> = std::env::args().skip(2).collect();
+        std::process::exit(commands::hook::inside(&rest));
+    }
     if internal {
         let argv: Vec<String> = std::env::args_os()
             .map(|a| a.to_string_lossy().into_owned())

@@ -9,6 +9,7 @@ pub mod load;
 pub mod merge;
 pub mod rego;
 pub mod schema;
+pub mod shell;
 
 pub use load::{load, parse};
 pub use merge::{Merged, Tier, Violation, merge};

@@ -114,7 +114,19 @@ pub struct SandboxSpec {
     /// system's program directories get no Landlock execute right.
     #[serde(default)]
     pub exec_blocked: Vec<String>,
+    /// Files added to `/etc` (path below /etc, contents) through a
+    /// read-only overlay: the agents' managed settings (their hook
+    /// configuration), which nothing in the sandbox can change.
+    #[serde(default)]
+    pub etc_extra: Vec<(String, String)>,
+    /// The supervisor's decision socket, mounted at [`GATE_SOCKET`] (the
+    /// agents' pre-tool hooks ask it).
+    #[serde(default)]
+    pub gate_socket: Option<PathBuf>,
 }
+
+/// Where the sandbox finds the supervisor's decision socket.
+pub const GATE_SOCKET: &str = "/aibox/gate.sock";
 
 /// Where the sandbox finds the LLM gateway's CA certificate alone (for
 /// `NODE_EXTRA_CA_CERTS`).

@@ -197,6 +197,46 @@ pub(crate) fn build(spec: &SandboxSpec, idmap: Option<&OwnedFd>) -> Result<(), S
         )));
     }
 
+    // Files added to /etc: a read-only overlay with them above the
+    // system's /etc (it has no mount points for new files).
+    if !spec.etc_extra.is_empty() {
+        let extra = root.join("run/aibox/etc-extra");
+        for (rel, body) in &spec.etc_extra {
+            let rel = Path::new(rel);
+            if rel.is_absolute()
+                || rel
+                    .components()
+                    .any(|c| !matches!(c, std::path::Component::Normal(_)))
+            {
+                return Err(SandboxError::Setup(format!(
+                    "{} is not a plain path below /etc",
+                    rel.display()
+                )));
+            }
+            let p = extra.join(rel);
+            if let Some(d) = p.parent() {
+                mkdir(d)?;
+            }
+            fs::write(&p, body).map_err(ioerr(format!("writing {}", p.display())))?;
+        }
+        let etc = root.join("etc");
+        let (a, b) = (extra.display().to_string(), etc.display().to_string());
+        if [&a, &b].iter().any(|x| x.contains([',', ':', '\\'])) {
+            return Err(SandboxError::Setup(format!(
+                "the runtime directory path {} contains `,`, `:` or `\\`, which an overlay mount cannot name; set paths.runtime_dir to a plain path",
+                root.display()
+            )));
+        }
+        mount(
+            Some("overlay"),
+            &etc,
+            Some("overlay"),
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some(format!("lowerdir={a}:{b}").as_str()),
+        )
+        .map_err(err("mounting the /etc overlay (agent settings)".into()))?;
+    }
+
     // Identity and name files, shadowing the system ones.
     let gen_dir = root.join("run/aibox/etc");
     mkdir(&gen_dir)?;
@@ -251,6 +291,16 @@ pub(crate) fn build(spec: &SandboxSpec, idmap: Option<&OwnedFd>) -> Result<(), S
         touch(&dst)?;
         bind(bin, &dst, false)?;
         system_mounts.push(PathBuf::from(crate::container::BINARY));
+    }
+
+    // The supervisor's decision socket.
+    if let Some(sock) = &spec.gate_socket {
+        let dst = root.join(crate::GATE_SOCKET.trim_start_matches('/'));
+        if let Some(dir) = dst.parent() {
+            mkdir(dir)?;
+        }
+        touch(&dst)?;
+        bind(sock, &dst, false)?;
     }
 
     // Writable places.

@@ -26,6 +26,8 @@ fn spec(dir: &Path) -> aibox_sandbox::SandboxSpec {
         read_only_in_workspace: Vec::new(),
         exec_gate: false,
         exec_blocked: Vec::new(),
+        etc_extra: Vec::new(),
+        gate_socket: None,
     }
 }
 

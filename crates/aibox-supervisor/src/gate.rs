@@ -708,6 +708,239 @@ impl Gate {
     }
 }
 
+/// What an agent's pre-tool hook asks (one JSON line on
+/// [`aibox_sandbox::GATE_SOCKET`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HookRequest {
+    /// The agent (`claude-code`).
+    pub agent: String,
+    /// Its tool (`Bash`).
+    pub tool: String,
+    /// The command line the tool would run.
+    pub command: String,
+    /// The directory it would run in.
+    #[serde(default)]
+    pub cwd: String,
+}
+
+/// The answer to a hook.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HookReply {
+    /// The strictest decision over the line's commands.
+    pub decision: Action,
+    /// Its rule.
+    pub rule: String,
+    /// The rule's tier.
+    pub tier: String,
+    /// Why.
+    pub reason: String,
+    /// The simple command that decided.
+    pub command: String,
+    /// Its decision log entry.
+    pub entry: u64,
+}
+
+/// Longest hook request read.
+const MAX_HOOK_REQUEST: u64 = 256 * 1024;
+/// Hook connections served at once (the rest wait in the backlog).
+const MAX_HOOK_CONNS: usize = 8;
+
+impl Gate {
+    /// Serves hook requests on `listener` (one request per connection).
+    pub fn serve_hooks(
+        self: &Arc<Self>,
+        listener: std::os::unix::net::UnixListener,
+    ) -> std::io::Result<()> {
+        let g = self.clone();
+        let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        std::thread::Builder::new()
+            .name("exec-gate-hooks".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    let Ok(conn) = conn else { continue };
+                    use std::sync::atomic::Ordering;
+                    if busy.fetch_add(1, Ordering::SeqCst) >= MAX_HOOK_CONNS {
+                        busy.fetch_sub(1, Ordering::SeqCst);
+                        continue;
+                    }
+                    let (g, busy) = (g.clone(), busy.clone());
+                    let spawned = std::thread::Builder::new()
+                        .name("exec-gate-hook".into())
+                        .spawn(move || {
+                            g.hook_conn(conn);
+                            busy.fetch_sub(1, Ordering::SeqCst);
+                        });
+                    if spawned.is_err() {
+                        // (The closure, and its decrement, never ran.)
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                }
+            })?;
+        Ok(())
+    }
+
+    fn hook_conn(&self, conn: std::os::unix::net::UnixStream) {
+        use std::io::BufRead;
+        let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+        let _ = conn.set_write_timeout(Some(std::time::Duration::from_secs(5)));
+        let Ok(cred) =
+            nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
+        else {
+            return;
+        };
+        let mut line = String::new();
+        let Ok(reader) = conn.try_clone() else { return };
+        let mut reader = std::io::BufReader::new(reader.take(MAX_HOOK_REQUEST));
+        if reader.read_line(&mut line).is_err() {
+            return;
+        }
+        let reply = match serde_json::from_str::<HookRequest>(&line) {
+            Ok(req) => self.hook(cred.pid() as u32, &req),
+            Err(e) => HookReply {
+                decision: Action::Deny,
+                rule: "gate".into(),
+                tier: "aibox".into(),
+                reason: format!("the hook's request is not valid: {e}"),
+                command: String::new(),
+                entry: 0,
+            },
+        };
+        if let Ok(mut text) = serde_json::to_string(&reply) {
+            text.push('\n');
+            let mut w = &conn;
+            let _ = w.write_all(text.as_bytes());
+        }
+    }
+
+    /// The decision for a hook: every simple command of the line, the
+    /// strictest standing, logged as one `hook` entry.
+    pub fn hook(&self, pid: u32, req: &HookRequest) -> HookReply {
+        let t0 = Instant::now();
+        let cwd = if req.cwd.starts_with('/') {
+            req.cwd.clone()
+        } else {
+            "/workspace".to_string()
+        };
+        let root = open_dir(&format!("/proc/{pid}/root")).ok();
+        let mut inputs = Vec::new();
+        for argv in aibox_policy::shell::split_commands(&req.command) {
+            inputs.push(self.hook_input(root.as_ref(), pid, &cwd, argv));
+        }
+        if inputs.is_empty() {
+            inputs.push(ExecInput {
+                argv: vec![String::new()],
+                cwd: cwd.clone(),
+                sandbox: self.sandbox.clone(),
+                ..ExecInput::default()
+            });
+        }
+        let mut decisions = Vec::new();
+        if let Ok(mut d) = self.decider.lock() {
+            for i in &inputs {
+                decisions.push(d.decide(i));
+            }
+        }
+        let at = decisions
+            .iter()
+            .enumerate()
+            .max_by(|(ia, a), (ib, b)| a.risk.cmp(&b.risk).then(ib.cmp(ia)))
+            .map(|(i, _)| i)
+            .unwrap_or(0);
+        let Some(d) = decisions.get(at).cloned() else {
+            return HookReply {
+                decision: Action::Deny,
+                rule: "gate".into(),
+                tier: "aibox".into(),
+                reason: "the policy could not be consulted".into(),
+                command: req.command.clone(),
+                entry: 0,
+            };
+        };
+        let deciding = shell_words(&inputs[at].argv);
+        let first = inputs.remove(at);
+        inputs.insert(0, first);
+        let entry = LogEntry {
+            entry: 0,
+            timestamp: humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+            policy_version: d.policy_version.clone(),
+            input_hash: d.input_hash.clone(),
+            action: format!("hook:{}:{}", req.agent, req.tool),
+            command: req.command.clone(),
+            target: inputs.first().map(|i| i.exe.clone()).unwrap_or_default(),
+            user: self.user.clone(),
+            workspace: self.workspace.clone(),
+            sandbox_id: self.sandbox.clone(),
+            decision: d.action,
+            risk_class: d.risk,
+            rule: d.rule.clone(),
+            tier: d.tier.clone(),
+            reason: d.reason.clone(),
+            duration_us: t0.elapsed().as_micros() as u64,
+            inputs,
+        };
+        let number = match self.log.lock() {
+            Ok(mut l) => l.record(entry),
+            Err(_) => 0,
+        };
+        HookReply {
+            decision: d.action,
+            rule: d.rule,
+            tier: d.tier,
+            reason: d.reason,
+            command: deciding,
+            entry: number,
+        }
+    }
+
+    /// The input for one simple command of a hook: its program found as
+    /// the shell would (a path, or the guest's PATH), else by name only
+    /// (a builtin or a missing program).
+    fn hook_input(
+        &self,
+        root: Option<&OwnedFd>,
+        pid: u32,
+        cwd: &str,
+        argv: Vec<String>,
+    ) -> ExecInput {
+        let mut input = ExecInput {
+            exe: argv.first().cloned().unwrap_or_default(),
+            argv,
+            cwd: cwd.to_string(),
+            uid: aibox_core::guest::UID,
+            sandbox: self.sandbox.clone(),
+            ..ExecInput::default()
+        };
+        let Some(root) = root else { return input };
+        let prog = input.exe.clone();
+        let candidates: Vec<String> = if prog.contains('/') {
+            vec![prog]
+        } else {
+            aibox_core::guest::PATH
+                .split(':')
+                .map(|d| format!("{d}/{prog}"))
+                .collect()
+        };
+        for c in candidates {
+            let Ok(found) = self.resolve(root.as_fd(), pid, cwd, &c) else {
+                continue;
+            };
+            let Ok(meta) = meta_of(&found.fd) else {
+                continue;
+            };
+            if !meta.is_file() {
+                continue;
+            }
+            if let Ok((sha, _)) = self.hash_and_head(&found.fd, &meta) {
+                input.exe_aliases = self.aliases(root.as_fd(), &found.path, &meta, &sha);
+                input.exe_sha256 = sha;
+            }
+            input.exe = found.path;
+            break;
+        }
+        input
+    }
+}
+
 /// Why a path could not be decided.
 enum Unresolved {
     /// The exec would fail anyway with this errno.

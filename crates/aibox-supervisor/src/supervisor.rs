@@ -228,6 +228,26 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
         }
     };
 
+    // The decision socket of the agents' hooks, mounted into the sandbox.
+    let hooks = if spec.sandbox.exec_gate {
+        match hook_listener(&spec) {
+            Ok((l, path)) => {
+                spec.sandbox.gate_socket = Some(path);
+                Some(l)
+            }
+            Err(e) => {
+                let _ = a_fail(&mut audit, &e);
+                if let Some(cg) = &spec.sandbox.cgroup {
+                    cg.remove();
+                }
+                remove_run_dir(&spec);
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
+
     // Fork the sandbox while this process has exactly one thread.
     let launched = match aibox_sandbox::launch(&spec.sandbox) {
         Ok(l) => l,
@@ -325,7 +345,13 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
         _ => None,
     };
     if let Some(listener) = launched.gate {
-        if let Err(e) = start_gate(&spec, listener, launched.init_pid, egress_emit(&sink)) {
+        if let Err(e) = start_gate(
+            &spec,
+            listener,
+            hooks,
+            launched.init_pid,
+            egress_emit(&sink),
+        ) {
             undo_native(
                 &launched.control,
                 launched.intermediate,
@@ -369,6 +395,7 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
 fn start_gate(
     spec: &SupervisorSpec,
     listener: OwnedFd,
+    hooks: Option<std::os::unix::net::UnixListener>,
     init_pid: i32,
     emit: crate::egress::Emit,
 ) -> Result<(), String> {
@@ -392,7 +419,28 @@ fn start_gate(
         .unwrap_or(2)
         .clamp(2, 4);
     gate.serve(workers)
-        .map_err(|e| format!("starting the exec gate: {e}"))
+        .map_err(|e| format!("starting the exec gate: {e}"))?;
+    if let Some(h) = hooks {
+        gate.serve_hooks(h)
+            .map_err(|e| format!("starting the hook service: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Listens on `<run_dir>/gate.sock` for the agents' hooks. Anyone in the
+/// sandbox may connect (the guest's uid differs from ours when rootful);
+/// the run directory keeps everyone else out.
+fn hook_listener(
+    spec: &SupervisorSpec,
+) -> Result<(std::os::unix::net::UnixListener, PathBuf), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = spec.run_dir.join("gate.sock");
+    let _ = std::fs::remove_file(&path);
+    let l = std::os::unix::net::UnixListener::bind(&path)
+        .map_err(|e| format!("listening on {}: {e}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))
+        .map_err(|e| format!("opening {} to the sandbox: {e}", path.display()))?;
+    Ok((l, path))
 }
 
 /// The egress's audit writer: events go to the supervisor's log once it

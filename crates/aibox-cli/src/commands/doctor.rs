@@ -498,6 +498,8 @@ fn probe_sandbox(l: &aibox_config::Loaded) -> Result<String, String> {
         read_only_in_workspace: Vec::new(),
         exec_gate: false,
         exec_blocked: Vec::new(),
+        etc_extra: Vec::new(),
+        gate_socket: None,
     };
     let t0 = std::time::Instant::now();
     match aibox_sandbox::launch(&spec) {

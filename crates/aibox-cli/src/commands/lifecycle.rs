@@ -127,6 +127,14 @@ fn prepare(
             read_only_in_workspace,
             exec_gate: matches!(runtime, Runtime::Native),
             exec_blocked: aibox_policy::blocked_programs(&policy.policy),
+            // The agents' hooks ask the exec gate's decider (native only).
+            etc_extra: if matches!(runtime, Runtime::Native) {
+                vec![super::hook::claude_code_settings()]
+            } else {
+                Vec::new()
+            },
+            // (Set by the supervisor, which listens on it.)
+            gate_socket: None,
         },
         user,
         runtime: runtime.as_str().into(),

@@ -3,6 +3,7 @@
 mod audit;
 mod config;
 mod doctor;
+pub(crate) mod hook;
 mod image;
 mod lifecycle;
 pub(crate) mod network;
