@@ -53,6 +53,14 @@ default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
 CONF
 fi
 
+# Claude Code, the real agent of suite::agent (pinned; no install scripts:
+# the platform package carries the binary).
+CLAUDE_DIR=/usr/local/lib/aibox-test/claude-code
+if as_root && [ ! -x "$CLAUDE_DIR/node_modules/@anthropic-ai/claude-code-linux-x64/claude" ]; then
+  npm install --ignore-scripts --no-audit --no-fund --loglevel=error \
+    --prefix "$CLAUDE_DIR" @anthropic-ai/claude-code@2.1.332
+fi
+
 # The rootless half of the suite runs as this ordinary account when we are root.
 if as_root && ! id aibox-test >/dev/null 2>&1; then
   useradd -m -s /bin/sh aibox-test

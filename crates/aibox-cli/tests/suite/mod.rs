@@ -1,3 +1,4 @@
+mod agent;
 mod audit;
 mod common;
 mod configs;
