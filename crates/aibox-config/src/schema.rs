@@ -594,6 +594,10 @@ pub struct Sandbox {
     /// `best_effort`: use it where the kernel has it (a kernel that has it
     /// but fails to enforce it is always an error).
     pub landlock: LandlockMode,
+    /// Hold every exec in a native sandbox for the policy's decision
+    /// (default). `false` is refused whenever a policy tier exists: the
+    /// gate is what enforces its tool rules.
+    pub exec_gate: bool,
 }
 
 impl Default for Sandbox {
@@ -601,6 +605,7 @@ impl Default for Sandbox {
         Self {
             rootfs: String::new(),
             landlock: LandlockMode::BestEffort,
+            exec_gate: true,
         }
     }
 }

@@ -125,7 +125,7 @@ fn prepare(
             // (Set by the supervisor, which creates the gateway's CA.)
             extra_ca_pem: None,
             read_only_in_workspace,
-            exec_gate: matches!(runtime, Runtime::Native),
+            exec_gate: matches!(runtime, Runtime::Native) && c.sandbox.exec_gate,
             exec_blocked: aibox_policy::blocked_programs(&policy.policy),
             // The agents' hooks ask the exec gate's decider (native only).
             etc_extra: if matches!(runtime, Runtime::Native) {

@@ -470,6 +470,12 @@ pub(crate) fn at_start(
             merged: o.merged,
         });
     }
+    if !c.sandbox.exec_gate {
+        problems.push(format!(
+            "sandbox.exec_gate: false, but a policy applies ({}) and only the exec gate enforces its tool rules; remove the setting",
+            tier_list(&o.merged)
+        ));
+    }
     use aibox_policy::schema::Engine;
     if let Some(rt) = &p.runtime {
         let engine = match runtime {
