@@ -648,6 +648,10 @@ impl Gate {
     fn hash_path(&self, root: BorrowedFd<'_>, path: &Path) -> Option<String> {
         let fd = notify::open_in_root(root, path.as_os_str().as_encoded_bytes()).ok()?;
         let meta = meta_of(&fd).ok()?;
+        // (Never open a FIFO or a device for reading: it could block.)
+        if !meta.is_file() {
+            return None;
+        }
         self.hash_and_head(&fd, &meta).ok().map(|(h, _)| h)
     }
 
@@ -1149,18 +1153,41 @@ fn shell_words(argv: &[String]) -> String {
 /// so with its own access mode: nothing it could not write itself). On a
 /// thread of its own: a full pipe must not hold the gate.
 fn tell(pid: u32, line: String) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // A stderr that is a full pipe blocks its writer: at most a few such
+    // writes wait at once, the rest are skipped (the log has them all).
+    static TELLING: AtomicUsize = AtomicUsize::new(0);
+    if TELLING.fetch_add(1, Ordering::SeqCst) >= 4 {
+        TELLING.fetch_sub(1, Ordering::SeqCst);
+        return;
+    }
+    let done = || {
+        TELLING.fetch_sub(1, Ordering::SeqCst);
+    };
     let Ok(pidfd) = aibox_sandbox::sys::pidfd_open(pid as i32) else {
+        done();
         return;
     };
     let Ok(fd) = notify::pidfd_getfd(pidfd.as_fd(), 2) else {
+        done();
         return;
     };
-    let _ = std::thread::Builder::new()
+    let spawned = std::thread::Builder::new()
         .name("exec-gate-tell".into())
         .spawn(move || {
-            let mut f = File::from(fd);
-            let _ = f.write_all(line.as_bytes());
+            use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+            // Room for one line (a pipe reports POLLOUT with PIPE_BUF
+            // bytes free), or give up after a second.
+            let mut p = [PollFd::new(fd.as_fd(), PollFlags::POLLOUT)];
+            if poll(&mut p, PollTimeout::from(1000u16)).is_ok_and(|n| n > 0) {
+                let mut f = File::from(fd);
+                let _ = f.write_all(line.as_bytes());
+            }
+            TELLING.fetch_sub(1, Ordering::SeqCst);
         });
+    if spawned.is_err() {
+        done();
+    }
 }
 
 #[cfg(test)]

@@ -165,7 +165,12 @@ both_modes!(the_policy_allowlist_reaches_the_proxy, |c: Ctx| {
             );
         }
     });
-    org(&c, &ORG.replace("PORT", &port.to_string()));
+    // (curl is what this test fetches with, so the org's curl rule goes.)
+    org(
+        &c,
+        &ORG.replace("PORT", &port.to_string())
+            .replace("match: [curl]", "match: [wget]"),
+    );
     // The config names no destination: the policy's own do.
     c.add_config("network:\n  resolve: {svc.test: 127.0.0.1}\n");
     let out = ok(&c.sh(&format!(
@@ -177,9 +182,12 @@ both_modes!(the_policy_allowlist_reaches_the_proxy, |c: Ctx| {
     let audit = std::fs::read_dir(c.data.join("audit"))
         .unwrap()
         .flatten()
-        .next()
-        .unwrap()
-        .path();
+        .map(|e| e.path())
+        .find(|p| {
+            let n = p.to_string_lossy();
+            n.ends_with(".jsonl") && !n.ends_with(".decisions.jsonl")
+        })
+        .unwrap();
     let text = std::fs::read_to_string(audit).unwrap();
     let config = text
         .lines()
