@@ -4,6 +4,8 @@
 //!
 //! cargo run --release -p aibox-policy --example decide_bench [N]
 
+#![allow(clippy::expect_used)] // a benchmark: a broken fixture should stop it loudly
+
 use std::time::Instant;
 
 use aibox_policy::{Decider, ExecInput};
