@@ -148,8 +148,11 @@ pub enum PolicyCmd {
         #[arg(long, value_enum, default_value = "yaml")]
         format: DocFormat,
     },
-    /// Run the Rego unit tests (`test_` rules) of the org baseline.
+    /// Run the Rego unit tests (`test_` rules) of the org baseline and of
+    /// every tier's modules. Exit 1 on any failure.
     Test {
+        #[command(flatten)]
+        tiers: TierArgs,
         /// Output format.
         #[arg(long, value_enum, default_value = "text")]
         format: Format,

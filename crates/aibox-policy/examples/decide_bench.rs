@@ -34,6 +34,7 @@ tools:
         name: "org".into(),
         path: "org.yaml".into(),
         policy: aibox_policy::parse("org", "org.yaml", text).expect("policy"),
+        rego: Vec::new(),
     };
     let (merged, _) = aibox_policy::merge(&[tier]);
     let mut d = Decider::new(&merged).expect("decider");

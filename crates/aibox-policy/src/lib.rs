@@ -153,15 +153,116 @@ pub fn load_tiers(sources: &[TierSource]) -> Loaded {
             continue;
         }
         match load(&s.name, &s.path) {
-            Ok(policy) => out.tiers.push(Tier {
-                name: s.name.clone(),
-                path: s.path.display().to_string(),
-                policy,
-            }),
+            Ok(policy) => {
+                let rego = load_rego(&s.name, &s.path, &policy, &mut out.issues);
+                out.tiers.push(Tier {
+                    name: s.name.clone(),
+                    path: s.path.display().to_string(),
+                    policy,
+                    rego,
+                })
+            }
             Err(PolicyError::Unreadable { .. }) if !s.required && !s.path.exists() => {}
             Err(e @ PolicyError::Unreadable { .. }) => out.unreadable.push(e.to_string()),
             Err(PolicyError::Invalid(v)) => out.issues.extend(v),
         }
+    }
+    out
+}
+
+/// Largest Rego module read.
+const MAX_REGO: u64 = 1024 * 1024;
+
+/// Reads the Rego modules `policy` names (relative to `file`'s directory):
+/// plain relative paths to regular files with one link (so neither a
+/// symlink nor a hard link can make a module writable from somewhere else
+/// when its directory is read-only), which must parse.
+fn load_rego(
+    tier: &str,
+    file: &std::path::Path,
+    policy: &PolicyFile,
+    issues: &mut Vec<Issue>,
+) -> Vec<(String, String)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let dir = file.parent().unwrap_or(std::path::Path::new("."));
+    for (i, rel) in policy.rego.iter().flatten().enumerate() {
+        let mut issue = |message: String| {
+            issues.push(Issue {
+                tier: tier.to_string(),
+                file: file.display().to_string(),
+                line: None,
+                path: format!("rego[{i}]"),
+                message,
+            })
+        };
+        let r = std::path::Path::new(rel);
+        if rel.is_empty()
+            || !r
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+        {
+            issue(format!(
+                "`{rel}` must be a plain relative path below the policy file's directory (no `/` at the start, no `..`)"
+            ));
+            continue;
+        }
+        let path = dir.join(r);
+        // Every directory between the policy file and the module, and the
+        // module itself, must be real (no symlink).
+        let mut walk = dir.to_path_buf();
+        let mut linked = false;
+        for c in r.components() {
+            walk.push(c);
+            if std::fs::symlink_metadata(&walk).is_ok_and(|m| m.file_type().is_symlink()) {
+                linked = true;
+            }
+        }
+        if linked {
+            issue(format!(
+                "{} (or a directory on its way) is a symbolic link; put the module itself there",
+                path.display()
+            ));
+            continue;
+        }
+        let meta = match std::fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) => {
+                issue(format!("{}: {e}", path.display()));
+                continue;
+            }
+        };
+        if !meta.is_file() || meta.nlink() != 1 || meta.len() > MAX_REGO {
+            issue(format!(
+                "{} must be a regular file of at most 1 MiB with no other hard links",
+                path.display()
+            ));
+            continue;
+        }
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                issue(format!("{}: {e}", path.display()));
+                continue;
+            }
+        };
+        // Compiled and evaluated once on a sample exec, with the helpers
+        // it may import: errors such as an undefined name show only then.
+        let mut engine = regorus::Engine::new();
+        let (lib, lib_text) = crate::rego::EXEC_LIB;
+        let sample = r#"{"argv":["true"],"exe":"/usr/bin/true","exe_sha256":"","cwd":"/workspace","uid":1000,"env_names":[],"sandbox":"","exe_aliases":[],"parent":""}"#;
+        let checked = engine
+            .add_policy(lib.to_string(), lib_text.to_string())
+            .and_then(|_| engine.add_policy(path.display().to_string(), text.clone()))
+            .and_then(|_| {
+                engine.set_input(regorus::Value::from_json_str(sample)?);
+                engine.eval_rule("data.aibox.tools.findings".to_string())
+            });
+        if let Err(e) = checked {
+            issue(format!("the module does not evaluate: {e}"));
+            continue;
+        }
+        out.push((path.display().to_string(), text));
     }
     out
 }

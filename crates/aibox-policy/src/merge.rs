@@ -20,6 +20,8 @@ pub struct Tier {
     pub path: String,
     /// Its content.
     pub policy: PolicyFile,
+    /// Its Rego modules: (path, text).
+    pub rego: Vec<(String, String)>,
 }
 
 /// A lower tier's attempt to loosen what a higher one set.
@@ -61,6 +63,10 @@ pub struct Merged {
     /// lowest tier that set it as it stands).
     #[serde(default)]
     pub rule_tiers: Vec<String>,
+    /// The tiers' Rego modules: (tier, path, text), top first. Part of
+    /// the policy version.
+    #[serde(default)]
+    pub rego: Vec<(String, String, String)>,
 }
 
 fn sha256_of<T: Serialize>(v: &T) -> String {
@@ -85,6 +91,8 @@ pub fn merge(tiers: &[Tier]) -> (Merged, Vec<Violation>) {
         if i == 0 {
             eff = t.policy.clone();
             eff.version = 1;
+            // (Rego stays with its tier: see `Merged::rego`.)
+            eff.rego = None;
         } else {
             m.policy(&mut eff, &t.policy);
         }
@@ -115,9 +123,23 @@ pub fn merge(tiers: &[Tier]) -> (Merged, Vec<Violation>) {
                 .unwrap_or_default()
         })
         .collect();
+    let rego: Vec<(String, String, String)> = tiers
+        .iter()
+        .flat_map(|t| {
+            t.rego
+                .iter()
+                .map(|(p, x)| (t.name.clone(), p.clone(), x.clone()))
+        })
+        .collect();
+    let version = if rego.is_empty() {
+        sha256_of(&eff)
+    } else {
+        sha256_of(&(&eff, &rego))
+    };
     let merged = Merged {
         rule_tiers,
-        version: sha256_of(&eff),
+        rego,
+        version,
         tiers: tiers
             .iter()
             .map(|t| (t.name.clone(), t.path.clone(), sha256_of(&t.policy)))

@@ -27,6 +27,13 @@ pub const BASELINE: &[(&str, &str)] = &[
     ),
 ];
 
+/// Helpers every engine gets (`data.aibox.exec`): the names a program
+/// goes by, its arguments.
+pub const EXEC_LIB: (&str, &str) = (
+    "policies/lib/exec.rego",
+    include_str!("../../../policies/lib/exec.rego"),
+);
+
 /// The rule a decision reads.
 const FINDINGS: &str = "data.aibox.tools.findings";
 
@@ -99,6 +106,9 @@ pub struct Decision {
 /// Decides exec requests under one merged policy.
 pub struct Decider {
     engine: regorus::Engine,
+    /// One engine per tier that brings Rego: a tier's modules cannot
+    /// redefine the baseline's rules or another tier's.
+    tier_engines: Vec<(String, regorus::Engine)>,
     merged: Merged,
     cache: HashMap<String, Decision>,
 }
@@ -124,13 +134,32 @@ fn engine_with(modules: &[(&str, &str)]) -> Result<regorus::Engine, String> {
 impl Decider {
     /// A decider for `merged` with the org baseline.
     pub fn new(merged: &Merged) -> Result<Decider, String> {
-        let mut engine = engine_with(BASELINE)?;
         let data = serde_json::json!({ "policy": merged.policy }).to_string();
-        engine
-            .add_data(regorus::Value::from_json_str(&data).map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
+        let with_data = |modules: &[(&str, &str)]| -> Result<regorus::Engine, String> {
+            let mut engine = engine_with(modules)?;
+            engine
+                .add_data(regorus::Value::from_json_str(&data).map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?;
+            Ok(engine)
+        };
+        let engine = with_data(BASELINE)?;
+        let mut tier_engines = Vec::new();
+        let mut names: Vec<&str> = merged.rego.iter().map(|(t, _, _)| t.as_str()).collect();
+        names.dedup();
+        for name in names {
+            let mut modules: Vec<(&str, &str)> = vec![EXEC_LIB];
+            modules.extend(
+                merged
+                    .rego
+                    .iter()
+                    .filter(|(t, _, _)| t == name)
+                    .map(|(_, p, x)| (p.as_str(), x.as_str())),
+            );
+            tier_engines.push((name.to_string(), with_data(&modules)?));
+        }
         Ok(Decider {
             engine,
+            tier_engines,
             merged: merged.clone(),
             cache: HashMap::new(),
         })
@@ -197,19 +226,19 @@ impl Decider {
         };
         match self.findings(json) {
             Ok(found) => {
-                for (r, name, why) in found {
+                for (r, name, why, from) in found {
                     if r > risk {
-                        (risk, rule, reason, tier) = (r, name, why, "org baseline".into());
+                        (risk, rule, reason, tier) = (r, name, why, from);
                     }
                 }
             }
             // Fail closed: a policy that cannot be evaluated denies.
-            Err(e) => {
+            Err((from, e)) => {
                 (risk, rule, reason, tier) = (
                     Risk::BlockedByDefault,
                     "rego".into(),
                     format!("the Rego policy could not be evaluated: {e}"),
-                    "org baseline".into(),
+                    from,
                 );
             }
         }
@@ -249,30 +278,68 @@ impl Decider {
         &self.merged.version
     }
 
-    fn findings(&mut self, input_json: &str) -> Result<Vec<(Risk, String, String)>, String> {
-        let input = regorus::Value::from_json_str(input_json).map_err(|e| e.to_string())?;
-        self.engine.set_input(input);
-        let v = self
-            .engine
-            .eval_rule(FINDINGS.to_string())
-            .map_err(|e| e.to_string())?;
-        let text = v.to_json_str().map_err(|e| e.to_string())?;
-        let set: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
-        let Some(items) = set.as_array() else {
-            return Err(format!("`findings` is not a set: {text}"));
-        };
+    /// Every finding of the baseline and of each tier's Rego:
+    /// (risk, rule, reason, tier).
+    #[allow(clippy::type_complexity)]
+    fn findings(
+        &mut self,
+        input_json: &str,
+    ) -> Result<Vec<(Risk, String, String, String)>, (String, String)> {
+        let base = || "org baseline".to_string();
+        let input =
+            regorus::Value::from_json_str(input_json).map_err(|e| (base(), e.to_string()))?;
         let mut out = Vec::new();
-        for f in items {
-            let risk = serde_json::from_value::<Risk>(f["risk"].clone())
-                .map_err(|e| format!("a finding has a bad risk class: {e}"))?;
-            out.push((
-                risk,
-                f["rule"].as_str().unwrap_or("rego").to_string(),
-                f["reason"].as_str().unwrap_or_default().to_string(),
-            ));
+        for (f, from) in
+            findings_of(&mut self.engine, input.clone(), false).map_err(|e| (base(), e))?
+        {
+            out.push((f.0, f.1, f.2, from.unwrap_or_else(base)));
+        }
+        for (name, engine) in &mut self.tier_engines {
+            for (f, _) in findings_of(engine, input.clone(), true)
+                .map_err(|e| (name.clone(), format!("{name} tier Rego: {e}")))?
+            {
+                out.push((f.0, f.1, f.2, name.clone()));
+            }
         }
         Ok(out)
     }
+}
+
+type Finding = ((Risk, String, String), Option<String>);
+
+/// `data.aibox.tools.findings` of `engine` for `input`. A tier's modules
+/// may leave it undefined (they add nothing); the baseline may not.
+fn findings_of(
+    engine: &mut regorus::Engine,
+    input: regorus::Value,
+    undefined_is_empty: bool,
+) -> Result<Vec<Finding>, String> {
+    engine.set_input(input);
+    let v = engine
+        .eval_rule(FINDINGS.to_string())
+        .map_err(|e| e.to_string())?;
+    if undefined_is_empty && v == regorus::Value::Undefined {
+        return Ok(Vec::new());
+    }
+    let text = v.to_json_str().map_err(|e| e.to_string())?;
+    let set: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    let Some(items) = set.as_array() else {
+        return Err(format!("`findings` is not a set: {text}"));
+    };
+    let mut out = Vec::new();
+    for f in items {
+        let risk = serde_json::from_value::<Risk>(f["risk"].clone())
+            .map_err(|e| format!("a finding has a bad risk class: {e}"))?;
+        out.push((
+            (
+                risk,
+                f["rule"].as_str().unwrap_or("rego").to_string(),
+                f["reason"].as_str().unwrap_or_default().to_string(),
+            ),
+            None,
+        ));
+    }
+    Ok(out)
 }
 
 /// One `test_` rule's result.
@@ -288,7 +355,9 @@ pub struct TestResult {
 
 /// Runs every `test_` rule of `modules` (like `opa test`).
 pub fn run_tests(modules: &[(&str, &str)]) -> Result<Vec<TestResult>, String> {
-    let mut engine = engine_with(modules)?;
+    let mut all = vec![EXEC_LIB];
+    all.extend(modules.iter().filter(|m| m.0 != EXEC_LIB.0).copied());
+    let mut engine = engine_with(&all)?;
     let mut out = Vec::new();
     for (_, text) in modules {
         let Some(pkg) = text
@@ -373,6 +442,7 @@ mod tests {
                 "version: 1\ntools:\n  rules:\n    - {match: [curl], risk: blocked-by-default, reason: no curl}\n    - {match: [rm], risk: review-required}\n",
             )
             .unwrap(),
+            rego: Vec::new(),
         };
         let (merged, _) = crate::merge(&[tier]);
         let mut d = Decider::new(&merged).unwrap();

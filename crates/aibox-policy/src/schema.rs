@@ -28,6 +28,12 @@ pub struct PolicyFile {
     /// Credential lifetimes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<CredentialsPolicy>,
+    /// Rego modules of this tier (paths relative to this file's directory,
+    /// regular files inside it). Their `data.aibox.tools.findings` add
+    /// findings to every exec decision; like every tier, they can only
+    /// make a decision stricter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rego: Option<Vec<String>>,
 }
 
 /// `network`.

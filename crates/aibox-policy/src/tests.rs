@@ -10,6 +10,7 @@ fn tier(name: &str, yaml: &str) -> Tier {
         name: name.into(),
         path: format!("{name}.yaml"),
         policy: parse(name, &format!("{name}.yaml"), yaml).unwrap_or_else(|e| panic!("{e}")),
+        rego: Vec::new(),
     }
 }
 
@@ -310,6 +311,7 @@ fn policy() -> impl Strategy<Value = PolicyFile> {
                     version: 1,
                     network: Some(NetworkPolicy { mode: None, allow }),
                     filesystem: None,
+                    rego: None,
                     tools: Some(ToolsPolicy {
                         default,
                         rules: rules.map(|r| {
@@ -365,8 +367,8 @@ proptest! {
     #[test]
     fn merged_never_allows_what_a_parent_denies(parent in policy(), child in policy()) {
         let tiers = [
-            Tier { name: "org".into(), path: "o".into(), policy: parent.clone() },
-            Tier { name: "team".into(), path: "t".into(), policy: child },
+            Tier { name: "org".into(), path: "o".into(), policy: parent.clone(), rego: Vec::new() },
+            Tier { name: "team".into(), path: "t".into(), policy: child, rego: Vec::new() },
         ];
         let (m, _) = merge(&tiers);
         let p = &m.policy;
@@ -435,4 +437,78 @@ fn published_json_schema_is_current() {
         have == want,
         "docs/policy.schema.json is stale; run with AIBOX_BLESS=1 to regenerate"
     );
+}
+
+/// A tier's Rego: loaded from beside its file, checked before use, and
+/// able only to add denials (attributed to the tier).
+#[test]
+fn tier_rego_is_checked_and_only_tightens() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("team.yaml");
+    let source = |p: &std::path::Path| TierSource {
+        name: "team".into(),
+        path: p.to_path_buf(),
+        required: true,
+    };
+    let module = "package aibox.tools\nimport rego.v1\nimport data.aibox.exec\nfindings contains {\"risk\": \"blocked-by-default\", \"rule\": \"team.rego/no-make\", \"reason\": \"no make\"} if \"make\" in exec.names\n# A finding milder than the baseline's cannot undo it.\nfindings contains {\"risk\": \"safe\", \"rule\": \"team.rego/rm-ok\", \"reason\": \"fine\"} if \"rm\" in exec.names\n";
+    std::fs::write(dir.path().join("team.rego"), module).unwrap();
+    std::fs::write(&file, "version: 1\nrego: [team.rego]\n").unwrap();
+    let l = load_tiers(&[source(&file)]);
+    assert!(l.issues.is_empty(), "{:?}", l.issues);
+    let (m, _) = merge(&l.tiers);
+    assert_eq!(m.rego.len(), 1);
+    assert!(m.policy.rego.is_none());
+    let mut d = crate::Decider::new(&m).unwrap();
+    let input = |argv: &[&str], exe: &str| crate::ExecInput {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        exe: exe.into(),
+        ..Default::default()
+    };
+    let x = d.decide(&input(&["make"], "/usr/bin/make"));
+    assert_eq!(
+        (x.action, x.rule.as_str(), x.tier.as_str()),
+        (crate::Action::Deny, "team.rego/no-make", "team")
+    );
+    let x = d.decide(&input(&["rm", "-rf", "/"], "/usr/bin/rm"));
+    assert_eq!(
+        (x.action, x.rule.as_str()),
+        (crate::Action::Deny, "org.rego/rm-root")
+    );
+    // The module's text is part of the policy version.
+    std::fs::write(
+        dir.path().join("team.rego"),
+        module.replace("no make", "none"),
+    )
+    .unwrap();
+    let (m2, _) = merge(&load_tiers(&[source(&file)]).tiers);
+    assert_ne!(m.version, m2.version);
+
+    // Refused: outside the directory, a symlink, a hard link, a module
+    // that does not evaluate, a missing one.
+    std::os::unix::fs::symlink(dir.path().join("team.rego"), dir.path().join("link.rego")).unwrap();
+    std::fs::hard_link(dir.path().join("team.rego"), dir.path().join("hard.rego")).unwrap();
+    std::fs::write(
+        dir.path().join("bad.rego"),
+        "package aibox.tools\nimport rego.v1\nfindings contains x if { x := nope }\n",
+    )
+    .unwrap();
+    for (rego, want) in [
+        ("../team.rego", "plain relative path"),
+        ("/etc/x.rego", "plain relative path"),
+        ("link.rego", "symbolic link"),
+        ("hard.rego", "no other hard links"),
+        ("bad.rego", "does not evaluate"),
+        ("missing.rego", "No such file"),
+    ] {
+        std::fs::write(&file, format!("version: 1\nrego: [\"{rego}\"]\n")).unwrap();
+        let l = load_tiers(&[source(&file)]);
+        assert!(
+            l.issues
+                .iter()
+                .any(|i| i.path == "rego[0]" && i.message.contains(want)),
+            "{rego}: {:?}",
+            l.issues
+        );
+        assert!(l.tiers[0].rego.is_empty());
+    }
 }

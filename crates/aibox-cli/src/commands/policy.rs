@@ -174,6 +174,9 @@ pub fn run(cli_config: Option<PathBuf>, cmd: PolicyCmd) -> Result<i32> {
                     for (n, p, h) in &o.merged.tiers {
                         println!("# {n} tier: {p} ({h})");
                     }
+                    for (n, p, _) in &o.merged.rego {
+                        println!("# {n} tier Rego: {p}");
+                    }
                     print!(
                         "{}",
                         aibox_policy::to_yaml(&o.merged.policy)
@@ -230,9 +233,33 @@ pub fn run(cli_config: Option<PathBuf>, cmd: PolicyCmd) -> Result<i32> {
             log_entry,
             format,
         } => explain(&loaded, &name, log_entry, format),
-        PolicyCmd::Test { format } => {
-            let results = aibox_policy::rego::run_tests(aibox_policy::rego::BASELINE)
+        PolicyCmd::Test { tiers, format } => {
+            let mut results = aibox_policy::rego::run_tests(aibox_policy::rego::BASELINE)
                 .map_err(anyhow::Error::msg)?;
+            // Each tier's modules are tested on their own, as they are
+            // evaluated.
+            let o = evaluate(&sources(&loaded.config, &tiers, &workspace(&tiers)?));
+            let problems = o.problems();
+            if !problems.is_empty() {
+                anyhow::bail!("{}", problems.join("\n"));
+            }
+            let mut names: Vec<&str> = o.merged.rego.iter().map(|(t, _, _)| t.as_str()).collect();
+            names.dedup();
+            for name in names {
+                let modules: Vec<(&str, &str)> = o
+                    .merged
+                    .rego
+                    .iter()
+                    .filter(|(t, _, _)| t == name)
+                    .map(|(_, p, x)| (p.as_str(), x.as_str()))
+                    .collect();
+                let mut r = aibox_policy::rego::run_tests(&modules)
+                    .map_err(|e| anyhow::anyhow!("{name} tier Rego: {e}"))?;
+                for t in &mut r {
+                    t.name = format!("{name}: {}", t.name);
+                }
+                results.extend(r);
+            }
             let failed = results.iter().filter(|r| !r.passed).count();
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&results)?),
@@ -474,6 +501,16 @@ pub(crate) fn at_start(
         problems.push(format!(
             "sandbox.exec_gate: false, but a policy applies ({}) and only the exec gate enforces its tool rules; remove the setting",
             tier_list(&o.merged)
+        ));
+    }
+    // Project Rego must sit in the directory that is read-only inside
+    // (a policy file at the workspace top has none).
+    let project_file = Path::new(&c.policy.project_policy_path);
+    if o.merged.rego.iter().any(|(t, _, _)| t == "project") && project_file.components().count() < 2
+    {
+        problems.push(format!(
+            "project tier: Rego modules need the policy file in a directory of its own (e.g. aibox/policy.yaml), which is read-only inside the sandbox; policy.project_policy_path is `{}`",
+            c.policy.project_policy_path
         ));
     }
     use aibox_policy::schema::Engine;

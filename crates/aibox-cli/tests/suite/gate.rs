@@ -261,3 +261,38 @@ both_modes!(landlock_blocks_by_path_without_the_gate, |mut c: Ctx| {
         "{out}"
     );
 });
+
+both_modes!(a_tiers_rego_adds_denials_and_stays_read_only, |c: Ctx| {
+    let dir = c.ws.join("aibox");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("policy.yaml"), "version: 1\nrego: [extra.rego]\n").unwrap();
+    std::fs::write(
+        dir.join("extra.rego"),
+        "package aibox.tools\nimport rego.v1\nimport data.aibox.exec\nfindings contains {\"risk\": \"blocked-by-default\", \"rule\": \"project.rego/no-sort\", \"reason\": \"sort is off limits here\"} if \"sort\" in exec.names\n",
+    )
+    .unwrap();
+    if let Some((uid, gid)) = c.as_user {
+        for p in [&dir, &dir.join("policy.yaml"), &dir.join("extra.rego")] {
+            nix::unistd::chown(p, Some(uid.into()), Some(gid.into())).unwrap();
+        }
+    }
+    let o = c.sh(
+        "echo b | sort; echo sort $?; echo 'package x' > /workspace/aibox/extra.rego; echo write $?; ls /workspace >/dev/null; echo ls $?",
+    );
+    let (out, err) = (stdout(&o), stderr(&o));
+    assert!(
+        out.contains("sort 126") && !out.contains("write 0") && out.contains("ls 0"),
+        "{out}\n{err}"
+    );
+    assert!(
+        err.contains(
+            "blocked by policy rule project.rego/no-sort (project tier): sort is off limits here"
+        ),
+        "{err}"
+    );
+    assert!(
+        std::fs::read_to_string(dir.join("extra.rego"))
+            .unwrap()
+            .contains("no-sort")
+    );
+});
