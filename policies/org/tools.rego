@@ -45,26 +45,38 @@ interpreters := {"sh", "bash", "dash", "zsh", "python", "python3", "node", "perl
 
 # Recursive, forced removal of the root, the workspace, or the home. (A
 # glob the shell expanded before exec, `rm -rf /workspace/*`, arrives as
-# the files it matched and is not recognised.)
+# the files it matched and is not recognised.) Each condition looks at the
+# arguments once, so a long argument list costs linear time.
+rm_recursive if {
+	some flag in args
+	startswith(flag, "-")
+	contains(lower(flag), "r")
+}
+
+rm_forced if {
+	some flag in args
+	startswith(flag, "-")
+	contains(flag, "f")
+}
+
+rm_root_target if {
+	some target in args
+	not startswith(target, "-")
+	trim_right(target, "/.*") in root_like
+}
+
 findings contains {
 	"risk": "blocked-by-default",
 	"rule": "org.rego/rm-root",
 	"reason": "recursive forced removal of /, /workspace or the home directory",
 } if {
 	"rm" in names
-	some flag in args
-	startswith(flag, "-")
-	contains(lower(flag), "r")
-	some f2 in args
-	startswith(f2, "-")
-	contains(f2, "f")
-	some target in args
-	not startswith(target, "-")
-	trim_right(target, "/.*") in root_like
+	rm_recursive
+	rm_forced
+	rm_root_target
 }
 
-# Programs run from scratch space, directly or through an interpreter
-# (the tmpfs is noexec, so the interpreter is the way in).
+# Programs run from scratch space, directly or through an interpreter.
 findings contains {
 	"risk": "blocked-by-default",
 	"rule": "org.rego/scratch-exec",

@@ -110,7 +110,10 @@ pub struct Decider {
     /// redefine the baseline's rules or another tier's.
     tier_engines: Vec<(String, regorus::Engine)>,
     merged: Merged,
-    cache: HashMap<String, Decision>,
+    /// Keyed by the SHA-256 of the whole input (the sandbox chooses argv:
+    /// a short hash could be made to collide; the input itself can be
+    /// megabytes).
+    cache: HashMap<[u8; 32], Decision>,
 }
 
 impl std::fmt::Debug for Decider {
@@ -168,17 +171,16 @@ impl Decider {
     /// The decision for `input`.
     pub fn decide(&mut self, input: &ExecInput) -> Decision {
         let json = serde_json::to_string(input).unwrap_or_default();
-        // Keyed by the whole input: the sandbox chooses argv, so a short
-        // hash could be made to collide with an allowed input.
-        if let Some(d) = self.cache.get(&json) {
+        let key: [u8; 32] = Sha256::digest(json.as_bytes()).into();
+        if let Some(d) = self.cache.get(&key) {
             return d.clone();
         }
-        let input_hash = hex::encode(&Sha256::digest(json.as_bytes())[..8]);
+        let input_hash = hex::encode(&key[..8]);
         let d = self.evaluate(input, &json, input_hash);
         if self.cache.len() >= 4096 {
             self.cache.clear();
         }
-        self.cache.insert(json, d.clone());
+        self.cache.insert(key, d.clone());
         d
     }
 

@@ -2,6 +2,7 @@
 //! the writable mounts. Also scopes signals and abstract unix sockets to
 //! the sandbox (ABI 6+).
 
+use landlock::BitFlags;
 use landlock::{
     ABI, Access, AccessFs, CompatLevel, Compatible, RestrictionStatus, Ruleset, RulesetAttr,
     RulesetCreatedAttr, RulesetStatus, Scope, path_beneath_rules,
@@ -63,11 +64,18 @@ pub fn blocked_files(names: &[String]) -> Vec<PathBuf> {
     out
 }
 
-/// Where execution stays allowed when `blocked` files must not run: every
-/// entry of every directory on the way to a blocked file, except that
-/// directory's own next step and the blocked files themselves. Symbolic
+/// Where reading and execution stay allowed when `blocked` files must not
+/// run: every entry of every directory on the way to a blocked file,
+/// except that directory's own next step, the blocked files themselves
+/// and their other hard links (Landlock rules belong to inodes). Symbolic
 /// links are skipped (their targets are covered where they live).
 fn execute_grants(blocked: &[PathBuf]) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let inodes: BTreeSet<(u64, u64)> = blocked
+        .iter()
+        .filter_map(|b| std::fs::metadata(b).ok())
+        .map(|m| (m.dev(), m.ino()))
+        .collect();
     let mut ancestors: BTreeSet<PathBuf> = BTreeSet::new();
     for b in blocked {
         let mut p = b.parent();
@@ -89,6 +97,10 @@ fn execute_grants(blocked: &[PathBuf]) -> Vec<PathBuf> {
             if e.file_type().is_ok_and(|t| t.is_symlink()) {
                 continue;
             }
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| inodes.contains(&(m.dev(), m.ino())))
+            {
+                continue;
+            }
             grants.push(path);
         }
     }
@@ -96,8 +108,10 @@ fn execute_grants(blocked: &[PathBuf]) -> Vec<PathBuf> {
 }
 
 /// Restricts the calling thread (and its future children): read and
-/// execute everywhere, everything beneath `writable`, and no execution of
-/// the files in `blocked` (see [`blocked_files`]).
+/// execute everywhere, everything beneath `writable`, and neither
+/// execution nor reading of the files in `blocked` (see
+/// [`blocked_files`]): not reading them also keeps a loader
+/// (`ld.so /usr/bin/curl`) or a copy from running them.
 pub fn apply(writable: &[&str], blocked: &[PathBuf]) -> Result<LandlockState, SandboxError> {
     let err = |e: &dyn std::fmt::Display| SandboxError::Sys {
         what: "applying the Landlock ruleset".into(),
@@ -107,7 +121,7 @@ pub fn apply(writable: &[&str], blocked: &[PathBuf]) -> Result<LandlockState, Sa
     let (root_rights, grants) = if blocked.is_empty() {
         (read, Vec::new())
     } else {
-        (read & !AccessFs::Execute, execute_grants(blocked))
+        (BitFlags::from(AccessFs::ReadDir), execute_grants(blocked))
     };
     let status: RestrictionStatus = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)

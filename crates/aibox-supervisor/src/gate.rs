@@ -44,8 +44,12 @@ const MAX_ARGS: usize = 65_536;
 /// Most argv/envp bytes read (the kernel's usual limit is a quarter of an
 /// 8 MiB stack).
 const MAX_ARG_BYTES: usize = 2 * 1024 * 1024;
-/// Interpreter levels followed (the kernel's own limit is 4).
+/// Files decided on per exec: the program and up to four interpreters
+/// (the kernel's own limit of nested interpreters is 4).
 const MAX_DEPTH: usize = 5;
+/// Largest file the gate hashes (a sparse file could otherwise hold a
+/// worker for ever).
+const MAX_HASHED: u64 = 2 << 30;
 
 /// One line of the decision log (`<name>.decisions.jsonl` next to the
 /// audit log). Entry numbers start at 1.
@@ -192,12 +196,62 @@ pub struct Gate {
 
 /// What the caller asked for, read from its memory.
 struct Request {
-    pid: u32,
     dirfd: i32,
     path: Vec<u8>,
     flags: u64,
     argv: Vec<String>,
+    /// Every argument was valid UTF-8 (so `argv` is exactly what the
+    /// program receives).
+    argv_exact: bool,
     env_names: Vec<String>,
+}
+
+/// The caller's /proc directories, opened before the request is checked
+/// to be live, so that every later look goes to this process even if its
+/// pid is reused meanwhile.
+struct Caller {
+    /// `/proc/<tid>` (its cwd and descriptor table are the ones the
+    /// kernel uses for this exec).
+    thread: OwnedFd,
+    /// `/proc/<tgid>` (what `/proc/self` means to the kernel).
+    process: OwnedFd,
+    /// The process id and a pidfd of it, for the denial notice.
+    pidfd: Option<(u32, OwnedFd)>,
+}
+
+impl Caller {
+    fn open(tid: u32) -> Result<Caller, Unresolved> {
+        let thread = open_dir(&format!("/proc/{tid}"))?;
+        let status = std::fs::read_to_string(format!("{}/status", fd_path(&thread)))
+            .map_err(|e| errno_of(&e))?;
+        let tgid: u32 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Tgid:"))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or(Unresolved::Errno(libc::ESRCH))?;
+        let process = open_dir(&format!("/proc/{tgid}"))?;
+        let pidfd = aibox_sandbox::sys::pidfd_open(tgid as i32)
+            .ok()
+            .map(|p| (tgid, p));
+        Ok(Caller {
+            thread,
+            process,
+            pidfd,
+        })
+    }
+
+    fn thread(&self) -> String {
+        fd_path(&self.thread)
+    }
+
+    fn process(&self) -> String {
+        fd_path(&self.process)
+    }
+}
+
+/// A path naming `fd` itself (through our own descriptor table).
+fn fd_path(fd: &OwnedFd) -> String {
+    format!("/proc/self/fd/{}", fd.as_raw_fd())
 }
 
 /// A file found inside the sandbox.
@@ -280,6 +334,7 @@ impl Gate {
     /// The answer to one held exec (None: the caller is gone).
     fn handle(&self, n: Notification) -> Option<Verdict> {
         let t0 = Instant::now();
+        let caller_pidfd;
         let req = match self.read_request(&n) {
             Ok(r) => r,
             Err(errno) => {
@@ -287,13 +342,17 @@ impl Gate {
                     .then_some(Verdict::Fail(errno));
             }
         };
-        // What we read is only the caller's if the request is still live
-        // (the pid could otherwise have been reused).
+        let caller = Caller::open(n.pid);
+        // What we read and opened is only the caller's if the request is
+        // still live (the pid could otherwise have been reused).
         if !notify::still_valid(self.listener.as_fd(), n.id) {
             return None;
         }
-        let inputs = match self.inputs_for(&req) {
-            Ok(i) => i,
+        let inputs = match caller.and_then(|c| self.inputs_for(&req, &c).map(|i| (i, c))) {
+            Ok((i, c)) => {
+                caller_pidfd = c.pidfd;
+                i
+            }
             // The kernel would fail the same way (a missing file): no
             // decision to record, and execvp goes on down its PATH.
             Err(Unresolved::Errno(e)) => return Some(Verdict::Fail(e)),
@@ -313,7 +372,7 @@ impl Gate {
                     sandbox: self.sandbox.clone(),
                     ..ExecInput::default()
                 };
-                return Some(self.conclude(&req, d, vec![input], t0));
+                return Some(self.conclude(&req, d, vec![input], t0, None));
             }
         };
         let mut decisions = Vec::with_capacity(inputs.len());
@@ -336,7 +395,7 @@ impl Gate {
         // The deciding input goes first in the log entry.
         let first = ordered.remove(at);
         ordered.insert(0, first);
-        Some(self.conclude(&req, decision, ordered, t0))
+        Some(self.conclude(&req, decision, ordered, t0, caller_pidfd))
     }
 
     fn policy_version(&self) -> String {
@@ -347,7 +406,14 @@ impl Gate {
     }
 
     /// Logs the decision and turns it into an answer.
-    fn conclude(&self, req: &Request, d: Decision, inputs: Vec<ExecInput>, t0: Instant) -> Verdict {
+    fn conclude(
+        &self,
+        req: &Request,
+        d: Decision,
+        inputs: Vec<ExecInput>,
+        t0: Instant,
+        pidfd: Option<(u32, OwnedFd)>,
+    ) -> Verdict {
         let entry = LogEntry {
             entry: 0,
             timestamp: humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
@@ -382,14 +448,14 @@ impl Gate {
                     "aibox: `{}` blocked by policy rule {} ({} tier): {}\naibox: details and how to ask for an exception: aibox policy explain --log-entry {number} --name {}\n",
                     target, d.rule, d.tier, d.reason, self.sandbox
                 );
-                let told = (req.pid, target);
+                let told = (pidfd.as_ref().map(|p| p.0).unwrap_or_default(), target);
                 let repeat = self
                     .last_told
                     .lock()
                     .map(|mut l| l.replace(told.clone()).as_ref() == Some(&told))
                     .unwrap_or(false);
-                if !repeat {
-                    tell(req.pid, line);
+                if !repeat && let Some((_, p)) = pidfd {
+                    tell(p, line);
                 }
                 Verdict::Fail(libc::EPERM)
             }
@@ -404,8 +470,9 @@ impl Gate {
         };
         let errno = |e: std::io::Error| e.raw_os_error().unwrap_or(libc::EFAULT);
         let path = notify::read_cstring(n.pid, path, PATH_MAX).map_err(errno)?;
-        let argv = notify::read_string_array(n.pid, argv, MAX_ARGS, MAX_ARG_BYTES)
-            .map_err(errno)?
+        let raw = notify::read_string_array(n.pid, argv, MAX_ARGS, MAX_ARG_BYTES).map_err(errno)?;
+        let argv_exact = raw.iter().all(|a| std::str::from_utf8(a).is_ok());
+        let argv = raw
             .into_iter()
             .map(|a| String::from_utf8_lossy(&a).into_owned())
             .collect();
@@ -418,51 +485,70 @@ impl Gate {
             })
             .collect();
         Ok(Request {
-            pid: n.pid,
             dirfd,
             path,
             flags,
             argv,
+            argv_exact,
             env_names,
         })
     }
 
     /// Every input to decide for this exec: the file, each interpreter of
     /// a script, the program a loader was asked to run.
-    fn inputs_for(&self, req: &Request) -> Result<Vec<ExecInput>, Unresolved> {
+    fn inputs_for(&self, req: &Request, caller: &Caller) -> Result<Vec<ExecInput>, Unresolved> {
         // The caller's root is every sandbox process's root (none can
         // chroot). Not init's: in a rootless sandbox init is not dumpable,
         // and its /proc links are closed to us.
-        let root = open_dir(&format!("/proc/{}/root", req.pid))?;
-        let cwd = proc_link(req.pid, "cwd")?;
-        let found = if req.path.is_empty() {
+        let root = open_dir(&format!("{}/root", caller.thread()))?;
+        // Names are compared as text: a path that is not UTF-8 could name
+        // one file to us and another to the kernel, so it is refused.
+        let path = String::from_utf8(req.path.clone())
+            .map_err(|_| Unresolved::Refused("the program's path is not valid UTF-8".into()))?;
+        // (Read only when needed: a deleted cwd does not stop absolute execs.)
+        let cwd_of = || proc_link(&caller.thread(), "cwd");
+        let found = if path.is_empty() {
             if req.flags & notify::AT_EMPTY_PATH == 0 {
                 return Err(Unresolved::Errno(libc::ENOENT));
             }
-            self.open_fd(req.pid, req.dirfd)?
+            self.open_proc(&caller.thread(), &format!("fd/{}", req.dirfd))?
+        } else if path.starts_with('/') {
+            self.resolve(root.as_fd(), caller, "/", &path)?
+        } else if req.dirfd == notify::AT_FDCWD {
+            self.resolve(root.as_fd(), caller, &cwd_of()?, &path)?
         } else {
-            let base = if req.path.first() == Some(&b'/') || req.dirfd == notify::AT_FDCWD {
-                cwd.clone()
-            } else {
-                proc_link(req.pid, &format!("fd/{}", req.dirfd))?
-            };
-            self.resolve(
-                root.as_fd(),
-                req.pid,
-                &base,
-                &String::from_utf8_lossy(&req.path),
-            )?
+            let base = proc_link(&caller.thread(), &format!("fd/{}", req.dirfd))?;
+            self.resolve(root.as_fd(), caller, &base, &path)?
         };
-        let parent = parent_comm(req.pid);
+        let cwd = cwd_of().unwrap_or_default();
+        let parent = parent_comm(&caller.process());
         let mut out = Vec::new();
         let mut argv = req.argv.clone();
         let mut file = found;
         for _ in 0..MAX_DEPTH {
             let meta = meta_of(&file.fd)?;
-            if !meta.is_file() {
+            // What the kernel would refuse anyway is not read: not a
+            // regular file, no execute bit, a noexec mount. (Stricter than
+            // the kernel for a loader's program without an execute bit.)
+            if !meta.is_file() || meta.mode() & 0o111 == 0 {
                 return Err(Unresolved::Errno(libc::EACCES));
             }
-            let (sha, head) = self.hash_and_head(&file.fd, &meta)?;
+            let vfs =
+                nix::sys::statvfs::fstatvfs(&file.fd).map_err(|e| Unresolved::Errno(e as i32))?;
+            if vfs.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC) {
+                return Err(Unresolved::Errno(libc::EACCES));
+            }
+            if meta.size() > MAX_HASHED {
+                return Err(Unresolved::Refused(format!(
+                    "{} is larger than the {} GiB the gate identifies",
+                    file.path,
+                    MAX_HASHED >> 30
+                )));
+            }
+            // Content on a writable mount can change without its times
+            // changing (a shared mapping): hashed every time.
+            let cacheable = vfs.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY);
+            let (sha, head) = self.hash_and_head(&file.fd, &meta, cacheable)?;
             let aliases = self.aliases(root.as_fd(), &file.path, &meta, &sha);
             out.push(ExecInput {
                 argv: argv.clone(),
@@ -475,23 +561,31 @@ impl Gate {
                 exe_aliases: aliases,
                 parent: parent.clone(),
             });
-            if let Some((interp, arg)) = shebang(&head) {
+            if let Some(sb) = shebang(&head) {
+                let (interp, arg) = sb.ok_or_else(|| {
+                    Unresolved::Refused(format!("{}: its #! line is not valid UTF-8", file.path))
+                })?;
                 // The kernel runs `interp [arg] script args…`.
                 let mut next = vec![interp.clone()];
                 next.extend(arg);
                 next.push(file.path.clone());
                 next.extend(argv.iter().skip(1).cloned());
                 argv = next;
-                file = self.resolve(root.as_fd(), req.pid, &cwd, &interp)?;
+                file = self.resolve(root.as_fd(), caller, &cwd_of()?, &interp)?;
                 continue;
             }
             if self.is_loader(root.as_fd(), &file.path, &sha)
                 && let Some((prog, rest)) = loader_target(&argv)
             {
+                if !req.argv_exact {
+                    return Err(Unresolved::Refused(
+                        "the loader's arguments are not valid UTF-8".into(),
+                    ));
+                }
                 let mut next = vec![prog.clone()];
                 next.extend(rest);
                 argv = next;
-                file = self.resolve(root.as_fd(), req.pid, &cwd, &prog)?;
+                file = self.resolve(root.as_fd(), caller, &cwd_of()?, &prog)?;
                 continue;
             }
             return Ok(out);
@@ -507,7 +601,7 @@ impl Gate {
     fn resolve(
         &self,
         root: BorrowedFd<'_>,
-        pid: u32,
+        caller: &Caller,
         base: &str,
         path: &str,
     ) -> Result<Found, Unresolved> {
@@ -528,18 +622,28 @@ impl Gate {
                             None => Unresolved::Errno(libc::EACCES),
                         }
                     })?;
-                    let real = self.inside_path(&fd).unwrap_or_else(|| text.clone());
+                    let real = self.inside_path(&fd).ok_or_else(|| {
+                        Unresolved::Refused(format!(
+                            "{path}: the file's own name is not valid UTF-8"
+                        ))
+                    })?;
                     return Ok(Found { fd, path: real });
                 }
                 Some((who, what, rest)) => {
-                    let host = self.host_pid_of(pid, &who)?;
+                    // `self` is the process (its leader's descriptors and
+                    // cwd), `thread-self` the calling thread.
+                    let dir = match who.as_str() {
+                        "self" => caller.process(),
+                        "thread-self" => caller.thread(),
+                        _ => format!("/proc/{}", self.host_pid_of(&who)?),
+                    };
                     match (what.as_str(), rest.is_empty()) {
                         ("root", _) => text = format!("/{rest}"),
-                        ("cwd", _) => text = format!("{}/{rest}", proc_link(host, "cwd")?),
-                        ("exe", true) => return self.open_proc(host, "exe"),
-                        (fd, true) if fd.starts_with("fd/") => return self.open_proc(host, fd),
+                        ("cwd", _) => text = format!("{}/{rest}", proc_link(&dir, "cwd")?),
+                        ("exe", true) => return self.open_proc(&dir, "exe"),
+                        (fd, true) if fd.starts_with("fd/") => return self.open_proc(&dir, fd),
                         (fd, false) if fd.starts_with("fd/") => {
-                            text = format!("{}/{rest}", proc_link(host, fd)?)
+                            text = format!("{}/{rest}", proc_link(&dir, fd)?)
                         }
                         _ => return Err(Unresolved::Errno(libc::ENOTDIR)),
                     }
@@ -551,10 +655,7 @@ impl Gate {
 
     /// The host pid of sandbox process `who` (`self`, `thread-self` or a
     /// number in the sandbox's pid namespace), asked by `caller`.
-    fn host_pid_of(&self, caller: u32, who: &str) -> Result<u32, Unresolved> {
-        if who == "self" || who == "thread-self" {
-            return Ok(caller);
-        }
+    fn host_pid_of(&self, who: &str) -> Result<u32, Unresolved> {
         let inner: u32 = who.parse().map_err(|_| Unresolved::Errno(libc::ENOENT))?;
         // Rare spelling: find the host process in the sandbox's pid
         // namespace whose innermost pid is `inner`.
@@ -588,24 +689,21 @@ impl Gate {
         Err(Unresolved::Errno(libc::ENOENT))
     }
 
-    fn open_proc(&self, host: u32, what: &str) -> Result<Found, Unresolved> {
-        let p = format!("/proc/{host}/{what}");
+    /// Opens `<dir>/<what>` (a /proc link of a sandbox process), the
+    /// object itself.
+    fn open_proc(&self, dir: &str, what: &str) -> Result<Found, Unresolved> {
+        let p = format!("{dir}/{what}");
         let fd = open_path(&p)?;
-        let path = self
-            .inside_path(&fd)
-            .or_else(|| std::fs::read_link(&p).ok().map(|l| l.display().to_string()))
-            .unwrap_or(p);
+        let path = self.inside_path(&fd).ok_or_else(|| {
+            Unresolved::Refused(format!("{what}: the file's name is not valid UTF-8"))
+        })?;
         Ok(Found { fd, path })
-    }
-
-    fn open_fd(&self, pid: u32, fd: i32) -> Result<Found, Unresolved> {
-        self.open_proc(pid, &format!("fd/{fd}"))
     }
 
     /// The path of an opened file as the sandbox sees it.
     fn inside_path(&self, fd: &OwnedFd) -> Option<String> {
-        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
-        let s = link.to_string_lossy().into_owned();
+        let link = std::fs::read_link(fd_path(fd)).ok()?;
+        let s = link.into_os_string().into_string().ok()?;
         s.starts_with('/').then_some(s)
     }
 
@@ -614,14 +712,19 @@ impl Gate {
         &self,
         fd: &OwnedFd,
         meta: &std::fs::Metadata,
+        cacheable: bool,
     ) -> Result<(String, Vec<u8>), Unresolved> {
-        let mut f = File::open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(fd_path(fd))
             .map_err(|e| Unresolved::Errno(e.raw_os_error().unwrap_or(libc::EACCES)))?;
         let mut head = vec![0u8; 256];
         let n = read_full(&mut f, &mut head);
         head.truncate(n);
         let key = key_of(meta);
-        if let Some(h) = self.hashes.lock().ok().and_then(|c| c.get(&key).cloned()) {
+        if cacheable && let Some(h) = self.hashes.lock().ok().and_then(|c| c.get(&key).cloned()) {
             return Ok((h, head));
         }
         let mut hasher = Sha256::new();
@@ -636,7 +739,7 @@ impl Gate {
             }
         }
         let h = hex::encode(hasher.finalize());
-        if let Ok(mut c) = self.hashes.lock() {
+        if cacheable && let Ok(mut c) = self.hashes.lock() {
             if c.len() > 65_536 {
                 c.clear();
             }
@@ -649,10 +752,14 @@ impl Gate {
         let fd = notify::open_in_root(root, path.as_os_str().as_encoded_bytes()).ok()?;
         let meta = meta_of(&fd).ok()?;
         // (Never open a FIFO or a device for reading: it could block.)
-        if !meta.is_file() {
+        if !meta.is_file() || meta.size() > MAX_HASHED {
             return None;
         }
-        self.hash_and_head(&fd, &meta).ok().map(|(h, _)| h)
+        let cacheable = nix::sys::statvfs::fstatvfs(&fd)
+            .is_ok_and(|v| v.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY));
+        self.hash_and_head(&fd, &meta, cacheable)
+            .ok()
+            .map(|(h, _)| h)
     }
 
     /// Other names of this file in the program directories: the same
@@ -825,10 +932,13 @@ impl Gate {
         } else {
             "/workspace".to_string()
         };
-        let root = open_dir(&format!("/proc/{pid}/root")).ok();
+        let caller = Caller::open(pid).ok();
+        let root = caller
+            .as_ref()
+            .and_then(|c| open_dir(&format!("{}/root", c.thread())).ok());
         let mut inputs = Vec::new();
         for argv in aibox_policy::shell::split_commands(&req.command) {
-            inputs.push(self.hook_input(root.as_ref(), pid, &cwd, argv));
+            inputs.push(self.hook_input(root.as_ref().zip(caller.as_ref()), &cwd, argv));
         }
         if inputs.is_empty() {
             inputs.push(ExecInput {
@@ -901,8 +1011,7 @@ impl Gate {
     /// (a builtin or a missing program).
     fn hook_input(
         &self,
-        root: Option<&OwnedFd>,
-        pid: u32,
+        ctx: Option<(&OwnedFd, &Caller)>,
         cwd: &str,
         argv: Vec<String>,
     ) -> ExecInput {
@@ -914,7 +1023,9 @@ impl Gate {
             sandbox: self.sandbox.clone(),
             ..ExecInput::default()
         };
-        let Some(root) = root else { return input };
+        let Some((root, caller)) = ctx else {
+            return input;
+        };
         let prog = input.exe.clone();
         let candidates: Vec<String> = if prog.contains('/') {
             vec![prog]
@@ -925,7 +1036,7 @@ impl Gate {
                 .collect()
         };
         for c in candidates {
-            let Ok(found) = self.resolve(root.as_fd(), pid, cwd, &c) else {
+            let Ok(found) = self.resolve(root.as_fd(), caller, cwd, &c) else {
                 continue;
             };
             let Ok(meta) = meta_of(&found.fd) else {
@@ -934,7 +1045,9 @@ impl Gate {
             if !meta.is_file() {
                 continue;
             }
-            if let Ok((sha, _)) = self.hash_and_head(&found.fd, &meta) {
+            if meta.size() <= MAX_HASHED
+                && let Ok((sha, _)) = self.hash_and_head(&found.fd, &meta, false)
+            {
                 input.exe_aliases = self.aliases(root.as_fd(), &found.path, &meta, &sha);
                 input.exe_sha256 = sha;
             }
@@ -984,9 +1097,12 @@ fn meta_of(fd: &OwnedFd) -> Result<std::fs::Metadata, Unresolved> {
 /// A `/proc/<pid>/…` link of a sandbox process as the sandbox sees it.
 /// (Read from outside, the kernel prints the path relative to the
 /// sandbox's root: it is not reachable from ours.)
-fn proc_link(pid: u32, what: &str) -> Result<String, Unresolved> {
-    let l = std::fs::read_link(format!("/proc/{pid}/{what}")).map_err(|e| errno_of(&e))?;
-    let s = l.to_string_lossy().into_owned();
+fn proc_link(dir: &str, what: &str) -> Result<String, Unresolved> {
+    let l = std::fs::read_link(format!("{dir}/{what}")).map_err(|e| errno_of(&e))?;
+    let s = l
+        .into_os_string()
+        .into_string()
+        .map_err(|_| Unresolved::Refused(format!("the process's {what} is not valid UTF-8")))?;
     if !s.starts_with('/') || s.ends_with(" (deleted)") {
         return Err(Unresolved::Refused(format!(
             "the process's {what} is not a directory the gate can name ({s})"
@@ -995,8 +1111,8 @@ fn proc_link(pid: u32, what: &str) -> Result<String, Unresolved> {
     Ok(s)
 }
 
-fn parent_comm(pid: u32) -> String {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+fn parent_comm(dir: &str) -> String {
+    let Ok(status) = std::fs::read_to_string(format!("{dir}/status")) else {
         return String::new();
     };
     let Some(ppid) = status
@@ -1036,29 +1152,28 @@ fn proc_magic(path: &str) -> Option<(String, String, String)> {
                 )
             })
         }
-        // `task/<tid>/…` is the same process's view: strip it.
-        "task" => {
-            let mut r = rest.splitn(3, '/');
-            let _tid = r.next()?;
-            let what = r.next()?.to_string();
-            let rest = r.next().unwrap_or_default();
-            proc_magic(&format!("/proc/{who}/{what}/{rest}"))
-        }
+        // `task/<tid>/…` names one thread's view: not followed (the
+        // scoped lookup then refuses the path).
         _ => None,
     }
 }
 
 /// `#!interp [arg]` of a script, as the kernel parses it.
-fn shebang(head: &[u8]) -> Option<(String, Option<String>)> {
+/// (None when the file is no script; Some(None) when its line is not
+/// UTF-8.)
+#[allow(clippy::type_complexity)]
+fn shebang(head: &[u8]) -> Option<Option<(String, Option<String>)>> {
     let rest = head.strip_prefix(b"#!")?;
     let line = rest.split(|b| *b == b'\n').next()?;
-    let line = String::from_utf8_lossy(line);
+    let Ok(line) = std::str::from_utf8(line) else {
+        return Some(None);
+    };
     let line = line.trim_matches(|c| c == ' ' || c == '\t');
     let (interp, arg) = match line.find([' ', '\t']) {
         Some(i) => (&line[..i], Some(line[i..].trim().to_string())),
         None => (line, None),
     };
-    (!interp.is_empty()).then(|| (interp.to_string(), arg.filter(|a| !a.is_empty())))
+    (!interp.is_empty()).then(|| Some((interp.to_string(), arg.filter(|a| !a.is_empty()))))
 }
 
 /// The program the dynamic loader is asked to run, and its arguments.
@@ -1092,9 +1207,13 @@ fn loader_target(argv: &[String]) -> Option<(String, Vec<String>)> {
 
 fn build_index(root: BorrowedFd<'_>) -> ProgramIndex {
     let mut idx = ProgramIndex::default();
-    let root_path = format!("/proc/self/fd/{}", root.as_raw_fd());
     for dir in aibox_sandbox::landlock_rules::PROGRAM_DIRS {
-        let Ok(entries) = std::fs::read_dir(format!("{root_path}{dir}")) else {
+        // (Opened inside the root: a link such as /bin -> /usr/bin must
+        // not be followed on the host.)
+        let Ok(d) = notify::open_in_root(root, dir.as_bytes()) else {
+            continue;
+        };
+        let Ok(entries) = std::fs::read_dir(format!("/proc/self/fd/{}", d.as_raw_fd())) else {
             continue;
         };
         for e in entries.flatten() {
@@ -1152,7 +1271,7 @@ fn shell_words(argv: &[String]) -> String {
 /// Writes `line` to the caller's stderr (a duplicate of its descriptor 2,
 /// so with its own access mode: nothing it could not write itself). On a
 /// thread of its own: a full pipe must not hold the gate.
-fn tell(pid: u32, line: String) {
+fn tell(pidfd: OwnedFd, line: String) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     // A stderr that is a full pipe blocks its writer: at most a few such
     // writes wait at once, the rest are skipped (the log has them all).
@@ -1163,10 +1282,6 @@ fn tell(pid: u32, line: String) {
     }
     let done = || {
         TELLING.fetch_sub(1, Ordering::SeqCst);
-    };
-    let Ok(pidfd) = aibox_sandbox::sys::pidfd_open(pid as i32) else {
-        done();
-        return;
     };
     let Ok(fd) = notify::pidfd_getfd(pidfd.as_fd(), 2) else {
         done();
@@ -1207,20 +1322,21 @@ mod tests {
             proc_magic("/proc/thread-self/exe"),
             s("thread-self", "exe", "")
         );
-        assert_eq!(
-            proc_magic("/proc/self/task/7/root/bin/sh"),
-            s("self", "root", "bin/sh")
-        );
+        assert_eq!(proc_magic("/proc/self/task/7/root/bin/sh"), None);
         assert_eq!(proc_magic("/proc/cpuinfo"), None);
         assert_eq!(proc_magic("/usr/bin/curl"), None);
     }
 
     #[test]
     fn shebang_lines_parse_like_the_kernel() {
-        assert_eq!(shebang(b"#!/bin/sh\necho"), Some(("/bin/sh".into(), None)));
+        assert_eq!(
+            shebang(b"#!/bin/sh\necho"),
+            Some(Some(("/bin/sh".into(), None)))
+        );
+        assert_eq!(shebang(b"#!/bin/\xffsh\n"), Some(None));
         assert_eq!(
             shebang(b"#! /usr/bin/env  python3 -u\n"),
-            Some(("/usr/bin/env".into(), Some("python3 -u".into())))
+            Some(Some(("/usr/bin/env".into(), Some("python3 -u".into()))))
         );
         assert_eq!(shebang(b"\x7fELF"), None);
         assert_eq!(shebang(b"#!\n"), None);

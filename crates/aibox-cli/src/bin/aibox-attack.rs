@@ -246,10 +246,11 @@ fn attempt(name: &str) -> String {
                     result(rc)
                 }
             }
-            // curl copied into an anonymous memory file and run from its
+            // A copy of curl (placed at /workspace/fetch by the test)
+            // loaded into an anonymous memory file and run from its
             // descriptor (execveat AT_EMPTY_PATH): no path at all.
             "fexecve_memfd_curl" => {
-                let Ok(bytes) = std::fs::read("/usr/bin/curl") else {
+                let Ok(bytes) = std::fs::read("/workspace/fetch") else {
                     return "no-curl".into();
                 };
                 let fd = libc::memfd_create(c"x".as_ptr(), 0);

@@ -22,6 +22,16 @@ fn with_policy(c: &Ctx) {
     c.add_config(&format!("policy:\n  org_baseline_path: {}\n", p.display()));
 }
 
+/// A copy of curl in the workspace, as a repository could bring one (the
+/// sandbox itself cannot read curl's file to copy it).
+fn copy_of_curl(c: &Ctx) {
+    let dst = c.ws.join("fetch");
+    std::fs::copy("/usr/bin/curl", &dst).unwrap();
+    if let Some((uid, gid)) = c.as_user {
+        nix::unistd::chown(&dst, Some(uid.into()), Some(gid.into())).unwrap();
+    }
+}
+
 fn decisions(c: &Ctx, name: &str) -> Vec<serde_json::Value> {
     std::fs::read_to_string(c.data.join(format!("audit/{name}.decisions.jsonl")))
         .unwrap_or_default()
@@ -37,7 +47,7 @@ const SPELLINGS: &str = r#"
 set -u
 cd /workspace
 t() { n=$1; shift; "$@" > "out.$n" 2>&1; echo "$n $?"; }
-cp /usr/bin/curl /workspace/fetch
+cp /usr/bin/curl /workspace/mine 2>/dev/null; echo "copy_inside $?"
 ln -s /usr/bin/curl /workspace/lnk
 printf '#!/bin/sh\ncurl --version\n' > script.sh; chmod +x script.sh
 t absolute /usr/bin/curl --version
@@ -73,6 +83,7 @@ both_modes!(
         with_policy(&c);
         c.install_attack();
         let ws = c.ws.display().to_string();
+        copy_of_curl(&c);
         let o = c.out(&[
             "run", "-w", &ws, "--name", "gate", "--", "sh", "-c", SPELLINGS,
         ]);
@@ -113,6 +124,9 @@ both_modes!(
             }
         }
         assert!(out.contains("fexecve_memfd_curl EPERM"), "{out}");
+        // Landlock does not even let curl's file be read (so no loader
+        // or copy made inside can run it).
+        assert!(out.contains("copy_inside 1"), "{out}");
         // Allowed commands are untouched.
         assert!(out.contains("a\nb\nsort 0\n"), "{out}");
         for l in ["exit7 7", "false 1", "ls 0", "workspace kept"] {
@@ -249,11 +263,13 @@ both_modes!(landlock_blocks_by_path_without_the_gate, |mut c: Ctx| {
     // what stops curl here is Landlock alone. A copy of curl (a path
     // Landlock does not know) then runs: only the gate catches copies.
     c.env("AIBOX_DEBUG_SKIP_LAYER", "exec-gate");
+    copy_of_curl(&c);
     let o = c.sh(
-        "cd /workspace; curl --version > a 2>&1; echo curl $?; cat a; cp /usr/bin/curl fetch; ./fetch --version | head -1",
+        "cd /workspace; curl --version > a 2>&1; echo curl $?; cat a; /lib64/ld-linux-x86-64.so.2 /usr/bin/curl --version > b 2>&1; echo loader $?; ./fetch --version | head -1",
     );
     let out = stdout(&o);
     assert!(out.contains("curl 126"), "{out}\n{}", stderr(&o));
+    assert!(!out.contains("loader 0"), "{out}");
     assert!(out.contains("Permission denied"), "{out}");
     assert!(
         out.lines()
