@@ -902,11 +902,40 @@ impl Gate {
         let mut line = String::new();
         let Ok(reader) = conn.try_clone() else { return };
         let mut reader = std::io::BufReader::new(reader.take(MAX_HOOK_REQUEST));
-        if reader.read_line(&mut line).is_err() {
-            return;
+        // The whole request within the deadline, not each read: a slow
+        // writer cannot hold a slot for long.
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || conn.set_read_timeout(Some(left)).is_err() {
+                return;
+            }
+            let mut chunk = Vec::new();
+            match reader.read_until(b'\n', &mut chunk) {
+                Ok(0) => break,
+                Ok(_) => {
+                    line.push_str(&String::from_utf8_lossy(&chunk));
+                    if line.ends_with('\n') {
+                        break;
+                    }
+                }
+                Err(_) => return,
+            }
         }
         let reply = match serde_json::from_str::<HookRequest>(&line) {
-            Ok(req) => self.hook(cred.pid() as u32, &req),
+            // Only the hooks aibox registers (a request names what the
+            // decision log will say it was).
+            Ok(req) if req.agent == "claude-code" && req.tool == "Bash" => {
+                self.hook(cred.pid() as u32, &req)
+            }
+            Ok(req) => HookReply {
+                decision: Action::Deny,
+                rule: "gate".into(),
+                tier: "aibox".into(),
+                reason: format!("no hook for agent `{}`, tool `{}`", req.agent, req.tool),
+                command: String::new(),
+                entry: 0,
+            },
             Err(e) => HookReply {
                 decision: Action::Deny,
                 rule: "gate".into(),

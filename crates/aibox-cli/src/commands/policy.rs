@@ -322,7 +322,9 @@ fn explain(
             )
         })?;
     let e: LogEntry = serde_json::from_str(line)
-        .with_context(|| format!("{}: entry {n} is not a decision record", log.display()))?;
+        .ok()
+        .filter(|e: &LogEntry| e.entry == n)
+        .with_context(|| format!("{}: line {n} is not decision record {n}", log.display()))?;
     let snap = aibox_supervisor::paths::policy_snapshot_for(&audit, &e.policy_version);
     let merged: Option<Merged> = std::fs::read(&snap)
         .ok()
@@ -331,10 +333,13 @@ fn explain(
     let again = match &merged {
         Some(m) if m.version == e.policy_version => {
             let mut d = Decider::new(m).map_err(anyhow::Error::msg)?;
+            // The strictest, the first on a tie (as the gate picks).
             e.inputs
                 .iter()
                 .map(|i| d.decide(i))
-                .max_by(|a, b| a.risk.cmp(&b.risk))
+                .enumerate()
+                .max_by(|(ia, a), (ib, b)| a.risk.cmp(&b.risk).then(ib.cmp(ia)))
+                .map(|(_, d)| d)
         }
         _ => None,
     };
@@ -377,8 +382,10 @@ fn explain(
             };
             println!("entry:      {} of {}", e.entry, log.display());
             println!("time:       {}", e.timestamp);
-            println!("command:    {}", e.command);
-            println!("program:    {}", e.target);
+            // (Strings from the sandbox: control characters are shown
+            // escaped, never sent to the terminal.)
+            println!("command:    {}", clean(&e.command));
+            println!("program:    {}", clean(&e.target));
             println!("decision:   {verdict} ({})", e.risk_class.as_str());
             println!(
                 "rule:       {} ({} tier{})",
@@ -389,19 +396,19 @@ fn explain(
                     .map(|f| format!(", {f}"))
                     .unwrap_or_default()
             );
-            println!("reason:     {}", e.reason);
+            println!("reason:     {}", clean(&e.reason));
             println!("policy:     {}", e.policy_version);
             for (i, inp) in e.inputs.iter().enumerate() {
                 let what = if i == 0 { "decided on" } else { "also decided" };
-                println!("{what}: {} sha256:{}", inp.exe, inp.exe_sha256);
+                println!("{what}: {} sha256:{}", clean(&inp.exe), inp.exe_sha256);
                 if !inp.exe_aliases.is_empty() {
-                    println!("  also known as: {}", inp.exe_aliases.join(", "));
+                    println!("  also known as: {}", clean(&inp.exe_aliases.join(", ")));
                 }
                 println!("  argv: {}", serde_json::to_string(&inp.argv)?);
                 println!(
                     "  cwd: {}  parent: {}  env: {} names",
-                    inp.cwd,
-                    inp.parent,
+                    clean(&inp.cwd),
+                    clean(&inp.parent),
                     inp.env_names.len()
                 );
             }
@@ -426,6 +433,19 @@ fn explain(
         }
     }
     Ok(i32::from(!reproduced))
+}
+
+/// `s` with control characters escaped.
+fn clean(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
 }
 
 /// The file `argv0` names: a path as given, else the first match on the
@@ -496,6 +516,22 @@ pub(crate) fn at_start(
             policy: p,
             merged: o.merged,
         });
+    }
+    // Tool rules are enforced by the exec gate alone, which only native
+    // sandboxes have so far: never start a sandbox that would ignore them.
+    let tools = p.tools.as_ref();
+    let has_tool_rules = tools
+        .and_then(|t| t.rules.as_ref())
+        .is_some_and(|r| !r.is_empty())
+        || tools
+            .and_then(|t| t.default)
+            .is_some_and(|d| d != aibox_policy::Risk::Safe)
+        || !o.merged.rego.is_empty();
+    if has_tool_rules && runtime != aibox_config::Runtime::Native {
+        problems.push(format!(
+            "tools: the policy ({}) has command rules, which only the exec gate of native sandboxes enforces so far; use --runtime native",
+            tier_list(&o.merged)
+        ));
     }
     if !c.sandbox.exec_gate {
         problems.push(format!(

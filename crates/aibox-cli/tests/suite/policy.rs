@@ -206,7 +206,9 @@ both_modes!(the_policy_allowlist_reaches_the_proxy, |c: Ctx| {
 all_backends!(the_project_tier_is_read_only_inside, |c: Ctx| {
     let dir = c.ws.join("aibox");
     std::fs::create_dir(&dir).unwrap();
-    let text = "version: 1\ntools:\n  rules:\n    - {match: [curl], risk: blocked-by-default}\n";
+    // (No command rules: container backends refuse those until they
+    // have the exec gate.)
+    let text = "version: 1\nresources: {cpus: 64}\n";
     std::fs::write(dir.join("policy.yaml"), text).unwrap();
     if let Some((uid, gid)) = c.as_user {
         for p in [dir.clone(), dir.join("policy.yaml")] {
