@@ -13,7 +13,7 @@ pub mod shell;
 
 pub use load::{load, parse};
 pub use merge::{Merged, Tier, Violation, merge};
-pub use rego::{Action, Decider, Decision, ExecInput};
+pub use rego::{Action, Decider, Decision, ExecInput, strictest};
 pub use schema::{PolicyFile, Risk};
 
 /// One problem in one file.

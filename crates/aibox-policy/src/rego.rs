@@ -103,6 +103,17 @@ pub struct Decision {
     pub tier: String,
 }
 
+/// Which of `decisions` stands: the strictest, the first on a tie (the
+/// file itself before its interpreter or a loader's program). None when
+/// empty.
+pub fn strictest(decisions: &[Decision]) -> Option<usize> {
+    decisions
+        .iter()
+        .enumerate()
+        .max_by(|(ia, a), (ib, b)| a.risk.cmp(&b.risk).then(ib.cmp(ia)))
+        .map(|(i, _)| i)
+}
+
 /// Decides exec requests under one merged policy.
 pub struct Decider {
     engine: regorus::Engine,

@@ -382,11 +382,8 @@ impl Gate {
             }
         }
         // The strictest decision stands; the first (the file itself) on a tie.
-        let Some(worst) = decisions
-            .iter()
-            .enumerate()
-            .max_by(|(ia, a), (ib, b)| a.risk.cmp(&b.risk).then(ib.cmp(ia)))
-            .map(|(i, d)| (i, d.clone()))
+        let Some(worst) =
+            aibox_policy::strictest(&decisions).and_then(|i| Some((i, decisions.get(i)?.clone())))
         else {
             return Some(Verdict::Fail(libc::EPERM));
         };
@@ -396,6 +393,36 @@ impl Gate {
         let first = ordered.remove(at);
         ordered.insert(0, first);
         Some(self.conclude(&req, decision, ordered, t0, caller_pidfd))
+    }
+
+    /// A decision log entry (numbered when recorded).
+    fn entry(
+        &self,
+        action: String,
+        command: String,
+        d: &Decision,
+        inputs: Vec<ExecInput>,
+        t0: Instant,
+    ) -> LogEntry {
+        LogEntry {
+            entry: 0,
+            timestamp: humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+            policy_version: d.policy_version.clone(),
+            input_hash: d.input_hash.clone(),
+            action,
+            command,
+            target: inputs.first().map(|i| i.exe.clone()).unwrap_or_default(),
+            user: self.user.clone(),
+            workspace: self.workspace.clone(),
+            sandbox_id: self.sandbox.clone(),
+            decision: d.action,
+            risk_class: d.risk,
+            rule: d.rule.clone(),
+            tier: d.tier.clone(),
+            reason: d.reason.clone(),
+            duration_us: t0.elapsed().as_micros() as u64,
+            inputs,
+        }
     }
 
     fn policy_version(&self) -> String {
@@ -414,25 +441,7 @@ impl Gate {
         t0: Instant,
         pidfd: Option<(u32, OwnedFd)>,
     ) -> Verdict {
-        let entry = LogEntry {
-            entry: 0,
-            timestamp: humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
-            policy_version: d.policy_version.clone(),
-            input_hash: d.input_hash.clone(),
-            action: "exec".into(),
-            command: shell_words(&req.argv),
-            target: inputs.first().map(|i| i.exe.clone()).unwrap_or_default(),
-            user: self.user.clone(),
-            workspace: self.workspace.clone(),
-            sandbox_id: self.sandbox.clone(),
-            decision: d.action,
-            risk_class: d.risk,
-            rule: d.rule.clone(),
-            tier: d.tier.clone(),
-            reason: d.reason.clone(),
-            duration_us: t0.elapsed().as_micros() as u64,
-            inputs,
-        };
+        let entry = self.entry("exec".into(), shell_words(&req.argv), &d, inputs, t0);
         let target = entry.target.clone();
         let number = match self.log.lock() {
             Ok(mut l) => l.record(entry),
@@ -983,12 +992,7 @@ impl Gate {
                 decisions.push(d.decide(i));
             }
         }
-        let at = decisions
-            .iter()
-            .enumerate()
-            .max_by(|(ia, a), (ib, b)| a.risk.cmp(&b.risk).then(ib.cmp(ia)))
-            .map(|(i, _)| i)
-            .unwrap_or(0);
+        let at = aibox_policy::strictest(&decisions).unwrap_or(0);
         let Some(d) = decisions.get(at).cloned() else {
             return HookReply {
                 decision: Action::Deny,
@@ -1002,25 +1006,13 @@ impl Gate {
         let deciding = shell_words(&inputs[at].argv);
         let first = inputs.remove(at);
         inputs.insert(0, first);
-        let entry = LogEntry {
-            entry: 0,
-            timestamp: humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
-            policy_version: d.policy_version.clone(),
-            input_hash: d.input_hash.clone(),
-            action: format!("hook:{}:{}", req.agent, req.tool),
-            command: req.command.clone(),
-            target: inputs.first().map(|i| i.exe.clone()).unwrap_or_default(),
-            user: self.user.clone(),
-            workspace: self.workspace.clone(),
-            sandbox_id: self.sandbox.clone(),
-            decision: d.action,
-            risk_class: d.risk,
-            rule: d.rule.clone(),
-            tier: d.tier.clone(),
-            reason: d.reason.clone(),
-            duration_us: t0.elapsed().as_micros() as u64,
+        let entry = self.entry(
+            format!("hook:{}:{}", req.agent, req.tool),
+            req.command.clone(),
+            &d,
             inputs,
-        };
+            t0,
+        );
         let number = match self.log.lock() {
             Ok(mut l) => l.record(entry),
             Err(_) => 0,

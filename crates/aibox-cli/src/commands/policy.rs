@@ -333,13 +333,9 @@ fn explain(
     let again = match &merged {
         Some(m) if m.version == e.policy_version => {
             let mut d = Decider::new(m).map_err(anyhow::Error::msg)?;
-            // The strictest, the first on a tie (as the gate picks).
-            e.inputs
-                .iter()
-                .map(|i| d.decide(i))
-                .enumerate()
-                .max_by(|(ia, a), (ib, b)| a.risk.cmp(&b.risk).then(ib.cmp(ia)))
-                .map(|(_, d)| d)
+            // The one that stands, picked as the gate picks.
+            let all: Vec<_> = e.inputs.iter().map(|i| d.decide(i)).collect();
+            aibox_policy::strictest(&all).and_then(|i| all.get(i).cloned())
         }
         _ => None,
     };
