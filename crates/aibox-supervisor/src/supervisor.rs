@@ -344,26 +344,21 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
         }
         _ => None,
     };
-    if let Some(listener) = launched.gate {
-        if let Err(e) = start_gate(
+    // Asked for and not delivered is a failed start: never run ungated.
+    let gate = match launched.gate {
+        Some(listener) => start_gate(
             &spec,
             listener,
             hooks,
             launched.init_pid,
             egress_emit(&sink),
-        ) {
-            undo_native(
-                &launched.control,
-                launched.intermediate,
-                &mut audit,
-                &spec,
-                &e,
-            );
-            return Err(e);
+        ),
+        None if spec.sandbox.exec_gate => {
+            Err("the sandbox did not hand over its exec gate".to_string())
         }
-    } else if spec.sandbox.exec_gate {
-        // Asked for and not delivered: never run ungated.
-        let e = "the sandbox did not hand over its exec gate".to_string();
+        None => Ok(()),
+    };
+    if let Err(e) = gate {
         undo_native(
             &launched.control,
             launched.intermediate,
