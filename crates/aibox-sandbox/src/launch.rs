@@ -174,6 +174,7 @@ fn wait_ready(sock: &OwnedFd) -> Result<(i32, SelfTestReport, Vec<OwnedFd>), San
     // The intermediate (InitPid) and init (Ready) write to the socket
     // independently: under load init's Ready can come first.
     let mut ready: Option<(SelfTestReport, Vec<OwnedFd>)> = None;
+    let mut stage = String::from("forking");
     loop {
         if let (Some(pid), Some((report, fds))) = (init_pid, ready.take()) {
             if let Some(failure) = report.failure() {
@@ -191,7 +192,7 @@ fn wait_ready(sock: &OwnedFd) -> Result<(i32, SelfTestReport, Vec<OwnedFd>), San
         let n = poll(&mut fds, ms).map_err(|e| SandboxError::sys("waiting for the sandbox", e))?;
         if n == 0 {
             return Err(SandboxError::Setup(format!(
-                "the sandbox did not become ready within {}s",
+                "the sandbox did not become ready within {}s (its last step: {stage})",
                 READY_TIMEOUT.as_secs()
             )));
         }
@@ -205,6 +206,7 @@ fn wait_ready(sock: &OwnedFd) -> Result<(i32, SelfTestReport, Vec<OwnedFd>), San
             }
             Some((FromInit::InitPid(p), _)) => init_pid = Some(p),
             Some((FromInit::Failed(m), _)) => return Err(SandboxError::Setup(m)),
+            Some((FromInit::Stage(s), _)) => stage = s,
             Some((FromInit::Ready(report), fds)) => ready = Some((report, fds)),
             Some((other, _)) => {
                 return Err(SandboxError::Setup(format!(
@@ -213,6 +215,13 @@ fn wait_ready(sock: &OwnedFd) -> Result<(i32, SelfTestReport, Vec<OwnedFd>), San
             }
         }
     }
+}
+
+/// Tells the supervisor which setup step comes next, so a start that
+/// times out names where it stopped. Best effort: a lost report only
+/// makes that message less precise.
+fn stage(sock: &OwnedFd, what: &str) {
+    let _ = ipc::send(sock, &FromInit::Stage(what.to_string()), &[]);
 }
 
 fn write(path: &str, body: &str) -> Result<(), SandboxError> {
@@ -262,6 +271,7 @@ fn intermediate(
         .map_err(|e| SandboxError::sys("closing inherited descriptors", e))?;
 
     if rootless {
+        stage(sock, "creating the user namespace");
         unshare(CloneFlags::CLONE_NEWUSER).map_err(|e| {
             SandboxError::sys(
                 "creating a user namespace (check `aibox doctor`: unprivileged user namespaces may be disabled)",
@@ -285,12 +295,14 @@ fn intermediate(
     } else {
         NAMESPACES
     };
+    stage(sock, "creating namespaces");
     unshare(namespaces)
         .map_err(|e| SandboxError::sys("creating mount/pid/net/ipc/uts/cgroup namespaces", e))?;
+    stage(sock, "forking init");
 
     match sys::fork().map_err(|e| SandboxError::sys("forking init", e))? {
         ForkResult::Child => {
-            let code = match init_setup(spec, filters, rootless, guest_host) {
+            let code = match init_setup(spec, sock, filters, rootless, guest_host) {
                 Ok((report, net)) => {
                     let failed = report.failure().is_some();
                     let raw: Vec<i32> = net.iter().map(|f| f.as_raw_fd()).collect();
@@ -379,6 +391,7 @@ fn mapped_userns(
 /// Everything init does before it serves requests; returns the self-test.
 fn init_setup(
     spec: &SandboxSpec,
+    sock: &OwnedFd,
     filters: &[seccompiler::BpfProgram],
     rootless: bool,
     guest_host: u32,
@@ -403,6 +416,7 @@ fn init_setup(
     let idmap = if rootless {
         None
     } else {
+        stage(sock, "preparing the idmapped mounts");
         // Our own pid namespace's /proc is needed to address the helper.
         let proc_tmp = spec.root_dir.with_extension("proc");
         fs::create_dir_all(&proc_tmp)
@@ -425,6 +439,7 @@ fn init_setup(
         Some(ns?)
     };
 
+    stage(sock, "building the root filesystem");
     rootfs::build(spec, idmap.as_ref())?;
     drop(idmap);
     nix::unistd::sethostname(aibox_core::guest::HOSTNAME)
@@ -440,6 +455,7 @@ fn init_setup(
         _ => Vec::new(),
     };
 
+    stage(sock, "switching to the guest's credentials");
     if !rootless {
         nix::unistd::setgroups(&[])
             .map_err(|e| SandboxError::sys("clearing supplementary groups", e))?;
@@ -450,12 +466,14 @@ fn init_setup(
         nix::unistd::setresuid(u, u, u).map_err(|e| SandboxError::sys("setresuid", e))?;
     }
 
+    stage(sock, "hardening and self-test");
     let report = harden(spec, filters)?;
     // Installed last, after the self-test, so nothing of init's own setup
     // waits for a listener that is not there yet. Asked for and not
     // available is a failed start, never an ungated sandbox.
     let mut fds = Vec::with_capacity(net.len() + 1);
     if spec.exec_gate {
+        stage(sock, "installing the exec gate");
         crate::notify::check_sizes().map_err(|e| SandboxError::sys("the exec gate", e))?;
         fds.push(
             crate::notify::install_exec_filter()

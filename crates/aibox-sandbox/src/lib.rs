@@ -198,6 +198,8 @@ pub enum FromInit {
     Ready(SelfTestReport),
     /// Setup failed.
     Failed(String),
+    /// Setup reached this step (named in a start timeout's message).
+    Stage(String),
     /// A session's process started (terminal master attached when a tty was asked for).
     Spawned {
         /// Session id.

@@ -500,7 +500,14 @@ pub(crate) use all_backends;
 
 /// True once `pid` has exited (gone, or a zombie awaiting its reaper).
 pub fn process_gone(pid: i32) -> bool {
-    for _ in 0..100 {
+    process_gone_within(pid, std::time::Duration::from_secs(2))
+}
+
+/// [`process_gone`] with a chosen deadline, for exits that wait on an
+/// engine (a rootless podman's cleanup takes seconds under load).
+pub fn process_gone_within(pid: i32, limit: std::time::Duration) -> bool {
+    let end = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < end {
         match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
             Err(_) => return true,
             Ok(s)

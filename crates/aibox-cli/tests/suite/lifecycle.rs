@@ -665,7 +665,10 @@ fn container_crash_recovery(c: Ctx) {
     let pid = st["supervisor_pid"].as_i64().unwrap() as i32;
     let o = engine_cmd(&["kill", &cname]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(process_gone(pid), "supervisor survived its container");
+    assert!(
+        process_gone_within(pid, std::time::Duration::from_secs(30)),
+        "supervisor survived its container"
+    );
     let o = c.out(&["status", "--name", name]);
     assert!(!o.status.success());
     assert!(
