@@ -10,15 +10,19 @@
 //!   process of the container and exits. With `--first` (one-shot
 //!   sandboxes, `aibox run`) it then runs ARGV as session ID, only if the
 //!   self-test passed, and ends the container with that command's code.
-//! - `__container-session ID [--seccomp] -- ARGV…`: the first program of every
-//!   `podman exec`. Records its pid (so a later `__container-signal` can
-//!   reach it, since the engines do not forward signals to exec'd
-//!   processes), becomes a process-group leader, applies the same Landlock
-//!   ruleset as the native sandbox where the kernel has Landlock, and
-//!   `execve`s the command in place (same pid, no extra process). With
-//!   `--seccomp` it also installs the native seccomp filters: runsc applies
-//!   the OCI profile to the container's first process only, not to
-//!   processes started with `exec`.
+//! - `__container-session ID [--seccomp] [--gate] [--blocked NAMES] -- ARGV…`:
+//!   the first program of every `podman exec`. Records its pid (so a later
+//!   `__container-signal` can reach it, since the engines do not forward
+//!   signals to exec'd processes), becomes a process-group leader, applies
+//!   the same Landlock ruleset as the native sandbox where the kernel has
+//!   Landlock (NAMES, comma-separated: programs that get no execute or
+//!   read right), and `execve`s the command in place (same pid, no extra
+//!   process). With `--seccomp` it also installs the native seccomp
+//!   filters: runsc applies the OCI profile to the container's first
+//!   process only, not to processes started with `exec`. With `--gate` it
+//!   installs the exec gate's filter and hands the listener to the
+//!   supervisor over [`GATE_SOCKET`] before its own `execve` (which is
+//!   then the first exec the supervisor decides).
 //! - `__container-signal ID SIG`: sends SIG to a session's process group.
 
 use std::ffi::CString;
@@ -78,6 +82,28 @@ pub const NET_FLAG: &str = "--net";
 pub const EGRESS_SOCKET: &str = "/aibox/egress.sock";
 /// Asks the shim and self-test to install the seccomp filters themselves.
 pub const SECCOMP_FLAG: &str = "--seccomp";
+/// Asks the shim to put the command under the exec gate.
+pub const GATE_FLAG: &str = "--gate";
+/// Gives the shim the programs Landlock must keep from running.
+pub const BLOCKED_FLAG: &str = "--blocked";
+/// Where the supervisor's exec-gate registration socket (seqpacket) is
+/// mounted inside containers.
+pub const GATE_SOCKET: &str = "/aibox/exec-gate.sock";
+
+/// A session shim's request to the supervisor: decide the execs of
+/// session `session`; the seccomp listener is attached.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct GateJoin {
+    /// The session id.
+    pub session: String,
+}
+
+/// The supervisor's answer to a [`GateJoin`].
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct GateJoined {
+    /// Why the listener was not taken (the shim then refuses to run).
+    pub error: Option<String>,
+}
 /// Directory of session pid files (`/dev/shm` is a world-writable tmpfs
 /// under every engine; podman forces `/run` to mode 0755).
 const SESSIONS: &str = "/dev/shm/.aibox-sessions";
@@ -315,8 +341,9 @@ fn valid_id(id: &str) -> bool {
 }
 
 /// Applies the native sandbox's Landlock ruleset where the kernel has
-/// one, then (when asked) the native seccomp filters.
-fn harden(seccomp: bool) -> Result<Option<LandlockState>, SandboxError> {
+/// one (with `blocked` programs neither executable nor readable), then
+/// (when asked) the native seccomp filters.
+fn harden(seccomp: bool, blocked: &[String]) -> Result<Option<LandlockState>, SandboxError> {
     let host_abi: i32 = std::env::var(HOST_LANDLOCK_ENV)
         .ok()
         .and_then(|v| v.parse().ok())
@@ -328,7 +355,10 @@ fn harden(seccomp: bool) -> Result<Option<LandlockState>, SandboxError> {
         // The kernel has it but it is not applied: the self-test must fail.
         Some(LandlockState::Unavailable)
     } else {
-        Some(landlock_rules::apply(crate::WRITABLE, &[])?)
+        Some(landlock_rules::apply(
+            crate::WRITABLE,
+            &landlock_rules::blocked_files(blocked),
+        )?)
     };
     if seccomp && !crate::debug_skip("seccomp") {
         let filters = crate::seccomp::SyscallPolicy::embedded()?.compile()?;
@@ -337,31 +367,106 @@ fn harden(seccomp: bool) -> Result<Option<LandlockState>, SandboxError> {
     Ok(landlock)
 }
 
+/// The session shim's options (see the module docs).
+#[derive(Default)]
+struct SessionOptions {
+    seccomp: bool,
+    gate: bool,
+    blocked: Vec<String>,
+}
+
+/// Splits `ID [OPTIONS] -- ARGV…`.
+fn session_args(rest: &[String]) -> Option<(&str, SessionOptions, &[String])> {
+    let id = rest.first()?;
+    let mut o = SessionOptions::default();
+    let mut i = 1;
+    loop {
+        match rest.get(i).map(String::as_str)? {
+            "--" => break,
+            SECCOMP_FLAG if !o.seccomp => o.seccomp = true,
+            GATE_FLAG if !o.gate => o.gate = true,
+            BLOCKED_FLAG if o.blocked.is_empty() => {
+                i += 1;
+                o.blocked = rest
+                    .get(i)?
+                    .split(',')
+                    .filter(|n| !n.is_empty())
+                    .map(str::to_string)
+                    .collect();
+            }
+            _ => return None,
+        }
+        i += 1;
+    }
+    let argv = &rest[i + 1..];
+    (valid_id(id) && !argv.is_empty()).then_some((id.as_str(), o, argv))
+}
+
+/// Puts this process (and so everything it will run) under the exec
+/// gate: installs the filter, hands the listener to the supervisor and
+/// waits until it has taken it. Any failure refuses the command: an
+/// exec under a filter nobody listens on fails anyway (ENOSYS), and the
+/// message here says why.
+fn join_gate(id: &str) -> Result<(), String> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, UnixAddr, connect, setsockopt, socket, sockopt,
+    };
+    crate::notify::check_sizes().map_err(|e| format!("the exec gate: {e}"))?;
+    nix::sys::prctl::set_no_new_privs().map_err(|e| format!("PR_SET_NO_NEW_PRIVS: {e}"))?;
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| format!("the exec gate's socket: {e}"))?;
+    let addr = UnixAddr::new(GATE_SOCKET).map_err(|e| format!("{GATE_SOCKET}: {e}"))?;
+    connect(std::os::fd::AsRawFd::as_raw_fd(&sock), &addr)
+        .map_err(|e| format!("connecting to the exec gate at {GATE_SOCKET}: {e}"))?;
+    let limit = nix::sys::time::TimeVal::new(10, 0);
+    setsockopt(&sock, sockopt::ReceiveTimeout, &limit)
+        .map_err(|e| format!("the exec gate's socket: {e}"))?;
+    let listener = crate::notify::install_exec_filter()
+        .map_err(|e| format!("installing the exec gate's seccomp filter: {e}"))?;
+    let join = GateJoin {
+        session: id.to_string(),
+    };
+    crate::ipc::send(&sock, &join, &[std::os::fd::AsRawFd::as_raw_fd(&listener)])
+        .map_err(|e| format!("handing the exec gate to the supervisor: {e}"))?;
+    // Ours must not keep the filter's listener alive.
+    drop(listener);
+    match crate::ipc::recv::<GateJoined>(&sock) {
+        Ok(Some((GateJoined { error: None }, _))) => Ok(()),
+        Ok(Some((GateJoined { error: Some(e) }, _))) => {
+            Err(format!("the supervisor refused the exec gate: {e}"))
+        }
+        Ok(None) => Err("the supervisor closed the exec gate's socket".into()),
+        Err(e) => Err(format!("no answer from the exec gate: {e}")),
+    }
+}
+
 fn session(rest: &[String]) -> i32 {
-    let usage = "usage: __container-session ID [--seccomp] -- PROGRAM [ARGS…]";
-    let Some(id) = rest.first() else {
+    let usage =
+        "usage: __container-session ID [--seccomp] [--gate] [--blocked NAMES] -- PROGRAM [ARGS…]";
+    let Some((id, opts, argv)) = session_args(rest) else {
         return fail(usage, 2);
     };
-    let seccomp = rest.get(1).map(String::as_str) == Some(SECCOMP_FLAG);
-    let at = if seccomp { 2 } else { 1 };
-    if rest.get(at).map(String::as_str) != Some("--") {
-        return fail(usage, 2);
-    }
-    let argv = &rest[at + 1..];
-    if !valid_id(id) || argv.is_empty() {
-        return fail(usage, 2);
-    }
     // Own process group, so a signal reaches the command's children too
     // (a terminal session already made us a session leader).
     let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
     if let Err(e) = record_session(id) {
         return fail(&format!("recording the session pid: {e}"), 125);
     }
-    if let Err(e) = harden(seccomp) {
+    if let Err(e) = harden(opts.seccomp, &opts.blocked) {
         return fail(&format!("{e}"), 125);
     }
     // Fail closed: the engine's layers must be on this very process.
     if let Err(e) = crate::selftest::session_layers() {
+        return fail(&format!("refusing to run the command: {e}"), 125);
+    }
+    if opts.gate
+        && let Err(e) = join_gate(id)
+    {
         return fail(&format!("refusing to run the command: {e}"), 125);
     }
     // Some engines (docker with an older daemon) size the terminal only
@@ -483,7 +588,7 @@ fn selftest() -> Result<String, String> {
         nix::unistd::ForkResult::Child => {
             drop(r);
             let abi = landlock_rules::kernel_abi();
-            let json = match harden(false) {
+            let json = match harden(false, &[]) {
                 Ok(state) => serde_json::to_string(&crate::selftest::run_container(abi, state))
                     .unwrap_or_default(),
                 Err(e) => format!("error: {e}"),

@@ -107,6 +107,83 @@ pub struct Started {
     pub relays: Vec<std::thread::JoinHandle<()>>,
 }
 
+/// The session shim's options for `spec`'s sessions (the first command's
+/// included): the native seccomp filters under gVisor (this runsc answers
+/// every refusal of its OCI profile with EPERM, ignoring errnoRet, so
+/// clone3 would not fall back to clone and no thread could start; the
+/// native filter, stacked on top, answers ENOSYS as exec'd sessions get
+/// it); otherwise the exec gate when it is on, and the programs Landlock
+/// keeps from running.
+pub fn session_flags(spec: &SupervisorSpec, gvisor: bool) -> Vec<String> {
+    use aibox_sandbox::container::{BLOCKED_FLAG, GATE_FLAG, SECCOMP_FLAG};
+    let mut f = Vec::new();
+    if gvisor {
+        f.push(SECCOMP_FLAG.to_string());
+        return f;
+    }
+    if spec.sandbox.exec_gate {
+        f.push(GATE_FLAG.to_string());
+    }
+    let names: Vec<&str> = spec
+        .sandbox
+        .exec_blocked
+        .iter()
+        .map(String::as_str)
+        .filter(|n| !n.is_empty() && !n.contains([',', '/']))
+        .collect();
+    if !names.is_empty() {
+        f.push(BLOCKED_FLAG.to_string());
+        f.push(names.join(","));
+    }
+    f
+}
+
+/// Where the exec gate's registration socket is (mounted at
+/// `aibox_sandbox::container::GATE_SOCKET`).
+pub(crate) fn join_socket(spec: &SupervisorSpec) -> PathBuf {
+    spec.run_dir.join("exec-gate.sock")
+}
+
+/// The files added to the container's /etc (the agents' managed
+/// settings): (host file under the run directory, path inside, body).
+fn etc_paths(spec: &SupervisorSpec) -> Vec<(PathBuf, String, &str)> {
+    spec.sandbox
+        .etc_extra
+        .iter()
+        .map(|(rel, body)| {
+            (
+                spec.run_dir.join("etc").join(rel),
+                format!("/etc/{rel}"),
+                body.as_str(),
+            )
+        })
+        .collect()
+}
+
+/// Writes the files of [`etc_paths`] (before the container is run).
+pub(crate) fn write_etc_files(spec: &SupervisorSpec) -> Result<(), String> {
+    for (rel, _) in &spec.sandbox.etc_extra {
+        let r = Path::new(rel);
+        if r.is_absolute()
+            || r.components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(format!("{rel} is not a plain path below /etc"));
+        }
+    }
+    for (host, _, body) in etc_paths(spec) {
+        if let Some(d) = host.parent() {
+            std::fs::create_dir_all(d).map_err(|e| format!("creating {}: {e}", d.display()))?;
+        }
+        std::fs::write(&host, body).map_err(|e| format!("writing {}: {e}", host.display()))?;
+        // Read by the guest, whose uid is not ours when rootful.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&host, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| format!("opening {} to the sandbox: {e}", host.display()))?;
+    }
+    Ok(())
+}
+
 /// Unmounts and removes the host-side mounts of a container sandbox.
 /// Only empty directories are removed (`remove_dir`), so a mount that
 /// could not be detached is never descended into.
@@ -586,6 +663,22 @@ fn run_args(
         "-v",
         &vol(&c.aibox_binary, aibox_sandbox::container::BINARY, "ro"),
     ]);
+    if sb.exec_gate && c.gvisor.is_none() {
+        push(&[
+            "-v",
+            &vol(
+                &join_socket(spec),
+                aibox_sandbox::container::GATE_SOCKET,
+                "rw",
+            ),
+        ]);
+    }
+    if let Some(hooks) = &sb.gate_socket {
+        push(&["-v", &vol(hooks, "/aibox/gate.sock", "rw")]);
+        for (host, inside, _) in etc_paths(spec) {
+            push(&["-v", &vol(&host, &inside, "ro")]);
+        }
+    }
     if net.is_some() {
         push(&[
             "-v",
@@ -658,6 +751,8 @@ pub struct Prepared {
     record: Record,
     record_path: PathBuf,
     home: PathBuf,
+    /// The session shim's options (see [`session_flags`]).
+    session_flags: Vec<String>,
 }
 
 /// The first command of a one-shot sandbox (`aibox run`): it starts with
@@ -712,6 +807,7 @@ pub fn prepare(spec: &SupervisorSpec, c: &ContainerSpec) -> Result<Prepared, Str
         record,
         record_path: c.record.clone(),
         home: spec.sandbox.home.clone(),
+        session_flags: session_flags(spec, c.gvisor.is_some()),
     };
     let mut p = p;
     match prepare_inner(spec, c, &mut p) {
@@ -838,13 +934,7 @@ fn launch_inner(p: &Prepared, first: Option<First>) -> Result<Started, String> {
             aibox_sandbox::container::FIRST_FLAG.to_string(),
             f.id.to_string(),
         ]);
-        if p.gvisor {
-            // This runsc answers every refusal of its OCI profile with
-            // EPERM (it ignores errnoRet), so clone3 would not fall back to
-            // clone and no thread could start; the native filter, stacked
-            // on top, answers ENOSYS as exec'd sessions get it.
-            tail.push(aibox_sandbox::container::SECCOMP_FLAG.to_string());
-        }
+        tail.extend(p.session_flags.iter().cloned());
         tail.push("--".to_string());
         tail.extend(f.req.argv.iter().cloned());
         let [i, o, e] = f.stdio;
@@ -1050,7 +1140,7 @@ fn env_file(run_dir: &Path, id: u64, req: &aibox_sandbox::SpawnRequest) -> Resul
 pub fn exec(
     engine: Engine,
     name: &str,
-    gvisor: bool,
+    flags: &[String],
     run_dir: &Path,
     id: u64,
     req: &aibox_sandbox::SpawnRequest,
@@ -1075,9 +1165,7 @@ pub fn exec(
         aibox_sandbox::container::SESSION_ARG.to_string(),
         id.to_string(),
     ]);
-    if gvisor {
-        args.push(aibox_sandbox::container::SECCOMP_FLAG.to_string());
-    }
+    args.extend(flags.iter().cloned());
     args.push("--".to_string());
     args.extend(req.argv.iter().cloned());
     cmd.args(&args);

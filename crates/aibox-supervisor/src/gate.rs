@@ -1,5 +1,9 @@
 //! The exec gate's decision side. Every `execve`/`execveat` in a native
-//! sandbox waits on a seccomp listener (`aibox_sandbox::notify`); here the
+//! sandbox, or in a container whose runtime delivers seccomp
+//! notifications (runc), waits on a seccomp listener
+//! (`aibox_sandbox::notify`): a native sandbox has one, handed over by
+//! its init; a container has one per session, each handed over by the
+//! session shim through the registration socket. Here the
 //! supervisor reads what the caller asked for, finds the file the kernel
 //! would run inside the sandbox's root, asks the policy
 //! ([`aibox_policy::Decider`]) and answers: run, or fail with `EPERM`
@@ -50,6 +54,10 @@ const MAX_DEPTH: usize = 5;
 /// Largest file the gate hashes (a sparse file could otherwise hold a
 /// worker for ever).
 const MAX_HASHED: u64 = 2 << 30;
+/// Most listeners a sandbox may have at once (one per container session).
+const MAX_LISTENERS: usize = 256;
+/// Registrations served at once (the rest wait in the backlog).
+const MAX_JOIN_CONNS: usize = 8;
 
 /// One line of the decision log (`<name>.decisions.jsonl` next to the
 /// audit log). Entry numbers start at 1.
@@ -177,10 +185,11 @@ struct ProgramIndex {
 /// What the gate shares between its threads.
 #[allow(missing_debug_implementations)]
 pub struct Gate {
-    listener: OwnedFd,
-    /// Host pid of the sandbox init (whose root every sandbox process
-    /// shares: none can chroot).
-    init_pid: i32,
+    /// The seccomp listeners answered (each shared with the requests
+    /// taken from it, which are answered on it).
+    listeners: Mutex<Vec<Arc<OwnedFd>>>,
+    /// A pipe whose write end tells the dispatcher the set changed.
+    wake: (OwnedFd, OwnedFd),
     sandbox: String,
     user: String,
     workspace: String,
@@ -262,18 +271,19 @@ struct Found {
 }
 
 impl Gate {
-    /// A gate answering on `listener` for the sandbox whose init is
-    /// `init_pid`.
+    /// A gate answering on `listener` (a native sandbox's), and on the
+    /// listeners added later (a container's sessions').
     pub fn new(
-        listener: OwnedFd,
-        init_pid: i32,
+        listener: Option<OwnedFd>,
         spec: &crate::proto::SupervisorSpec,
         decider: Decider,
         log: DecisionLog,
-    ) -> Gate {
-        Gate {
-            listener,
-            init_pid,
+    ) -> std::io::Result<Gate> {
+        let wake = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+            .map_err(std::io::Error::from)?;
+        Ok(Gate {
+            listeners: Mutex::new(listener.into_iter().map(Arc::new).collect()),
+            wake,
             sandbox: spec.sandbox.name.clone(),
             user: spec.user.clone(),
             workspace: spec.sandbox.workspace.display().to_string(),
@@ -283,69 +293,129 @@ impl Gate {
             loaders: OnceLock::new(),
             log: Mutex::new(log),
             last_told: Mutex::new(None),
-        }
+        })
     }
 
-    /// Starts `workers` threads answering held execs until the sandbox is
-    /// gone.
+    /// Starts the dispatcher, which takes held execs off the listeners,
+    /// and `workers` threads deciding them.
     pub fn serve(self: &Arc<Self>, workers: usize) -> std::io::Result<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(Arc<OwnedFd>, Notification)>(64);
+        let rx = Arc::new(Mutex::new(rx));
         for i in 0..workers.max(1) {
-            let g = self.clone();
+            let (g, rx) = (self.clone(), rx.clone());
             std::thread::Builder::new()
                 .name(format!("exec-gate-{i}"))
-                .spawn(move || g.worker())?;
+                .spawn(move || {
+                    loop {
+                        // (The lock is held only while waiting for work.)
+                        let next = match rx.lock() {
+                            Ok(r) => r.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok((listener, n)) = next else { return };
+                        if let Some(v) = g.handle(&listener, n) {
+                            // ENOENT: the caller died while we decided.
+                            let _ = notify::answer(listener.as_fd(), n.id, v);
+                        }
+                    }
+                })?;
         }
+        let g = self.clone();
+        std::thread::Builder::new()
+            .name("exec-gate".into())
+            .spawn(move || g.dispatch(tx))?;
         Ok(())
     }
 
-    fn worker(&self) {
+    /// Adds a session's listener (see [`Gate::serve_joins`]).
+    fn add_listener(&self, fd: OwnedFd) -> Result<(), String> {
+        let mut set = self
+            .listeners
+            .lock()
+            .map_err(|_| "the exec gate failed".to_string())?;
+        if set.len() >= MAX_LISTENERS {
+            return Err(format!(
+                "this sandbox already has {MAX_LISTENERS} gated sessions; end some"
+            ));
+        }
+        set.push(Arc::new(fd));
+        drop(set);
+        let _ = nix::unistd::write(&self.wake.1, b"x");
+        Ok(())
+    }
+
+    /// Polls every listener; hands each held exec to a worker and drops a
+    /// listener once all its processes are gone (POLLHUP). The only
+    /// thread that receives, so a readable listener has a request for it.
+    fn dispatch(&self, tx: std::sync::mpsc::SyncSender<(Arc<OwnedFd>, Notification)>) {
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
         loop {
-            let mut fds = [PollFd::new(self.listener.as_fd(), PollFlags::POLLIN)];
+            let set: Vec<Arc<OwnedFd>> = match self.listeners.lock() {
+                Ok(s) => s.clone(),
+                Err(_) => return,
+            };
+            let mut fds = Vec::with_capacity(set.len() + 1);
+            fds.push(PollFd::new(self.wake.0.as_fd(), PollFlags::POLLIN));
+            fds.extend(
+                set.iter()
+                    .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN)),
+            );
             match poll(&mut fds, PollTimeout::NONE) {
                 Ok(_) => {}
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(_) => return,
             }
-            let revents = fds[0].revents().unwrap_or(PollFlags::empty());
-            if !revents.contains(PollFlags::POLLIN) {
-                // POLLHUP: every process of the sandbox is gone.
-                if revents.intersects(PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL)
-                {
-                    return;
-                }
-                continue;
+            let revents: Vec<PollFlags> = fds
+                .iter()
+                .map(|f| f.revents().unwrap_or(PollFlags::empty()))
+                .collect();
+            drop(fds);
+            if revents[0].contains(PollFlags::POLLIN) {
+                let mut buf = [0u8; 64];
+                while matches!(nix::unistd::read(&self.wake.0, &mut buf), Ok(n) if n > 0) {}
             }
-            let n = match notify::receive(self.listener.as_fd()) {
-                Ok(n) => n,
-                // Another worker took it, or the caller died first.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::ENOENT)) => {
-                    continue;
+            let mut gone = Vec::new();
+            for (l, r) in set.iter().zip(&revents[1..]) {
+                if r.contains(PollFlags::POLLIN) {
+                    match notify::receive(l.as_fd()) {
+                        Ok(n) => {
+                            if tx.send((l.clone(), n)).is_err() {
+                                return;
+                            }
+                        }
+                        // The caller died first.
+                        Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::ENOENT)) => {}
+                        Err(_) => gone.push(l.clone()),
+                    }
+                } else if r
+                    .intersects(PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL)
+                {
+                    // Every process under this filter is gone.
+                    gone.push(l.clone());
                 }
-                Err(_) => return,
-            };
-            if let Some(v) = self.handle(n) {
-                // ENOENT: the caller died while we decided.
-                let _ = notify::answer(self.listener.as_fd(), n.id, v);
+            }
+            if !gone.is_empty()
+                && let Ok(mut s) = self.listeners.lock()
+            {
+                s.retain(|l| !gone.iter().any(|g| Arc::ptr_eq(g, l)));
             }
         }
     }
 
     /// The answer to one held exec (None: the caller is gone).
-    fn handle(&self, n: Notification) -> Option<Verdict> {
+    fn handle(&self, listener: &OwnedFd, n: Notification) -> Option<Verdict> {
         let t0 = Instant::now();
         let caller_pidfd;
         let req = match self.read_request(&n) {
             Ok(r) => r,
             Err(errno) => {
-                return notify::still_valid(self.listener.as_fd(), n.id)
-                    .then_some(Verdict::Fail(errno));
+                return notify::still_valid(listener.as_fd(), n.id).then_some(Verdict::Fail(errno));
             }
         };
         let caller = Caller::open(n.pid);
         // What we read and opened is only the caller's if the request is
         // still live (the pid could otherwise have been reused).
-        if !notify::still_valid(self.listener.as_fd(), n.id) {
+        if !notify::still_valid(listener.as_fd(), n.id) {
             return None;
         }
         let inputs = match caller.and_then(|c| self.inputs_for(&req, &c).map(|i| (i, c))) {
@@ -644,7 +714,7 @@ impl Gate {
                     let dir = match who.as_str() {
                         "self" => caller.process(),
                         "thread-self" => caller.thread(),
-                        _ => format!("/proc/{}", self.host_pid_of(&who)?),
+                        _ => format!("/proc/{}", self.host_pid_of(caller, &who)?),
                     };
                     match (what.as_str(), rest.is_empty()) {
                         ("root", _) => text = format!("/{rest}"),
@@ -662,14 +732,14 @@ impl Gate {
         Err(Unresolved::Errno(libc::ELOOP))
     }
 
-    /// The host pid of sandbox process `who` (`self`, `thread-self` or a
-    /// number in the sandbox's pid namespace), asked by `caller`.
-    fn host_pid_of(&self, who: &str) -> Result<u32, Unresolved> {
+    /// The host pid of sandbox process `who` (a number in the pid
+    /// namespace of `caller`, which no sandbox process can leave).
+    fn host_pid_of(&self, caller: &Caller, who: &str) -> Result<u32, Unresolved> {
         let inner: u32 = who.parse().map_err(|_| Unresolved::Errno(libc::ENOENT))?;
         // Rare spelling: find the host process in the sandbox's pid
         // namespace whose innermost pid is `inner`.
-        let ns = std::fs::read_link(format!("/proc/{}/ns/pid", self.init_pid))
-            .map_err(|e| errno_of(&e))?;
+        let ns =
+            std::fs::read_link(format!("{}/ns/pid", caller.process())).map_err(|e| errno_of(&e))?;
         for e in std::fs::read_dir("/proc")
             .map_err(|e| errno_of(&e))?
             .flatten()
@@ -899,6 +969,74 @@ impl Gate {
         Ok(())
     }
 
+    /// Takes the listeners of container sessions on `sock` (a listening
+    /// seqpacket socket, mounted into the container): one
+    /// [`aibox_sandbox::container::GateJoin`] with one descriptor per
+    /// connection, answered once the listener is served. Only a seccomp
+    /// listener is taken; a sandbox process that sends one can only add
+    /// gating (its own processes are under the gate already, so it cannot
+    /// make a listener of its own: the kernel refuses a second one).
+    pub fn serve_joins(self: &Arc<Self>, sock: OwnedFd) -> std::io::Result<()> {
+        let g = self.clone();
+        let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        std::thread::Builder::new()
+            .name("exec-gate-joins".into())
+            .spawn(move || {
+                loop {
+                    let conn = match nix::sys::socket::accept4(
+                        sock.as_raw_fd(),
+                        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+                    ) {
+                        Ok(fd) => aibox_sandbox::sys::own_fd(fd),
+                        Err(nix::errno::Errno::EINTR | nix::errno::Errno::ECONNABORTED) => {
+                            continue;
+                        }
+                        Err(e) => {
+                            crate::supervisor::log(&format!("the exec gate's joins stopped: {e}"));
+                            return;
+                        }
+                    };
+                    use std::sync::atomic::Ordering;
+                    if busy.fetch_add(1, Ordering::SeqCst) >= MAX_JOIN_CONNS {
+                        busy.fetch_sub(1, Ordering::SeqCst);
+                        continue;
+                    }
+                    let (g, busy) = (g.clone(), busy.clone());
+                    let spawned = std::thread::Builder::new()
+                        .name("exec-gate-join".into())
+                        .spawn(move || {
+                            g.join_conn(conn);
+                            busy.fetch_sub(1, Ordering::SeqCst);
+                        });
+                    if spawned.is_err() {
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                }
+            })?;
+        Ok(())
+    }
+
+    fn join_conn(&self, conn: OwnedFd) {
+        use aibox_sandbox::container::{GateJoin, GateJoined};
+        use nix::sys::socket::{setsockopt, sockopt};
+        let limit = nix::sys::time::TimeVal::new(5, 0);
+        let _ = setsockopt(&conn, sockopt::ReceiveTimeout, &limit);
+        let _ = setsockopt(&conn, sockopt::SendTimeout, &limit);
+        let result = match aibox_sandbox::ipc::recv::<GateJoin>(&conn) {
+            Ok(Some((_, mut fds))) if fds.len() == 1 => match fds.pop() {
+                Some(fd) if is_seccomp_listener(&fd) => self.add_listener(fd),
+                _ => Err("the descriptor is not a seccomp listener".into()),
+            },
+            Ok(Some(_)) => Err("exactly one descriptor must come with the request".into()),
+            Ok(None) => return,
+            Err(e) => Err(format!("bad request: {e}")),
+        };
+        let reply = GateJoined {
+            error: result.err(),
+        };
+        let _ = aibox_sandbox::ipc::send(&conn, &reply, &[]);
+    }
+
     fn hook_conn(&self, conn: std::os::unix::net::UnixStream) {
         use std::io::BufRead;
         let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(5)));
@@ -1085,6 +1223,11 @@ enum Unresolved {
     Errno(i32),
     /// The gate refuses to guess (recorded as a denial).
     Refused(String),
+}
+
+/// True if `fd` is a seccomp user-notification listener.
+fn is_seccomp_listener(fd: &OwnedFd) -> bool {
+    std::fs::read_link(fd_path(fd)).is_ok_and(|l| l.as_os_str() == "anon_inode:seccomp notify")
 }
 
 fn errno_of(e: &std::io::Error) -> Unresolved {

@@ -100,7 +100,7 @@ impl Shared {
 
 /// Writes a line to the supervisor log (our stderr). Never panics: the log
 /// may sit on a full filesystem, which is exactly when it must not.
-fn log(message: &str) {
+pub(crate) fn log(message: &str) {
     let _ = writeln!(std::io::stderr(), "aibox supervisor: {message}");
 }
 
@@ -346,13 +346,7 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
     };
     // Asked for and not delivered is a failed start: never run ungated.
     let gate = match launched.gate {
-        Some(listener) => start_gate(
-            &spec,
-            listener,
-            hooks,
-            launched.init_pid,
-            egress_emit(&sink),
-        ),
+        Some(listener) => start_gate(&spec, Some(listener), hooks, egress_emit(&sink)).map(drop),
         None if spec.sandbox.exec_gate => {
             Err("the sandbox did not hand over its exec gate".to_string())
         }
@@ -389,11 +383,10 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
 /// log, and a snapshot of the policy for `aibox policy explain`.
 fn start_gate(
     spec: &SupervisorSpec,
-    listener: OwnedFd,
+    listener: Option<OwnedFd>,
     hooks: Option<std::os::unix::net::UnixListener>,
-    init_pid: i32,
     emit: crate::egress::Emit,
-) -> Result<(), String> {
+) -> Result<Arc<crate::gate::Gate>, String> {
     let merged = spec.policy.clone().unwrap_or_default();
     let decider =
         aibox_policy::Decider::new(&merged).map_err(|e| format!("the exec gate's policy: {e}"))?;
@@ -406,9 +399,10 @@ fn start_gate(
     let log_path = crate::paths::decision_log_for(&spec.audit_log);
     let log = crate::gate::DecisionLog::open(&log_path, emit)
         .map_err(|e| format!("opening {}: {e}", log_path.display()))?;
-    let gate = Arc::new(crate::gate::Gate::new(
-        listener, init_pid, spec, decider, log,
-    ));
+    let gate = Arc::new(
+        crate::gate::Gate::new(listener, spec, decider, log)
+            .map_err(|e| format!("starting the exec gate: {e}"))?,
+    );
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
@@ -419,7 +413,34 @@ fn start_gate(
         gate.serve_hooks(h)
             .map_err(|e| format!("starting the hook service: {e}"))?;
     }
-    Ok(())
+    Ok(gate)
+}
+
+/// Listens on the exec gate's registration socket (seqpacket), where the
+/// sessions of a container hand over their listeners. Anyone in the
+/// container may connect (see `Gate::serve_joins`); the run directory
+/// keeps everyone else out.
+fn join_listener(spec: &SupervisorSpec) -> Result<OwnedFd, String> {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket,
+    };
+    use std::os::unix::fs::PermissionsExt;
+    let path = container::join_socket(spec);
+    let _ = std::fs::remove_file(&path);
+    let fail = |e: &dyn std::fmt::Display| format!("listening on {}: {e}", path.display());
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| fail(&e))?;
+    let addr = UnixAddr::new(&path).map_err(|e| fail(&e))?;
+    bind(std::os::fd::AsRawFd::as_raw_fd(&sock), &addr).map_err(|e| fail(&e))?;
+    listen(&sock, Backlog::new(16).map_err(|e| fail(&e))?).map_err(|e| fail(&e))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))
+        .map_err(|e| format!("opening {} to the sandbox: {e}", path.display()))?;
+    Ok(sock)
 }
 
 /// Listens on `<run_dir>/gate.sock` for the agents' hooks. Anyone in the
@@ -506,6 +527,34 @@ fn setup_container(
         },
         None => None,
     };
+    // The exec gate (runc: sessions hand their listeners to it) and the
+    // agents' hook service serve before the container exists: their
+    // sockets are among its mounts.
+    let mut spec = spec;
+    if spec.sandbox.exec_gate && c.gvisor.is_some() {
+        // (The CLI never asks for it: gVisor delivers no seccomp
+        // notifications.)
+        spec.sandbox.exec_gate = false;
+    }
+    if spec.sandbox.exec_gate {
+        let gate = (|| {
+            let hooks = hook_listener(&spec)?;
+            let joins = join_listener(&spec)?;
+            container::write_etc_files(&spec)?;
+            let gate = start_gate(&spec, None, Some(hooks.0), egress_emit(&sink))?;
+            gate.serve_joins(joins)
+                .map_err(|e| format!("starting the exec gate: {e}"))?;
+            Ok::<_, String>(hooks.1)
+        })();
+        match gate {
+            Ok(path) => spec.sandbox.gate_socket = Some(path),
+            Err(e) => {
+                let _ = a_fail(&mut audit, &e);
+                remove_run_dir(&spec);
+                return Err(e);
+            }
+        }
+    }
     let prepared = match container::prepare(&spec, &c) {
         Ok(p) => p,
         Err(e) => {
@@ -1261,12 +1310,12 @@ fn link_spawn(
                 );
                 return Ok(());
             }
-            let gvisor = gvisor.is_some();
+            let flags = container::session_flags(&shared.spec, gvisor.is_some());
             let run_dir = &shared.spec.run_dir;
             match container::exec(
                 *engine,
                 &record.container_name,
-                gvisor,
+                &flags,
                 run_dir,
                 id,
                 &spawn,

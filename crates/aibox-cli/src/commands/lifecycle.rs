@@ -104,6 +104,9 @@ fn prepare(
         }),
         _ => None,
     };
+    // gVisor delivers no seccomp notifications: no gate there (a policy
+    // with command rules refused such a start above).
+    let exec_gate = c.sandbox.exec_gate && (runtime == Runtime::Native || !c.gvisor.enabled);
     let spec = SupervisorSpec {
         sandbox: SandboxSpec {
             name: name.clone(),
@@ -125,10 +128,10 @@ fn prepare(
             // (Set by the supervisor, which creates the gateway's CA.)
             extra_ca_pem: None,
             read_only_in_workspace,
-            exec_gate: matches!(runtime, Runtime::Native) && c.sandbox.exec_gate,
+            exec_gate,
             exec_blocked: aibox_policy::blocked_programs(&policy.policy),
-            // The agents' hooks ask the exec gate's decider (native only).
-            etc_extra: if matches!(runtime, Runtime::Native) {
+            // The agents' hooks ask the exec gate's decider.
+            etc_extra: if exec_gate {
                 vec![super::hook::claude_code_settings()]
             } else {
                 Vec::new()

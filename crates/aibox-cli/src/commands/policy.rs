@@ -513,8 +513,9 @@ pub(crate) fn at_start(
             merged: o.merged,
         });
     }
-    // Tool rules are enforced by the exec gate alone, which only native
-    // sandboxes have so far: never start a sandbox that would ignore them.
+    // Tool rules are enforced by the exec gate alone, which gVisor cannot
+    // host (it delivers no seccomp notifications): never start a sandbox
+    // that would ignore them.
     let tools = p.tools.as_ref();
     let has_tool_rules = tools
         .and_then(|t| t.rules.as_ref())
@@ -523,9 +524,9 @@ pub(crate) fn at_start(
             .and_then(|t| t.default)
             .is_some_and(|d| d != aibox_policy::Risk::Safe)
         || !o.merged.rego.is_empty();
-    if has_tool_rules && runtime != aibox_config::Runtime::Native {
+    if has_tool_rules && runtime != aibox_config::Runtime::Native && c.gvisor.enabled {
         problems.push(format!(
-            "tools: the policy ({}) has command rules, which only the exec gate of native sandboxes enforces so far; use --runtime native",
+            "tools: the policy ({}) has command rules, which the exec gate enforces, and gVisor cannot host the gate (it delivers no seccomp notifications); set gvisor.enabled: false or use --runtime native",
             tier_list(&o.merged)
         ));
     }

@@ -481,6 +481,22 @@ macro_rules! container_backends {
 }
 pub(crate) use container_backends;
 
+/// Defines one test per backend that hosts the exec gate (every one but
+/// gVisor, which delivers no seccomp notifications).
+macro_rules! gated_backends {
+    ($name:ident, $f:expr) => {
+        mod $name {
+            use super::*;
+            backend_test!(native_root, Backend::Native, Mode::Root, $f);
+            backend_test!(native_rootless, Backend::Native, Mode::Rootless, $f);
+            backend_test!(podman_root, Backend::Podman, Mode::Root, $f);
+            backend_test!(podman_rootless, Backend::Podman, Mode::Rootless, $f);
+            backend_test!(docker_root, Backend::Docker, Mode::Root, $f);
+        }
+    };
+}
+pub(crate) use gated_backends;
+
 /// Defines one test per backend and mode: native as root and rootless,
 /// podman+runc as root and rootless, podman+runsc and docker+runc as root.
 macro_rules! all_backends {

@@ -77,7 +77,7 @@ rm -rf /workspace/ ; echo "rm_root $?"
 ls -d /workspace && echo "workspace kept"
 "#;
 
-both_modes!(
+gated_backends!(
     a_blocked_program_is_denied_however_it_is_spelled,
     |c: Ctx| {
         with_policy(&c);
@@ -239,7 +239,7 @@ both_modes!(
     }
 );
 
-both_modes!(the_gate_cannot_be_replaced_from_inside, |c: Ctx| {
+gated_backends!(the_gate_cannot_be_replaced_from_inside, |c: Ctx| {
     with_policy(&c);
     c.install_attack();
     // A second listener to answer our own execs is refused; so is a
@@ -257,7 +257,7 @@ both_modes!(the_gate_cannot_be_replaced_from_inside, |c: Ctx| {
     assert!(!out.contains("RAN") && !out.contains("via 0"), "{out}");
 });
 
-both_modes!(landlock_blocks_by_path_without_the_gate, |mut c: Ctx| {
+gated_backends!(landlock_blocks_by_path_without_the_gate, |mut c: Ctx| {
     with_policy(&c);
     // Test builds only: the gate logs its denials but lets them run, so
     // what stops curl here is Landlock alone. A copy of curl (a path
@@ -278,7 +278,7 @@ both_modes!(landlock_blocks_by_path_without_the_gate, |mut c: Ctx| {
     );
 });
 
-both_modes!(a_tiers_rego_adds_denials_and_stays_read_only, |c: Ctx| {
+gated_backends!(a_tiers_rego_adds_denials_and_stays_read_only, |c: Ctx| {
     let dir = c.ws.join("aibox");
     std::fs::create_dir(&dir).unwrap();
     std::fs::write(dir.join("policy.yaml"), "version: 1\nrego: [extra.rego]\n").unwrap();
