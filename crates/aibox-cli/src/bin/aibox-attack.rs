@@ -249,6 +249,45 @@ fn attempt(name: &str) -> String {
             // A copy of curl (placed at /workspace/fetch by the test)
             // loaded into an anonymous memory file and run from its
             // descriptor (execveat AT_EMPTY_PATH): no path at all.
+            // A forged registration on the exec gate's socket (containers):
+            // a pipe offered as a session's seccomp listener. Prints the
+            // supervisor's answer: `refused` or `accepted`.
+            "gate_join_pipe" => {
+                use std::os::fd::{AsRawFd, FromRawFd};
+                let mut fds = [0i32; 2];
+                if libc::pipe(fds.as_mut_ptr()) < 0 {
+                    return errno_name();
+                }
+                let raw = libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0);
+                if raw < 0 {
+                    return errno_name();
+                }
+                let sock = std::os::fd::OwnedFd::from_raw_fd(raw);
+                let mut addr: libc::sockaddr_un = std::mem::zeroed();
+                addr.sun_family = libc::AF_UNIX as u16;
+                for (d, s) in addr.sun_path.iter_mut().zip(b"/aibox/exec-gate.sock") {
+                    *d = *s as libc::c_char;
+                }
+                if libc::connect(
+                    sock.as_raw_fd(),
+                    (&addr as *const libc::sockaddr_un).cast(),
+                    std::mem::size_of::<libc::sockaddr_un>() as u32,
+                ) < 0
+                {
+                    return errno_name();
+                }
+                let join = aibox_sandbox::container::GateJoin {
+                    session: "1".into(),
+                };
+                if aibox_sandbox::ipc::send(&sock, &join, &[fds[0]]).is_err() {
+                    return errno_name();
+                }
+                match aibox_sandbox::ipc::recv::<aibox_sandbox::container::GateJoined>(&sock) {
+                    Ok(Some((r, _))) if r.error.is_some() => "refused".into(),
+                    Ok(Some(_)) => "accepted".into(),
+                    _ => "no-answer".into(),
+                }
+            }
             "fexecve_memfd_curl" => {
                 let Ok(bytes) = std::fs::read("/workspace/fetch") else {
                     return "no-curl".into();

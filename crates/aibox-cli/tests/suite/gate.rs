@@ -312,3 +312,124 @@ gated_backends!(a_tiers_rego_adds_denials_and_stays_read_only, |c: Ctx| {
             .contains("no-sort")
     );
 });
+
+/// The sessions of a running sandbox (`start`, then `exec`), each under
+/// the gate; the agents' managed settings in place and read-only; the
+/// hook client answering with the policy's decision; and, in containers,
+/// a forged registration on the gate's socket refused.
+gated_backends!(every_session_of_a_running_sandbox_is_gated, |c: Ctx| {
+    with_policy(&c);
+    c.install_attack();
+    let ws = c.ws.display().to_string();
+    ok(&c.out(&["start", "-w", &ws, "--name", "held"]));
+    for _ in 0..2 {
+        let o = c.out(&[
+            "exec",
+            "--name",
+            "held",
+            "--",
+            "sh",
+            "-c",
+            "curl --version > /dev/null; echo rc $?",
+        ]);
+        let (out, err) = (stdout(&o), stderr(&o));
+        assert!(out.contains("rc 126"), "{out}\n{err}");
+        assert!(
+            err.contains("`/usr/bin/curl` blocked by policy rule tools.rules[0]"),
+            "{out}\n{err}"
+        );
+    }
+    // A session whose own program is blocked never starts.
+    let o = c.out(&["exec", "--name", "held", "--", "curl", "--version"]);
+    assert_ne!(o.status.code(), Some(0), "{}", stdout(&o));
+    assert!(!stdout(&o).contains("libcurl"), "{}", stdout(&o));
+
+    let o = c.out(&[
+        "exec",
+        "--name",
+        "held",
+        "--",
+        "sh",
+        "-c",
+        "cat /etc/claude-code/managed-settings.json; echo x >> /etc/claude-code/managed-settings.json; echo write $?",
+    ]);
+    let out = stdout(&o);
+    assert!(out.contains("__hook claude-code"), "{out}\n{}", stderr(&o));
+    assert!(!out.contains("write 0"), "{out}");
+
+    let hook = |command: &str| {
+        let input = serde_json::json!({
+            "tool_name": "Bash",
+            "tool_input": {"command": command},
+            "cwd": "/workspace",
+        })
+        .to_string();
+        let o = c.out(&[
+            "exec",
+            "--name",
+            "held",
+            "--",
+            "sh",
+            "-c",
+            &format!("echo '{input}' | /aibox/aibox __hook claude-code"),
+        ]);
+        ok(&o)
+    };
+    let denied = hook("ls && curl https://example.com");
+    assert!(
+        denied.contains("\"permissionDecision\":\"deny\"") && denied.contains("tools.rules[0]"),
+        "{denied}"
+    );
+    let allowed = hook("ls /workspace");
+    assert!(!allowed.contains("deny"), "{allowed}");
+
+    if c.backend != Backend::Native {
+        let o = c.out(&[
+            "exec",
+            "--name",
+            "held",
+            "--",
+            "/workspace/aibox-attack",
+            "gate_join_pipe",
+        ]);
+        assert!(
+            stdout(&o).contains("gate_join_pipe refused"),
+            "{}\n{}",
+            stdout(&o),
+            stderr(&o)
+        );
+    }
+    // The decision log holds the sessions' denials and the hook's.
+    let log = decisions(&c, "held");
+    assert!(
+        log.iter()
+            .filter(|e| e["decision"] == "deny" && e["action"] == "exec")
+            .count()
+            >= 3,
+        "{log:#?}"
+    );
+    assert!(
+        log.iter()
+            .any(|e| e["action"] == "hook:claude-code:Bash" && e["decision"] == "deny"),
+        "{log:#?}"
+    );
+    ok(&c.out(&["stop", "--name", "held"]));
+});
+
+/// gVisor delivers no seccomp notifications, so it cannot host the gate:
+/// a start whose policy has command rules is refused, never run ungated.
+mod gvisor_refuses_command_rules {
+    use super::*;
+    backend_test!(podman_runsc, Backend::Runsc, Mode::Root, |c: Ctx| {
+        with_policy(&c);
+        let ws = c.ws.display().to_string();
+        let o = c.out(&["run", "-w", &ws, "--", "true"]);
+        assert_ne!(o.status.code(), Some(0));
+        let err = stderr(&o);
+        assert!(
+            err.contains("gVisor cannot host the gate") && err.contains("gvisor.enabled: false"),
+            "{err}"
+        );
+        assert!(c.runtime_entries().is_empty(), "{:?}", c.runtime_entries());
+    });
+}
