@@ -20,6 +20,107 @@ pub mod seccomp;
 pub mod selftest;
 pub mod sys;
 
+/// Why `path` cannot be a masked path (`filesystem.deny`), if it cannot:
+/// it must be absolute and plain (no `.`, `..`, empty or trailing
+/// components), valid for podman's `mask=` list (no `:` or `,`), and
+/// outside what the sandbox needs or makes fresh at every start.
+pub fn mask_path_problem(path: &str) -> Option<String> {
+    let Some(rest) = path.strip_prefix('/') else {
+        return Some("must be an absolute path inside the sandbox".into());
+    };
+    if rest.is_empty() {
+        return Some("`/` cannot be denied".into());
+    }
+    if rest
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Some("must be a plain path (no `.`, `..`, `//` or trailing `/`)".into());
+    }
+    if path.contains([':', ',']) || path.chars().any(char::is_control) {
+        return Some("must not contain `:`, `,` or control characters".into());
+    }
+    for (top, why) in [
+        (
+            "/proc",
+            "is the kernel's view of processes, which programs need",
+        ),
+        ("/sys", "is the kernel's view of devices"),
+        ("/dev", "holds the device nodes the sandbox needs"),
+        ("/aibox", "holds aibox's own files in the sandbox"),
+        (
+            "/tmp",
+            "starts empty in every sandbox: there is nothing to deny",
+        ),
+        (
+            "/var/tmp",
+            "starts empty in every sandbox: there is nothing to deny",
+        ),
+        (
+            "/run",
+            "starts empty in every sandbox: there is nothing to deny",
+        ),
+    ] {
+        if path == top || path.starts_with(&format!("{top}/")) {
+            return Some(format!("{top} {why}; remove the entry"));
+        }
+    }
+    if path == "/workspace" || path == "/home/dev" || path == "/home" {
+        return Some("the sandbox's workspace and home cannot be denied as a whole".into());
+    }
+    None
+}
+
+/// Checks the masked paths that live in host directories (the workspace
+/// and the sandbox's home) before a container start: each must exist
+/// without a symbolic link on its way and, if a file, have one link.
+/// (Inside a native sandbox `rootfs` checks the same; runc skips a
+/// missing path silently, which would leave it creatable.)
+pub fn check_host_masks(
+    masked: &[String],
+    workspace: &std::path::Path,
+    home: &std::path::Path,
+) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    for p in masked {
+        let (base, rel) = if let Some(r) = p.strip_prefix("/workspace/") {
+            (workspace, r)
+        } else if let Some(r) = p.strip_prefix("/home/dev/") {
+            (home, r)
+        } else {
+            continue;
+        };
+        let mut at = base.to_path_buf();
+        for c in rel.split('/') {
+            at.push(c);
+            match std::fs::symlink_metadata(&at) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(format!(
+                        "filesystem.deny: {p}: a symbolic link is on its path (it could point elsewhere later); name the link's target instead"
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(format!(
+                        "filesystem.deny: {p}: does not exist, so it cannot be masked and the sandbox could create it; create it (an empty file or directory will do) or remove the entry"
+                    ));
+                }
+                Err(e) => return Err(format!("filesystem.deny: {p}: {e}")),
+            }
+        }
+        if let Ok(m) = std::fs::metadata(&at)
+            && m.is_file()
+            && m.nlink() > 1
+        {
+            return Err(format!(
+                "filesystem.deny: {p}: has {} hard links, which would stay readable; remove the other links or deny them too",
+                m.nlink()
+            ));
+        }
+    }
+    Ok(())
+}
+
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -105,6 +206,11 @@ pub struct SandboxSpec {
     /// next start.
     #[serde(default)]
     pub read_only_in_workspace: Vec<PathBuf>,
+    /// Absolute paths inside the sandbox that no process may read or
+    /// write (the policy's `filesystem.deny`): masked by an empty,
+    /// read-only, mode-000 file or directory mounted over them.
+    #[serde(default)]
+    pub masked: Vec<String>,
     /// Hold every exec for a decision: init installs a seccomp
     /// user-notification filter and hands its listener to the caller
     /// ([`Launched::gate`]).

@@ -50,6 +50,97 @@ fn mkdir(p: &Path) -> Result<(), SandboxError> {
     fs::create_dir_all(p).map_err(ioerr(format!("creating {}", p.display())))
 }
 
+/// Where a path the sandbox may create files lives: a denied path that
+/// does not exist there cannot be masked, and would not stay denied.
+pub const WRITABLE_PLACES: &[&str] = &["/workspace", "/home/dev", "/tmp", "/var/tmp", "/dev/shm"];
+
+/// Masks each of `paths` (absolute, inside the new root, which is `/`
+/// now): a directory gets an empty read-only tmpfs of mode 000, anything
+/// else an empty mode-000 file bound read-only over it. The mount goes
+/// on the object opened without following symbolic links (through its
+/// /proc/self/fd name), so nothing can redirect it. Refused: a symbolic
+/// link on the way (the link could later point elsewhere; name its
+/// target), a file with other hard links (they would stay readable), and
+/// a missing path where the sandbox could create it.
+fn mask(paths: &[String]) -> Result<(), SandboxError> {
+    if paths.is_empty() || crate::debug_skip("mask") {
+        return Ok(());
+    }
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let root = fs::File::open("/").map_err(ioerr("opening the new root".into()))?;
+    let blank = Path::new("/run/aibox/masked");
+    if let Some(d) = blank.parent() {
+        mkdir(d)?;
+    }
+    touch(blank)?;
+    fs::set_permissions(blank, fs::Permissions::from_mode(0))
+        .map_err(ioerr("making the mask file unreadable".into()))?;
+    for p in paths {
+        let refuse = |why: String| SandboxError::Setup(format!("filesystem.deny: {p}: {why}"));
+        let fd = match crate::notify::open_no_symlinks(
+            std::os::fd::AsFd::as_fd(&root),
+            p.as_bytes(),
+        ) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                if WRITABLE_PLACES
+                    .iter()
+                    .any(|w| p == w || p.starts_with(&format!("{w}/")))
+                {
+                    return Err(refuse(
+                        "does not exist, so it cannot be masked and the sandbox could create it; create it (an empty file or directory will do) or remove the entry".into(),
+                    ));
+                }
+                // Not there, and nothing in the sandbox can create it.
+                continue;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(refuse(
+                    "a symbolic link is on its path (it could point elsewhere later); name the link's target instead".into(),
+                ));
+            }
+            Err(e) => return Err(refuse(e.to_string())),
+        };
+        let target = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        let meta = fs::metadata(&target).map_err(ioerr(format!("filesystem.deny: {p}")))?;
+        if meta.is_dir() {
+            mount(
+                Some("tmpfs"),
+                &target,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some("mode=000,size=4k,nr_inodes=1"),
+            )
+            .map_err(err(format!("masking {p}")))?;
+        } else {
+            if meta.is_file() && meta.nlink() > 1 {
+                return Err(refuse(format!(
+                    "has {} hard links, which would stay readable; remove the other links or deny them too",
+                    meta.nlink()
+                )));
+            }
+            bind(blank, &target, false)?;
+            // A bind mount takes read-only only on a remount, which must
+            // name the new mount (the descriptor still names the file
+            // under it). No sandbox process exists yet to swap the path.
+            mount(
+                None::<&str>,
+                Path::new(p),
+                None::<&str>,
+                MsFlags::MS_REMOUNT
+                    | MsFlags::MS_BIND
+                    | MsFlags::MS_RDONLY
+                    | MsFlags::MS_NOSUID
+                    | MsFlags::MS_NODEV
+                    | MsFlags::MS_NOEXEC,
+                None::<&str>,
+            )
+            .map_err(err(format!("making the mask of {p} read-only")))?;
+        }
+    }
+    Ok(())
+}
+
 fn touch(p: &Path) -> Result<(), SandboxError> {
     fs::write(p, b"").map_err(ioerr(format!("creating {}", p.display())))
 }
@@ -407,6 +498,8 @@ pub(crate) fn build(spec: &SandboxSpec, idmap: Option<&OwnedFd>) -> Result<(), S
     nix::unistd::pivot_root(".", ".").map_err(err("pivot_root".into()))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(err("detaching the old root".into()))?;
     nix::unistd::chdir("/").map_err(err("entering /".into()))?;
+
+    mask(&spec.masked)?;
 
     // Read-only everything that is not meant to be written.
     if crate::debug_skip("readonly") {

@@ -24,6 +24,7 @@ fn spec(dir: &Path) -> aibox_sandbox::SandboxSpec {
         aibox_binary: None,
         extra_ca_pem: None,
         read_only_in_workspace: Vec::new(),
+        masked: Vec::new(),
         exec_gate: false,
         exec_blocked: Vec::new(),
         etc_extra: Vec::new(),

@@ -663,6 +663,12 @@ fn run_args(
         "-v",
         &vol(&c.aibox_binary, aibox_sandbox::container::BINARY, "ro"),
     ]);
+    if !sb.masked.is_empty() {
+        // runc masks as aibox does natively: /dev/null over a file, an
+        // empty read-only tmpfs over a directory (checked beforehand in
+        // `prepare`; the CLI refuses docker and gVisor).
+        push(&["--security-opt", &format!("mask={}", sb.masked.join(":"))]);
+    }
     if sb.exec_gate && c.gvisor.is_none() {
         push(&[
             "-v",
@@ -836,6 +842,14 @@ fn undo(p: &Prepared) {
 
 fn prepare_inner(spec: &SupervisorSpec, c: &ContainerSpec, p: &mut Prepared) -> Result<(), String> {
     let sb = &spec.sandbox;
+    if !sb.masked.is_empty() {
+        if p.engine != Engine::Podman || p.gvisor {
+            return Err(
+                "filesystem.deny is enforced on podman with runc only (and natively)".into(),
+            );
+        }
+        aibox_sandbox::check_host_masks(&sb.masked, &sb.workspace, &sb.home)?;
+    }
     let invoker = (aibox_core::euid(), nix::unistd::getegid().as_raw());
     let mounts = (|| -> Result<(PathBuf, PathBuf), String> {
         // Mount points of the caches inside the home must exist beforehand:

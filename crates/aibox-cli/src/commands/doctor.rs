@@ -496,6 +496,7 @@ fn probe_sandbox(l: &aibox_config::Loaded) -> Result<String, String> {
         aibox_binary: None,
         extra_ca_pem: None,
         read_only_in_workspace: Vec::new(),
+        masked: Vec::new(),
         exec_gate: false,
         exec_blocked: Vec::new(),
         etc_extra: Vec::new(),

@@ -128,6 +128,12 @@ fn prepare(
             // (Set by the supervisor, which creates the gateway's CA.)
             extra_ca_pem: None,
             read_only_in_workspace,
+            masked: policy
+                .policy
+                .filesystem
+                .as_ref()
+                .and_then(|f| f.deny.clone())
+                .unwrap_or_default(),
             exec_gate,
             exec_blocked: aibox_policy::blocked_programs(&policy.policy),
             // The agents' hooks ask the exec gate's decider.

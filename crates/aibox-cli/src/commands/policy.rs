@@ -612,14 +612,21 @@ pub(crate) fn at_start(
             .flatten(),
         );
     }
-    if p.filesystem
+    let deny = p
+        .filesystem
         .as_ref()
-        .and_then(|f| f.deny.as_ref())
-        .is_some_and(|d| !d.is_empty())
-    {
-        problems.push(
-            "filesystem.deny: this aibox cannot enforce path denials yet, and a policy it cannot enforce is not run; remove the list or wait for the release that enforces it".into(),
-        );
+        .and_then(|f| f.deny.clone())
+        .unwrap_or_default();
+    for (i, path) in deny.iter().enumerate() {
+        if let Some(why) = aibox_sandbox::mask_path_problem(path) {
+            problems.push(format!("filesystem.deny[{i}] `{path}`: {why}"));
+        }
+    }
+    if !deny.is_empty() && (runtime == aibox_config::Runtime::Docker || c.gvisor.enabled) {
+        problems.push(format!(
+            "filesystem.deny: the policy ({}) denies paths, which aibox masks on the native backend and on podman with runc; docker's command line cannot mask paths and this gVisor does not mask them reliably; use --runtime native, or podman with gvisor.enabled: false",
+            tier_list(&o.merged)
+        ));
     }
     let mut rules = Vec::new();
     if let Some(allow) = p.network.as_ref().and_then(|n| n.allow.as_ref()) {

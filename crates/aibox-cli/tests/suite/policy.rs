@@ -125,7 +125,7 @@ both_modes!(policy_commands_validate_show_and_check, |c: Ctx| {
 both_modes!(a_start_the_policy_refuses_never_begins, |c: Ctx| {
     org(
         &c,
-        "version: 1\nnetwork:\n  allow: [{id: a, hosts: [allowed.test], ports: [443]}]\nresources: {cpus: 1}\nruntime: {engines: [podman]}\nfilesystem: {deny: [/workspace/.env]}\n",
+        "version: 1\nnetwork:\n  allow: [{id: a, hosts: [allowed.test], ports: [443]}]\nresources: {cpus: 1}\nruntime: {engines: [podman]}\nfilesystem: {deny: [/tmp/scratch]}\n",
     );
     let base = std::fs::read_to_string(&c.config).unwrap();
     std::fs::write(
@@ -144,7 +144,7 @@ both_modes!(a_start_the_policy_refuses_never_begins, |c: Ctx| {
         "`other.test` (port 443) is outside the policy's network.allow",
         // allowed.test without a port also means plain HTTP on 80.
         "`allowed.test` (port 80) is outside",
-        "filesystem.deny",
+        "filesystem.deny[0] `/tmp/scratch`: /tmp starts empty in every sandbox",
     ] {
         assert!(err.contains(want), "{want}: {err}");
     }
@@ -303,3 +303,146 @@ both_modes!(policy_holes_found_in_review_stay_closed, |c: Ctx| {
     assert_ne!(o.status.code(), Some(0));
     assert!(stderr(&o).contains("no other hard links"), "{}", stderr(&o));
 });
+
+/// `filesystem.deny`: each denied path reads as nothing and cannot be
+/// written, replaced or linked, in the workspace and in the system's
+/// files, on the native backend and podman+runc; the host's files are
+/// untouched. A denied path that is missing where the sandbox could
+/// create it, or that has a symbolic link on its way, refuses the start.
+fn denied_paths_are_masked(c: Ctx) {
+    let secret = c.ws.join("secret.txt");
+    let keys = c.ws.join("keys");
+    std::fs::write(&secret, "TOPSECRET\n").unwrap();
+    std::fs::create_dir(&keys).unwrap();
+    std::fs::write(keys.join("id"), "KEYDATA\n").unwrap();
+    if let Some((uid, gid)) = c.as_user {
+        for p in [&secret, &keys, &keys.join("id")] {
+            nix::unistd::chown(p, Some(uid.into()), Some(gid.into())).unwrap();
+        }
+    }
+    let policy = c.dir.path().join("org-policy.yaml");
+    let write_policy = |extra: &str| {
+        std::fs::write(
+            &policy,
+            format!("version: 1\nfilesystem:\n  deny: [/workspace/secret.txt, /workspace/keys, /etc/debian_version, /usr/share/common-licenses{extra}]\n"),
+        )
+        .unwrap();
+    };
+    write_policy("");
+    c.add_config(&format!(
+        "policy:\n  org_baseline_path: {}\n",
+        policy.display()
+    ));
+    let o = c.sh("cd /workspace
+cat secret.txt; echo read $?
+echo x > secret.txt; echo write $?
+ls keys; echo ls $?
+cat keys/id; echo keyread $?
+touch keys/new; echo create $?
+rm -f secret.txt; echo rm $?
+mv keys k2; echo mv $?
+ln secret.txt hl; echo ln $?
+cat /etc/debian_version; echo sys $?
+ls /usr/share/common-licenses | wc -l");
+    let (out, err) = (stdout(&o), stderr(&o));
+    for leaked in ["TOPSECRET", "KEYDATA", "12."] {
+        assert!(!out.contains(leaked), "{leaked} leaked:\n{out}\n{err}");
+    }
+    for refused in ["create 0", "rm 0", "mv 0", "ln 0"] {
+        assert!(
+            !out.lines().any(|l| l == refused),
+            "{refused}:\n{out}\n{err}"
+        );
+    }
+    assert!(out.lines().any(|l| l.trim() == "0"), "{out}\n{err}");
+    // The host's files are as they were.
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "TOPSECRET\n");
+    assert_eq!(
+        std::fs::read_to_string(keys.join("id")).unwrap(),
+        "KEYDATA\n"
+    );
+    assert!(!keys.join("new").exists() && !c.ws.join("k2").exists());
+
+    // Missing where it could be created: refused, nothing started.
+    write_policy(", /workspace/not-there");
+    let o = c.sh("true");
+    assert_ne!(o.status.code(), Some(0));
+    assert!(
+        stderr(&o).contains("/workspace/not-there: does not exist"),
+        "{}",
+        stderr(&o)
+    );
+    // A symbolic link on the way: refused.
+    std::os::unix::fs::symlink("keys", c.ws.join("via")).unwrap();
+    write_policy(", /workspace/via/id");
+    let o = c.sh("true");
+    assert_ne!(o.status.code(), Some(0));
+    assert!(
+        stderr(&o).contains("a symbolic link is on its path"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(c.runtime_entries().is_empty(), "{:?}", c.runtime_entries());
+}
+
+mod denied_paths {
+    use super::*;
+    backend_test!(
+        native_root,
+        Backend::Native,
+        Mode::Root,
+        denied_paths_are_masked
+    );
+    backend_test!(
+        native_rootless,
+        Backend::Native,
+        Mode::Rootless,
+        denied_paths_are_masked
+    );
+    backend_test!(
+        podman_root,
+        Backend::Podman,
+        Mode::Root,
+        denied_paths_are_masked
+    );
+    backend_test!(
+        podman_rootless,
+        Backend::Podman,
+        Mode::Rootless,
+        denied_paths_are_masked
+    );
+}
+
+/// docker and gVisor cannot mask paths: a policy that denies some refuses
+/// the start there.
+fn denied_paths_refuse_unmasking_backends(c: Ctx) {
+    let policy = c.dir.path().join("org-policy.yaml");
+    std::fs::write(
+        &policy,
+        "version: 1\nfilesystem:\n  deny: [/etc/debian_version]\n",
+    )
+    .unwrap();
+    c.add_config(&format!(
+        "policy:\n  org_baseline_path: {}\n",
+        policy.display()
+    ));
+    let o = c.sh("true");
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("cannot mask paths"), "{}", stderr(&o));
+}
+
+mod denied_paths_elsewhere {
+    use super::*;
+    backend_test!(
+        docker_root,
+        Backend::Docker,
+        Mode::Root,
+        denied_paths_refuse_unmasking_backends
+    );
+    backend_test!(
+        podman_runsc,
+        Backend::Runsc,
+        Mode::Root,
+        denied_paths_refuse_unmasking_backends
+    );
+}
