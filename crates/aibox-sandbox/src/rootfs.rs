@@ -73,7 +73,7 @@ fn mask(paths: &[String]) -> Result<(), SandboxError> {
         mkdir(d)?;
     }
     touch(blank)?;
-    fs::set_permissions(blank, fs::Permissions::from_mode(0))
+    fs::set_permissions(blank, fs::Permissions::from_mode(0o000))
         .map_err(ioerr("making the mask file unreadable".into()))?;
     for p in paths {
         let refuse = |why: String| SandboxError::Setup(format!("filesystem.deny: {p}: {why}"));

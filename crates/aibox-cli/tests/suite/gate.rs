@@ -313,10 +313,10 @@ gated_backends!(a_tiers_rego_adds_denials_and_stays_read_only, |c: Ctx| {
     );
 });
 
-/// The sessions of a running sandbox (`start`, then `exec`), each under
-/// the gate; the agents' managed settings in place and read-only; the
-/// hook client answering with the policy's decision; and, in containers,
-/// a forged registration on the gate's socket refused.
+// The sessions of a running sandbox (`start`, then `exec`), each under
+// the gate; the agents' managed settings in place and read-only; the
+// hook client answering with the policy's decision; and, in containers,
+// a forged registration on the gate's socket refused.
 gated_backends!(every_session_of_a_running_sandbox_is_gated, |c: Ctx| {
     with_policy(&c);
     c.install_attack();
