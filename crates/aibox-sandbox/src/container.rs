@@ -126,9 +126,21 @@ fn fail(msg: &str, code: i32) -> i32 {
 }
 
 /// PID 1: self-test, then wait for children and the engine's stop signal.
+/// Makes this process non-dumpable: sessions run as the same uid, and
+/// where neither Landlock's scoping nor Yama stops them, a dumpable
+/// process of aibox's (ungated, outside Landlock) could be written to
+/// through /proc/PID/mem. The supervisor, root or the owner of the
+/// container's user namespace, can still read it.
+fn undumpable() -> Result<(), String> {
+    nix::sys::prctl::set_dumpable(false).map_err(|e| format!("PR_SET_DUMPABLE: {e}"))
+}
+
 fn init(rest: &[String]) -> i32 {
     if std::process::id() != 1 {
         return fail("the container init must run as PID 1", 2);
+    }
+    if let Err(e) = undumpable() {
+        return fail(&e, 1);
     }
     // `--first ID [--seccomp] -- ARGV…` is the session shim's command
     // line. The init's children inherit the engine's seccomp filter; under
@@ -451,6 +463,10 @@ fn session(rest: &[String]) -> i32 {
     let Some((id, opts, argv)) = session_args(rest) else {
         return fail(usage, 2);
     };
+    // Dumpable again only for its own execve (which resets it anyway).
+    if let Err(e) = undumpable() {
+        return fail(&e, 125);
+    }
     // Own process group, so a signal reaches the command's children too
     // (a terminal session already made us a session leader).
     let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
@@ -499,6 +515,10 @@ fn session(rest: &[String]) -> i32 {
             CString::new(kv).ok()
         })
         .collect();
+    // The gate reads the exec's arguments from our memory; a supervisor
+    // without CAP_SYS_PTRACE over this memory's namespace needs us
+    // dumpable (as the native spawn child is).
+    let _ = nix::sys::prctl::set_dumpable(true);
     let err = nix::unistd::execvpe(&cargs[0], &cargs, &env).unwrap_err();
     let code = if err == nix::errno::Errno::ENOENT {
         127
@@ -550,6 +570,9 @@ fn signal(rest: &[String]) -> i32 {
     let (Some(id), Some(sig)) = (rest.first(), rest.get(1)) else {
         return fail("usage: __container-signal ID SIGNAL", 2);
     };
+    if let Err(e) = undumpable() {
+        return fail(&e, 1);
+    }
     let Ok(sig) = sig.parse::<i32>() else {
         return fail("SIGNAL must be a number", 2);
     };

@@ -190,6 +190,8 @@ pub struct Gate {
     listeners: Mutex<Vec<Arc<OwnedFd>>>,
     /// A pipe whose write end tells the dispatcher the set changed.
     wake: (OwnedFd, OwnedFd),
+    /// The dispatcher stopped: no listener is taken any more.
+    dead: std::sync::atomic::AtomicBool,
     sandbox: String,
     user: String,
     workspace: String,
@@ -284,6 +286,7 @@ impl Gate {
         Ok(Gate {
             listeners: Mutex::new(listener.into_iter().map(Arc::new).collect()),
             wake,
+            dead: std::sync::atomic::AtomicBool::new(false),
             sandbox: spec.sandbox.name.clone(),
             user: spec.user.clone(),
             workspace: spec.sandbox.workspace.display().to_string(),
@@ -329,6 +332,9 @@ impl Gate {
 
     /// Adds a session's listener (see [`Gate::serve_joins`]).
     fn add_listener(&self, fd: OwnedFd) -> Result<(), String> {
+        if self.dead.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err("the exec gate has stopped; stop and start the sandbox".into());
+        }
         let mut set = self
             .listeners
             .lock()
@@ -348,11 +354,29 @@ impl Gate {
     /// listener once all its processes are gone (POLLHUP). The only
     /// thread that receives, so a readable listener has a request for it.
     fn dispatch(&self, tx: std::sync::mpsc::SyncSender<(Arc<OwnedFd>, Notification)>) {
+        let why = self.dispatch_loop(tx);
+        // Fail closed and at once: with every listener closed, held and
+        // future execs fail (ENOSYS) instead of waiting for ever, and no
+        // session can join.
+        self.dead.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Ok(mut s) = self.listeners.lock() {
+            s.clear();
+        }
+        crate::supervisor::log(&format!(
+            "the exec gate stopped ({why}); every exec in the sandbox now fails"
+        ));
+    }
+
+    fn dispatch_loop(
+        &self,
+        tx: std::sync::mpsc::SyncSender<(Arc<OwnedFd>, Notification)>,
+    ) -> String {
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let mut failures = 0u32;
         loop {
             let set: Vec<Arc<OwnedFd>> = match self.listeners.lock() {
                 Ok(s) => s.clone(),
-                Err(_) => return,
+                Err(_) => return "its listener list was poisoned".into(),
             };
             let mut fds = Vec::with_capacity(set.len() + 1);
             fds.push(PollFd::new(self.wake.0.as_fd(), PollFlags::POLLIN));
@@ -361,9 +385,15 @@ impl Gate {
                     .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN)),
             );
             match poll(&mut fds, PollTimeout::NONE) {
-                Ok(_) => {}
+                Ok(_) => failures = 0,
                 Err(nix::errno::Errno::EINTR) => continue,
-                Err(_) => return,
+                // (ENOMEM and the like may pass.)
+                Err(_) if failures < 50 => {
+                    failures += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    continue;
+                }
+                Err(e) => return format!("poll: {e}"),
             }
             let revents: Vec<PollFlags> = fds
                 .iter()
@@ -380,7 +410,7 @@ impl Gate {
                     match notify::receive(l.as_fd()) {
                         Ok(n) => {
                             if tx.send((l.clone(), n)).is_err() {
-                                return;
+                                return "its workers are gone".into();
                             }
                         }
                         // The caller died first.
@@ -949,20 +979,22 @@ impl Gate {
                 for conn in listener.incoming() {
                     let Ok(conn) = conn else { continue };
                     use std::sync::atomic::Ordering;
-                    if busy.fetch_add(1, Ordering::SeqCst) >= MAX_HOOK_CONNS {
-                        busy.fetch_sub(1, Ordering::SeqCst);
-                        continue;
-                    }
-                    let (g, busy) = (g.clone(), busy.clone());
+                    busy.fetch_add(1, Ordering::SeqCst);
+                    let (g2, busy2) = (g.clone(), busy.clone());
                     let spawned = std::thread::Builder::new()
                         .name("exec-gate-hook".into())
                         .spawn(move || {
-                            g.hook_conn(conn);
-                            busy.fetch_sub(1, Ordering::SeqCst);
+                            g2.hook_conn(conn);
+                            busy2.fetch_sub(1, Ordering::SeqCst);
                         });
                     if spawned.is_err() {
                         // (The closure, and its decrement, never ran.)
+                        busy.fetch_sub(1, Ordering::SeqCst);
                         std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                    // Further connections wait in the backlog.
+                    while busy.load(Ordering::SeqCst) >= MAX_HOOK_CONNS {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
                     }
                 }
             })?;
@@ -997,19 +1029,23 @@ impl Gate {
                         }
                     };
                     use std::sync::atomic::Ordering;
-                    if busy.fetch_add(1, Ordering::SeqCst) >= MAX_JOIN_CONNS {
-                        busy.fetch_sub(1, Ordering::SeqCst);
-                        continue;
-                    }
-                    let (g, busy) = (g.clone(), busy.clone());
+                    busy.fetch_add(1, Ordering::SeqCst);
+                    let (g2, busy2) = (g.clone(), busy.clone());
                     let spawned = std::thread::Builder::new()
                         .name("exec-gate-join".into())
                         .spawn(move || {
-                            g.join_conn(conn);
-                            busy.fetch_sub(1, Ordering::SeqCst);
+                            g2.join_conn(conn);
+                            busy2.fetch_sub(1, Ordering::SeqCst);
                         });
                     if spawned.is_err() {
+                        // (The closure, and its decrement, never ran.)
+                        busy.fetch_sub(1, Ordering::SeqCst);
                         std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                    // Further connections wait in the backlog until a
+                    // slot is free (a full backlog makes them fail).
+                    while busy.load(Ordering::SeqCst) >= MAX_JOIN_CONNS {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
                     }
                 }
             })?;

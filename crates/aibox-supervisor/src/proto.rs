@@ -268,6 +268,9 @@ pub struct Status {
     pub landlock: String,
     /// Seccomp summary.
     pub seccomp: String,
+    /// Whether every exec is decided by the policy, and if not why.
+    #[serde(default)]
+    pub exec_gate: String,
     /// Self-test results.
     pub selftest: Vec<Check>,
     /// Audit log path.

@@ -296,6 +296,7 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
             LandlockState::Unavailable => "unavailable (kernel has no Landlock)".into(),
         },
         seccomp: "enforced: allowlist (default ENOSYS) + denylist (EPERM) from resources/seccomp/policy.yaml".into(),
+        exec_gate: gate_summary(&spec, false),
         selftest: launched.report.checks.clone(),
         audit_log: spec.audit_log.clone(),
         container: None,
@@ -318,7 +319,7 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
         EventType::SandboxStart,
         json!({
             "init_pid": launched.init_pid, "duration_ms": start_ms,
-            "landlock": status.landlock, "selftest": "passed",
+            "landlock": status.landlock, "selftest": "passed", "exec_gate": status.exec_gate,
         }),
     )?;
 
@@ -532,9 +533,12 @@ fn setup_container(
     // sockets are among its mounts.
     let mut spec = spec;
     if spec.sandbox.exec_gate && c.gvisor.is_some() {
-        // (The CLI never asks for it: gVisor delivers no seccomp
-        // notifications.)
-        spec.sandbox.exec_gate = false;
+        // (The CLI never asks for it.) Never downgraded silently.
+        let e = "the exec gate cannot run under gVisor, which delivers no seccomp notifications"
+            .to_string();
+        let _ = a_fail(&mut audit, &e);
+        remove_run_dir(&spec);
+        return Err(e);
     }
     if spec.sandbox.exec_gate {
         let gate = (|| {
@@ -654,6 +658,7 @@ fn emit_container_start(
                 "container": c.map(|x| x.name.clone()), "container_id": st.id,
                 "oci_runtime": c.map(|x| x.oci_runtime.clone()),
                 "duration_ms": status.start_ms, "landlock": status.landlock, "selftest": "passed",
+                "exec_gate": status.exec_gate,
             })),
         )
         .map(drop)
@@ -662,6 +667,17 @@ fn emit_container_start(
 
 /// Status of a container sandbox; `started` is None for a one-shot
 /// sandbox whose container has not started yet.
+/// The status line of the exec gate.
+fn gate_summary(spec: &SupervisorSpec, gvisor: bool) -> String {
+    if spec.sandbox.exec_gate {
+        "on: every exec is decided by the policy and logged".into()
+    } else if gvisor {
+        "off: gVisor cannot host it, so the org baseline's command findings (rm -rf of the workspace, running from /tmp, reading credential stores) are not enforced".into()
+    } else {
+        "off (sandbox.exec_gate: false, allowed only without a policy)".into()
+    }
+}
+
 fn container_status(
     spec: &SupervisorSpec,
     c: &ContainerSpec,
@@ -713,6 +729,7 @@ fn container_status(
                 "the OCI runtime"
             }
         ),
+        exec_gate: gate_summary(spec, c.gvisor.is_some()),
         selftest: started.map(|s| s.report.checks.clone()).unwrap_or_default(),
         audit_log: spec.audit_log.clone(),
         container: Some(ContainerStatus {

@@ -691,6 +691,9 @@ fn print_status(s: &Status) {
     println!("sessions:   {}", s.sessions);
     println!("landlock:   {}", s.landlock);
     println!("seccomp:    {}", s.seccomp);
+    if !s.exec_gate.is_empty() {
+        println!("exec gate:  {}", s.exec_gate);
+    }
     println!("limits:");
     for l in &s.limits {
         println!(

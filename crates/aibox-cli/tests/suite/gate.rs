@@ -339,10 +339,29 @@ gated_backends!(every_session_of_a_running_sandbox_is_gated, |c: Ctx| {
             "{out}\n{err}"
         );
     }
-    // A session whose own program is blocked never starts.
-    let o = c.out(&["exec", "--name", "held", "--", "curl", "--version"]);
+    // A session whose own program is blocked never starts: a copy of
+    // curl (which Landlock does not know) as the session's program is
+    // the session's first exec, and the gate decides it.
+    copy_of_curl(&c);
+    let o = c.out(&[
+        "exec",
+        "--name",
+        "held",
+        "--",
+        "/workspace/fetch",
+        "--version",
+    ]);
     assert_ne!(o.status.code(), Some(0), "{}", stdout(&o));
     assert!(!stdout(&o).contains("libcurl"), "{}", stdout(&o));
+    assert!(
+        decisions(&c, "held")
+            .iter()
+            .any(|e| e["target"] == "/workspace/fetch" && e["decision"] == "deny"),
+        "{:#?}",
+        decisions(&c, "held")
+    );
+    let st = ok(&c.out(&["status", "--name", "held"]));
+    assert!(st.contains("exec gate:  on"), "{st}");
 
     let o = c.out(&[
         "exec",
@@ -431,5 +450,14 @@ mod gvisor_refuses_command_rules {
             "{err}"
         );
         assert!(c.runtime_entries().is_empty(), "{:?}", c.runtime_entries());
+        // Without command rules it starts, and says the gate is off.
+        std::fs::write(c.dir.path().join("org-policy.yaml"), "version: 1\n").unwrap();
+        ok(&c.out(&["start", "-w", &ws, "--name", "nogate"]));
+        let st = ok(&c.out(&["status", "--name", "nogate"]));
+        assert!(
+            st.contains("exec gate:  off: gVisor cannot host it"),
+            "{st}"
+        );
+        ok(&c.out(&["stop", "--name", "nogate"]));
     });
 }
