@@ -308,34 +308,32 @@ pub fn read_string_array(
 /// `dir` were `/` (magic links of /proc are refused). `O_PATH`,
 /// close-on-exec.
 pub fn open_in_root(dir: BorrowedFd<'_>, path: &[u8]) -> io::Result<OwnedFd> {
-    let c = CString::new(path).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: open_how is plain data (three u64); zero is valid.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
-    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
-    // SAFETY: `c` and `how` outlive the call; the kernel returns a new
-    // descriptor we own.
-    let fd = check(unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            dir.as_raw_fd(),
-            c.as_ptr(),
-            &how as *const libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
-    })?;
-    // SAFETY: new descriptor from the kernel.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    openat2(
+        dir,
+        path,
+        libc::O_PATH | libc::O_CLOEXEC,
+        libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+    )
 }
 
 /// Opens `path` below `dir` (`O_PATH`, close-on-exec) without following
 /// any symbolic link on the way or at the end, and without leaving `dir`.
 pub fn open_no_symlinks(dir: BorrowedFd<'_>, path: &[u8]) -> io::Result<OwnedFd> {
+    openat2(
+        dir,
+        path,
+        libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
+    )
+}
+
+/// `openat2(2)` with `flags` and `resolve`.
+fn openat2(dir: BorrowedFd<'_>, path: &[u8], flags: i32, resolve: u64) -> io::Result<OwnedFd> {
     let c = CString::new(path).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: open_how is plain data (three u64); zero is valid.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64;
-    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    how.flags = flags as u64;
+    how.resolve = resolve;
     // SAFETY: `c` and `how` outlive the call; the kernel returns a new
     // descriptor we own.
     let fd = check(unsafe {

@@ -978,24 +978,10 @@ impl Gate {
             .spawn(move || {
                 for conn in listener.incoming() {
                     let Ok(conn) = conn else { continue };
-                    use std::sync::atomic::Ordering;
-                    busy.fetch_add(1, Ordering::SeqCst);
-                    let (g2, busy2) = (g.clone(), busy.clone());
-                    let spawned = std::thread::Builder::new()
-                        .name("exec-gate-hook".into())
-                        .spawn(move || {
-                            g2.hook_conn(conn);
-                            busy2.fetch_sub(1, Ordering::SeqCst);
-                        });
-                    if spawned.is_err() {
-                        // (The closure, and its decrement, never ran.)
-                        busy.fetch_sub(1, Ordering::SeqCst);
-                        std::thread::sleep(std::time::Duration::from_millis(10));
-                    }
-                    // Further connections wait in the backlog.
-                    while busy.load(Ordering::SeqCst) >= MAX_HOOK_CONNS {
-                        std::thread::sleep(std::time::Duration::from_millis(5));
-                    }
+                    let g = g.clone();
+                    run_bounded(&busy, MAX_HOOK_CONNS, "exec-gate-hook", move || {
+                        g.hook_conn(conn)
+                    });
                 }
             })?;
         Ok(())
@@ -1028,25 +1014,10 @@ impl Gate {
                             return;
                         }
                     };
-                    use std::sync::atomic::Ordering;
-                    busy.fetch_add(1, Ordering::SeqCst);
-                    let (g2, busy2) = (g.clone(), busy.clone());
-                    let spawned = std::thread::Builder::new()
-                        .name("exec-gate-join".into())
-                        .spawn(move || {
-                            g2.join_conn(conn);
-                            busy2.fetch_sub(1, Ordering::SeqCst);
-                        });
-                    if spawned.is_err() {
-                        // (The closure, and its decrement, never ran.)
-                        busy.fetch_sub(1, Ordering::SeqCst);
-                        std::thread::sleep(std::time::Duration::from_millis(10));
-                    }
-                    // Further connections wait in the backlog until a
-                    // slot is free (a full backlog makes them fail).
-                    while busy.load(Ordering::SeqCst) >= MAX_JOIN_CONNS {
-                        std::thread::sleep(std::time::Duration::from_millis(5));
-                    }
+                    let g = g.clone();
+                    run_bounded(&busy, MAX_JOIN_CONNS, "exec-gate-join", move || {
+                        g.join_conn(conn)
+                    });
                 }
             })?;
         Ok(())
@@ -1259,6 +1230,34 @@ enum Unresolved {
     Errno(i32),
     /// The gate refuses to guess (recorded as a denial).
     Refused(String),
+}
+
+/// Runs `work` on a thread of its own, counted in `busy`, and returns once
+/// fewer than `max` such threads run, so that further connections wait
+/// in the listening socket's backlog (a full backlog makes them fail).
+fn run_bounded(
+    busy: &Arc<std::sync::atomic::AtomicUsize>,
+    max: usize,
+    name: &str,
+    work: impl FnOnce() + Send + 'static,
+) {
+    use std::sync::atomic::Ordering;
+    busy.fetch_add(1, Ordering::SeqCst);
+    let done = busy.clone();
+    let spawned = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            work();
+            done.fetch_sub(1, Ordering::SeqCst);
+        });
+    if spawned.is_err() {
+        // (The closure, and its decrement, never ran.)
+        busy.fetch_sub(1, Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    while busy.load(Ordering::SeqCst) >= max {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 /// True if `fd` is a seccomp user-notification listener.
