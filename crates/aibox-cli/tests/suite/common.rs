@@ -577,6 +577,20 @@ pub fn tls_server(names: &[&str]) -> (String, std::sync::Arc<rustls::ServerConfi
 }
 
 /// The audit events of sandbox `name`, parsed.
+/// The audit log of the context's only sandbox (whatever its name), not
+/// the exec gate's decision log beside it.
+pub fn only_audit_log(c: &Ctx) -> std::path::PathBuf {
+    std::fs::read_dir(c.data.join("audit"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            let n = p.to_string_lossy();
+            n.ends_with(".jsonl") && !n.ends_with(".decisions.jsonl")
+        })
+        .unwrap()
+}
+
 pub fn audit_events(c: &Ctx, name: &str) -> Vec<serde_json::Value> {
     std::fs::read_to_string(c.data.join(format!("audit/{name}.jsonl")))
         .unwrap_or_default()

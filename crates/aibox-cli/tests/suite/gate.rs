@@ -322,16 +322,14 @@ gated_backends!(every_session_of_a_running_sandbox_is_gated, |c: Ctx| {
     c.install_attack();
     let ws = c.ws.display().to_string();
     ok(&c.out(&["start", "-w", &ws, "--name", "held"]));
+    // A command in a new session of the running sandbox.
+    let exec = |argv: &[&str]| {
+        let mut args = vec!["exec", "--name", "held", "--"];
+        args.extend_from_slice(argv);
+        c.out(&args)
+    };
     for _ in 0..2 {
-        let o = c.out(&[
-            "exec",
-            "--name",
-            "held",
-            "--",
-            "sh",
-            "-c",
-            "curl --version > /dev/null; echo rc $?",
-        ]);
+        let o = exec(&["sh", "-c", "curl --version > /dev/null; echo rc $?"]);
         let (out, err) = (stdout(&o), stderr(&o));
         assert!(out.contains("rc 126"), "{out}\n{err}");
         assert!(
@@ -343,14 +341,7 @@ gated_backends!(every_session_of_a_running_sandbox_is_gated, |c: Ctx| {
     // curl (which Landlock does not know) as the session's program is
     // the session's first exec, and the gate decides it.
     copy_of_curl(&c);
-    let o = c.out(&[
-        "exec",
-        "--name",
-        "held",
-        "--",
-        "/workspace/fetch",
-        "--version",
-    ]);
+    let o = exec(&["/workspace/fetch", "--version"]);
     assert_ne!(o.status.code(), Some(0), "{}", stdout(&o));
     assert!(!stdout(&o).contains("libcurl"), "{}", stdout(&o));
     assert!(
@@ -363,11 +354,7 @@ gated_backends!(every_session_of_a_running_sandbox_is_gated, |c: Ctx| {
     let st = ok(&c.out(&["status", "--name", "held"]));
     assert!(st.contains("exec gate:  on"), "{st}");
 
-    let o = c.out(&[
-        "exec",
-        "--name",
-        "held",
-        "--",
+    let o = exec(&[
         "sh",
         "-c",
         "cat /etc/claude-code/managed-settings.json; echo x >> /etc/claude-code/managed-settings.json; echo write $?",
@@ -383,11 +370,7 @@ gated_backends!(every_session_of_a_running_sandbox_is_gated, |c: Ctx| {
             "cwd": "/workspace",
         })
         .to_string();
-        let o = c.out(&[
-            "exec",
-            "--name",
-            "held",
-            "--",
+        let o = exec(&[
             "sh",
             "-c",
             &format!("echo '{input}' | /aibox/aibox __hook claude-code"),
@@ -403,14 +386,7 @@ gated_backends!(every_session_of_a_running_sandbox_is_gated, |c: Ctx| {
     assert!(!allowed.contains("deny"), "{allowed}");
 
     if c.backend != Backend::Native {
-        let o = c.out(&[
-            "exec",
-            "--name",
-            "held",
-            "--",
-            "/workspace/aibox-attack",
-            "gate_join_pipe",
-        ]);
+        let o = exec(&["/workspace/aibox-attack", "gate_join_pipe"]);
         assert!(
             stdout(&o).contains("gate_join_pipe refused"),
             "{}\n{}",

@@ -456,20 +456,7 @@ all_backends!(missing_layer_fails_closed, |c: Ctx| {
             .map(|r| r.flatten().collect())
             .unwrap_or_default();
         assert!(homes.is_empty(), "home left behind: {homes:?}");
-        // (The audit directory also holds the exec gate's decision log
-        // and policy snapshots.)
-        let log = std::fs::read_to_string(
-            std::fs::read_dir(c.data.join("audit"))
-                .unwrap()
-                .flatten()
-                .map(|e| e.path())
-                .find(|p| {
-                    let n = p.to_string_lossy();
-                    n.ends_with(".jsonl") && !n.ends_with(".decisions.jsonl")
-                })
-                .unwrap(),
-        )
-        .unwrap();
+        let log = std::fs::read_to_string(only_audit_log(&c)).unwrap();
         assert!(
             log.lines().last().unwrap().contains("start failed"),
             "{log}"

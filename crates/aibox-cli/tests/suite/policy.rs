@@ -179,16 +179,7 @@ both_modes!(the_policy_allowlist_reaches_the_proxy, |c: Ctx| {
     assert!(out.starts_with("from-host\n"), "{out}");
     assert!(out.contains("blocked"), "{out}");
     // The start recorded which policy it ran under.
-    let audit = std::fs::read_dir(c.data.join("audit"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            let n = p.to_string_lossy();
-            n.ends_with(".jsonl") && !n.ends_with(".decisions.jsonl")
-        })
-        .unwrap();
-    let text = std::fs::read_to_string(audit).unwrap();
+    let text = std::fs::read_to_string(only_audit_log(&c)).unwrap();
     let config = text
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
