@@ -699,6 +699,34 @@ fn validate(
             ));
         }
     }
+    if c.policy.decision_log_path != Policy::default().decision_log_path {
+        return Err(bad(
+            "policy.decision_log_path",
+            "aibox keeps one decision log per sandbox, at <data_dir>/decisions/<name>.jsonl",
+            "remove the setting (set paths.data_dir to move the logs)",
+        ));
+    }
+    if c.policy.hot_reload_secs != 0 {
+        return Err(bad(
+            "policy.hot_reload_secs",
+            "policy is not reloaded while a sandbox runs; changes apply at its next start",
+            "remove the setting or set it to 0, and restart the sandbox after a policy change",
+        ));
+    }
+    if parse_size(&c.policy.decision_log_max_size).is_none_or(|n| n < (16 << 10)) {
+        return Err(bad(
+            "policy.decision_log_max_size",
+            "not a size of at least 16k",
+            "write digits with an optional k/m/g/t suffix, e.g. 64m",
+        ));
+    }
+    if c.policy.decision_log_keep == 0 {
+        return Err(bad(
+            "policy.decision_log_keep",
+            "at least one rotated file is kept",
+            "give a number of files of 1 or more (default 8)",
+        ));
+    }
     if c.credentials.mode == CredentialMode::Vault && c.credentials.vault_addr.is_empty() {
         return Err(bad(
             "credentials.vault_addr",

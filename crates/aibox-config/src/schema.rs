@@ -345,10 +345,19 @@ pub struct Policy {
     pub team_policy_path: String,
     /// Project tier, relative to the workspace.
     pub project_policy_path: String,
-    /// Decision log.
+    /// The original's single decision log. aibox keeps one per sandbox
+    /// (`<data>/decisions/<name>.jsonl`); only the default is accepted.
     pub decision_log_path: String,
-    /// Reload interval (0 = never).
+    /// The original's reload interval; only 0 is accepted (policy changes
+    /// apply at the next start).
     pub hot_reload_secs: u32,
+    /// Size at which a sandbox's decision log is rotated (e.g. `64m`).
+    pub decision_log_max_size: String,
+    /// Rotated decision-log files kept per sandbox.
+    pub decision_log_keep: u32,
+    /// Decisions mirrored to the audit log per second (bursts of ten
+    /// times as many; the rest are summarised); 0 mirrors every one.
+    pub audit_decisions_per_sec: u32,
 }
 
 impl Default for Policy {
@@ -359,6 +368,9 @@ impl Default for Policy {
             project_policy_path: "aibox/policy.yaml".into(),
             decision_log_path: "/var/log/aibox/decisions.jsonl".into(),
             hot_reload_secs: 0,
+            decision_log_max_size: "64m".into(),
+            decision_log_keep: 8,
+            audit_decisions_per_sec: 200,
         }
     }
 }

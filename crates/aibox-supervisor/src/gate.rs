@@ -31,14 +31,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use aibox_audit::{EventType, Severity};
 use aibox_policy::{Action, Decider, Decision, ExecInput, Risk};
 use aibox_sandbox::notify::{self, Notification, Verdict};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::egress::Emit;
+use crate::decisions::{DecisionLog, LogEntry};
 
 /// Longest path read from a caller.
 const PATH_MAX: usize = 4096;
@@ -58,105 +56,6 @@ const MAX_HASHED: u64 = 2 << 30;
 const MAX_LISTENERS: usize = 256;
 /// Registrations served at once (the rest wait in the backlog).
 const MAX_JOIN_CONNS: usize = 8;
-
-/// One line of the decision log (`<name>.decisions.jsonl` next to the
-/// audit log). Entry numbers start at 1.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LogEntry {
-    /// Entry number (line number).
-    pub entry: u64,
-    /// RFC 3339 time.
-    pub timestamp: String,
-    /// Policy version decided under.
-    pub policy_version: String,
-    /// Hash of the deciding input.
-    pub input_hash: String,
-    /// What was asked: `exec`, or `hook` for an agent's pre-tool check.
-    pub action: String,
-    /// The command line, joined.
-    pub command: String,
-    /// The file decided on.
-    pub target: String,
-    /// Host user.
-    pub user: String,
-    /// Workspace (host path).
-    pub workspace: String,
-    /// Sandbox name.
-    pub sandbox_id: String,
-    /// `allow`, `review` or `deny`.
-    pub decision: Action,
-    /// Risk class.
-    pub risk_class: Risk,
-    /// Deciding rule.
-    pub rule: String,
-    /// Tier of the deciding rule.
-    #[serde(default)]
-    pub tier: String,
-    /// Why.
-    pub reason: String,
-    /// Time to decide, in microseconds.
-    pub duration_us: u64,
-    /// Every input decided on for this exec (the file, its interpreter,
-    /// the program a loader was given), for `aibox policy explain`.
-    pub inputs: Vec<ExecInput>,
-}
-
-/// Where decisions go: the decision log, the audit log.
-#[allow(missing_debug_implementations)]
-pub struct DecisionLog {
-    file: File,
-    next: u64,
-    emit: Emit,
-}
-
-impl DecisionLog {
-    /// Opens (appends to) the decision log at `path`.
-    pub fn open(path: &Path, emit: Emit) -> std::io::Result<DecisionLog> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .read(true)
-            .mode(0o600)
-            .open(path)?;
-        let mut text = String::new();
-        file.read_to_string(&mut text)?;
-        let next = text.lines().count() as u64 + 1;
-        Ok(DecisionLog { file, next, emit })
-    }
-
-    /// Writes `e` (numbering it) and mirrors it as audit events; returns
-    /// its entry number.
-    pub fn record(&mut self, mut e: LogEntry) -> u64 {
-        e.entry = self.next;
-        self.next += 1;
-        if let Ok(mut line) = serde_json::to_string(&e) {
-            line.push('\n');
-            let _ = self.file.write_all(line.as_bytes());
-        }
-        let argv: Vec<String> = e.inputs.first().map(|i| i.argv.clone()).unwrap_or_default();
-        let common = json!({
-            "action": e.action, "argv": argv, "exe": e.target, "rule": e.rule,
-            "tier": e.tier, "reason": e.reason, "risk_class": e.risk_class.as_str(),
-            "policy_version": e.policy_version, "input_hash": e.input_hash,
-            "decision_entry": e.entry, "duration_us": e.duration_us,
-        });
-        match e.decision {
-            Action::Allow => (self.emit)(EventType::PolicyAllow, Severity::Info, common),
-            Action::Review => {
-                (self.emit)(EventType::PolicyAllow, Severity::Warning, common.clone());
-                let mut v = common;
-                v["awaiting_review"] = json!(true);
-                (self.emit)(EventType::ToolInvoke, Severity::Warning, v);
-            }
-            Action::Deny => {
-                (self.emit)(EventType::PolicyDeny, Severity::Warning, common.clone());
-                (self.emit)(EventType::ToolDeny, Severity::Warning, common);
-            }
-        }
-        e.entry
-    }
-}
 
 /// Identity of a file's content as far as the cache cares.
 type FileKey = (u64, u64, u64, i64, i64, i64, i64);
@@ -297,6 +196,14 @@ impl Gate {
             log: Mutex::new(log),
             last_told: Mutex::new(None),
         })
+    }
+
+    /// Writes the decision log's pending audit summaries and syncs it
+    /// (at stop).
+    pub fn flush_log(&self) {
+        if let Ok(mut l) = self.log.lock() {
+            l.flush();
+        }
     }
 
     /// Starts the dispatcher, which takes held execs off the listeners,
@@ -532,6 +439,31 @@ impl Gate {
             .unwrap_or_default()
     }
 
+    /// Records `entry` (decided as `d`). A decision that cannot be
+    /// recorded becomes a denial: nothing runs off the record.
+    fn record(&self, entry: LogEntry, d: Decision) -> (Decision, u64) {
+        let r = match self.log.lock() {
+            Ok(mut l) => l.record(entry),
+            Err(_) => Err(std::io::Error::other("its lock is poisoned")),
+        };
+        match r {
+            Ok(n) => (d, n),
+            Err(e) => (
+                Decision {
+                    action: Action::Deny,
+                    risk: Risk::BlockedByDefault,
+                    rule: "gate".into(),
+                    tier: "aibox".into(),
+                    reason: format!(
+                        "the decision log cannot be written ({e}); nothing runs unrecorded. Free space under the data directory or restart the sandbox"
+                    ),
+                    ..d
+                },
+                0,
+            ),
+        }
+    }
+
     /// Logs the decision and turns it into an answer.
     fn conclude(
         &self,
@@ -543,20 +475,23 @@ impl Gate {
     ) -> Verdict {
         let entry = self.entry("exec".into(), shell_words(&req.argv), &d, inputs, t0);
         let target = entry.target.clone();
-        let number = match self.log.lock() {
-            Ok(mut l) => l.record(entry),
-            Err(_) => 0,
-        };
+        let (d, number) = self.record(entry, d);
         match d.action {
             Action::Allow | Action::Review => Verdict::Continue,
             // Test builds only: lets a test show what the Landlock layer
             // does on its own.
             Action::Deny if aibox_sandbox::debug_skip("exec-gate") => Verdict::Continue,
             Action::Deny => {
-                let line = format!(
-                    "aibox: `{}` blocked by policy rule {} ({} tier): {}\naibox: details and how to ask for an exception: aibox policy explain --log-entry {number} --name {}\n",
-                    target, d.rule, d.tier, d.reason, self.sandbox
+                let mut line = format!(
+                    "aibox: `{}` blocked by policy rule {} ({} tier): {}\n",
+                    target, d.rule, d.tier, d.reason
                 );
+                if number > 0 {
+                    line.push_str(&format!(
+                        "aibox: details and how to ask for an exception: aibox policy explain --log-entry {number} --name {}\n",
+                        self.sandbox
+                    ));
+                }
                 let told = (pidfd.as_ref().map(|p| p.0).unwrap_or_default(), target);
                 let repeat = self
                     .last_told
@@ -1158,10 +1093,7 @@ impl Gate {
             inputs,
             t0,
         );
-        let number = match self.log.lock() {
-            Ok(mut l) => l.record(entry),
-            Err(_) => 0,
-        };
+        let (d, number) = self.record(entry, d);
         HookReply {
             decision: d.action,
             rule: d.rule,

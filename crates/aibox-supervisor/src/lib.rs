@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod container;
+pub mod decisions;
 pub mod egress;
 pub mod gate;
 pub mod paths;

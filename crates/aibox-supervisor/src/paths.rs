@@ -72,12 +72,6 @@ pub fn audit_log(data_dir: &Path, name: &str) -> PathBuf {
     data_dir.join("audit").join(format!("{name}.jsonl"))
 }
 
-/// Decision log of the sandbox whose audit log is `audit_log`
-/// (`<name>.decisions.jsonl` beside it).
-pub fn decision_log_for(audit_log: &Path) -> PathBuf {
-    audit_log.with_extension("decisions.jsonl")
-}
-
 /// Where the merged policy of version `version` (`sha256:<hex>`) is kept
 /// for `aibox policy explain`: `<name>.policies/<hex>.json` beside the
 /// audit log.

@@ -108,6 +108,9 @@ pub struct SupervisorSpec {
     /// The merged policy the exec gate decides with (native backend).
     #[serde(default)]
     pub policy: Option<aibox_policy::Merged>,
+    /// Bounds of the decision log and its audit mirror.
+    #[serde(default)]
+    pub decisions: crate::decisions::Limits,
 }
 
 /// What the supervisor's proxy enforces.

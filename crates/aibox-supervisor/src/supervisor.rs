@@ -72,6 +72,8 @@ struct Shared {
     events_rx: Mutex<Option<Receiver<Event>>>,
     /// The egress proxy, when the sandbox has one.
     egress: Option<crate::egress::Egress>,
+    /// The exec gate, when the sandbox has one.
+    gate: Option<Arc<crate::gate::Gate>>,
 }
 
 fn details(v: Value) -> Map<String, Value> {
@@ -347,22 +349,25 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
     };
     // Asked for and not delivered is a failed start: never run ungated.
     let gate = match launched.gate {
-        Some(listener) => start_gate(&spec, Some(listener), hooks, egress_emit(&sink)).map(drop),
+        Some(listener) => start_gate(&spec, Some(listener), hooks, egress_emit(&sink)).map(Some),
         None if spec.sandbox.exec_gate => {
             Err("the sandbox did not hand over its exec gate".to_string())
         }
-        None => Ok(()),
+        None => Ok(None),
     };
-    if let Err(e) = gate {
-        undo_native(
-            &launched.control,
-            launched.intermediate,
-            &mut audit,
-            &spec,
-            &e,
-        );
-        return Err(e);
-    }
+    let gate = match gate {
+        Ok(g) => g,
+        Err(e) => {
+            undo_native(
+                &launched.control,
+                launched.intermediate,
+                &mut audit,
+                &spec,
+                &e,
+            );
+            return Err(e);
+        }
+    };
     let mut status = status;
     status.network = egress.as_ref().map(|e| e.status());
     let shared = serve(
@@ -375,6 +380,7 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
         status,
         listener,
         egress,
+        gate,
     );
     let _ = sink.set(Arc::downgrade(&shared));
     Ok(main_loop(shared))
@@ -397,8 +403,10 @@ fn start_gate(
     }
     let body = serde_json::to_vec_pretty(&merged).map_err(|e| e.to_string())?;
     std::fs::write(&snapshot, body).map_err(|e| format!("writing {}: {e}", snapshot.display()))?;
-    let log_path = crate::paths::decision_log_for(&spec.audit_log);
-    let log = crate::gate::DecisionLog::open(&log_path, emit)
+    let log_path = crate::decisions::path_for(&spec.audit_log);
+    crate::decisions::migrate_legacy(&spec.audit_log)
+        .map_err(|e| format!("moving the old decision log to {}: {e}", log_path.display()))?;
+    let log = crate::decisions::DecisionLog::open(&log_path, spec.decisions, emit)
         .map_err(|e| format!("opening {}: {e}", log_path.display()))?;
     let gate = Arc::new(
         crate::gate::Gate::new(listener, spec, decider, log)
@@ -540,6 +548,7 @@ fn setup_container(
         remove_run_dir(&spec);
         return Err(e);
     }
+    let mut gate_handle = None;
     if spec.sandbox.exec_gate {
         let gate = (|| {
             let hooks = hook_listener(&spec)?;
@@ -548,10 +557,13 @@ fn setup_container(
             let gate = start_gate(&spec, None, Some(hooks.0), egress_emit(&sink))?;
             gate.serve_joins(joins)
                 .map_err(|e| format!("starting the exec gate: {e}"))?;
-            Ok::<_, String>(hooks.1)
+            Ok::<_, String>((hooks.1, gate))
         })();
         match gate {
-            Ok(path) => spec.sandbox.gate_socket = Some(path),
+            Ok((path, g)) => {
+                spec.sandbox.gate_socket = Some(path);
+                gate_handle = Some(g);
+            }
             Err(e) => {
                 let _ = a_fail(&mut audit, &e);
                 remove_run_dir(&spec);
@@ -618,6 +630,7 @@ fn setup_container(
         status,
         listener,
         egress,
+        gate_handle,
     );
     let _ = sink.set(Arc::downgrade(&shared));
     if let Some(st) = started {
@@ -824,6 +837,7 @@ fn serve(
     status: Status,
     listener: OwnedFd,
     egress: Option<crate::egress::Egress>,
+    gate: Option<Arc<crate::gate::Gate>>,
 ) -> Arc<Shared> {
     let mask = block_stop_signals();
 
@@ -839,6 +853,7 @@ fn serve(
         events: events_tx,
         events_rx: Mutex::new(Some(events_rx)),
         egress,
+        gate,
     });
 
     report(&format!(
@@ -1569,6 +1584,9 @@ fn finish(
     }
     if let Some(e) = &shared.egress {
         e.drain();
+    }
+    if let Some(g) = &shared.gate {
+        g.flush_log();
     }
     let _ = shared.emit(
         EventType::SandboxStop,

@@ -34,12 +34,7 @@ pub fn run(cli_config: Option<PathBuf>, cmd: AuditCmd) -> Result<i32> {
             if let Ok(entries) = std::fs::read_dir(&dir) {
                 for e in entries.flatten() {
                     let p = e.path();
-                    // (`<name>.decisions.jsonl` is the exec gate's
-                    // decision log, not a chained audit log.)
-                    let decisions = p
-                        .file_name()
-                        .is_some_and(|f| f.to_string_lossy().ends_with(".decisions.jsonl"));
-                    if p.extension().is_some_and(|x| x == "jsonl") && !decisions {
+                    if p.extension().is_some_and(|x| x == "jsonl") {
                         let n = p
                             .file_stem()
                             .map(|s| s.to_string_lossy().into_owned())

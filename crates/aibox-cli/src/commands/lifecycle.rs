@@ -162,6 +162,13 @@ fn prepare(
         network,
         policy_version: policy.version.clone(),
         policy: Some(policy.merged.clone()),
+        decisions: aibox_supervisor::decisions::Limits {
+            // (Validated with the config.)
+            max_bytes: aibox_config::parse_size(&c.policy.decision_log_max_size)
+                .unwrap_or(64 << 20),
+            keep: c.policy.decision_log_keep,
+            audit_per_sec: c.policy.audit_decisions_per_sec,
+        },
     };
     Ok((loaded, spec, paths))
 }

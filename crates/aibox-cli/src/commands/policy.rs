@@ -288,7 +288,6 @@ fn explain(
     format: Format,
 ) -> Result<i32> {
     use aibox_policy::{Action, Decider};
-    use aibox_supervisor::gate::LogEntry;
     let sandbox = match &name.name {
         Some(s) => {
             aibox_core::validate_name(s).map_err(anyhow::Error::msg)?;
@@ -303,28 +302,13 @@ fn explain(
         }
     };
     let audit = aibox_supervisor::client::audit_log_path(&loaded.data_dir(), &sandbox);
-    let log = aibox_supervisor::paths::decision_log_for(&audit);
-    let text = std::fs::read_to_string(&log).with_context(|| {
-        format!(
-            "reading the decision log of sandbox `{sandbox}` ({}); name the sandbox with --name",
-            log.display()
-        )
+    let log = aibox_supervisor::decisions::path_for(&audit);
+    let e = aibox_supervisor::decisions::find(&log, n).map_err(|e| match e {
+        aibox_supervisor::decisions::FindError::Io { .. } => anyhow::anyhow!(
+            "{e}: no decision log for sandbox `{sandbox}`; name the sandbox with --name"
+        ),
+        e => anyhow::Error::new(e),
     })?;
-    let line = usize::try_from(n)
-        .ok()
-        .and_then(|i| i.checked_sub(1))
-        .and_then(|i| text.lines().nth(i))
-        .with_context(|| {
-            format!(
-                "{} has {} entries; --log-entry {n} is not one of them",
-                log.display(),
-                text.lines().count()
-            )
-        })?;
-    let e: LogEntry = serde_json::from_str(line)
-        .ok()
-        .filter(|e: &LogEntry| e.entry == n)
-        .with_context(|| format!("{}: line {n} is not decision record {n}", log.display()))?;
     let snap = aibox_supervisor::paths::policy_snapshot_for(&audit, &e.policy_version);
     let merged: Option<Merged> = std::fs::read(&snap)
         .ok()

@@ -197,7 +197,7 @@ both_modes!(
         );
         // The decision log has the hook's denial, and curl never ran.
         let log: Vec<serde_json::Value> =
-            std::fs::read_to_string(c.data.join("audit/agent.decisions.jsonl"))
+            std::fs::read_to_string(c.data.join("decisions/agent.jsonl"))
                 .unwrap()
                 .lines()
                 .map(|l| serde_json::from_str(l).unwrap())

@@ -577,17 +577,13 @@ pub fn tls_server(names: &[&str]) -> (String, std::sync::Arc<rustls::ServerConfi
 }
 
 /// The audit events of sandbox `name`, parsed.
-/// The audit log of the context's only sandbox (whatever its name), not
-/// the exec gate's decision log beside it.
+/// The audit log of the context's only sandbox (whatever its name).
 pub fn only_audit_log(c: &Ctx) -> std::path::PathBuf {
     std::fs::read_dir(c.data.join("audit"))
         .unwrap()
         .flatten()
         .map(|e| e.path())
-        .find(|p| {
-            let n = p.to_string_lossy();
-            n.ends_with(".jsonl") && !n.ends_with(".decisions.jsonl")
-        })
+        .find(|p| p.extension().is_some_and(|x| x == "jsonl"))
         .unwrap()
 }
 

@@ -33,7 +33,7 @@ fn copy_of_curl(c: &Ctx) {
 }
 
 fn decisions(c: &Ctx, name: &str) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(c.data.join(format!("audit/{name}.decisions.jsonl")))
+    std::fs::read_to_string(c.data.join(format!("decisions/{name}.jsonl")))
         .unwrap_or_default()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
