@@ -177,12 +177,19 @@ fn last_entry(path: &Path) -> std::io::Result<Option<u64>> {
 }
 
 /// Decisions held back from the audit log since the last summary.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 struct Held {
     count: u64,
     first: u64,
     last: u64,
+    /// How many per deciding rule (at most [`MAX_RULES`], the rest under
+    /// `other`).
+    rules: std::collections::BTreeMap<String, u64>,
+    policy_version: String,
 }
+
+/// Rules named one by one in a summary.
+const MAX_RULES: usize = 32;
 
 /// The audit mirror's budget.
 struct Throttle {
@@ -202,12 +209,12 @@ impl Throttle {
             tokens: per_sec * 10.0,
             refilled: now,
             summarised: now,
-            held: [None; 3],
+            held: [None, None, None],
         }
     }
 
-    /// Whether entry `n` may be mirrored now; if not, it is counted.
-    fn admit(&mut self, a: Action, n: u64, now: Instant) -> bool {
+    /// Whether entry `e` may be mirrored now; if not, it is counted.
+    fn admit(&mut self, e: &LogEntry, now: Instant) -> bool {
         if self.per_sec == 0.0 {
             return true;
         }
@@ -218,19 +225,19 @@ impl Throttle {
             self.tokens -= 1.0;
             return true;
         }
-        let h = &mut self.held[kind(a)];
-        *h = Some(match *h {
-            Some(h) => Held {
-                count: h.count + 1,
-                last: n,
-                ..h
-            },
-            None => Held {
-                count: 1,
-                first: n,
-                last: n,
-            },
+        let h = self.held[kind(e.decision)].get_or_insert_with(|| Held {
+            first: e.entry,
+            ..Held::default()
         });
+        h.count += 1;
+        h.last = e.entry;
+        h.policy_version.clone_from(&e.policy_version);
+        let rule = if h.rules.len() < MAX_RULES || h.rules.contains_key(&e.rule) {
+            e.rule.clone()
+        } else {
+            "other".to_string()
+        };
+        *h.rules.entry(rule).or_default() += 1;
         false
     }
 
@@ -332,7 +339,7 @@ impl DecisionLog {
         self.next += 1;
         let now = Instant::now();
         self.summarise(now, false);
-        if self.throttle.admit(e.decision, e.entry, now) {
+        if self.throttle.admit(&e, now) {
             self.mirror(&e);
         }
         Ok(e.entry)
@@ -367,21 +374,44 @@ impl DecisionLog {
 
     fn summarise(&mut self, now: Instant, force: bool) {
         for (a, h) in self.throttle.due(now, force) {
+            // (The fields every policy/tool event carries; `rule` is the
+            // commonest, `rules` has them all.)
+            let top = h
+                .rules
+                .iter()
+                .max_by_key(|(_, n)| **n)
+                .map(|(r, _)| r.clone())
+                .unwrap_or_default();
             let details = json!({
-                "summary": true, "decision": a, "held_back": h.count,
-                "first_entry": h.first, "last_entry": h.last,
+                "summary": true, "action": "summary", "decision": a, "held_back": h.count,
+                "first_entry": h.first, "last_entry": h.last, "rule": top, "rules": h.rules,
+                "policy_version": h.policy_version, "argv": [],
                 "decision_log": self.path.display().to_string(),
                 "reason": format!(
-                    "{} decisions over the audit rate ({} a second); each is in the decision log",
+                    "{} decisions over the audit rate ({} a second) are summarised here; each is in the decision log",
                     h.count, self.limits.audit_per_sec
                 ),
             });
-            let (t, sev) = match a {
-                Action::Allow => (EventType::PolicyAllow, Severity::Info),
-                Action::Review => (EventType::ToolInvoke, Severity::Warning),
-                Action::Deny => (EventType::PolicyDeny, Severity::Warning),
-            };
-            (self.emit)(t, sev, details);
+            self.emit_as(a, details);
+        }
+    }
+
+    /// Emits `v` as the events a decision `a` makes: policy.allow;
+    /// policy.allow and tool.invoke awaiting review; policy.deny and
+    /// tool.deny.
+    fn emit_as(&self, a: Action, v: serde_json::Value) {
+        match a {
+            Action::Allow => (self.emit)(EventType::PolicyAllow, Severity::Info, v),
+            Action::Review => {
+                (self.emit)(EventType::PolicyAllow, Severity::Warning, v.clone());
+                let mut v = v;
+                v["awaiting_review"] = json!(true);
+                (self.emit)(EventType::ToolInvoke, Severity::Warning, v);
+            }
+            Action::Deny => {
+                (self.emit)(EventType::PolicyDeny, Severity::Warning, v.clone());
+                (self.emit)(EventType::ToolDeny, Severity::Warning, v);
+            }
         }
     }
 
@@ -393,19 +423,7 @@ impl DecisionLog {
             "policy_version": e.policy_version, "input_hash": e.input_hash,
             "decision_entry": e.entry, "duration_us": e.duration_us,
         });
-        match e.decision {
-            Action::Allow => (self.emit)(EventType::PolicyAllow, Severity::Info, common),
-            Action::Review => {
-                (self.emit)(EventType::PolicyAllow, Severity::Warning, common.clone());
-                let mut v = common;
-                v["awaiting_review"] = json!(true);
-                (self.emit)(EventType::ToolInvoke, Severity::Warning, v);
-            }
-            Action::Deny => {
-                (self.emit)(EventType::PolicyDeny, Severity::Warning, common.clone());
-                (self.emit)(EventType::ToolDeny, Severity::Warning, common);
-            }
-        }
+        self.emit_as(e.decision, common);
     }
 }
 
@@ -507,10 +525,16 @@ mod tests {
 
     type Seen = Arc<Mutex<Vec<(EventType, serde_json::Value)>>>;
 
+    /// Collects events, refusing any the audit log would refuse.
     fn sink() -> (Emit, Seen) {
         let seen: Seen = Arc::default();
         let s = seen.clone();
-        let emit: Emit = Arc::new(move |t, _, v| s.lock().unwrap().push((t, v)));
+        let emit: Emit = Arc::new(move |t, _, v| {
+            for f in t.required_details() {
+                assert!(v.get(*f).is_some(), "{} without {f}: {v}", t.as_str());
+            }
+            s.lock().unwrap().push((t, v))
+        });
         (emit, seen)
     }
 

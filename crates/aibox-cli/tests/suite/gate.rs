@@ -239,6 +239,83 @@ gated_backends!(
     }
 );
 
+gated_backends!(
+    an_exec_flood_is_bounded_on_disk_and_in_the_audit_log,
+    |c: Ctx| {
+        let p = c.dir.path().join("org-policy.yaml");
+        std::fs::write(&p, POLICY).unwrap();
+        c.add_config(&format!(
+        "policy:\n  org_baseline_path: {}\n  decision_log_max_size: 16k\n  decision_log_keep: 2\n  audit_decisions_per_sec: 5\n",
+        p.display()
+    ));
+        let ws = c.ws.display().to_string();
+        let o = c.out(&[
+        "run",
+        "-w",
+        &ws,
+        "--name",
+        "flood",
+        "--",
+        "sh",
+        "-c",
+        "i=0; while [ $i -lt 400 ]; do /bin/true; i=$((i+1)); done; curl --version; echo done $i",
+    ]);
+        let (out, err) = (stdout(&o), stderr(&o));
+        assert!(out.contains("done 400"), "{out}\n{err}");
+        assert!(
+            err.contains("blocked by policy rule tools.rules[0]"),
+            "{err}"
+        );
+        // Rotated at the size, two old files kept, numbering unbroken.
+        let dir = c.data.join("decisions");
+        let cur = dir.join("flood.jsonl");
+        for f in [&cur, &dir.join("flood.jsonl.1"), &dir.join("flood.jsonl.2")] {
+            let len = std::fs::metadata(f).unwrap().len();
+            assert!(len <= 16 << 10, "{f:?}: {len}");
+        }
+        assert!(!dir.join("flood.jsonl.3").exists());
+        let log = decisions(&c, "flood");
+        let last = log.last().unwrap()["entry"].as_u64().unwrap();
+        assert!(last > 400, "{last}");
+        let denial = log
+            .iter()
+            .find(|e| e["decision"] == "deny")
+            .expect("curl's denial is not in the current file");
+        // The audit log got the first burst one by one and the rest as
+        // summaries; every decision is accounted for.
+        let events = audit_events(&c, "flood");
+        let decisions_in = |e: &serde_json::Value| {
+            if e["details"]["summary"] == true {
+                e["details"]["held_back"].as_u64().unwrap()
+            } else {
+                1
+            }
+        };
+        let mirrored: Vec<&serde_json::Value> = events
+            .iter()
+            .filter(|e| e["event_type"] == "policy.allow" || e["event_type"] == "policy.deny")
+            .collect();
+        let singles = mirrored
+            .iter()
+            .filter(|e| e["details"]["summary"] != true)
+            .count();
+        assert!(singles < 200, "{singles} decisions mirrored one by one");
+        assert!(
+            mirrored.iter().any(|e| e["details"]["summary"] == true),
+            "no summary: {mirrored:#?}"
+        );
+        assert_eq!(mirrored.iter().map(|e| decisions_in(e)).sum::<u64>(), last);
+        // The recent denial is explained; the oldest entries are gone, and
+        // explain says so.
+        let n = denial["entry"].to_string();
+        let o = c.out(&["policy", "explain", "--name", "flood", "--log-entry", &n]);
+        assert!(ok(&o).contains("reproduced: yes"));
+        let o = c.out(&["policy", "explain", "--name", "flood", "--log-entry", "1"]);
+        assert_ne!(o.status.code(), Some(0));
+        assert!(stderr(&o).contains("rotated away"), "{}", stderr(&o));
+    }
+);
+
 gated_backends!(the_gate_cannot_be_replaced_from_inside, |c: Ctx| {
     with_policy(&c);
     c.install_attack();
