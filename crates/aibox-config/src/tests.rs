@@ -114,6 +114,23 @@ fn semantic_checks() {
     assert!(load_user("resources:\n  cpus: 0\n", &[]).is_err());
     assert!(load_user("paths:\n  data_dir: relative/dir\n", &[]).is_err());
     assert!(load_user("network:\n  proxy_port: 70000\n", &[]).is_err());
+    // Decision-log bounds; the original's keys aibox does not honour are
+    // refused, not ignored.
+    for bad in [
+        "policy:\n  decision_log_max_size: 1k\n",
+        "policy:\n  decision_log_keep: 0\n",
+        "policy:\n  decision_log_path: /tmp/d.jsonl\n",
+        "policy:\n  hot_reload_secs: 30\n",
+    ] {
+        let e = load_user(bad, &[]).unwrap_err().to_string();
+        assert!(e.contains("policy."), "{bad}: {e}");
+    }
+    let ok = load_user(
+        "policy:\n  decision_log_max_size: 16k\n  decision_log_keep: 1\n  audit_decisions_per_sec: 0\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(ok.config.policy.decision_log_keep, 1);
     assert_eq!(parse_size("2Gi"), Some(2 << 30));
     assert_eq!(parse_size("512m"), Some(512 << 20));
     assert_eq!(parse_size("x"), None);
