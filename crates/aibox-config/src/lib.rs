@@ -713,10 +713,10 @@ fn validate(
             "remove the setting or set it to 0, and restart the sandbox after a policy change",
         ));
     }
-    if parse_size(&c.policy.decision_log_max_size).is_none_or(|n| n < (16 << 10)) {
+    if parse_size(&c.policy.decision_log_max_size).is_none_or(|n| n < (64 << 10)) {
         return Err(bad(
             "policy.decision_log_max_size",
-            "not a size of at least 16k",
+            "not a size of at least 64k (the longest decision line)",
             "write digits with an optional k/m/g/t suffix, e.g. 64m",
         ));
     }

@@ -117,7 +117,7 @@ fn semantic_checks() {
     // Decision-log bounds; the original's keys aibox does not honour are
     // refused, not ignored.
     for bad in [
-        "policy:\n  decision_log_max_size: 1k\n",
+        "policy:\n  decision_log_max_size: 16k\n",
         "policy:\n  decision_log_keep: 0\n",
         "policy:\n  decision_log_path: /tmp/d.jsonl\n",
         "policy:\n  hot_reload_secs: 30\n",
@@ -126,7 +126,7 @@ fn semantic_checks() {
         assert!(e.contains("policy."), "{bad}: {e}");
     }
     let ok = load_user(
-        "policy:\n  decision_log_max_size: 16k\n  decision_log_keep: 1\n  audit_decisions_per_sec: 0\n",
+        "policy:\n  decision_log_max_size: 64k\n  decision_log_keep: 1\n  audit_decisions_per_sec: 0\n",
         &[],
     )
     .unwrap();

@@ -1,23 +1,29 @@
 //! The decision log: every exec-gate and hook decision as one JSON line
 //! in `<data>/decisions/<name>.jsonl`, mirrored as audit events.
 //!
-//! An exec loop inside the sandbox makes one decision per exec, so both
-//! outputs are bounded:
-//! - the file is rotated when it reaches a size (`<name>.jsonl.1` is the
-//!   newest old file, `.K` the oldest kept); entry numbers run on across
-//!   files, so `aibox policy explain --log-entry N` still finds entry N
+//! An exec loop inside the sandbox makes one decision per exec, and the
+//! sandbox chooses the arguments, so both outputs are bounded:
+//! - a line is at most [`MAX_LINE`] bytes: longer arguments are
+//!   shortened (and the entry marked `truncated`);
+//! - the file is rotated before it passes a size (`<name>.jsonl.1` is
+//!   the newest old file, `.K` the oldest kept); entry numbers run on
+//!   across files, so `aibox policy explain --log-entry N` finds entry N
 //!   while its file is kept;
-//! - the audit mirror is a token bucket (a rate per second, bursts of ten
-//!   seconds' worth). Decisions over it are still written to the decision
-//!   log; the audit log gets, at most once a second and at stop, one
-//!   summary event per kind naming how many were held back and the range
-//!   of their entry numbers.
+//! - the audit mirror is a token bucket per kind of decision (allow,
+//!   review, deny: a flood of allowed execs cannot use up the budget of
+//!   denials), at a rate per second with bursts of ten seconds' worth.
+//!   Decisions over it are still written to the decision log; the audit
+//!   log gets, once a second and at stop, one summary per kind with how
+//!   many were held back, their entry numbers, and counts per rule and
+//!   per program.
 //!
 //! A decision that cannot be written is reported to the caller, which
-//! denies (the gate never runs what it could not record).
+//! denies (the gate never runs what it could not record), and to the
+//! audit log.
 
+use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{BufRead, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -27,6 +33,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::egress::Emit;
+
+/// Longest line written (a decision with longer arguments is shortened).
+pub const MAX_LINE: usize = 64 * 1024;
+/// Most rotated files kept (config `policy.decision_log_keep`).
+pub const MAX_KEEP: u32 = 1000;
+/// Rules and programs named one by one in a summary.
+const MAX_NAMED: usize = 32;
 
 /// One line of the decision log. Entry numbers start at 1 and never
 /// repeat within a sandbox's log.
@@ -69,6 +82,10 @@ pub struct LogEntry {
     /// Every input decided on for this exec (the file, its interpreter,
     /// the program a loader was given), for `aibox policy explain`.
     pub inputs: Vec<ExecInput>,
+    /// Arguments, environment names or paths were shortened to fit
+    /// [`MAX_LINE`] (the decision was made on the whole of them).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
 }
 
 /// How far the decision log and its audit mirror may grow (config
@@ -76,12 +93,12 @@ pub struct LogEntry {
 /// `policy.audit_decisions_per_sec`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
-    /// Size at which the file is rotated.
+    /// Size the file is rotated before passing.
     pub max_bytes: u64,
     /// Rotated files kept.
     pub keep: u32,
-    /// Decisions mirrored to the audit log per second (bursts of ten
-    /// times as many); 0 mirrors every one.
+    /// Decisions of each kind mirrored to the audit log per second
+    /// (bursts of ten times as many); 0 mirrors every one.
     pub audit_per_sec: u32,
 }
 
@@ -108,20 +125,27 @@ pub fn path_for(audit_log: &Path) -> PathBuf {
     data.join("decisions").join(name)
 }
 
+/// Whether the file at `path` starts with a decision (a decision log,
+/// not an audit log).
+pub fn is_decision_log(path: &Path) -> bool {
+    let Ok(f) = File::open(path) else {
+        return false;
+    };
+    let mut first = Vec::new();
+    let _ = std::io::BufReader::new(f)
+        .take(MAX_LINE as u64 * 8)
+        .read_until(b'\n', &mut first);
+    serde_json::from_slice::<LogEntry>(first.trim_ascii_end()).is_ok()
+}
+
 /// Moves a decision log kept by an earlier aibox beside the audit log
 /// (`<data>/audit/<name>.decisions.jsonl`) to [`path_for`], unless one is
 /// there already. Only a file whose first line is a decision moves: a
 /// sandbox named `<name>.decisions` has an audit log of that name.
 pub fn migrate_legacy(audit_log: &Path) -> std::io::Result<()> {
-    use std::io::BufRead;
     let legacy = audit_log.with_extension("decisions.jsonl");
     let new = path_for(audit_log);
-    let Ok(f) = File::open(&legacy) else {
-        return Ok(());
-    };
-    let mut first = String::new();
-    std::io::BufReader::new(f).read_line(&mut first)?;
-    if new.exists() || serde_json::from_str::<LogEntry>(first.trim_end()).is_err() {
+    if new.exists() || !is_decision_log(&legacy) {
         return Ok(());
     }
     if let Some(dir) = new.parent() {
@@ -141,6 +165,37 @@ fn rotated(path: &Path, i: u32) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// The rotated files of the log at `path` that exist, newest first (a
+/// listing, so a gap left by a crash mid-rotation hides nothing).
+fn rotated_files(path: &Path) -> std::io::Result<Vec<(u32, PathBuf)>> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Ok(Vec::new());
+    };
+    let prefix = format!("{}.", name.to_string_lossy());
+    let mut v = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    for e in entries {
+        let e = e?;
+        if !e.file_type()?.is_file() {
+            continue;
+        }
+        let n = e.file_name().to_string_lossy().into_owned();
+        if let Some(i) = n
+            .strip_prefix(&prefix)
+            .and_then(|i| i.parse::<u32>().ok())
+            .filter(|i| *i >= 1)
+        {
+            v.push((i, e.path()));
+        }
+    }
+    v.sort();
+    Ok(v)
+}
+
 /// Entry number of the last decision in `path` (complete lines only;
 /// a line torn by a crash is skipped), if any.
 fn last_entry(path: &Path) -> std::io::Result<Option<u64>> {
@@ -150,9 +205,8 @@ fn last_entry(path: &Path) -> std::io::Result<Option<u64>> {
         Err(e) => return Err(e),
     };
     let len = f.metadata()?.len();
-    // Lines can be long (argv up to 2 MiB): widen the window until it
-    // holds a whole decision.
-    let mut window = 64 * 1024u64;
+    // Widen the window until it holds a whole decision.
+    let mut window = 2 * MAX_LINE as u64;
     loop {
         let from = len.saturating_sub(window);
         f.seek(SeekFrom::Start(from))?;
@@ -176,28 +230,133 @@ fn last_entry(path: &Path) -> std::io::Result<Option<u64>> {
     }
 }
 
+/// The first decision in `path`, if any.
+fn first_entry(path: &Path) -> std::io::Result<Option<u64>> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    for line in std::io::BufReader::new(f).split(b'\n') {
+        if let Ok(e) = serde_json::from_slice::<LogEntry>(&line?) {
+            return Ok(Some(e.entry));
+        }
+    }
+    Ok(None)
+}
+
+/// Shortens `s` to at most `max` bytes (on a character boundary, marked
+/// with `…`); whether it did.
+fn cut(s: &mut String, max: usize) -> bool {
+    if s.len() <= max {
+        return false;
+    }
+    let mut at = max.saturating_sub(3);
+    while !s.is_char_boundary(at) {
+        at -= 1;
+    }
+    s.truncate(at);
+    s.push('…');
+    true
+}
+
+/// Shortens each string of `v` to `each` bytes and the list to `total`
+/// bytes (the rest replaced by one `…(N more)`); whether it did.
+fn cut_list(v: &mut Vec<String>, each: usize, total: usize) -> bool {
+    let mut changed = false;
+    let mut used = 0;
+    for (i, s) in v.iter_mut().enumerate() {
+        changed |= cut(s, each);
+        used += s.len();
+        if used > total {
+            let more = v.len() - i;
+            v.truncate(i);
+            v.push(format!("…({more} more)"));
+            return true;
+        }
+    }
+    changed
+}
+
+/// `e` as one line of at most [`MAX_LINE`] bytes (newline included),
+/// shortening what the sandbox chose (arguments, environment names,
+/// paths) until it fits.
+fn line_of(e: &mut LogEntry) -> std::io::Result<String> {
+    // (Per string, per list; the last step also cuts paths.)
+    const STEPS: [(usize, usize); 4] = [(4096, 16384), (512, 4096), (64, 512), (16, 64)];
+    // (Raw text far over the limit is cut once before it is serialised:
+    // the sandbox may pass megabytes.)
+    let raw: usize = e.command.len()
+        + e.inputs
+            .iter()
+            .flat_map(|i| i.argv.iter().chain(&i.env_names).chain(&i.exe_aliases))
+            .map(String::len)
+            .sum::<usize>();
+    let mut line = if raw > 4 * MAX_LINE {
+        String::new()
+    } else {
+        serde_json::to_string(&*e).map_err(std::io::Error::other)?
+    };
+    for (step, (each, total)) in STEPS.into_iter().enumerate() {
+        if !line.is_empty() && line.len() < MAX_LINE {
+            break;
+        }
+        let mut changed = cut(&mut e.command, total);
+        for i in &mut e.inputs {
+            changed |= cut_list(&mut i.argv, each, total);
+            changed |= cut_list(&mut i.env_names, each, total);
+            changed |= cut_list(&mut i.exe_aliases, each, total);
+            if step == STEPS.len() - 1 {
+                for s in [&mut i.exe, &mut i.cwd, &mut i.parent] {
+                    changed |= cut(s, 256);
+                }
+            }
+        }
+        if step == STEPS.len() - 1 {
+            changed |= cut(&mut e.target, 256);
+            e.inputs.truncate(1);
+        }
+        e.truncated |= changed;
+        line = serde_json::to_string(&*e).map_err(std::io::Error::other)?;
+    }
+    if line.len() >= MAX_LINE {
+        return Err(std::io::Error::other(
+            "the decision does not fit in a log line",
+        ));
+    }
+    line.push('\n');
+    Ok(line)
+}
+
 /// Decisions held back from the audit log since the last summary.
 #[derive(Debug, Clone, Default)]
 struct Held {
     count: u64,
     first: u64,
     last: u64,
-    /// How many per deciding rule (at most [`MAX_RULES`], the rest under
-    /// `other`).
-    rules: std::collections::BTreeMap<String, u64>,
+    /// How many per deciding rule and per program (at most
+    /// [`MAX_NAMED`] each, the rest under `other`).
+    rules: BTreeMap<String, u64>,
+    targets: BTreeMap<String, u64>,
     policy_version: String,
 }
 
-/// Rules named one by one in a summary.
-const MAX_RULES: usize = 32;
+fn count_in(m: &mut BTreeMap<String, u64>, key: &str) {
+    let mut key = key.to_string();
+    cut(&mut key, 256);
+    if m.len() >= MAX_NAMED && !m.contains_key(&key) {
+        key = "other".to_string();
+    }
+    *m.entry(key).or_default() += 1;
+}
 
-/// The audit mirror's budget.
+/// The audit mirror's budget: a bucket per kind of decision.
 struct Throttle {
     per_sec: f64,
-    tokens: f64,
+    /// Allow, review, deny.
+    tokens: [f64; 3],
     refilled: Instant,
     summarised: Instant,
-    /// Allow, review, deny.
     held: [Option<Held>; 3],
 }
 
@@ -206,7 +365,7 @@ impl Throttle {
         let per_sec = f64::from(per_sec);
         Throttle {
             per_sec,
-            tokens: per_sec * 10.0,
+            tokens: [per_sec * 10.0; 3],
             refilled: now,
             summarised: now,
             held: [None, None, None],
@@ -219,30 +378,29 @@ impl Throttle {
             return true;
         }
         let dt = now.saturating_duration_since(self.refilled).as_secs_f64();
-        self.tokens = (self.tokens + dt * self.per_sec).min(self.per_sec * 10.0);
+        for t in &mut self.tokens {
+            *t = (*t + dt * self.per_sec).min(self.per_sec * 10.0);
+        }
         self.refilled = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        let k = kind(e.decision);
+        if self.tokens[k] >= 1.0 {
+            self.tokens[k] -= 1.0;
             return true;
         }
-        let h = self.held[kind(e.decision)].get_or_insert_with(|| Held {
+        let h = self.held[k].get_or_insert_with(|| Held {
             first: e.entry,
             ..Held::default()
         });
         h.count += 1;
         h.last = e.entry;
         h.policy_version.clone_from(&e.policy_version);
-        let rule = if h.rules.len() < MAX_RULES || h.rules.contains_key(&e.rule) {
-            e.rule.clone()
-        } else {
-            "other".to_string()
-        };
-        *h.rules.entry(rule).or_default() += 1;
+        count_in(&mut h.rules, &e.rule);
+        count_in(&mut h.targets, &e.target);
         false
     }
 
-    /// The held counts, if a summary is due (once a second, or `now`
-    /// when `force`).
+    /// The held counts, if a summary is due (once a second, or now when
+    /// `force`).
     fn due(&mut self, now: Instant, force: bool) -> Vec<(Action, Held)> {
         if !force && now.saturating_duration_since(self.summarised) < Duration::from_secs(1) {
             return Vec::new();
@@ -277,7 +435,7 @@ pub struct DecisionLog {
 
 impl DecisionLog {
     /// Opens (appends to) the decision log at `path`, numbering on from
-    /// its last entry (or the newest rotated file's).
+    /// the last entry in it or its rotated files.
     pub fn open(path: &Path, limits: Limits, emit: Emit) -> std::io::Result<DecisionLog> {
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         if let Some(dir) = path.parent() {
@@ -304,13 +462,13 @@ impl DecisionLog {
                 size += 1;
             }
         }
-        let last = match last_entry(path)? {
-            Some(n) => Some(n),
-            None => last_entry(&rotated(path, 1))?,
-        };
+        let mut last = last_entry(path)?;
+        for (_, f) in rotated_files(path)? {
+            last = last.max(last_entry(&f)?);
+        }
         let limits = Limits {
-            max_bytes: limits.max_bytes.max(1),
-            keep: limits.keep.max(1),
+            max_bytes: limits.max_bytes.max(MAX_LINE as u64),
+            keep: limits.keep.clamp(1, MAX_KEEP),
             ..limits
         };
         Ok(DecisionLog {
@@ -326,39 +484,64 @@ impl DecisionLog {
 
     /// Writes `e` (numbering it) and mirrors it as audit events within
     /// the rate; returns its entry number. An error means the decision
-    /// is not on record (the caller denies).
+    /// is not on record: the caller denies, and the audit log is told.
     pub fn record(&mut self, mut e: LogEntry) -> std::io::Result<u64> {
         e.entry = self.next;
-        let mut line = serde_json::to_string(&e).map_err(std::io::Error::other)?;
-        line.push('\n');
-        if self.size > 0 && self.size + line.len() as u64 > self.limits.max_bytes {
-            self.rotate()?;
+        let r = self.write(&mut e);
+        if let Err(err) = &r {
+            let mut v = self.details(&e);
+            v["unrecorded"] = json!(true);
+            v["reason"] = json!(format!(
+                "denied: the decision log cannot be written ({err}); it would have been {} ({})",
+                json!(e.decision),
+                e.reason
+            ));
+            self.emit_as(Action::Deny, v);
+            return Err(std::io::Error::new(err.kind(), err.to_string()));
         }
-        self.file.write_all(line.as_bytes())?;
-        self.size += line.len() as u64;
         self.next += 1;
         let now = Instant::now();
         self.summarise(now, false);
         if self.throttle.admit(&e, now) {
-            self.mirror(&e);
+            self.emit_as(e.decision, self.details(&e));
         }
         Ok(e.entry)
     }
 
-    /// Writes the summaries still due (at stop).
+    fn write(&mut self, e: &mut LogEntry) -> std::io::Result<()> {
+        let line = line_of(e)?;
+        if self.size > 0 && self.size + line.len() as u64 > self.limits.max_bytes {
+            self.rotate()?;
+        }
+        if let Err(err) = self.file.write_all(line.as_bytes()) {
+            // No fragment stays for the next line to be glued to.
+            let _ = self.file.set_len(self.size);
+            return Err(err);
+        }
+        self.size += line.len() as u64;
+        Ok(())
+    }
+
+    /// Writes the summaries due (called once a second).
+    pub fn tick(&mut self) {
+        self.summarise(Instant::now(), false);
+    }
+
+    /// Writes the summaries still held (at stop).
     pub fn flush(&mut self) {
         self.summarise(Instant::now(), true);
         let _ = self.file.sync_data();
     }
 
-    /// Shifts `.1`… up by one (the oldest kept falls off) and starts an
-    /// empty current file.
+    /// Shifts the rotated files up by one, dropping those beyond `keep`,
+    /// and starts an empty current file.
     fn rotate(&mut self) -> std::io::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
-        for i in (1..self.limits.keep).rev() {
-            match std::fs::rename(rotated(&self.path, i), rotated(&self.path, i + 1)) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                _ => {}
+        for (i, f) in rotated_files(&self.path)?.into_iter().rev() {
+            if i >= self.limits.keep {
+                std::fs::remove_file(f)?;
+            } else {
+                std::fs::rename(f, rotated(&self.path, i + 1))?;
             }
         }
         std::fs::rename(&self.path, rotated(&self.path, 1))?;
@@ -385,7 +568,7 @@ impl DecisionLog {
             let details = json!({
                 "summary": true, "action": "summary", "decision": a, "held_back": h.count,
                 "first_entry": h.first, "last_entry": h.last, "rule": top, "rules": h.rules,
-                "policy_version": h.policy_version, "argv": [],
+                "targets": h.targets, "policy_version": h.policy_version, "argv": [],
                 "decision_log": self.path.display().to_string(),
                 "reason": format!(
                     "{} decisions over the audit rate ({} a second) are summarised here; each is in the decision log",
@@ -415,28 +598,35 @@ impl DecisionLog {
         }
     }
 
-    fn mirror(&self, e: &LogEntry) {
+    /// The audit details of `e` (its first input's arguments, as logged).
+    fn details(&self, e: &LogEntry) -> serde_json::Value {
         let argv: Vec<String> = e.inputs.first().map(|i| i.argv.clone()).unwrap_or_default();
-        let common = json!({
+        json!({
             "action": e.action, "argv": argv, "exe": e.target, "rule": e.rule,
             "tier": e.tier, "reason": e.reason, "risk_class": e.risk_class.as_str(),
             "policy_version": e.policy_version, "input_hash": e.input_hash,
             "decision_entry": e.entry, "duration_us": e.duration_us,
-        });
-        self.emit_as(e.decision, common);
+            "truncated": e.truncated,
+        })
     }
 }
 
 /// Why an entry could not be found.
 #[derive(Debug, thiserror::Error)]
 pub enum FindError {
-    /// No decision log (or none readable).
+    /// A file of the log could not be read.
     #[error("reading {path}: {source}")]
     Io {
         /// The file.
         path: PathBuf,
         /// Why.
         source: std::io::Error,
+    },
+    /// The log has no entries.
+    #[error("{path} has no decisions (nor has any rotated file beside it)")]
+    Empty {
+        /// The current file.
+        path: PathBuf,
     },
     /// The number is outside what the kept files hold.
     #[error(
@@ -457,60 +647,59 @@ pub enum FindError {
 }
 
 /// Entry `n` of the log at `path` or of its rotated files. Each file's
-/// first line says where it starts, so only one file is read through.
+/// first entry says where it starts, so only one file is read through.
 pub fn find(path: &Path, n: u64) -> Result<LogEntry, FindError> {
-    use std::io::BufRead;
     let io = |path: &Path, source| FindError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let mut last = None;
-    let mut oldest = None;
-    for i in 0.. {
-        let f = if i == 0 {
-            path.to_path_buf()
-        } else {
-            rotated(path, i)
-        };
-        let file = match File::open(&f) {
-            Ok(file) => file,
-            // (Rotated files are numbered without gaps.)
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && i > 0 => break,
-            Err(e) => return Err(io(&f, e)),
-        };
+    let mut files = Vec::new();
+    if path.exists() {
+        files.push(path.to_path_buf());
+    }
+    files.extend(
+        rotated_files(path)
+            .map_err(|e| io(path, e))?
+            .into_iter()
+            .map(|(_, f)| f),
+    );
+    if files.is_empty() {
+        return Err(io(path, std::io::Error::from(std::io::ErrorKind::NotFound)));
+    }
+    // Newest file first: the first one starting at or before n holds it.
+    let (mut first, mut last) = (None, None);
+    for f in &files {
+        let start = first_entry(f).map_err(|e| io(f, e))?;
         if last.is_none() {
-            last = last_entry(&f).map_err(|e| io(&f, e))?;
+            last = last_entry(f).map_err(|e| io(f, e))?;
         }
-        let mut lines = std::io::BufReader::new(file).lines();
-        let mut first = None;
-        while let Some(line) = lines.next().transpose().map_err(|e| io(&f, e))? {
-            let Ok(e) = serde_json::from_str::<LogEntry>(&line) else {
-                continue;
-            };
-            if first.is_none() {
-                first = Some(e.entry);
-                if e.entry > n {
-                    break;
+        if start.is_some() {
+            first = start;
+        }
+        if start.is_some_and(|s| s <= n) {
+            let file = File::open(f).map_err(|e| io(f, e))?;
+            for line in std::io::BufReader::new(file).split(b'\n') {
+                let line = line.map_err(|e| io(f, e))?;
+                if let Ok(e) = serde_json::from_slice::<LogEntry>(&line)
+                    && e.entry == n
+                {
+                    return Ok(e);
                 }
             }
-            if e.entry == n {
-                return Ok(e);
-            }
-        }
-        if first.is_some() {
-            oldest = first;
-        }
-        if first.is_some_and(|f| f <= n) {
-            break;
+            // (Not there: the oldest kept is still wanted for the message.)
         }
     }
-    let oldest = oldest.unwrap_or(0);
+    let (Some(first), Some(last)) = (first, last) else {
+        return Err(FindError::Empty {
+            path: path.to_path_buf(),
+        });
+    };
     Err(FindError::Missing {
         path: path.to_path_buf(),
         n,
-        first: oldest,
-        last: last.unwrap_or(0),
-        hint: if n < oldest {
+        first,
+        last,
+        hint: if n >= 1 && n < first {
             " (older entries were rotated away; see policy.decision_log_keep)"
         } else {
             ""
@@ -557,6 +746,7 @@ mod tests {
             reason: "r".into(),
             duration_us: 1,
             inputs: vec![ExecInput::default()],
+            truncated: false,
         }
     }
 
@@ -565,36 +755,39 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("decisions/s.jsonl");
         let limits = Limits {
-            max_bytes: 2000,
+            max_bytes: MAX_LINE as u64,
             keep: 2,
             audit_per_sec: 0,
         };
         let (emit, _) = sink();
         let mut log = DecisionLog::open(&path, limits, emit.clone()).unwrap();
         let mut numbers = Vec::new();
-        for _ in 0..40 {
+        for _ in 0..600 {
             numbers.push(log.record(entry(Action::Allow)).unwrap());
         }
-        assert_eq!(numbers, (1..=40).collect::<Vec<_>>());
+        assert_eq!(numbers, (1..=600).collect::<Vec<_>>());
         for f in [path.clone(), rotated(&path, 1), rotated(&path, 2)] {
-            assert!(std::fs::metadata(&f).unwrap().len() <= 2000, "{f:?}");
+            assert!(
+                std::fs::metadata(&f).unwrap().len() <= MAX_LINE as u64,
+                "{f:?}"
+            );
         }
         assert!(!rotated(&path, 3).exists());
         // The newest entries are found wherever they are; the oldest are
         // gone with a message that says so.
-        assert_eq!(find(&path, 40).unwrap().entry, 40);
-        let oldest_kept = std::fs::read_to_string(rotated(&path, 2)).unwrap();
-        let first: LogEntry = serde_json::from_str(oldest_kept.lines().next().unwrap()).unwrap();
-        assert_eq!(find(&path, first.entry).unwrap().entry, first.entry);
-        assert!(first.entry > 1);
+        assert_eq!(find(&path, 600).unwrap().entry, 600);
+        let first = first_entry(&rotated(&path, 2)).unwrap().unwrap();
+        assert!(first > 1);
+        assert_eq!(find(&path, first).unwrap().entry, first);
         let e = find(&path, 1).unwrap_err().to_string();
         assert!(e.contains("rotated away"), "{e}");
-        assert!(find(&path, 41).is_err());
+        assert!(e.contains(&format!("entries {first} to 600")), "{e}");
+        assert!(find(&path, 601).is_err());
         // Reopened: numbering goes on, even from an empty current file.
         drop(log);
         std::fs::rename(&path, rotated(&path, 1)).unwrap();
         let mut log = DecisionLog::open(&path, limits, emit).unwrap();
-        assert_eq!(log.record(entry(Action::Deny)).unwrap(), 41);
+        assert_eq!(log.record(entry(Action::Deny)).unwrap(), 601);
     }
 
     #[test]
@@ -649,9 +842,11 @@ mod tests {
                 .map(|(_, v)| v["held_back"].as_u64().unwrap())
                 .sum::<u64>()
         };
-        // The burst (ten seconds' worth) passes, a little refill at most.
-        let mirrored = single(EventType::PolicyAllow) + single(EventType::PolicyDeny);
-        assert!((50..60).contains(&mirrored), "{mirrored}");
+        // Each kind's burst (ten seconds' worth) passes, a little refill
+        // at most.
+        for t in [EventType::PolicyAllow, EventType::PolicyDeny] {
+            assert!((50..55).contains(&single(t)), "{}", single(t));
+        }
         // Every decision is accounted for: mirrored or summarised.
         assert_eq!(
             single(EventType::PolicyAllow) + held(EventType::PolicyAllow),
@@ -662,5 +857,141 @@ mod tests {
             250
         );
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 500);
+        let summary = seen
+            .iter()
+            .find(|(t, v)| *t == EventType::PolicyDeny && v["summary"] == true)
+            .unwrap();
+        assert_eq!(
+            summary.1["targets"]["/usr/bin/true"],
+            held(EventType::PolicyDeny)
+        );
+    }
+
+    #[test]
+    fn an_allow_flood_leaves_the_denials_budget_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.jsonl");
+        let limits = Limits {
+            audit_per_sec: 5,
+            ..Limits::default()
+        };
+        let (emit, seen) = sink();
+        let mut log = DecisionLog::open(&path, limits, emit).unwrap();
+        for _ in 0..1000 {
+            log.record(entry(Action::Allow)).unwrap();
+        }
+        let n = log.record(entry(Action::Deny)).unwrap();
+        let seen = seen.lock().unwrap();
+        assert!(
+            seen.iter()
+                .any(|(t, v)| *t == EventType::PolicyDeny && v["decision_entry"] == n),
+            "the denial after the flood was not mirrored"
+        );
+    }
+
+    #[test]
+    fn lines_are_bounded_whatever_the_arguments() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.jsonl");
+        let limits = Limits {
+            max_bytes: 1 << 20,
+            ..Limits::default()
+        };
+        let (emit, seen) = sink();
+        let mut log = DecisionLog::open(&path, limits, emit).unwrap();
+        // Control characters take six bytes each in JSON.
+        let big = "\u{1}".repeat(100_000);
+        for _ in 0..3 {
+            let mut e = entry(Action::Deny);
+            e.command = big.clone();
+            e.target = big.clone();
+            for i in 0..5 {
+                e.inputs.push(ExecInput {
+                    argv: vec![big.clone(); 4],
+                    env_names: vec![format!("V{i}"); 20_000],
+                    exe: big.clone(),
+                    cwd: big.clone(),
+                    ..ExecInput::default()
+                });
+            }
+            log.record(e).unwrap();
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 3);
+        assert!(text.lines().all(|l| l.len() < MAX_LINE));
+        let e = find(&path, 2).unwrap();
+        assert!(e.truncated);
+        // The audit details are bounded too.
+        let seen = seen.lock().unwrap();
+        assert!(seen.iter().all(|(_, v)| v.to_string().len() < MAX_LINE));
+    }
+
+    #[test]
+    fn gaps_and_a_lowered_keep_are_handled() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.jsonl");
+        let limits = Limits {
+            max_bytes: MAX_LINE as u64,
+            keep: 5,
+            audit_per_sec: 0,
+        };
+        let (emit, _) = sink();
+        let mut log = DecisionLog::open(&path, limits, emit.clone()).unwrap();
+        for _ in 0..1100 {
+            log.record(entry(Action::Allow)).unwrap();
+        }
+        drop(log);
+        assert!(rotated(&path, 5).exists());
+        // A crash mid-rotation left a gap, and the newest entries in a
+        // rotated file: the numbering still goes on from the highest, and
+        // entries beyond the gap are found.
+        std::fs::remove_file(rotated(&path, 2)).unwrap();
+        std::fs::rename(&path, rotated(&path, 6)).unwrap();
+        std::fs::write(&path, "").unwrap();
+        let kept = first_entry(&rotated(&path, 3)).unwrap().unwrap();
+        assert_eq!(find(&path, kept).unwrap().entry, kept);
+        let keep2 = Limits { keep: 2, ..limits };
+        let mut log = DecisionLog::open(&path, keep2, emit).unwrap();
+        assert_eq!(log.record(entry(Action::Allow)).unwrap(), 1101);
+        // Lowered keep: the next rotation drops every file beyond it.
+        for _ in 0..200 {
+            log.record(entry(Action::Allow)).unwrap();
+        }
+        let left: Vec<u32> = rotated_files(&path)
+            .unwrap()
+            .iter()
+            .map(|(i, _)| *i)
+            .collect();
+        assert_eq!(left, vec![1, 2]);
+        assert!(!rotated(&path, 6).exists());
+        assert!(matches!(
+            find(&path, 0),
+            Err(FindError::Missing { hint: "", .. })
+        ));
+    }
+
+    #[test]
+    fn an_unwritable_log_denies_and_tells_the_audit_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.jsonl");
+        // Rotation will fail: the old file's place is a directory.
+        std::fs::create_dir_all(rotated(&path, 1).join("x")).unwrap();
+        let limits = Limits {
+            max_bytes: MAX_LINE as u64,
+            keep: 1,
+            audit_per_sec: 0,
+        };
+        let (emit, seen) = sink();
+        let mut log = DecisionLog::open(&path, limits, emit).unwrap();
+        let failed = (0..1000)
+            .map(|_| log.record(entry(Action::Allow)))
+            .position(|r| r.is_err())
+            .expect("the rotation never failed");
+        let seen = seen.lock().unwrap();
+        let (t, v) = &seen[seen.len() - 2];
+        assert_eq!(*t, EventType::PolicyDeny);
+        assert_eq!(v["unrecorded"], true);
+        assert_eq!(v["decision_entry"], failed as u64 + 1);
+        assert!(std::fs::read_to_string(&path).unwrap().ends_with('\n'));
     }
 }

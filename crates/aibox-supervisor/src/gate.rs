@@ -209,6 +209,19 @@ impl Gate {
     /// Starts the dispatcher, which takes held execs off the listeners,
     /// and `workers` threads deciding them.
     pub fn serve(self: &Arc<Self>, workers: usize) -> std::io::Result<()> {
+        // Summaries of decisions held back from the audit log go out
+        // within a second, not only when the next decision comes.
+        let g = self.clone();
+        std::thread::Builder::new()
+            .name("exec-gate-summaries".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                    if let Ok(mut l) = g.log.lock() {
+                        l.tick();
+                    }
+                }
+            })?;
         let (tx, rx) = std::sync::mpsc::sync_channel::<(Arc<OwnedFd>, Notification)>(64);
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..workers.max(1) {
@@ -429,6 +442,7 @@ impl Gate {
             reason: d.reason.clone(),
             duration_us: t0.elapsed().as_micros() as u64,
             inputs,
+            truncated: false,
         }
     }
 

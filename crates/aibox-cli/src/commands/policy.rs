@@ -378,6 +378,11 @@ fn explain(
             );
             println!("reason:     {}", clean(&e.reason));
             println!("policy:     {}", e.policy_version);
+            if e.truncated {
+                println!(
+                    "note:       the logged arguments were shortened to fit the log; they are decided again as logged"
+                );
+            }
             for (i, inp) in e.inputs.iter().enumerate() {
                 let what = if i == 0 { "decided on" } else { "also decided" };
                 println!("{what}: {} sha256:{}", clean(&inp.exe), inp.exe_sha256);

@@ -245,10 +245,11 @@ gated_backends!(
         let p = c.dir.path().join("org-policy.yaml");
         std::fs::write(&p, POLICY).unwrap();
         c.add_config(&format!(
-        "policy:\n  org_baseline_path: {}\n  decision_log_max_size: 16k\n  decision_log_keep: 2\n  audit_decisions_per_sec: 5\n",
+        "policy:\n  org_baseline_path: {}\n  decision_log_max_size: 64k\n  decision_log_keep: 2\n  audit_decisions_per_sec: 5\n",
         p.display()
     ));
         let ws = c.ws.display().to_string();
+        let t0 = std::time::Instant::now();
         let o = c.out(&[
         "run",
         "-w",
@@ -258,10 +259,11 @@ gated_backends!(
         "--",
         "sh",
         "-c",
-        "i=0; while [ $i -lt 400 ]; do /bin/true; i=$((i+1)); done; curl --version; echo done $i",
+        "i=0; while [ $i -lt 600 ]; do /bin/true; i=$((i+1)); done; curl --version; echo done $i",
     ]);
         let (out, err) = (stdout(&o), stderr(&o));
-        assert!(out.contains("done 400"), "{out}\n{err}");
+        let secs = t0.elapsed().as_secs() + 1;
+        assert!(out.contains("done 600"), "{out}\n{err}");
         assert!(
             err.contains("blocked by policy rule tools.rules[0]"),
             "{err}"
@@ -271,12 +273,12 @@ gated_backends!(
         let cur = dir.join("flood.jsonl");
         for f in [&cur, &dir.join("flood.jsonl.1"), &dir.join("flood.jsonl.2")] {
             let len = std::fs::metadata(f).unwrap().len();
-            assert!(len <= 16 << 10, "{f:?}: {len}");
+            assert!(len <= 64 << 10, "{f:?}: {len}");
         }
         assert!(!dir.join("flood.jsonl.3").exists());
         let log = decisions(&c, "flood");
         let last = log.last().unwrap()["entry"].as_u64().unwrap();
-        assert!(last > 400, "{last}");
+        assert!(last > 600, "{last}");
         let denial = log
             .iter()
             .find(|e| e["decision"] == "deny")
@@ -299,7 +301,13 @@ gated_backends!(
             .iter()
             .filter(|e| e["details"]["summary"] != true)
             .count();
-        assert!(singles < 200, "{singles} decisions mirrored one by one");
+        // (A burst of 50 allows and 50 denials, then 5 a second of each.)
+        let bound = 2 * (50 + 5 * secs);
+        assert!(
+            singles as u64 <= bound,
+            "{singles} decisions mirrored one by one in {secs} s"
+        );
+        assert!(bound < 600, "too slow to tell: {secs} s");
         assert!(
             mirrored.iter().any(|e| e["details"]["summary"] == true),
             "no summary: {mirrored:#?}"
