@@ -720,11 +720,11 @@ fn validate(
             "write digits with an optional k/m/g/t suffix, e.g. 64m",
         ));
     }
-    if c.policy.decision_log_keep == 0 {
+    if !(1..=1000).contains(&c.policy.decision_log_keep) {
         return Err(bad(
             "policy.decision_log_keep",
-            "at least one rotated file is kept",
-            "give a number of files of 1 or more (default 8)",
+            "between 1 and 1000 rotated files are kept",
+            "give a number of files from 1 to 1000 (default 8)",
         ));
     }
     if c.credentials.mode == CredentialMode::Vault && c.credentials.vault_addr.is_empty() {

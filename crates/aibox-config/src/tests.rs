@@ -119,6 +119,7 @@ fn semantic_checks() {
     for bad in [
         "policy:\n  decision_log_max_size: 16k\n",
         "policy:\n  decision_log_keep: 0\n",
+        "policy:\n  decision_log_keep: 4000000000\n",
         "policy:\n  decision_log_path: /tmp/d.jsonl\n",
         "policy:\n  hot_reload_secs: 30\n",
     ] {

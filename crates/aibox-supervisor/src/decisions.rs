@@ -261,21 +261,41 @@ fn cut(s: &mut String, max: usize) -> bool {
 }
 
 /// Shortens each string of `v` to `each` bytes and the list to `total`
-/// bytes (the rest replaced by one `…(N more)`); whether it did.
+/// bytes, counting each item's quotes and comma (the rest replaced by
+/// one `…(N more)`, counts from an earlier cut carried on); whether it
+/// did.
 fn cut_list(v: &mut Vec<String>, each: usize, total: usize) -> bool {
+    let earlier = v
+        .last()
+        .and_then(|s| s.strip_prefix("…("))
+        .and_then(|s| s.strip_suffix(" more)"))
+        .and_then(|n| n.parse::<usize>().ok());
+    if earlier.is_some() {
+        v.pop();
+    }
     let mut changed = false;
     let mut used = 0;
+    let mut cut_at = None;
     for (i, s) in v.iter_mut().enumerate() {
         changed |= cut(s, each);
-        used += s.len();
+        used += s.len() + 4;
         if used > total {
-            let more = v.len() - i;
-            v.truncate(i);
-            v.push(format!("…({more} more)"));
-            return true;
+            cut_at = Some(i);
+            break;
         }
     }
-    changed
+    let more = match cut_at {
+        Some(i) => {
+            let more = v.len() - i;
+            v.truncate(i);
+            more
+        }
+        None => 0,
+    } + earlier.unwrap_or(0);
+    if more > 0 {
+        v.push(format!("…({more} more)"));
+    }
+    changed || cut_at.is_some()
 }
 
 /// `e` as one line of at most [`MAX_LINE`] bytes (newline included),
@@ -302,6 +322,8 @@ fn line_of(e: &mut LogEntry) -> std::io::Result<String> {
             break;
         }
         let mut changed = cut(&mut e.command, total);
+        changed |= cut(&mut e.reason, total);
+        changed |= cut(&mut e.rule, each);
         for i in &mut e.inputs {
             changed |= cut_list(&mut i.argv, each, total);
             changed |= cut_list(&mut i.env_names, each, total);
@@ -489,14 +511,30 @@ impl DecisionLog {
         e.entry = self.next;
         let r = self.write(&mut e);
         if let Err(err) = &r {
+            // (No entry number: none was used. The denial goes through the
+            // denials' budget, its arguments cut like a logged line's.)
+            e.entry = 0;
+            if let Some(i) = e.inputs.first_mut() {
+                cut_list(&mut i.argv, 512, 4096);
+            }
             let mut v = self.details(&e);
             v["unrecorded"] = json!(true);
+            v["decision_entry"] = serde_json::Value::Null;
             v["reason"] = json!(format!(
                 "denied: the decision log cannot be written ({err}); it would have been {} ({})",
                 json!(e.decision),
                 e.reason
             ));
-            self.emit_as(Action::Deny, v);
+            let (now, denied) = (
+                Instant::now(),
+                LogEntry {
+                    decision: Action::Deny,
+                    ..e
+                },
+            );
+            if self.throttle.admit(&denied, now) {
+                self.emit_as(Action::Deny, v);
+            }
             return Err(std::io::Error::new(err.kind(), err.to_string()));
         }
         self.next += 1;
@@ -537,6 +575,18 @@ impl DecisionLog {
     /// and starts an empty current file.
     fn rotate(&mut self) -> std::io::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
+        if !self.path.exists() {
+            // (An earlier rotation renamed it and could not make a new
+            // one: nothing to shift.)
+            self.file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .read(true)
+                .mode(0o600)
+                .open(&self.path)?;
+            self.size = 0;
+            return Ok(());
+        }
         for (i, f) in rotated_files(&self.path)?.into_iter().rev() {
             if i >= self.limits.keep {
                 std::fs::remove_file(f)?;
@@ -544,7 +594,12 @@ impl DecisionLog {
                 std::fs::rename(f, rotated(&self.path, i + 1))?;
             }
         }
-        std::fs::rename(&self.path, rotated(&self.path, 1))?;
+        // (A rotation cut short after this rename left no current file:
+        // the next one just makes it.)
+        match std::fs::rename(&self.path, rotated(&self.path, 1)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         self.file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -666,8 +721,11 @@ pub fn find(path: &Path, n: u64) -> Result<LogEntry, FindError> {
     if files.is_empty() {
         return Err(io(path, std::io::Error::from(std::io::ErrorKind::NotFound)));
     }
-    // Newest file first: the first one starting at or before n holds it.
+    // Newest file first: the first one starting at or before n is the
+    // only one that can hold it (the others' first lines are still read
+    // for the message).
     let (mut first, mut last) = (None, None);
+    let mut searched = false;
     for f in &files {
         let start = first_entry(f).map_err(|e| io(f, e))?;
         if last.is_none() {
@@ -676,7 +734,9 @@ pub fn find(path: &Path, n: u64) -> Result<LogEntry, FindError> {
         if start.is_some() {
             first = start;
         }
-        if start.is_some_and(|s| s <= n) {
+        let candidate = start.is_some_and(|s| s <= n) && last.is_some_and(|l| n <= l);
+        if candidate && !searched {
+            searched = true;
             let file = File::open(f).map_err(|e| io(f, e))?;
             for line in std::io::BufReader::new(file).split(b'\n') {
                 let line = line.map_err(|e| io(f, e))?;
@@ -686,7 +746,6 @@ pub fn find(path: &Path, n: u64) -> Result<LogEntry, FindError> {
                     return Ok(e);
                 }
             }
-            // (Not there: the oldest kept is still wanted for the message.)
         }
     }
     let (Some(first), Some(last)) = (first, last) else {
@@ -927,6 +986,23 @@ mod tests {
     }
 
     #[test]
+    fn many_empty_arguments_fit_and_are_counted() {
+        let mut e = entry(Action::Allow);
+        e.inputs[0].argv = vec![String::new(); 100_000];
+        let line = line_of(&mut e).unwrap();
+        assert!(line.len() <= MAX_LINE);
+        let argv = &e.inputs[0].argv;
+        let more: usize = argv
+            .last()
+            .and_then(|s| s.strip_prefix("…("))
+            .and_then(|s| s.strip_suffix(" more)"))
+            .and_then(|n| n.parse().ok())
+            .unwrap();
+        assert_eq!(argv.len() - 1 + more, 100_000);
+        assert!(e.truncated);
+    }
+
+    #[test]
     fn gaps_and_a_lowered_keep_are_handled() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.jsonl");
@@ -991,7 +1067,12 @@ mod tests {
         let (t, v) = &seen[seen.len() - 2];
         assert_eq!(*t, EventType::PolicyDeny);
         assert_eq!(v["unrecorded"], true);
-        assert_eq!(v["decision_entry"], failed as u64 + 1);
+        assert!(v["decision_entry"].is_null());
+        drop(seen);
         assert!(std::fs::read_to_string(&path).unwrap().ends_with('\n'));
+        // Once the obstacle is gone, numbering goes on without a hole or
+        // a repeat.
+        std::fs::remove_dir_all(rotated(&path, 1)).unwrap();
+        assert_eq!(log.record(entry(Action::Allow)).unwrap(), failed as u64 + 1);
     }
 }

@@ -34,7 +34,11 @@ pub fn run(cli_config: Option<PathBuf>, cmd: AuditCmd) -> Result<i32> {
             if let Ok(entries) = std::fs::read_dir(&dir) {
                 for e in entries.flatten() {
                     let p = e.path();
-                    if p.extension().is_some_and(|x| x == "jsonl") {
+                    // (A decision log an earlier aibox kept here,
+                    // `<name>.decisions.jsonl`, is not a chained log.)
+                    if p.extension().is_some_and(|x| x == "jsonl")
+                        && !aibox_supervisor::decisions::is_decision_log(&p)
+                    {
                         let n = p
                             .file_stem()
                             .map(|s| s.to_string_lossy().into_owned())

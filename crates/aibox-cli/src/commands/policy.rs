@@ -303,6 +303,9 @@ fn explain(
     };
     let audit = aibox_supervisor::client::audit_log_path(&loaded.data_dir(), &sandbox);
     let log = aibox_supervisor::decisions::path_for(&audit);
+    // (Where an earlier aibox kept it, it moves first.)
+    aibox_supervisor::decisions::migrate_legacy(&audit)
+        .with_context(|| format!("moving the old decision log to {}", log.display()))?;
     let e = aibox_supervisor::decisions::find(&log, n).map_err(|e| match e {
         aibox_supervisor::decisions::FindError::Io { .. } => anyhow::anyhow!(
             "{e}: no decision log for sandbox `{sandbox}`; name the sandbox with --name"
