@@ -65,6 +65,9 @@ pub enum Command {
     /// Policy tiers: validate, show the merged policy, dry-run a command.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Credentials kept on the host (sandboxes never get them as such).
+    #[command(subcommand)]
+    Auth(AuthCmd),
     /// Build and list sandbox images (for the podman and docker backends).
     #[command(subcommand)]
     Image(ImageCmd),
@@ -83,6 +86,38 @@ pub enum Command {
         /// Sandbox name (lets `stop` find a supervisor whose runtime directory vanished).
         name: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuthCmd {
+    /// Store a credential. The value is read from a hidden prompt, or
+    /// from standard input when it is not a terminal; never from the
+    /// command line.
+    Add(AuthAddArgs),
+    /// List stored credentials: name, type, host, source, created,
+    /// expires (never their values).
+    List(FormatArg),
+    /// Remove a stored credential.
+    Remove {
+        /// Its name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct AuthAddArgs {
+    /// `git-token`, `llm-api-key`, `mirror-token`, or a name of your own
+    /// (which needs --host).
+    pub name: String,
+    /// The host the credential may be sent to, e.g. github.com.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Stop handing it out after this long (e.g. 30d, 12h).
+    #[arg(long, value_name = "DURATION")]
+    pub expires_in: Option<String>,
+    /// Replace a stored credential of the same name.
+    #[arg(long)]
+    pub replace: bool,
 }
 
 #[derive(Debug, Args)]

@@ -689,7 +689,12 @@ fn validate(
             "remove the setting (53)",
         ));
     }
-    for key in ["paths.data_dir", "paths.runtime_dir", "sandbox.rootfs"] {
+    for key in [
+        "paths.data_dir",
+        "paths.runtime_dir",
+        "sandbox.rootfs",
+        "credentials.key_path",
+    ] {
         let v = values.get(key).and_then(Value::as_str).unwrap_or_default();
         if !v.is_empty() && !v.starts_with('/') {
             return Err(bad(

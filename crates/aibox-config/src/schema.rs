@@ -387,6 +387,13 @@ pub struct Credentials {
     pub spiffe_trust_domain: String,
     /// SPIFFE workload API socket.
     pub spiffe_socket_path: String,
+    /// Whether the encrypted file's key is wrapped by a passphrase, and
+    /// where it comes from: `none`, `prompt` (the terminal) or `env`
+    /// (`AIBOX_PASSPHRASE`).
+    pub passphrase: PassphraseSource,
+    /// The encrypted file's key file (default: `credentials.key` beside
+    /// the user config file; never in the data directory with the store).
+    pub key_path: String,
 }
 
 impl Default for Credentials {
@@ -396,8 +403,22 @@ impl Default for Credentials {
             vault_addr: String::new(),
             spiffe_trust_domain: String::new(),
             spiffe_socket_path: String::new(),
+            passphrase: PassphraseSource::None,
+            key_path: String::new(),
         }
     }
+}
+
+/// Where the credential store's passphrase comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PassphraseSource {
+    /// The key is not wrapped.
+    None,
+    /// Asked on the terminal.
+    Prompt,
+    /// The `AIBOX_PASSPHRASE` environment variable.
+    Env,
 }
 
 /// Credential modes.

@@ -1,6 +1,7 @@
 //! One module per command family.
 
 mod audit;
+mod auth;
 mod config;
 mod doctor;
 pub(crate) mod hook;
@@ -32,6 +33,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Command::Network(a) => network::run(cli.config, a),
         Command::Policy(a) => policy::run(cli.config, a),
         Command::Image(a) => image::run(cli.config, a),
+        Command::Auth(a) => auth::run(cli.config, a),
         Command::Update { engine } => image::update(cli.config, engine),
         Command::Repair(crate::args::RepairCmd::Cache { engine }) => {
             image::repair_cache(cli.config, engine)

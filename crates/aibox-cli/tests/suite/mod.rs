@@ -2,6 +2,7 @@ mod agent;
 mod audit;
 mod common;
 mod configs;
+mod credentials;
 mod gate;
 mod image;
 mod input;
