@@ -83,7 +83,7 @@ pub enum Error {
     },
     /// The key file belongs to another store.
     #[error(
-        "the key file {key} is not the key of {store} (key ids differ); point credentials.key_path at the right key file (nothing was changed)"
+        "the key file {key} does not open {store} (key ids differ: a key file of another store, or the store's key id was changed); point credentials.key_path at the right key file, or restore the store from a backup (nothing was changed)"
     )]
     WrongKey {
         /// The store.
@@ -143,6 +143,13 @@ struct KeyFile {
     nonce: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     wrapped: Option<String>,
+}
+
+impl Drop for KeyFile {
+    fn drop(&mut self) {
+        self.key.zeroize();
+        self.wrapped.zeroize();
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone)]
@@ -248,6 +255,7 @@ impl FileStore {
     /// Stores `secret` as `meta.name` (replacing one of that name only
     /// when `replace`). Creates the key file on first use.
     pub fn put(&self, meta: Meta, secret: Secret, replace: bool) -> Result<(), Error> {
+        let _lock = self.lock()?;
         let (dek, mut c) = match self.load()? {
             Some(x) => x,
             None => (self.new_key()?, Contents::default()),
@@ -269,6 +277,7 @@ impl FileStore {
 
     /// Removes `name`; whether it was there.
     pub fn remove(&self, name: &str) -> Result<bool, Error> {
+        let _lock = self.lock()?;
         let Some((dek, mut c)) = self.load()? else {
             return Ok(false);
         };
@@ -279,6 +288,33 @@ impl FileStore {
         }
         self.save(&dek, &c)?;
         Ok(true)
+    }
+
+    /// Holds `store.lock` beside the store until dropped, so that two
+    /// writers (two `aibox auth add` at once) cannot each save a set
+    /// without the other's change.
+    fn lock(&self) -> Result<nix::fcntl::Flock<std::fs::File>, Error> {
+        let mut p = self.store.as_os_str().to_owned();
+        p.push(".lock");
+        let p = PathBuf::from(p);
+        private_dir(&p)?;
+        check_dir(&p)?;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&p)
+            .map_err(io("opening", &p))?;
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| {
+            Error::Io {
+                what: "locking",
+                path: p,
+                source: std::io::Error::from(e),
+            }
+        })
     }
 
     /// The data key and contents; None when neither file exists yet.
@@ -460,11 +496,20 @@ impl FileStore {
     }
 
     fn save(&self, dek: &DataKey, c: &Contents) -> Result<(), Error> {
-        let plain = Zeroizing::new(serde_json::to_vec(c).map_err(|e| Error::Io {
+        // (Sized generously up front: a growing buffer would leave copies
+        // of the values behind.)
+        let size: usize = c
+            .entries
+            .iter()
+            .map(|e| 2 * e.secret.len() + 1024)
+            .sum::<usize>()
+            + 64;
+        let mut plain = Zeroizing::new(Vec::with_capacity(size));
+        serde_json::to_writer(&mut *plain, c).map_err(|e| Error::Io {
             what: "encoding",
             path: self.store.clone(),
             source: std::io::Error::other(e),
-        })?);
+        })?;
         let mut nonce = [0u8; 12];
         random(&mut nonce)?;
         let id = key_id(dek);
@@ -557,9 +602,12 @@ fn parse_key(path: &Path, bytes: &[u8]) -> Result<KeyFile, Error> {
 /// file of ours that nobody else can read or write.
 fn read_private(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>>, Error> {
     use std::io::Read;
+    check_dir(path)?;
+    // (Non-blocking: a FIFO planted in its place must not hang us; it is
+    // refused below as not a regular file.)
     let f = match std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
     {
         Ok(f) => f,
@@ -580,11 +628,44 @@ fn read_private(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>>, Error> {
             detail: format!("{} bytes is too large", m.len()),
         });
     }
-    let mut buf = Zeroizing::new(Vec::new());
+    // (Sized up front: a growing buffer would leave copies behind.)
+    let mut buf = Zeroizing::new(Vec::with_capacity(m.len() as usize + 1));
     f.take(MAX_FILE)
         .read_to_end(&mut buf)
         .map_err(io("reading", path))?;
     Ok(Some(buf))
+}
+
+/// The directory holding `path` must be ours and writable by nobody
+/// else: someone who can rename files in it could roll the store back to
+/// an older copy (the same key still opens it) or delete it.
+fn check_dir(path: &Path) -> Result<(), Error> {
+    let Some(dir) = path.parent() else {
+        return Ok(());
+    };
+    let m = match std::fs::metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io("checking the directory of", path)(e)),
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    if m.uid() != me && m.uid() != 0 {
+        return Err(Error::NotPrivate {
+            path: dir.to_path_buf(),
+            why: format!("belongs to uid {}, not to you", m.uid()),
+        });
+    }
+    if m.permissions().mode() & 0o022 != 0 {
+        return Err(Error::NotPrivate {
+            path: dir.to_path_buf(),
+            why: format!(
+                "can be written by others (mode {:04o}; run `chmod go-w {}`)",
+                m.permissions().mode() & 0o7777,
+                dir.display()
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn check_private(path: &Path, m: &std::fs::Metadata) -> Result<(), Error> {
@@ -640,10 +721,11 @@ fn write_new(path: &Path, body: &[u8]) -> Result<(), Error> {
 /// renamed over it).
 fn replace_file(path: &Path, body: &[u8]) -> Result<(), Error> {
     private_dir(path)?;
+    let mut suffix = [0u8; 8];
+    random(&mut suffix)?;
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp-{}", std::process::id()));
+    tmp.push(format!(".tmp-{}", hex::encode(suffix)));
     let tmp = PathBuf::from(tmp);
-    let _ = std::fs::remove_file(&tmp);
     let r = (|| {
         let mut f = std::fs::OpenOptions::new()
             .write(true)

@@ -61,13 +61,20 @@ fn add(
                 .with_context(|| {
                     format!("--expires-in `{d}` is not a duration: write e.g. 30d, 12h or 90m")
                 })
-                .map(|d| humantime::format_rfc3339_seconds(now + d).to_string())
+                .and_then(|d| {
+                    now.checked_add(d)
+                        .context("--expires-in is too far in the future")
+                })
+                .map(|t| humantime::format_rfc3339_seconds(t).to_string())
         })
         .transpose()?;
     // Everything about the command is checked before the value is asked
     // for, and the store is opened (passphrase included) before that too.
     let store = open(loaded, sources, true)?;
-    if !a.replace && store.list()?.iter().any(|m| m.name == a.name) {
+    // (Read even with --replace: a wrong passphrase or a damaged store
+    // shows before the value is typed.)
+    let stored = store.list()?;
+    if !a.replace && stored.iter().any(|m| m.name == a.name) {
         bail!(
             "a credential named `{}` is stored already; pass --replace to replace it",
             a.name
@@ -160,18 +167,15 @@ fn open(
     } else {
         PathBuf::from(&c.key_path)
     };
-    let same = |a: &std::path::Path, b: &std::path::Path| {
-        let canon = |p: &std::path::Path| {
-            p.parent()
-                .map(|d| std::fs::canonicalize(d).unwrap_or_else(|_| d.to_path_buf()))
-        };
-        canon(a) == canon(b)
-    };
-    if same(&store, &key) {
+    // The key must not live with what it encrypts: nowhere under the
+    // data directory (compared after resolving `..` and symbolic links
+    // of the parts that exist).
+    let data = normalise(&loaded.data_dir());
+    if normalise(&key).starts_with(&data) {
         bail!(
-            "the credential key file {} would sit in the same directory as the store {}; set credentials.key_path to a file elsewhere (the key must be kept apart from what it encrypts)",
+            "the credential key file {} would be kept in the data directory {} with the store it encrypts; set credentials.key_path to a file outside it",
             key.display(),
-            store.display()
+            data.display()
         );
     }
     let probe = FileStore::new(store.clone(), key.clone(), None);
@@ -189,6 +193,46 @@ fn open(
         }
     };
     Ok(FileStore::new(store, key, passphrase))
+}
+
+/// `p` made absolute with `..` and `.` resolved, through the symbolic
+/// links of its longest existing prefix.
+fn normalise(p: &std::path::Path) -> PathBuf {
+    use std::path::Component;
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(p)
+    };
+    let mut out = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    // Resolve the longest prefix that exists.
+    let mut rest = Vec::new();
+    let mut head = out.clone();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(&head) {
+            let mut r = real;
+            for part in rest.iter().rev() {
+                r.push(part);
+            }
+            return r;
+        }
+        match (head.file_name().map(|f| f.to_os_string()), head.parent()) {
+            (Some(f), Some(parent)) => {
+                rest.push(f);
+                head = parent.to_path_buf();
+            }
+            _ => return out,
+        }
+    }
 }
 
 fn prompt_passphrase(new: bool) -> Result<Secret> {
@@ -213,7 +257,8 @@ fn prompt_passphrase(new: bool) -> Result<Secret> {
 /// The value: a hidden prompt on a terminal, else all of standard input
 /// (one trailing newline dropped).
 fn read_secret(name: &str) -> Result<Secret> {
-    let mut value = Zeroizing::new(String::new());
+    // (Sized up front: a growing buffer would leave copies behind.)
+    let mut value = Zeroizing::new(String::with_capacity(MAX_SECRET as usize + 2));
     if std::io::stdin().is_terminal() {
         *value = rpassword::prompt_password(format!("value for `{name}` (not shown): "))
             .context("reading the value from the terminal")?;

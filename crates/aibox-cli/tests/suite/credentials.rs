@@ -172,15 +172,32 @@ both_modes!(damage_is_reported_and_changes_nothing, |c: Ctx| {
     assert!(!key(&c).exists());
     assert_eq!(std::fs::read(store(&c)).unwrap(), good);
     std::fs::write(key(&c), &k).unwrap();
+    std::fs::set_permissions(key(&c), std::fs::Permissions::from_mode(0o600)).unwrap();
     if let Some((uid, gid)) = c.as_user {
         nix::unistd::chown(&key(&c), Some(uid.into()), Some(gid.into())).unwrap();
     }
-    // Files others can read are refused until fixed.
+    ok(&c.out(&["auth", "list"]));
+    // Files others can read are refused until fixed, each by name.
     for f in [store(&c), key(&c)] {
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
-        fails_with(&c.out(&["auth", "list"]), "chmod 600");
+        let o = c.out(&["auth", "list"]);
+        fails_with(&o, "chmod 600");
+        fails_with(&o, &f.display().to_string());
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
+    ok(&c.out(&["auth", "list"]));
+    // So is a store directory others can write (they could put an older
+    // store back), and a store that is a symbolic link.
+    let dir = c.data.join("credentials");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    fails_with(&c.out(&["auth", "list"]), "can be written by others");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let moved = c.dir.path().join("store-elsewhere");
+    std::fs::rename(store(&c), &moved).unwrap();
+    std::os::unix::fs::symlink(&moved, store(&c)).unwrap();
+    fails_with(&c.out(&["auth", "list"]), "symbolic link");
+    std::fs::remove_file(store(&c)).unwrap();
+    std::fs::rename(&moved, store(&c)).unwrap();
     ok(&c.out(&["auth", "list"]));
 });
 
@@ -198,6 +215,11 @@ both_modes!(a_passphrase_wraps_the_key, |mut c: Ctx| {
     c.clear_env();
     c.env("AIBOX_PASSPHRASE", "wrong horse");
     fails_with(&c.out(&["auth", "list"]), "wrong passphrase");
+    // Before the value is read, even when replacing.
+    fails_with(
+        &with_input(&c, &["auth", "add", "llm-api-key", "--replace"], "new"),
+        "wrong passphrase",
+    );
     c.clear_env();
     fails_with(&c.out(&["auth", "list"]), "AIBOX_PASSPHRASE");
     // Asked on a terminal when configured so; there is none here.
@@ -208,4 +230,65 @@ both_modes!(a_passphrase_wraps_the_key, |mut c: Ctx| {
     )
     .unwrap();
     fails_with(&c.out(&["auth", "list"]), "no terminal");
+});
+
+both_modes!(the_key_is_kept_apart_and_passphrases_match, |c: Ctx| {
+    // A key file in the data directory, with the store, is refused.
+    let inside = c.data.join("keys/credentials.key");
+    c.add_config(&format!(
+        "credentials:\n  key_path: {}/../data/./keys/credentials.key\n",
+        c.data.display()
+    ));
+    fails_with(
+        &with_input(
+            &c,
+            &["auth", "add", "git-token", "--host", "github.com"],
+            "v",
+        ),
+        "data directory",
+    );
+    assert!(!inside.exists());
+    // An unprotected key with a passphrase configured is an error, not a
+    // silent downgrade.
+    let text = std::fs::read_to_string(&c.config).unwrap();
+    let cut = text.find("credentials:").unwrap();
+    std::fs::write(&c.config, &text[..cut]).unwrap();
+    ok(&with_input(
+        &c,
+        &["auth", "add", "git-token", "--host", "github.com"],
+        "v",
+    ));
+    let mut c = c;
+    c.add_config("credentials:\n  passphrase: env\n");
+    c.env("AIBOX_PASSPHRASE", "anything");
+    fails_with(&c.out(&["auth", "list"]), "not passphrase-protected");
+});
+
+both_modes!(concurrent_adds_lose_nothing, |c: Ctx| {
+    // Eight writers at once: without the lock, the last rename wins and
+    // entries vanish.
+    let children: Vec<_> = (0..8)
+        .map(|i| {
+            let mut child = c
+                .aibox(&["auth", "add", &format!("c{i}"), "--host", "h.example.org"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(format!("value-{i}").as_bytes())
+                .unwrap();
+            child
+        })
+        .collect();
+    for child in children {
+        ok(&child.wait_with_output().unwrap());
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&c.out(&["auth", "list", "--format", "json"]))).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 8, "{v:#}");
 });
