@@ -339,6 +339,28 @@ impl Ctx {
         self.aibox(args).stdin(Stdio::null()).output().unwrap()
     }
 
+    /// `aibox ARGS` started with `input` on its standard input (then
+    /// closed), its output captured.
+    pub fn spawn_with_input(&self, args: &[&str], input: &[u8]) -> std::process::Child {
+        use std::io::Write;
+        let mut child = self
+            .aibox(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child
+    }
+
+    /// The same, waited for.
+    pub fn out_with_input(&self, args: &[&str], input: &[u8]) -> Output {
+        self.spawn_with_input(args, input)
+            .wait_with_output()
+            .unwrap()
+    }
+
     /// `aibox run -w WS -- sh -c SCRIPT`.
     pub fn sh(&self, script: &str) -> Output {
         let ws = self.ws.display().to_string();

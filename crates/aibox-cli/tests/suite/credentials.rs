@@ -3,9 +3,8 @@
 //! input only, never appear in either file or in any output, and every
 //! kind of damage is a clear error that changes nothing.
 
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Output, Stdio};
+use std::process::Output;
 
 use super::common::*;
 
@@ -13,20 +12,7 @@ const TOKEN: &str = "ghp_S3cr3tT0k3nValue0123456789";
 
 /// `aibox ARGS` with `input` on standard input.
 fn with_input(c: &Ctx, args: &[&str], input: &str) -> Output {
-    let mut child = c
-        .aibox(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    c.out_with_input(args, input.as_bytes())
 }
 
 fn store(c: &Ctx) -> std::path::PathBuf {
@@ -269,20 +255,10 @@ both_modes!(concurrent_adds_lose_nothing, |c: Ctx| {
     // entries vanish.
     let children: Vec<_> = (0..8)
         .map(|i| {
-            let mut child = c
-                .aibox(&["auth", "add", &format!("c{i}"), "--host", "h.example.org"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(format!("value-{i}").as_bytes())
-                .unwrap();
-            child
+            c.spawn_with_input(
+                &["auth", "add", &format!("c{i}"), "--host", "h.example.org"],
+                format!("value-{i}").as_bytes(),
+            )
         })
         .collect();
     for child in children {

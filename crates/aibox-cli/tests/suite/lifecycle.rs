@@ -1,6 +1,5 @@
 //! start / exec / status / list / stop / run, signals, and teardown.
 
-use std::io::Write;
 use std::process::Stdio;
 
 use super::common::*;
@@ -24,8 +23,8 @@ all_backends!(exit_codes_and_stdin_pass_through, |c: Ctx| {
     let o = c.sh("kill -TERM $$");
     assert_eq!(o.status.code(), Some(128 + 15));
     let ws = c.ws.display().to_string();
-    let mut child = c
-        .aibox(&[
+    let o = c.out_with_input(
+        &[
             "run",
             "-w",
             &ws,
@@ -33,36 +32,17 @@ all_backends!(exit_codes_and_stdin_pass_through, |c: Ctx| {
             "sh",
             "-c",
             "tr a-z A-Z; echo err >&2",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"from stdin\n")
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
+        ],
+        b"from stdin\n",
+    );
     assert_eq!(stdout(&o), "FROM STDIN\n");
     assert!(stderr(&o).contains("err"));
     // stdin through exec as well.
     let name = start(&c, "stdin");
-    let mut child = c
-        .aibox(&["exec", "--name", &name, "--", "wc", "-c"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(&[b'x'; 100_000])
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
+    let o = c.out_with_input(
+        &["exec", "--name", &name, "--", "wc", "-c"],
+        &[b'x'; 100_000],
+    );
     assert_eq!(stdout(&o).trim(), "100000");
     ok(&c.out(&["stop", "--name", &name]));
     let o = c.out(&["run", "-w", &ws, "--", "no-such-program"]);
