@@ -622,6 +622,15 @@ pub fn run(cli_config: Option<PathBuf>, a: RunArgs) -> Result<i32> {
     Ok(code)
 }
 
+/// The default sandbox name for the current directory.
+pub(crate) fn default_name() -> String {
+    let cwd = std::env::current_dir()
+        .ok()
+        .and_then(|d| std::fs::canonicalize(d).ok())
+        .unwrap_or_default();
+    aibox_core::default_sandbox_name(&aibox_core::current_user(), &cwd)
+}
+
 /// Resolves `--name` (or the implicit choice) to paths of a running sandbox.
 pub(crate) fn target(
     cli_config: Option<PathBuf>,
@@ -634,14 +643,7 @@ pub(crate) fn target(
             aibox_core::validate_name(n).map_err(anyhow::Error::msg)?;
             n.clone()
         }
-        None => {
-            let cwd = std::env::current_dir()
-                .ok()
-                .and_then(|d| std::fs::canonicalize(d).ok())
-                .unwrap_or_default();
-            let default = aibox_core::default_sandbox_name(&aibox_core::current_user(), &cwd);
-            client::resolve_name(&rt, &data, &default)?
-        }
+        None => client::resolve_name(&rt, &data, &default_name())?,
     };
     let paths = SandboxPaths::new(&rt, &data, &name);
     Ok((loaded, paths))

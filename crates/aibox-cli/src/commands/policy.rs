@@ -293,13 +293,7 @@ fn explain(
             aibox_core::validate_name(s).map_err(anyhow::Error::msg)?;
             s.clone()
         }
-        None => {
-            let cwd = std::env::current_dir()
-                .ok()
-                .and_then(|d| std::fs::canonicalize(d).ok())
-                .unwrap_or_default();
-            aibox_core::default_sandbox_name(&aibox_core::current_user(), &cwd)
-        }
+        None => super::lifecycle::default_name(),
     };
     let audit = aibox_supervisor::client::audit_log_path(&loaded.data_dir(), &sandbox);
     let log = aibox_supervisor::decisions::path_for(&audit);
