@@ -91,7 +91,7 @@ impl Secret {
     pub fn new(s: String) -> Secret {
         Secret(s)
     }
-    fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
     /// Whether it is empty.
@@ -333,7 +333,7 @@ impl Gateway {
                 client: Arc::new(client),
             });
         }
-        let (ca_pem, server) = certificates(&names)?;
+        let (ca_pem, server) = certificates(&names, "aibox sandbox LLM gateway CA")?;
         Ok(Gateway {
             spec,
             upstreams,
@@ -992,19 +992,22 @@ fn usage(head: &[u8], tail: &[u8]) -> (Option<u64>, Option<u64>) {
     (input, output)
 }
 
-fn crypto() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn crypto() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// A CA that may only sign `names` (name constraints), and a certificate
 /// for all of them; the CA's key exists only in this process.
-fn certificates(names: &[String]) -> Result<(String, Arc<rustls::ServerConfig>), GatewayError> {
+pub(crate) fn certificates(
+    names: &[String],
+    common_name: &str,
+) -> Result<(String, Arc<rustls::ServerConfig>), GatewayError> {
     let err = |e: rcgen::Error| GatewayError::Ca(e.to_string());
     let ca_key = rcgen::KeyPair::generate().map_err(err)?;
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(err)?;
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
     ca.distinguished_name
-        .push(rcgen::DnType::CommonName, "aibox sandbox LLM gateway CA");
+        .push(rcgen::DnType::CommonName, common_name);
     ca.key_usages = vec![
         rcgen::KeyUsagePurpose::KeyCertSign,
         rcgen::KeyUsagePurpose::CrlSign,

@@ -14,6 +14,7 @@ pub mod dns;
 pub mod forward;
 pub mod gateway;
 pub mod host;
+pub mod inject;
 pub mod probe;
 pub mod proxy;
 pub mod rules;

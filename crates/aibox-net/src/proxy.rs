@@ -159,6 +159,28 @@ pub enum NetEvent {
         /// SHA-256 of the whole body (`hash` and `full` logging).
         sha256: Option<String>,
     },
+    /// A credential placeholder the proxy saw: put in (allowed) or
+    /// refused as misuse.
+    Credential {
+        /// The credential's name (`unknown` for a placeholder of none).
+        credential: String,
+        /// Its type.
+        kind: String,
+        /// Host the request went to.
+        host: String,
+        /// Its port.
+        port: u16,
+        /// HTTP method.
+        method: String,
+        /// Whether the real value was put in.
+        allowed: bool,
+        /// `header`, `url` or `body`.
+        place: String,
+        /// Why it was refused.
+        reason: Option<String>,
+        /// Proxy port or transparent.
+        via: Via,
+    },
 }
 
 /// Receives the proxy's events (the supervisor writes them to the audit log).
@@ -193,6 +215,9 @@ pub struct Proxy {
     slots: Arc<tokio::sync::Semaphore>,
     /// The LLM gateway, which terminates connections to its hosts.
     gateway: Option<Arc<crate::gateway::Gateway>>,
+    /// The credential injector, which terminates connections to the
+    /// hosts its credentials are bound to.
+    injector: Option<Arc<crate::inject::Injector>>,
 }
 
 /// Connections (and DNS-over-TCP streams) one sandbox may have open at once.
@@ -525,6 +550,18 @@ impl Proxy {
         sink: Arc<dyn Sink>,
         gateway: Option<Arc<crate::gateway::Gateway>>,
     ) -> Arc<Proxy> {
+        Proxy::with_intercept(allow, sink, gateway, None)
+    }
+
+    /// A proxy with the LLM gateway and the credential injector (each
+    /// optional): connections to their hosts are terminated and served
+    /// by them rather than tunnelled.
+    pub fn with_intercept(
+        allow: Allowlist,
+        sink: Arc<dyn Sink>,
+        gateway: Option<Arc<crate::gateway::Gateway>>,
+        injector: Option<Arc<crate::inject::Injector>>,
+    ) -> Arc<Proxy> {
         Arc::new(Proxy {
             allow,
             synth: Mutex::new(Synthetic::default()),
@@ -532,7 +569,16 @@ impl Proxy {
             counters: Counters::default(),
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
             gateway,
+            injector,
         })
+    }
+
+    /// The injector, when `t` is a host its credentials are bound to.
+    fn injector_for(&self, t: &Target) -> Option<Arc<crate::inject::Injector>> {
+        self.injector
+            .as_ref()
+            .filter(|i| i.binds(&t.host, t.port))
+            .cloned()
     }
 
     /// The gateway provider `host:port` belongs to.
@@ -707,7 +753,7 @@ impl Proxy {
         }
     }
 
-    fn allowed(
+    pub(crate) fn allowed(
         &self,
         t: &Target,
         method: &str,
@@ -934,6 +980,11 @@ impl Proxy {
         }
         let started = Instant::now();
         match self.decide(&name, port, Access::Tunnel).await {
+            Ok(t) if self.injector_for(&t).is_some() => {
+                if let Some(inj) = self.injector_for(&t) {
+                    inj.serve(self.clone(), s, t, Via::Transparent).await;
+                }
+            }
             Ok(t) => match self.connect(&t).await {
                 Ok(up) => {
                     self.tunnel(s, up, t, "CONNECT", Via::Transparent, started)
@@ -1063,6 +1114,16 @@ impl Proxy {
                 Ok(t) => t,
                 Err(d) => return self.deny(&d, &method, via),
             };
+            if let Some(inj) = self.injector_for(&t) {
+                let me = self.clone();
+                tokio::spawn(async move {
+                    if let Ok(up) = hyper::upgrade::on(req).await {
+                        inj.serve(me, TokioIo::new(up), t, via).await;
+                    }
+                    drop(slot);
+                });
+                return Response::new(http_body_util::Empty::new().map_err(|e| match e {}).boxed());
+            }
             let upstream = match self.connect(&t).await {
                 Ok(u) => u,
                 Err(e) => {
@@ -1197,6 +1258,15 @@ impl Proxy {
             };
             return self.deny(&d, &method, via);
         }
+        let (mut parts, body) = req.into_parts();
+        // Placeholders are never put into plain HTTP; one here is misuse
+        // (whether or not the destination is allowed).
+        if let Some(inj) = &self.injector
+            && let Err(m) =
+                inj.check_head(&parts.uri, &mut parts.headers, crate::inject::Dest::Plain)
+        {
+            return inj.refuse(&self, &m, &host, port, &method, via);
+        }
         let t = match self.decide(&host, port, Access::Http).await {
             Ok(t) => t,
             Err(d) => return self.deny(&d, &method, via),
@@ -1211,7 +1281,6 @@ impl Proxy {
                 );
             }
         };
-        let (mut parts, body) = req.into_parts();
         strip_hop_headers(&mut parts.headers);
         let authority = if port == 80 {
             t.host.to_string()
