@@ -219,6 +219,19 @@ fn check(p: &PolicyFile, report: &mut dyn FnMut(String, String)) {
                 );
             }
         }
+        for n in c.expose.iter().flatten() {
+            let ok = !n.is_empty()
+                && n.len() <= 64
+                && !n.starts_with('-')
+                && n.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !ok {
+                report(
+                    "credentials.expose".into(),
+                    format!("`{n}` is not a credential name (see `aibox auth list`)"),
+                );
+            }
+        }
     }
 }
 

@@ -316,6 +316,21 @@ impl Merger<'_> {
                 &mut e.no_persist_to_workspace,
                 cr.no_persist_to_workspace,
             );
+            if let Some(expose) = &cr.expose {
+                e.expose = Some(match &e.expose {
+                    None => expose.clone(),
+                    Some(parent) => {
+                        if expose.iter().any(|x| !parent.contains(x)) {
+                            self.violation("credentials.expose", show(parent), show(expose));
+                        }
+                        expose
+                            .iter()
+                            .filter(|x| parent.contains(x))
+                            .cloned()
+                            .collect()
+                    }
+                });
+            }
         }
     }
 

@@ -228,4 +228,9 @@ pub struct CredentialsPolicy {
     /// Never write credentials into the workspace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub no_persist_to_workspace: Option<bool>,
+    /// Credentials whose real value the sandbox may hold (instead of a
+    /// placeholder the proxy replaces). A lower tier may only remove
+    /// names from its parent's list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expose: Option<Vec<String>>,
 }

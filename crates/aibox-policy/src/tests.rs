@@ -43,7 +43,7 @@ tools:
       risk: review-required
 resources: {cpus: 4, memory: 8g, pids: 1000, tmp_size: 2g}
 runtime: {engines: [native, podman], rootless: true, gvisor_required: false}
-credentials: {git_token_ttl: 4h, llm_api_key_ttl: 8h, revoke_on_stop: true, no_persist_to_workspace: true}
+credentials: {git_token_ttl: 4h, llm_api_key_ttl: 8h, revoke_on_stop: true, no_persist_to_workspace: true, expose: [git-token]}
 ";
 
 #[test]
@@ -162,7 +162,7 @@ tools:
     - {match: [wget], risk: safe}
 resources: {cpus: 8, memory: 16g, pids: 5000, tmp_size: 4g}
 runtime: {engines: [native, docker], rootless: false}
-credentials: {git_token_ttl: 24h, llm_api_key_ttl: 9h, revoke_on_stop: false, no_persist_to_workspace: false}
+credentials: {git_token_ttl: 24h, llm_api_key_ttl: 9h, revoke_on_stop: false, no_persist_to_workspace: false, expose: [git-token, mirror-token]}
 ";
     let (org, team) = (tier("org", ORG), tier("team", child));
     let (m, v) = merge(&[org, team]);
@@ -186,6 +186,7 @@ credentials: {git_token_ttl: 24h, llm_api_key_ttl: 9h, revoke_on_stop: false, no
         "credentials.llm_api_key_ttl",
         "credentials.revoke_on_stop",
         "credentials.no_persist_to_workspace",
+        "credentials.expose",
     ] {
         assert!(paths.contains(&want), "{want} not reported: {paths:?}");
     }
