@@ -694,6 +694,7 @@ fn validate(
         "paths.runtime_dir",
         "sandbox.rootfs",
         "credentials.key_path",
+        "credentials.upstream_ca",
     ] {
         let v = values.get(key).and_then(Value::as_str).unwrap_or_default();
         if !v.is_empty() && !v.starts_with('/') {

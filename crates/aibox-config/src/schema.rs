@@ -394,6 +394,10 @@ pub struct Credentials {
     /// The encrypted file's key file (default: `credentials.key` beside
     /// the user config file; never in the data directory with the store).
     pub key_path: String,
+    /// Extra CA certificates (a PEM file) trusted for the hosts
+    /// credentials are bound to, besides the system roots (an internal
+    /// git server, tests).
+    pub upstream_ca: String,
 }
 
 impl Default for Credentials {
@@ -405,6 +409,7 @@ impl Default for Credentials {
             spiffe_socket_path: String::new(),
             passphrase: PassphraseSource::None,
             key_path: String::new(),
+            upstream_ca: String::new(),
         }
     }
 }

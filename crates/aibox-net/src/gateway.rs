@@ -91,7 +91,8 @@ impl Secret {
     pub fn new(s: String) -> Secret {
         Secret(s)
     }
-    pub(crate) fn expose(&self) -> &str {
+    /// The value, for the places that must send it.
+    pub fn expose(&self) -> &str {
         &self.0
     }
     /// Whether it is empty.

@@ -252,6 +252,17 @@ impl FileStore {
             .map(|e| (e.meta.clone(), Secret::new(std::mem::take(&mut e.secret)))))
     }
 
+    /// Every stored credential with its value (one decryption).
+    pub fn entries(&self) -> Result<Vec<(Meta, Secret)>, Error> {
+        let Some((_, mut c)) = self.load()? else {
+            return Ok(Vec::new());
+        };
+        Ok(c.entries
+            .iter_mut()
+            .map(|e| (e.meta.clone(), Secret::new(std::mem::take(&mut e.secret))))
+            .collect())
+    }
+
     /// Stores `secret` as `meta.name` (replacing one of that name only
     /// when `replace`). Creates the key file on first use.
     pub fn put(&self, meta: Meta, secret: Secret, replace: bool) -> Result<(), Error> {

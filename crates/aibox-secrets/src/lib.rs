@@ -65,6 +65,15 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// A fresh placeholder for credential `name`: what a sandbox holds
+/// instead of the value, `aibox-cred-<name>-<128 random bits in hex>`
+/// (unguessable, so one sandbox cannot name another's).
+pub fn placeholder(name: &str) -> Result<String, String> {
+    let mut r = [0u8; 16];
+    getrandom::getrandom(&mut r).map_err(|e| format!("drawing a random placeholder: {e}"))?;
+    Ok(format!("aibox-cred-{name}-{}", hex::encode(r)))
+}
+
 /// Checks a credential name: a built-in type, or 1–64 of `a-z 0-9 -`
 /// starting with a letter or digit.
 pub fn validate_name(name: &str) -> Result<(), String> {

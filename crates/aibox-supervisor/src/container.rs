@@ -450,14 +450,12 @@ fn ca_paths(spec: &SupervisorSpec) -> (PathBuf, PathBuf) {
     )
 }
 
-/// Writes the files of [`ca_paths`] for `gateway`'s CA (readable by the
+/// Writes the files of [`ca_paths`] for the sandbox's CAs (`ca_pem`:
+/// the LLM gateway's and the credential injector's; readable by the
 /// guest, whose uid is not ours; a CA certificate is public).
-pub(crate) fn write_ca_files(
-    spec: &SupervisorSpec,
-    gateway: Option<&aibox_net::gateway::Gateway>,
-) -> Result<(), String> {
+pub(crate) fn write_ca_files(spec: &SupervisorSpec, ca_pem: Option<&str>) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
-    let Some(g) = gateway else { return Ok(()) };
+    let Some(ca_pem) = ca_pem else { return Ok(()) };
     let (alone, bundle) = ca_paths(spec);
     // Without the system roots every other HTTPS connection in the
     // sandbox would fail: refuse instead.
@@ -472,15 +470,15 @@ pub(crate) fn write_ca_files(
         .find(|t| t.contains("-----BEGIN CERTIFICATE-----"))
         .ok_or_else(|| {
             format!(
-                "the LLM gateway needs the host's system CA bundle (looked for {}) to build the sandbox's: the system roots plus the gateway's CA",
+                "the LLM gateway and credential injection need the host's system CA bundle (looked for {}) to build the sandbox's: the system roots plus the sandbox's CAs",
                 BUNDLES.join(", ")
             )
         })?;
     if !text.ends_with('\n') {
         text.push('\n');
     }
-    text.push_str(g.ca_pem());
-    for (path, body) in [(&alone, g.ca_pem()), (&bundle, text.as_str())] {
+    text.push_str(ca_pem);
+    for (path, body) in [(&alone, ca_pem), (&bundle, text.as_str())] {
         write_private(path, body.as_bytes())?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
             .map_err(|e| format!("writing {}: {e}", path.display()))?;
@@ -695,7 +693,9 @@ fn run_args(
             ),
         ]);
         push(&["-v", &vol(&resolv_path(spec), "/etc/resolv.conf", "ro")]);
-        if spec.network.as_ref().is_some_and(|n| n.gateway.is_some()) {
+        if spec.network.as_ref().is_some_and(|n| {
+            n.gateway.is_some() || n.credentials.as_ref().is_some_and(|c| !c.credentials.is_empty())
+        }) {
             let (alone, bundle) = ca_paths(spec);
             push(&["-v", &vol(&alone, aibox_sandbox::CA_PATH, "ro")]);
             push(&["-v", &vol(&bundle, aibox_sandbox::CA_BUNDLE, "ro")]);

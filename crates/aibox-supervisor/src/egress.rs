@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 
 use aibox_audit::{EventType, Severity};
 use aibox_net::gateway::Gateway;
+use aibox_net::inject::Injector;
 use aibox_net::{Allowlist, NetEvent, Proxy, Sink};
 use serde_json::{Value, json};
 
@@ -188,6 +189,46 @@ fn write_event(emit: &Emit, e: NetEvent) {
                 };
                 (EventType::LlmResponse, sev, d)
             }
+            NetEvent::Credential {
+                credential,
+                kind,
+                host,
+                port,
+                method,
+                allowed,
+                place,
+                reason,
+                via,
+            } => {
+                let d = json!({
+                    "credential": credential, "credential_type": kind, "host": host,
+                    "port": port, "method": method,
+                    "decision": if allowed { "allow" } else { "deny" },
+                    "where": place, "reason": reason, "via": via.as_str(),
+                });
+                if allowed {
+                    (EventType::CredentialUse, Severity::Info, d)
+                } else {
+                    // A placeholder where it must not be is an attempt to
+                    // move a credential: an alert, not just a refusal.
+                    emit(
+                        EventType::CredentialUse,
+                        Severity::High,
+                        d.clone(),
+                    );
+                    (
+                        EventType::FalcoAlert,
+                        Severity::High,
+                        json!({
+                            "rule_id": "aibox-credential-misuse",
+                            "mitre": "T1528",
+                            "title": "credential placeholder sent where it may not go",
+                            "credential": credential, "host": host, "port": port,
+                            "where": place, "reason": reason,
+                        }),
+                    )
+                }
+            }
         };
         emit(t, sev, d)
     }
@@ -211,6 +252,28 @@ pub(crate) struct Egress {
     proxy: Arc<Proxy>,
     spec: NetworkSpec,
     sink: AuditSink,
+    injector: Option<Arc<Injector>>,
+}
+
+/// What the proxy terminates: the LLM gateway and the credential
+/// injector, each with its own CA (both trusted inside).
+#[derive(Clone, Default)]
+pub(crate) struct Intercept {
+    pub(crate) gateway: Option<Arc<Gateway>>,
+    pub(crate) injector: Option<Arc<Injector>>,
+}
+
+impl Intercept {
+    /// The CA certificates the sandbox must trust, if any.
+    pub(crate) fn ca_pem(&self) -> Option<String> {
+        let pems: Vec<&str> = self
+            .gateway
+            .iter()
+            .map(|g| g.ca_pem())
+            .chain(self.injector.iter().map(|i| i.ca_pem()))
+            .collect();
+        (!pems.is_empty()).then(|| pems.join("\n"))
+    }
 }
 
 impl std::fmt::Debug for Egress {
@@ -253,10 +316,16 @@ impl Egress {
         spec: &NetworkSpec,
         fds: Vec<OwnedFd>,
         emit: Emit,
-        gateway: Option<Arc<Gateway>>,
+        intercept: Intercept,
     ) -> Result<Egress, String> {
         let sink = AuditSink::new(emit)?;
-        let proxy = Proxy::with_gateway(allowlist(spec)?, Arc::new(sink.clone()), gateway);
+        let injector = intercept.injector.clone();
+        let proxy = Proxy::with_intercept(
+            allowlist(spec)?,
+            Arc::new(sink.clone()),
+            intercept.gateway,
+            intercept.injector,
+        );
         let rt = runtime()?;
         let _guard = rt.enter();
         let tcp = |fd: OwnedFd| {
@@ -286,6 +355,7 @@ impl Egress {
             proxy,
             spec: spec.clone(),
             sink,
+            injector,
         })
     }
 
@@ -297,11 +367,17 @@ impl Egress {
         spec: &NetworkSpec,
         socket: &std::path::Path,
         emit: Emit,
-        gateway: Option<Arc<Gateway>>,
+        intercept: Intercept,
     ) -> Result<Egress, String> {
         use std::os::unix::fs::PermissionsExt;
         let sink = AuditSink::new(emit)?;
-        let proxy = Proxy::with_gateway(allowlist(spec)?, Arc::new(sink.clone()), gateway);
+        let injector = intercept.injector.clone();
+        let proxy = Proxy::with_intercept(
+            allowlist(spec)?,
+            Arc::new(sink.clone()),
+            intercept.gateway,
+            intercept.injector,
+        );
         let _ = std::fs::remove_file(socket);
         let l = std::os::unix::net::UnixListener::bind(socket)
             .map_err(|e| format!("creating the egress socket {}: {e}", socket.display()))?;
@@ -323,7 +399,15 @@ impl Egress {
             proxy,
             spec: spec.clone(),
             sink,
+            injector,
         })
+    }
+
+    /// Ends every credential substitution (the sandbox is stopping).
+    pub(crate) fn revoke(&self) {
+        if let Some(i) = &self.injector {
+            i.revoke();
+        }
     }
 
     /// Writes out the events still queued (see `AuditSink::drain`); for
@@ -354,25 +438,126 @@ impl Egress {
                         .map(|p| format!("{} ({})", p.host, p.name))
                 })
                 .collect(),
+            credentials: self
+                .spec
+                .issued
+                .iter()
+                .map(|c| {
+                    if c.exposed {
+                        format!("{} ({}): exposed in {}", c.name, c.kind, c.env.join(", "))
+                    } else {
+                        format!(
+                            "{} ({}) → {}: placeholder in {}",
+                            c.name,
+                            c.kind,
+                            c.hosts.join(", "),
+                            c.env.join(", ")
+                        )
+                    }
+                })
+                .collect(),
         }
     }
 }
 
-/// Builds the sandbox's LLM gateway (and with it the CA the sandbox is to
-/// trust), if the spec has one.
-pub(crate) fn gateway(spec: &NetworkSpec) -> Result<Option<Arc<Gateway>>, String> {
-    match &spec.gateway {
-        None => Ok(None),
-        Some(g) => Gateway::new(g.clone())
-            .map(|g| Some(Arc::new(g)))
-            .map_err(|e| e.to_string()),
-    }
+/// Builds the sandbox's LLM gateway and credential injector (and with
+/// them the CAs the sandbox is to trust), as the spec asks.
+pub(crate) fn intercept(spec: &NetworkSpec) -> Result<Intercept, String> {
+    let gateway = match &spec.gateway {
+        None => None,
+        Some(g) => Some(Arc::new(Gateway::new(g.clone()).map_err(|e| e.to_string())?)),
+    };
+    let injector = match &spec.credentials {
+        Some(c) if !c.credentials.is_empty() => {
+            Some(Arc::new(Injector::new(c.clone()).map_err(|e| e.to_string())?))
+        }
+        _ => None,
+    };
+    Ok(Intercept { gateway, injector })
 }
 
-/// Environment for the LLM gateway: the CA bundle variables of the usual
-/// tools, and placeholders where agents look for their API keys.
-pub(crate) fn gateway_env(spec: &NetworkSpec) -> Vec<(String, String)> {
-    if spec.gateway.is_none() {
+/// `credential.issue` for each credential handed to the sandbox.
+pub(crate) fn issue_events(spec: &NetworkSpec) -> Vec<(EventType, Severity, Value)> {
+    spec.issued
+        .iter()
+        .map(|c| {
+            (
+                EventType::CredentialIssue,
+                // The real value inside the sandbox is worth a second look.
+                if c.exposed {
+                    Severity::Warning
+                } else {
+                    Severity::Info
+                },
+                json!({
+                    "credential": c.name, "credential_type": c.kind, "hosts": c.hosts,
+                    "env": c.env, "exposed": c.exposed, "expires": c.expires,
+                    "mode": if c.exposed { "exposed" } else { "placeholder" },
+                }),
+            )
+        })
+        .collect()
+}
+
+/// `credential.revoke` for each credential, when the sandbox stops.
+pub(crate) fn revoke_events(spec: &NetworkSpec, reason: &str) -> Vec<(EventType, Severity, Value)> {
+    spec.issued
+        .iter()
+        .map(|c| {
+            (
+                EventType::CredentialRevoke,
+                Severity::Info,
+                json!({
+                    "credential": c.name, "credential_type": c.kind,
+                    "reason": reason, "exposed": c.exposed,
+                }),
+            )
+        })
+        .collect()
+}
+
+/// The environment of a session: the proxy variables, the CA bundle
+/// variables when the proxy terminates TLS for some hosts, placeholders
+/// (or exposed values) where tools look for keys and tokens, and git's
+/// settings (proxy, and a credential helper for the hosts a git token is
+/// bound to).
+pub(crate) fn sandbox_env(spec: &NetworkSpec) -> Vec<(String, String)> {
+    let mut env = proxy_env(spec.proxy_port);
+    let mut git = vec![(
+        "http.proxy".to_string(),
+        format!("http://127.0.0.1:{}", spec.proxy_port),
+    )];
+    env.extend(gateway_env(spec));
+    for c in &spec.issued {
+        for v in &c.env {
+            env.retain(|(k, _)| k != v);
+            env.push((v.clone(), c.value.expose().to_string()));
+        }
+        if c.kind == "git-token" && !c.exposed {
+            for h in &c.hosts {
+                git.push((
+                    format!("credential.https://{h}.helper"),
+                    // (Reads the variable when git asks: the placeholder,
+                    // which the proxy replaces for this host only.)
+                    "!f() { test \"$1\" = get && printf 'username=x-access-token\\npassword=%s\\n' \"$AIBOX_GIT_TOKEN\"; }; f".to_string(),
+                ));
+            }
+        }
+    }
+    env.push(("GIT_CONFIG_COUNT".into(), git.len().to_string()));
+    for (i, (k, v)) in git.into_iter().enumerate() {
+        env.push((format!("GIT_CONFIG_KEY_{i}"), k));
+        env.push((format!("GIT_CONFIG_VALUE_{i}"), v));
+    }
+    env
+}
+
+/// Environment for the LLM gateway and the credential injector: the CA
+/// bundle variables of the usual tools, and placeholders where agents
+/// look for their API keys.
+fn gateway_env(spec: &NetworkSpec) -> Vec<(String, String)> {
+    let injecting = spec.credentials.as_ref().is_some_and(|c| !c.credentials.is_empty());
+    if spec.gateway.is_none() && !injecting {
         return Vec::new();
     }
     let bundle = aibox_sandbox::CA_BUNDLE.to_string();
@@ -412,10 +597,7 @@ pub(crate) fn proxy_env(port: u16) -> Vec<(String, String)> {
     env.push(("npm_config_proxy".into(), url.clone()));
     env.push(("npm_config_https_proxy".into(), url.clone()));
     env.push(("PIP_PROXY".into(), url.clone()));
-    env.push(("CARGO_HTTP_PROXY".into(), url.clone()));
-    env.push(("GIT_CONFIG_COUNT".into(), "1".into()));
-    env.push(("GIT_CONFIG_KEY_0".into(), "http.proxy".into()));
-    env.push(("GIT_CONFIG_VALUE_0".into(), url));
+    env.push(("CARGO_HTTP_PROXY".into(), url));
     env.push((
         "JAVA_TOOL_OPTIONS".into(),
         format!(

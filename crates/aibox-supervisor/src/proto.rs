@@ -136,6 +136,32 @@ pub struct NetworkSpec {
     /// so that neither it nor the engines it runs carry them.
     #[serde(default)]
     pub key_env: Vec<String>,
+    /// The credential injector's credentials, with their real values
+    /// (like the gateway's keys: over stdin only, never written down).
+    #[serde(default)]
+    pub credentials: Option<aibox_net::inject::InjectSpec>,
+    /// Every credential handed to the sandbox and how it appears inside.
+    #[serde(default)]
+    pub issued: Vec<IssuedCredential>,
+}
+
+/// A credential as the sandbox sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IssuedCredential {
+    /// Its name in the store.
+    pub name: String,
+    /// Its type.
+    pub kind: String,
+    /// Where the proxy puts its value (empty when exposed).
+    pub hosts: Vec<String>,
+    /// Variables set to `value` inside.
+    pub env: Vec<String>,
+    /// The placeholder, or (exposed) the real value.
+    pub value: aibox_net::gateway::Secret,
+    /// Whether the sandbox holds the real value (policy `credentials.expose`).
+    pub exposed: bool,
+    /// When substitution ends (RFC 3339), if it does.
+    pub expires: Option<String>,
 }
 
 /// Egress state shown by `status`.
@@ -160,6 +186,9 @@ pub struct NetworkStatus {
     /// Hosts the LLM gateway answers for.
     #[serde(default)]
     pub llm_gateway: Vec<String>,
+    /// Credentials handed to the sandbox: `name (type) → hosts`.
+    #[serde(default)]
+    pub credentials: Vec<String>,
 }
 
 /// How to run a sandbox as a podman/docker container.

@@ -196,9 +196,9 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
 
     // The LLM gateway's CA must exist before the sandbox is built (the
     // sandbox trusts it). Nothing here starts a thread.
-    let gateway = match spec.network.as_ref().map(crate::egress::gateway) {
-        None | Some(Ok(None)) => None,
-        Some(Ok(Some(g))) => Some(g),
+    let intercept = match spec.network.as_ref().map(crate::egress::intercept) {
+        None => crate::egress::Intercept::default(),
+        Some(Ok(i)) => i,
         Some(Err(e)) => {
             let _ = a_fail(&mut audit, &e);
             remove_run_dir(&spec);
@@ -206,13 +206,13 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
         }
     };
     if let Some(c) = spec.container.clone() {
-        return setup_container(spec, c, audit, t0, gateway);
+        return setup_container(spec, c, audit, t0, intercept);
     }
     // cpu/memory/pids cgroups where this host lets us create them; a
     // failure leaves the limits reported as not enforced, never claimed.
     let mut spec = spec;
     if spec.sandbox.net.is_some() {
-        spec.sandbox.extra_ca_pem = gateway.as_ref().map(|g| g.ca_pem().to_string());
+        spec.sandbox.extra_ca_pem = intercept.ca_pem();
     }
     let cg_limits = aibox_sandbox::cgroup::CgroupLimits {
         cpus: spec.cpus,
@@ -330,8 +330,12 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
     let sink = Arc::new(OnceLock::<Weak<Shared>>::new());
     let egress = match &spec.network {
         Some(n) if !launched.net.is_empty() => {
-            match crate::egress::Egress::start_native(n, launched.net, egress_emit(&sink), gateway)
-            {
+            match crate::egress::Egress::start_native(
+                n,
+                launched.net,
+                egress_emit(&sink),
+                intercept,
+            ) {
                 Ok(e) => Some(e),
                 Err(e) => {
                     undo_native(
@@ -506,7 +510,7 @@ fn setup_container(
     c: ContainerSpec,
     mut audit: AuditLog,
     t0: Instant,
-    gateway: Option<Arc<aibox_net::gateway::Gateway>>,
+    intercept: crate::egress::Intercept,
 ) -> Result<i32, String> {
     let engine = container::engine_of(&c.engine)?;
     // The egress serves before the container exists: its socket is one of
@@ -519,12 +523,12 @@ fn setup_container(
         .as_ref()
         .filter(|_| !aibox_sandbox::debug_skip("netns"))
     {
-        Some(n) => match container::write_ca_files(&spec, gateway.as_deref()).and_then(|()| {
+        Some(n) => match container::write_ca_files(&spec, intercept.ca_pem().as_deref()).and_then(|()| {
             crate::egress::Egress::start_relay(
                 n,
                 &container::egress_socket(&spec),
                 egress_emit(&sink),
-                gateway,
+                intercept,
             )
         }) {
             Ok(e) => Some(e),
@@ -856,6 +860,14 @@ fn serve(
         gate,
     });
 
+    // (Before `ready`: no session can use a credential before its issue.)
+    if shared.egress.is_some()
+        && let Some(n) = &shared.spec.network
+    {
+        for (t, sev, d) in crate::egress::issue_events(n) {
+            let _ = shared.emit(t, sev, d);
+        }
+    }
     report(&format!(
         "ready {}",
         serde_json::to_string(&status).unwrap_or_default()
@@ -1145,8 +1157,7 @@ fn guest_env(shared: &Shared, req: &ExecRequest) -> Vec<String> {
         env.push(("TERM".into(), "xterm-256color".into()));
     }
     if let (Some(_), Some(n)) = (&shared.egress, &shared.spec.network) {
-        env.extend(crate::egress::proxy_env(n.proxy_port));
-        env.extend(crate::egress::gateway_env(n));
+        env.extend(crate::egress::sandbox_env(n));
     }
     for kv in &req.env {
         let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
@@ -1583,7 +1594,13 @@ fn finish(
         cg.remove();
     }
     if let Some(e) = &shared.egress {
+        e.revoke();
         e.drain();
+        if let Some(n) = &shared.spec.network {
+            for (t, sev, d) in crate::egress::revoke_events(n, &reason) {
+                let _ = shared.emit(t, sev, d);
+            }
+        }
     }
     if let Some(g) = &shared.gate {
         g.flush_log();

@@ -142,9 +142,29 @@ fn list(
     Ok(0)
 }
 
-/// The store: `<data>/credentials/store.enc`, its key at
-/// `credentials.key_path` (default: beside the user config file). The
-/// two must not share a directory.
+/// The store's file and its key file: `<data>/credentials/store.enc`,
+/// the key at `credentials.key_path` (default: beside the user config
+/// file).
+pub(crate) fn store_paths(
+    loaded: &aibox_config::Loaded,
+    sources: &aibox_config::Sources,
+) -> Result<(PathBuf, PathBuf)> {
+    let c = &loaded.config.credentials;
+    let store = loaded.data_dir().join("credentials").join("store.enc");
+    let key = if c.key_path.is_empty() {
+        sources
+            .user_file
+            .parent()
+            .map(|d| d.join("credentials.key"))
+            .context("the user config file has no directory to keep the key in; set credentials.key_path")?
+    } else {
+        PathBuf::from(&c.key_path)
+    };
+    Ok((store, key))
+}
+
+/// The store (see [`store_paths`]). The two files must not share a
+/// directory.
 fn open(
     loaded: &aibox_config::Loaded,
     sources: &aibox_config::Sources,
@@ -157,16 +177,7 @@ fn open(
             c.vault_addr
         );
     }
-    let store = loaded.data_dir().join("credentials").join("store.enc");
-    let key = if c.key_path.is_empty() {
-        sources
-            .user_file
-            .parent()
-            .map(|d| d.join("credentials.key"))
-            .context("the user config file has no directory to keep the key in; set credentials.key_path")?
-    } else {
-        PathBuf::from(&c.key_path)
-    };
+    let (store, key) = store_paths(loaded, sources)?;
     // The key must not live with what it encrypts: nowhere under the
     // data directory (compared after resolving `..` and symbolic links
     // of the parts that exist).
@@ -193,6 +204,145 @@ fn open(
         }
     };
     Ok(FileStore::new(store, key, passphrase))
+}
+
+/// The variables a credential of type `kind` named `name` appears in.
+fn variables(name: &str, kind: &str) -> Vec<String> {
+    match kind {
+        "git-token" => vec!["AIBOX_GIT_TOKEN".into()],
+        "llm-api-key" => vec![
+            "AIBOX_LLM_API_KEY".into(),
+            "ANTHROPIC_API_KEY".into(),
+            "OPENAI_API_KEY".into(),
+        ],
+        "mirror-token" => vec!["AIBOX_MIRROR_TOKEN".into()],
+        _ => vec![format!(
+            "AIBOX_CRED_{}",
+            name.to_ascii_uppercase().replace('-', "_")
+        )],
+    }
+}
+
+/// The credentials a sandbox gets: every stored one that is bound to a
+/// host (as a placeholder the proxy replaces for that host) or that the
+/// policy exposes (as its value), with lifetimes from the policy. None
+/// when nothing is stored (no passphrase is asked then). `taken`: the
+/// variables the LLM gateway already fills, and hosts it terminates.
+pub(crate) fn for_sandbox(
+    loaded: &aibox_config::Loaded,
+    sources: &aibox_config::Sources,
+    policy: &aibox_policy::PolicyFile,
+    taken_env: &[String],
+    gateway_hosts: &[String],
+) -> Result<(Option<aibox_net::inject::InjectSpec>, Vec<aibox_supervisor::proto::IssuedCredential>)>
+{
+    use aibox_net::gateway::Secret as Held;
+    use aibox_net::inject::{CredentialSpec, InjectSpec};
+    let c = &loaded.config.credentials;
+    if c.mode == aibox_config::CredentialMode::Vault {
+        // Vault mode hands out nothing from the local store.
+        return Ok((None, Vec::new()));
+    }
+    let (store_path, _) = store_paths(loaded, sources)?;
+    if std::fs::symlink_metadata(&store_path).is_err() {
+        return Ok((None, Vec::new()));
+    }
+    let store = open(loaded, sources, false).context("reading the credential store for the sandbox")?;
+    let entries = store.entries().context("reading the credential store for the sandbox")?;
+    let upstream_ca_pem = if c.upstream_ca.is_empty() {
+        None
+    } else {
+        Some(std::fs::read_to_string(&c.upstream_ca).with_context(|| {
+            format!("credentials.upstream_ca: reading {}", c.upstream_ca)
+        })?)
+    };
+    let cp = policy.credentials.clone().unwrap_or_default();
+    let exposed_names = cp.expose.clone().unwrap_or_default();
+    let now = std::time::SystemTime::now();
+    let mut spec = InjectSpec {
+        credentials: Vec::new(),
+        upstream_ca_pem,
+    };
+    let mut issued = Vec::new();
+    for (meta, secret) in entries {
+        if meta.expired(now) {
+            eprintln!(
+                "aibox: credential `{}` expired at {}; not handed to the sandbox (aibox auth add {} --replace)",
+                meta.name,
+                meta.expires.as_deref().unwrap_or("?"),
+                meta.name
+            );
+            continue;
+        }
+        let exposed = exposed_names.contains(&meta.name);
+        let host = match (&meta.host, exposed) {
+            (Some(h), _) => h.clone(),
+            (None, true) => String::new(),
+            (None, false) => {
+                eprintln!(
+                    "aibox: credential `{}` is bound to no host, so no sandbox gets it (aibox auth add {} --host HOST --replace)",
+                    meta.name, meta.name
+                );
+                continue;
+            }
+        };
+        let (h, p) = aibox_net::host::split_authority(&host).unwrap_or((host.as_str(), 443));
+        if !exposed && p == 443 && gateway_hosts.iter().any(|g| g == h) {
+            bail!(
+                "credential `{}` is bound to {host}, which the LLM gateway serves\n  fix: give the key to the gateway (network.llm_gateway providers' api_key_env/api_key_file), or bind the credential elsewhere",
+                meta.name
+            );
+        }
+        let ttl = match meta.kind.as_str() {
+            "git-token" => cp.git_token_ttl.as_deref(),
+            "llm-api-key" => cp.llm_api_key_ttl.as_deref(),
+            "mirror-token" => cp.mirror_token_ttl.as_deref(),
+            _ => None,
+        }
+        .and_then(aibox_policy::load::parse_ttl)
+        .and_then(|d| now.checked_add(d));
+        let stored = meta
+            .expires
+            .as_deref()
+            .and_then(|e| humantime::parse_rfc3339(e).ok());
+        let until = match (ttl, stored) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let env: Vec<String> = variables(&meta.name, &meta.kind)
+            .into_iter()
+            .filter(|v| !taken_env.contains(v))
+            .collect();
+        let value = if exposed {
+            secret.expose().to_string()
+        } else {
+            aibox_secrets::placeholder(&meta.name).map_err(anyhow::Error::msg)?
+        };
+        if !exposed {
+            spec.credentials.push(CredentialSpec {
+                name: meta.name.clone(),
+                kind: meta.kind.clone(),
+                hosts: vec![host.clone()],
+                placeholder: value.clone(),
+                secret: Held::new(secret.expose().to_string()),
+                expires_at_ms: until.map(|t| {
+                    t.duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                }),
+            });
+        }
+        issued.push(aibox_supervisor::proto::IssuedCredential {
+            name: meta.name.clone(),
+            kind: meta.kind.clone(),
+            hosts: if exposed { Vec::new() } else { vec![host] },
+            env,
+            value: Held::new(value),
+            exposed,
+            expires: until.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+        });
+    }
+    let spec = (!spec.credentials.is_empty()).then_some(spec);
+    Ok((spec, issued))
 }
 
 /// `p` made absolute with `..` and `.` resolved, through the symbolic

@@ -91,7 +91,7 @@ fn prepare(
             &user,
         )?),
     };
-    let network = network_spec(c, &policy)?;
+    let network = network_spec(&loaded, &sources, &policy)?;
     // Native: init opens the listeners inside the sandbox and hands them
     // to the supervisor. (A container's init opens them itself and relays
     // them to the supervisor's socket.)
@@ -235,9 +235,11 @@ fn project_policy_guard(c: &aibox_config::Config, ws: &std::path::Path) -> Resul
 /// The proxy's policy from `network.*` (already validated with the config),
 /// with the LLM gateway's keys read from where the config says.
 fn network_spec(
-    c: &aibox_config::Config,
+    loaded: &Loaded,
+    sources: &aibox_config::Sources,
     policy: &super::policy::AtStart,
 ) -> Result<Option<NetworkSpec>> {
+    let c = &loaded.config;
     if !c.network.enabled {
         return Ok(None);
     }
@@ -252,6 +254,20 @@ fn network_spec(
     if let Some(g) = gateway.as_mut() {
         limit_gateway(g, &policy.policy);
     }
+    let gateway_hosts: Vec<String> = c
+        .network
+        .llm_gateway
+        .providers
+        .iter()
+        .map(|p| p.host.clone())
+        .collect();
+    let (credentials, issued) = super::auth::for_sandbox(
+        loaded,
+        sources,
+        &policy.policy,
+        &placeholders,
+        &gateway_hosts,
+    )?;
     Ok(Some(NetworkSpec {
         allowed: aibox_config::all_rules(n),
         hosts: n.resolve.clone(),
@@ -265,6 +281,8 @@ fn network_spec(
             .iter()
             .filter_map(|p| p.api_key_env.clone())
             .collect(),
+        credentials,
+        issued,
     }))
 }
 

