@@ -694,7 +694,10 @@ fn run_args(
         ]);
         push(&["-v", &vol(&resolv_path(spec), "/etc/resolv.conf", "ro")]);
         if spec.network.as_ref().is_some_and(|n| {
-            n.gateway.is_some() || n.credentials.as_ref().is_some_and(|c| !c.credentials.is_empty())
+            n.gateway.is_some()
+                || n.credentials
+                    .as_ref()
+                    .is_some_and(|c| !c.credentials.is_empty())
         }) {
             let (alone, bundle) = ca_paths(spec);
             push(&["-v", &vol(&alone, aibox_sandbox::CA_PATH, "ro")]);

@@ -211,11 +211,7 @@ fn write_event(emit: &Emit, e: NetEvent) {
                 } else {
                     // A placeholder where it must not be is an attempt to
                     // move a credential: an alert, not just a refusal.
-                    emit(
-                        EventType::CredentialUse,
-                        Severity::High,
-                        d.clone(),
-                    );
+                    emit(EventType::CredentialUse, Severity::High, d.clone());
                     (
                         EventType::FalcoAlert,
                         Severity::High,
@@ -465,12 +461,14 @@ impl Egress {
 pub(crate) fn intercept(spec: &NetworkSpec) -> Result<Intercept, String> {
     let gateway = match &spec.gateway {
         None => None,
-        Some(g) => Some(Arc::new(Gateway::new(g.clone()).map_err(|e| e.to_string())?)),
+        Some(g) => Some(Arc::new(
+            Gateway::new(g.clone()).map_err(|e| e.to_string())?,
+        )),
     };
     let injector = match &spec.credentials {
-        Some(c) if !c.credentials.is_empty() => {
-            Some(Arc::new(Injector::new(c.clone()).map_err(|e| e.to_string())?))
-        }
+        Some(c) if !c.credentials.is_empty() => Some(Arc::new(
+            Injector::new(c.clone()).map_err(|e| e.to_string())?,
+        )),
         _ => None,
     };
     Ok(Intercept { gateway, injector })
@@ -556,7 +554,10 @@ pub(crate) fn sandbox_env(spec: &NetworkSpec) -> Vec<(String, String)> {
 /// bundle variables of the usual tools, and placeholders where agents
 /// look for their API keys.
 fn gateway_env(spec: &NetworkSpec) -> Vec<(String, String)> {
-    let injecting = spec.credentials.as_ref().is_some_and(|c| !c.credentials.is_empty());
+    let injecting = spec
+        .credentials
+        .as_ref()
+        .is_some_and(|c| !c.credentials.is_empty());
     if spec.gateway.is_none() && !injecting {
         return Vec::new();
     }

@@ -523,21 +523,23 @@ fn setup_container(
         .as_ref()
         .filter(|_| !aibox_sandbox::debug_skip("netns"))
     {
-        Some(n) => match container::write_ca_files(&spec, intercept.ca_pem().as_deref()).and_then(|()| {
-            crate::egress::Egress::start_relay(
-                n,
-                &container::egress_socket(&spec),
-                egress_emit(&sink),
-                intercept,
-            )
-        }) {
-            Ok(e) => Some(e),
-            Err(e) => {
-                let _ = a_fail(&mut audit, &e);
-                remove_run_dir(&spec);
-                return Err(e);
+        Some(n) => {
+            match container::write_ca_files(&spec, intercept.ca_pem().as_deref()).and_then(|()| {
+                crate::egress::Egress::start_relay(
+                    n,
+                    &container::egress_socket(&spec),
+                    egress_emit(&sink),
+                    intercept,
+                )
+            }) {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    let _ = a_fail(&mut audit, &e);
+                    remove_run_dir(&spec);
+                    return Err(e);
+                }
             }
-        },
+        }
         None => None,
     };
     // The exec gate (runc: sessions hand their listeners to it) and the

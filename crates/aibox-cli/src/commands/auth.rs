@@ -234,8 +234,10 @@ pub(crate) fn for_sandbox(
     policy: &aibox_policy::PolicyFile,
     taken_env: &[String],
     gateway_hosts: &[String],
-) -> Result<(Option<aibox_net::inject::InjectSpec>, Vec<aibox_supervisor::proto::IssuedCredential>)>
-{
+) -> Result<(
+    Option<aibox_net::inject::InjectSpec>,
+    Vec<aibox_supervisor::proto::IssuedCredential>,
+)> {
     use aibox_net::gateway::Secret as Held;
     use aibox_net::inject::{CredentialSpec, InjectSpec};
     let c = &loaded.config.credentials;
@@ -247,14 +249,18 @@ pub(crate) fn for_sandbox(
     if std::fs::symlink_metadata(&store_path).is_err() {
         return Ok((None, Vec::new()));
     }
-    let store = open(loaded, sources, false).context("reading the credential store for the sandbox")?;
-    let entries = store.entries().context("reading the credential store for the sandbox")?;
+    let store =
+        open(loaded, sources, false).context("reading the credential store for the sandbox")?;
+    let entries = store
+        .entries()
+        .context("reading the credential store for the sandbox")?;
     let upstream_ca_pem = if c.upstream_ca.is_empty() {
         None
     } else {
-        Some(std::fs::read_to_string(&c.upstream_ca).with_context(|| {
-            format!("credentials.upstream_ca: reading {}", c.upstream_ca)
-        })?)
+        Some(
+            std::fs::read_to_string(&c.upstream_ca)
+                .with_context(|| format!("credentials.upstream_ca: reading {}", c.upstream_ca))?,
+        )
     };
     let cp = policy.credentials.clone().unwrap_or_default();
     let exposed_names = cp.expose.clone().unwrap_or_default();

@@ -43,6 +43,7 @@ fn prepare(
     };
     let data_dir = loaded.data_dir();
     let runtime_dir = loaded.runtime_dir();
+    let (_, credential_key) = super::auth::store_paths(&loaded, &sources)?;
     let raw_ws = a
         .workspace
         .clone()
@@ -56,6 +57,8 @@ fn prepare(
             // The sandbox must not rewrite the config of its next start,
             // nor the upper policy tiers.
             ("config file", sources.user_file.clone()),
+            // Nor read the key of the credential store.
+            ("credential key file", credential_key),
             ("org policy", PathBuf::from(&c.policy.org_baseline_path)),
             ("team policy", PathBuf::from(&c.policy.team_policy_path)),
             (
