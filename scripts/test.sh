@@ -26,6 +26,11 @@ command -v apparmor_parser >/dev/null 2>&1 || [ -x /usr/sbin/apparmor_parser ] |
 # Container engine tests: podman with runc, and mmdebstrap to build images.
 command -v podman      >/dev/null 2>&1 || missing+=(podman runc uidmap slirp4netns fuse-overlayfs)
 command -v mmdebstrap  >/dev/null 2>&1 || missing+=(mmdebstrap)
+# Credential injection is tested against a real git server: git's
+# smart-HTTP backend behind nginx (TLS, basic auth) through fcgiwrap.
+command -v git      >/dev/null 2>&1 || missing+=(git)
+command -v nginx    >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+command -v fcgiwrap >/dev/null 2>&1 || [ -x /usr/sbin/fcgiwrap ] || missing+=(fcgiwrap)
 # gVisor and docker backends.
 command -v runsc       >/dev/null 2>&1 || missing+=(runsc)
 command -v dockerd     >/dev/null 2>&1 || missing+=(docker.io)

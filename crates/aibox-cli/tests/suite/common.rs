@@ -570,6 +570,29 @@ pub fn cgroup_v1() -> bool {
 
 /// A CA and a server config for `names`; returns (CA PEM, config).
 pub fn tls_server(names: &[&str]) -> (String, std::sync::Arc<rustls::ServerConfig>) {
+    let (ca, cert, key) = tls_material(names);
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .unwrap();
+    (ca, std::sync::Arc::new(config))
+}
+
+/// A CA and a certificate for `names`, as PEM for servers that read
+/// files: (CA, certificate, key).
+pub fn tls_files(names: &[&str]) -> (String, String, String) {
+    let (ca, cert, key) = tls_material(names);
+    (ca, cert.pem(), key.serialize_pem())
+}
+
+fn tls_material(names: &[&str]) -> (String, rcgen::Certificate, rcgen::KeyPair) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -584,18 +607,7 @@ pub fn tls_server(names: &[&str]) -> (String, std::sync::Arc<rustls::ServerConfi
     leaf.distinguished_name
         .push(rcgen::DnType::CommonName, names[0]);
     let cert = leaf.signed_by(&key, &ca).unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![cert.der().clone()],
-        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-    )
-    .unwrap();
-    (ca.pem(), std::sync::Arc::new(config))
+    (ca.pem(), cert, key)
 }
 
 /// The audit events of sandbox `name`, parsed.

@@ -478,3 +478,221 @@ both_modes!(policy_exposes_values_and_ttls_end_substitution, |c: Ctx| {
         stderr(&refused)
     );
 });
+
+/// A real git server: git's own smart-HTTP backend (`git http-backend`)
+/// behind nginx over TLS with HTTP basic authentication (user
+/// `x-access-token`, password the real token), through fcgiwrap. Stops
+/// when dropped.
+pub struct GitServer {
+    pub dir: std::path::PathBuf,
+    pub port: u16,
+    pub ca: std::path::PathBuf,
+    children: Vec<std::process::Child>,
+}
+
+impl Drop for GitServer {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl GitServer {
+    /// Serves `<dir>/repos/*.git` for `name` with `token`.
+    pub fn start(dir: &std::path::Path, name: &str, token: &str) -> GitServer {
+        let run = |cmd: &mut std::process::Command| {
+            let o = cmd.output().unwrap();
+            assert!(
+                o.status.success(),
+                "{cmd:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        };
+        std::fs::create_dir_all(dir.join("repos")).unwrap();
+        std::fs::create_dir_all(dir.join("tmp")).unwrap();
+        let (ca, cert, key) = tls_files(&[name]);
+        for (f, body) in [("ca.pem", &ca), ("cert.pem", &cert), ("key.pem", &key)] {
+            std::fs::write(dir.join(f), body).unwrap();
+        }
+        std::fs::write(
+            dir.join("htpasswd"),
+            format!("x-access-token:{{PLAIN}}{token}\n"),
+        )
+        .unwrap();
+        // A repository with one commit.
+        let bare = dir.join("repos/proj.git");
+        run(std::process::Command::new("git")
+            .args(["init", "-q", "--bare", "-b", "main"])
+            .arg(&bare));
+        let work = dir.join("seed");
+        run(std::process::Command::new("git")
+            .args(["init", "-q", "-b", "main"])
+            .arg(&work));
+        std::fs::write(work.join("README"), "first\n").unwrap();
+        let git = |args: &[&str]| {
+            let mut c = std::process::Command::new("git");
+            c.arg("-C")
+                .arg(&work)
+                .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+                .args(args);
+            c
+        };
+        run(&mut git(&["add", "README"]));
+        run(&mut git(&["commit", "-q", "-m", "first"]));
+        run(&mut git(&["push", "-q", bare.to_str().unwrap(), "main"]));
+        let sock = dir.join("fcgi.sock");
+        let fcgi = std::process::Command::new("/usr/sbin/fcgiwrap")
+            .arg("-s")
+            .arg(format!("unix:{}", sock.display()))
+            .spawn()
+            .unwrap();
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let d = dir.display();
+        std::fs::write(
+            dir.join("nginx.conf"),
+            format!(
+                "daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{}}
+http {{
+  access_log {d}/access.log;
+  client_body_temp_path {d}/tmp;
+  fastcgi_temp_path {d}/tmp;
+  proxy_temp_path {d}/tmp;
+  uwsgi_temp_path {d}/tmp;
+  scgi_temp_path {d}/tmp;
+  server {{
+    listen 127.0.0.1:{port} ssl;
+    ssl_certificate {d}/cert.pem;
+    ssl_certificate_key {d}/key.pem;
+    location / {{
+      auth_basic git;
+      auth_basic_user_file {d}/htpasswd;
+      client_max_body_size 0;
+      include /etc/nginx/fastcgi_params;
+      fastcgi_pass unix:{d}/fcgi.sock;
+      fastcgi_param SCRIPT_FILENAME /usr/lib/git-core/git-http-backend;
+      fastcgi_param GIT_PROJECT_ROOT {d}/repos;
+      fastcgi_param GIT_HTTP_EXPORT_ALL \"\";
+      fastcgi_param PATH_INFO $uri;
+      fastcgi_param REMOTE_USER $remote_user;
+    }}
+  }}
+}}
+"
+            ),
+        )
+        .unwrap();
+        let nginx = std::process::Command::new("nginx")
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() || !sock.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the git server did not come up"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        GitServer {
+            dir: dir.to_path_buf(),
+            port,
+            ca: dir.join("ca.pem"),
+            children: vec![fcgi, nginx],
+        }
+    }
+
+    /// Adds a commit to `proj.git` (as another developer would push).
+    pub fn commit(&self, file: &str, text: &str) {
+        let work = self.dir.join("seed");
+        std::fs::write(work.join(file), text).unwrap();
+        for args in [
+            vec!["add", file],
+            vec!["commit", "-q", "-m", file],
+            vec!["push", "-q", "../repos/proj.git", "main"],
+        ] {
+            let o = std::process::Command::new("git")
+                .arg("-C")
+                .arg(&work)
+                .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+                .args(&args)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+    }
+
+    /// nginx's access log.
+    pub fn access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default()
+    }
+}
+
+all_backends!(git_clones_and_fetches_with_the_injected_token, |c: Ctx| {
+    let srv = GitServer::start(&c.dir.path().join("git-server"), "git.test", REAL);
+    let p = srv.port;
+    c.add_config(&format!(
+        "network:
+  allowed_domains: [\"git.test:{p}\", \"127.0.0.1:{p}\"]
+  resolve: {{git.test: 127.0.0.1}}
+credentials:
+  upstream_ca: {}
+",
+        srv.ca.display()
+    ));
+    let bound = format!("git.test:{p}");
+    ok(&c.out_with_input(
+        &["auth", "add", "git-token", "--host", &bound],
+        REAL.as_bytes(),
+    ));
+    let ws = c.ws.display().to_string();
+    ok(&c.out(&["start", "-w", &ws, "--name", "git"]));
+    let sh = |script: &str| c.out(&["exec", "--name", "git", "--", "sh", "-c", script]);
+    // Clone (git asks the aibox credential helper after the server's 401,
+    // gets the placeholder, and the proxy sends the real token).
+    let out = ok(&sh(&format!(
+        "cd /tmp && git clone -q https://git.test:{p}/proj.git && cat proj/README"
+    )));
+    assert_eq!(out.trim(), "first");
+    srv.commit("NEWS", "second\n");
+    let out = ok(&sh(
+        "cd /tmp/proj && git pull -q --ff-only && cat NEWS && git log --format=%s | head -1",
+    ));
+    assert_eq!(out.trim(), "second\nNEWS");
+    // Without the placeholder, the server says no: the token does not
+    // come from anywhere else.
+    let denied = sh(&format!(
+        "cd /tmp && GIT_CONFIG_COUNT=1 GIT_TERMINAL_PROMPT=0 git clone -q https://git.test:{p}/proj.git other 2>&1"
+    ));
+    assert!(!denied.status.success());
+    let log = srv.access_log();
+    assert!(
+        log.contains("x-access-token") && log.contains(" 200 "),
+        "{log}"
+    );
+    assert!(log.contains(" 401 "), "{log}");
+    // The clone holds no token (the remote URL has none, no credential
+    // was stored).
+    let (a, b) = REAL.split_at(10);
+    let found = stdout(&sh(&format!(
+        "A='{a}'; B='{b}'; printf '%s%s\\n' \"$A\" \"$B\" | grep -rlFf - /tmp/proj /root /home 2>/dev/null; true"
+    )));
+    assert_eq!(found.trim(), "");
+    ok(&c.out(&["stop", "--name", "git"]));
+    let events = audit_events(&c, "git");
+    assert!(events.iter().any(|e| e["event_type"] == "credential.use"
+        && e["details"]["decision"] == "allow"
+        && e["details"]["host"] == "git.test"));
+});
