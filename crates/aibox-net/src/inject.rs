@@ -44,6 +44,21 @@ pub const MARKER: &str = "aibox-cred-";
 /// Bodies up to this size are read whole and checked before anything is
 /// sent; longer ones are checked as they stream, and cut off.
 const SCAN_WHOLE: u64 = 1024 * 1024;
+/// The headers a placeholder is replaced in: the ones services read
+/// credentials from. Elsewhere (a `User-Agent`, a `Cookie`, a custom
+/// header a service might store and show) it is refused: a header a
+/// service keeps would hand the value to whoever can read it there.
+pub const CREDENTIAL_HEADERS: &[&str] = &[
+    "authorization",
+    "private-token",
+    "job-token",
+    "deploy-token",
+    "x-api-key",
+    "api-key",
+    "x-auth-token",
+    "x-access-token",
+    "x-goog-api-key",
+];
 /// How long a TLS handshake from the sandbox may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long reading a checked-whole body may take.
@@ -162,6 +177,17 @@ fn masks(secret: &[u8]) -> Vec<Vec<u8>> {
     out.sort();
     out.dedup();
     out
+}
+
+/// The decoded bytes of a `Basic` credential in `raw`, if it is one.
+fn base64_inside(raw: &[u8]) -> Option<Vec<u8>> {
+    let rest = raw
+        .get(..6)?
+        .eq_ignore_ascii_case(b"basic ")
+        .then(|| &raw[6..])?;
+    base64::engine::general_purpose::STANDARD
+        .decode(rest.trim_ascii())
+        .ok()
 }
 
 fn now_ms() -> u64 {
@@ -386,19 +412,26 @@ impl Injector {
             });
         }
         let mut used = Vec::new();
-        for (_, v) in headers.iter_mut() {
+        for (name, v) in headers.iter_mut() {
             let raw = v.as_bytes();
-            let basic = raw
-                .get(..6)
-                .is_some_and(|p| p.eq_ignore_ascii_case(b"basic "));
-            let decoded = if basic {
-                base64::engine::general_purpose::STANDARD
-                    .decode(raw[6..].trim_ascii())
-                    .ok()
-            } else {
-                None
-            };
-            let new = match decoded {
+            if !CREDENTIAL_HEADERS.contains(&name.as_str()) {
+                let decoded = base64_inside(raw);
+                let hit = self
+                    .first(raw)
+                    .or_else(|| decoded.as_deref().and_then(|d| self.first(d)));
+                if let Some(i) = hit {
+                    return Err(Misuse {
+                        cred: i,
+                        place: "header",
+                        reason: format!(
+                            "a credential placeholder in the `{name}` header (credentials go in {} only)",
+                            CREDENTIAL_HEADERS.join(", ")
+                        ),
+                    });
+                }
+                continue;
+            }
+            let new = match base64_inside(raw) {
                 Some(d) if find(&d, MARKER.as_bytes(), 0).is_some() => {
                     let inner = self.substitute(&d, dest, &mut used)?;
                     let mut s = b"Basic ".to_vec();
@@ -875,10 +908,8 @@ impl hyper::body::Body for Masked {
             let r = Pin::new(&mut self.inner).poll_frame(cx);
             return match r {
                 Poll::Ready(Some(Ok(f))) => {
-                    let f = match f.into_data() {
-                        Ok(data) => data,
-                        Err(f) => return Poll::Ready(Some(Ok(f))),
-                    };
+                    // (Trailers are dropped: they would pass unmasked.)
+                    let Ok(f) = f.into_data() else { continue };
                     let mut window = std::mem::take(&mut self.carry);
                     window.extend_from_slice(&f);
                     let masks = std::mem::take(&mut self.masks);
@@ -1008,6 +1039,17 @@ mod tests {
             .check_head(&uri, &mut h, Dest::Tls(&forge, 8443))
             .unwrap_err();
         assert_eq!(m.cred, None);
+        // Not in a header services may keep and show.
+        let mut h = head(&[("user-agent", format!("x {PH}"))]);
+        let m = inj
+            .check_head(&uri, &mut h, Dest::Tls(&forge, 8443))
+            .unwrap_err();
+        assert!(m.reason.contains("user-agent"), "{m:?}");
+        let mut h = head(&[("cookie", format!("Basic {basic}"))]);
+        assert!(
+            inj.check_head(&uri, &mut h, Dest::Tls(&forge, 8443))
+                .is_err()
+        );
         // Nothing to do without a placeholder.
         let mut h = head(&[("authorization", "Bearer mine".into())]);
         assert!(
