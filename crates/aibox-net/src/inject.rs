@@ -110,13 +110,68 @@ pub struct InjectSpec {
 struct Cred {
     spec: CredentialSpec,
     bound: Vec<(Host, u16)>,
-    /// Forms of the real value masked in responses.
-    masks: Vec<Vec<u8>>,
+}
+
+/// Finds the real values of the credentials bound to one host in its
+/// responses, in the forms an echo could take (see [`forms`]).
+struct Masker {
+    matcher: aho_corasick::AhoCorasick,
+    /// Every proper prefix of every form: how much of a frame's end must
+    /// wait for the next frame (only what could start a form).
+    prefixes: std::collections::HashSet<Vec<u8>>,
+    longest: usize,
+}
+
+impl Masker {
+    fn new(secrets: &[&[u8]]) -> Result<Masker, String> {
+        let mut all: Vec<Vec<u8>> = secrets.iter().flat_map(|s| forms(s)).collect();
+        all.sort();
+        all.dedup();
+        let matcher = aho_corasick::AhoCorasick::builder()
+            .match_kind(aho_corasick::MatchKind::Standard)
+            .build(&all)
+            .map_err(|e| e.to_string())?;
+        let prefixes = all
+            .iter()
+            .flat_map(|f| (1..f.len()).map(move |n| f[..n].to_vec()))
+            .collect();
+        let longest = all.iter().map(Vec::len).max().unwrap_or(0);
+        Ok(Masker {
+            matcher,
+            prefixes,
+            longest,
+        })
+    }
+
+    /// Overwrites every form found in `b` with `*`s (the length stays, so
+    /// a `content-length` stays true). Returns how many.
+    fn mask(&self, b: &mut [u8]) -> usize {
+        let spans: Vec<(usize, usize)> = self
+            .matcher
+            .find_overlapping_iter(&*b)
+            .map(|m| (m.start(), m.end()))
+            .collect();
+        for &(a, z) in &spans {
+            b[a..z].fill(b'*');
+        }
+        spans.len()
+    }
+
+    /// How many bytes at the end of `b` could be the start of a form.
+    fn held(&self, b: &[u8]) -> usize {
+        let most = self.longest.saturating_sub(1).min(b.len());
+        (1..=most)
+            .rev()
+            .find(|&k| self.prefixes.contains(&b[b.len() - k..]))
+            .unwrap_or(0)
+    }
 }
 
 /// The running injector of one sandbox.
 pub struct Injector {
     creds: Vec<Cred>,
+    /// One masker per bound host and port.
+    maskers: Vec<((Host, u16), Arc<Masker>)>,
     client: Arc<rustls::ClientConfig>,
     ca_pem: String,
     server: Arc<rustls::ServerConfig>,
@@ -157,23 +212,59 @@ fn parse_binding(s: &str) -> Option<(Host, u16)> {
     }
 }
 
-/// The forms in which the real value could come back: itself, and its
-/// base64 at each of the three alignments (as inside `Basic` headers),
-/// without the characters that depend on neighbouring bytes.
-fn masks(secret: &[u8]) -> Vec<Vec<u8>> {
-    let mut out = vec![secret.to_vec()];
+/// Shortest piece of a value that is masked on its own: an echo cut
+/// short (or read piece by piece from different offsets) still shows
+/// nothing of 12 or more characters in a row.
+const PIECE: usize = 12;
+
+/// The forms in which the real value could come back: every run of
+/// [`PIECE`] characters of it (all of it when shorter), and, whole, its
+/// base64 and base64url at each of the three alignments (as inside
+/// `Basic` headers, without the characters that depend on neighbouring
+/// bytes), percent-encoded, hex and JSON-escaped.
+fn forms(secret: &[u8]) -> Vec<Vec<u8>> {
+    let mut out: Vec<Vec<u8>> = if secret.len() <= PIECE {
+        vec![secret.to_vec()]
+    } else {
+        secret.windows(PIECE).map(<[u8]>::to_vec).collect()
+    };
     if secret.len() >= 8 {
-        for k in 0..3usize {
-            let mut input = vec![0u8; k];
-            input.extend_from_slice(secret);
-            let enc = base64::engine::general_purpose::STANDARD_NO_PAD.encode(&input);
-            let start = (k * 8).div_ceil(6);
-            let end = (input.len() * 8) / 6;
-            if let Some(part) = enc.as_bytes().get(start..end) {
-                out.push(part.to_vec());
+        for engine in [
+            base64::engine::general_purpose::STANDARD_NO_PAD,
+            base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        ] {
+            for k in 0..3usize {
+                let mut input = vec![0u8; k];
+                input.extend_from_slice(secret);
+                let enc = engine.encode(&input);
+                let start = (k * 8).div_ceil(6);
+                let end = (input.len() * 8) / 6;
+                if let Some(part) = enc.as_bytes().get(start..end) {
+                    out.push(part.to_vec());
+                }
             }
         }
     }
+    let mut pct_upper = Vec::new();
+    let mut pct_lower = Vec::new();
+    let mut json = Vec::new();
+    for &b in secret {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            pct_upper.push(b);
+            pct_lower.push(b);
+        } else {
+            pct_upper.extend_from_slice(format!("%{b:02X}").as_bytes());
+            pct_lower.extend_from_slice(format!("%{b:02x}").as_bytes());
+        }
+        match b {
+            b'/' | b'"' | b'\\' => json.extend_from_slice(&[b'\\', b]),
+            _ => json.push(b),
+        }
+    }
+    out.extend([pct_upper, pct_lower, json]);
+    out.push(hex::encode(secret).into_bytes());
+    out.push(hex::encode_upper(secret).into_bytes());
+    out.retain(|f| !f.is_empty());
     out.sort();
     out.dedup();
     out
@@ -251,12 +342,7 @@ impl Injector {
             if bound.is_empty() {
                 return Err(err("bound to no host"));
             }
-            let masks = masks(secret.as_bytes());
-            creds.push(Cred {
-                spec: c,
-                bound,
-                masks,
-            });
+            creds.push(Cred { spec: c, bound });
         }
         let native = rustls_native_certs::load_native_certs();
         let mut roots = rustls::RootCertStore::empty();
@@ -284,8 +370,24 @@ impl Injector {
         client.alpn_protocols = vec![b"http/1.1".to_vec()];
         let (ca_pem, server) = crate::gateway::certificates(&names, "aibox sandbox credential CA")
             .map_err(|e| InjectError::Ca(e.to_string()))?;
+        let mut maskers: Vec<((Host, u16), Arc<Masker>)> = Vec::new();
+        for c in &creds {
+            for b in &c.bound {
+                if maskers.iter().any(|(k, _)| k == b) {
+                    continue;
+                }
+                let secrets: Vec<&[u8]> = creds
+                    .iter()
+                    .filter(|o| o.bound.contains(b))
+                    .map(|o| o.spec.secret.expose().as_bytes())
+                    .collect();
+                let m = Masker::new(&secrets).map_err(InjectError::Ca)?;
+                maskers.push((b.clone(), Arc::new(m)));
+            }
+        }
         Ok(Injector {
             creds,
+            maskers,
             client: Arc::new(client),
             ca_pem,
             server,
@@ -458,29 +560,12 @@ impl Injector {
         Ok(used)
     }
 
-    /// Masks the real values of every credential bound to `host:port` in
-    /// `h` (the response of such a host).
-    fn mask_headers(&self, h: &mut HeaderMap, masks: &[Vec<u8>]) {
-        for (_, v) in h.iter_mut() {
-            let mut b = v.as_bytes().to_vec();
-            if mask(&mut b, masks) > 0
-                && let Ok(nv) = HeaderValue::from_bytes(&b)
-            {
-                *v = nv;
-            }
-        }
-    }
-
-    fn masks_for(&self, host: &Host, port: u16) -> Vec<Vec<u8>> {
-        let mut m: Vec<Vec<u8>> = self
-            .creds
+    /// The masker of `host:port`.
+    fn masker(&self, host: &Host, port: u16) -> Option<Arc<Masker>> {
+        self.maskers
             .iter()
-            .filter(|c| c.bound.iter().any(|(h, p)| h == host && *p == port))
-            .flat_map(|c| c.masks.iter().cloned())
-            .collect();
-        m.sort();
-        m.dedup();
-        m
+            .find(|((h, p), _)| h == host && *p == port)
+            .map(|(_, m)| m.clone())
     }
 
     /// Reports misuse (a `credential.use` refusal) and answers 403.
@@ -659,6 +744,9 @@ impl Injector {
         if let Ok(v) = HeaderValue::from_str(&authority) {
             parts.headers.insert("host", v);
         }
+        parts
+            .headers
+            .insert("accept-encoding", HeaderValue::from_static("identity"));
         if declared.is_none() && parts.headers.contains_key("content-length") {
             parts.headers.remove("content-length");
         }
@@ -700,14 +788,35 @@ impl Injector {
         };
         let (mut parts, body) = resp.into_parts();
         strip_hop_headers(&mut parts.headers);
-        let masks = self.masks_for(&t.host, t.port);
-        self.mask_headers(&mut parts.headers, &masks);
-        let keep = masks
-            .iter()
-            .map(Vec::len)
-            .max()
-            .unwrap_or(1)
-            .saturating_sub(1);
+        // Masking needs the bytes as sent: identity was asked for, and
+        // anything else (which would hide an echo) is not passed on.
+        if let Some(enc) = parts.headers.get("content-encoding")
+            && !enc.as_bytes().eq_ignore_ascii_case(b"identity")
+        {
+            let e = format!(
+                "the response is encoded ({}) although identity was asked for; aibox must read it to keep the credential out",
+                String::from_utf8_lossy(enc.as_bytes()).escape_debug()
+            );
+            proxy.allowed(t, &method, via, (0, 0), started, Some(e.clone()));
+            return text(
+                StatusCode::BAD_GATEWAY,
+                format!("aibox: upstream {host}:{}: {e}\n", t.port),
+            );
+        }
+        let Some(masker) = self.masker(&t.host, t.port) else {
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "aibox: no masker for this host\n".into(),
+            );
+        };
+        for (_, v) in parts.headers.iter_mut() {
+            let mut b = v.as_bytes().to_vec();
+            if masker.mask(&mut b) > 0
+                && let Ok(nv) = HeaderValue::from_bytes(&b)
+            {
+                *v = nv;
+            }
+        }
         let (proxy2, t2) = (proxy.clone(), t.clone());
         let done = move |down: u64, error: Option<String>| {
             proxy2.allowed(
@@ -723,8 +832,7 @@ impl Injector {
             parts,
             Masked {
                 inner: body,
-                masks,
-                keep,
+                masker,
                 carry: Vec::new(),
                 down: 0,
                 done: Some(Box::new(done)),
@@ -797,21 +905,6 @@ impl Injector {
 
 type UpBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 type UpPool = Arc<tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<UpBody>>>>;
-
-/// Replaces every occurrence of each of `masks` in `b` with `*`s (the
-/// length stays, so a `content-length` stays true). Returns how many.
-fn mask(b: &mut [u8], masks: &[Vec<u8>]) -> usize {
-    let mut n = 0;
-    for m in masks {
-        let mut from = 0;
-        while let Some(at) = find(b, m, from) {
-            b[at..at + m.len()].fill(b'*');
-            from = at + m.len();
-            n += 1;
-        }
-    }
-    n
-}
 
 /// A request body checked for placeholders as it streams to the
 /// upstream; one ends the upload with an error (and a report).
@@ -888,9 +981,8 @@ type Done = Box<dyn FnOnce(u64, Option<String>) + Send + Sync>;
 /// each frame until the next arrives.
 struct Masked {
     inner: Incoming,
-    masks: Vec<Vec<u8>>,
-    /// Bytes held back: the longest mask less one.
-    keep: usize,
+    masker: Arc<Masker>,
+    /// The end of the previous frame that could start a form.
     carry: Vec<u8>,
     down: u64,
     done: Option<Done>,
@@ -912,10 +1004,8 @@ impl hyper::body::Body for Masked {
                     let Ok(f) = f.into_data() else { continue };
                     let mut window = std::mem::take(&mut self.carry);
                     window.extend_from_slice(&f);
-                    let masks = std::mem::take(&mut self.masks);
-                    mask(&mut window, &masks);
-                    self.masks = masks;
-                    let cut = window.len().saturating_sub(self.keep);
+                    self.masker.mask(&mut window);
+                    let cut = window.len() - self.masker.held(&window);
                     self.carry = window.split_off(cut);
                     if window.is_empty() {
                         continue;
@@ -1078,16 +1168,39 @@ mod tests {
     }
 
     #[test]
-    fn masks_catch_raw_and_base64_echoes() {
-        let m = masks(REAL.as_bytes());
+    fn masks_catch_echoes_in_any_form() {
+        let secret = "ghp_REAL/value+1234567890=";
+        let m = Masker::new(&[secret.as_bytes()]).unwrap();
+        let mut echoes = vec![secret.to_string(), secret[3..20].to_string()];
         for prefix in ["", "x", "xy", "x-access-token:"] {
-            let enc = base64::engine::general_purpose::STANDARD.encode(format!("{prefix}{REAL}"));
-            let mut b = format!("echo: Basic {enc}; raw {REAL}").into_bytes();
-            assert!(mask(&mut b, &m) >= 2);
-            let s = String::from_utf8(b).unwrap();
-            assert!(!s.contains(REAL));
-            assert!(!s.contains(&enc), "{s}");
+            let text = format!("{prefix}{secret}");
+            echoes.push(base64::engine::general_purpose::STANDARD.encode(&text));
+            echoes.push(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&text));
         }
+        echoes.push(
+            secret
+                .replace('/', "%2F")
+                .replace('+', "%2B")
+                .replace('=', "%3D"),
+        );
+        echoes.push(
+            secret
+                .replace('/', "%2f")
+                .replace('+', "%2b")
+                .replace('=', "%3d"),
+        );
+        echoes.push(secret.replace('/', "\\/"));
+        echoes.push(hex::encode(secret));
+        for e in &echoes {
+            let mut b = format!("echo: <{e}>").into_bytes();
+            assert!(m.mask(&mut b) >= 1, "{e}");
+            let s = String::from_utf8(b).unwrap();
+            assert!(!s.contains(e.as_str()), "{e} survived: {s}");
+            assert!(s.starts_with("echo: <") && s.ends_with('>'), "{s}");
+        }
+        // Only what could start a form waits for the next frame.
+        assert_eq!(m.held(b"data: done\n\n"), 0);
+        assert_eq!(m.held(b"data: ghp_RE"), 6);
     }
 
     #[test]

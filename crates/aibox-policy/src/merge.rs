@@ -93,6 +93,15 @@ pub fn merge(tiers: &[Tier]) -> (Merged, Vec<Violation>) {
             eff.version = 1;
             // (Rego stays with its tier: see `Merged::rego`.)
             eff.rego = None;
+            // A project tier alone may still expose nothing (see `policy`).
+            if t.name == "project"
+                && let Some(c) = eff.credentials.as_mut()
+                && let Some(x) = c.expose.as_mut()
+                && !x.is_empty()
+            {
+                m.violation("credentials.expose", "[]".into(), show(x));
+                x.clear();
+            }
         } else {
             m.policy(&mut eff, &t.policy);
         }
@@ -317,7 +326,14 @@ impl Merger<'_> {
                 cr.no_persist_to_workspace,
             );
             if let Some(expose) = &cr.expose {
-                e.expose = Some(match &e.expose {
+                // The project tier lives in the workspace, where a cloned
+                // repository or the sandbox itself can write: it may only
+                // remove names, even when no tier above named any.
+                let inherited = match (&e.expose, self.tier) {
+                    (None, "project") => Some(Vec::new()),
+                    (p, _) => p.clone(),
+                };
+                e.expose = Some(match &inherited {
                     None => expose.clone(),
                     Some(parent) => {
                         if expose.iter().any(|x| !parent.contains(x)) {

@@ -513,3 +513,22 @@ fn tier_rego_is_checked_and_only_tightens() {
         assert!(l.tiers[0].rego.is_empty());
     }
 }
+
+#[test]
+fn only_org_and_team_can_expose_a_credential() {
+    let expose = |m: &Merged| m.policy.credentials.as_ref().and_then(|c| c.expose.clone());
+    // The project tier is in the workspace: alone it exposes nothing.
+    let project = "version: 1\ncredentials: {expose: [git-token]}\n";
+    let (m, v) = merge(&[tier("project", project)]);
+    assert_eq!(expose(&m), Some(Vec::new()));
+    assert_eq!(v.len(), 1);
+    assert_eq!(v[0].path, "credentials.expose");
+    // An org or team tier can; the project may then only remove names.
+    let org = "version: 1\ncredentials: {expose: [git-token, mirror-token]}\n";
+    let (m, v) = merge(&[tier("org", org), tier("project", project)]);
+    assert_eq!(expose(&m), Some(vec!["git-token".to_string()]));
+    assert!(v.is_empty(), "{v:?}");
+    let (m, v) = merge(&[tier("team", project)]);
+    assert_eq!(expose(&m), Some(vec!["git-token".to_string()]));
+    assert!(v.is_empty(), "{v:?}");
+}

@@ -535,9 +535,13 @@ pub(crate) fn sandbox_env(spec: &NetworkSpec) -> Vec<(String, String)> {
             for h in &c.hosts {
                 git.push((
                     format!("credential.https://{h}.helper"),
-                    // (Reads the variable when git asks: the placeholder,
-                    // which the proxy replaces for this host only.)
-                    "!f() { test \"$1\" = get && printf 'username=x-access-token\\npassword=%s\\n' \"$AIBOX_GIT_TOKEN\"; }; f".to_string(),
+                    // The placeholder itself (not a secret: the proxy
+                    // replaces it for this host only), so that git works
+                    // whatever the session did to its environment.
+                    format!(
+                        "!f() {{ test \"$1\" = get && printf 'username=x-access-token\\npassword=%s\\n' '{}'; }}; f",
+                        c.value.expose()
+                    ),
                 ));
             }
         }

@@ -293,7 +293,13 @@ pub(crate) fn for_sandbox(
             }
         };
         let (h, p) = aibox_net::host::split_authority(&host).unwrap_or((host.as_str(), 443));
-        if !exposed && p == 443 && gateway_hosts.iter().any(|g| g == h) {
+        let h = aibox_net::parse_host(h).ok();
+        if !exposed
+            && p == 443
+            && gateway_hosts
+                .iter()
+                .any(|g| aibox_net::parse_host(g).ok() == h)
+        {
             bail!(
                 "credential `{}` is bound to {host}, which the LLM gateway serves\n  fix: give the key to the gateway (network.llm_gateway providers' api_key_env/api_key_file), or bind the credential elsewhere",
                 meta.name
@@ -315,6 +321,14 @@ pub(crate) fn for_sandbox(
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        // One unusable value must not stop every sandbox from starting.
+        if !exposed && header_safe(secret.expose()).is_err() {
+            eprintln!(
+                "aibox: credential `{}` has characters an HTTP header cannot carry, so no sandbox gets it",
+                meta.name
+            );
+            continue;
+        }
         let env: Vec<String> = variables(&meta.name, &meta.kind)
             .into_iter()
             .filter(|v| !taken_env.contains(v))
@@ -349,6 +363,16 @@ pub(crate) fn for_sandbox(
     }
     let spec = (!spec.credentials.is_empty()).then_some(spec);
     Ok((spec, issued))
+}
+
+/// Whether `v` can be sent as an HTTP header value (visible ASCII,
+/// spaces and tabs).
+fn header_safe(v: &str) -> Result<(), ()> {
+    if !v.is_empty() && v.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b)) {
+        Ok(())
+    } else {
+        Err(())
+    }
 }
 
 /// `p` made absolute with `..` and `.` resolved, through the symbolic

@@ -57,8 +57,13 @@ fn prepare(
             // The sandbox must not rewrite the config of its next start,
             // nor the upper policy tiers.
             ("config file", sources.user_file.clone()),
-            // Nor read the key of the credential store.
+            // Nor read the key of the credential store, nor choose the
+            // CA that vouches for the hosts credentials go to.
             ("credential key file", credential_key),
+            (
+                "credentials.upstream_ca",
+                PathBuf::from(&c.credentials.upstream_ca),
+            ),
             ("org policy", PathBuf::from(&c.policy.org_baseline_path)),
             ("team policy", PathBuf::from(&c.policy.team_policy_path)),
             (

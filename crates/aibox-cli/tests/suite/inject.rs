@@ -99,27 +99,68 @@ fn forge(config: Arc<rustls::ServerConfig>, other_port: u16, seen: Seen) -> u16 
                     )
                 } else if path == "/echo" {
                     ("200 OK", String::new(), format!("you sent: {auth}\n"))
+                } else if path == "/echo-forms" {
+                    (
+                        "200 OK",
+                        String::new(),
+                        format!("{}\n", echo_forms(&auth).join("\n")),
+                    )
+                } else if path == "/gzip" {
+                    (
+                        "200 OK",
+                        "Content-Encoding: gzip\r\n".into(),
+                        format!("you sent: {auth}\n"),
+                    )
                 } else {
                     let v = serde_json::json!({
                         "auth": verdict(&auth),
                         "private_token": verdict(&header(&head, "private-token")),
+                        "accept_encoding": header(&head, "accept-encoding"),
                         "path": path,
                     });
                     ("200 OK", String::new(), v.to_string())
                 };
+                let out = if path == "/gzip" {
+                    gzip(out.as_bytes())
+                } else {
+                    out.into_bytes()
+                };
                 let _ = tls.write_all(
                     format!(
-                        "HTTP/1.1 {status}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{out}",
+                        "HTTP/1.1 {status}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
                         out.len()
                     )
                     .as_bytes(),
                 );
+                let _ = tls.write_all(&out);
                 tls.conn.send_close_notify();
                 let _ = tls.flush();
             });
         }
     });
     port
+}
+
+/// What a careless endpoint might send back of a header: base64url,
+/// hex, and a piece from the middle.
+fn echo_forms(v: &str) -> Vec<String> {
+    use base64::Engine as _;
+    vec![
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v),
+        v.bytes().map(|b| format!("{b:02x}")).collect(),
+        v.get(12..28).unwrap_or("").to_string(),
+    ]
+}
+
+fn gzip(b: &[u8]) -> Vec<u8> {
+    let mut c = std::process::Command::new("gzip")
+        .arg("-c")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(b).unwrap();
+    c.wait_with_output().unwrap().stdout
 }
 
 /// Another allowed host, plain HTTP, recording what reaches it.
@@ -284,6 +325,27 @@ credentials:
             "curl -sS -u \"x-access-token:$AIBOX_GIT_TOKEN\" {url}/echo"
         )));
         assert!(!echoed.contains(REAL) && echoed.contains('*'), "{echoed}");
+        // Nor encoded, nor in pieces.
+        let echoed = ok(&sh(&format!(
+            "curl -sS -H \"Authorization: Bearer $AIBOX_GIT_TOKEN\" {url}/echo-forms"
+        )));
+        for form in echo_forms(&format!("Bearer {REAL}")) {
+            assert!(!echoed.contains(&form), "{form} came back: {echoed}");
+        }
+        for piece in REAL.as_bytes().windows(12) {
+            let piece = std::str::from_utf8(piece).unwrap();
+            assert!(!echoed.contains(piece), "{piece} came back: {echoed}");
+        }
+        // Compression would hide an echo from the masking: identity is
+        // asked for, and an encoded answer is not passed on.
+        let v = json(&ok(&sh(&format!(
+            "curl -sS --compressed -H \"Authorization: Bearer $AIBOX_GIT_TOKEN\" {url}/api"
+        ))));
+        assert_eq!(v["accept_encoding"], "identity", "{v}");
+        let gz = stdout(&sh(&format!(
+            "curl -sS --compressed -o /dev/null -w '%{{http_code}}' -H \"Authorization: Bearer $AIBOX_GIT_TOKEN\" {url}/gzip"
+        )));
+        assert_eq!(gz.trim(), "502");
 
         // Nowhere inside: environments and command lines of every process,
         // and the places a sandbox writes or reads its settings. (The needle
