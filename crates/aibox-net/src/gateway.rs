@@ -770,27 +770,43 @@ impl Gateway {
             )
             .await
             .map_err(|d| format!("{}:{}: {}", d.host, d.port, d.reason))?;
-        let tcp = proxy
-            .connect(&t)
-            .await
-            .map_err(|e| format!("connecting to {}: {e}", t.addr))?;
-        let name = ServerName::try_from(up.host.to_string()).map_err(|e| e.to_string())?;
-        let tls = tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
-            tokio_rustls::TlsConnector::from(up.client.clone()).connect(name, tcp),
-        )
-        .await
-        .map_err(|_| "TLS handshake timed out".to_string())?
-        .map_err(|e| format!("TLS with {}: {e}", up.host))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
+        let mut sender = tls_http1(proxy, &t, &up.client).await?;
         sender
             .send_request(request)
             .await
             .map_err(|e| e.to_string())
     }
+}
+
+/// An HTTP/1.1 connection over verified TLS (`client`) to the approved
+/// destination `t`, for the gateway and the credential injector.
+pub(crate) async fn tls_http1<B>(
+    proxy: &Proxy,
+    t: &crate::proxy::Target,
+    client: &Arc<rustls::ClientConfig>,
+) -> Result<hyper::client::conn::http1::SendRequest<B>, String>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = proxy
+        .connect(t)
+        .await
+        .map_err(|e| format!("connecting to {}: {e}", t.addr))?;
+    let name = ServerName::try_from(t.host.to_string()).map_err(|e| e.to_string())?;
+    let tls = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        tokio_rustls::TlsConnector::from(client.clone()).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| "TLS handshake timed out".to_string())?
+    .map_err(|e| format!("TLS with {}: {e}", t.host))?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    Ok(sender)
 }
 
 /// The fields of a request body the gateway reads. Lenient like the

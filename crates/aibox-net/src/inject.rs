@@ -30,7 +30,7 @@ use hyper::header::{HeaderMap, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+use rustls::pki_types::{CertificateDer, pem::PemObject};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -854,7 +854,7 @@ impl Injector {
         let mut req = req;
         for fresh in [false, true] {
             if fresh || slot.as_ref().is_none_or(|s| s.is_closed()) {
-                *slot = Some(self.connect(proxy, t).await?);
+                *slot = Some(crate::gateway::tls_http1(proxy, t, &self.client).await?);
             }
             let Some(sender) = slot.as_mut() else {
                 return Err("no upstream connection".into());
@@ -876,30 +876,6 @@ impl Injector {
             }
         }
         Err("the upstream closed the connection".into())
-    }
-
-    async fn connect(
-        &self,
-        proxy: &Proxy,
-        t: &Target,
-    ) -> Result<hyper::client::conn::http1::SendRequest<UpBody>, String> {
-        let tcp = proxy
-            .connect(t)
-            .await
-            .map_err(|e| format!("connecting to {}: {e}", t.addr))?;
-        let name = ServerName::try_from(t.host.to_string()).map_err(|e| e.to_string())?;
-        let tls = tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
-            tokio_rustls::TlsConnector::from(self.client.clone()).connect(name, tcp),
-        )
-        .await
-        .map_err(|_| "TLS handshake timed out".to_string())?
-        .map_err(|e| format!("TLS with {}: {e}", t.host))?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        Ok(sender)
     }
 }
 

@@ -282,6 +282,23 @@ fn allowlist(spec: &NetworkSpec) -> Result<Allowlist, String> {
     Allowlist::parse(&spec.allowed, &spec.hosts).map_err(|e| e.to_string())
 }
 
+/// What [`proxy_of`] builds.
+type ProxyParts = (AuditSink, Arc<Proxy>, Option<Arc<Injector>>);
+
+/// The proxy for `spec` with its audit writer (and the injector, kept to
+/// revoke at stop).
+fn proxy_of(spec: &NetworkSpec, emit: Emit, intercept: Intercept) -> Result<ProxyParts, String> {
+    let sink = AuditSink::new(emit)?;
+    let injector = intercept.injector.clone();
+    let proxy = Proxy::with_intercept(
+        allowlist(spec)?,
+        Arc::new(sink.clone()),
+        intercept.gateway,
+        intercept.injector,
+    );
+    Ok((sink, proxy, injector))
+}
+
 /// The transparent ports for `spec` (what init must listen on).
 pub fn transparent_ports(spec: &NetworkSpec) -> Result<Vec<u16>, String> {
     Ok(allowlist(spec)?.transparent_ports())
@@ -314,14 +331,7 @@ impl Egress {
         emit: Emit,
         intercept: Intercept,
     ) -> Result<Egress, String> {
-        let sink = AuditSink::new(emit)?;
-        let injector = intercept.injector.clone();
-        let proxy = Proxy::with_intercept(
-            allowlist(spec)?,
-            Arc::new(sink.clone()),
-            intercept.gateway,
-            intercept.injector,
-        );
+        let (sink, proxy, injector) = proxy_of(spec, emit, intercept)?;
         let rt = runtime()?;
         let _guard = rt.enter();
         let tcp = |fd: OwnedFd| {
@@ -366,14 +376,7 @@ impl Egress {
         intercept: Intercept,
     ) -> Result<Egress, String> {
         use std::os::unix::fs::PermissionsExt;
-        let sink = AuditSink::new(emit)?;
-        let injector = intercept.injector.clone();
-        let proxy = Proxy::with_intercept(
-            allowlist(spec)?,
-            Arc::new(sink.clone()),
-            intercept.gateway,
-            intercept.injector,
-        );
+        let (sink, proxy, injector) = proxy_of(spec, emit, intercept)?;
         let _ = std::fs::remove_file(socket);
         let l = std::os::unix::net::UnixListener::bind(socket)
             .map_err(|e| format!("creating the egress socket {}: {e}", socket.display()))?;
