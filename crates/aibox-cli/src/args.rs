@@ -68,6 +68,9 @@ pub enum Command {
     /// Credentials kept on the host (sandboxes never get them as such).
     #[command(subcommand)]
     Auth(AuthCmd),
+    /// git pushes from sandboxes waiting for review: list, show, approve, cancel.
+    #[command(subcommand)]
+    Push(PushCmd),
     /// Build and list sandbox images (for the podman and docker backends).
     #[command(subcommand)]
     Image(ImageCmd),
@@ -101,6 +104,39 @@ pub enum AuthCmd {
     Remove {
         /// Its name.
         name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PushCmd {
+    /// List queued pushes: id, sandbox, status, commits, age, remote, refs.
+    Status {
+        /// Also pushes already approved, failed or cancelled.
+        #[arg(long)]
+        all: bool,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
+    /// Show a queued push: its updates, commits and diffstat (computed on
+    /// the host from the pushed objects).
+    Show {
+        /// Push id (from `aibox push status`).
+        id: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
+    /// Push it from the host with the stored git token, leased on the
+    /// remote refs the review saw; records who approved.
+    Approve {
+        /// Push id.
+        id: String,
+    },
+    /// Drop it; nothing is pushed.
+    Cancel {
+        /// Push id.
+        id: String,
     },
 }
 

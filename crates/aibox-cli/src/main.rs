@@ -10,6 +10,16 @@ use clap::Parser;
 fn main() {
     // Inside a container the same binary is init, session shim and
     // self-test; those entry points bypass the CLI parser.
+    // git runs the same binary as its remote helper for `aibox::` URLs.
+    if std::env::args_os()
+        .next()
+        .map(std::path::PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n == aibox_push::helper::PROGRAM))
+        .unwrap_or(false)
+    {
+        let rest: Vec<String> = std::env::args().skip(1).collect();
+        std::process::exit(aibox_push::helper::run(&rest));
+    }
     let internal = std::env::args_os()
         .nth(1)
         .is_some_and(|a| a.to_string_lossy().starts_with("__container-"));

@@ -35,7 +35,8 @@ pub mod guest {
     /// Hostname inside the sandbox.
     pub const HOSTNAME: &str = "aibox";
     /// `PATH` given to every process started inside.
-    pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+    pub const PATH: &str =
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/aibox/bin";
 }
 
 /// Effective uid of this process.

@@ -678,6 +678,9 @@ impl Injector {
                 ),
             );
         }
+        if let Some(r) = proxy.push_refusal("https", &t.host, t.port, req.uri()) {
+            return proxy.refuse_push(r, &method, via);
+        }
         let (mut parts, body) = req.into_parts();
         let dest = Dest::Tls(&t.host, t.port);
         let used = match self.check_head(&parts.uri, &mut parts.headers, dest) {

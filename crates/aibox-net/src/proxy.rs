@@ -159,6 +159,21 @@ pub enum NetEvent {
         /// SHA-256 of the whole body (`hash` and `full` logging).
         sha256: Option<String>,
     },
+    /// A git push the proxy refused: to a remote that is not one of the
+    /// workspace's, or straight to a remote whose pushes are reviewed or
+    /// blocked.
+    Push {
+        /// The remote (normalized URL).
+        url: String,
+        /// HTTP method.
+        method: String,
+        /// The remote is not one of the workspace's.
+        foreign: bool,
+        /// Why.
+        reason: String,
+        /// Proxy port or transparent.
+        via: Via,
+    },
     /// A credential placeholder the proxy saw: put in (allowed) or
     /// refused as misuse.
     Credential {
@@ -218,7 +233,51 @@ pub struct Proxy {
     /// The credential injector, which terminates connections to the
     /// hosts its credentials are bound to.
     injector: Option<Arc<crate::inject::Injector>>,
+    /// The git push rules and broker.
+    push: Option<Arc<PushGuard>>,
+    /// One broker request at a time (each spools a bundle to disk).
+    broker_slot: Arc<tokio::sync::Semaphore>,
 }
+
+/// aibox's own service behind the proxy at `http://aibox.internal/`: the
+/// git push broker.
+pub trait Broker: Send + Sync {
+    /// A new file to spool a request body into, and the most bytes taken.
+    fn spool(&self) -> Result<(std::path::PathBuf, u64), String>;
+    /// Handles one request whose body is in `body` (blocking: it runs
+    /// git). Returns the status and the answer's body.
+    fn handle(
+        &self,
+        path: &str,
+        headers: &HeaderMap,
+        body: &std::path::Path,
+    ) -> (StatusCode, String);
+}
+
+/// What the proxy enforces about git pushes it can see (plain HTTP, and
+/// HTTPS to hosts the injector terminates).
+pub struct PushGuard {
+    /// The workspace's remotes (normalized, see [`aibox_push::normalize`]):
+    /// pushes anywhere else are refused.
+    pub remotes: Vec<String>,
+    /// Whether pushes to them may go straight through (`git push` is
+    /// `safe`); otherwise only the broker's queue takes them.
+    pub direct: bool,
+    /// The push broker.
+    pub broker: Option<Arc<dyn Broker>>,
+}
+
+impl std::fmt::Debug for PushGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushGuard")
+            .field("remotes", &self.remotes)
+            .field("direct", &self.direct)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long the broker waits for each part of a pushed bundle.
+const BROKER_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Connections (and DNS-over-TCP streams) one sandbox may have open at once.
 pub const MAX_CONNECTIONS: usize = 512;
@@ -550,17 +609,19 @@ impl Proxy {
         sink: Arc<dyn Sink>,
         gateway: Option<Arc<crate::gateway::Gateway>>,
     ) -> Arc<Proxy> {
-        Proxy::with_intercept(allow, sink, gateway, None)
+        Proxy::with_intercept(allow, sink, gateway, None, None)
     }
 
     /// A proxy with the LLM gateway and the credential injector (each
     /// optional): connections to their hosts are terminated and served
-    /// by them rather than tunnelled.
+    /// by them rather than tunnelled. `push` adds the git push rules and
+    /// the broker.
     pub fn with_intercept(
         allow: Allowlist,
         sink: Arc<dyn Sink>,
         gateway: Option<Arc<crate::gateway::Gateway>>,
         injector: Option<Arc<crate::inject::Injector>>,
+        push: Option<PushGuard>,
     ) -> Arc<Proxy> {
         Arc::new(Proxy {
             allow,
@@ -570,7 +631,137 @@ impl Proxy {
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
             gateway,
             injector,
+            push: push.map(Arc::new),
+            broker_slot: Arc::new(tokio::sync::Semaphore::new(1)),
         })
+    }
+
+    /// Why a request for `path?query` on `scheme://host:port` may not go
+    /// out, when it is a git push (smart HTTP) this sandbox may not send
+    /// directly: `(foreign, url, reason)`.
+    pub(crate) fn push_refusal(
+        &self,
+        scheme: &str,
+        host: &Host,
+        port: u16,
+        uri: &hyper::Uri,
+    ) -> Option<(bool, String, String)> {
+        let guard = self.push.as_ref()?;
+        let repo = aibox_push::receive_pack_repo(uri.path(), uri.query())?;
+        let raw = format!("{scheme}://{host}:{port}{repo}");
+        let url = aibox_push::normalize(&raw).unwrap_or(raw);
+        if !guard.remotes.contains(&url) {
+            return Some((
+                true,
+                url,
+                "a git push to a remote that is not one of the workspace's remotes".into(),
+            ));
+        }
+        if !guard.direct {
+            return Some((
+                false,
+                url,
+                "pushes from this sandbox are reviewed: push with git as usual (aibox queues it), not around the queue".into(),
+            ));
+        }
+        None
+    }
+
+    /// Refuses a push (see [`Proxy::push_refusal`]).
+    pub(crate) fn refuse_push(
+        &self,
+        (foreign, url, reason): (bool, String, String),
+        method: &str,
+        via: Via,
+    ) -> Response<Body> {
+        self.record(NetEvent::Push {
+            url: url.clone(),
+            method: method.to_string(),
+            foreign,
+            reason: reason.clone(),
+            via,
+        });
+        text(
+            StatusCode::FORBIDDEN,
+            format!("aibox: push to {url} refused: {reason}\n"),
+        )
+    }
+
+    /// Serves `http://aibox.internal/`: spools the body to disk and hands
+    /// it to the broker.
+    async fn broker(&self, req: Request<Incoming>) -> Response<Body> {
+        use std::io::Write as _;
+        let Some(b) = self.push.as_ref().and_then(|p| p.broker.clone()) else {
+            return text(
+                StatusCode::NOT_FOUND,
+                "aibox: pushes from this sandbox are not brokered (no push review)\n".into(),
+            );
+        };
+        if req.method() != Method::POST {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "aibox: POST only\n".into());
+        }
+        let Ok(_one) = self.broker_slot.clone().acquire_owned().await else {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "aibox: stopping\n".into());
+        };
+        let (path, max) = match b.spool() {
+            Ok(x) => x,
+            Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("aibox: {e}\n")),
+        };
+        let (parts, mut body) = req.into_parts();
+        let fail = |status, msg: &str| {
+            let _ = std::fs::remove_file(&path);
+            text(status, format!("aibox: {msg}\n"))
+        };
+        let mut file = match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) => {
+                return fail(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("spooling the push: {e}"),
+                );
+            }
+        };
+        let mut n: u64 = 0;
+        loop {
+            match tokio::time::timeout(BROKER_BODY_TIMEOUT, body.frame()).await {
+                Ok(None) => break,
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        n += data.len() as u64;
+                        if n > max {
+                            return fail(
+                                StatusCode::PAYLOAD_TOO_LARGE,
+                                &format!("the push is larger than {max} bytes"),
+                            );
+                        }
+                        if let Err(e) = file.write_all(&data) {
+                            return fail(
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                &format!("spooling the push: {e}"),
+                            );
+                        }
+                    }
+                }
+                _ => return fail(StatusCode::BAD_REQUEST, "the push could not be read"),
+            }
+        }
+        drop(file);
+        let p = path.clone();
+        let uri_path = parts.uri.path().to_string();
+        let answer =
+            tokio::task::spawn_blocking(move || b.handle(&uri_path, &parts.headers, &p)).await;
+        let _ = std::fs::remove_file(&path);
+        match answer {
+            Ok((status, body)) => text(status, body),
+            Err(_) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "aibox: the push broker failed\n".into(),
+            ),
+        }
     }
 
     /// The injector, when `t` is a host its credentials are bound to.
@@ -1246,6 +1437,14 @@ impl Proxy {
     ) -> Response<Body> {
         let method = req.method().to_string();
         let started = Instant::now();
+        if via == Via::Proxy && host.eq_ignore_ascii_case(aibox_push::BROKER_HOST) && port == 80 {
+            return self.broker(req).await;
+        }
+        if let Ok(h) = parse_host(&host)
+            && let Some(r) = self.push_refusal("http", &h, port, req.uri())
+        {
+            return self.refuse_push(r, &method, via);
+        }
         // (Any port: the key is only ever added over TLS.)
         if self.gateway_for(&host, 443).is_some() {
             let d = Denial {

@@ -37,6 +37,9 @@ use crate::{SandboxError, sys};
 
 /// Where the aibox binary is mounted inside containers.
 pub const BINARY: &str = "/aibox/aibox";
+/// The aibox binary again, as git's remote helper for `aibox::` URLs
+/// (git finds it by this name in `PATH`, see `aibox_push::helper`).
+pub const PUSH_HELPER: &str = "/aibox/bin/git-remote-aibox";
 /// First argument of the container init.
 pub const INIT_ARG: &str = "__container-init";
 /// First argument of the session shim.

@@ -382,6 +382,13 @@ pub(crate) fn build(spec: &SandboxSpec, idmap: Option<&OwnedFd>) -> Result<(), S
         touch(&dst)?;
         bind(bin, &dst, false)?;
         system_mounts.push(PathBuf::from(crate::container::BINARY));
+        let helper = root.join(crate::container::PUSH_HELPER.trim_start_matches('/'));
+        if let Some(dir) = helper.parent() {
+            mkdir(dir)?;
+        }
+        touch(&helper)?;
+        bind(bin, &helper, false)?;
+        system_mounts.push(PathBuf::from(crate::container::PUSH_HELPER));
     }
 
     // The supervisor's decision socket.

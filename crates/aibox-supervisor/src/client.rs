@@ -338,6 +338,30 @@ pub fn status(conn: OwnedFd) -> Result<Status, Error> {
     }
 }
 
+/// Has the running sandbox's supervisor append an event to its audit log.
+pub fn record(
+    paths: &SandboxPaths,
+    event: aibox_audit::EventType,
+    severity: aibox_audit::Severity,
+    details: serde_json::Value,
+) -> Result<(), Error> {
+    let conn = connect_to(&paths.socket)?;
+    request(
+        &conn,
+        &Request::Record {
+            event,
+            severity,
+            details,
+        },
+        &[],
+    )?;
+    match response(&conn)?.0 {
+        Response::Done => Ok(()),
+        Response::Error { message, .. } => Err(Error::Remote(message)),
+        other => Err(Error::Remote(format!("unexpected answer {other:?}"))),
+    }
+}
+
 /// Stops the sandbox and waits until its supervisor is gone.
 pub fn stop(conn: OwnedFd, paths: &SandboxPaths) -> Result<(), Error> {
     request(&conn, &Request::Stop, &[])?;

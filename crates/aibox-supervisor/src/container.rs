@@ -661,6 +661,10 @@ fn run_args(
         "-v",
         &vol(&c.aibox_binary, aibox_sandbox::container::BINARY, "ro"),
     ]);
+    push(&[
+        "-v",
+        &vol(&c.aibox_binary, aibox_sandbox::container::PUSH_HELPER, "ro"),
+    ]);
     if !sb.masked.is_empty() {
         // runc masks as aibox does natively: /dev/null over a file, an
         // empty read-only tmpfs over a directory (checked beforehand in

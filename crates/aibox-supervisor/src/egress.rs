@@ -189,6 +189,33 @@ fn write_event(emit: &Emit, e: NetEvent) {
                 };
                 (EventType::LlmResponse, sev, d)
             }
+            NetEvent::Push {
+                url,
+                method,
+                foreign,
+                reason,
+                via,
+            } => {
+                let d = json!({
+                    "argv": ["git", "push", url], "remote": url, "method": method,
+                    "rule": if foreign { "git-push-foreign-remote" } else { "git-push-review" },
+                    "reason": reason, "via": via.as_str(),
+                });
+                if !foreign {
+                    (EventType::ToolDeny, Severity::High, d)
+                } else {
+                    emit(EventType::ToolDeny, Severity::High, d);
+                    (
+                        EventType::FalcoAlert,
+                        Severity::High,
+                        json!({
+                            "rule_id": "aibox-010", "mitre": "T1567.001",
+                            "title": "git push to unexpected remote",
+                            "remote": url, "reason": reason,
+                        }),
+                    )
+                }
+            }
             NetEvent::Credential {
                 credential,
                 kind,
@@ -288,6 +315,7 @@ type ProxyParts = (AuditSink, Arc<Proxy>, Option<Arc<Injector>>);
 /// The proxy for `spec` with its audit writer (and the injector, kept to
 /// revoke at stop).
 fn proxy_of(spec: &NetworkSpec, emit: Emit, intercept: Intercept) -> Result<ProxyParts, String> {
+    let push = crate::push::guard(spec, &emit);
     let sink = AuditSink::new(emit)?;
     let injector = intercept.injector.clone();
     let proxy = Proxy::with_intercept(
@@ -295,6 +323,7 @@ fn proxy_of(spec: &NetworkSpec, emit: Emit, intercept: Intercept) -> Result<Prox
         Arc::new(sink.clone()),
         intercept.gateway,
         intercept.injector,
+        push,
     );
     Ok((sink, proxy, injector))
 }
@@ -548,6 +577,24 @@ pub(crate) fn sandbox_env(spec: &NetworkSpec) -> Vec<(String, String)> {
                 ));
             }
         }
+    }
+    if spec
+        .push
+        .as_ref()
+        .is_some_and(|p| p.mode == crate::proto::PushMode::Review)
+    {
+        // Pushes go to the broker through aibox's remote helper; the
+        // proxy refuses any that goes around it.
+        for scheme in ["https://", "http://"] {
+            git.push((
+                format!("url.aibox::{scheme}.pushInsteadOf"),
+                scheme.to_string(),
+            ));
+        }
+        env.push((
+            aibox_push::helper::BROKER_ENV.to_string(),
+            format!("127.0.0.1:{}", spec.proxy_port),
+        ));
     }
     env.push(("GIT_CONFIG_COUNT".into(), git.len().to_string()));
     for (i, (k, v)) in git.into_iter().enumerate() {

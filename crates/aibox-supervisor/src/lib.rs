@@ -12,6 +12,7 @@ pub mod egress;
 pub mod gate;
 pub mod paths;
 pub mod proto;
+mod push;
 pub mod supervisor;
 
 pub use paths::SandboxPaths;

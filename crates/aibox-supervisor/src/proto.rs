@@ -19,6 +19,17 @@ pub enum Request {
     Status,
     /// Stop the sandbox.
     Stop,
+    /// Append an event to the sandbox's audit log (the CLI acting on the
+    /// sandbox's behalf, e.g. a push approved from the host): the
+    /// supervisor owns the log's chain while it runs.
+    Record {
+        /// Event type.
+        event: aibox_audit::EventType,
+        /// Severity.
+        severity: aibox_audit::Severity,
+        /// Details.
+        details: serde_json::Value,
+    },
 }
 
 /// A command to run.
@@ -62,6 +73,8 @@ pub enum Response {
     Status(Box<Status>),
     /// The sandbox is gone.
     Stopped,
+    /// The request was carried out.
+    Done,
 }
 
 /// What a new supervisor needs; sent on its stdin as JSON.
@@ -143,6 +156,39 @@ pub struct NetworkSpec {
     /// Every credential handed to the sandbox and how it appears inside.
     #[serde(default)]
     pub issued: Vec<IssuedCredential>,
+    /// git push review: the workspace's remotes and what `git push` may do.
+    #[serde(default)]
+    pub push: Option<PushSpec>,
+}
+
+/// What `git push` may do from the sandbox (the policy's class of
+/// `git push`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PushMode {
+    /// `safe`: pushes to the workspace's remotes go straight out.
+    Direct,
+    /// `review-required`: pushes are queued until a human approves them.
+    Review,
+    /// `blocked-by-default`: no push leaves.
+    Blocked,
+}
+
+/// git push rules of a sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PushSpec {
+    /// The sandbox's name (recorded with each queued push).
+    pub sandbox: String,
+    /// The workspace's remote URLs at start (HTTP(S) ones; others cannot
+    /// be pushed to through the proxy).
+    pub remotes: Vec<String>,
+    /// What a push may do.
+    pub mode: PushMode,
+    /// The review queue directory (`<data>/pushes`).
+    pub queue: PathBuf,
+    /// CA bundle for the host-side git (`credentials.upstream_ca`).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// A credential as the sandbox sees it.

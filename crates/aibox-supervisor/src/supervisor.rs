@@ -1107,6 +1107,14 @@ fn handle_conn(shared: Arc<Shared>, conn: OwnedFd) {
                 reason: "aibox stop".into(),
             });
         }
+        Request::Record {
+            event,
+            severity,
+            details,
+        } => match shared.emit(event, severity, details) {
+            Ok(()) => send(&conn, &Response::Done, &[]),
+            Err(message) => send(&conn, &Response::Error { message, code: 1 }, &[]),
+        },
         Request::Exec(e) => exec_session(shared, conn, e, fds),
         Request::Signal(_) => send(
             &conn,

@@ -206,6 +206,38 @@ fn open(
     Ok(FileStore::new(store, key, passphrase))
 }
 
+/// The stored git token bound to `host:port` (for a push approved from
+/// the host), if there is one that has not expired.
+pub(crate) fn git_token_for(
+    loaded: &aibox_config::Loaded,
+    sources: &aibox_config::Sources,
+    host: &str,
+    port: u16,
+) -> Result<Option<zeroize::Zeroizing<String>>> {
+    if loaded.config.credentials.mode == aibox_config::CredentialMode::Vault {
+        return Ok(None);
+    }
+    let (store_path, _) = store_paths(loaded, sources)?;
+    if std::fs::symlink_metadata(&store_path).is_err() {
+        return Ok(None);
+    }
+    let store = open(loaded, sources, false).context("reading the credential store")?;
+    let now = std::time::SystemTime::now();
+    let want = aibox_net::parse_host(host).ok();
+    for (meta, secret) in store.entries().context("reading the credential store")? {
+        let Some(bound) = &meta.host else { continue };
+        let (h, p) = aibox_net::host::split_authority(bound).unwrap_or((bound.as_str(), 443));
+        if meta.kind == "git-token"
+            && !meta.expired(now)
+            && p == port
+            && aibox_net::parse_host(h).ok() == want
+        {
+            return Ok(Some(zeroize::Zeroizing::new(secret.expose().to_string())));
+        }
+    }
+    Ok(None)
+}
+
 /// The variables a credential of type `kind` named `name` appears in.
 fn variables(name: &str, kind: &str) -> Vec<String> {
     match kind {

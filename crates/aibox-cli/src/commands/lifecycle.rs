@@ -99,7 +99,7 @@ fn prepare(
             &user,
         )?),
     };
-    let network = network_spec(&loaded, &sources, &policy)?;
+    let network = network_spec(&loaded, &sources, &policy, &ws, &name)?;
     // Native: init opens the listeners inside the sandbox and hands them
     // to the supervisor. (A container's init opens them itself and relays
     // them to the supervisor's socket.)
@@ -246,6 +246,8 @@ fn network_spec(
     loaded: &Loaded,
     sources: &aibox_config::Sources,
     policy: &super::policy::AtStart,
+    ws: &std::path::Path,
+    name: &str,
 ) -> Result<Option<NetworkSpec>> {
     let c = &loaded.config;
     if !c.network.enabled {
@@ -291,6 +293,7 @@ fn network_spec(
             .collect(),
         credentials,
         issued,
+        push: Some(super::push::spec(loaded, &policy.merged, ws, name)?),
     }))
 }
 

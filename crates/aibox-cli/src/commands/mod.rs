@@ -9,6 +9,7 @@ mod image;
 mod lifecycle;
 pub(crate) mod network;
 pub(crate) mod policy;
+mod push;
 
 use anyhow::Result;
 
@@ -34,6 +35,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Command::Policy(a) => policy::run(cli.config, a),
         Command::Image(a) => image::run(cli.config, a),
         Command::Auth(a) => auth::run(cli.config, a),
+        Command::Push(a) => push::run(cli.config, a),
         Command::Update { engine } => image::update(cli.config, engine),
         Command::Repair(crate::args::RepairCmd::Cache { engine }) => {
             image::repair_cache(cli.config, engine)
