@@ -501,11 +501,12 @@ pub(crate) fn at_start(
     }
     // Tool rules are enforced by the exec gate alone, which gVisor cannot
     // host (it delivers no seccomp notifications): never start a sandbox
-    // that would ignore them.
+    // that would ignore them. (A rule on `git push` itself is also
+    // enforced by the proxy and the push broker, which gVisor has.)
     let tools = p.tools.as_ref();
     let has_tool_rules = tools
         .and_then(|t| t.rules.as_ref())
-        .is_some_and(|r| !r.is_empty())
+        .is_some_and(|r| r.iter().any(|x| x.matches != ["git", "push"]))
         || tools
             .and_then(|t| t.default)
             .is_some_and(|d| d != aibox_policy::Risk::Safe)

@@ -12,3 +12,4 @@ mod lifecycle;
 mod llm;
 mod network;
 mod policy;
+mod push;
