@@ -733,6 +733,16 @@ fn validate(
             "give a number of files from 1 to 1000 (default 8)",
         ));
     }
+    if let Some(u) = c.credentials.push_remotes.iter().find(|u| {
+        let l = u.to_ascii_lowercase();
+        !(l.starts_with("https://") || l.starts_with("http://")) || u.contains(char::is_whitespace)
+    }) {
+        return Err(bad(
+            "credentials.push_remotes",
+            &format!("{u:?} is not an http(s) URL"),
+            "list remote URLs such as https://github.com/org/repo.git",
+        ));
+    }
     if c.credentials.mode == CredentialMode::Vault && c.credentials.vault_addr.is_empty() {
         return Err(bad(
             "credentials.vault_addr",

@@ -398,6 +398,9 @@ pub struct Credentials {
     /// credentials are bound to, besides the system roots (an internal
     /// git server, tests).
     pub upstream_ca: String,
+    /// Remotes (http(s) URLs) sandboxes may push to besides those the
+    /// workspace had when aibox first started a sandbox on it.
+    pub push_remotes: Vec<String>,
 }
 
 impl Default for Credentials {
@@ -410,6 +413,7 @@ impl Default for Credentials {
             passphrase: PassphraseSource::None,
             key_path: String::new(),
             upstream_ca: String::new(),
+            push_remotes: Vec::new(),
         }
     }
 }

@@ -687,6 +687,13 @@ impl Injector {
             Ok(u) => u,
             Err(m) => return self.refuse(&proxy, &m, &host, t.port, &method, via),
         };
+        // While pushes are reviewed or blocked, a git token only reads: a
+        // hosting API on the same host could otherwise commit without git.
+        if used.iter().any(|&i| self.creds[i].spec.kind == "git-token")
+            && let Some(r) = proxy.git_write_refusal(&parts.method, &parts.uri, &t.host, t.port)
+        {
+            return proxy.refuse_push(r, &method, via);
+        }
         // The body: read whole and checked when small, else checked as it
         // streams (a placeholder cuts the upload off).
         let declared = parts

@@ -267,6 +267,17 @@ pub struct PushGuard {
     pub broker: Option<Arc<dyn Broker>>,
 }
 
+impl PushGuard {
+    /// Why a push may not go out directly.
+    fn not_direct(&self) -> &'static str {
+        if self.broker.is_some() {
+            "pushes from this sandbox are reviewed: push with git as usual (aibox queues it), not around the queue"
+        } else {
+            "the policy blocks git push from this sandbox"
+        }
+    }
+}
+
 impl std::fmt::Debug for PushGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PushGuard")
@@ -658,13 +669,36 @@ impl Proxy {
             ));
         }
         if !guard.direct {
-            return Some((
-                false,
-                url,
-                "pushes from this sandbox are reviewed: push with git as usual (aibox queues it), not around the queue".into(),
-            ));
+            return Some((false, url, guard.not_direct().into()));
         }
         None
+    }
+
+    /// Why a request carrying a git token may not go out while pushes
+    /// are not direct: anything but a read (`GET`/`HEAD`, and git's
+    /// fetch, `POST …/git-upload-pack`).
+    pub(crate) fn git_write_refusal(
+        &self,
+        method: &Method,
+        uri: &hyper::Uri,
+        host: &Host,
+        port: u16,
+    ) -> Option<(bool, String, String)> {
+        let guard = self.push.as_ref()?;
+        if guard.direct || method == Method::GET || method == Method::HEAD {
+            return None;
+        }
+        if method == Method::POST && aibox_push::upload_pack_repo(uri.path()).is_some() {
+            return None;
+        }
+        Some((
+            false,
+            format!("https://{host}:{port}{}", uri.path()),
+            format!(
+                "{}; with a git token, only reads (GET, HEAD, git fetch) go to this host",
+                guard.not_direct()
+            ),
+        ))
     }
 
     /// Refuses a push (see [`Proxy::push_refusal`]).

@@ -37,6 +37,12 @@ impl std::fmt::Debug for Remote {
 
 /// Variable the credential helper reads the token from (never argv).
 const TOKEN_ENV: &str = "AIBOX_PUSH_TOKEN";
+/// How long one host git command may take.
+const GIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+/// Pushes one sandbox may have waiting at once.
+pub const MAX_PENDING: usize = 20;
+/// The system's CA bundle (Debian's path), which `upstream_ca` adds to.
+const SYSTEM_CA: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 impl Remote {
     fn git(&self, repo: &Path) -> Command {
@@ -62,6 +68,12 @@ impl Remote {
             "protocol.file.allow=always".into(),
             "credential.helper=".into(),
             "gc.auto=0".into(),
+            // The remote is reached as named, never where it redirects.
+            "http.followRedirects=false".into(),
+            // Objects from a sandbox are checked, and land in a pack
+            // rather than as loose objects.
+            "transfer.fsckObjects=true".into(),
+            "fetch.unpackLimit=1".into(),
         ];
         if let Some(t) = &self.token {
             c.env(TOKEN_ENV, t.as_str());
@@ -72,7 +84,7 @@ impl Remote {
         for r in &self.resolve {
             cfg.push(format!("http.curloptResolve={r}"));
         }
-        if let Some(ca) = &self.ca_file {
+        if let Some(ca) = self.ca_bundle(repo) {
             cfg.push(format!("http.sslCAInfo={}", ca.display()));
         }
         for kv in cfg {
@@ -82,16 +94,28 @@ impl Remote {
         c
     }
 
+    /// The system CAs plus `ca_file` (which adds to them, as it does for
+    /// the proxy), written beside the review repositories.
+    fn ca_bundle(&self, repo: &Path) -> Option<PathBuf> {
+        let extra = std::fs::read(self.ca_file.as_ref()?).ok()?;
+        let mut all = std::fs::read(SYSTEM_CA).unwrap_or_default();
+        if !all.is_empty() && !all.ends_with(b"\n") {
+            all.push(b'\n');
+        }
+        all.extend_from_slice(&extra);
+        let path = repo.parent()?.join(".ca-bundle.pem");
+        if std::fs::read(&path).ok().as_deref() != Some(all.as_slice()) {
+            std::fs::write(&path, &all).ok()?;
+        }
+        Some(path)
+    }
+
     /// Runs git in `repo`; its stdout, or its stderr as the error.
     fn run(&self, repo: &Path, what: &str, args: &[&str]) -> Result<String, PushError> {
-        let out = self
-            .git(repo)
-            .args(args)
-            .output()
-            .map_err(|e| PushError::Git {
-                what: what.into(),
-                detail: format!("cannot run git: {e} (install git on the host)"),
-            })?;
+        let out = output(self.git(repo).args(args)).map_err(|e| PushError::Git {
+            what: what.into(),
+            detail: e,
+        })?;
         if !out.status.success() {
             let mut detail = format!(
                 "{}\n{}",
@@ -132,6 +156,59 @@ impl Remote {
     }
 }
 
+/// Runs `cmd` to the end or until [`GIT_TIMEOUT`] (then kills it).
+fn output(cmd: &mut Command) -> Result<std::process::Output, String> {
+    use std::io::Read;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run git: {e} (install git on the host)"))?;
+    let mut out = child.stdout.take();
+    let mut err = child.stderr.take();
+    let reader = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        if let Some(o) = out.as_mut() {
+            let _ = o.read_to_end(&mut b);
+        }
+        b
+    });
+    let mut stderr = Vec::new();
+    let err_reader = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        if let Some(e) = err.as_mut() {
+            let _ = e.read_to_end(&mut b);
+        }
+        b
+    });
+    let deadline = std::time::Instant::now() + GIT_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "git took longer than {}s and was stopped",
+                    GIT_TIMEOUT.as_secs()
+                ));
+            }
+        }
+    };
+    let stdout = reader.join().unwrap_or_default();
+    if let Ok(e) = err_reader.join() {
+        stderr = e;
+    }
+    Ok(std::process::Output {
+        status,
+        stdout,
+        stderr,
+    })
+}
+
 /// The ref under which the review repository keeps the remote's `dst`.
 fn remote_ref(dst: &str) -> Option<String> {
     dst.strip_prefix("refs/heads/")
@@ -160,10 +237,20 @@ pub fn import(
     bundle: &Path,
     remote: &Remote,
 ) -> Result<PushRequest, PushError> {
+    let repo = q.repo_for(key);
+    // One import per remote at a time: fetches into one repository would
+    // fight over its ref locks.
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(repo.with_extension("lock"))
+        .ok()
+        .and_then(|f| nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).ok());
     let r = import_inner(q, id, sandbox, key, ask, bundle, remote);
+    drop(lock);
     let _ = std::fs::remove_file(bundle);
     if r.is_err() {
-        let repo = q.repo_for(key);
         drop_refs(&repo, id, remote);
     }
     r
@@ -182,6 +269,16 @@ fn import_inner(
         return Err(PushError::Refused(format!(
             "a push must update between 1 and {} refs",
             crate::MAX_UPDATES
+        )));
+    }
+    let waiting = q
+        .list()?
+        .iter()
+        .filter(|r| r.sandbox == sandbox && r.status == Status::Pending)
+        .count();
+    if waiting >= MAX_PENDING {
+        return Err(PushError::Refused(format!(
+            "{waiting} pushes from this sandbox already wait for review; ask a reviewer to approve or cancel some (aibox push status)"
         )));
     }
     for u in &ask.updates {
@@ -226,18 +323,17 @@ fn import_inner(
                     "the pushed commits do not build on what the remote has (fetch and rebase, then push again): {e}"
                 ))
             })?;
-        remote.run(
-            &repo,
-            "fetch from the bundle",
-            &[
-                "fetch",
-                "--quiet",
-                "--no-tags",
-                "--no-write-fetch-head",
-                &b,
-                &format!("+refs/aibox/push/*:refs/aibox/pushes/{id}/*"),
-            ],
-        )?;
+        // Only the refs the updates name: a bundle may carry any others.
+        let specs: Vec<String> = ask
+            .updates
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| u.bundled && u.new.is_some())
+            .map(|(i, _)| format!("+refs/aibox/push/{i}:{}", held_ref(id, i)))
+            .collect();
+        let mut args = vec!["fetch", "--quiet", "--no-tags", "--no-write-fetch-head", &b];
+        args.extend(specs.iter().map(String::as_str));
+        remote.run(&repo, "fetch from the bundle", &args)?;
     }
     let mut updates = Vec::new();
     let mut news = Vec::new();
@@ -277,6 +373,14 @@ fn import_inner(
                 u.dst,
                 &o[..12],
                 &n[..12]
+            )));
+        }
+        if let (Some(_), Some(_), false, true) =
+            (&old, &new, u.force, u.dst.starts_with("refs/tags/"))
+        {
+            return Err(PushError::Refused(format!(
+                "{} exists on the remote; moving a tag needs a forced push",
+                u.dst
             )));
         }
         if old.is_none() && new.is_none() {
@@ -423,7 +527,12 @@ pub fn drop_refs(repo: &Path, id: &str, remote: &Remote) {
 /// moved since makes the push fail rather than overwrite. Returns git's
 /// report.
 pub fn push(req: &PushRequest, remote: &Remote) -> Result<String, PushError> {
-    let mut args: Vec<String> = vec!["push".into(), "--porcelain".into(), "--no-verify".into()];
+    let mut args: Vec<String> = vec![
+        "push".into(),
+        "--porcelain".into(),
+        "--no-verify".into(),
+        "--atomic".into(),
+    ];
     for u in &req.updates {
         args.push(format!(
             "--force-with-lease={}:{}",
@@ -432,14 +541,10 @@ pub fn push(req: &PushRequest, remote: &Remote) -> Result<String, PushError> {
         ));
     }
     args.push(req.url.clone());
-    for (i, u) in req.updates.iter().enumerate() {
+    for u in &req.updates {
+        // The reviewed object itself (the held ref only keeps it here).
         args.push(match &u.new {
-            Some(_) => format!(
-                "{}{}:{}",
-                if u.force { "+" } else { "" },
-                held_ref(&req.id, i),
-                u.dst
-            ),
+            Some(n) => format!("{}{n}:{}", if u.force { "+" } else { "" }, u.dst),
             None => format!(":{}", u.dst),
         });
     }

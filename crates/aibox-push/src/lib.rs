@@ -17,7 +17,7 @@ pub mod host;
 pub mod queue;
 mod url;
 
-pub use url::{normalize, receive_pack_repo};
+pub use url::{normalize, receive_pack_repo, upload_pack_repo};
 
 /// Host name of aibox's own service behind the proxy: the remote helper
 /// sends its pushes to `http://aibox.internal/v1/push`.
@@ -111,9 +111,9 @@ pub fn check_ref(name: &str) -> Result<(), String> {
     }
     if name
         .bytes()
-        .any(|b| b < 0x20 || b == 0x7f || b" ~^:?*[\\".contains(&b))
+        .any(|b| !(0x20..0x7f).contains(&b) || b" ~^:?*[\\".contains(&b))
     {
-        return bad("it contains a space, a control character or one of ~^:?*[\\");
+        return bad("it contains a space, a control or non-ASCII character, or one of ~^:?*[\\");
     }
     for c in name.split('/') {
         if c.is_empty() || c.starts_with('.') || c.ends_with(".lock") {
@@ -141,6 +141,7 @@ mod tests {
             "refs//x",
             "refs/heads/x\n",
             "refs/heads/x:y",
+            "refs/heads/\u{202e}x",
         ] {
             assert!(check_ref(bad).is_err(), "{bad}");
         }

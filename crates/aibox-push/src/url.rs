@@ -81,12 +81,35 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The repository path of git's fetch request (`POST /org/repo.git/git-upload-pack`).
+pub fn upload_pack_repo(path: &str) -> Option<String> {
+    let p = judged(path);
+    let lower = p.to_ascii_lowercase();
+    lower
+        .strip_suffix("/git-upload-pack")
+        .map(|s| p[..s.len()].to_string())
+}
+
+/// The path as servers route it: `%XX` decoded, `;params` dropped from
+/// each segment (servlet containers do), empty and `.` segments gone.
+fn judged(path: &str) -> String {
+    percent_decode(path)
+        .split('/')
+        .map(|seg| seg.split(';').next().unwrap_or(""))
+        .filter(|seg| !seg.is_empty() && *seg != ".")
+        .fold(String::new(), |mut acc, seg| {
+            acc.push('/');
+            acc.push_str(seg);
+            acc
+        })
+}
+
 /// The repository path of a smart-HTTP push request (`/org/repo.git` for
 /// `GET /org/repo.git/info/refs?service=git-receive-pack` and
 /// `POST /org/repo.git/git-receive-pack`), or `None` for anything else.
 pub fn receive_pack_repo(path: &str, query: Option<&str>) -> Option<String> {
-    let decoded = percent_decode(path);
-    let trimmed = decoded.trim_end_matches('/');
+    let decoded = judged(path);
+    let trimmed = decoded.as_str();
     let lower = trimmed.to_ascii_lowercase();
     if let Some(n) = lower.strip_suffix("/git-receive-pack").map(str::len) {
         return Some(trimmed[..n].to_string());
@@ -168,5 +191,25 @@ mod tests {
             None
         );
         assert_eq!(r("/o/r.git/git-upload-pack", None), None);
+        assert_eq!(
+            r("/a/proj/git-receive-pack;x=1", None).as_deref(),
+            Some("/a/proj")
+        );
+        assert_eq!(
+            r("/a/proj/git-receive-pack;", None).as_deref(),
+            Some("/a/proj")
+        );
+        assert_eq!(
+            r("/a//proj/./git-receive-pack/.", None).as_deref(),
+            Some("/a/proj")
+        );
+        assert_eq!(
+            r(
+                "/a/proj/info/refs;jsessionid=1",
+                Some("service=git-receive-pack")
+            )
+            .as_deref(),
+            Some("/a/proj")
+        );
     }
 }

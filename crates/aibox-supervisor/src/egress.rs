@@ -305,7 +305,7 @@ impl std::fmt::Debug for Egress {
     }
 }
 
-fn allowlist(spec: &NetworkSpec) -> Result<Allowlist, String> {
+pub(crate) fn allowlist(spec: &NetworkSpec) -> Result<Allowlist, String> {
     Allowlist::parse(&spec.allowed, &spec.hosts).map_err(|e| e.to_string())
 }
 

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use aibox_audit::{EventType, Severity};
 use aibox_net::gateway::Secret;
 use aibox_net::proxy::{Broker, PushGuard};
+use aibox_net::{Access, Allowlist, Host};
 use aibox_push::queue::Queue;
 use aibox_push::{PushAsk, PushError, Queued};
 use hyper::StatusCode;
@@ -24,8 +25,9 @@ pub(crate) struct PushBroker {
     remotes: Vec<(String, String)>,
     /// git tokens and the `host:port`s they are bound to.
     tokens: Vec<(Vec<String>, Secret, Option<u64>)>,
-    /// `network.resolve`: name → address.
-    hosts: Vec<(String, String)>,
+    /// The sandbox's network rules: host git reaches only what the
+    /// sandbox itself may reach.
+    allow: Allowlist,
     ca_file: Option<PathBuf>,
     emit: Emit,
 }
@@ -43,6 +45,7 @@ fn remotes(p: &PushSpec) -> Vec<(String, String)> {
 /// reviewed).
 pub(crate) fn guard(spec: &NetworkSpec, emit: &Emit) -> Option<PushGuard> {
     let p = spec.push.as_ref()?;
+    let allow = crate::egress::allowlist(spec).ok()?;
     let broker: Option<std::sync::Arc<dyn Broker>> = (p.mode == PushMode::Review).then(|| {
         std::sync::Arc::new(PushBroker {
             queue: Queue::new(&p.queue),
@@ -55,11 +58,7 @@ pub(crate) fn guard(spec: &NetworkSpec, emit: &Emit) -> Option<PushGuard> {
                 .filter(|c| c.kind == "git-token")
                 .map(|c| (c.hosts.clone(), c.secret.clone(), c.expires_at_ms))
                 .collect(),
-            hosts: spec
-                .hosts
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            allow,
             ca_file: p.ca_file.clone(),
             emit: emit.clone(),
         }) as std::sync::Arc<dyn Broker>
@@ -69,6 +68,41 @@ pub(crate) fn guard(spec: &NetworkSpec, emit: &Emit) -> Option<PushGuard> {
         direct: p.mode == PushMode::Direct,
         broker,
     })
+}
+
+/// The address host git may connect to for `host:port`: the network
+/// rules must allow it, and it must be public or named by a rule (as for
+/// the proxy), resolved here once and pinned.
+fn admit(
+    allow: &Allowlist,
+    host: &str,
+    port: u16,
+    access: Access,
+) -> Result<std::net::IpAddr, String> {
+    use std::net::ToSocketAddrs;
+    let h = aibox_net::parse_host(host).map_err(|e| format!("the remote's host {host:?}: {e}"))?;
+    if allow.rule_for(&h, port, access).is_none() {
+        return Err(format!(
+            "the network policy does not allow {host}:{port}, so aibox does not contact it either"
+        ));
+    }
+    let candidates: Vec<std::net::IpAddr> = match &h {
+        Host::Ip(ip) => vec![*ip],
+        Host::Name(n) => match allow.static_address(n) {
+            Some(ip) => vec![ip],
+            None => (format!("{n}."), port)
+                .to_socket_addrs()
+                .map_err(|e| format!("{host} does not resolve: {e}"))?
+                .map(|a| a.ip())
+                .collect(),
+        },
+    };
+    candidates
+        .into_iter()
+        .find(|ip| {
+            aibox_net::addr::restricted(*ip).is_none() || allow.names_address(*ip, port, access)
+        })
+        .ok_or_else(|| format!("{host} resolves only to addresses no rule allows"))
 }
 
 /// `host` and `port` of a normalized URL.
@@ -182,13 +216,24 @@ impl PushBroker {
         let Some((host, port)) = host_port(&key) else {
             return (StatusCode::BAD_REQUEST, "aibox: bad remote\n".into());
         };
+        let access = if key.starts_with("https:") {
+            Access::Tunnel
+        } else {
+            Access::Http
+        };
+        let ip = match admit(&self.allow, &host, port, access) {
+            Ok(ip) => ip,
+            Err(reason) => {
+                self.refuse(&ask, "git-push-review", &reason, false);
+                return (StatusCode::FORBIDDEN, format!("aibox: {reason}\n"));
+            }
+        };
+        let pinned = match ip {
+            std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+            v4 => v4.to_string(),
+        };
         let remote = aibox_push::host::Remote {
-            resolve: self
-                .hosts
-                .iter()
-                .filter(|(n, _)| n.eq_ignore_ascii_case(&host))
-                .map(|(n, a)| format!("{n}:{port}:{a}"))
-                .collect(),
+            resolve: vec![format!("{}:{port}:{pinned}", host.trim_matches(['[', ']']))],
             ca_file: self.ca_file.clone(),
             token: self.token(&host, port),
         };

@@ -86,9 +86,20 @@ fn details(v: Value) -> Map<String, Value> {
 impl Shared {
     /// Appends an event; failures are also written to the supervisor log.
     fn emit(&self, t: EventType, sev: Severity, d: Value) -> Result<(), String> {
+        self.emit_from(Source::AiboxSupervisor, t, sev, d)
+    }
+
+    /// [`Shared::emit`] for an event another component decided.
+    fn emit_from(
+        &self,
+        source: Source,
+        t: EventType,
+        sev: Severity,
+        d: Value,
+    ) -> Result<(), String> {
         let r = match self.audit.lock() {
             Ok(mut a) => a
-                .append(t, Source::AiboxSupervisor, sev, details(d))
+                .append(t, source, sev, details(d))
                 .map(drop)
                 .map_err(|e| e.to_string()),
             Err(_) => Err("audit lock poisoned".to_string()),
@@ -1111,10 +1122,21 @@ fn handle_conn(shared: Arc<Shared>, conn: OwnedFd) {
             event,
             severity,
             details,
-        } => match shared.emit(event, severity, details) {
-            Ok(()) => send(&conn, &Response::Done, &[]),
-            Err(message) => send(&conn, &Response::Error { message, code: 1 }, &[]),
-        },
+        } => {
+            // Only the decisions the CLI makes for a sandbox (push review).
+            let r = if matches!(event, EventType::ToolApprove | EventType::ToolDeny) {
+                shared.emit_from(Source::AiboxCli, event, severity, details)
+            } else {
+                Err(format!(
+                    "{} is not recorded on the CLI's behalf",
+                    event.as_str()
+                ))
+            };
+            match r {
+                Ok(()) => send(&conn, &Response::Done, &[]),
+                Err(message) => send(&conn, &Response::Error { message, code: 1 }, &[]),
+            }
+        }
         Request::Exec(e) => exec_session(shared, conn, e, fds),
         Request::Signal(_) => send(
             &conn,

@@ -291,9 +291,12 @@ fn network_spec(
             .iter()
             .filter_map(|p| p.api_key_env.clone())
             .collect(),
+        push: Some(super::push::held(
+            super::push::spec(loaded, &policy.merged, ws, name)?,
+            &issued,
+        )?),
         credentials,
         issued,
-        push: Some(super::push::spec(loaded, &policy.merged, ws, name)?),
     }))
 }
 

@@ -1,6 +1,7 @@
 //! `aibox push`: the review queue of git pushes from sandboxes, and the
 //! push rules a sandbox starts with.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
 use aibox_audit::{EventType, Severity};
@@ -17,9 +18,10 @@ fn queue(loaded: &aibox_config::Loaded) -> Queue {
 }
 
 /// What `git push` may do in a sandbox of workspace `ws`: the policy's
-/// decision on a bare `git push` (tool rules and Rego), and the
-/// workspace's HTTP(S) remotes as configured before the sandbox starts
-/// (the sandbox can change `.git/config`; this list it cannot).
+/// decision on a bare `git push` (tool rules and Rego), and the remotes
+/// it may push to: those the workspace had when aibox first saw it
+/// (recorded then, on the host), plus `credentials.push_remotes`. A
+/// sandbox can edit `.git/config`; what it adds there is not trusted.
 pub(crate) fn spec(
     loaded: &aibox_config::Loaded,
     merged: &aibox_policy::Merged,
@@ -40,22 +42,140 @@ pub(crate) fn spec(
         _ => PushMode::Blocked,
     };
     let c = &loaded.config.credentials;
+    let mut trusted = first_seen(loaded, ws)?;
+    trusted.extend(c.push_remotes.iter().cloned());
     Ok(PushSpec {
         sandbox: name.into(),
-        remotes: remotes(ws),
+        remotes: trusted,
         mode,
         queue: queue(loaded).dir().to_path_buf(),
         ca_file: (!c.upstream_ca.is_empty()).then(|| c.upstream_ca.clone().into()),
     })
 }
 
-/// The `url` and `pushurl` of every remote in `ws/.git/config`, read as a
-/// plain file (no includes, no hooks, nothing of the workspace runs).
-fn remotes(ws: &Path) -> Vec<String> {
-    let cfg = ws.join(".git").join("config");
-    if !cfg.is_file() {
-        return Vec::new();
+/// Refuses push rules the proxy could not hold: with pushes reviewed or
+/// blocked, a git token in the sandbox's hands would push through a
+/// tunnel the proxy cannot read. Names remote hosts no credential is
+/// bound to (the proxy does not read those connections either).
+pub(crate) fn held(
+    spec: PushSpec,
+    issued: &[aibox_supervisor::proto::IssuedCredential],
+) -> Result<PushSpec> {
+    if spec.mode == PushMode::Direct {
+        return Ok(spec);
     }
+    if let Some(c) = issued.iter().find(|c| c.kind == "git-token" && c.exposed) {
+        bail!(
+            "the policy exposes credential `{}` (a git token) while git push is {}: with the real token inside, pushes could go around the proxy\n  fix: remove `{}` from the policy's credentials.expose, or make git push safe",
+            c.name,
+            if spec.mode == PushMode::Review {
+                "review-required"
+            } else {
+                "blocked-by-default"
+            },
+            c.name
+        );
+    }
+    for u in &spec.remotes {
+        let Ok(key) = aibox_push::normalize(u) else {
+            continue;
+        };
+        let authority = key.split('/').nth(2).unwrap_or("");
+        let bound = issued.iter().any(|c| {
+            c.kind == "git-token"
+                && c.hosts.iter().any(|h| {
+                    let full = if h.contains(':') && !h.ends_with(']') {
+                        h.clone()
+                    } else {
+                        format!("{h}:443")
+                    };
+                    full.eq_ignore_ascii_case(authority)
+                })
+        });
+        if key.starts_with("https:") && !bound {
+            eprintln!(
+                "aibox: no git token is bound to {authority}, so the proxy cannot read pushes to {u} (it refuses those it sees; bind a token with `aibox auth add git-token --host HOST`)"
+            );
+        }
+    }
+    Ok(spec)
+}
+
+/// The remotes recorded for `ws` the first time a sandbox started on
+/// it (recording them now if this is the first time). Remotes the
+/// workspace has gained since are named on stderr and left out.
+fn first_seen(loaded: &aibox_config::Loaded, ws: &Path) -> Result<Vec<String>> {
+    use sha2::Digest;
+    let dir = queue(loaded).dir().join("workspaces");
+    let id = hex::encode(sha2::Sha256::digest(ws.as_os_str().as_encoded_bytes()));
+    let record = dir.join(format!("{}.json", &id[..16]));
+    let now = remotes(ws);
+    if let Ok(text) = std::fs::read(&record) {
+        let known: Vec<String> = serde_json::from_slice::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| serde_json::from_value(v["remotes"].clone()).ok())
+            .with_context(|| {
+                format!(
+                    "{} is not a remotes record; remove it to record the workspace's remotes again",
+                    record.display()
+                )
+            })?;
+        let keys: Vec<String> = known
+            .iter()
+            .filter_map(|u| aibox_push::normalize(u).ok())
+            .collect();
+        for u in &now {
+            if aibox_push::normalize(u).is_ok_and(|k| !keys.contains(&k))
+                && !loaded.config.credentials.push_remotes.contains(u)
+            {
+                eprintln!(
+                    "aibox: the workspace's remote {u} was added after aibox first saw the workspace; sandboxes may not push to it (to allow it, add it to credentials.push_remotes)"
+                );
+            }
+        }
+        return Ok(known);
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let body = serde_json::to_vec_pretty(&json!({"workspace": ws, "remotes": now}))?;
+    std::fs::write(&record, body).with_context(|| format!("writing {}", record.display()))?;
+    Ok(now)
+}
+
+/// The git directory whose config holds `ws`'s remotes: `ws/.git`, or
+/// for a worktree or submodule (`.git` is a file), the directory it
+/// names, and that one's common directory.
+fn git_dir(ws: &Path) -> Option<std::path::PathBuf> {
+    let dot = ws.join(".git");
+    let meta = std::fs::symlink_metadata(&dot).ok()?;
+    if meta.is_dir() {
+        return Some(dot);
+    }
+    if !meta.is_file() {
+        return None;
+    }
+    let text = std::fs::read_to_string(&dot).ok()?;
+    let target = text.trim().strip_prefix("gitdir:")?.trim();
+    let dir = ws.join(target);
+    match std::fs::read_to_string(dir.join("commondir")) {
+        Ok(c) => Some(dir.join(c.trim())),
+        Err(_) => Some(dir),
+    }
+}
+
+/// The `url` and `pushurl` of every remote in the workspace's git config,
+/// read as a plain file (no includes, no hooks, nothing of the workspace
+/// runs).
+fn remotes(ws: &Path) -> Vec<String> {
+    let Some(cfg) = git_dir(ws)
+        .map(|d| d.join("config"))
+        .filter(|c| c.is_file())
+    else {
+        return Vec::new();
+    };
     let out = std::process::Command::new("git")
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -65,6 +185,7 @@ fn remotes(ws: &Path) -> Vec<String> {
         .arg("--file")
         .arg(&cfg)
         .arg("--no-includes")
+        .arg("-z")
         .arg("--get-regexp")
         .arg(r"^remote\..*\.(push)?url$")
         .output();
@@ -74,9 +195,10 @@ fn remotes(ws: &Path) -> Vec<String> {
         );
         return Vec::new();
     };
+    // `-z`: each entry is `key\nvalue\0`.
     String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_once(' ').map(|(_, u)| u.trim().to_string()))
+        .split('\0')
+        .filter_map(|e| e.split_once('\n').map(|(_, u)| u.trim().to_string()))
         .filter(|u| aibox_push::normalize(u).is_ok())
         .collect()
 }
@@ -90,6 +212,22 @@ pub fn run(cli_config: Option<std::path::PathBuf>, cmd: PushCmd) -> Result<i32> 
         PushCmd::Approve { id } => approve(&loaded, &sources, &q, &id),
         PushCmd::Cancel { id } => cancel(&loaded, &q, &id),
     }
+}
+
+/// `s` safe to print on the reviewer's terminal: what came from the
+/// sandbox (commit messages, author names, file names) may carry escape
+/// sequences that rewrite the screen, or bidi controls that reorder it.
+fn clean(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{061c}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if (c.is_control() && c != '\n') || bidi {
+            out.push_str(&c.escape_unicode().to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn age(created: &str) -> String {
@@ -146,12 +284,12 @@ fn status(q: &Queue, all: bool, format: Format) -> Result<i32> {
         println!(
             "{:<9} {:<16} {:<10} {:>7} {:>5}  {:<40} {}",
             r.id,
-            r.sandbox,
+            clean(&r.sandbox),
             r.status.as_str(),
             r.commits_total,
             age(&r.created),
-            r.url,
-            refs(r)
+            clean(&r.url),
+            clean(&refs(r))
         );
     }
     Ok(0)
@@ -164,11 +302,11 @@ fn show(q: &Queue, id: &str, format: Format) -> Result<i32> {
         return Ok(0);
     }
     println!("push {}  ({})", r.id, r.status.as_str());
-    println!("  sandbox: {}", r.sandbox);
-    println!("  remote:  {}", r.url);
+    println!("  sandbox: {}", clean(&r.sandbox));
+    println!("  remote:  {}", clean(&r.url));
     println!("  queued:  {} ({} ago)", r.created, age(&r.created));
     if let (Some(by), Some(at)) = (&r.decided_by, &r.decided_at) {
-        println!("  decided: by {by} at {at}");
+        println!("  decided: by {} at {at}", clean(by));
     }
     for u in &r.updates {
         let short = |o: &Option<String>| {
@@ -179,7 +317,7 @@ fn show(q: &Queue, id: &str, format: Format) -> Result<i32> {
         };
         println!(
             "  update:  {} {} → {}{}",
-            u.dst,
+            clean(&u.dst),
             short(&u.old),
             short(&u.new),
             if u.force { " (forced)" } else { "" }
@@ -189,17 +327,17 @@ fn show(q: &Queue, id: &str, format: Format) -> Result<i32> {
     for c in &r.commits {
         println!(
             "  {} {} ({})",
-            &c.oid[..c.oid.len().min(12)],
-            c.subject,
-            c.author
+            clean(&c.oid[..c.oid.len().min(12)]),
+            clean(&c.subject),
+            clean(&c.author)
         );
     }
     if r.commits_total > r.commits.len() as u64 {
         println!("  … and {} more", r.commits_total - r.commits.len() as u64);
     }
-    println!("\ndiffstat:\n{}", r.diffstat.trim_end());
+    println!("\ndiffstat:\n{}", clean(r.diffstat.trim_end()));
     if let Some(o) = &r.outcome {
-        println!("\noutcome:\n{}", o.trim_end());
+        println!("\noutcome:\n{}", clean(o.trim_end()));
     }
     Ok(0)
 }
@@ -224,9 +362,11 @@ fn record(
 ) {
     let data = loaded.data_dir();
     let paths = aibox_supervisor::paths::SandboxPaths::new(&loaded.runtime_dir(), &data, sandbox);
-    if aibox_supervisor::client::is_alive(&paths)
-        && aibox_supervisor::client::record(&paths, event, sev, d.clone()).is_ok()
-    {
+    if aibox_supervisor::client::is_alive(&paths) {
+        // The running supervisor owns the log's chain: never write beside it.
+        if let Err(e) = aibox_supervisor::client::record(&paths, event, sev, d) {
+            eprintln!("aibox: warning: sandbox {sandbox} did not record the decision: {e}");
+        }
         return;
     }
     let log = aibox_supervisor::client::audit_log_path(&data, sandbox);

@@ -178,6 +178,16 @@ all_backends!(reviewed_pushes_wait_for_approval, |c: Ctx| {
         "cd /workspace && git remote add mine https://git.test:{p}/other.git && git push mine main 2>&1"
     ));
     assert!(!added.status.success(), "{}", stdout(&added));
+    // A hosting API on the git host would commit without git: while
+    // pushes are reviewed, the token only reads there.
+    let api = sh(&format!(
+        "curl -s -o /dev/null -w '%{{http_code}}' -H \"Private-Token: $AIBOX_GIT_TOKEN\" -X POST --data '{{}}' https://git.test:{p}/api/v4/projects/1/repository/commits"
+    ));
+    assert_eq!(stdout(&api).trim(), "403");
+    let params = sh(&format!(
+        "curl -s -o /dev/null -w '%{{http_code}}' -u \"x-access-token:$AIBOX_GIT_TOKEN\" -X POST --data-binary @/dev/null 'https://git.test:{p}/proj.git/git-receive-pack;x=1'"
+    ));
+    assert_eq!(stdout(&params).trim(), "403");
     assert_eq!(server_head(&srv, "other.git"), "");
     assert_eq!(server_head(&srv, "proj.git"), "first");
 
@@ -191,9 +201,15 @@ all_backends!(reviewed_pushes_wait_for_approval, |c: Ctx| {
 
     // A second push, cancelled: never reaches the server.
     let out = sh(
-        "cd /workspace && git fetch -q origin && echo more >> feature.txt && git commit -qam 'second change' && git push origin main 2>&1",
+        "cd /workspace && git fetch -q origin && echo more >> feature.txt && git commit -qam \"$(printf 'second change \\033[2J\\033[8mhidden')\" && git push origin main 2>&1",
     );
     let id2 = queued_id(&stdout(&out));
+    // What the sandbox wrote cannot drive the reviewer's terminal.
+    let shown = ok(&c.out(&["push", "show", &id2]));
+    assert!(
+        shown.contains("second change") && !shown.contains('\u{1b}'),
+        "{shown:?}"
+    );
     ok(&c.out(&["push", "cancel", &id2]));
     assert_eq!(server_head(&srv, "proj.git"), "agent change");
     let cancelled = c.out(&["push", "approve", &id2]);
@@ -241,11 +257,45 @@ both_modes!(safe_pushes_go_out_and_blocked_ones_never_do, |c: Ctx| {
     );
     assert!(!foreign.status.success());
     assert_eq!(server_head(&srv, "other.git"), "");
+    // A remote the sandbox adds is not trusted at the next start either.
+    ok(&sh(
+        "safe",
+        &format!("cd /workspace && git remote add mine https://git.test:{p}/other.git"),
+    ));
+    ok(&c.out(&["stop", "--name", "safe"]));
+    let again = c.out(&["start", "-w", &ws, "--name", "safe"]);
+    ok(&again);
+    assert!(
+        stderr(&again).contains("added after aibox first saw"),
+        "{}",
+        stderr(&again)
+    );
+    let mine = sh("safe", "cd /workspace && git push mine main 2>&1");
+    assert!(!mine.status.success(), "{}", stdout(&mine));
+    assert_eq!(server_head(&srv, "other.git"), "");
     ok(&c.out(&["stop", "--name", "safe"]));
 
     // Blocked: the policy refuses `git push` itself, and the proxy the
     // push request however it is made.
     let policy = c.dir.path().join("org-policy.yaml");
+    std::fs::write(
+        &policy,
+        "version: 1\ntools:\n  rules:\n    - match: [git, push]\n      risk: blocked-by-default\n      reason: no pushes\n",
+    )
+    .unwrap();
+    // The real token inside would push around the proxy: refused.
+    std::fs::write(
+        &policy,
+        "version: 1\ncredentials:\n  expose: [git-token]\ntools:\n  rules:\n    - match: [git, push]\n      risk: blocked-by-default\n      reason: no pushes\n",
+    )
+    .unwrap();
+    let exposed = c.out(&["start", "-w", &ws, "--name", "blocked"]);
+    assert!(!exposed.status.success());
+    assert!(
+        stderr(&exposed).contains("exposes credential `git-token`"),
+        "{}",
+        stderr(&exposed)
+    );
     std::fs::write(
         &policy,
         "version: 1\ntools:\n  rules:\n    - match: [git, push]\n      risk: blocked-by-default\n      reason: no pushes\n",
