@@ -31,6 +31,9 @@ command -v mmdebstrap  >/dev/null 2>&1 || missing+=(mmdebstrap)
 command -v git      >/dev/null 2>&1 || missing+=(git)
 command -v nginx    >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 command -v fcgiwrap >/dev/null 2>&1 || [ -x /usr/sbin/fcgiwrap ] || missing+=(fcgiwrap)
+# Vault mode is tested against rusty_vault, built from crates.io below.
+command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+[ -f /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
 # gVisor and docker backends.
 command -v runsc       >/dev/null 2>&1 || missing+=(runsc)
 command -v dockerd     >/dev/null 2>&1 || missing+=(docker.io)
@@ -64,6 +67,17 @@ CLAUDE_DIR=/usr/local/lib/aibox-test/claude-code
 if as_root && [ ! -x "$CLAUDE_DIR/node_modules/@anthropic-ai/claude-code-linux-x64/claude" ]; then
   npm install --ignore-scripts --no-audit --no-fund --loglevel=error \
     --prefix "$CLAUDE_DIR" @anthropic-ai/claude-code@2.1.332
+fi
+
+# rusty_vault (Vault's REST API, in Rust) for suite::vault. Building it
+# takes a few minutes; pinned, and only when missing.
+if ! command -v rvault >/dev/null 2>&1; then
+  echo "== building rusty_vault (for the Vault tests)"
+  if as_root; then
+    cargo install --locked --quiet rusty_vault --version 0.2.1 --root /usr/local
+  else
+    cargo install --locked --quiet rusty_vault --version 0.2.1
+  fi
 fi
 
 # The rootless half of the suite runs as this ordinary account when we are root.

@@ -695,6 +695,9 @@ fn validate(
         "sandbox.rootfs",
         "credentials.key_path",
         "credentials.upstream_ca",
+        "credentials.vault.secret_id_file",
+        "credentials.vault.jwt_file",
+        "credentials.vault.ca_file",
     ] {
         let v = values.get(key).and_then(Value::as_str).unwrap_or_default();
         if !v.is_empty() && !v.starts_with('/') {
@@ -742,6 +745,30 @@ fn validate(
             &format!("{u:?} is not an http(s) URL"),
             "list remote URLs such as https://github.com/org/repo.git",
         ));
+    }
+    let v = &c.credentials.vault;
+    if !v.token_ttl.is_empty() && humantime::parse_duration(&v.token_ttl).is_err() {
+        return Err(bad(
+            "credentials.vault.token_ttl",
+            "not a duration",
+            "write e.g. 8h or 30m",
+        ));
+    }
+    for (i, s) in v.secrets.iter().enumerate() {
+        let name_ok = !s.name.is_empty()
+            && s.name.len() <= 64
+            && s.name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !name_ok || s.path.is_empty() || s.host.is_empty() || s.field.is_empty() {
+            return Err(bad(
+                "credentials.vault.secrets",
+                &format!(
+                    "entry {i} needs a name (lowercase letters, digits, -), a path, a field and a host"
+                ),
+                "write e.g. {name: git-token, mount: secret, path: aibox/github, field: token, host: github.com}",
+            ));
+        }
     }
     if c.credentials.mode == CredentialMode::Vault && c.credentials.vault_addr.is_empty() {
         return Err(bad(

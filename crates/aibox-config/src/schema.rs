@@ -401,6 +401,97 @@ pub struct Credentials {
     /// Remotes (http(s) URLs) sandboxes may push to besides those the
     /// workspace had when aibox first started a sandbox on it.
     pub push_remotes: Vec<String>,
+    /// Vault mode: how aibox logs in and which secrets sandboxes get.
+    pub vault: VaultSettings,
+}
+
+/// How aibox logs in to Vault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VaultAuth {
+    /// A token from the environment (`token_env`); each sandbox gets a
+    /// child token of it.
+    Token,
+    /// AppRole: `role_id` and the secret id in `secret_id_file`.
+    Approle,
+    /// JWT (a SPIFFE JWT-SVID) from `jwt_file`, for `role`.
+    Jwt,
+}
+
+/// Vault settings (`credentials.vault`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VaultSettings {
+    /// `token`, `approle` or `jwt`.
+    pub auth: VaultAuth,
+    /// Token login: the environment variable holding the token.
+    pub token_env: String,
+    /// Auth mount for AppRole and JWT (default `approle` / `jwt`).
+    pub mount: String,
+    /// AppRole role id.
+    pub role_id: String,
+    /// AppRole: file (0600) holding the secret id.
+    pub secret_id_file: String,
+    /// JWT: the Vault role.
+    pub role: String,
+    /// JWT: file holding the token (a SPIFFE JWT-SVID, as spiffe-helper
+    /// writes it).
+    pub jwt_file: String,
+    /// CA certificates (PEM) for Vault's TLS certificate, besides the
+    /// system's.
+    pub ca_file: String,
+    /// Lifetime of a sandbox's child token with token login.
+    pub token_ttl: String,
+    /// Policies of a sandbox's child token with token login (empty: the
+    /// logged-in token's own).
+    pub token_policies: Vec<String>,
+    /// KV v2 secrets handed to sandboxes (as placeholders, like stored
+    /// credentials).
+    pub secrets: Vec<VaultSecret>,
+}
+
+impl Default for VaultSettings {
+    fn default() -> Self {
+        Self {
+            auth: VaultAuth::Token,
+            token_env: "VAULT_TOKEN".into(),
+            mount: String::new(),
+            role_id: String::new(),
+            secret_id_file: String::new(),
+            role: String::new(),
+            jwt_file: String::new(),
+            ca_file: String::new(),
+            token_ttl: "8h".into(),
+            token_policies: Vec::new(),
+            secrets: Vec::new(),
+        }
+    }
+}
+
+/// One KV v2 secret for sandboxes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaultSecret {
+    /// Its name (`git-token`, `llm-api-key`, `mirror-token`, or your own).
+    pub name: String,
+    /// The KV v2 mount.
+    #[serde(default = "default_kv_mount")]
+    pub mount: String,
+    /// Path of the secret under the mount.
+    pub path: String,
+    /// Field of the secret holding the value.
+    #[serde(default = "default_kv_field")]
+    pub field: String,
+    /// The host (or host:port) the value may be sent to.
+    pub host: String,
+}
+
+fn default_kv_mount() -> String {
+    "secret".into()
+}
+
+fn default_kv_field() -> String {
+    "value".into()
 }
 
 impl Default for Credentials {
@@ -414,6 +505,7 @@ impl Default for Credentials {
             key_path: String::new(),
             upstream_ca: String::new(),
             push_remotes: Vec::new(),
+            vault: VaultSettings::default(),
         }
     }
 }

@@ -37,17 +37,31 @@ pub fn start(spec: &SupervisorSpec, paths: &SandboxPaths) -> Result<Status, Erro
     ensure_private_dir(&paths.run_dir)?;
     // The lock decides who owns this name; whoever holds it may clean up.
     let lock = open_lock(paths)?;
-    if !aibox_sandbox::sys::ofd_lock(lock.as_raw_fd())
-        .map_err(|e| Error::io("locking the sandbox", e))?
-    {
-        return Err(Error::AlreadyRunning(name));
+    let vault = spec.network.as_ref().and_then(|n| n.vault.as_ref());
+    let locked = aibox_sandbox::sys::ofd_lock(lock.as_raw_fd());
+    if !matches!(locked, Ok(true)) {
+        // This start's Vault token will never be used.
+        if let Some(v) = vault {
+            let _ = revoke_vault(v);
+        }
+        return match locked {
+            Err(e) => Err(Error::io("locking the sandbox", e)),
+            _ => Err(Error::AlreadyRunning(name)),
+        };
     }
     if paths.state.exists()
         || paths.socket.exists()
         || paths.root.exists()
         || paths.container_record.exists()
+        || paths.vault_record.exists()
     {
         clear_stale(paths, &spec.audit_log, &spec.user);
+    }
+    if let Some(v) = vault
+        && let Err(e) = write_vault_record(&paths.vault_record, v)
+    {
+        let _ = revoke_vault(v);
+        return Err(e);
     }
     let created_home = std::cell::Cell::new(false);
     // Undo this start: the run directory and a home made for it (a failed
@@ -83,6 +97,13 @@ pub fn start(spec: &SupervisorSpec, paths: &SandboxPaths) -> Result<Status, Erro
             .mode(0o600)
             .open(&paths.supervisor_log)
             .map_err(|e| Error::io(format!("opening {}", paths.supervisor_log.display()), e))
+    };
+    let cleanup = || {
+        cleanup();
+        if let Some(v) = vault {
+            let _ = revoke_vault(v);
+            let _ = std::fs::remove_file(&paths.vault_record);
+        }
     };
     let log = prepare().inspect_err(|_| cleanup())?;
     let exe = std::env::current_exe().map_err(|e| Error::io("locating the aibox binary", e))?;
@@ -129,6 +150,12 @@ pub fn start(spec: &SupervisorSpec, paths: &SandboxPaths) -> Result<Status, Erro
     if created_home.get() {
         let _ = std::fs::remove_dir(&paths.home);
     }
+    // The supervisor revokes on the way out once it has started; if it
+    // failed before that, the token is still live.
+    if let Some(v) = vault {
+        let _ = revoke_vault(v);
+        let _ = std::fs::remove_file(&paths.vault_record);
+    }
     let message = match line.strip_prefix("error ") {
         Some(m) => m.to_string(),
         None => {
@@ -167,8 +194,46 @@ fn connect_to(socket_path: &Path) -> Result<OwnedFd, Error> {
 
 /// Removes what a dead supervisor left (caller holds the lock) and records
 /// it in the audit log — no supervisor writes that log any more.
+/// Writes the Vault session record (0600, replacing any).
+fn write_vault_record(path: &Path, v: &aibox_vault::Session) -> Result<(), Error> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let body = serde_json::to_vec(v)
+        .map_err(|e| Error::io("encoding the Vault record", std::io::Error::other(e)))?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(&body))
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))
+}
+
+/// Revokes a sandbox's Vault token and leases.
+pub fn revoke_vault(v: &aibox_vault::Session) -> Result<(), String> {
+    aibox_vault::Client::new(&v.addr, v.ca_file.as_deref())
+        .and_then(|c| c.revoke(v))
+        .map_err(|e| e.to_string())
+}
+
+/// Revokes what a dead supervisor's sandbox still holds in Vault (kept
+/// for the next try when Vault does not answer).
+fn recover_vault(paths: &SandboxPaths) -> Option<Result<String, String>> {
+    let text = std::fs::read(&paths.vault_record).ok()?;
+    let Ok(v) = serde_json::from_slice::<aibox_vault::Session>(&text) else {
+        let _ = std::fs::remove_file(&paths.vault_record);
+        return Some(Err("the Vault record was unreadable".into()));
+    };
+    let r = revoke_vault(&v);
+    if r.is_ok() {
+        let _ = std::fs::remove_file(&paths.vault_record);
+    }
+    Some(r.map(|()| v.method))
+}
+
 fn clear_stale(paths: &SandboxPaths, audit_log: &Path, user: &str) {
-    let had_state = paths.state.exists() || paths.container_record.exists();
+    let vault = recover_vault(paths);
+    let had_state = paths.state.exists() || paths.container_record.exists() || vault.is_some();
     aibox_sandbox::cgroup::Cgroup::remove_leftovers(&paths.name);
     // A container backend's container and host mounts outlive a killed
     // supervisor; the record says which.
@@ -196,6 +261,31 @@ fn clear_stale(paths: &SandboxPaths, audit_log: &Path, user: &str) {
             aibox_audit::Severity::Warning,
             d,
         );
+        if let Some(r) = vault {
+            let mut d = serde_json::Map::new();
+            d.insert("credential_type".into(), "vault-token".into());
+            d.insert(
+                "reason".into(),
+                "supervisor died; revoked by the CLI".into(),
+            );
+            let sev = match &r {
+                Ok(method) => {
+                    d.insert("login".into(), method.clone().into());
+                    aibox_audit::Severity::Info
+                }
+                Err(e) => {
+                    d.insert("error".into(), e.clone().into());
+                    aibox_audit::Severity::High
+                }
+            };
+            d.insert("revoked".into(), r.is_ok().into());
+            let _ = log.append(
+                aibox_audit::EventType::CredentialRevoke,
+                aibox_audit::Source::AiboxCli,
+                sev,
+                d,
+            );
+        }
     }
 }
 

@@ -45,6 +45,10 @@ pub struct SandboxPaths {
     pub audit_log: PathBuf,
     /// Supervisor log.
     pub supervisor_log: PathBuf,
+    /// Vault mode: the sandbox's Vault token and leases (0600), kept
+    /// while it runs so that a crashed supervisor's are revoked by the
+    /// next command that finds it dead.
+    pub vault_record: PathBuf,
 }
 
 impl SandboxPaths {
@@ -57,6 +61,7 @@ impl SandboxPaths {
             lock: runtime_dir.join(format!("{name}.lock")),
             mounts: runtime_dir.join(format!("{name}.mnt")),
             container_record: runtime_dir.join(format!("{name}.container.json")),
+            vault_record: vault_record(runtime_dir, name),
             state: run_dir.join("state.json"),
             root: run_dir.join("root"),
             run_dir,
@@ -65,6 +70,12 @@ impl SandboxPaths {
             supervisor_log: data_dir.join("logs").join(format!("{name}.log")),
         }
     }
+}
+
+/// Where sandbox `name`'s Vault session is recorded (see
+/// [`SandboxPaths::vault_record`]).
+pub fn vault_record(runtime_dir: &Path, name: &str) -> PathBuf {
+    runtime_dir.join(format!("{name}.vault.json"))
 }
 
 /// Audit log of sandbox `name`.

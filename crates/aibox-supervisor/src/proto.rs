@@ -159,6 +159,9 @@ pub struct NetworkSpec {
     /// git push review: the workspace's remotes and what `git push` may do.
     #[serde(default)]
     pub push: Option<PushSpec>,
+    /// Vault mode: the sandbox's Vault token and leases, revoked at stop.
+    #[serde(default)]
+    pub vault: Option<aibox_vault::Session>,
 }
 
 /// What `git push` may do from the sandbox (the policy's class of

@@ -1634,6 +1634,28 @@ fn finish(
             }
         }
     }
+    if let Some(v) = shared.spec.network.as_ref().and_then(|n| n.vault.as_ref()) {
+        let r = crate::client::revoke_vault(v);
+        let record = crate::paths::vault_record(
+            shared.spec.run_dir.parent().unwrap_or(&shared.spec.run_dir),
+            &shared.spec.sandbox.name,
+        );
+        if r.is_ok() {
+            let _ = std::fs::remove_file(&record);
+        }
+        let _ = shared.emit(
+            EventType::CredentialRevoke,
+            if r.is_ok() {
+                Severity::Info
+            } else {
+                Severity::High
+            },
+            json!({
+                "credential_type": "vault-token", "login": v.method, "accessor": v.accessor,
+                "leases": v.leases.len(), "revoked": r.is_ok(), "error": r.err(), "reason": reason,
+            }),
+        );
+    }
     if let Some(g) = &shared.gate {
         g.flush_log();
     }

@@ -215,7 +215,7 @@ pub(crate) fn git_token_for(
     port: u16,
 ) -> Result<Option<zeroize::Zeroizing<String>>> {
     if loaded.config.credentials.mode == aibox_config::CredentialMode::Vault {
-        return Ok(None);
+        return super::vault::git_token_for(loaded, host, port);
     }
     let (store_path, _) = store_paths(loaded, sources)?;
     if std::fs::symlink_metadata(&store_path).is_err() {
@@ -266,6 +266,52 @@ pub(crate) fn for_sandbox(
     policy: &aibox_policy::PolicyFile,
     taken_env: &[String],
     gateway_hosts: &[String],
+    sandbox: &str,
+) -> Result<ForSandbox> {
+    let c = &loaded.config.credentials;
+    if c.mode == aibox_config::CredentialMode::Vault {
+        // Vault mode: a token of the sandbox's own reads the configured
+        // secrets; it is revoked if anything below fails.
+        let (client, mut session) = super::vault::login(loaded, sandbox)?;
+        let r = super::vault::entries(loaded, &client, &mut session)
+            .and_then(|entries| hand_out(loaded, policy, taken_env, gateway_hosts, entries));
+        return match r {
+            Ok((spec, issued)) => Ok((spec, issued, Some(session))),
+            Err(e) => {
+                super::vault::revoke(&session);
+                Err(e)
+            }
+        };
+    }
+    let (store_path, _) = store_paths(loaded, sources)?;
+    if std::fs::symlink_metadata(&store_path).is_err() {
+        return Ok((None, Vec::new(), None));
+    }
+    let store =
+        open(loaded, sources, false).context("reading the credential store for the sandbox")?;
+    let entries = store
+        .entries()
+        .context("reading the credential store for the sandbox")?;
+    let (spec, issued) = hand_out(loaded, policy, taken_env, gateway_hosts, entries)?;
+    Ok((spec, issued, None))
+}
+
+/// What a sandbox gets: the injector's credentials, how each appears
+/// inside, and the Vault session to revoke at stop.
+type ForSandbox = (
+    Option<aibox_net::inject::InjectSpec>,
+    Vec<aibox_supervisor::proto::IssuedCredential>,
+    Option<aibox_vault::Session>,
+);
+
+/// Turns credentials (from the store or Vault) into placeholders and
+/// exposed values, as [`for_sandbox`] describes.
+fn hand_out(
+    loaded: &aibox_config::Loaded,
+    policy: &aibox_policy::PolicyFile,
+    taken_env: &[String],
+    gateway_hosts: &[String],
+    entries: Vec<(aibox_secrets::Meta, Secret)>,
 ) -> Result<(
     Option<aibox_net::inject::InjectSpec>,
     Vec<aibox_supervisor::proto::IssuedCredential>,
@@ -273,19 +319,6 @@ pub(crate) fn for_sandbox(
     use aibox_net::gateway::Secret as Held;
     use aibox_net::inject::{CredentialSpec, InjectSpec};
     let c = &loaded.config.credentials;
-    if c.mode == aibox_config::CredentialMode::Vault {
-        // Vault mode hands out nothing from the local store.
-        return Ok((None, Vec::new()));
-    }
-    let (store_path, _) = store_paths(loaded, sources)?;
-    if std::fs::symlink_metadata(&store_path).is_err() {
-        return Ok((None, Vec::new()));
-    }
-    let store =
-        open(loaded, sources, false).context("reading the credential store for the sandbox")?;
-    let entries = store
-        .entries()
-        .context("reading the credential store for the sandbox")?;
     let upstream_ca_pem = if c.upstream_ca.is_empty() {
         None
     } else {

@@ -271,13 +271,25 @@ fn network_spec(
         .iter()
         .map(|p| p.host.clone())
         .collect();
-    let (credentials, issued) = super::auth::for_sandbox(
+    let (credentials, issued, vault) = super::auth::for_sandbox(
         loaded,
         sources,
         &policy.policy,
         &placeholders,
         &gateway_hosts,
+        name,
     )?;
+    let push = super::push::spec(loaded, &policy.merged, ws, name)
+        .and_then(|p| super::push::held(p, &issued));
+    let push = match push {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some(v) = &vault {
+                super::vault::revoke(v);
+            }
+            return Err(e);
+        }
+    };
     Ok(Some(NetworkSpec {
         allowed: aibox_config::all_rules(n),
         hosts: n.resolve.clone(),
@@ -291,12 +303,10 @@ fn network_spec(
             .iter()
             .filter_map(|p| p.api_key_env.clone())
             .collect(),
-        push: Some(super::push::held(
-            super::push::spec(loaded, &policy.merged, ws, name)?,
-            &issued,
-        )?),
+        push: Some(push),
         credentials,
         issued,
+        vault,
     }))
 }
 

@@ -10,6 +10,7 @@ mod lifecycle;
 pub(crate) mod network;
 pub(crate) mod policy;
 mod push;
+mod vault;
 
 use anyhow::Result;
 

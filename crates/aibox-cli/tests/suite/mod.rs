@@ -13,3 +13,4 @@ mod llm;
 mod network;
 mod policy;
 mod push;
+mod vault;
