@@ -17,8 +17,8 @@
 //! cannot read them, and never substitutes anything in them.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -170,8 +170,12 @@ impl Masker {
 /// The running injector of one sandbox.
 pub struct Injector {
     creds: Vec<Cred>,
+    /// The value each credential has now (it may be rotated), and every
+    /// value it has had (all are masked: an old one may still work).
+    values: Vec<RwLock<(Secret, Option<u64>)>>,
+    history: Mutex<Vec<Vec<Secret>>>,
     /// One masker per bound host and port.
-    maskers: Vec<((Host, u16), Arc<Masker>)>,
+    maskers: RwLock<Vec<((Host, u16), Arc<Masker>)>>,
     client: Arc<rustls::ClientConfig>,
     ca_pem: String,
     server: Arc<rustls::ServerConfig>,
@@ -204,6 +208,41 @@ pub(crate) enum Dest<'a> {
 }
 
 /// `host` or `host:port` (port 443 when absent).
+/// Why `v` cannot be a credential's value, if it cannot.
+fn check_value(v: &str) -> Result<(), &'static str> {
+    if v.is_empty() || HeaderValue::from_str(v).is_err() {
+        return Err("the value is empty or has characters a header cannot carry");
+    }
+    if v.contains(MARKER) {
+        return Err("the value looks like a placeholder");
+    }
+    Ok(())
+}
+
+/// One masker per bound host and port, over every value (`history`) of
+/// every credential bound there.
+fn maskers_for(
+    creds: &[Cred],
+    history: &[Vec<Secret>],
+) -> Result<Vec<((Host, u16), Arc<Masker>)>, String> {
+    let mut maskers: Vec<((Host, u16), Arc<Masker>)> = Vec::new();
+    for c in creds {
+        for b in &c.bound {
+            if maskers.iter().any(|(k, _)| k == b) {
+                continue;
+            }
+            let secrets: Vec<&[u8]> = creds
+                .iter()
+                .zip(history)
+                .filter(|(o, _)| o.bound.contains(b))
+                .flat_map(|(_, h)| h.iter().map(|s| s.expose().as_bytes()))
+                .collect();
+            maskers.push((b.clone(), Arc::new(Masker::new(&secrets)?)));
+        }
+    }
+    Ok(maskers)
+}
+
 fn parse_binding(s: &str) -> Option<(Host, u16)> {
     let (h, p) = split_authority(s).unwrap_or((s, 443));
     match parse_host(h).ok()? {
@@ -318,15 +357,7 @@ impl Injector {
             }) {
                 return Err(err("listed twice"));
             }
-            let secret = c.secret.expose();
-            if secret.is_empty() || HeaderValue::from_str(secret).is_err() {
-                return Err(err(
-                    "the value is empty or has characters a header cannot carry",
-                ));
-            }
-            if secret.contains(MARKER) {
-                return Err(err("the value looks like a placeholder"));
-            }
+            check_value(c.secret.expose()).map_err(|m| err(m))?;
             let mut bound = Vec::new();
             for h in &c.hosts {
                 let b = parse_binding(h).ok_or_else(|| {
@@ -370,24 +401,16 @@ impl Injector {
         client.alpn_protocols = vec![b"http/1.1".to_vec()];
         let (ca_pem, server) = crate::gateway::certificates(&names, "aibox sandbox credential CA")
             .map_err(|e| InjectError::Ca(e.to_string()))?;
-        let mut maskers: Vec<((Host, u16), Arc<Masker>)> = Vec::new();
-        for c in &creds {
-            for b in &c.bound {
-                if maskers.iter().any(|(k, _)| k == b) {
-                    continue;
-                }
-                let secrets: Vec<&[u8]> = creds
-                    .iter()
-                    .filter(|o| o.bound.contains(b))
-                    .map(|o| o.spec.secret.expose().as_bytes())
-                    .collect();
-                let m = Masker::new(&secrets).map_err(InjectError::Ca)?;
-                maskers.push((b.clone(), Arc::new(m)));
-            }
-        }
+        let history: Vec<Vec<Secret>> = creds.iter().map(|c| vec![c.spec.secret.clone()]).collect();
+        let maskers = maskers_for(&creds, &history).map_err(InjectError::Ca)?;
         Ok(Injector {
+            values: creds
+                .iter()
+                .map(|c| RwLock::new((c.spec.secret.clone(), c.spec.expires_at_ms)))
+                .collect(),
+            history: Mutex::new(history),
             creds,
-            maskers,
+            maskers: RwLock::new(maskers),
             client: Arc::new(client),
             ca_pem,
             server,
@@ -406,6 +429,45 @@ impl Injector {
             .iter()
             .map(|c| (c.spec.name.clone(), c.spec.kind.clone()))
             .collect()
+    }
+
+    /// Replaces credential `name`'s value while the sandbox runs (the
+    /// placeholder stays; the old value stays masked in responses).
+    /// `hosts` must be what it is bound to now: another binding needs a
+    /// new CA, so a restart. The lifetime can only get shorter (the
+    /// policy's TTL still holds). Returns its kind.
+    pub fn rotate(
+        &self,
+        name: &str,
+        hosts: &[String],
+        value: Secret,
+        expires_at_ms: Option<u64>,
+    ) -> Result<String, String> {
+        let i = self
+            .creds
+            .iter()
+            .position(|c| c.spec.name == name)
+            .ok_or_else(|| format!("this sandbox holds no placeholder for `{name}`"))?;
+        let c = &self.creds[i];
+        if c.spec.hosts != hosts {
+            return Err(format!(
+                "`{name}` is bound to {} in this sandbox and to {} now; restart the sandbox to use the new binding",
+                c.spec.hosts.join(", "),
+                hosts.join(", ")
+            ));
+        }
+        check_value(value.expose()).map_err(str::to_string)?;
+        let mut history = self.history.lock().map_err(|_| "poisoned".to_string())?;
+        history[i].push(value.clone());
+        let maskers = maskers_for(&self.creds, &history)?;
+        *self.maskers.write().map_err(|_| "poisoned".to_string())? = maskers;
+        let mut v = self.values[i].write().map_err(|_| "poisoned".to_string())?;
+        let expires = match (v.1, expires_at_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        *v = (value, expires);
+        Ok(c.spec.kind.clone())
     }
 
     /// Ends every substitution (the sandbox is stopping): from now on a
@@ -443,7 +505,8 @@ impl Injector {
             return Some("the sandbox's credentials are revoked (it is stopping)".into());
         }
         let c = &self.creds[i];
-        if c.spec.expires_at_ms.is_some_and(|e| e <= now_ms()) {
+        let expires = self.values[i].read().map_or(Some(0), |v| v.1);
+        if expires.is_some_and(|e| e <= now_ms()) {
             return Some(format!(
                 "credential `{}` has expired for this sandbox; restart it to get a fresh one",
                 c.spec.name
@@ -486,7 +549,16 @@ impl Injector {
             };
             let c = &self.creds[i];
             out.extend_from_slice(&text[from..at]);
-            out.extend_from_slice(c.spec.secret.expose().as_bytes());
+            match self.values[i].read() {
+                Ok(v) => out.extend_from_slice(v.0.expose().as_bytes()),
+                Err(_) => {
+                    return Err(Misuse {
+                        cred: Some(i),
+                        place: "header",
+                        reason: "the credential's value is unavailable".into(),
+                    });
+                }
+            }
             from = at + c.spec.placeholder.len();
             if !used.contains(&i) {
                 used.push(i);
@@ -563,6 +635,8 @@ impl Injector {
     /// The masker of `host:port`.
     fn masker(&self, host: &Host, port: u16) -> Option<Arc<Masker>> {
         self.maskers
+            .read()
+            .ok()?
             .iter()
             .find(|((h, p), _)| h == host && *p == port)
             .map(|(_, m)| m.clone())
@@ -1068,6 +1142,56 @@ mod tests {
             );
         }
         m
+    }
+
+    #[test]
+    fn a_rotated_value_is_put_in_and_both_values_are_masked() {
+        let inj = injector(None);
+        let forge = Host::Name("forge.test".into());
+        let uri: hyper::Uri = "/x".parse().unwrap();
+        let hosts = vec!["forge.test:8443".to_string()];
+        const NEW: &str = "ghp_ROTATEDvalue987654321";
+        assert!(
+            inj.rotate("other", &hosts, Secret::new(NEW.into()), None)
+                .is_err()
+        );
+        assert!(
+            inj.rotate(
+                "git-token",
+                &["elsewhere.test".to_string()],
+                Secret::new(NEW.into()),
+                None
+            )
+            .unwrap_err()
+            .contains("restart")
+        );
+        assert!(
+            inj.rotate("git-token", &hosts, Secret::new(format!("{MARKER}x")), None)
+                .is_err()
+        );
+        assert_eq!(
+            inj.rotate("git-token", &hosts, Secret::new(NEW.into()), None)
+                .unwrap(),
+            "git-token"
+        );
+        let mut h = head(&[("authorization", format!("Bearer {PH}"))]);
+        inj.check_head(&uri, &mut h, Dest::Tls(&forge, 8443))
+            .unwrap();
+        assert_eq!(h["authorization"], format!("Bearer {NEW}").as_str());
+        let m = inj.masker(&forge, 8443).unwrap();
+        for v in [REAL, NEW] {
+            let mut body = format!("echo {v} echo").into_bytes();
+            m.mask(&mut body);
+            assert!(!String::from_utf8_lossy(&body).contains(&v[..12]), "{v}");
+        }
+        // A rotation can end substitution too (an earlier expiry).
+        inj.rotate("git-token", &hosts, Secret::new(NEW.into()), Some(1))
+            .unwrap();
+        let mut h = head(&[("authorization", format!("Bearer {PH}"))]);
+        assert!(
+            inj.check_head(&uri, &mut h, Dest::Tls(&forge, 8443))
+                .is_err()
+        );
     }
 
     #[test]

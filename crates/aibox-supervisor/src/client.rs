@@ -428,6 +428,33 @@ pub fn status(conn: OwnedFd) -> Result<Status, Error> {
     }
 }
 
+/// Has a running sandbox use a new value for credential `name` from now
+/// on.
+pub fn rotate(
+    paths: &SandboxPaths,
+    name: &str,
+    hosts: Vec<String>,
+    value: aibox_net::gateway::Secret,
+    expires_at_ms: Option<u64>,
+) -> Result<(), Error> {
+    let conn = connect_to(&paths.socket)?;
+    request(
+        &conn,
+        &Request::Rotate {
+            name: name.to_string(),
+            hosts,
+            value,
+            expires_at_ms,
+        },
+        &[],
+    )?;
+    match response(&conn)?.0 {
+        Response::Done => Ok(()),
+        Response::Error { message, .. } => Err(Error::Remote(message)),
+        other => Err(Error::Remote(format!("unexpected answer {other:?}"))),
+    }
+}
+
 /// Has the running sandbox's supervisor append an event to its audit log.
 pub fn record(
     paths: &SandboxPaths,

@@ -438,6 +438,20 @@ impl Egress {
         }
     }
 
+    /// Replaces a credential's value (see `Injector::rotate`); its kind.
+    pub(crate) fn rotate(
+        &self,
+        name: &str,
+        hosts: &[String],
+        value: aibox_net::gateway::Secret,
+        expires_at_ms: Option<u64>,
+    ) -> Result<String, String> {
+        match &self.injector {
+            Some(i) => i.rotate(name, hosts, value, expires_at_ms),
+            None => Err(format!("this sandbox holds no placeholder for `{name}`")),
+        }
+    }
+
     /// Writes out the events still queued (see `AuditSink::drain`); for
     /// the stop, before its own events.
     pub(crate) fn drain(&self) {

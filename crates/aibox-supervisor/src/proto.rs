@@ -19,6 +19,18 @@ pub enum Request {
     Status,
     /// Stop the sandbox.
     Stop,
+    /// Replace a credential's value while the sandbox runs (the
+    /// placeholder inside stays the same).
+    Rotate {
+        /// The credential's name.
+        name: String,
+        /// The host(s) it is bound to now.
+        hosts: Vec<String>,
+        /// Its new value.
+        value: aibox_net::gateway::Secret,
+        /// When substitution of the new value ends (Unix ms), if ever.
+        expires_at_ms: Option<u64>,
+    },
     /// Append an event to the sandbox's audit log (the CLI acting on the
     /// sandbox's behalf, e.g. a push approved from the host): the
     /// supervisor owns the log's chain while it runs.

@@ -1118,6 +1118,32 @@ fn handle_conn(shared: Arc<Shared>, conn: OwnedFd) {
                 reason: "aibox stop".into(),
             });
         }
+        Request::Rotate {
+            name,
+            hosts,
+            value,
+            expires_at_ms,
+        } => {
+            let r = match &shared.egress {
+                Some(e) => e.rotate(&name, &hosts, value, expires_at_ms),
+                None => Err("this sandbox has no network, so no credentials".into()),
+            };
+            match r {
+                Ok(kind) => {
+                    let _ = shared.emit(
+                        EventType::CredentialRotate,
+                        Severity::Info,
+                        json!({
+                            "credential": name, "credential_type": kind, "hosts": hosts,
+                            "expires_at_ms": expires_at_ms,
+                            "reason": "replaced on the host (aibox auth add --replace)",
+                        }),
+                    );
+                    send(&conn, &Response::Done, &[]);
+                }
+                Err(message) => send(&conn, &Response::Error { message, code: 1 }, &[]),
+            }
+        }
         Request::Record {
             event,
             severity,

@@ -81,6 +81,7 @@ fn add(
         );
     }
     let secret = read_secret(&a.name)?;
+    let copy = aibox_net::gateway::Secret::new(secret.expose().to_string());
     let meta = Meta {
         name: a.name.clone(),
         kind: if builtin {
@@ -93,6 +94,13 @@ fn add(
         expires,
         source: "file".into(),
     };
+    let host = meta.host.clone();
+    let until = meta
+        .expires
+        .as_deref()
+        .and_then(|e| humantime::parse_rfc3339(e).ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     store.put(meta, secret, a.replace)?;
     println!(
         "stored `{}` in {} (key: {})",
@@ -100,7 +108,38 @@ fn add(
         store.store_path().display(),
         store.key_path().display()
     );
+    if let (true, Some(h)) = (a.replace, host) {
+        rotate_running(loaded, &a.name, &h, &copy, until);
+    }
     Ok(0)
+}
+
+/// Gives running sandboxes that hold a placeholder for `name` its new
+/// value (`credential.rotate` in their audit logs).
+fn rotate_running(
+    loaded: &aibox_config::Loaded,
+    name: &str,
+    host: &str,
+    value: &aibox_net::gateway::Secret,
+    until: Option<u64>,
+) {
+    let (rt, data) = (loaded.runtime_dir(), loaded.data_dir());
+    for l in aibox_supervisor::client::list(&rt, &data) {
+        if !l.alive {
+            continue;
+        }
+        match aibox_supervisor::client::rotate(
+            &l.paths,
+            name,
+            vec![host.to_string()],
+            value.clone(),
+            until,
+        ) {
+            Ok(()) => println!("sandbox {} uses the new value from now on", l.paths.name),
+            Err(e) if e.to_string().contains("holds no placeholder") => {}
+            Err(e) => eprintln!("aibox: sandbox {} keeps the old value: {e}", l.paths.name),
+        }
+    }
 }
 
 fn list(

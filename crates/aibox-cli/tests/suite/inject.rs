@@ -769,3 +769,53 @@ credentials:
         && e["details"]["decision"] == "allow"
         && e["details"]["host"] == "git.test"));
 });
+
+both_modes!(a_replaced_credential_reaches_running_sandboxes, |c: Ctx| {
+    let srv = GitServer::start(&c.dir.path().join("git-server"), "git.test", REAL);
+    let p = srv.port;
+    c.add_config(&format!(
+        "network:\n  allowed_domains: [\"git.test:{p}\", \"127.0.0.1:{p}\"]\n  resolve: {{git.test: 127.0.0.1}}\ncredentials:\n  upstream_ca: {}\n",
+        srv.ca.display()
+    ));
+    let bound = format!("git.test:{p}");
+    ok(&c.out_with_input(
+        &["auth", "add", "git-token", "--host", &bound],
+        REAL.as_bytes(),
+    ));
+    let ws = c.ws.display().to_string();
+    ok(&c.out(&["start", "-w", &ws, "--name", "rot"]));
+    let sh = |script: &str| c.out(&["exec", "--name", "rot", "--", "sh", "-c", script]);
+    ok(&sh(&format!(
+        "cd /tmp && git clone -q https://git.test:{p}/proj.git"
+    )));
+    let before = ok(&sh("echo $AIBOX_GIT_TOKEN"));
+    // The server now wants a new token, which the host stores.
+    const NEW: &str = "ghp_NEWtoken9876543210zyxwvuABC";
+    std::fs::write(
+        srv.dir.join("htpasswd"),
+        format!("x-access-token:{{PLAIN}}{NEW}\n"),
+    )
+    .unwrap();
+    srv.commit("NEWS", "rotated\n");
+    assert!(
+        !sh("cd /tmp/proj && GIT_TERMINAL_PROMPT=0 git pull -q --ff-only")
+            .status
+            .success()
+    );
+    let out = ok(&c.out_with_input(
+        &["auth", "add", "git-token", "--host", &bound, "--replace"],
+        NEW.as_bytes(),
+    ));
+    assert!(out.contains("sandbox rot uses the new value"), "{out}");
+    // Same placeholder inside; the proxy now sends the new value.
+    assert_eq!(ok(&sh("echo $AIBOX_GIT_TOKEN")), before);
+    let pulled = ok(&sh("cd /tmp/proj && git pull -q --ff-only && cat NEWS"));
+    assert_eq!(pulled.trim(), "rotated");
+    ok(&c.out(&["stop", "--name", "rot"]));
+    let events = audit_events(&c, "rot");
+    assert!(events.iter().any(
+        |e| e["event_type"] == "credential.rotate" && e["details"]["credential"] == "git-token"
+    ));
+    let log = std::fs::read_to_string(c.data.join("audit/rot.jsonl")).unwrap();
+    assert!(!log.contains(NEW) && !log.contains(REAL));
+});
