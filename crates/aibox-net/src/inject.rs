@@ -175,7 +175,7 @@ pub struct Injector {
     values: Vec<RwLock<(Secret, Option<u64>)>>,
     history: Mutex<Vec<Vec<Secret>>>,
     /// One masker per bound host and port.
-    maskers: RwLock<Vec<((Host, u16), Arc<Masker>)>>,
+    maskers: RwLock<Maskers>,
     client: Arc<rustls::ClientConfig>,
     ca_pem: String,
     server: Arc<rustls::ServerConfig>,
@@ -208,6 +208,9 @@ pub(crate) enum Dest<'a> {
 }
 
 /// `host` or `host:port` (port 443 when absent).
+/// The masker of each bound host and port.
+type Maskers = Vec<((Host, u16), Arc<Masker>)>;
+
 /// Why `v` cannot be a credential's value, if it cannot.
 fn check_value(v: &str) -> Result<(), &'static str> {
     if v.is_empty() || HeaderValue::from_str(v).is_err() {
@@ -221,11 +224,8 @@ fn check_value(v: &str) -> Result<(), &'static str> {
 
 /// One masker per bound host and port, over every value (`history`) of
 /// every credential bound there.
-fn maskers_for(
-    creds: &[Cred],
-    history: &[Vec<Secret>],
-) -> Result<Vec<((Host, u16), Arc<Masker>)>, String> {
-    let mut maskers: Vec<((Host, u16), Arc<Masker>)> = Vec::new();
+fn maskers_for(creds: &[Cred], history: &[Vec<Secret>]) -> Result<Maskers, String> {
+    let mut maskers: Maskers = Vec::new();
     for c in creds {
         for b in &c.bound {
             if maskers.iter().any(|(k, _)| k == b) {
@@ -357,7 +357,7 @@ impl Injector {
             }) {
                 return Err(err("listed twice"));
             }
-            check_value(c.secret.expose()).map_err(|m| err(m))?;
+            check_value(c.secret.expose()).map_err(err)?;
             let mut bound = Vec::new();
             for h in &c.hosts {
                 let b = parse_binding(h).ok_or_else(|| {
