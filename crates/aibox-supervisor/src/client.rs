@@ -28,8 +28,17 @@ fn open_lock(paths: &SandboxPaths) -> Result<OwnedFd, Error> {
 }
 
 /// Starts a supervisor for `spec` and waits until the sandbox is ready
-/// (or has failed, in which case nothing is left behind).
+/// (or has failed, in which case nothing is left behind: a Vault token
+/// logged in for it is revoked).
 pub fn start(spec: &SupervisorSpec, paths: &SandboxPaths) -> Result<Status, Error> {
+    start_inner(spec, paths).inspect_err(|_| {
+        if let Some(v) = spec.network.as_ref().and_then(|n| n.vault.as_ref()) {
+            let _ = revoke_vault(v);
+        }
+    })
+}
+
+fn start_inner(spec: &SupervisorSpec, paths: &SandboxPaths) -> Result<Status, Error> {
     let name = spec.sandbox.name.clone();
     if let Some(parent) = paths.run_dir.parent() {
         ensure_private_dir(parent)?;
@@ -53,7 +62,7 @@ pub fn start(spec: &SupervisorSpec, paths: &SandboxPaths) -> Result<Status, Erro
         || paths.socket.exists()
         || paths.root.exists()
         || paths.container_record.exists()
-        || paths.vault_record.exists()
+        || has_vault_records(paths)
     {
         clear_stale(paths, &spec.audit_log, &spec.user);
     }
@@ -194,19 +203,59 @@ fn connect_to(socket_path: &Path) -> Result<OwnedFd, Error> {
 
 /// Removes what a dead supervisor left (caller holds the lock) and records
 /// it in the audit log — no supervisor writes that log any more.
-/// Writes the Vault session record (0600, replacing any).
+/// Writes the Vault session record (0600, written whole then renamed).
+/// A record still there is one whose revocation failed: it is kept
+/// under another name for the next try.
 fn write_vault_record(path: &Path, v: &aibox_vault::Session) -> Result<(), Error> {
     use std::os::unix::fs::OpenOptionsExt;
-    let _ = std::fs::remove_file(path);
+    if path.exists() {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let kept = path.with_extension(format!("{ms}.json"));
+        let _ = std::fs::rename(path, kept);
+    }
     let body = serde_json::to_vec(v)
         .map_err(|e| Error::io("encoding the Vault record", std::io::Error::other(e)))?;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)
-        .and_then(|mut f| f.write_all(&body))
-        .map_err(|e| Error::io(format!("writing {}", path.display()), e))
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(&body).and_then(|()| f.sync_all()))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::io(format!("writing {}", path.display()), e)
+        })
+}
+
+/// The Vault records of `paths`' sandbox: the current one and any kept
+/// after a failed revocation.
+fn vault_records(paths: &SandboxPaths) -> Vec<std::path::PathBuf> {
+    let Some(dir) = paths.vault_record.parent() else {
+        return Vec::new();
+    };
+    let prefix = format!("{}.vault.", paths.name);
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".json"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether a dead sandbox still has Vault tokens to revoke.
+pub fn has_vault_records(paths: &SandboxPaths) -> bool {
+    !vault_records(paths).is_empty()
 }
 
 /// Revokes a sandbox's Vault token and leases.
@@ -216,19 +265,32 @@ pub fn revoke_vault(v: &aibox_vault::Session) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-/// Revokes what a dead supervisor's sandbox still holds in Vault (kept
-/// for the next try when Vault does not answer).
+/// Revokes what a dead supervisor's sandbox still holds in Vault. A
+/// record whose revocation fails is kept for the next try.
 fn recover_vault(paths: &SandboxPaths) -> Option<Result<String, String>> {
-    let text = std::fs::read(&paths.vault_record).ok()?;
-    let Ok(v) = serde_json::from_slice::<aibox_vault::Session>(&text) else {
-        let _ = std::fs::remove_file(&paths.vault_record);
-        return Some(Err("the Vault record was unreadable".into()));
-    };
-    let r = revoke_vault(&v);
-    if r.is_ok() {
-        let _ = std::fs::remove_file(&paths.vault_record);
+    let records = vault_records(paths);
+    if records.is_empty() {
+        return None;
     }
-    Some(r.map(|()| v.method))
+    let mut outcome = Ok(String::new());
+    for r in records {
+        let res = std::fs::read(&r)
+            .map_err(|e| e.to_string())
+            .and_then(|t| {
+                serde_json::from_slice::<aibox_vault::Session>(&t).map_err(|e| e.to_string())
+            })
+            .and_then(|v| revoke_vault(&v).map(|()| v.method));
+        match res {
+            Ok(m) => {
+                let _ = std::fs::remove_file(&r);
+                if let Ok(o) = &mut outcome {
+                    *o = m;
+                }
+            }
+            Err(e) => outcome = Err(format!("{}: {e}", r.display())),
+        }
+    }
+    Some(outcome)
 }
 
 fn clear_stale(paths: &SandboxPaths, audit_log: &Path, user: &str) {

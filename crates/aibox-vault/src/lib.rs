@@ -135,6 +135,8 @@ impl std::fmt::Debug for Session {
 /// A Vault client.
 pub struct Client {
     agent: ureq::Agent,
+    /// The same with short timeouts, for revocation.
+    revoker: ureq::Agent,
     addr: String,
     ca_file: Option<std::path::PathBuf>,
 }
@@ -146,6 +148,37 @@ impl std::fmt::Debug for Client {
 }
 
 const TIMEOUT: Duration = Duration::from_secs(15);
+/// Revocation runs while a sandbox stops: it must not hold the stop up.
+const REVOKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether `s` can go into a Vault path or header as is (tokens, lease
+/// ids and accessors Vault hands out look like this).
+fn plain_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 512
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'))
+        && !s.contains("..")
+}
+
+/// Checks a mount or path from the config: plain segments only (no
+/// `..`, `.`, empty segments, spaces, queries or escapes), so that it
+/// names what it says.
+pub fn check_path(what: &str, p: &str) -> Result<(), VaultError> {
+    let t = p.trim_matches('/');
+    let ok = !t.is_empty()
+        && t.split('/').all(|s| !s.is_empty() && s != "." && s != "..")
+        && !t
+            .bytes()
+            .any(|b| b <= 0x20 || b >= 0x7f || matches!(b, b'?' | b'#' | b'%' | b'\\'));
+    if ok {
+        Ok(())
+    } else {
+        Err(VaultError::Config(format!(
+            "{what} {p:?} must be plain path segments (no `..`, `.`, empty segments, spaces, ?, #, %)"
+        )))
+    }
+}
 
 fn tls(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, VaultError> {
     let mut roots = rustls::RootCertStore::empty();
@@ -207,18 +240,31 @@ impl Client {
     /// system's CAs and `ca_file`.
     pub fn new(addr: &str, ca_file: Option<&Path>) -> Result<Client, VaultError> {
         let addr = addr.trim_end_matches('/').to_string();
-        if !(addr.starts_with("https://") || addr.starts_with("http://")) {
+        if let Some(rest) = addr.strip_prefix("http://") {
+            // Tokens and secrets in clear text only on this machine.
+            let host = rest.split('/').next().unwrap_or("");
+            let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+            if !matches!(host, "127.0.0.1" | "localhost" | "[::1]") {
+                return Err(VaultError::Config(format!(
+                    "credentials.vault_addr {addr:?} is plain http to another machine: tokens and secrets would cross the network in clear text; use https://"
+                )));
+            }
+        } else if !addr.starts_with("https://") {
             return Err(VaultError::Config(format!(
-                "credentials.vault_addr {addr:?} must be an http:// or https:// URL"
+                "credentials.vault_addr {addr:?} must be an https:// URL"
             )));
         }
-        let agent = ureq::AgentBuilder::new()
-            .tls_config(tls(ca_file)?)
-            .timeout(TIMEOUT)
-            .redirects(0)
-            .build();
+        let tls = tls(ca_file)?;
+        let build = |t: Duration| {
+            ureq::AgentBuilder::new()
+                .tls_config(tls.clone())
+                .timeout(t)
+                .redirects(0)
+                .build()
+        };
         Ok(Client {
-            agent,
+            agent: build(TIMEOUT),
+            revoker: build(REVOKE_TIMEOUT),
             addr,
             ca_file: ca_file.map(Path::to_path_buf),
         })
@@ -232,21 +278,42 @@ impl Client {
         token: Option<&str>,
         body: Option<Value>,
     ) -> Result<Value, VaultError> {
+        let what = format!("{method} {path}");
+        self.call_with(&self.agent, method, path, &what, token, body)
+    }
+
+    /// [`Client::call`] with `agent`; `what` names the call in errors
+    /// (never the path, which may hold a token).
+    fn call_with(
+        &self,
+        agent: &ureq::Agent,
+        method: &str,
+        path: &str,
+        what: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Result<Value, VaultError> {
         let url = format!("{}/v1/{path}", self.addr);
-        let mut req = self.agent.request(method, &url);
+        let mut req = agent.request(method, &url);
         if let Some(t) = token {
             req = req.set("X-Vault-Token", t);
         }
-        let what = format!("{method} {path}");
+        let what = what.to_string();
         let resp = match body {
             Some(b) => req.send_json(b),
             None => req.call(),
         };
         match resp {
+            Ok(r) if !(200..300).contains(&r.status()) => Err(VaultError::Refused {
+                what,
+                status: r.status(),
+                detail: "not a success (a redirect?); point vault_addr at the active node".into(),
+            }),
             Ok(r) => {
+                // (Errors name only their kind: their text names the URL.)
                 let text = r.into_string().map_err(|e| VaultError::Unreachable {
                     addr: self.addr.clone(),
-                    detail: e.to_string(),
+                    detail: e.kind().to_string(),
                 })?;
                 if text.trim().is_empty() {
                     return Ok(Value::Null);
@@ -266,7 +333,7 @@ impl Client {
             }
             Err(e) => Err(VaultError::Unreachable {
                 addr: self.addr.clone(),
-                detail: e.to_string(),
+                detail: e.kind().to_string(),
             }),
         }
     }
@@ -317,7 +384,7 @@ impl Client {
         let auth = &answer["auth"];
         let token = auth["client_token"]
             .as_str()
-            .filter(|t| !t.is_empty())
+            .filter(|t| plain_id(t))
             .ok_or_else(|| VaultError::Missing {
                 what: format!("the {} login", login.method()),
                 missing: "auth.client_token".into(),
@@ -348,6 +415,12 @@ impl Client {
         );
         let answer = self.call("GET", &p, Some(session.token.as_str()), None)?;
         if let Some(l) = answer["lease_id"].as_str().filter(|l| !l.is_empty()) {
+            if !plain_id(l) {
+                return Err(VaultError::Missing {
+                    what: format!("the read of {p}"),
+                    missing: "a well-formed lease id".into(),
+                });
+            }
             session.leases.push(l.to_string());
         }
         let value = answer["data"]["data"][field]
@@ -371,36 +444,58 @@ impl Client {
     }
 
     /// Revokes the session's leases, then its token (with every token
-    /// and lease made from it). A token that is already invalid counts
-    /// as revoked.
+    /// and lease made from it). Only a success answer counts: a token the
+    /// server will not revoke is reported, never assumed gone.
     pub fn revoke(&self, session: &Session) -> Result<(), VaultError> {
         let t = session.token.as_str();
+        if !plain_id(t) {
+            return Err(VaultError::Config("the recorded token is malformed".into()));
+        }
+        let r = &self.revoker;
         let mut first_err = None;
-        for l in &session.leases {
-            let r = self
-                .call(
+        for l in session.leases.iter().filter(|l| plain_id(l)) {
+            let body = Some(json!({"lease_id": l}));
+            let done = self
+                .call_with(
+                    r,
                     "PUT",
                     "sys/leases/revoke",
+                    "lease revocation",
                     Some(t),
-                    Some(json!({"lease_id": l})),
+                    body,
                 )
-                .or_else(|_| self.call("PUT", &format!("sys/revoke/{l}"), Some(t), None));
-            if let Err(e) = r {
+                .or_else(|e| match unsupported(&e) {
+                    true => {
+                        let path = format!("sys/revoke/{l}");
+                        self.call_with(r, "PUT", &path, "lease revocation", Some(t), None)
+                    }
+                    false => Err(e),
+                });
+            if let Err(e) = done {
                 first_err.get_or_insert(e);
             }
         }
-        // Vault's own endpoint; servers without it (rusty_vault) take the
-        // token in the path instead.
-        let r = self
-            .call("POST", "auth/token/revoke-self", Some(t), None)
-            .or_else(|_| self.call("POST", &format!("auth/token/revoke/{t}"), Some(t), None));
-        match r {
-            Ok(_) => {}
-            Err(e) => {
-                if self.token_valid(t).unwrap_or(true) {
-                    first_err.get_or_insert(e);
+        // Vault's own endpoint. Servers that do not have it (rusty_vault
+        // answers "path not supported") take the token in the path; only
+        // then, so that a failure never puts it into a URL.
+        let done = self
+            .call_with(
+                r,
+                "POST",
+                "auth/token/revoke-self",
+                "token revocation",
+                Some(t),
+                None,
+            )
+            .or_else(|e| match unsupported(&e) {
+                true => {
+                    let path = format!("auth/token/revoke/{t}");
+                    self.call_with(r, "POST", &path, "token revocation", Some(t), None)
                 }
-            }
+                false => Err(e),
+            });
+        if let Err(e) = done {
+            first_err.get_or_insert(e);
         }
         match first_err {
             None => Ok(()),
@@ -409,12 +504,44 @@ impl Client {
     }
 }
 
-/// Reads a secret from a file (trailing newline dropped); refuses files
-/// others can read.
+/// Whether Vault said it has no such endpoint (404, 405, or rusty_vault's
+/// "not supported").
+fn unsupported(e: &VaultError) -> bool {
+    match e {
+        VaultError::Refused {
+            status: 404 | 405, ..
+        } => true,
+        VaultError::Refused {
+            status: 500,
+            detail,
+            ..
+        } => detail.contains("not supported"),
+        _ => false,
+    }
+}
+
+/// Reads a secret from a file (trailing newline dropped): opened once
+/// without following a symbolic link, and refused unless it belongs to
+/// this user and nobody else can read it.
 pub fn read_secret_file(what: &str, path: &Path) -> Result<Secret, VaultError> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path)
-        .map_err(|e| VaultError::Config(format!("{what}: {}: {e}", path.display())))?;
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let bad = |e: String| VaultError::Config(format!("{what}: {}: {e}", path.display()));
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| bad(e.to_string()))?;
+    let meta = f.metadata().map_err(|e| bad(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    if meta.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(bad(format!(
+            "belongs to uid {}, not to you; a secret must be your own file",
+            meta.uid()
+        )));
+    }
     if meta.mode() & 0o077 != 0 {
         return Err(VaultError::Config(format!(
             "{what}: {} is readable by others (mode {:o}); chmod 600 it",
@@ -422,8 +549,9 @@ pub fn read_secret_file(what: &str, path: &Path) -> Result<Secret, VaultError> {
             meta.mode() & 0o777
         )));
     }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| VaultError::Config(format!("{what}: {}: {e}", path.display())))?;
+    let mut text = Zeroizing::new(String::new());
+    f.read_to_string(&mut text)
+        .map_err(|e| bad(e.to_string()))?;
     let v = text.trim_end_matches(['\n', '\r']).to_string();
     if v.is_empty() {
         return Err(VaultError::Config(format!(

@@ -311,12 +311,14 @@ pub(crate) fn for_sandbox(
     if c.mode == aibox_config::CredentialMode::Vault {
         // Vault mode: a token of the sandbox's own reads the configured
         // secrets; it is revoked if anything below fails.
-        let (client, mut session) = super::vault::login(loaded, sandbox)?;
+        let (client, mut session) = super::vault::login(loaded, sandbox, None)?;
+        super::vault::arm(&session);
         let r = super::vault::entries(loaded, &client, &mut session)
             .and_then(|entries| hand_out(loaded, policy, taken_env, gateway_hosts, entries));
         return match r {
             Ok((spec, issued)) => Ok((spec, issued, Some(session))),
             Err(e) => {
+                super::vault::disarm();
                 super::vault::revoke(&session);
                 Err(e)
             }

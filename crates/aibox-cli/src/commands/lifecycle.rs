@@ -64,6 +64,19 @@ fn prepare(
                 "credentials.upstream_ca",
                 PathBuf::from(&c.credentials.upstream_ca),
             ),
+            // Nor the files aibox logs in to Vault with.
+            (
+                "credentials.vault.secret_id_file",
+                PathBuf::from(&c.credentials.vault.secret_id_file),
+            ),
+            (
+                "credentials.vault.jwt_file",
+                PathBuf::from(&c.credentials.vault.jwt_file),
+            ),
+            (
+                "credentials.vault.ca_file",
+                PathBuf::from(&c.credentials.vault.ca_file),
+            ),
             ("org policy", PathBuf::from(&c.policy.org_baseline_path)),
             ("team policy", PathBuf::from(&c.policy.team_policy_path)),
             (
@@ -297,11 +310,16 @@ fn network_spec(
         dns_addr: n.dns_addr.parse().context("network.dns_addr")?,
         gateway,
         placeholders,
+        // The Vault token aibox logged in with goes no further either.
         key_env: n
             .llm_gateway
             .providers
             .iter()
             .filter_map(|p| p.api_key_env.clone())
+            .chain(
+                (vault.is_some() && c.credentials.vault.auth == aibox_config::VaultAuth::Token)
+                    .then(|| c.credentials.vault.token_env.clone()),
+            )
             .collect(),
         push: Some(push),
         credentials,
@@ -597,6 +615,8 @@ fn container_spec(
 pub fn start(cli_config: Option<PathBuf>, a: StartArgs) -> Result<i32> {
     let t0 = Instant::now();
     let (_, spec, paths) = prepare(cli_config, &a)?;
+    // From here the start revokes the Vault token itself if it fails.
+    super::vault::disarm();
     let st = client::start(&spec, &paths)?;
     println!("{}", st.name);
     eprintln!(
@@ -651,6 +671,7 @@ pub fn run(cli_config: Option<PathBuf>, a: RunArgs) -> Result<i32> {
     if let Some(c) = spec.container.as_mut() {
         c.run_mode = req.tty.is_none();
     }
+    super::vault::disarm();
     client::start(&spec, &paths)?;
     let (rt, data) = (loaded.runtime_dir(), loaded.data_dir());
     let result = client::connect_named(&paths, &rt, &data).and_then(|c| client::exec(c, req));
@@ -906,7 +927,7 @@ pub fn stop(cli_config: Option<PathBuf>, a: NameArg) -> Result<i32> {
     let (loaded, paths) = target(cli_config, &a)?;
     let user = aibox_core::current_user();
     if !client::is_alive(&paths)
-        && paths.run_dir.exists()
+        && (paths.run_dir.exists() || client::has_vault_records(&paths))
         && client::reap_stale(&paths, &paths.audit_log, &user)?
     {
         eprintln!(

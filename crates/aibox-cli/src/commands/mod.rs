@@ -27,6 +27,15 @@ pub(crate) fn load_config(
 
 /// Runs the parsed command; returns the process exit code.
 pub fn dispatch(cli: Cli) -> Result<i32> {
+    let r = run(cli);
+    // A Vault token logged in for a sandbox that never got it.
+    if r.is_err() {
+        vault::revoke_pending();
+    }
+    r
+}
+
+fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Supervise { .. } => Ok(aibox_supervisor::supervisor::run()),
         Command::Config(c) => config::run(cli.config, c),

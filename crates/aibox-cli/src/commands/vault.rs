@@ -6,11 +6,66 @@ use std::path::Path;
 use aibox_vault::{Client, Login, Session};
 use anyhow::{Context, Result, bail};
 
-/// Logs in to Vault as the config says.
-pub(crate) fn login(loaded: &aibox_config::Loaded, sandbox: &str) -> Result<(Client, Session)> {
+/// A sandbox's Vault session from login until the supervisor holds it:
+/// revoked by the CLI on any way out before that (see [`arm`]).
+static PENDING: std::sync::Mutex<Option<Session>> = std::sync::Mutex::new(None);
+
+/// Keeps `s` to revoke if this command ends before the supervisor has it.
+pub(crate) fn arm(s: &Session) {
+    if let Ok(mut p) = PENDING.lock() {
+        *p = Some(s.clone());
+    }
+}
+
+/// The supervisor start (which revokes on its own failures) has it now.
+pub(crate) fn disarm() {
+    if let Ok(mut p) = PENDING.lock() {
+        *p = None;
+    }
+}
+
+/// Revokes a session still armed (the command failed on the way).
+pub(crate) fn revoke_pending() {
+    let s = PENDING.lock().ok().and_then(|mut p| p.take());
+    if let Some(s) = s {
+        revoke(&s);
+    }
+}
+
+/// Checks the configured secrets before anything is asked of Vault.
+fn check_secrets(loaded: &aibox_config::Loaded) -> Result<()> {
+    let mut seen = Vec::new();
+    for s in &loaded.config.credentials.vault.secrets {
+        let at = format!("credentials.vault.secrets `{}`", s.name);
+        aibox_secrets::validate_name(&s.name).map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+        aibox_secrets::validate_host(&s.host).map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+        aibox_vault::check_path(&format!("{at}: mount"), &s.mount)?;
+        aibox_vault::check_path(&format!("{at}: path"), &s.path)?;
+        if s.field.is_empty() || s.field.bytes().any(|b| b < 0x20 || b == 0x7f) {
+            bail!("{at}: field {:?} is not a field name", s.field);
+        }
+        if seen.contains(&s.name) {
+            bail!("{at} is listed twice");
+        }
+        seen.push(s.name.clone());
+    }
+    Ok(())
+}
+
+/// Logs in to Vault as the config says; with token login, the child
+/// token lasts `ttl` (default: `credentials.vault.token_ttl`).
+pub(crate) fn login(
+    loaded: &aibox_config::Loaded,
+    sandbox: &str,
+    ttl: Option<std::time::Duration>,
+) -> Result<(Client, Session)> {
     use aibox_config::VaultAuth;
     let c = &loaded.config.credentials;
     let v = &c.vault;
+    check_secrets(loaded)?;
+    if !v.mount.is_empty() {
+        aibox_vault::check_path("credentials.vault.mount", &v.mount)?;
+    }
     let ca = (!v.ca_file.is_empty()).then(|| Path::new(&v.ca_file));
     let client = Client::new(&c.vault_addr, ca)?;
     let mount = |default: &str| {
@@ -76,8 +131,9 @@ pub(crate) fn login(loaded: &aibox_config::Loaded, sandbox: &str) -> Result<(Cli
             }
         }
     };
-    let ttl =
-        humantime::parse_duration(&v.token_ttl).unwrap_or(std::time::Duration::from_secs(8 * 3600));
+    let ttl = ttl.unwrap_or_else(|| {
+        humantime::parse_duration(&v.token_ttl).unwrap_or(std::time::Duration::from_secs(8 * 3600))
+    });
     let session = client
         .login(&how, ttl, sandbox)
         .with_context(|| format!("logging in to Vault at {} ({})", c.vault_addr, how.method()))?;
@@ -132,15 +188,21 @@ pub(crate) fn git_token_for(
     host: &str,
     port: u16,
 ) -> Result<Option<zeroize::Zeroizing<String>>> {
-    let (client, mut session) = login(loaded, "push-approval")?;
+    let (client, mut session) = login(
+        loaded,
+        "aibox-push-approval",
+        Some(std::time::Duration::from_secs(300)),
+    )?;
     let found = entries(loaded, &client, &mut session).map(|es| {
         es.into_iter().find_map(|(m, s)| {
             let bound = m.host.as_deref().unwrap_or("");
             let (h, p) = aibox_net::host::split_authority(bound).unwrap_or((bound, 443));
+            let want = aibox_net::parse_host(host).ok();
             (m.kind == "git-token"
                 && p == port
-                && aibox_net::parse_host(h).ok() == aibox_net::parse_host(host).ok())
-            .then(|| zeroize::Zeroizing::new(s.expose().to_string()))
+                && want.is_some()
+                && aibox_net::parse_host(h).ok() == want)
+                .then(|| zeroize::Zeroizing::new(s.expose().to_string()))
         })
     });
     revoke(&session);

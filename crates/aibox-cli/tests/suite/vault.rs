@@ -18,6 +18,8 @@ struct Vault {
     child: std::process::Child,
     addr: String,
     root: String,
+    key: String,
+    dir: std::path::PathBuf,
 }
 
 impl Drop for Vault {
@@ -37,7 +39,6 @@ fn free_port() -> u16 {
 
 impl Vault {
     fn start(dir: &std::path::Path) -> Vault {
-        let bin = std::env::var("AIBOX_TEST_RVAULT").unwrap_or_else(|_| "rvault".into());
         std::fs::create_dir_all(dir.join("data")).unwrap();
         let port = free_port();
         let d = dir.display();
@@ -48,6 +49,27 @@ impl Vault {
             ),
         )
         .unwrap();
+        let mut v = Vault {
+            child: Vault::spawn(dir, port),
+            addr: format!("http://127.0.0.1:{port}"),
+            root: String::new(),
+            key: String::new(),
+            dir: dir.to_path_buf(),
+        };
+        let (_, init) = v.call(
+            "PUT",
+            "sys/init",
+            None,
+            r#"{"secret_shares":1,"secret_threshold":1}"#,
+        );
+        v.root = init["root_token"].as_str().unwrap().to_string();
+        v.key = init["keys"][0].as_str().unwrap().to_string();
+        v.unseal();
+        v
+    }
+
+    fn spawn(dir: &std::path::Path, port: u16) -> std::process::Child {
+        let bin = std::env::var("AIBOX_TEST_RVAULT").unwrap_or_else(|_| "rvault".into());
         let child = std::process::Command::new(&bin)
             .args(["server", "--config"])
             .arg(dir.join("vault.hcl"))
@@ -63,22 +85,26 @@ impl Vault {
             );
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        let mut v = Vault {
-            child,
-            addr: format!("http://127.0.0.1:{port}"),
-            root: String::new(),
-        };
-        let (_, init) = v.call(
-            "PUT",
-            "sys/init",
-            None,
-            r#"{"secret_shares":1,"secret_threshold":1}"#,
-        );
-        v.root = init["root_token"].as_str().unwrap().to_string();
-        let key = init["keys"][0].as_str().unwrap().to_string();
-        let (s, _) = v.call("PUT", "sys/unseal", None, &format!(r#"{{"key":"{key}"}}"#));
+        child
+    }
+
+    fn unseal(&self) {
+        let body = format!(r#"{{"key":"{}"}}"#, self.key);
+        let (s, _) = self.call("PUT", "sys/unseal", None, &body);
         assert_eq!(s, 200);
-        v
+    }
+
+    /// Stops the server (its data stays).
+    fn down(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port and data, unsealed.
+    fn up(&mut self) {
+        let port: u16 = self.addr.rsplit(':').next().unwrap().parse().unwrap();
+        self.child = Vault::spawn(&self.dir.clone(), port);
+        self.unseal();
     }
 
     /// `method /v1/path` with `token` (none: no header); status and JSON.
@@ -157,7 +183,7 @@ fn sandbox_token(c: &Ctx, name: &str) -> String {
 
 /// Clones from the git server inside `name`: the token from Vault is put
 /// in by the proxy; the sandbox holds only the placeholder.
-fn clone_works(c: &Ctx, name: &str, p: u16) {
+fn clone_works(c: &Ctx, name: &str, p: u16, tokens: &[&str]) {
     let out = ok(&c.out(&[
         "exec",
         "--name",
@@ -173,12 +199,15 @@ fn clone_works(c: &Ctx, name: &str, p: u16) {
         "{out}"
     );
     assert!(!out.contains(SECRET));
+    for t in tokens {
+        assert!(!out.contains(t), "a Vault token inside");
+    }
 }
 
 both_modes!(
     token_login_reads_kv_and_revokes_at_stop_and_after_a_crash,
     |mut c: Ctx| {
-        let v = Vault::start(&c.dir.path().join("vault"));
+        let mut v = Vault::start(&c.dir.path().join("vault"));
         seed(&v);
         let srv = GitServer::start(&c.dir.path().join("git-server"), "git.test", SECRET);
         configure(
@@ -198,7 +227,7 @@ both_modes!(
         c.env("VAULT_TOKEN", &v.root.clone());
         let ws = c.ws.display().to_string();
         ok(&c.out(&["start", "-w", &ws, "--name", "vt"]));
-        clone_works(&c, "vt", srv.port);
+        clone_works(&c, "vt", srv.port, &[&sandbox_token(&c, "vt"), &v.root]);
         let t = sandbox_token(&c, "vt");
         assert_ne!(t, v.root, "the sandbox has a token of its own");
         assert!(v.token_valid(&t));
@@ -234,6 +263,29 @@ both_modes!(
         ok(&c.out(&["stop", "--name", "vt"]));
         assert!(!v.token_valid(&t2), "revoked by the CLI after the crash");
         assert!(!c.runtime.join("vt.vault.json").exists());
+
+        // Vault down at stop: the stop completes, says nothing of the
+        // token, and keeps the record; the next start revokes it.
+        ok(&c.out(&["start", "-w", &ws, "--name", "vt"]));
+        let t3 = sandbox_token(&c, "vt");
+        v.down();
+        let stop = c.out(&["stop", "--name", "vt"]);
+        ok(&stop);
+        assert!(!stderr(&stop).contains(&t3) && !stdout(&stop).contains(&t3));
+        assert!(
+            c.runtime.join("vt.vault.json").exists(),
+            "kept for the next try"
+        );
+        let log = std::fs::read_to_string(c.data.join("audit/vt.jsonl")).unwrap();
+        assert!(!log.contains(&t3) && !log.contains(&t2) && !log.contains(&t));
+        assert!(log.contains("\"revoked\":false"));
+        v.up();
+        assert!(v.token_valid(&t3));
+        ok(&c.out(&["start", "-w", &ws, "--name", "vt"]));
+        assert!(!v.token_valid(&t3), "revoked at the next start");
+        ok(&c.out(&["stop", "--name", "vt"]));
+        let sup = std::fs::read_to_string(c.data.join("logs/vt.log")).unwrap_or_default();
+        assert!(!sup.contains(&t3) && !sup.contains(&v.root));
     }
 );
 
@@ -273,7 +325,7 @@ both_modes!(approle_login, |c: Ctx| {
     );
     let ws = c.ws.display().to_string();
     ok(&c.out(&["start", "-w", &ws, "--name", "ar"]));
-    clone_works(&c, "ar", srv.port);
+    clone_works(&c, "ar", srv.port, &[&sandbox_token(&c, "ar")]);
     let t = sandbox_token(&c, "ar");
     assert!(v.token_valid(&t));
     ok(&c.out(&["stop", "--name", "ar"]));
@@ -476,7 +528,7 @@ both_modes!(jwt_login_with_a_spiffe_svid, |c: Ctx| {
     );
     let ws = c.ws.display().to_string();
     ok(&c.out(&["start", "-w", &ws, "--name", "jw"]));
-    clone_works(&c, "jw", srv.port);
+    clone_works(&c, "jw", srv.port, &[&sandbox_token(&c, "jw")]);
     let t = sandbox_token(&c, "jw");
     assert!(v.token_valid(&t));
     ok(&c.out(&["stop", "--name", "jw"]));
