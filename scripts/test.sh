@@ -31,6 +31,10 @@ command -v mmdebstrap  >/dev/null 2>&1 || missing+=(mmdebstrap)
 command -v git      >/dev/null 2>&1 || missing+=(git)
 command -v nginx    >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 command -v fcgiwrap >/dev/null 2>&1 || [ -x /usr/sbin/fcgiwrap ] || missing+=(fcgiwrap)
+# The OS keyring backend is tested against GNOME Keyring's Secret
+# Service on a private session bus.
+command -v dbus-daemon >/dev/null 2>&1 || missing+=(dbus-daemon)
+command -v gnome-keyring-daemon >/dev/null 2>&1 || missing+=(gnome-keyring)
 # Vault mode is tested against rusty_vault, built from crates.io below.
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 [ -f /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)

@@ -403,6 +403,23 @@ pub struct Credentials {
     pub push_remotes: Vec<String>,
     /// Vault mode: how aibox logs in and which secrets sandboxes get.
     pub vault: VaultSettings,
+    /// Where `aibox auth` keeps credentials (fallback mode): `auto` (the
+    /// OS keyring when one answers and no encrypted file exists yet, else
+    /// the file), `keyring` or `file`.
+    pub store: StoreBackend,
+}
+
+/// Which local credential store `aibox auth` uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// The keyring when a Secret Service answers (and no file store
+    /// exists), else the encrypted file.
+    Auto,
+    /// The OS keyring (Secret Service); an error when none answers.
+    Keyring,
+    /// The encrypted file.
+    File,
 }
 
 /// How aibox logs in to Vault.
@@ -506,6 +523,7 @@ impl Default for Credentials {
             upstream_ca: String::new(),
             push_remotes: Vec::new(),
             vault: VaultSettings::default(),
+            store: StoreBackend::Auto,
         }
     }
 }

@@ -9,6 +9,7 @@
 //! are 0600 and checked on every load. Secrets are zeroised when dropped.
 
 pub mod file;
+pub mod keyring;
 
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -158,5 +159,81 @@ mod tests {
     fn secrets_do_not_print() {
         let s = Secret::new("hunter2".into());
         assert!(!format!("{s:?}").contains("hunter2"));
+    }
+}
+
+/// A credential store: the OS keyring, or the encrypted file.
+#[derive(Debug)]
+pub enum Store {
+    /// The encrypted file.
+    File(file::FileStore),
+    /// The OS keyring.
+    Keyring(keyring::KeyringStore),
+}
+
+/// Errors of either store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The encrypted file's.
+    #[error(transparent)]
+    File(#[from] file::Error),
+    /// The keyring's.
+    #[error(transparent)]
+    Keyring(#[from] keyring::KeyringError),
+}
+
+impl Store {
+    /// What is stored, without values.
+    pub fn list(&self) -> Result<Vec<Meta>, StoreError> {
+        Ok(match self {
+            Store::File(f) => f.list()?,
+            Store::Keyring(k) => k.list()?,
+        })
+    }
+
+    /// Every stored credential with its value.
+    pub fn entries(&self) -> Result<Vec<(Meta, Secret)>, StoreError> {
+        Ok(match self {
+            Store::File(f) => f.entries()?,
+            Store::Keyring(k) => k.entries()?,
+        })
+    }
+
+    /// Stores `secret` as `meta.name` (replacing only when `replace`).
+    pub fn put(&self, mut meta: Meta, secret: Secret, replace: bool) -> Result<(), StoreError> {
+        meta.source = self.source().into();
+        match self {
+            Store::File(f) => f.put(meta, secret, replace)?,
+            Store::Keyring(k) => k.put(meta, secret, replace)?,
+        }
+        Ok(())
+    }
+
+    /// Removes `name`; whether it was stored.
+    pub fn remove(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(match self {
+            Store::File(f) => f.remove(name)?,
+            Store::Keyring(k) => k.remove(name)?,
+        })
+    }
+
+    /// `file` or `keyring` (the SOURCE `auth list` shows).
+    pub fn source(&self) -> &'static str {
+        match self {
+            Store::File(_) => "file",
+            Store::Keyring(_) => "keyring",
+        }
+    }
+
+    /// Where the credentials are, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Store::File(f) => format!(
+                "{} (key: {})",
+                f.store_path().display(),
+                f.key_path().display()
+            ),
+            Store::Keyring(_) => "the OS keyring (Secret Service)".into(),
+        }
     }
 }

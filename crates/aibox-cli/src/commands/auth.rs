@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use aibox_config::PassphraseSource;
 use aibox_secrets::file::FileStore;
-use aibox_secrets::{Meta, Secret};
+use aibox_secrets::{Meta, Secret, Store};
 use anyhow::{Context, Result, bail};
 use zeroize::Zeroizing;
 
@@ -28,7 +28,7 @@ pub fn run(cli_config: Option<PathBuf>, cmd: AuthCmd) -> Result<i32> {
             if !store.remove(&name)? {
                 bail!("no credential named `{name}` is stored (see `aibox auth list`)");
             }
-            println!("removed `{name}` from {}", store.store_path().display());
+            println!("removed `{name}` from {}", store.describe());
             Ok(0)
         }
     }
@@ -102,12 +102,7 @@ fn add(
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     store.put(meta, secret, a.replace)?;
-    println!(
-        "stored `{}` in {} (key: {})",
-        a.name,
-        store.store_path().display(),
-        store.key_path().display()
-    );
+    println!("stored `{}` in {}", a.name, store.describe());
     if let (true, Some(h)) = (a.replace, host) {
         rotate_running(loaded, &a.name, &h, &copy, until);
     }
@@ -153,7 +148,7 @@ fn list(
         Format::Json => println!("{}", serde_json::to_string_pretty(&items)?),
         Format::Text => {
             if items.is_empty() {
-                println!("no credentials stored ({})", store.store_path().display());
+                println!("no credentials stored ({})", store.describe());
                 return Ok(0);
             }
             let now = std::time::SystemTime::now();
@@ -202,13 +197,16 @@ pub(crate) fn store_paths(
     Ok((store, key))
 }
 
-/// The store (see [`store_paths`]). The two files must not share a
-/// directory.
+/// The local store `credentials.store` picks: the OS keyring, or the
+/// encrypted file (see [`open_file`]). `auto` takes the keyring when a
+/// Secret Service answers and no encrypted file exists yet, so that
+/// credentials already in a file stay where they are.
 fn open(
     loaded: &aibox_config::Loaded,
     sources: &aibox_config::Sources,
     creating: bool,
-) -> Result<FileStore> {
+) -> Result<Store> {
+    use aibox_config::StoreBackend;
     let c = &loaded.config.credentials;
     if c.mode == aibox_config::CredentialMode::Vault {
         bail!(
@@ -216,6 +214,50 @@ fn open(
             c.vault_addr
         );
     }
+    let keyring = || aibox_secrets::keyring::KeyringStore::connect().map(Store::Keyring);
+    match c.store {
+        StoreBackend::File => Ok(Store::File(open_file(loaded, sources, creating)?)),
+        StoreBackend::Keyring => Ok(keyring().context(
+            "credentials.store is keyring\n  fix: start a Secret Service (e.g. gnome-keyring-daemon) in this session, or set credentials.store: file",
+        )?),
+        StoreBackend::Auto => {
+            let (file, _) = store_paths(loaded, sources)?;
+            if std::fs::symlink_metadata(&file).is_err()
+                && let Ok(k) = keyring()
+            {
+                return Ok(k);
+            }
+            Ok(Store::File(open_file(loaded, sources, creating)?))
+        }
+    }
+}
+
+/// The local store if it holds anything (no passphrase is asked for an
+/// encrypted file that does not exist).
+fn open_existing(
+    loaded: &aibox_config::Loaded,
+    sources: &aibox_config::Sources,
+) -> Result<Option<Store>> {
+    use aibox_config::StoreBackend;
+    let (file, _) = store_paths(loaded, sources)?;
+    let file_exists = std::fs::symlink_metadata(&file).is_ok();
+    match loaded.config.credentials.store {
+        StoreBackend::File if !file_exists => Ok(None),
+        StoreBackend::Auto if !file_exists => Ok(aibox_secrets::keyring::KeyringStore::connect()
+            .ok()
+            .map(Store::Keyring)),
+        _ => open(loaded, sources, false).map(Some),
+    }
+}
+
+/// The encrypted-file store (see [`store_paths`]). The two files must not
+/// share a directory.
+fn open_file(
+    loaded: &aibox_config::Loaded,
+    sources: &aibox_config::Sources,
+    creating: bool,
+) -> Result<FileStore> {
+    let c = &loaded.config.credentials;
     let (store, key) = store_paths(loaded, sources)?;
     // The key must not live with what it encrypts: nowhere under the
     // data directory (compared after resolving `..` and symbolic links
@@ -256,11 +298,10 @@ pub(crate) fn git_token_for(
     if loaded.config.credentials.mode == aibox_config::CredentialMode::Vault {
         return super::vault::git_token_for(loaded, host, port);
     }
-    let (store_path, _) = store_paths(loaded, sources)?;
-    if std::fs::symlink_metadata(&store_path).is_err() {
+    let Some(store) = open_existing(loaded, sources).context("reading the credential store")?
+    else {
         return Ok(None);
-    }
-    let store = open(loaded, sources, false).context("reading the credential store")?;
+    };
     let now = std::time::SystemTime::now();
     let want = aibox_net::parse_host(host).ok();
     for (meta, secret) in store.entries().context("reading the credential store")? {
@@ -324,12 +365,11 @@ pub(crate) fn for_sandbox(
             }
         };
     }
-    let (store_path, _) = store_paths(loaded, sources)?;
-    if std::fs::symlink_metadata(&store_path).is_err() {
+    let Some(store) =
+        open_existing(loaded, sources).context("reading the credential store for the sandbox")?
+    else {
         return Ok((None, Vec::new(), None));
-    }
-    let store =
-        open(loaded, sources, false).context("reading the credential store for the sandbox")?;
+    };
     let entries = store
         .entries()
         .context("reading the credential store for the sandbox")?;

@@ -187,6 +187,26 @@ pub fn bin(name: &str) -> PathBuf {
             .collect();
         let d = std::env::temp_dir().join(format!("aibox-test-bin-{}", key.join("-")));
         if !d.join("aibox-attack").exists() {
+            // Copies of earlier builds (200 MB each) would fill /tmp over
+            // many runs: drop those untouched for an hour.
+            let stale = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+            for e in std::fs::read_dir(std::env::temp_dir())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let old = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t < stale);
+                if old
+                    && e.file_name()
+                        .to_string_lossy()
+                        .starts_with("aibox-test-bin-")
+                {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
             let tmp = tempfile::Builder::new()
                 .prefix("aibox-test-bin-tmp")
                 .tempdir()

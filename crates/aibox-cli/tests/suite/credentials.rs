@@ -268,3 +268,176 @@ both_modes!(concurrent_adds_lose_nothing, |c: Ctx| {
         serde_json::from_str(&ok(&c.out(&["auth", "list", "--format", "json"]))).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 8, "{v:#}");
 });
+
+/// A session bus with GNOME Keyring's Secret Service on it, unlocked,
+/// its files under `dir` (killed when dropped).
+struct Keyring {
+    children: Vec<std::process::Child>,
+    address: String,
+}
+
+impl Drop for Keyring {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Keyring {
+    fn start(dir: &std::path::Path) -> Keyring {
+        std::fs::create_dir_all(dir).unwrap();
+        let bus = dir.join("bus");
+        let address = format!("unix:path={}", bus.display());
+        let dbus = std::process::Command::new("dbus-daemon")
+            .args(["--session", "--nofork", "--nopidfile"])
+            .arg(format!("--address={address}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("dbus-daemon (scripts/test.sh installs it)");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !bus.exists() {
+            assert!(std::time::Instant::now() < deadline, "no session bus");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let mut keyring = std::process::Command::new("gnome-keyring-daemon")
+            .args(["--foreground", "--unlock", "--components=secrets"])
+            .env("DBUS_SESSION_BUS_ADDRESS", &address)
+            .env("HOME", dir)
+            .env("XDG_RUNTIME_DIR", dir)
+            .env("XDG_DATA_HOME", dir.join("data"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("gnome-keyring-daemon (scripts/test.sh installs it)");
+        {
+            use std::io::Write;
+            let mut stdin = keyring.stdin.take().unwrap();
+            stdin.write_all(b"test-keyring-password").unwrap();
+        }
+        Keyring {
+            children: vec![dbus, keyring],
+            address,
+        }
+    }
+}
+
+backend_test!(
+    the_os_keyring_is_used_when_one_answers,
+    Backend::Native,
+    Mode::Root,
+    |mut c: Ctx| {
+        let kr = Keyring::start(&c.dir.path().join("keyring"));
+        c.env("DBUS_SESSION_BUS_ADDRESS", &kr.address.clone());
+        // The Secret Service takes a moment to claim its name.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let l = c.out(&["auth", "list"]);
+            if stdout(&l).contains("OS keyring") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no keyring: {}",
+                stdout(&l)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        let out = ok(&with_input(
+            &c,
+            &["auth", "add", "git-token", "--host", "git.example.com"],
+            TOKEN,
+        ));
+        assert!(out.contains("the OS keyring"), "{out}");
+        assert!(!store(&c).exists(), "nothing written to the encrypted file");
+        let list = ok(&c.out(&["auth", "list"]));
+        assert!(
+            list.contains("git-token")
+                && list.contains("keyring")
+                && list.contains("git.example.com"),
+            "{list}"
+        );
+        assert!(!list.contains(TOKEN));
+        // The value is in the keyring's own (encrypted) files, not in ours.
+        for entry in walk(&c.data) {
+            let bytes = std::fs::read(&entry).unwrap_or_default();
+            assert!(
+                !String::from_utf8_lossy(&bytes).contains(TOKEN),
+                "{}",
+                entry.display()
+            );
+        }
+        // A sandbox gets a placeholder for it, like for a stored one.
+        let ws = c.ws.display().to_string();
+        ok(&c.out(&["start", "-w", &ws, "--name", "kr"]));
+        let env = ok(&c.out(&[
+            "exec",
+            "--name",
+            "kr",
+            "--",
+            "sh",
+            "-c",
+            "echo $AIBOX_GIT_TOKEN",
+        ]));
+        assert!(env.starts_with("aibox-cred-git-token-"), "{env}");
+        ok(&c.out(&["stop", "--name", "kr"]));
+        let dup = with_input(
+            &c,
+            &["auth", "add", "git-token", "--host", "git.example.com"],
+            TOKEN,
+        );
+        assert!(!dup.status.success());
+        ok(&with_input(
+            &c,
+            &[
+                "auth",
+                "add",
+                "git-token",
+                "--host",
+                "other.example.com",
+                "--replace",
+            ],
+            "ghp_other0123456789",
+        ));
+        let list = ok(&c.out(&["auth", "list"]));
+        assert!(
+            list.contains("other.example.com") && !list.contains("git.example.com"),
+            "{list}"
+        );
+        ok(&c.out(&["auth", "remove", "git-token"]));
+        assert!(ok(&c.out(&["auth", "list"])).contains("no credentials stored"));
+        // `file` ignores the keyring; `keyring` without one is an error.
+        c.add_config("credentials:\n  store: file\n");
+        let f = ok(&c.out(&["auth", "list"]));
+        assert!(f.contains("store.enc"), "{f}");
+        drop(kr);
+        let cfg = std::fs::read_to_string(&c.config)
+            .unwrap()
+            .replace("store: file", "store: keyring");
+        std::fs::write(&c.config, cfg).unwrap();
+        let none = c.out(&["auth", "list"]);
+        assert!(!none.status.success());
+        assert!(
+            stderr(&none).contains("credentials.store is keyring"),
+            "{}",
+            stderr(&none)
+        );
+    }
+);
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
