@@ -236,12 +236,8 @@ fn post(ask: &PushAsk, body: &[u8]) -> Result<Queued, String> {
     s.write_all(head.as_bytes())
         .and_then(|()| s.write_all(body))
         .map_err(|e| format!("sending the push to aibox: {e}"))?;
-    let mut resp = Vec::new();
-    s.take(1 << 20)
-        .read_to_end(&mut resp)
-        .map_err(|e| format!("reading aibox's answer: {e}"))?;
-    let text = String::from_utf8_lossy(&resp);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let text = read_answer(&mut s)?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text.as_str(), ""));
     let status = head
         .split_whitespace()
         .nth(1)
@@ -253,4 +249,52 @@ fn post(ask: &PushAsk, body: &[u8]) -> Result<Queued, String> {
     } else {
         Err(body.trim().trim_start_matches("aibox: ").to_string())
     }
+}
+
+/// Reads one HTTP answer: the head, then exactly the body its
+/// `Content-Length` gives (not until the connection closes: a proxy or
+/// network stack may keep it open). The broker may take minutes (it
+/// fetches from the remote), so the wait is long but bounded.
+fn read_answer(s: &mut std::net::TcpStream) -> Result<String, String> {
+    s.set_read_timeout(Some(std::time::Duration::from_secs(900)))
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > 64 * 1024 {
+            return Err("aibox's answer has an oversized head".into());
+        }
+        let n = s
+            .read(&mut chunk)
+            .map_err(|e| format!("reading aibox's answer: {e}"))?;
+        if n == 0 {
+            return Err("aibox closed the connection without an answer".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let len = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0)
+        .min(1 << 20);
+    while buf.len() < head_end + len {
+        let n = s
+            .read(&mut chunk)
+            .map_err(|e| format!("reading aibox's answer: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    buf.truncate(head_end + len);
+    Ok(String::from_utf8_lossy(&buf).into_owned())
 }
