@@ -12,13 +12,17 @@
 
 #![warn(missing_docs)]
 
+pub mod checkpoint;
 mod event;
 mod log;
 mod verify;
 
 pub use event::{Event, EventType, Severity, Source};
 pub use log::{AuditLog, canonical_json, event_hash};
-pub use verify::{Break, VerifyReport, verify_file, verify_reader};
+pub use verify::{
+    Break, CheckpointProblem, CheckpointReport, VerifyReport, verify_file, verify_reader,
+    verify_reader_with, verify_with_checkpoints,
+};
 
 /// Errors of the audit crate.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +51,14 @@ pub enum AuditError {
     TornTail {
         /// The log file.
         path: String,
+    },
+    /// The checkpoint signing key cannot be used.
+    #[error("audit signing key {path}: {reason}")]
+    Key {
+        /// The key file.
+        path: String,
+        /// What is wrong.
+        reason: String,
     },
     /// The last line of the existing log is not a valid event.
     #[error(

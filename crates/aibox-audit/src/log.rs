@@ -61,6 +61,19 @@ pub struct AuditLog {
     len: u64,
     sandbox_id: String,
     user_id: String,
+    /// Signs checkpoints, when set.
+    signer: Option<Checkpointing>,
+}
+
+/// When and with what [`AuditLog`] writes checkpoints.
+#[derive(Debug)]
+struct Checkpointing {
+    signer: crate::checkpoint::Signer,
+    every: u64,
+    interval: std::time::Duration,
+    since: u64,
+    last: std::time::Instant,
+    file: PathBuf,
 }
 
 impl AuditLog {
@@ -91,7 +104,49 @@ impl AuditLog {
             len,
             sandbox_id: sandbox_id.to_string(),
             user_id: user_id.to_string(),
+            signer: None,
         })
+    }
+
+    /// Signs a checkpoint after every `every` events or `interval`,
+    /// whichever comes first (checked at each append), and when
+    /// [`AuditLog::checkpoint`] is called.
+    pub fn set_signer(
+        &mut self,
+        signer: crate::checkpoint::Signer,
+        every: u64,
+        interval: std::time::Duration,
+    ) {
+        self.signer = Some(Checkpointing {
+            signer,
+            every: every.max(1),
+            interval,
+            since: 0,
+            last: std::time::Instant::now(),
+            file: crate::checkpoint::checkpoints_path(&self.path),
+        });
+    }
+
+    /// Signs the current head (after syncing the log), unless nothing was
+    /// appended since the last checkpoint.
+    pub fn checkpoint(&mut self) -> Result<(), AuditError> {
+        let Some(c) = &self.signer else {
+            return Ok(());
+        };
+        if c.since == 0 || self.next_seq == 0 {
+            return Ok(());
+        }
+        self.file.sync_data().map_err(|source| AuditError::Io {
+            path: self.path.display().to_string(),
+            source,
+        })?;
+        c.signer
+            .checkpoint(&c.file, &self.sandbox_id, self.next_seq - 1, &self.head)?;
+        if let Some(c) = &mut self.signer {
+            c.since = 0;
+            c.last = std::time::Instant::now();
+        }
+        Ok(())
     }
 
     /// Appends one event. The whole line goes out in a single `write(2)` on
@@ -135,6 +190,14 @@ impl AuditLog {
         self.len += line.len() as u64;
         self.next_seq += 1;
         self.head = event.hash.clone();
+        if let Some(c) = &mut self.signer {
+            c.since += 1;
+            if c.since >= c.every || c.last.elapsed() >= c.interval {
+                // (The event is written; a failed checkpoint is retried
+                // with the next one.)
+                let _ = self.checkpoint();
+            }
+        }
         Ok(event)
     }
 

@@ -57,6 +57,15 @@ pub fn verify_file(path: &Path) -> Result<VerifyReport, AuditError> {
 /// breaks the chain at the line after the gap; swapped lines break at the
 /// first of the two.
 pub fn verify_reader<R: Read>(reader: R) -> std::io::Result<VerifyReport> {
+    verify_reader_with(reader, |_, _| {})
+}
+
+/// [`verify_reader`], calling `on_event(seq, hash)` for each event that
+/// verified.
+pub fn verify_reader_with<R: Read>(
+    reader: R,
+    mut on_event: impl FnMut(u64, &str),
+) -> std::io::Result<VerifyReport> {
     let mut reader = BufReader::new(reader);
     let mut expected_prev = GENESIS.to_string();
     let mut expected_seq = 0u64;
@@ -124,6 +133,7 @@ pub fn verify_reader<R: Read>(reader: R) -> std::io::Result<VerifyReport> {
                 false,
             ));
         }
+        on_event(event.seq, &event.hash);
         expected_prev = event.hash;
         expected_seq += 1;
         index += 1;
@@ -133,6 +143,115 @@ pub fn verify_reader<R: Read>(reader: R) -> std::io::Result<VerifyReport> {
         head: expected_prev,
         broken: None,
     })
+}
+
+/// A checkpoint that does not hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CheckpointProblem {
+    /// 0-based line in the checkpoint file.
+    pub line: u64,
+    /// The sequence number it claims, if it parsed.
+    pub seq: Option<u64>,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// What the checkpoints of a log say about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CheckpointReport {
+    /// Checkpoints found.
+    pub checked: u64,
+    /// The highest sequence number a sound checkpoint covers.
+    pub covered_to: Option<u64>,
+    /// Checkpoints that do not hold (tampering).
+    pub problems: Vec<CheckpointProblem>,
+    /// Why signatures could not be checked (no public key), if so.
+    pub unsigned_check: Option<String>,
+}
+
+/// Verifies the log at `path` (sandbox `sandbox`) and its checkpoints:
+/// each must carry a good signature from `trusted` (when given), and the
+/// log must hold, at the checkpoint's sequence number, the head it signed.
+/// A rewritten history (chain recomputed) differs there; lines cut off
+/// after a checkpoint leave the log shorter than it.
+pub fn verify_with_checkpoints(
+    path: &Path,
+    sandbox: &str,
+    trusted: Option<&crate::checkpoint::Trusted>,
+) -> Result<(VerifyReport, CheckpointReport), AuditError> {
+    let cps = crate::checkpoint::read_checkpoints(&crate::checkpoint::checkpoints_path(path))?;
+    let wanted: std::collections::HashSet<u64> = cps
+        .iter()
+        .filter_map(|c| c.as_ref().ok().map(|c| c.seq))
+        .collect();
+    let mut heads = std::collections::HashMap::new();
+    let file = std::fs::File::open(path).map_err(|source| AuditError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let report = verify_reader_with(file, |seq, hash| {
+        if wanted.contains(&seq) {
+            heads.insert(seq, hash.to_string());
+        }
+    })
+    .map_err(|source| AuditError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let mut out = CheckpointReport {
+        checked: cps.len() as u64,
+        covered_to: None,
+        problems: Vec::new(),
+        unsigned_check: trusted
+            .is_none()
+            .then(|| "no public key to check signatures with".to_string()),
+    };
+    for (i, cp) in cps.iter().enumerate() {
+        let line = i as u64;
+        let cp = match cp {
+            Ok(c) => c,
+            Err((_, e)) => {
+                out.problems.push(CheckpointProblem {
+                    line,
+                    seq: None,
+                    reason: format!("not a checkpoint: {e}"),
+                });
+                continue;
+            }
+        };
+        let problem = |reason: String| CheckpointProblem {
+            line,
+            seq: Some(cp.seq),
+            reason,
+        };
+        if let Some(why) = trusted.and_then(|t| t.check(cp, sandbox)) {
+            out.problems.push(problem(why));
+            continue;
+        }
+        match heads.get(&cp.seq) {
+            Some(h) if *h == cp.head => {
+                out.covered_to = Some(out.covered_to.map_or(cp.seq, |c| c.max(cp.seq)));
+            }
+            Some(_) => out.problems.push(problem(format!(
+                "the log's event {} is not the one this checkpoint signed (history rewritten)",
+                cp.seq
+            ))),
+            None if cp.seq >= report.verified && report.broken.is_none() => {
+                out.problems.push(problem(format!(
+                    "the log ends at event {} but this checkpoint signed event {}: events were cut off (truncated)",
+                    report.verified.saturating_sub(1),
+                    cp.seq
+                )))
+            }
+            None if cp.seq >= report.verified => out.problems.push(problem(format!(
+                "event {} this checkpoint signed is past the break at index {}",
+                cp.seq,
+                report.broken.as_ref().map_or(0, |b| b.index)
+            ))),
+            None => out.problems.push(problem(format!("event {} is missing", cp.seq))),
+        }
+    }
+    Ok((report, out))
 }
 
 #[cfg(test)]
@@ -217,5 +336,85 @@ mod tests {
         let b = r.broken.unwrap();
         assert_eq!(b.index, 3);
         assert!(b.torn_tail);
+    }
+
+    #[test]
+    fn checkpoints_catch_rewrites_truncation_and_forgeries() {
+        use crate::checkpoint::{Signer, Trusted, checkpoints_path, public_key_path};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sb.jsonl");
+        let key = dir.path().join("k");
+        let mut log = AuditLog::open(&path, "sb", "u").unwrap();
+        log.set_signer(
+            Signer::load_or_create(&key).unwrap(),
+            5,
+            std::time::Duration::from_secs(3600),
+        );
+        for i in 0..12 {
+            let mut d = serde_json::Map::new();
+            d.insert("reason".into(), format!("r{i}").into());
+            log.append(EventType::SandboxStop, Source::AiboxCli, Severity::Info, d)
+                .unwrap();
+        }
+        log.checkpoint().unwrap();
+        drop(log);
+        let trusted = Trusted::load(&public_key_path(&key)).unwrap();
+        let (r, c) = verify_with_checkpoints(&path, "sb", Some(&trusted)).unwrap();
+        assert!(r.is_intact() && c.problems.is_empty(), "{c:?}");
+        assert_eq!((c.checked, c.covered_to), (3, Some(11)));
+
+        // A rewritten history: every hash recomputed, so the chain holds.
+        let original = std::fs::read_to_string(&path).unwrap();
+        let mut prev = crate::log::GENESIS.to_string();
+        let mut out = String::new();
+        for l in original.lines() {
+            let mut e: Event = serde_json::from_str(l).unwrap();
+            if e.seq == 2 {
+                e.details.insert("reason".into(), "rewritten".into());
+            }
+            e.prev_hash = prev.clone();
+            out.push_str(&crate::log::seal(&mut e));
+            out.push('\n');
+            prev = e.hash.clone();
+        }
+        std::fs::write(&path, &out).unwrap();
+        let (r, c) = verify_with_checkpoints(&path, "sb", Some(&trusted)).unwrap();
+        assert!(r.is_intact());
+        assert!(
+            c.problems.iter().any(|p| p.reason.contains("rewritten")),
+            "{c:?}"
+        );
+
+        // Cut off after a checkpoint: whole lines gone, chain intact.
+        let kept: String = original.lines().take(8).map(|l| format!("{l}\n")).collect();
+        std::fs::write(&path, kept).unwrap();
+        let (r, c) = verify_with_checkpoints(&path, "sb", Some(&trusted)).unwrap();
+        assert!(r.is_intact());
+        assert!(
+            c.problems.iter().any(|p| p.reason.contains("truncated")),
+            "{c:?}"
+        );
+
+        // A forged checkpoint (its head edited) and another log's.
+        std::fs::write(&path, &original).unwrap();
+        let cps = std::fs::read_to_string(checkpoints_path(&path)).unwrap();
+        let forged = cps.replacen("\"seq\":4", "\"seq\":3", 1);
+        std::fs::write(checkpoints_path(&path), forged).unwrap();
+        let (_, c) = verify_with_checkpoints(&path, "sb", Some(&trusted)).unwrap();
+        assert!(
+            c.problems
+                .iter()
+                .any(|p| p.reason.contains("bad signature")),
+            "{c:?}"
+        );
+        std::fs::write(checkpoints_path(&path), &cps).unwrap();
+        let (_, c) = verify_with_checkpoints(&path, "other", Some(&trusted)).unwrap();
+        assert!(!c.problems.is_empty());
+        // Another key's checkpoints are not trusted.
+        let other = dir.path().join("k2");
+        Signer::load_or_create(&other).unwrap();
+        let t2 = Trusted::load(&public_key_path(&other)).unwrap();
+        let (_, c) = verify_with_checkpoints(&path, "sb", Some(&t2)).unwrap();
+        assert_eq!(c.problems.len(), 3);
     }
 }

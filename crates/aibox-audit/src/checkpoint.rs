@@ -1,0 +1,259 @@
+//! Signed checkpoints: every so often, and when a sandbox stops, the
+//! supervisor signs (Ed25519) the log's sequence number and chain head at
+//! that point and appends the signature to `<log>.checkpoints`. A chain
+//! can be recomputed by anyone who rewrites the log; a checkpoint cannot
+//! be, without the signing key, which lives outside the sandbox and
+//! outside the data directory. `verify` then finds a rewritten history
+//! (the head at a checkpoint differs), lines cut off after a checkpoint
+//! (the log ends before it), and forged checkpoints (bad signature).
+
+use std::io::{BufRead, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::{Signer as _, SigningKey, Verifier as _, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::AuditError;
+use crate::log::canonical_json;
+
+/// One checkpoint line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checkpoint {
+    /// The log's sandbox.
+    pub sandbox: String,
+    /// Sequence number of the last event covered.
+    pub seq: u64,
+    /// That event's hash (the chain head then).
+    pub head: String,
+    /// When it was signed (RFC 3339).
+    pub time: String,
+    /// First 16 hex digits of SHA-256 of the public key.
+    pub key_id: String,
+    /// Ed25519 signature (hex) over [`Checkpoint::message`].
+    pub signature: String,
+}
+
+impl Checkpoint {
+    /// What is signed: a domain tag and the canonical JSON of everything
+    /// but the signature.
+    pub fn message(&self) -> Vec<u8> {
+        let v = serde_json::json!({
+            "sandbox": self.sandbox, "seq": self.seq, "head": self.head,
+            "time": self.time, "key_id": self.key_id,
+        });
+        let mut m = b"aibox-checkpoint-v1\n".to_vec();
+        m.extend_from_slice(canonical_json(&v).as_bytes());
+        m
+    }
+}
+
+/// The checkpoint file of the log at `log`.
+pub fn checkpoints_path(log: &Path) -> PathBuf {
+    let mut s = log.as_os_str().to_owned();
+    s.push(".checkpoints");
+    PathBuf::from(s)
+}
+
+fn key_id(v: &VerifyingKey) -> String {
+    hex::encode(Sha256::digest(v.as_bytes()))[..16].to_string()
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
+    move |source| AuditError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// The signing key (Ed25519): `path` holds the 32-byte secret in hex
+/// (0600); `path.pub` the public key in hex, for verifiers.
+pub struct Signer {
+    key: SigningKey,
+    key_id: String,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer")
+            .field("key_id", &self.key_id)
+            .finish()
+    }
+}
+
+/// Where the public half of the key at `path` is kept.
+pub fn public_key_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".pub");
+    PathBuf::from(s)
+}
+
+impl Signer {
+    /// Loads the key at `path`, creating it (and its public half) if it
+    /// does not exist. The file must be 0600.
+    pub fn load_or_create(path: &Path) -> Result<Signer, AuditError> {
+        let bad = |reason: String| AuditError::Key {
+            path: path.display().to_string(),
+            reason,
+        };
+        let key = match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let meta = std::fs::metadata(path).map_err(io(path))?;
+                if meta.permissions().mode() & 0o077 != 0 {
+                    return Err(bad("readable by others; chmod 600 it".into()));
+                }
+                let raw = hex::decode(text.trim()).map_err(|_| bad("not a hex key".into()))?;
+                let seed: [u8; 32] = raw
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| bad("not a 32-byte key".into()))?;
+                SigningKey::from_bytes(&seed)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+                getrandom::getrandom(seed.as_mut_slice())
+                    .map_err(|e| bad(format!("no randomness: {e}")))?;
+                if let Some(d) = path.parent() {
+                    std::fs::create_dir_all(d).map_err(io(d))?;
+                }
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(path)
+                    .map_err(io(path))?;
+                f.write_all(hex::encode(seed.as_slice()).as_bytes())
+                    .and_then(|()| f.sync_all())
+                    .map_err(io(path))?;
+                SigningKey::from_bytes(&seed)
+            }
+            Err(e) => return Err(io(path)(e)),
+        };
+        let public = public_key_path(path);
+        let want = hex::encode(key.verifying_key().as_bytes());
+        if std::fs::read_to_string(&public)
+            .ok()
+            .as_deref()
+            .map(str::trim)
+            != Some(want.as_str())
+        {
+            std::fs::write(&public, &want).map_err(io(&public))?;
+            let _ = std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o644));
+        }
+        let key_id = key_id(&key.verifying_key());
+        Ok(Signer { key, key_id })
+    }
+
+    /// Signs the head `head` at `seq` of sandbox `sandbox`'s log and
+    /// appends the checkpoint to `file`.
+    pub fn checkpoint(
+        &self,
+        file: &Path,
+        sandbox: &str,
+        seq: u64,
+        head: &str,
+    ) -> Result<Checkpoint, AuditError> {
+        let mut cp = Checkpoint {
+            sandbox: sandbox.to_string(),
+            seq,
+            head: head.to_string(),
+            time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            key_id: self.key_id.clone(),
+            signature: String::new(),
+        };
+        cp.signature = hex::encode(self.key.sign(&cp.message()).to_bytes());
+        let mut line = serde_json::to_string(&cp).map_err(|e| AuditError::Key {
+            path: file.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        line.push('\n');
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(file)
+            .map_err(io(file))?;
+        f.write_all(line.as_bytes())
+            .and_then(|()| f.sync_data())
+            .map_err(io(file))?;
+        Ok(cp)
+    }
+}
+
+/// A public key to check checkpoints with.
+#[derive(Debug, Clone)]
+pub struct Trusted {
+    key: VerifyingKey,
+    key_id: String,
+}
+
+impl Trusted {
+    /// Reads a public key file (hex).
+    pub fn load(path: &Path) -> Result<Trusted, AuditError> {
+        let bad = |reason: String| AuditError::Key {
+            path: path.display().to_string(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(io(path))?;
+        let raw = hex::decode(text.trim()).map_err(|_| bad("not a hex key".into()))?;
+        let bytes: [u8; 32] = raw
+            .as_slice()
+            .try_into()
+            .map_err(|_| bad("not a 32-byte key".into()))?;
+        let key = VerifyingKey::from_bytes(&bytes).map_err(|e| bad(e.to_string()))?;
+        Ok(Trusted {
+            key_id: key_id(&key),
+            key,
+        })
+    }
+
+    /// Why `cp` is not a genuine checkpoint of sandbox `sandbox`, if it
+    /// is not.
+    pub fn check(&self, cp: &Checkpoint, sandbox: &str) -> Option<String> {
+        if cp.key_id != self.key_id {
+            return Some(format!(
+                "signed by key {} where {} was expected",
+                cp.key_id, self.key_id
+            ));
+        }
+        let Ok(sig) = hex::decode(&cp.signature)
+            .ok()
+            .and_then(|b| <[u8; 64]>::try_from(b.as_slice()).ok())
+            .map(|b| ed25519_dalek::Signature::from_bytes(&b))
+            .ok_or(())
+        else {
+            return Some("malformed signature".into());
+        };
+        if self.key.verify(&cp.message(), &sig).is_err() {
+            return Some("bad signature (forged or altered checkpoint)".into());
+        }
+        if cp.sandbox != sandbox {
+            return Some(format!(
+                "a checkpoint of sandbox {:?}, not {sandbox:?}",
+                cp.sandbox
+            ));
+        }
+        None
+    }
+}
+
+/// Reads a checkpoint file; a line that does not parse is reported as
+/// `Err((line number, reason))` in its place.
+pub fn read_checkpoints(path: &Path) -> Result<Vec<Result<Checkpoint, (u64, String)>>, AuditError> {
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(path)(e)),
+    };
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(io(path))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        out.push(serde_json::from_str(&line).map_err(|e| (i as u64, e.to_string())));
+    }
+    Ok(out)
+}
