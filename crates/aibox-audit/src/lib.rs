@@ -14,6 +14,7 @@
 
 pub mod checkpoint;
 mod event;
+pub mod export;
 mod log;
 mod verify;
 

@@ -389,6 +389,47 @@ pub enum AuditCmd {
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
     },
+    /// Print a sandbox's events (the last 20; --follow keeps printing new
+    /// ones).
+    Tail {
+        /// The sandbox (default: the only running one, or the current
+        /// directory's).
+        #[arg(long, short = 'n')]
+        name: Option<String>,
+        /// Only events of this type (e.g. network.deny); repeatable.
+        #[arg(long = "type", value_name = "TYPE")]
+        types: Vec<String>,
+        /// How many past events to show first.
+        #[arg(long, default_value_t = 20)]
+        lines: usize,
+        /// Keep printing events as they are appended.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+    /// Write events for a SIEM: JSON lines as stored, Elastic Common
+    /// Schema, or OCSF.
+    Export {
+        /// Only this sandbox's log (default: every log).
+        #[arg(long, short = 'n')]
+        name: Option<String>,
+        /// `jsonl`, `ecs` or `ocsf`.
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: ExportFormat,
+        /// Write to this file instead of standard output.
+        #[arg(long, short = 'o', value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+}
+
+/// SIEM export formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    /// The events as stored (canonical JSON lines).
+    Jsonl,
+    /// Elastic Common Schema.
+    Ecs,
+    /// Open Cybersecurity Schema Framework.
+    Ocsf,
 }
 
 /// Container engines.

@@ -698,6 +698,7 @@ fn validate(
         "credentials.vault.secret_id_file",
         "credentials.vault.jwt_file",
         "credentials.vault.ca_file",
+        "audit.signing_key_path",
     ] {
         let v = values.get(key).and_then(Value::as_str).unwrap_or_default();
         if !v.is_empty() && !v.starts_with('/') {
@@ -744,6 +745,20 @@ fn validate(
             "credentials.push_remotes",
             &format!("{u:?} is not an http(s) URL"),
             "list remote URLs such as https://github.com/org/repo.git",
+        ));
+    }
+    if humantime::parse_duration(&c.audit.checkpoint_interval).is_err() {
+        return Err(bad(
+            "audit.checkpoint_interval",
+            "not a duration",
+            "write e.g. 60s or 5m",
+        ));
+    }
+    if c.audit.checkpoint_every == 0 {
+        return Err(bad(
+            "audit.checkpoint_every",
+            "must be at least 1",
+            "give a number of events (default 1000)",
         ));
     }
     let v = &c.credentials.vault;

@@ -651,6 +651,15 @@ pub struct Audit {
     pub llm_logging_mode: LlmLoggingMode,
     /// `falco`, `auditd` or `none`.
     pub runtime_backend: RuntimeBackend,
+    /// The Ed25519 key that signs audit checkpoints (default:
+    /// `audit-signing.key` beside the user config file; never in the data
+    /// directory with the logs it vouches for). Its public half is
+    /// `<path>.pub`.
+    pub signing_key_path: String,
+    /// A checkpoint after this many events…
+    pub checkpoint_every: u64,
+    /// …or this long since the last one (and always at stop).
+    pub checkpoint_interval: String,
 }
 
 impl Default for Audit {
@@ -673,6 +682,9 @@ impl Default for Audit {
             classification_level: Classification::Standard,
             llm_logging_mode: LlmLoggingMode::Hash,
             runtime_backend: RuntimeBackend::None,
+            signing_key_path: String::new(),
+            checkpoint_every: 1000,
+            checkpoint_interval: "60s".into(),
         }
     }
 }

@@ -110,6 +110,10 @@ pub struct SupervisorSpec {
     pub lock_fd: i32,
     /// Audit log path.
     pub audit_log: PathBuf,
+    /// Checkpoint signing: the key file, events and seconds between
+    /// checkpoints.
+    #[serde(default)]
+    pub audit_signing: Option<(PathBuf, u64, u64)>,
     /// SHA-256 of the effective config.
     pub config_sha256: String,
     /// Shell program for `aibox shell`.

@@ -186,6 +186,13 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
             remove_run_dir(&spec);
             e.to_string()
         })?;
+    if let Some((key, every, secs)) = &spec.audit_signing {
+        let signer = aibox_audit::checkpoint::Signer::load_or_create(key).map_err(|e| {
+            remove_run_dir(&spec);
+            e.to_string()
+        })?;
+        audit.set_signer(signer, *every, std::time::Duration::from_secs(*secs));
+    }
     let emit = |a: &mut AuditLog, t, d: Value| {
         a.append(t, Source::AiboxSupervisor, Severity::Info, details(d))
             .map(drop)
@@ -1696,6 +1703,7 @@ fn finish(
         json!({"reason": reason}),
     );
     if let Ok(mut a) = shared.audit.lock() {
+        let _ = a.checkpoint();
         let _ = a.sync();
     }
     remove_run_dir(&shared.spec);

@@ -1,79 +1,320 @@
-//! `aibox audit …`
+//! `aibox audit …`: verify (chain, checkpoints), tail, export.
 
-use std::path::PathBuf;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use crate::args::{AuditCmd, Format};
+use crate::args::{AuditCmd, ExportFormat, Format};
+
+/// The checkpoint signing key: `audit.signing_key_path`, by default
+/// beside the user config file.
+pub(crate) fn signing_key_path(
+    loaded: &aibox_config::Loaded,
+    sources: &aibox_config::Sources,
+) -> Result<PathBuf> {
+    let p = &loaded.config.audit.signing_key_path;
+    if !p.is_empty() {
+        return Ok(PathBuf::from(p));
+    }
+    sources
+        .user_file
+        .parent()
+        .map(|d| d.join("audit-signing.key"))
+        .context("the user config file has no directory to keep the audit signing key in; set audit.signing_key_path")
+}
+
+/// The supervisor's checkpoint settings: the key (created now if it does
+/// not exist, so that a bad key stops the start), events and seconds
+/// between checkpoints. The key may not live in the data directory with
+/// the logs it vouches for.
+pub(crate) fn signing(
+    loaded: &aibox_config::Loaded,
+    sources: &aibox_config::Sources,
+) -> Result<(PathBuf, u64, u64)> {
+    let key = signing_key_path(loaded, sources)?;
+    let data = loaded.data_dir();
+    if key.starts_with(&data) {
+        bail!(
+            "audit.signing_key_path {} is in the data directory {} with the logs it signs; keep it elsewhere",
+            key.display(),
+            data.display()
+        );
+    }
+    aibox_audit::checkpoint::Signer::load_or_create(&key)?;
+    let a = &loaded.config.audit;
+    let secs = humantime::parse_duration(&a.checkpoint_interval)
+        .map(|d| d.as_secs().max(1))
+        .unwrap_or(60);
+    Ok((key, a.checkpoint_every, secs))
+}
+
+/// Every chained log in the data directory: (sandbox, path).
+fn all_logs(loaded: &aibox_config::Loaded) -> Result<Vec<(String, PathBuf)>> {
+    let dir = loaded.data_dir().join("audit");
+    let mut v = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            // (A decision log an earlier aibox kept here,
+            // `<name>.decisions.jsonl`, is not a chained log.)
+            if p.extension().is_some_and(|x| x == "jsonl")
+                && !aibox_supervisor::decisions::is_decision_log(&p)
+            {
+                let n = p
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                v.push((n, p));
+            }
+        }
+    }
+    v.sort();
+    if v.is_empty() {
+        bail!("no audit logs in {}", dir.display());
+    }
+    Ok(v)
+}
+
+fn named_log(loaded: &aibox_config::Loaded, n: &str) -> Result<PathBuf> {
+    aibox_core::validate_name(n).map_err(anyhow::Error::msg)?;
+    let p = aibox_supervisor::client::audit_log_path(&loaded.data_dir(), n);
+    if !p.exists() {
+        bail!("no audit log for sandbox `{n}` ({} does not exist)", p.display());
+    }
+    Ok(p)
+}
 
 pub fn run(cli_config: Option<PathBuf>, cmd: AuditCmd) -> Result<i32> {
-    let AuditCmd::Verify {
-        name,
-        all: _,
-        file,
-        format,
-    } = cmd;
+    match cmd {
+        AuditCmd::Verify {
+            name,
+            all: _,
+            file,
+            format,
+        } => verify(cli_config, name, file, format),
+        AuditCmd::Tail {
+            name,
+            types,
+            lines,
+            follow,
+        } => tail(cli_config, name, &types, lines, follow),
+        AuditCmd::Export {
+            name,
+            format,
+            output,
+        } => export(cli_config, name, format, output),
+    }
+}
+
+fn verify(
+    cli_config: Option<PathBuf>,
+    name: Option<String>,
+    file: Option<PathBuf>,
+    format: Format,
+) -> Result<i32> {
+    let (loaded, sources) = super::load_config(cli_config)?;
     let logs: Vec<(String, PathBuf)> = match (name, file) {
-        (_, Some(f)) => vec![(f.display().to_string(), f)],
+        (_, Some(f)) => {
+            let n = f
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            vec![(n, f)]
+        }
         (Some(n), None) => {
-            aibox_core::validate_name(&n).map_err(anyhow::Error::msg)?;
-            let (loaded, _) = super::load_config(cli_config)?;
-            let p = aibox_supervisor::client::audit_log_path(&loaded.data_dir(), &n);
-            if !p.exists() {
-                bail!(
-                    "no audit log for sandbox `{n}` ({} does not exist)",
-                    p.display()
-                );
-            }
+            let p = named_log(&loaded, &n)?;
             vec![(n, p)]
         }
-        (None, None) => {
-            let (loaded, _) = super::load_config(cli_config)?;
-            let dir = loaded.data_dir().join("audit");
-            let mut v = Vec::new();
-            if let Ok(entries) = std::fs::read_dir(&dir) {
-                for e in entries.flatten() {
-                    let p = e.path();
-                    // (A decision log an earlier aibox kept here,
-                    // `<name>.decisions.jsonl`, is not a chained log.)
-                    if p.extension().is_some_and(|x| x == "jsonl")
-                        && !aibox_supervisor::decisions::is_decision_log(&p)
-                    {
-                        let n = p
-                            .file_stem()
-                            .map(|s| s.to_string_lossy().into_owned())
-                            .unwrap_or_default();
-                        v.push((n, p));
-                    }
-                }
-            }
-            v.sort();
-            if v.is_empty() {
-                bail!("no audit logs in {}", dir.display());
-            }
-            v
-        }
+        (None, None) => all_logs(&loaded)?,
+    };
+    let public = aibox_audit::checkpoint::public_key_path(&signing_key_path(&loaded, &sources)?);
+    let trusted = if public.exists() {
+        Some(aibox_audit::checkpoint::Trusted::load(&public)?)
+    } else {
+        None
     };
     let mut broken = false;
     let mut out = Vec::new();
     for (label, path) in logs {
-        let report = aibox_audit::verify_file(&path)
+        let (report, cps) = aibox_audit::verify_with_checkpoints(&path, &label, trusted.as_ref())
             .with_context(|| format!("verifying {}", path.display()))?;
-        broken |= !report.is_intact();
+        let tampered = report.broken.as_ref().is_some_and(|b| !b.torn_tail) || !cps.problems.is_empty();
+        broken |= !report.is_intact() || !cps.problems.is_empty();
         match format {
-            Format::Json => out.push(serde_json::json!({"log": label, "path": path, "intact": report.is_intact(), "report": report})),
-            Format::Text => match &report.broken {
-                None => println!("{label}: intact ({} events, head {})", report.verified, &report.head[..16]),
-                Some(b) if b.torn_tail => println!(
-                    "{label}: TORN TAIL at index {} ({}); the {} events before it verify",
-                    b.index, b.reason, report.verified
-                ),
-                Some(b) => println!("{label}: BROKEN at index {}: {}", b.index, b.reason),
-            },
+            Format::Json => out.push(serde_json::json!({
+                "log": label, "path": path, "intact": report.is_intact() && cps.problems.is_empty(),
+                "tampered": tampered, "report": report, "checkpoints": cps,
+            })),
+            Format::Text => {
+                match &report.broken {
+                    None => println!(
+                        "{label}: intact ({} events, head {})",
+                        report.verified,
+                        &report.head[..16]
+                    ),
+                    Some(b) if b.torn_tail => println!(
+                        "{label}: TORN TAIL at index {} ({}); the {} events before it verify (an interrupted write, not tampering)",
+                        b.index, b.reason, report.verified
+                    ),
+                    Some(b) => println!("{label}: BROKEN at index {}: {}", b.index, b.reason),
+                }
+                match (&cps.unsigned_check, cps.checked) {
+                    (_, 0) => println!("  checkpoints: none"),
+                    (Some(why), n) => println!("  checkpoints: {n}, signatures not checked ({why})"),
+                    (None, n) => println!(
+                        "  checkpoints: {n}, signed up to event {}",
+                        cps.covered_to.map_or("-".into(), |s| s.to_string())
+                    ),
+                }
+                for p in &cps.problems {
+                    println!(
+                        "  CHECKPOINT line {}{}: {}",
+                        p.line,
+                        p.seq.map(|s| format!(" (event {s})")).unwrap_or_default(),
+                        p.reason
+                    );
+                }
+            }
         }
     }
     if format == Format::Json {
         println!("{}", serde_json::to_string_pretty(&out)?);
     }
     Ok(if broken { 1 } else { 0 })
+}
+
+/// Whether `line` (an event) has one of `types` (all when empty).
+fn wanted(line: &str, types: &[String]) -> bool {
+    types.is_empty()
+        || serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v["event_type"].as_str().map(|t| types.iter().any(|w| w == t)))
+            .unwrap_or(false)
+}
+
+fn tail(
+    cli_config: Option<PathBuf>,
+    name: Option<String>,
+    types: &[String],
+    lines: usize,
+    follow: bool,
+) -> Result<i32> {
+    let (loaded, _) = super::load_config(cli_config)?;
+    for t in types {
+        if serde_json::from_value::<aibox_audit::EventType>(serde_json::Value::String(t.clone())).is_err() {
+            bail!("--type {t:?} is not an event type (see docs/audit.md), e.g. network.deny");
+        }
+    }
+    let name = match name {
+        Some(n) => n,
+        None => aibox_supervisor::client::resolve_name(
+            &loaded.runtime_dir(),
+            &loaded.data_dir(),
+            &super::lifecycle::default_name(),
+        )?,
+    };
+    let path = named_log(&loaded, &name)?;
+    let mut f = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let mut reader = std::io::BufReader::new(&mut f);
+    let mut last: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    let mut pending = String::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            break;
+        }
+        if !line.ends_with('\n') {
+            // A torn or still-being-written tail: wait for the rest.
+            pending = line.clone();
+            break;
+        }
+        if wanted(line.trim_end(), types) {
+            last.push_back(line.trim_end().to_string());
+            if last.len() > lines {
+                last.pop_front();
+            }
+        }
+    }
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for l in &last {
+        writeln!(out, "{l}")?;
+    }
+    out.flush()?;
+    if !follow {
+        return Ok(0);
+    }
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            continue;
+        }
+        pending.push_str(&line);
+        if !pending.ends_with('\n') {
+            continue;
+        }
+        let l = std::mem::take(&mut pending);
+        if wanted(l.trim_end(), types) {
+            writeln!(out, "{}", l.trim_end())?;
+            out.flush()?;
+        }
+    }
+}
+
+fn export(
+    cli_config: Option<PathBuf>,
+    name: Option<String>,
+    format: ExportFormat,
+    output: Option<PathBuf>,
+) -> Result<i32> {
+    let (loaded, _) = super::load_config(cli_config)?;
+    let logs = match name {
+        Some(n) => {
+            let p = named_log(&loaded, &n)?;
+            vec![(n, p)]
+        }
+        None => all_logs(&loaded)?,
+    };
+    let mut sink: Box<dyn Write> = match &output {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let mut count = 0u64;
+    for (_, path) in logs {
+        count += export_log(&path, format, &mut sink)?;
+    }
+    sink.flush()?;
+    if let Some(p) = output {
+        eprintln!("wrote {count} events to {}", p.display());
+    }
+    Ok(0)
+}
+
+/// Writes the complete events of `path` in `format`; a torn final line is
+/// left out (it is not an event yet).
+fn export_log(path: &Path, format: ExportFormat, out: &mut dyn Write) -> Result<u64> {
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut n = 0;
+    for (i, line) in std::io::BufReader::new(f).split(b'\n').enumerate() {
+        let line = line?;
+        let Ok(text) = std::str::from_utf8(&line) else {
+            bail!("{}: line {i} is not UTF-8 (run `aibox audit verify`)", path.display());
+        };
+        let event: aibox_audit::Event = match serde_json::from_str(text) {
+            Ok(e) => e,
+            Err(_) => continue,
+        };
+        match format {
+            ExportFormat::Jsonl => writeln!(out, "{text}")?,
+            ExportFormat::Ecs => writeln!(out, "{}", aibox_audit::export::ecs(&event))?,
+            ExportFormat::Ocsf => writeln!(out, "{}", aibox_audit::export::ocsf(&event))?,
+        }
+        n += 1;
+    }
+    Ok(n)
 }

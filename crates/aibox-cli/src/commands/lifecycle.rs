@@ -64,6 +64,8 @@ fn prepare(
                 "credentials.upstream_ca",
                 PathBuf::from(&c.credentials.upstream_ca),
             ),
+            // Nor the key that signs the audit checkpoints.
+            ("audit signing key", super::audit::signing_key_path(&loaded, &sources)?),
             // Nor the files aibox logs in to Vault with.
             (
                 "credentials.vault.secret_id_file",
@@ -174,6 +176,7 @@ fn prepare(
         state: paths.state.clone(),
         lock_fd: -1,
         audit_log: paths.audit_log.clone(),
+        audit_signing: Some(super::audit::signing(&loaded, &sources)?),
         config_sha256: hex::encode(Sha256::digest(&config_json)),
         shell: c.shell.program().into(),
         cpus: c.resources.cpus,
