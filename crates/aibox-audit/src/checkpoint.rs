@@ -239,9 +239,12 @@ impl Trusted {
     }
 }
 
+/// A checkpoint line: the checkpoint, or (line number, why it is not one).
+pub type CheckpointLine = Result<Checkpoint, (u64, String)>;
+
 /// Reads a checkpoint file; a line that does not parse is reported as
 /// `Err((line number, reason))` in its place.
-pub fn read_checkpoints(path: &Path) -> Result<Vec<Result<Checkpoint, (u64, String)>>, AuditError> {
+pub fn read_checkpoints(path: &Path) -> Result<Vec<CheckpointLine>, AuditError> {
     let f = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),

@@ -19,7 +19,7 @@ mod log;
 mod verify;
 
 pub use event::{Event, EventType, Severity, Source};
-pub use log::{AuditLog, canonical_json, event_hash};
+pub use log::{AuditLog, Recovered, canonical_json, event_hash};
 pub use verify::{
     Break, CheckpointProblem, CheckpointReport, VerifyReport, verify_file, verify_reader,
     verify_reader_with, verify_with_checkpoints,

@@ -215,6 +215,66 @@ impl AuditLog {
     }
 }
 
+/// What [`AuditLog::open_recovering`] did with a torn final line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    /// Where the torn line began.
+    pub offset: u64,
+    /// Its length.
+    pub bytes: u64,
+    /// The file it was moved to (kept as evidence).
+    pub kept: PathBuf,
+}
+
+impl AuditLog {
+    /// [`AuditLog::open`], but a log ending in a torn line (a write cut
+    /// short by a crash) is repaired first: the partial line is moved to
+    /// `<log>.torn.<offset>` and the chain continues from the last whole
+    /// event. Anything else wrong with the log is still an error.
+    pub fn open_recovering(
+        path: &Path,
+        sandbox_id: &str,
+        user_id: &str,
+    ) -> Result<(Self, Option<Recovered>), AuditError> {
+        match AuditLog::open(path, sandbox_id, user_id) {
+            Err(AuditError::TornTail { .. }) => {}
+            other => return other.map(|l| (l, None)),
+        }
+        let io = |source| AuditError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let bytes = std::fs::read(path).map_err(io)?;
+        let cut = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1);
+        let kept = PathBuf::from(format!("{}.torn.{cut}", path.display()));
+        {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&kept)
+                .map_err(io)?;
+            f.write_all(&bytes[cut..])
+                .and_then(|()| f.sync_all())
+                .map_err(io)?;
+        }
+        let f = OpenOptions::new().write(true).open(path).map_err(io)?;
+        f.set_len(cut as u64)
+            .and_then(|()| f.sync_all())
+            .map_err(io)?;
+        let log = AuditLog::open(path, sandbox_id, user_id)?;
+        Ok((
+            log,
+            Some(Recovered {
+                offset: cut as u64,
+                bytes: (bytes.len() - cut) as u64,
+                kept,
+            }),
+        ))
+    }
+}
+
 /// Reads the last line of the file and returns (next seq, head hash).
 fn recover_head(file: &mut File, path: &Path) -> Result<(u64, String), AuditError> {
     let io = |source| AuditError::Io {

@@ -311,7 +311,10 @@ fn clear_stale(paths: &SandboxPaths, audit_log: &Path, user: &str) {
     let _ = std::fs::remove_file(&paths.state);
     let _ = std::fs::remove_dir(&paths.root);
     let _ = std::fs::remove_dir(paths.root.with_extension("proc"));
-    if had_state && let Ok(mut log) = aibox_audit::AuditLog::open(audit_log, &paths.name, user) {
+    if had_state
+        && let Ok((mut log, _)) =
+            aibox_audit::AuditLog::open_recovering(audit_log, &paths.name, user)
+    {
         let mut d = serde_json::Map::new();
         d.insert(
             "reason".into(),

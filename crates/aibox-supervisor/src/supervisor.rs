@@ -181,11 +181,13 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
             ));
         }
     }
-    let mut audit =
-        AuditLog::open(&spec.audit_log, &spec.sandbox.name, &spec.user).map_err(|e| {
-            remove_run_dir(&spec);
-            e.to_string()
-        })?;
+    let (mut audit, recovered) =
+        AuditLog::open_recovering(&spec.audit_log, &spec.sandbox.name, &spec.user).map_err(
+            |e| {
+                remove_run_dir(&spec);
+                e.to_string()
+            },
+        )?;
     if let Some((key, every, secs)) = &spec.audit_signing {
         let signer = aibox_audit::checkpoint::Signer::load_or_create(key).map_err(|e| {
             remove_run_dir(&spec);
@@ -204,6 +206,10 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
         json!({
             "workspace": spec.sandbox.workspace, "runtime": spec.runtime,
             "rootless": aibox_core::euid() != 0, "pids": spec.sandbox.pids, "nofile": spec.sandbox.nofile,
+            // A crash had cut the last write short: its bytes were kept.
+            "audit_torn_tail": recovered.map(|r| json!({
+                "offset": r.offset, "bytes": r.bytes, "kept": r.kept,
+            })),
         }),
     )?;
     emit(

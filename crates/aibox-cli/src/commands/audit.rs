@@ -80,7 +80,10 @@ fn named_log(loaded: &aibox_config::Loaded, n: &str) -> Result<PathBuf> {
     aibox_core::validate_name(n).map_err(anyhow::Error::msg)?;
     let p = aibox_supervisor::client::audit_log_path(&loaded.data_dir(), n);
     if !p.exists() {
-        bail!("no audit log for sandbox `{n}` ({} does not exist)", p.display());
+        bail!(
+            "no audit log for sandbox `{n}` ({} does not exist)",
+            p.display()
+        );
     }
     Ok(p)
 }
@@ -139,7 +142,8 @@ fn verify(
     for (label, path) in logs {
         let (report, cps) = aibox_audit::verify_with_checkpoints(&path, &label, trusted.as_ref())
             .with_context(|| format!("verifying {}", path.display()))?;
-        let tampered = report.broken.as_ref().is_some_and(|b| !b.torn_tail) || !cps.problems.is_empty();
+        let tampered =
+            report.broken.as_ref().is_some_and(|b| !b.torn_tail) || !cps.problems.is_empty();
         broken |= !report.is_intact() || !cps.problems.is_empty();
         match format {
             Format::Json => out.push(serde_json::json!({
@@ -161,7 +165,9 @@ fn verify(
                 }
                 match (&cps.unsigned_check, cps.checked) {
                     (_, 0) => println!("  checkpoints: none"),
-                    (Some(why), n) => println!("  checkpoints: {n}, signatures not checked ({why})"),
+                    (Some(why), n) => {
+                        println!("  checkpoints: {n}, signatures not checked ({why})")
+                    }
                     (None, n) => println!(
                         "  checkpoints: {n}, signed up to event {}",
                         cps.covered_to.map_or("-".into(), |s| s.to_string())
@@ -189,7 +195,11 @@ fn wanted(line: &str, types: &[String]) -> bool {
     types.is_empty()
         || serde_json::from_str::<serde_json::Value>(line)
             .ok()
-            .and_then(|v| v["event_type"].as_str().map(|t| types.iter().any(|w| w == t)))
+            .and_then(|v| {
+                v["event_type"]
+                    .as_str()
+                    .map(|t| types.iter().any(|w| w == t))
+            })
             .unwrap_or(false)
 }
 
@@ -202,7 +212,9 @@ fn tail(
 ) -> Result<i32> {
     let (loaded, _) = super::load_config(cli_config)?;
     for t in types {
-        if serde_json::from_value::<aibox_audit::EventType>(serde_json::Value::String(t.clone())).is_err() {
+        if serde_json::from_value::<aibox_audit::EventType>(serde_json::Value::String(t.clone()))
+            .is_err()
+        {
             bail!("--type {t:?} is not an event type (see docs/audit.md), e.g. network.deny");
         }
     }
@@ -215,7 +227,8 @@ fn tail(
         )?,
     };
     let path = named_log(&loaded, &name)?;
-    let mut f = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let mut f =
+        std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
     let mut reader = std::io::BufReader::new(&mut f);
     let mut last: std::collections::VecDeque<String> = std::collections::VecDeque::new();
     let mut pending = String::new();
@@ -303,7 +316,10 @@ fn export_log(path: &Path, format: ExportFormat, out: &mut dyn Write) -> Result<
     for (i, line) in std::io::BufReader::new(f).split(b'\n').enumerate() {
         let line = line?;
         let Ok(text) = std::str::from_utf8(&line) else {
-            bail!("{}: line {i} is not UTF-8 (run `aibox audit verify`)", path.display());
+            bail!(
+                "{}: line {i} is not UTF-8 (run `aibox audit verify`)",
+                path.display()
+            );
         };
         let event: aibox_audit::Event = match serde_json::from_str(text) {
             Ok(e) => e,

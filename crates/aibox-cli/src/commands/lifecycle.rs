@@ -65,7 +65,10 @@ fn prepare(
                 PathBuf::from(&c.credentials.upstream_ca),
             ),
             // Nor the key that signs the audit checkpoints.
-            ("audit signing key", super::audit::signing_key_path(&loaded, &sources)?),
+            (
+                "audit signing key",
+                super::audit::signing_key_path(&loaded, &sources)?,
+            ),
             // Nor the files aibox logs in to Vault with.
             (
                 "credentials.vault.secret_id_file",

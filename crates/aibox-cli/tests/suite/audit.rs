@@ -224,3 +224,254 @@ fn audit_log_is_out_of_reach_rootless() {
         audit_log_is_out_of_reach(c);
     }
 }
+
+/// Rewrites `lines` (a log) with event `at`'s details changed and every
+/// hash after it recomputed: a chain that verifies, as an attacker with
+/// write access to the log would make it.
+fn rewritten(lines: &[String], at: u64) -> Vec<String> {
+    let mut prev = "0".repeat(64);
+    let mut out = Vec::new();
+    for l in lines {
+        let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+        if v["seq"] == at {
+            v["details"]["forged"] = true.into();
+        }
+        v["prev_hash"] = prev.clone().into();
+        v.as_object_mut().unwrap().remove("hash");
+        let hash = aibox_audit::event_hash(&v);
+        v["hash"] = hash.clone().into();
+        out.push(aibox_audit::canonical_json(&v));
+        prev = hash;
+    }
+    out
+}
+
+both_modes!(checkpoints_catch_what_the_chain_cannot, |c: Ctx| {
+    c.add_config("audit:\n  checkpoint_every: 4\n");
+    let ws = c.ws.display().to_string();
+    for _ in 0..3 {
+        ok(&c.out(&["run", "-w", &ws, "--name", "signed", "--", "true"]));
+    }
+    let log = c.data.join("audit/signed.jsonl");
+    let l = lines(&log);
+    let out = ok(&c.out(&["audit", "verify", "--name", "signed"]));
+    assert!(
+        out.contains(&format!("signed up to event {}", l.len() - 1)),
+        "{out}"
+    );
+    let cps = std::fs::read_to_string(c.data.join("audit/signed.jsonl.checkpoints")).unwrap();
+    assert!(cps.lines().count() >= 3, "{cps}");
+    // The key is outside the data directory, 0600; its public half beside it.
+    use std::os::unix::fs::PermissionsExt;
+    let key = c.dir.path().join("audit-signing.key");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // Each tampering on a copy (with the checkpoints beside it).
+    let check = |log_lines: &[String], cps: &str| {
+        let d = tempfile::tempdir_in(c.dir.path()).unwrap();
+        let p = d.path().join("signed.jsonl");
+        std::fs::write(&p, log_lines.join("\n") + "\n").unwrap();
+        std::fs::write(d.path().join("signed.jsonl.checkpoints"), cps).unwrap();
+        let o = c.out(&["audit", "verify", "--file", &p.display().to_string()]);
+        (o.status.success(), stdout(&o))
+    };
+    let (good, out) = check(&l, &cps);
+    assert!(good, "{out}");
+    // A history rewritten with a recomputed chain: only checkpoints see it.
+    let (good, out) = check(&rewritten(&l, 2), &cps);
+    assert!(
+        !good && !out.contains("BROKEN") && out.contains("history rewritten"),
+        "{out}"
+    );
+    // Events cut off after a checkpoint.
+    let (good, out) = check(&l[..l.len() - 3], &cps);
+    assert!(!good && out.contains("truncated"), "{out}");
+    // A forged checkpoint.
+    let last = cps.lines().last().unwrap();
+    let v: serde_json::Value = serde_json::from_str(last).unwrap();
+    let forged = cps.replace(
+        last,
+        &last.replace(v["head"].as_str().unwrap(), &"ab".repeat(32)),
+    );
+    let (good, out) = check(&l, &forged);
+    assert!(!good && out.contains("bad signature"), "{out}");
+    // A line inserted.
+    let mut t = l.clone();
+    t.insert(3, l[2].clone());
+    let (good, out) = check(&t, &cps);
+    assert!(!good && out.contains("BROKEN at index 3"), "{out}");
+});
+
+both_modes!(
+    a_crash_leaves_a_torn_tail_and_the_chain_goes_on,
+    |c: Ctx| {
+        let ws = c.ws.display().to_string();
+        ok(&c.out(&["start", "-w", &ws, "--name", "burst"]));
+        let st: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(c.runtime.join("burst/state.json")).unwrap(),
+        )
+        .unwrap();
+        let pid = st["supervisor_pid"].as_i64().unwrap() as i32;
+        let mut burst = c
+            .aibox(&[
+                "exec",
+                "--name",
+                "burst",
+                "--",
+                "sh",
+                "-c",
+                "for i in $(seq 3000); do /bin/true; done",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let _ = burst.wait();
+        assert!(process_gone_within(pid, std::time::Duration::from_secs(10)));
+        let log = c.data.join("audit/burst.jsonl");
+        // Killed mid-burst: never reported as tampering.
+        let o = c.out(&["audit", "verify", "--name", "burst"]);
+        assert!(
+            !stdout(&o).contains("BROKEN") && !stdout(&o).contains("CHECKPOINT"),
+            "{}",
+            stdout(&o)
+        );
+        // A write the crash cut short (made certain here: the kill may have
+        // fallen between writes).
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        f.write_all(b"{\"details\":{\"argv\":[\"/bin/tr").unwrap();
+        drop(f);
+        let o = c.out(&["audit", "verify", "--name", "burst"]);
+        assert!(!o.status.success());
+        assert!(
+            stdout(&o).contains("TORN TAIL") && !stdout(&o).contains("BROKEN"),
+            "{}",
+            stdout(&o)
+        );
+        // The next run of that name repairs the tail (kept aside) and the
+        // chain goes on.
+        ok(&c.out(&["stop", "--name", "burst"]));
+        ok(&c.out(&["run", "-w", &ws, "--name", "burst", "--", "true"]));
+        let out = ok(&c.out(&["audit", "verify", "--name", "burst"]));
+        assert!(out.contains("intact"), "{out}");
+        let kept: Vec<_> = std::fs::read_dir(c.data.join("audit"))
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("burst.jsonl.torn.")
+            })
+            .collect();
+        assert_eq!(kept.len(), 1);
+        assert!(
+            std::fs::read_to_string(kept[0].path())
+                .unwrap()
+                .starts_with("{\"details\"")
+        );
+        assert!(
+            std::fs::read_to_string(&log)
+                .unwrap()
+                .contains("audit_torn_tail")
+        );
+    }
+);
+
+both_modes!(tail_and_siem_exports, |c: Ctx| {
+    let ws = c.ws.display().to_string();
+    ok(&c.out(&["run", "-w", &ws, "--name", "ex", "--", "true"]));
+    let two = c.out(&["run", "-w", &ws, "--name", "ex", "--", "sh", "-c", "exit 2"]);
+    assert_eq!(two.status.code(), Some(2));
+    let log = lines(&c.data.join("audit/ex.jsonl"));
+    let t = ok(&c.out(&[
+        "audit",
+        "tail",
+        "--name",
+        "ex",
+        "--type",
+        "session.end",
+        "--lines",
+        "1",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(t.trim()).unwrap();
+    assert_eq!(v["details"]["exit_code"], 2);
+    let bad = c.out(&["audit", "tail", "--name", "ex", "--type", "nope"]);
+    assert!(!bad.status.success() && stderr(&bad).contains("not an event type"));
+    // Follow: a new session's events arrive as they are written.
+    let mut f = c
+        .aibox(&[
+            "audit",
+            "tail",
+            "-f",
+            "--name",
+            "ex",
+            "--type",
+            "session.start",
+            "--lines",
+            "0",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    ok(&c.out(&["run", "-w", &ws, "--name", "ex", "--", "echo", "followed"]));
+    let mut first = String::new();
+    {
+        use std::io::BufRead;
+        let mut r = std::io::BufReader::new(f.stdout.take().unwrap());
+        r.read_line(&mut first).unwrap();
+    }
+    let _ = f.kill();
+    let _ = f.wait();
+    assert!(
+        first.contains("session.start") && first.contains("followed"),
+        "{first}"
+    );
+
+    let jsonl = ok(&c.out(&["audit", "export", "--name", "ex", "--format", "jsonl"]));
+    assert!(
+        jsonl
+            .lines()
+            .take(log.len())
+            .eq(log.iter().map(String::as_str))
+    );
+    let ecs = ok(&c.out(&["audit", "export", "--name", "ex", "--format", "ecs"]));
+    for l in ecs.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert!(
+            v["@timestamp"].is_string() && v["event"]["action"].is_string(),
+            "{l}"
+        );
+        assert!(v["event"]["hash"].as_str().is_some_and(|h| h.len() == 64));
+    }
+    let out = c.dir.path().join("ocsf.jsonl");
+    ok(&c.out(&[
+        "audit",
+        "export",
+        "--name",
+        "ex",
+        "--format",
+        "ocsf",
+        "-o",
+        &out.display().to_string(),
+    ]));
+    let ocsf = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(ocsf.lines().count(), jsonl.lines().count());
+    for l in ocsf.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert!(
+            v["class_uid"].is_u64() && v["time"].as_u64().is_some_and(|t| t > 0),
+            "{l}"
+        );
+        assert_eq!(v["metadata"]["product"]["name"], "aibox");
+    }
+});
