@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use crate::{AuditError, Event, EventType, Severity, Source};
 
 /// Domain-separation prefix of every event hash.
-const HASH_DOMAIN: &[u8] = b"aibox-audit-v1\n";
+pub(crate) const HASH_DOMAIN: &[u8] = b"aibox-audit-v1\n";
 /// `prev_hash` of the first event of a log.
 pub(crate) const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
