@@ -133,14 +133,20 @@ impl Signer {
         };
         let public = public_key_path(path);
         let want = hex::encode(key.verifying_key().as_bytes());
-        if std::fs::read_to_string(&public)
-            .ok()
-            .as_deref()
-            .map(str::trim)
-            != Some(want.as_str())
-        {
-            std::fs::write(&public, &want).map_err(io(&public))?;
-            let _ = std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o644));
+        match std::fs::read_to_string(&public) {
+            Ok(have) if have.trim() == want => {}
+            // Never silently: a changed public key is what someone who
+            // wants their own signatures trusted would leave behind.
+            Ok(_) => {
+                return Err(bad(format!(
+                    "its public half {} belongs to another key; remove that file to have it written again",
+                    public.display()
+                )));
+            }
+            Err(_) => {
+                std::fs::write(&public, &want).map_err(io(&public))?;
+                let _ = std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o644));
+            }
         }
         let key_id = key_id(&key.verifying_key());
         Ok(Signer { key, key_id })
@@ -173,6 +179,7 @@ impl Signer {
             .append(true)
             .create(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(file)
             .map_err(io(file))?;
         f.write_all(line.as_bytes())
@@ -180,6 +187,19 @@ impl Signer {
             .map_err(io(file))?;
         Ok(cp)
     }
+}
+
+/// The public key of the signing key at `path`, when that is readable
+/// (the verifier then needs no separate public key file).
+pub fn trusted_from_secret(path: &Path) -> Option<Trusted> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let raw = hex::decode(text.trim()).ok()?;
+    let seed: [u8; 32] = raw.as_slice().try_into().ok()?;
+    let key = SigningKey::from_bytes(&seed).verifying_key();
+    Some(Trusted {
+        key_id: key_id(&key),
+        key,
+    })
 }
 
 /// A public key to check checkpoints with.
@@ -190,6 +210,11 @@ pub struct Trusted {
 }
 
 impl Trusted {
+    /// The key's id (first 16 hex of SHA-256 of the public key).
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
     /// Reads a public key file (hex).
     pub fn load(path: &Path) -> Result<Trusted, AuditError> {
         let bad = |reason: String| AuditError::Key {

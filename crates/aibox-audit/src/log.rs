@@ -92,6 +92,7 @@ impl AuditLog {
             .append(true)
             .create(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .map_err(io)?;
         let (next_seq, head) = recover_head(&mut file, path)?;
@@ -244,25 +245,52 @@ impl AuditLog {
             path: path.display().to_string(),
             source,
         };
-        let bytes = std::fs::read(path).map_err(io)?;
+        // By handle, never following a link: the log's directory is not
+        // the place to trust names in.
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(io)?;
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes).map_err(io)?;
         let cut = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1);
-        let kept = PathBuf::from(format!("{}.torn.{cut}", path.display()));
-        {
-            let mut f = OpenOptions::new()
+        let mut kept = None;
+        for n in 0..100 {
+            let mut name = path.as_os_str().to_owned();
+            name.push(format!(".torn.{cut}"));
+            if n > 0 {
+                name.push(format!(".{n}"));
+            }
+            let candidate = PathBuf::from(name);
+            match OpenOptions::new()
                 .write(true)
-                .create(true)
-                .truncate(true)
+                .create_new(true)
+                .custom_flags(libc::O_NOFOLLOW)
                 .mode(0o600)
-                .open(&kept)
-                .map_err(io)?;
-            f.write_all(&bytes[cut..])
-                .and_then(|()| f.sync_all())
-                .map_err(io)?;
+                .open(&candidate)
+            {
+                Ok(mut t) => {
+                    t.write_all(&bytes[cut..])
+                        .and_then(|()| t.sync_all())
+                        .map_err(io)?;
+                    kept = Some(candidate);
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io(e)),
+            }
         }
-        let f = OpenOptions::new().write(true).open(path).map_err(io)?;
+        let kept = kept.ok_or_else(|| {
+            io(std::io::Error::other(
+                "no free name to keep the torn line under",
+            ))
+        })?;
         f.set_len(cut as u64)
             .and_then(|()| f.sync_all())
             .map_err(io)?;
+        drop(f);
         let log = AuditLog::open(path, sandbox_id, user_id)?;
         Ok((
             log,

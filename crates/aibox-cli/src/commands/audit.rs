@@ -131,11 +131,26 @@ fn verify(
         }
         (None, None) => all_logs(&loaded)?,
     };
-    let public = aibox_audit::checkpoint::public_key_path(&signing_key_path(&loaded, &sources)?);
-    let trusted = if public.exists() {
-        Some(aibox_audit::checkpoint::Trusted::load(&public)?)
-    } else {
-        None
+    // The key itself when it is readable here; the public file must then
+    // agree with it (a swapped public key would vouch for forgeries).
+    let secret = signing_key_path(&loaded, &sources)?;
+    let public = aibox_audit::checkpoint::public_key_path(&secret);
+    let trusted = match aibox_audit::checkpoint::trusted_from_secret(&secret) {
+        Some(t) => {
+            if public.exists() {
+                let p = aibox_audit::checkpoint::Trusted::load(&public)?;
+                if p.key_id() != t.key_id() {
+                    bail!(
+                        "{} is not the public half of the signing key {}: checkpoints cannot be trusted until it is (remove it and start a sandbox to have it written again)",
+                        public.display(),
+                        secret.display()
+                    );
+                }
+            }
+            Some(t)
+        }
+        None if public.exists() => Some(aibox_audit::checkpoint::Trusted::load(&public)?),
+        None => None,
     };
     let mut broken = false;
     let mut out = Vec::new();
@@ -144,7 +159,9 @@ fn verify(
             .with_context(|| format!("verifying {}", path.display()))?;
         let tampered =
             report.broken.as_ref().is_some_and(|b| !b.torn_tail) || !cps.problems.is_empty();
-        broken |= !report.is_intact() || !cps.problems.is_empty();
+        // Checkpoints nobody can check are not a pass.
+        let unchecked = cps.checked > 0 && cps.unsigned_check.is_some();
+        broken |= !report.is_intact() || !cps.problems.is_empty() || unchecked;
         match format {
             Format::Json => out.push(serde_json::json!({
                 "log": label, "path": path, "intact": report.is_intact() && cps.problems.is_empty(),
@@ -164,14 +181,24 @@ fn verify(
                     Some(b) => println!("{label}: BROKEN at index {}: {}", b.index, b.reason),
                 }
                 match (&cps.unsigned_check, cps.checked) {
+                    (_, 0) if report.verified > 0 => println!(
+                        "  checkpoints: none: nothing in this log is signed (a crash before the first checkpoint, or checkpoints deleted)"
+                    ),
                     (_, 0) => println!("  checkpoints: none"),
-                    (Some(why), n) => {
-                        println!("  checkpoints: {n}, signatures not checked ({why})")
-                    }
+                    (Some(why), n) => println!(
+                        "  checkpoints: {n}, NOT CHECKED ({why}; the public key belongs at {})",
+                        public.display()
+                    ),
                     (None, n) => println!(
                         "  checkpoints: {n}, signed up to event {}",
                         cps.covered_to.map_or("-".into(), |s| s.to_string())
                     ),
+                }
+                let after = cps
+                    .covered_to
+                    .map_or(0, |c| report.verified.saturating_sub(c + 1));
+                if cps.checked > 0 && after > 0 {
+                    println!("  unsigned: {after} events after the last checkpoint");
                 }
                 for p in &cps.problems {
                     println!(

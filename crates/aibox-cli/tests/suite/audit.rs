@@ -303,6 +303,26 @@ both_modes!(checkpoints_catch_what_the_chain_cannot, |c: Ctx| {
     t.insert(3, l[2].clone());
     let (good, out) = check(&t, &cps);
     assert!(!good && out.contains("BROKEN at index 3"), "{out}");
+    // A public key swapped for another: refused, by verify and by a start.
+    let public = c.dir.path().join("audit-signing.key.pub");
+    let genuine = std::fs::read_to_string(&public).unwrap();
+    std::fs::write(&public, "11".repeat(32)).unwrap();
+    let o = c.out(&["audit", "verify", "--name", "signed"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("is not the public half"),
+        "{}",
+        stderr(&o)
+    );
+    let o = c.out(&["run", "-w", &ws, "--name", "signed", "--", "true"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("belongs to another key"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::write(&public, genuine).unwrap();
+    ok(&c.out(&["audit", "verify", "--name", "signed"]));
 });
 
 both_modes!(
