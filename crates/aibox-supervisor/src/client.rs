@@ -493,6 +493,18 @@ pub fn status(conn: OwnedFd) -> Result<Status, Error> {
     }
 }
 
+/// Sends `req` to the running sandbox's supervisor and waits for it to be
+/// carried out.
+fn ask(paths: &SandboxPaths, req: Request) -> Result<(), Error> {
+    let conn = connect_to(&paths.socket)?;
+    request(&conn, &req, &[])?;
+    match response(&conn)?.0 {
+        Response::Done => Ok(()),
+        Response::Error { message, .. } => Err(Error::Remote(message)),
+        other => Err(Error::Remote(format!("unexpected answer {other:?}"))),
+    }
+}
+
 /// Has a running sandbox use a new value for credential `name` from now
 /// on.
 pub fn rotate(
@@ -502,22 +514,15 @@ pub fn rotate(
     value: aibox_net::gateway::Secret,
     expires_at_ms: Option<u64>,
 ) -> Result<(), Error> {
-    let conn = connect_to(&paths.socket)?;
-    request(
-        &conn,
-        &Request::Rotate {
+    ask(
+        paths,
+        Request::Rotate {
             name: name.to_string(),
             hosts,
             value,
             expires_at_ms,
         },
-        &[],
-    )?;
-    match response(&conn)?.0 {
-        Response::Done => Ok(()),
-        Response::Error { message, .. } => Err(Error::Remote(message)),
-        other => Err(Error::Remote(format!("unexpected answer {other:?}"))),
-    }
+    )
 }
 
 /// Has the running sandbox's supervisor append an event to its audit log.
@@ -527,21 +532,14 @@ pub fn record(
     severity: aibox_audit::Severity,
     details: serde_json::Value,
 ) -> Result<(), Error> {
-    let conn = connect_to(&paths.socket)?;
-    request(
-        &conn,
-        &Request::Record {
+    ask(
+        paths,
+        Request::Record {
             event,
             severity,
             details,
         },
-        &[],
-    )?;
-    match response(&conn)?.0 {
-        Response::Done => Ok(()),
-        Response::Error { message, .. } => Err(Error::Remote(message)),
-        other => Err(Error::Remote(format!("unexpected answer {other:?}"))),
-    }
+    )
 }
 
 /// Stops the sandbox and waits until its supervisor is gone.

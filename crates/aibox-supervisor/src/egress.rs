@@ -315,11 +315,12 @@ type ProxyParts = (AuditSink, Arc<Proxy>, Option<Arc<Injector>>);
 /// The proxy for `spec` with its audit writer (and the injector, kept to
 /// revoke at stop).
 fn proxy_of(spec: &NetworkSpec, emit: Emit, intercept: Intercept) -> Result<ProxyParts, String> {
-    let push = crate::push::guard(spec, &emit);
+    let allow = allowlist(spec)?;
+    let push = crate::push::guard(spec, &emit, &allow);
     let sink = AuditSink::new(emit)?;
     let injector = intercept.injector.clone();
     let proxy = Proxy::with_intercept(
-        allowlist(spec)?,
+        allow,
         Arc::new(sink.clone()),
         intercept.gateway,
         intercept.injector,

@@ -43,9 +43,9 @@ fn remotes(p: &PushSpec) -> Vec<(String, String)> {
 
 /// The proxy's push rules for `spec` (with the broker when pushes are
 /// reviewed).
-pub(crate) fn guard(spec: &NetworkSpec, emit: &Emit) -> Option<PushGuard> {
+pub(crate) fn guard(spec: &NetworkSpec, emit: &Emit, allow: &Allowlist) -> Option<PushGuard> {
     let p = spec.push.as_ref()?;
-    let allow = crate::egress::allowlist(spec).ok()?;
+    let allow = allow.clone();
     let broker: Option<std::sync::Arc<dyn Broker>> = (p.mode == PushMode::Review).then(|| {
         std::sync::Arc::new(PushBroker {
             queue: Queue::new(&p.queue),

@@ -641,6 +641,26 @@ pub fn only_audit_log(c: &Ctx) -> std::path::PathBuf {
         .unwrap()
 }
 
+/// A pid from sandbox `name`'s state file (`supervisor_pid`, …).
+pub fn state_pid(c: &Ctx, name: &str, key: &str) -> i32 {
+    let text = std::fs::read_to_string(c.runtime.join(name).join("state.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v[key].as_i64().unwrap() as i32
+}
+
+/// Kills sandbox `name`'s supervisor with SIGKILL (a crash) and waits
+/// until it is gone; its pid.
+pub fn kill_supervisor(c: &Ctx, name: &str) -> i32 {
+    let pid = state_pid(c, name, "supervisor_pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(process_gone_within(pid, std::time::Duration::from_secs(10)));
+    pid
+}
+
 pub fn audit_events(c: &Ctx, name: &str) -> Vec<serde_json::Value> {
     std::fs::read_to_string(c.data.join(format!("audit/{name}.jsonl")))
         .unwrap_or_default()

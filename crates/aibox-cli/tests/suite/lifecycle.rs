@@ -11,12 +11,6 @@ fn start(c: &Ctx, name: &str) -> String {
     name.to_string()
 }
 
-fn state_pid(c: &Ctx, name: &str, key: &str) -> i32 {
-    let text = std::fs::read_to_string(c.runtime.join(name).join("state.json")).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    v[key].as_i64().unwrap() as i32
-}
-
 all_backends!(exit_codes_and_stdin_pass_through, |c: Ctx| {
     let o = c.sh("exit 42");
     assert_eq!(o.status.code(), Some(42));

@@ -248,17 +248,7 @@ both_modes!(
         // A crashed supervisor's token is revoked by the next command.
         ok(&c.out(&["start", "-w", &ws, "--name", "vt"]));
         let t2 = sandbox_token(&c, "vt");
-        let st: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(c.runtime.join("vt/state.json")).unwrap(),
-        )
-        .unwrap();
-        let pid = st["supervisor_pid"].as_i64().unwrap() as i32;
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        assert!(process_gone_within(pid, std::time::Duration::from_secs(10)));
+        kill_supervisor(&c, "vt");
         assert!(v.token_valid(&t2), "still valid while nobody noticed");
         ok(&c.out(&["stop", "--name", "vt"]));
         assert!(!v.token_valid(&t2), "revoked by the CLI after the crash");
