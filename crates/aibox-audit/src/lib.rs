@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 pub mod checkpoint;
+pub mod detect;
 mod event;
 pub mod export;
 mod log;

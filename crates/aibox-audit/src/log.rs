@@ -63,6 +63,9 @@ pub struct AuditLog {
     user_id: String,
     /// Signs checkpoints, when set.
     signer: Option<Checkpointing>,
+    /// Evaluates the detection rules on each event, when set; alerts are
+    /// written with this source.
+    detector: Option<(crate::detect::Detector, Source)>,
 }
 
 /// When and with what [`AuditLog`] writes checkpoints.
@@ -106,7 +109,35 @@ impl AuditLog {
             sandbox_id: sandbox_id.to_string(),
             user_id: user_id.to_string(),
             signer: None,
+            detector: None,
         })
+    }
+
+    /// Evaluates the detection rules on every event appended from now on,
+    /// writing their alerts as `falco.alert` events from `source`. The
+    /// detector first reads the log's recent events (its last 16 MiB), so
+    /// windows and a stopped sandbox carry over a restart; alerts those
+    /// events raised were written when they happened and are not repeated.
+    pub fn set_detector(&mut self, mut detector: crate::detect::Detector, source: Source) {
+        const TAIL: u64 = 16 << 20;
+        let start = self.len.saturating_sub(TAIL);
+        let mut buf = Vec::new();
+        if self.file.seek(SeekFrom::Start(start)).is_ok() {
+            let _ = (&self.file).take(self.len - start).read_to_end(&mut buf);
+        }
+        // O_APPEND writes ignore the offset; reset it for tidiness.
+        let _ = self.file.seek(SeekFrom::End(0));
+        let mut lines = buf.split(|&b| b == b'\n');
+        if start > 0 {
+            // The first piece is the end of a line cut by the offset.
+            lines.next();
+        }
+        for line in lines.filter(|l| !l.is_empty()) {
+            if let Ok(e) = serde_json::from_slice::<Event>(line) {
+                detector.observe(&e);
+            }
+        }
+        self.detector = Some((detector, source));
     }
 
     /// Signs a checkpoint after every `every` events or `interval`,
@@ -152,7 +183,32 @@ impl AuditLog {
 
     /// Appends one event. The whole line goes out in a single `write(2)` on
     /// an `O_APPEND` descriptor, so a crash leaves at most one torn line.
+    /// Detection alerts it raises follow it (a failure to write one is
+    /// not this event's failure: it is written already).
     pub fn append(
+        &mut self,
+        event_type: EventType,
+        source: Source,
+        severity: Severity,
+        details: Map<String, Value>,
+    ) -> Result<Event, AuditError> {
+        let event = self.append_one(event_type, source, severity, details)?;
+        if let Some((d, alert_source)) = &mut self.detector {
+            let alert_source = *alert_source;
+            let alerts = d.observe(&event);
+            for a in alerts {
+                let _ = self.append_one(
+                    EventType::FalcoAlert,
+                    alert_source,
+                    a.rule.audit_severity(),
+                    a.details(),
+                );
+            }
+        }
+        Ok(event)
+    }
+
+    fn append_one(
         &mut self,
         event_type: EventType,
         source: Source,

@@ -754,6 +754,13 @@ fn validate(
             "write e.g. 60s or 5m",
         ));
     }
+    if let Err(e) = c.audit.detection.parse() {
+        return Err(bad(
+            &format!("audit.detection.{}", e.field),
+            &e.reason,
+            "fix the value or remove it for the default (see docs/audit.md)",
+        ));
+    }
     if c.audit.checkpoint_every == 0 {
         return Err(bad(
             "audit.checkpoint_every",

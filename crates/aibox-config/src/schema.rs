@@ -660,6 +660,9 @@ pub struct Audit {
     pub checkpoint_every: u64,
     /// …or this long since the last one (and always at stop).
     pub checkpoint_interval: String,
+    /// The detection rules' thresholds: used live by the supervisor and
+    /// by every exported rule set (`aibox siem export`).
+    pub detection: aibox_audit::detect::Thresholds,
 }
 
 impl Default for Audit {
@@ -685,6 +688,7 @@ impl Default for Audit {
             signing_key_path: String::new(),
             checkpoint_every: 1000,
             checkpoint_interval: "60s".into(),
+            detection: aibox_audit::detect::Thresholds::default(),
         }
     }
 }

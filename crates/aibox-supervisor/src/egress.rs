@@ -201,20 +201,8 @@ fn write_event(emit: &Emit, e: NetEvent) {
                     "rule": if foreign { "git-push-foreign-remote" } else { "git-push-review" },
                     "reason": reason, "via": via.as_str(),
                 });
-                if !foreign {
-                    (EventType::ToolDeny, Severity::High, d)
-                } else {
-                    emit(EventType::ToolDeny, Severity::High, d);
-                    (
-                        EventType::FalcoAlert,
-                        Severity::High,
-                        json!({
-                            "rule_id": "aibox-010", "mitre": "T1567.001",
-                            "title": "git push to unexpected remote",
-                            "remote": url, "reason": reason,
-                        }),
-                    )
-                }
+                // A foreign remote raises aibox-010 in the detector.
+                (EventType::ToolDeny, Severity::High, d)
             }
             NetEvent::Credential {
                 credential,

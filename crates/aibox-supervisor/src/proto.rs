@@ -114,6 +114,9 @@ pub struct SupervisorSpec {
     /// checkpoints.
     #[serde(default)]
     pub audit_signing: Option<(PathBuf, u64, u64)>,
+    /// Detection thresholds, when the rules run live (`audit.detection`).
+    #[serde(default)]
+    pub detection: Option<aibox_audit::detect::Thresholds>,
     /// SHA-256 of the effective config.
     pub config_sha256: String,
     /// Shell program for `aibox shell`.

@@ -144,17 +144,7 @@ impl PushBroker {
             },
             json!({"argv": argv, "rule": rule, "reason": reason, "remote": ask.url}),
         );
-        if foreign {
-            (self.emit)(
-                EventType::FalcoAlert,
-                Severity::High,
-                json!({
-                    "rule_id": "aibox-010", "mitre": "T1567.001",
-                    "title": "git push to unexpected remote",
-                    "remote": ask.url, "reason": reason,
-                }),
-            );
-        }
+        // aibox-010 is raised by the detector from this event.
     }
 
     /// The token bound to the remote's `host:port`, if any is still valid.

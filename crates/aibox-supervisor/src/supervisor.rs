@@ -195,6 +195,18 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
         })?;
         audit.set_signer(signer, *every, std::time::Duration::from_secs(*secs));
     }
+    if let Some(th) = &spec.detection {
+        // The CLI checked these already; a spec that fails here was not
+        // written by it, and detection is not silently dropped.
+        let parsed = th.parse().map_err(|e| {
+            remove_run_dir(&spec);
+            e.to_string()
+        })?;
+        audit.set_detector(
+            aibox_audit::detect::Detector::new(parsed),
+            Source::AiboxSupervisor,
+        );
+    }
     let emit = |a: &mut AuditLog, t, d: Value| {
         a.append(t, Source::AiboxSupervisor, Severity::Info, details(d))
             .map(drop)
@@ -1163,7 +1175,10 @@ fn handle_conn(shared: Arc<Shared>, conn: OwnedFd) {
             details,
         } => {
             // Only the decisions the CLI makes for a sandbox (push review).
-            let r = if matches!(event, EventType::ToolApprove | EventType::ToolDeny) {
+            let r = if matches!(
+                event,
+                EventType::ToolApprove | EventType::ToolDeny | EventType::CredentialUse
+            ) {
                 shared.emit_from(Source::AiboxCli, event, severity, details)
             } else {
                 Err(format!(

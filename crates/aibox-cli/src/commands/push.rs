@@ -372,6 +372,15 @@ fn record(
     let log = aibox_supervisor::client::audit_log_path(&data, sandbox);
     let r = aibox_audit::AuditLog::open(&log, sandbox, &aibox_core::current_user()).and_then(
         |mut l| {
+            let th = &loaded.config.audit.detection;
+            if th.enabled
+                && let Ok(p) = th.parse()
+            {
+                l.set_detector(
+                    aibox_audit::detect::Detector::new(p),
+                    aibox_audit::Source::AiboxCli,
+                );
+            }
             let details = match d {
                 serde_json::Value::Object(m) => m,
                 _ => serde_json::Map::new(),
@@ -438,6 +447,21 @@ fn approve(
         token,
     };
     let who = approver();
+    // The sandbox's credential is used now, on the approver's word: on
+    // record before it goes out (after the sandbox stopped, this raises
+    // aibox-008 by design: every use outside a session is seen).
+    if remote.token.is_some() {
+        record(
+            loaded,
+            &r.sandbox,
+            EventType::CredentialUse,
+            Severity::Info,
+            json!({
+                "credential_type": "git-token", "host": host, "port": port,
+                "approver": who, "push_id": r.id, "purpose": "approved git push",
+            }),
+        );
+    }
     let result = aibox_push::host::push(&r, &remote);
     r.decided_by = Some(who.clone());
     r.decided_at =
