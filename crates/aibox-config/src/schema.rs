@@ -663,6 +663,9 @@ pub struct Audit {
     /// The detection rules' thresholds: used live by the supervisor and
     /// by every exported rule set (`aibox siem export`).
     pub detection: aibox_audit::detect::Thresholds,
+    /// Record reads and writes of workspace files (`file.read`,
+    /// `file.write`), thinned to one per path and second.
+    pub file_events: bool,
 }
 
 impl Default for Audit {
@@ -689,6 +692,7 @@ impl Default for Audit {
             checkpoint_every: 1000,
             checkpoint_interval: "60s".into(),
             detection: aibox_audit::detect::Thresholds::default(),
+            file_events: true,
         }
     }
 }

@@ -122,11 +122,26 @@ fn write_event(emit: &Emit, e: NetEvent) {
                 method,
                 reason,
                 via,
-            } => (
-                EventType::NetworkDeny,
-                Severity::Warning,
-                json!({"host": host, "port": port, "method": method, "reason": reason, "via": via.as_str()}),
-            ),
+            } => {
+                let d = json!({"host": host, "port": port, "method": method, "reason": reason, "via": via.as_str()});
+                if !is_cloud_metadata(&host) {
+                    (EventType::NetworkDeny, Severity::Warning, d)
+                } else {
+                    // Reaching for the cloud's instance metadata is how a
+                    // workload steals the host's cloud credentials: a
+                    // critical runtime alert (aibox-006 follows from it).
+                    emit(EventType::NetworkDeny, Severity::High, d);
+                    (
+                        EventType::FalcoAlert,
+                        Severity::Critical,
+                        json!({
+                            "rule_id": "aibox-cloud-metadata", "mitre": "T1552.005",
+                            "title": "sandbox reached for the cloud instance metadata service",
+                            "host": host, "port": port, "via": via.as_str(),
+                        }),
+                    )
+                }
+            }
             NetEvent::DnsQuery { name, qtype } => (
                 EventType::DnsQuery,
                 Severity::Info,
@@ -243,6 +258,37 @@ fn write_event(emit: &Emit, e: NetEvent) {
         };
         emit(t, sev, d)
     }
+}
+
+/// Whether `host` (a name or an address, as the proxy saw it) is a cloud
+/// provider's instance metadata service.
+fn is_cloud_metadata(host: &str) -> bool {
+    let h = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    if let Ok(ip) = h.parse::<std::net::IpAddr>() {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(std::net::IpAddr::V4)
+                .unwrap_or(std::net::IpAddr::V6(v6)),
+            v4 => v4,
+        };
+        return [
+            "169.254.169.254", // AWS, GCP, Azure, OpenStack, DigitalOcean
+            "169.254.170.2",   // AWS ECS task credentials
+            "100.100.100.200", // Alibaba Cloud
+            "fd00:ec2::254",   // AWS over IPv6
+        ]
+        .iter()
+        .any(|m| m.parse::<std::net::IpAddr>().is_ok_and(|m| m == ip));
+    }
+    matches!(
+        h.as_str(),
+        "metadata.google.internal" | "metadata.goog" | "instance-data.ec2.internal"
+    )
 }
 
 /// Adds what the logging mode kept of a body (absent fields stay absent,
@@ -663,4 +709,23 @@ pub(crate) fn proxy_env(port: u16) -> Vec<(String, String)> {
         ),
     ));
     env
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cloud_metadata_hosts() {
+        for h in [
+            "169.254.169.254",
+            "[fd00:ec2::254]",
+            "::ffff:169.254.169.254",
+            "metadata.google.internal.",
+            "METADATA.GOOGLE.INTERNAL",
+        ] {
+            assert!(super::is_cloud_metadata(h), "{h}");
+        }
+        for h in ["169.254.169.253", "example.com", "metadata", "10.0.0.1"] {
+            assert!(!super::is_cloud_metadata(h), "{h}");
+        }
+    }
 }

@@ -9,6 +9,7 @@ pub mod client;
 pub mod container;
 pub mod decisions;
 pub mod egress;
+mod files;
 pub mod gate;
 pub mod paths;
 pub mod proto;

@@ -117,6 +117,9 @@ pub struct SupervisorSpec {
     /// Detection thresholds, when the rules run live (`audit.detection`).
     #[serde(default)]
     pub detection: Option<aibox_audit::detect::Thresholds>,
+    /// Record `file.read`/`file.write` for the workspace (`audit.file_events`).
+    #[serde(default)]
+    pub file_events: bool,
     /// SHA-256 of the effective config.
     pub config_sha256: String,
     /// Shell program for `aibox shell`.

@@ -423,6 +423,9 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
         gate,
     );
     let _ = sink.set(Arc::downgrade(&shared));
+    if shared.spec.file_events {
+        crate::files::watch(shared.spec.sandbox.workspace.clone(), egress_emit(&sink));
+    }
     Ok(main_loop(shared))
 }
 
@@ -675,6 +678,9 @@ fn setup_container(
         gate_handle,
     );
     let _ = sink.set(Arc::downgrade(&shared));
+    if shared.spec.file_events {
+        crate::files::watch(shared.spec.sandbox.workspace.clone(), egress_emit(&sink));
+    }
     if let Some(st) = started {
         watch_container(&shared, st.waiter);
     }

@@ -181,6 +181,7 @@ fn prepare(
         audit_log: paths.audit_log.clone(),
         audit_signing: Some(super::audit::signing(&loaded, &sources)?),
         detection: c.audit.detection.enabled.then(|| c.audit.detection.clone()),
+        file_events: c.audit.file_events,
         config_sha256: hex::encode(Sha256::digest(&config_json)),
         shell: c.shell.program().into(),
         cpus: c.resources.cpus,

@@ -1,0 +1,306 @@
+//! `file.read` / `file.write` events for the workspace, from inotify on
+//! the host side of the workspace directory (every backend shares that
+//! directory with its sandbox, so one watcher serves them all).
+//!
+//! inotify cannot say which process touched a file: an edit the host user
+//! makes in the workspace while the sandbox runs is logged the same way
+//! (the events say `observed: workspace`). Reads are files opened without
+//! write access and closed again; writes are files closed after writing,
+//! deletions and renames into place. A burst (a build, `git checkout`) is
+//! thinned: the same path and kind at most once a second, and at most
+//! [`PER_SECOND`] events a second, the rest counted into a summary event.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use aibox_audit::{EventType, Severity};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
+use serde_json::json;
+
+use crate::egress::Emit;
+
+/// Most file events written per second; more are summarised.
+const PER_SECOND: u32 = 100;
+
+/// Most directories watched; a larger tree is watched in part (and says
+/// so in the log).
+const MAX_DIRS: usize = 50_000;
+
+/// Where the workspace appears inside every sandbox.
+const GUEST: &str = "/workspace";
+
+/// Starts the watcher thread for `workspace`. Errors (no inotify) are
+/// written to the supervisor log and the audit log: the sandbox still runs,
+/// and the record says file events are missing.
+pub(crate) fn watch(workspace: PathBuf, emit: Emit) {
+    let spawned = std::thread::Builder::new()
+        .name("file-events".into())
+        .spawn(move || {
+            if let Err(e) = run(&workspace, &emit) {
+                crate::supervisor::log(&format!("file events stopped: {e}"));
+                emit(
+                    EventType::FileWrite,
+                    Severity::Warning,
+                    json!({"path": GUEST, "op": "unwatched", "error": e}),
+                );
+            }
+        });
+    if let Err(e) = spawned {
+        crate::supervisor::log(&format!("no file-event thread: {e}"));
+    }
+}
+
+struct Watcher {
+    fd: Inotify,
+    dirs: HashMap<WatchDescriptor, PathBuf>,
+    full: bool,
+}
+
+fn flags() -> AddWatchFlags {
+    AddWatchFlags::IN_CLOSE_WRITE
+        | AddWatchFlags::IN_CLOSE_NOWRITE
+        | AddWatchFlags::IN_DELETE
+        | AddWatchFlags::IN_MOVED_TO
+        | AddWatchFlags::IN_CREATE
+        | AddWatchFlags::IN_ONLYDIR
+        | AddWatchFlags::IN_DONT_FOLLOW
+}
+
+impl Watcher {
+    /// Watches `dir` and every directory below it (not following links).
+    fn add_tree(&mut self, root: &Path, rel: PathBuf) {
+        let mut stack = vec![rel];
+        while let Some(rel) = stack.pop() {
+            if self.dirs.len() >= MAX_DIRS {
+                self.full = true;
+                return;
+            }
+            let abs = root.join(&rel);
+            match self.fd.add_watch(&abs, flags()) {
+                Ok(wd) => {
+                    self.dirs.insert(wd, rel.clone());
+                }
+                Err(nix::errno::Errno::ENOSPC) => {
+                    self.full = true;
+                    return;
+                }
+                Err(_) => continue,
+            }
+            let Ok(entries) = std::fs::read_dir(&abs) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(rel.join(e.file_name()));
+                }
+            }
+        }
+    }
+}
+
+/// Thins bursts: per (kind, path) once a second, and a budget a second.
+struct Thinner {
+    last: HashMap<(EventType, PathBuf), Instant>,
+    second: Instant,
+    written: u32,
+    suppressed: HashMap<EventType, u64>,
+}
+
+impl Thinner {
+    fn admit(&mut self, kind: EventType, path: &Path, now: Instant) -> bool {
+        if now.duration_since(self.second) >= Duration::from_secs(1) {
+            self.second = now;
+            self.written = 0;
+            if self.last.len() > 10_000 {
+                self.last.clear();
+            }
+        }
+        let key = (kind, path.to_path_buf());
+        let recent = self
+            .last
+            .get(&key)
+            .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(1));
+        if recent || self.written >= PER_SECOND {
+            *self.suppressed.entry(kind).or_default() += 1;
+            return false;
+        }
+        self.last.insert(key, now);
+        self.written += 1;
+        true
+    }
+
+    /// Summary events for what was held back, once its second is over.
+    fn flush(&mut self, emit: &Emit, now: Instant, force: bool) {
+        if self.suppressed.is_empty()
+            || (!force && now.duration_since(self.second) < Duration::from_secs(1))
+        {
+            return;
+        }
+        for (kind, n) in self.suppressed.drain() {
+            emit(
+                kind,
+                Severity::Info,
+                json!({"path": GUEST, "op": "summary", "suppressed": n, "observed": "workspace"}),
+            );
+        }
+    }
+}
+
+fn guest_path(rel: &Path) -> String {
+    let mut p = String::from(GUEST);
+    for c in rel.components() {
+        p.push('/');
+        p.push_str(&String::from_utf8_lossy(c.as_os_str().as_bytes()));
+    }
+    p
+}
+
+fn run(workspace: &Path, emit: &Emit) -> Result<(), String> {
+    let fd = Inotify::init(InitFlags::IN_CLOEXEC).map_err(|e| format!("inotify: {e}"))?;
+    let mut w = Watcher {
+        fd,
+        dirs: HashMap::new(),
+        full: false,
+    };
+    w.add_tree(workspace, PathBuf::new());
+    let mut warned = false;
+    let mut thin = Thinner {
+        last: HashMap::new(),
+        second: Instant::now(),
+        written: 0,
+        suppressed: HashMap::new(),
+    };
+    loop {
+        if w.full && !warned {
+            warned = true;
+            emit(
+                EventType::FileWrite,
+                Severity::Warning,
+                json!({"path": GUEST, "op": "partially-watched", "observed": "workspace",
+                       "watched_dirs": w.dirs.len(),
+                       "error": "too many directories for inotify: file events below the rest are not recorded"}),
+            );
+        }
+        let events = match w.fd.read_events() {
+            Ok(ev) => ev,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(format!("reading inotify events: {e}")),
+        };
+        let now = Instant::now();
+        thin.flush(emit, now, false);
+        for ev in events {
+            if ev.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                emit(
+                    EventType::FileWrite,
+                    Severity::Warning,
+                    json!({"path": GUEST, "op": "overflow", "observed": "workspace",
+                           "error": "the kernel dropped file events (queue overflow)"}),
+                );
+                continue;
+            }
+            if ev.mask.contains(AddWatchFlags::IN_IGNORED) {
+                w.dirs.remove(&ev.wd);
+                continue;
+            }
+            let Some(dir) = w.dirs.get(&ev.wd).cloned() else {
+                continue;
+            };
+            let Some(name) = ev.name.as_deref() else {
+                continue;
+            };
+            let rel = dir.join(OsStr::from_bytes(name.as_bytes()));
+            let is_dir = ev.mask.contains(AddWatchFlags::IN_ISDIR);
+            if is_dir {
+                if ev
+                    .mask
+                    .intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO)
+                {
+                    w.add_tree(workspace, rel);
+                }
+                continue;
+            }
+            let (kind, op) = if ev.mask.contains(AddWatchFlags::IN_CLOSE_WRITE) {
+                (EventType::FileWrite, "write")
+            } else if ev.mask.contains(AddWatchFlags::IN_DELETE) {
+                (EventType::FileWrite, "delete")
+            } else if ev.mask.contains(AddWatchFlags::IN_MOVED_TO) {
+                (EventType::FileWrite, "rename")
+            } else if ev.mask.contains(AddWatchFlags::IN_CLOSE_NOWRITE) {
+                (EventType::FileRead, "read")
+            } else {
+                continue;
+            };
+            if thin.admit(kind, &rel, now) {
+                emit(
+                    kind,
+                    Severity::Info,
+                    json!({"path": guest_path(&rel), "op": op, "observed": "workspace"}),
+                );
+            }
+        }
+        thin.flush(emit, Instant::now(), false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn reads_writes_deletes_and_new_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.txt"), "x").unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let emit: Emit = Arc::new(move |t, _, d| s.lock().unwrap().push((t, d)));
+        watch(dir.path().to_path_buf(), emit);
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = std::fs::read(dir.path().join("a.txt")).unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        std::fs::write(dir.path().join("sub/b.txt"), "y").unwrap();
+        std::fs::remove_file(dir.path().join("a.txt")).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let seen = seen.lock().unwrap().clone();
+        let has = |t: EventType, p: &str, op: &str| {
+            seen.iter()
+                .any(|(et, d)| *et == t && d["path"] == p && d["op"] == op)
+        };
+        assert!(
+            has(EventType::FileRead, "/workspace/a.txt", "read"),
+            "{seen:?}"
+        );
+        assert!(
+            has(EventType::FileWrite, "/workspace/sub/b.txt", "write"),
+            "{seen:?}"
+        );
+        assert!(
+            has(EventType::FileWrite, "/workspace/a.txt", "delete"),
+            "{seen:?}"
+        );
+    }
+
+    #[test]
+    fn bursts_are_thinned_and_counted() {
+        let mut t = Thinner {
+            last: HashMap::new(),
+            second: Instant::now(),
+            written: 0,
+            suppressed: HashMap::new(),
+        };
+        let now = Instant::now();
+        let p = Path::new("x");
+        assert!(t.admit(EventType::FileWrite, p, now));
+        assert!(!t.admit(EventType::FileWrite, p, now));
+        assert!(t.admit(EventType::FileRead, p, now));
+        for i in 0..200 {
+            t.admit(EventType::FileWrite, Path::new(&format!("f{i}")), now);
+        }
+        assert_eq!(t.written, PER_SECOND);
+        assert_eq!(t.suppressed[&EventType::FileWrite], 1 + 200 - 98);
+    }
+}
