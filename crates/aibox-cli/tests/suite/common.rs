@@ -668,3 +668,79 @@ pub fn audit_events(c: &Ctx, name: &str) -> Vec<serde_json::Value> {
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
 }
+
+/// Runs aibox on a terminal of our own (we hold the master), so the test
+/// can type, read, and resize it.
+pub struct Pty {
+    pub master: std::fs::File,
+    pub child: std::process::Child,
+}
+
+impl Pty {
+    #[allow(unsafe_code)]
+    pub fn spawn(mut cmd: std::process::Command, rows: u16, cols: u16) -> Pty {
+        use std::os::fd::OwnedFd;
+        use std::os::unix::process::CommandExt;
+        let ws = nix::pty::Winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        let pty = nix::pty::openpty(Some(&ws), None).unwrap();
+        let slave: OwnedFd = pty.slave;
+        cmd.stdin(slave.try_clone().unwrap())
+            .stdout(slave.try_clone().unwrap())
+            .stderr(slave);
+        // SAFETY: only async-signal-safe calls between fork and exec; the
+        // terminal is already on stdin when the closure runs.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                libc::ioctl(0, libc::TIOCSCTTY, 0);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
+        Pty {
+            master: std::fs::File::from(pty.master),
+            child,
+        }
+    }
+
+    /// Reads until `needle` has been seen (or 10 s pass); returns all output.
+    pub fn read_until(&mut self, needle: &str) -> String {
+        use std::io::Read;
+        use std::os::fd::AsFd;
+        let mut out = String::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !out.contains(needle) && std::time::Instant::now() < deadline {
+            let mut fds = [nix::poll::PollFd::new(
+                self.master.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            if nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u8)).unwrap_or(0) == 0 {
+                continue;
+            }
+            let mut buf = [0u8; 4096];
+            match self.master.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.push_str(&String::from_utf8_lossy(&buf[..n])),
+            }
+        }
+        out
+    }
+
+    #[allow(unsafe_code)]
+    pub fn resize(&self, rows: u16, cols: u16) {
+        use std::os::fd::AsRawFd;
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads the winsize we own.
+        unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    }
+}

@@ -11,7 +11,7 @@ use std::net::TcpListener;
 use std::sync::Arc;
 
 /// The real keys: only the host side ever holds them.
-const KEY: &str = "sk-test-REALKEY-4f1c9a7be2d34c0f";
+pub(crate) const KEY: &str = "sk-test-REALKEY-4f1c9a7be2d34c0f";
 const KEY2: &str = "sk-test-OTHERKEY-99ab01cd";
 
 /// What the stand-in LLM says about a credential: never the value itself
@@ -29,7 +29,7 @@ fn verdict(v: &str) -> &'static str {
 /// The stand-in LLM: answers a JSON body saying which credentials it was
 /// given, with a usage object; with `"stream": true` in the request, three
 /// server-sent events 400 ms apart.
-fn llm_server(config: Arc<rustls::ServerConfig>) -> u16 {
+pub(crate) fn llm_server(config: Arc<rustls::ServerConfig>) -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     std::thread::spawn(move || {

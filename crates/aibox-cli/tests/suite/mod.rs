@@ -3,6 +3,7 @@ mod audit;
 mod common;
 mod configs;
 mod credentials;
+mod detect;
 mod gate;
 mod image;
 mod inject;

@@ -7,12 +7,41 @@
 use super::common::*;
 use super::inject::GitServer;
 
-const TOKEN: &str = "ghp_PUSHtoken0123456789abcdefXYZ";
+pub(crate) const TOKEN: &str = "ghp_PUSHtoken0123456789abcdefXYZ";
 
 /// Starts a git server whose `proj.git` and `other.git` accept pushes,
 /// points the workspace's `origin` at `proj.git`, stores the token, and
 /// sets the org policy's class of `git push`.
 fn setup(c: &Ctx, risk: &str) -> GitServer {
+    let srv = git_workspace(c);
+    let p = srv.port;
+    let policy = c.dir.path().join("org-policy.yaml");
+    std::fs::write(
+        &policy,
+        format!("version: 1\ntools:\n  rules:\n    - match: [git, push]\n      risk: {risk}\n      reason: pushes are reviewed\n"),
+    )
+    .unwrap();
+    c.add_config(&format!(
+        "policy:\n  org_baseline_path: {}\nnetwork:\n  allowed_domains: [\"git.test:{p}\", \"127.0.0.1:{p}\"]\n  resolve: {{git.test: 127.0.0.1}}\ncredentials:\n  upstream_ca: {}\n",
+        policy.display(),
+        srv.ca.display()
+    ));
+    ok(&c.out_with_input(
+        &[
+            "auth",
+            "add",
+            "git-token",
+            "--host",
+            &format!("git.test:{p}"),
+        ],
+        TOKEN.as_bytes(),
+    ));
+    srv
+}
+
+/// Starts a git server whose `proj.git` and `other.git` accept pushes and
+/// makes the workspace a repository whose `origin` is `proj.git`.
+pub(crate) fn git_workspace(c: &Ctx) -> GitServer {
     let srv = GitServer::start(&c.dir.path().join("git-server"), "git.test", TOKEN);
     let p = srv.port;
     let git = |args: &[&str]| {
@@ -64,32 +93,11 @@ fn setup(c: &Ctx, risk: &str) -> GitServer {
             .unwrap();
         assert!(o.status.success());
     }
-    let policy = c.dir.path().join("org-policy.yaml");
-    std::fs::write(
-        &policy,
-        format!("version: 1\ntools:\n  rules:\n    - match: [git, push]\n      risk: {risk}\n      reason: pushes are reviewed\n"),
-    )
-    .unwrap();
-    c.add_config(&format!(
-        "policy:\n  org_baseline_path: {}\nnetwork:\n  allowed_domains: [\"git.test:{p}\", \"127.0.0.1:{p}\"]\n  resolve: {{git.test: 127.0.0.1}}\ncredentials:\n  upstream_ca: {}\n",
-        policy.display(),
-        srv.ca.display()
-    ));
-    ok(&c.out_with_input(
-        &[
-            "auth",
-            "add",
-            "git-token",
-            "--host",
-            &format!("git.test:{p}"),
-        ],
-        TOKEN.as_bytes(),
-    ));
     srv
 }
 
 /// `main` of a repository on the server.
-fn server_head(srv: &GitServer, repo: &str) -> String {
+pub(crate) fn server_head(srv: &GitServer, repo: &str) -> String {
     let o = std::process::Command::new("git")
         .arg("--git-dir")
         .arg(srv.dir.join("repos").join(repo))
@@ -100,7 +108,7 @@ fn server_head(srv: &GitServer, repo: &str) -> String {
 }
 
 /// The push id in git's output.
-fn queued_id(out: &str) -> String {
+pub(crate) fn queued_id(out: &str) -> String {
     let at = out
         .find("queued for review as ")
         .unwrap_or_else(|| panic!("not queued: {out}"));
