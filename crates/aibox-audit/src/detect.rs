@@ -527,18 +527,18 @@ impl Detector {
             }
             EventType::SandboxStop => self.stopped_at = Some(at),
             EventType::SandboxCreate | EventType::SandboxStart => self.stopped_at = None,
-            EventType::ToolDeny => {
-                if e.details.get("rule").and_then(Value::as_str) == Some("git-push-foreign-remote")
-                {
-                    out.push(Alert {
-                        rule: rule("aibox-010"),
-                        evidence: vec![e.seq],
-                        evidence_total: 1,
-                        observed: 1,
-                        threshold: 1,
-                        window: String::new(),
-                    });
-                }
+            EventType::ToolDeny
+                if e.details.get("rule").and_then(Value::as_str)
+                    == Some("git-push-foreign-remote") =>
+            {
+                out.push(Alert {
+                    rule: rule("aibox-010"),
+                    evidence: vec![e.seq],
+                    evidence_total: 1,
+                    observed: 1,
+                    threshold: 1,
+                    window: String::new(),
+                });
             }
             _ => {}
         }
