@@ -51,7 +51,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let trusted = Trusted::load(&public_key_path(&key))?;
     let t = Instant::now();
-    let (report, cps) = verify_with_checkpoints(&path, "bench", Some(&trusted))?;
+    let (report, cps) = verify_with_checkpoints(&path, "bench", Some(&trusted), None)?;
     let verify = t.elapsed();
     if !report.is_intact() || !cps.problems.is_empty() || report.verified != n {
         return Err("the benchmark log did not verify".into());

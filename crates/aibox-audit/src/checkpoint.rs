@@ -50,6 +50,59 @@ impl Checkpoint {
     }
 }
 
+/// Where the last checkpoint of the log at `log` is kept beside the
+/// signing key `key`: `<key>.anchors/<32 hex of SHA-256 of the log's
+/// path>.json`. It is out of the data directory (like the key), so
+/// deleting or cutting back a log's checkpoint file is seen: the anchor
+/// still names a checkpoint the file must hold.
+pub fn anchor_path(key: &Path, log: &Path) -> PathBuf {
+    let mut dir = key.as_os_str().to_owned();
+    dir.push(".anchors");
+    let log = std::path::absolute(log).unwrap_or_else(|_| log.to_path_buf());
+    let id = hex::encode(Sha256::digest(log.as_os_str().as_encoded_bytes()));
+    PathBuf::from(dir).join(format!("{}.json", &id[..32]))
+}
+
+/// The anchored (last) checkpoint of the log at `log`, if any.
+pub fn read_anchor(key: &Path, log: &Path) -> Result<Option<Checkpoint>, AuditError> {
+    let p = anchor_path(key, log);
+    match std::fs::read_to_string(&p) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| AuditError::Key {
+                path: p.display().to_string(),
+                reason: format!("not a checkpoint anchor: {e}"),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io(&p)(e)),
+    }
+}
+
+/// Replaces the anchor of the log at `log` with `cp` (atomically).
+pub fn write_anchor(key: &Path, log: &Path, cp: &Checkpoint) -> Result<(), AuditError> {
+    let p = anchor_path(key, log);
+    let dir = p.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    let tmp = p.with_extension(format!("tmp.{}", std::process::id()));
+    let text = serde_json::to_string(cp).map_err(|e| AuditError::Key {
+        path: p.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_data())
+        .map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &p).map_err(io(&p))
+}
+
 /// The checkpoint file of the log at `log`.
 pub fn checkpoints_path(log: &Path) -> PathBuf {
     let mut s = log.as_os_str().to_owned();
@@ -73,6 +126,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
 pub struct Signer {
     key: SigningKey,
     key_id: String,
+    path: PathBuf,
 }
 
 impl std::fmt::Debug for Signer {
@@ -149,7 +203,16 @@ impl Signer {
             }
         }
         let key_id = key_id(&key.verifying_key());
-        Ok(Signer { key, key_id })
+        Ok(Signer {
+            key,
+            key_id,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The key file.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Signs the head `head` at `seq` of sandbox `sandbox`'s log and

@@ -20,7 +20,7 @@ mod log;
 mod verify;
 
 pub use event::{Event, EventType, Severity, Source};
-pub use log::{AuditLog, Recovered, canonical_json, event_hash};
+pub use log::{Anchored, AuditLog, Recovered, canonical_json, event_hash};
 pub use verify::{
     Break, CheckpointProblem, CheckpointReport, VerifyReport, verify_file, verify_reader,
     verify_reader_with, verify_with_checkpoints,
@@ -60,6 +60,17 @@ pub enum AuditError {
         /// The key file.
         path: String,
         /// What is wrong.
+        reason: String,
+    },
+    /// The log or its checkpoint file no longer holds what the last
+    /// checkpoint (kept beside the signing key) signed.
+    #[error(
+        "audit log {path}: {reason}; run `aibox audit verify` to see what changed, and move the log and its .checkpoints file aside to start a new chain"
+    )]
+    Tampered {
+        /// The log file.
+        path: String,
+        /// What does not match.
         reason: String,
     },
     /// The last line of the existing log is not a valid event.

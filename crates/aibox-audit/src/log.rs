@@ -172,8 +172,10 @@ impl AuditLog {
             path: self.path.display().to_string(),
             source,
         })?;
-        c.signer
+        let cp = c
+            .signer
             .checkpoint(&c.file, &self.sandbox_id, self.next_seq - 1, &self.head)?;
+        crate::checkpoint::write_anchor(c.signer.path(), &self.path, &cp)?;
         if let Some(c) = &mut self.signer {
             c.since = 0;
             c.last = std::time::Instant::now();
@@ -356,6 +358,84 @@ impl AuditLog {
                 kept,
             }),
         ))
+    }
+}
+
+/// What [`AuditLog::check_anchor`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Anchored {
+    /// No checkpoint of this log was ever anchored.
+    None,
+    /// The log and its checkpoint file hold the anchored checkpoint.
+    Holds(crate::checkpoint::Checkpoint),
+    /// The log is empty although a checkpoint was anchored: a new chain
+    /// starts (the old log was moved aside, or deleted), and says so.
+    Reset(crate::checkpoint::Checkpoint),
+}
+
+impl AuditLog {
+    /// Checks this log against its last checkpoint kept beside the signing
+    /// key `key`: the checkpoint file must still hold that checkpoint, and
+    /// the log the event it signed. A log cut back or rewritten, or a
+    /// checkpoint file deleted or cut back, is [`AuditError::Tampered`].
+    pub fn check_anchor(&mut self, key: &Path) -> Result<Anchored, AuditError> {
+        let Some(anchor) = crate::checkpoint::read_anchor(key, &self.path)? else {
+            return Ok(Anchored::None);
+        };
+        if self.next_seq == 0 {
+            return Ok(Anchored::Reset(anchor));
+        }
+        let shown = self.path.display().to_string();
+        let tampered = |reason: String| AuditError::Tampered {
+            path: shown.clone(),
+            reason,
+        };
+        let cps =
+            crate::checkpoint::read_checkpoints(&crate::checkpoint::checkpoints_path(&self.path))?;
+        if !cps.iter().any(|c| c.as_ref() == Ok(&anchor)) {
+            return Err(tampered(format!(
+                "its checkpoint file no longer holds the last checkpoint (event {}, signed {}): checkpoints were deleted",
+                anchor.seq, anchor.time
+            )));
+        }
+        if anchor.seq >= self.next_seq {
+            return Err(tampered(format!(
+                "it ends at event {} but event {} was signed: events were cut off",
+                self.next_seq.saturating_sub(1),
+                anchor.seq
+            )));
+        }
+        let head = if anchor.seq + 1 == self.next_seq {
+            Some(self.head.clone())
+        } else {
+            self.hash_at(anchor.seq)?
+        };
+        if head.as_deref() != Some(anchor.head.as_str()) {
+            return Err(tampered(format!(
+                "its event {} is not the one signed {}: history was rewritten",
+                anchor.seq, anchor.time
+            )));
+        }
+        Ok(Anchored::Holds(anchor))
+    }
+
+    /// The hash of event `seq`, reading the file from the start.
+    fn hash_at(&self, seq: u64) -> Result<Option<String>, AuditError> {
+        let io = |source| AuditError::Io {
+            path: self.path.display().to_string(),
+            source,
+        };
+        let f = File::open(&self.path).map_err(io)?;
+        let r = std::io::BufReader::new(f.take(self.len));
+        for line in std::io::BufRead::split(r, b'\n') {
+            let line = line.map_err(io)?;
+            if let Ok((next, hash)) = parse_tail(&line, &self.path)
+                && next == seq + 1
+            {
+                return Ok(Some(hash));
+            }
+        }
+        Ok(None)
     }
 }
 

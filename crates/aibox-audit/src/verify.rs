@@ -207,8 +207,9 @@ fn check_line(line: &[u8], e: &Lite<'_>) -> Result<(), &'static str> {
 /// A checkpoint that does not hold.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CheckpointProblem {
-    /// 0-based line in the checkpoint file.
-    pub line: u64,
+    /// 0-based line in the checkpoint file (none for the anchored
+    /// checkpoint kept beside the key).
+    pub line: Option<u64>,
     /// The sequence number it claims, if it parsed.
     pub seq: Option<u64>,
     /// What is wrong.
@@ -233,15 +234,22 @@ pub struct CheckpointReport {
 /// log must hold, at the checkpoint's sequence number, the head it signed.
 /// A rewritten history (chain recomputed) differs there; lines cut off
 /// after a checkpoint leave the log shorter than it.
+///
+/// `anchor` is the log's last checkpoint as kept beside the signing key
+/// (see [`crate::checkpoint::anchor_path`]): when given, the checkpoint
+/// file must still hold it, which catches a deleted or cut-back
+/// checkpoint file.
 pub fn verify_with_checkpoints(
     path: &Path,
     sandbox: &str,
     trusted: Option<&crate::checkpoint::Trusted>,
+    anchor: Option<&crate::checkpoint::Checkpoint>,
 ) -> Result<(VerifyReport, CheckpointReport), AuditError> {
     let cps = crate::checkpoint::read_checkpoints(&crate::checkpoint::checkpoints_path(path))?;
     let wanted: std::collections::HashSet<u64> = cps
         .iter()
         .filter_map(|c| c.as_ref().ok().map(|c| c.seq))
+        .chain(anchor.map(|a| a.seq))
         .collect();
     let mut heads = std::collections::HashMap::new();
     let file = std::fs::File::open(path).map_err(|source| AuditError::Io {
@@ -271,7 +279,7 @@ pub fn verify_with_checkpoints(
             Ok(c) => c,
             Err((_, e)) => {
                 out.problems.push(CheckpointProblem {
-                    line,
+                    line: Some(line),
                     seq: None,
                     reason: format!("not a checkpoint: {e}"),
                 });
@@ -279,7 +287,7 @@ pub fn verify_with_checkpoints(
             }
         };
         let problem = |reason: String| CheckpointProblem {
-            line,
+            line: Some(line),
             seq: Some(cp.seq),
             reason,
         };
@@ -308,6 +316,37 @@ pub fn verify_with_checkpoints(
                 report.broken.as_ref().map_or(0, |b| b.index)
             ))),
             None => out.problems.push(problem(format!("event {} is missing", cp.seq))),
+        }
+    }
+    if let Some(a) = anchor {
+        let problem = |reason: String| CheckpointProblem {
+            line: None,
+            seq: Some(a.seq),
+            reason,
+        };
+        if let Some(why) = trusted.and_then(|t| t.check(a, sandbox)) {
+            out.problems
+                .push(problem(format!("the anchored checkpoint: {why}")));
+        } else if !cps.iter().any(|c| c.as_ref() == Ok(a)) {
+            out.problems.push(problem(format!(
+                "the last checkpoint (event {}, signed {}), kept beside the signing key, is not in the checkpoint file: checkpoints were deleted",
+                a.seq, a.time
+            )));
+        }
+        // (Whether the log still holds the event is checked above for the
+        // checkpoint lines; an anchor missing from the file also needs it.)
+        if !cps.iter().any(|c| c.as_ref() == Ok(a)) {
+            match heads.get(&a.seq) {
+                Some(h) if *h == a.head => {}
+                Some(_) => out.problems.push(problem(format!(
+                    "the log's event {} is not the one the last checkpoint signed (history rewritten)",
+                    a.seq
+                ))),
+                None => out.problems.push(problem(format!(
+                    "the log does not reach event {}, which the last checkpoint signed (truncated)",
+                    a.seq
+                ))),
+            }
         }
     }
     Ok((report, out))
@@ -418,7 +457,7 @@ mod tests {
         log.checkpoint().unwrap();
         drop(log);
         let trusted = Trusted::load(&public_key_path(&key)).unwrap();
-        let (r, c) = verify_with_checkpoints(&path, "sb", Some(&trusted)).unwrap();
+        let (r, c) = verify_with_checkpoints(&path, "sb", Some(&trusted), None).unwrap();
         assert!(r.is_intact() && c.problems.is_empty(), "{c:?}");
         assert_eq!((c.checked, c.covered_to), (3, Some(11)));
 
@@ -437,7 +476,7 @@ mod tests {
             prev = e.hash.clone();
         }
         std::fs::write(&path, &out).unwrap();
-        let (r, c) = verify_with_checkpoints(&path, "sb", Some(&trusted)).unwrap();
+        let (r, c) = verify_with_checkpoints(&path, "sb", Some(&trusted), None).unwrap();
         assert!(r.is_intact());
         assert!(
             c.problems.iter().any(|p| p.reason.contains("rewritten")),
@@ -447,7 +486,7 @@ mod tests {
         // Cut off after a checkpoint: whole lines gone, chain intact.
         let kept: String = original.lines().take(8).map(|l| format!("{l}\n")).collect();
         std::fs::write(&path, kept).unwrap();
-        let (r, c) = verify_with_checkpoints(&path, "sb", Some(&trusted)).unwrap();
+        let (r, c) = verify_with_checkpoints(&path, "sb", Some(&trusted), None).unwrap();
         assert!(r.is_intact());
         assert!(
             c.problems.iter().any(|p| p.reason.contains("truncated")),
@@ -459,7 +498,7 @@ mod tests {
         let cps = std::fs::read_to_string(checkpoints_path(&path)).unwrap();
         let forged = cps.replacen("\"seq\":4", "\"seq\":3", 1);
         std::fs::write(checkpoints_path(&path), forged).unwrap();
-        let (_, c) = verify_with_checkpoints(&path, "sb", Some(&trusted)).unwrap();
+        let (_, c) = verify_with_checkpoints(&path, "sb", Some(&trusted), None).unwrap();
         assert!(
             c.problems
                 .iter()
@@ -467,13 +506,13 @@ mod tests {
             "{c:?}"
         );
         std::fs::write(checkpoints_path(&path), &cps).unwrap();
-        let (_, c) = verify_with_checkpoints(&path, "other", Some(&trusted)).unwrap();
+        let (_, c) = verify_with_checkpoints(&path, "other", Some(&trusted), None).unwrap();
         assert!(!c.problems.is_empty());
         // Another key's checkpoints are not trusted.
         let other = dir.path().join("k2");
         Signer::load_or_create(&other).unwrap();
         let t2 = Trusted::load(&public_key_path(&other)).unwrap();
-        let (_, c) = verify_with_checkpoints(&path, "sb", Some(&t2)).unwrap();
+        let (_, c) = verify_with_checkpoints(&path, "sb", Some(&t2), None).unwrap();
         assert_eq!(c.problems.len(), 3);
     }
 }

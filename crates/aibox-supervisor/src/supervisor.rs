@@ -181,6 +181,7 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
             ));
         }
     }
+    let mut chain_reset = None;
     let (mut audit, recovered) =
         AuditLog::open_recovering(&spec.audit_log, &spec.sandbox.name, &spec.user).map_err(
             |e| {
@@ -194,6 +195,15 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
             e.to_string()
         })?;
         audit.set_signer(signer, *every, std::time::Duration::from_secs(*secs));
+        // Never extend a chain whose signed part was cut or rewritten.
+        match audit.check_anchor(key) {
+            Ok(aibox_audit::Anchored::Reset(cp)) => chain_reset = Some(cp),
+            Ok(_) => {}
+            Err(e) => {
+                remove_run_dir(&spec);
+                return Err(e.to_string());
+            }
+        }
     }
     if let Some(th) = &spec.detection {
         // The CLI checked these already; a spec that fails here was not
@@ -221,6 +231,10 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
             // A crash had cut the last write short: its bytes were kept.
             "audit_torn_tail": recovered.map(|r| json!({
                 "offset": r.offset, "bytes": r.bytes, "kept": r.kept,
+            })),
+            // The log was empty although an earlier chain had been signed.
+            "audit_chain_reset": chain_reset.map(|cp| json!({
+                "previous_seq": cp.seq, "previous_head": cp.head, "signed": cp.time,
             })),
         }),
     )?;

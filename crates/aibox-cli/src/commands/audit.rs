@@ -155,8 +155,10 @@ fn verify(
     let mut broken = false;
     let mut out = Vec::new();
     for (label, path) in logs {
-        let (report, cps) = aibox_audit::verify_with_checkpoints(&path, &label, trusted.as_ref())
-            .with_context(|| format!("verifying {}", path.display()))?;
+        let anchor = aibox_audit::checkpoint::read_anchor(&secret, &path)?;
+        let (report, cps) =
+            aibox_audit::verify_with_checkpoints(&path, &label, trusted.as_ref(), anchor.as_ref())
+                .with_context(|| format!("verifying {}", path.display()))?;
         let tampered =
             report.broken.as_ref().is_some_and(|b| !b.torn_tail) || !cps.problems.is_empty();
         // Checkpoints nobody can check are not a pass.
@@ -202,8 +204,11 @@ fn verify(
                 }
                 for p in &cps.problems {
                     println!(
-                        "  CHECKPOINT line {}{}: {}",
-                        p.line,
+                        "  CHECKPOINT {}{}: {}",
+                        p.line
+                            .map_or("(last, kept beside the key)".into(), |l| format!(
+                                "line {l}"
+                            )),
                         p.seq.map(|s| format!(" (event {s})")).unwrap_or_default(),
                         p.reason
                     );

@@ -323,6 +323,46 @@ both_modes!(checkpoints_catch_what_the_chain_cannot, |c: Ctx| {
     );
     std::fs::write(&public, genuine).unwrap();
     ok(&c.out(&["audit", "verify", "--name", "signed"]));
+
+    // The last checkpoint is also kept beside the key: deleting the
+    // checkpoint file, or cutting it back together with the log, is seen
+    // by verify, and no sandbox extends that chain.
+    let cpf = c.data.join("audit/signed.jsonl.checkpoints");
+    let saved_cps = std::fs::read_to_string(&cpf).unwrap();
+    let saved_log = std::fs::read_to_string(&log).unwrap();
+    let refused = |what: &str| {
+        let o = c.out(&["audit", "verify", "--name", "signed"]);
+        assert!(!o.status.success(), "{what}: {}", stdout(&o));
+        assert!(stdout(&o).contains(what), "{}", stdout(&o));
+        let o = c.out(&["run", "-w", &ws, "--name", "signed", "--", "true"]);
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains("aibox audit verify"), "{}", stderr(&o));
+    };
+    std::fs::remove_file(&cpf).unwrap();
+    refused("checkpoints were deleted");
+    let kept: Vec<&str> = saved_cps.lines().collect();
+    let prev: serde_json::Value = serde_json::from_str(kept[kept.len() - 2]).unwrap();
+    let upto = prev["seq"].as_u64().unwrap() as usize;
+    std::fs::write(&cpf, kept[..kept.len() - 1].join("\n") + "\n").unwrap();
+    std::fs::write(&log, l[..=upto].join("\n") + "\n").unwrap();
+    refused("checkpoints were deleted");
+    // The log alone cut back.
+    std::fs::write(&cpf, &saved_cps).unwrap();
+    std::fs::write(&log, l[..l.len() - 2].join("\n") + "\n").unwrap();
+    refused("truncated");
+    std::fs::write(&log, &saved_log).unwrap();
+    ok(&c.out(&["audit", "verify", "--name", "signed"]));
+    // Moved aside: a new chain starts and its first event says so.
+    std::fs::rename(&log, log.with_extension("old")).unwrap();
+    std::fs::rename(&cpf, c.data.join("audit/signed.old.checkpoints")).unwrap();
+    ok(&c.out(&["run", "-w", &ws, "--name", "signed", "--", "true"]));
+    let first: serde_json::Value = serde_json::from_str(&lines(&log)[0]).unwrap();
+    assert_eq!(
+        first["details"]["audit_chain_reset"]["previous_seq"],
+        (l.len() - 1) as u64,
+        "{first}"
+    );
+    ok(&c.out(&["audit", "verify", "--name", "signed"]));
 });
 
 both_modes!(
