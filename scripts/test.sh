@@ -38,6 +38,8 @@ command -v gnome-keyring-daemon >/dev/null 2>&1 || missing+=(gnome-keyring)
 # Vault mode is tested against rusty_vault, built from crates.io below.
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 [ -f /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
+# Exported Prometheus alert rules are checked with promtool.
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 # gVisor and docker backends.
 command -v runsc       >/dev/null 2>&1 || missing+=(runsc)
 command -v dockerd     >/dev/null 2>&1 || missing+=(docker.io)

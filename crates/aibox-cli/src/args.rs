@@ -59,6 +59,13 @@ pub enum Command {
     /// Audit log tools.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Prometheus metrics computed from the audit logs.
+    #[command(subcommand)]
+    Metrics(MetricsCmd),
+    /// Write SIEM artefacts: Prometheus alert rules, Grafana dashboards,
+    /// Falco rules and a Vector pipeline, from `audit.detection`.
+    #[command(subcommand)]
+    Siem(SiemCmd),
     /// Check a running sandbox's network from inside.
     #[command(subcommand)]
     Network(NetworkCmd),
@@ -418,6 +425,30 @@ pub enum AuditCmd {
         /// Write to this file instead of standard output.
         #[arg(long, short = 'o', value_name = "FILE")]
         output: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MetricsCmd {
+    /// Serve `/metrics` over HTTP for Prometheus to scrape.
+    Serve {
+        /// Address to listen on (loopback by default: the metrics name
+        /// sandboxes and their activity).
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        listen: String,
+    },
+    /// Print the metrics once (the text a scrape would get).
+    Show,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SiemCmd {
+    /// Write the artefacts into a directory (created if needed; files of
+    /// the same names are replaced).
+    Export {
+        /// The directory.
+        #[arg(long, value_name = "DIR")]
+        target: PathBuf,
     },
 }
 

@@ -10,6 +10,7 @@ mod lifecycle;
 pub(crate) mod network;
 pub(crate) mod policy;
 mod push;
+mod siem;
 mod vault;
 
 use anyhow::Result;
@@ -41,6 +42,8 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Config(c) => config::run(cli.config, c),
         Command::Doctor(a) => doctor::run(cli.config, a),
         Command::Audit(a) => audit::run(cli.config, a),
+        Command::Metrics(a) => siem::metrics(cli.config, a),
+        Command::Siem(a) => siem::siem(cli.config, a),
         Command::Network(a) => network::run(cli.config, a),
         Command::Policy(a) => policy::run(cli.config, a),
         Command::Image(a) => image::run(cli.config, a),

@@ -43,6 +43,34 @@ fn upload_sink() -> u16 {
     port
 }
 
+/// Starts `aibox metrics serve` on a free port and scrapes `/metrics`.
+fn scrape(c: &Ctx) -> String {
+    let mut serve = c
+        .aibox(&["metrics", "serve", "--listen", "127.0.0.1:0"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(serve.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let _ = serve.kill();
+    let _ = serve.wait();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
 /// Business hours that exclude the present (two to three hours from now,
 /// UTC), so every credential issued in the test is off-hours.
 fn hours_excluding_now() -> String {
@@ -385,5 +413,91 @@ audit:
             (&"critical".into(), &"T1611".into())
         );
         assert!(ok(&c.out(&["audit", "verify", "--name", "e2e"])).contains("intact"));
+
+        // The metrics endpoint, scraped over HTTP: every series the
+        // exported alert rules and dashboards use has samples here.
+        let served = scrape(&c);
+        assert!(served.contains("aibox_sandboxes_running 0\n"), "{served}");
+        assert!(
+            served.contains(
+                "aibox_alerts_total{sandbox=\"e2e\",rule_id=\"aibox-004\",severity=\"high\"} "
+            ),
+            "{served}"
+        );
+        let with_samples: std::collections::BTreeSet<String> = served
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .map(|n| {
+                ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .fold(n, |n, s| n.strip_suffix(s).unwrap_or(n))
+                    .to_string()
+            })
+            .collect();
+        let target = c.dir.path().join("siem");
+        ok(&c.out(&["siem", "export", "--target", &target.display().to_string()]));
+        let rules = target.join("prometheus/aibox-rules.yml");
+        let check = std::process::Command::new("promtool")
+            .args(["check", "rules"])
+            .arg(&rules)
+            .output()
+            .unwrap();
+        assert!(
+            check.status.success() && stdout(&check).contains("10 rules found"),
+            "{}{}",
+            stdout(&check),
+            stderr(&check)
+        );
+        let mut exprs: Vec<String> = Vec::new();
+        let r: Value = serde_saphyr::from_str(&std::fs::read_to_string(&rules).unwrap()).unwrap();
+        for rule in r["groups"][0]["rules"].as_array().unwrap() {
+            exprs.push(rule["expr"].as_str().unwrap().to_string());
+        }
+        // The configured thresholds are the rules' numbers.
+        assert!(
+            exprs
+                .iter()
+                .any(|e| e.contains("decision=\"deny\"}[3600s])) >= 5")),
+            "{exprs:?}"
+        );
+        for d in [
+            "aibox-platform-ops",
+            "aibox-security-posture",
+            "aibox-executive",
+        ] {
+            let text = std::fs::read_to_string(target.join(format!("grafana/{d}.json"))).unwrap();
+            let dash: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(dash["uid"], d);
+            let panels = dash["panels"].as_array().unwrap();
+            assert!(panels.len() >= 4, "{d}");
+            for p in panels {
+                for t in p["targets"].as_array().unwrap() {
+                    exprs.push(t["expr"].as_str().unwrap().to_string());
+                }
+            }
+        }
+        for e in &exprs {
+            let mut names = Vec::new();
+            let mut rest = e.as_str();
+            while let Some(at) = rest.find("aibox_") {
+                let tail = &rest[at..];
+                let end = tail
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(tail.len());
+                names.push(&tail[..end]);
+                rest = &tail[end..];
+            }
+            assert!(!names.is_empty(), "{e}");
+            for n in names {
+                let base = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .fold(n, |n, s| n.strip_suffix(s).unwrap_or(n));
+                assert!(
+                    with_samples.contains(base),
+                    "{e} uses {n}, which the endpoint does not serve: {with_samples:?}"
+                );
+            }
+        }
     }
 );
