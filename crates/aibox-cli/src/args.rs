@@ -413,6 +413,14 @@ pub enum AuditCmd {
         #[arg(long, short = 'f')]
         follow: bool,
     },
+    /// Send what the configured sinks (`audit.sinks`) have not received
+    /// yet: logs of stopped sandboxes, events written after a stop, and
+    /// what a collector missed while it was down.
+    Ship {
+        /// Only this sandbox's log (default: every log).
+        #[arg(long, short = 'n')]
+        name: Option<String>,
+    },
     /// Write events for a SIEM: JSON lines as stored, Elastic Common
     /// Schema, or OCSF.
     Export {

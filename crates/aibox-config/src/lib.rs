@@ -761,6 +761,13 @@ fn validate(
             "fix the value or remove it for the default (see docs/audit.md)",
         ));
     }
+    if let Err(e) = aibox_siem::sink::check(&c.audit.sinks) {
+        return Err(bad(
+            "audit.sinks",
+            &e.to_string(),
+            "see docs/audit.md (Sinks) for the fields each type takes",
+        ));
+    }
     if c.audit.checkpoint_every == 0 {
         return Err(bad(
             "audit.checkpoint_every",

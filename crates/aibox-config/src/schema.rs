@@ -666,6 +666,9 @@ pub struct Audit {
     /// Record reads and writes of workspace files (`file.read`,
     /// `file.write`), thinned to one per path and second.
     pub file_events: bool,
+    /// Where every event is also sent: syslog (RFC 5424, UDP/TCP/TLS)
+    /// and HTTP (JSON batches), from the log itself as a disk buffer.
+    pub sinks: Vec<aibox_siem::sink::SinkConfig>,
 }
 
 impl Default for Audit {
@@ -693,6 +696,7 @@ impl Default for Audit {
             checkpoint_interval: "60s".into(),
             detection: aibox_audit::detect::Thresholds::default(),
             file_events: true,
+            sinks: Vec::new(),
         }
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod artefacts;
 pub mod metrics;
+pub mod sink;
 
 /// Errors of the SIEM crate.
 #[derive(Debug, thiserror::Error)]

@@ -14,6 +14,7 @@ pub mod gate;
 pub mod paths;
 pub mod proto;
 mod push;
+mod sinks;
 pub mod supervisor;
 
 pub use paths::SandboxPaths;

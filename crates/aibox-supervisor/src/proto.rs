@@ -120,6 +120,9 @@ pub struct SupervisorSpec {
     /// Record `file.read`/`file.write` for the workspace (`audit.file_events`).
     #[serde(default)]
     pub file_events: bool,
+    /// Where the audit log is shipped (`audit.sinks`).
+    #[serde(default)]
+    pub sinks: Vec<aibox_siem::sink::SinkConfig>,
     /// SHA-256 of the effective config.
     pub config_sha256: String,
     /// Shell program for `aibox shell`.

@@ -74,6 +74,8 @@ struct Shared {
     egress: Option<crate::egress::Egress>,
     /// The exec gate, when the sandbox has one.
     gate: Option<Arc<crate::gate::Gate>>,
+    /// Where the log is shipped.
+    sinks: OnceLock<crate::sinks::Sinks>,
 }
 
 fn details(v: Value) -> Map<String, Value> {
@@ -108,6 +110,24 @@ impl Shared {
             log(&format!("audit write failed: {e}"));
         }
         r
+    }
+
+    /// Starts shipping the log to the configured sinks; a sink that
+    /// cannot be opened stops the sandbox (reported by the caller).
+    fn start_sinks(&self) -> Result<(), String> {
+        if self.spec.sinks.is_empty() {
+            return Ok(());
+        }
+        let state = self
+            .spec
+            .audit_log
+            .parent()
+            .and_then(Path::parent)
+            .map(|d| d.join("sinks"))
+            .ok_or("the audit log has no data directory")?;
+        let s = crate::sinks::Sinks::start(&self.spec.audit_log, &state, &self.spec.sinks)?;
+        let _ = self.sinks.set(s);
+        Ok(())
     }
 }
 
@@ -916,7 +936,14 @@ fn serve(
         events_rx: Mutex::new(Some(events_rx)),
         egress,
         gate,
+        sinks: OnceLock::new(),
     });
+    // (The CLI opened each sink before starting us: a failure here is a
+    // collector that went away in between, retried by the next start or
+    // `aibox audit ship`; the log itself holds every event.)
+    if let Err(e) = shared.start_sinks() {
+        log(&e);
+    }
 
     // (Before `ready`: no session can use a credential before its issue.)
     if shared.egress.is_some()
@@ -1746,6 +1773,9 @@ fn finish(
     if let Ok(mut a) = shared.audit.lock() {
         let _ = a.checkpoint();
         let _ = a.sync();
+    }
+    if let Some(s) = shared.sinks.get() {
+        s.flush();
     }
     remove_run_dir(&shared.spec);
     if let Some(conn) = reply {

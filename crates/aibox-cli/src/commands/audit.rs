@@ -107,6 +107,7 @@ pub fn run(cli_config: Option<PathBuf>, cmd: AuditCmd) -> Result<i32> {
             format,
             output,
         } => export(cli_config, name, format, output),
+        AuditCmd::Ship { name } => ship(cli_config, name),
     }
 }
 
@@ -220,6 +221,44 @@ fn verify(
         println!("{}", serde_json::to_string_pretty(&out)?);
     }
     Ok(if broken { 1 } else { 0 })
+}
+
+fn ship(cli_config: Option<PathBuf>, name: Option<String>) -> Result<i32> {
+    let (loaded, _) = super::load_config(cli_config)?;
+    let sinks = &loaded.config.audit.sinks;
+    if sinks.is_empty() {
+        bail!("no sinks are configured; add them under audit.sinks (see docs/audit.md)");
+    }
+    let logs = match name {
+        Some(n) => vec![(n.clone(), named_log(&loaded, &n)?)],
+        None => all_logs(&loaded)?,
+    };
+    let state = loaded.data_dir().join("sinks");
+    let mut failed = false;
+    for s in sinks {
+        let mut d = aibox_siem::sink::open(s)
+            .map_err(|e| anyhow::anyhow!("audit.sinks {}: {e}", s.name))?;
+        for (label, path) in &logs {
+            let paths = aibox_supervisor::paths::SandboxPaths::new(
+                &loaded.runtime_dir(),
+                &loaded.data_dir(),
+                label,
+            );
+            if aibox_supervisor::client::is_alive(&paths) {
+                println!("{}: {label}: running, its supervisor ships it", s.name);
+                continue;
+            }
+            let shipper = aibox_siem::sink::Shipper::new(path, &state, s);
+            match shipper.ship(d.as_mut()) {
+                Ok(n) => println!("{}: {label}: {n} events sent", s.name),
+                Err(e) => {
+                    failed = true;
+                    eprintln!("aibox: {}: {label}: {e} (run this again to resume)", s.name);
+                }
+            }
+        }
+    }
+    Ok(if failed { 1 } else { 0 })
 }
 
 /// Whether `line` (an event) has one of `types` (all when empty).

@@ -182,6 +182,15 @@ fn prepare(
         audit_signing: Some(super::audit::signing(&loaded, &sources)?),
         detection: c.audit.detection.enabled.then(|| c.audit.detection.clone()),
         file_events: c.audit.file_events,
+        sinks: {
+            // Opened here first: a sink that cannot work (an unset token,
+            // an unreadable CA) stops the start with its name.
+            for s in &c.audit.sinks {
+                aibox_siem::sink::open(s)
+                    .map_err(|e| anyhow::anyhow!("audit.sinks {}: {e}", s.name))?;
+            }
+            c.audit.sinks.clone()
+        },
         config_sha256: hex::encode(Sha256::digest(&config_json)),
         shell: c.shell.program().into(),
         cpus: c.resources.cpus,

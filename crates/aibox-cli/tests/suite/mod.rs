@@ -14,4 +14,5 @@ mod llm;
 mod network;
 mod policy;
 mod push;
+mod sinks;
 mod vault;
