@@ -40,6 +40,8 @@ command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 [ -f /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
 # Exported Prometheus alert rules are checked with promtool.
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+# Exported session recordings are played with the distribution's asciinema.
+command -v asciinema >/dev/null 2>&1 || missing+=(asciinema)
 # The syslog sink is tested against a real rsyslog (UDP, TCP, TLS).
 command -v rsyslogd >/dev/null 2>&1 || [ -x /usr/sbin/rsyslogd ] || missing+=(rsyslog)
 [ -f /usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so ] || missing+=(rsyslog-gnutls)

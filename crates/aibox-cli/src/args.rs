@@ -42,7 +42,7 @@ pub enum Command {
     /// Run a command in a running sandbox.
     Exec(ExecArgs),
     /// Open an interactive shell in a running sandbox.
-    Shell(NameArg),
+    Shell(ShellArgs),
     /// Show a sandbox's state, limits and self-test.
     Status(StatusArgs),
     /// List sandboxes.
@@ -59,6 +59,9 @@ pub enum Command {
     /// Audit log tools.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Recorded terminal sessions: list, play, export.
+    #[command(subcommand)]
+    Recording(RecordingCmd),
     /// Prometheus metrics computed from the audit logs.
     #[command(subcommand)]
     Metrics(MetricsCmd),
@@ -168,6 +171,56 @@ pub struct NameArg {
     /// Sandbox name (default: the only running sandbox, or the one for the current directory).
     #[arg(long, short = 'n')]
     pub name: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ShellArgs {
+    #[command(flatten)]
+    pub name: NameArg,
+    /// Record this session (when audit.recording is optional).
+    #[arg(long, conflicts_with = "no_record")]
+    pub record: bool,
+    /// Do not record this session (refused when recording is required).
+    #[arg(long)]
+    pub no_record: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RecordingCmd {
+    /// List recordings (id, sandbox, start, size, command).
+    List {
+        /// Only this sandbox's recordings.
+        #[arg(long, short = 'n')]
+        name: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
+    /// Play a recording in this terminal, decrypted in memory.
+    Play {
+        /// The recording's id.
+        id: String,
+        /// Playback speed (2 = twice as fast).
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// Start at this many seconds in (what came before is shown at once).
+        #[arg(long, default_value_t = 0.0, value_name = "SECONDS")]
+        from: f64,
+        /// Cap pauses at this many seconds.
+        #[arg(long, value_name = "SECONDS")]
+        max_idle: Option<f64>,
+    },
+    /// Write a recording as a plain asciicast v2 `.cast` file.
+    Export {
+        /// The recording's id.
+        id: String,
+        /// Decrypt (required: the result holds everything the session showed).
+        #[arg(long)]
+        decrypt: bool,
+        /// Write here (0600) instead of standard output.
+        #[arg(long, short = 'o', value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -699,6 +699,7 @@ fn validate(
         "credentials.vault.jwt_file",
         "credentials.vault.ca_file",
         "audit.signing_key_path",
+        "audit.recording_key_path",
     ] {
         let v = values.get(key).and_then(Value::as_str).unwrap_or_default();
         if !v.is_empty() && !v.starts_with('/') {

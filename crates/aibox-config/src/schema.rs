@@ -669,6 +669,43 @@ pub struct Audit {
     /// Where every event is also sent: syslog (RFC 5424, UDP/TCP/TLS)
     /// and HTTP (JSON batches), from the log itself as a disk buffer.
     pub sinks: Vec<aibox_siem::sink::SinkConfig>,
+    /// Terminal session recording: `off`, `optional` (with `aibox shell
+    /// --record`) or `required` (every `aibox shell`, with a notice).
+    pub recording: RecordingMode,
+    /// Record keystrokes too (they may hold passwords typed at prompts).
+    pub recording_input: bool,
+    /// The key recordings are encrypted under (default: `recording.key`
+    /// beside the user config file; never in the data directory).
+    pub recording_key_path: String,
+}
+
+impl Audit {
+    /// The recording mode in effect: `recording`, or the original's
+    /// `recording_policy` / `recording_enabled` when only those are set.
+    pub fn recording_mode(&self) -> RecordingMode {
+        match (
+            self.recording,
+            self.recording_policy,
+            self.recording_enabled,
+        ) {
+            (RecordingMode::Off, RecordingPolicy::Required, _) => RecordingMode::Required,
+            (RecordingMode::Off, RecordingPolicy::Optional, _) => RecordingMode::Optional,
+            (RecordingMode::Off, RecordingPolicy::Disabled, true) => RecordingMode::Optional,
+            (m, _, _) => m,
+        }
+    }
+}
+
+/// When terminal sessions are recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordingMode {
+    /// Never.
+    Off,
+    /// When asked for (`aibox shell --record`).
+    Optional,
+    /// Always; `--no-record` is refused and a notice is shown.
+    Required,
 }
 
 impl Default for Audit {
@@ -697,6 +734,9 @@ impl Default for Audit {
             detection: aibox_audit::detect::Thresholds::default(),
             file_events: true,
             sinks: Vec::new(),
+            recording: RecordingMode::Off,
+            recording_input: false,
+            recording_key_path: String::new(),
         }
     }
 }

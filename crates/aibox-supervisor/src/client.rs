@@ -626,7 +626,27 @@ const FORWARDED: &[Signal] = &[
 /// Runs a command and returns its exit code. Without `tty` the caller's
 /// stdin/stdout/stderr are handed to the command; with it a terminal is
 /// allocated inside and relayed to ours (raw mode, resizes passed on).
-pub fn exec(conn: OwnedFd, mut req: ExecRequest) -> Result<i32, Error> {
+pub fn exec(conn: OwnedFd, req: ExecRequest) -> Result<i32, Error> {
+    exec_tapped(conn, req, None)
+}
+
+/// Sees a terminal session's traffic (session recording).
+pub trait Tap: Send + Sync {
+    /// What the session wrote to the terminal.
+    fn output(&self, data: &[u8]);
+    /// What was typed.
+    fn input(&self, data: &[u8]);
+    /// The terminal was resized.
+    fn resize(&self, cols: u16, rows: u16);
+}
+
+/// [`exec`], with `tap` seeing a terminal session's input, output and
+/// resizes as they are relayed.
+pub fn exec_tapped(
+    conn: OwnedFd,
+    mut req: ExecRequest,
+    tap: Option<std::sync::Arc<dyn Tap>>,
+) -> Result<i32, Error> {
     let tty = req.tty.is_some();
     if tty {
         let (rows, cols) = aibox_sandbox::sys::get_winsize(0).unwrap_or((24, 80));
@@ -687,12 +707,15 @@ pub fn exec(conn: OwnedFd, mut req: ExecRequest) -> Result<i32, Error> {
     let conn = std::sync::Arc::new(conn);
     let master = master.map(std::sync::Arc::new);
     {
-        let (c, m) = (conn.clone(), master.clone());
+        let (c, m, t) = (conn.clone(), master.clone(), tap.clone());
         std::thread::spawn(move || {
             while let Ok(sig) = mask.wait() {
                 if sig == Signal::SIGWINCH {
                     if let (Some(m), Ok((r, cl))) = (&m, aibox_sandbox::sys::get_winsize(0)) {
                         let _ = aibox_sandbox::sys::set_winsize(m.as_raw_fd(), r, cl);
+                        if let Some(t) = &t {
+                            t.resize(cl, r);
+                        }
                     }
                     continue;
                 }
@@ -703,7 +726,7 @@ pub fn exec(conn: OwnedFd, mut req: ExecRequest) -> Result<i32, Error> {
     match master {
         None if outputs.is_empty() => wait_exit(&conn),
         None => relay_outputs(&conn, outputs),
-        Some(m) => relay(&conn, &m),
+        Some(m) => relay(&conn, &m, tap),
     }
 }
 
@@ -858,16 +881,23 @@ impl Drop for RawMode {
     }
 }
 
-fn relay(conn: &OwnedFd, master: &std::sync::Arc<OwnedFd>) -> Result<i32, Error> {
+fn relay(
+    conn: &OwnedFd,
+    master: &std::sync::Arc<OwnedFd>,
+    tap: Option<std::sync::Arc<dyn Tap>>,
+) -> Result<i32, Error> {
     let _raw = RawMode::enter();
     {
-        let m = master.clone();
+        let (m, t) = (master.clone(), tap.clone());
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             loop {
                 match nix::unistd::read(std::io::stdin().as_fd(), &mut buf) {
                     Ok(0) | Err(_) => return,
                     Ok(n) => {
+                        if let Some(t) = &t {
+                            t.input(&buf[..n]);
+                        }
                         if nix::unistd::write(m.as_fd(), &buf[..n]).is_err() {
                             return;
                         }
@@ -909,6 +939,9 @@ fn relay(conn: &OwnedFd, master: &std::sync::Arc<OwnedFd>) -> Result<i32, Error>
                     return wait_exit(conn).map(|c| exit.unwrap_or(c));
                 }
                 Ok(n) => {
+                    if let Some(t) = &tap {
+                        t.output(&buf[..n]);
+                    }
                     let _ = out.flush();
                     let _ = write_all_fd(out.as_fd(), &buf[..n]);
                 }

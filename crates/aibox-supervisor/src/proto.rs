@@ -59,6 +59,10 @@ pub struct ExecRequest {
     pub host_cwd: Option<PathBuf>,
     /// Allocate a terminal of this size.
     pub tty: Option<WinSize>,
+    /// The recording of this session, if it is recorded (logged with
+    /// `session.start`).
+    #[serde(default)]
+    pub recording: Option<String>,
 }
 
 /// Supervisor → CLI.

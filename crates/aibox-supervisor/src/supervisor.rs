@@ -1347,7 +1347,7 @@ fn exec_inner(shared: &Arc<Shared>, conn: OwnedFd, req: ExecRequest, fds: Vec<Ow
     if let Err(e) = shared.emit(
         EventType::SessionStart,
         Severity::Info,
-        json!({"session_id": session, "argv": req.argv, "tty": req.tty.is_some()}),
+        json!({"session_id": session, "argv": req.argv, "tty": req.tty.is_some(), "recording": req.recording}),
     ) {
         remove_waiter(shared, id);
         let message = format!(

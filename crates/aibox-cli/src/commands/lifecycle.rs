@@ -15,7 +15,8 @@ use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
 use crate::args::{
-    ExecArgs, ExecOpts, Format, FormatArg, NameArg, RunArgs, RuntimeArg, StartArgs, StatusArgs,
+    ExecArgs, ExecOpts, Format, FormatArg, NameArg, RunArgs, RuntimeArg, ShellArgs, StartArgs,
+    StatusArgs,
 };
 use crate::workspace;
 
@@ -677,6 +678,7 @@ fn exec_request(opts: &ExecOpts, argv: Vec<String>) -> Result<ExecRequest> {
         tty: opts
             .tty
             .then_some(aibox_sandbox::WinSize { rows: 24, cols: 80 }),
+        recording: None,
     })
 }
 
@@ -744,22 +746,36 @@ pub fn exec(cli_config: Option<PathBuf>, a: ExecArgs) -> Result<i32> {
     Ok(client::exec(conn, req)?)
 }
 
-pub fn shell(cli_config: Option<PathBuf>, a: NameArg) -> Result<i32> {
+pub fn shell(cli_config: Option<PathBuf>, a: ShellArgs) -> Result<i32> {
     if !std::io::stdin().is_terminal() {
         bail!(
             "aibox shell needs a terminal\n  fix: run it from an interactive terminal, or use `aibox exec -- CMD`"
         );
     }
-    let (loaded, paths) = target(cli_config, &a)?;
+    let sources = aibox_config::Sources::standard(cli_config.clone());
+    let (loaded, paths) = target(cli_config, &a.name)?;
     let shell = loaded.config.shell.program().to_string();
     let opts = ExecOpts {
         tty: true,
         env: Vec::new(),
         cwd: None,
     };
-    let req = exec_request(&opts, vec![shell, "-l".into()])?;
+    let mut req = exec_request(&opts, vec![shell, "-l".into()])?;
     let conn = connect(&loaded, &paths)?;
-    Ok(client::exec(conn, req)?)
+    let rec = super::recording::start(
+        &loaded,
+        &sources,
+        &paths.name,
+        &req.argv,
+        a.record,
+        a.no_record,
+    )?;
+    req.recording = rec.as_ref().map(|r| r.id.clone());
+    let code = client::exec_tapped(conn, req, rec.as_ref().map(|r| r.tap()));
+    if let Some(r) = rec {
+        r.finish()?;
+    }
+    Ok(code?)
 }
 
 fn print_status(s: &Status) {

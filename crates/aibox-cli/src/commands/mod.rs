@@ -10,6 +10,7 @@ mod lifecycle;
 pub(crate) mod network;
 pub(crate) mod policy;
 mod push;
+mod recording;
 mod siem;
 mod vault;
 
@@ -43,6 +44,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Doctor(a) => doctor::run(cli.config, a),
         Command::Audit(a) => audit::run(cli.config, a),
         Command::Metrics(a) => siem::metrics(cli.config, a),
+        Command::Recording(a) => recording::run(cli.config, a),
         Command::Siem(a) => siem::siem(cli.config, a),
         Command::Network(a) => network::run(cli.config, a),
         Command::Policy(a) => policy::run(cli.config, a),

@@ -14,5 +14,6 @@ mod llm;
 mod network;
 mod policy;
 mod push;
+mod recording;
 mod sinks;
 mod vault;
