@@ -215,6 +215,19 @@ impl Signer {
         &self.path
     }
 
+    /// The key's id.
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    /// Signs `message`: (key id, signature in hex).
+    pub fn sign_bytes(&self, message: &[u8]) -> (String, String) {
+        (
+            self.key_id.clone(),
+            hex::encode(self.key.sign(message).to_bytes()),
+        )
+    }
+
     /// Signs the head `head` at `seq` of sandbox `sandbox`'s log and
     /// appends the checkpoint to `file`.
     pub fn checkpoint(
@@ -295,6 +308,28 @@ impl Trusted {
             key_id: key_id(&key),
             key,
         })
+    }
+
+    /// Why `signature` (hex, by key `key_id`) over `message` does not
+    /// hold, if it does not.
+    pub fn check_bytes(&self, key_id: &str, signature: &str, message: &[u8]) -> Option<String> {
+        if key_id != self.key_id {
+            return Some(format!(
+                "signed by key {key_id} where {} was expected",
+                self.key_id
+            ));
+        }
+        let Some(sig) = hex::decode(signature)
+            .ok()
+            .and_then(|b| <[u8; 64]>::try_from(b.as_slice()).ok())
+            .map(|b| ed25519_dalek::Signature::from_bytes(&b))
+        else {
+            return Some("malformed signature".into());
+        };
+        self.key
+            .verify(message, &sig)
+            .is_err()
+            .then(|| "bad signature (forged or altered)".into())
     }
 
     /// Why `cp` is not a genuine checkpoint of sandbox `sandbox`, if it

@@ -17,6 +17,7 @@ pub mod detect;
 mod event;
 pub mod export;
 mod log;
+pub mod segments;
 mod verify;
 
 pub use event::{Event, EventType, Severity, Source};
@@ -65,7 +66,7 @@ pub enum AuditError {
     /// The log or its checkpoint file no longer holds what the last
     /// checkpoint (kept beside the signing key) signed.
     #[error(
-        "audit log {path}: {reason}; run `aibox audit verify` to see what changed, and move the log and its .checkpoints file aside to start a new chain"
+        "audit log {path}: {reason}; run `aibox audit verify` to see what changed, and move the log and its .checkpoints, .manifest and .segments aside to start a new chain"
     )]
     Tampered {
         /// The log file.

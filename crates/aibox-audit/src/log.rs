@@ -66,6 +66,8 @@ pub struct AuditLog {
     /// Evaluates the detection rules on each event, when set; alerts are
     /// written with this source.
     detector: Option<(crate::detect::Detector, Source)>,
+    /// Seal the log into a segment once it is this large.
+    segment_max: Option<u64>,
 }
 
 /// When and with what [`AuditLog`] writes checkpoints.
@@ -90,6 +92,8 @@ impl AuditLog {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
+        complete_pending_seal(path)?;
+        check_segments_present(path)?;
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
@@ -98,8 +102,15 @@ impl AuditLog {
             .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .map_err(io)?;
-        let (next_seq, head) = recover_head(&mut file, path)?;
+        let (mut next_seq, mut head) = recover_head(&mut file, path)?;
         let len = file.seek(SeekFrom::End(0)).map_err(io)?;
+        if len == 0
+            && let Some(last) = crate::segments::last_sealed(path)?
+        {
+            // A fresh file after a seal: the chain goes on from there.
+            next_seq = last.last_seq + 1;
+            head = last.last_hash;
+        }
         Ok(Self {
             path: path.to_path_buf(),
             file,
@@ -110,7 +121,75 @@ impl AuditLog {
             user_id: user_id.to_string(),
             signer: None,
             detector: None,
+            segment_max: None,
         })
+    }
+
+    /// Seals the log into a segment whenever it grows past `bytes`.
+    pub fn set_segment_max(&mut self, bytes: u64) {
+        self.segment_max = Some(bytes.max(1));
+    }
+
+    /// Seals what the active file holds into a read-only segment listed in
+    /// the manifest (signed when a signer is set), and goes on in a fresh
+    /// file. Nothing to seal is not an error.
+    pub fn seal(&mut self, reason: &str) -> Result<Option<crate::segments::Segment>, AuditError> {
+        if self.len == 0 {
+            return Ok(None);
+        }
+        let io = |source| AuditError::Io {
+            path: self.path.display().to_string(),
+            source,
+        };
+        self.file.sync_data().map_err(io)?;
+        let (sha256, bytes) = crate::segments::digest(&self.path)?;
+        let mut first = Vec::new();
+        {
+            let f = File::open(&self.path).map_err(io)?;
+            std::io::BufRead::read_until(&mut std::io::BufReader::new(f), b'\n', &mut first)
+                .map_err(io)?;
+        }
+        let first: Event =
+            serde_json::from_slice(first.trim_ascii_end()).map_err(|e| AuditError::BadTail {
+                path: self.path.display().to_string(),
+                reason: format!("first line: {e}"),
+            })?;
+        let last_seq = self.next_seq.saturating_sub(1);
+        let mut entry = crate::segments::Segment {
+            segment: format!("{:012}-{:012}.jsonl", first.seq, last_seq),
+            first_seq: first.seq,
+            last_seq,
+            first_prev_hash: first.prev_hash,
+            last_hash: self.head.clone(),
+            bytes,
+            sha256,
+            sealed_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            reason: reason.to_string(),
+            key_id: None,
+            signature: None,
+        };
+        if let Some(c) = &self.signer {
+            entry.key_id = Some(c.signer.key_id().to_string());
+            let (_, sig) = c.signer.sign_bytes(&entry.message(&self.sandbox_id));
+            entry.signature = Some(sig);
+        }
+        // Listed first, then moved: a crash in between is completed by
+        // the next open (the file still matches its entry).
+        crate::segments::append_manifest(&self.path, &entry)?;
+        crate::segments::move_into_place(&self.path, &entry)?;
+        self.file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&self.path)
+            .map_err(|source| AuditError::Io {
+                path: self.path.display().to_string(),
+                source,
+            })?;
+        self.len = 0;
+        Ok(Some(entry))
     }
 
     /// Evaluates the detection rules on every event appended from now on,
@@ -120,19 +199,10 @@ impl AuditLog {
     /// events raised were written when they happened and are not repeated.
     pub fn set_detector(&mut self, mut detector: crate::detect::Detector, source: Source) {
         const TAIL: u64 = 16 << 20;
-        let start = self.len.saturating_sub(TAIL);
-        let mut buf = Vec::new();
-        if self.file.seek(SeekFrom::Start(start)).is_ok() {
-            let _ = (&self.file).take(self.len - start).read_to_end(&mut buf);
-        }
-        // O_APPEND writes ignore the offset; reset it for tidiness.
-        let _ = self.file.seek(SeekFrom::End(0));
-        let mut lines = buf.split(|&b| b == b'\n');
-        if start > 0 {
-            // The first piece is the end of a line cut by the offset.
-            lines.next();
-        }
-        for line in lines.filter(|l| !l.is_empty()) {
+        // Across the sealed segments too: a sandbox that stopped sealed
+        // its file, and what came before the stop still counts.
+        let buf = crate::segments::tail(&self.path, TAIL);
+        for line in buf.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
             if let Ok(e) = serde_json::from_slice::<Event>(line) {
                 detector.observe(&e);
             }
@@ -256,6 +326,12 @@ impl AuditLog {
                 // with the next one.)
                 let _ = self.checkpoint();
             }
+        }
+        if self.segment_max.is_some_and(|m| self.len >= m) {
+            // Signed up to here first, then sealed; a failure leaves the
+            // file active and is tried again at the next event.
+            let _ = self.checkpoint();
+            let _ = self.seal("rotation");
         }
         Ok(event)
     }
@@ -425,8 +501,7 @@ impl AuditLog {
             path: self.path.display().to_string(),
             source,
         };
-        let f = File::open(&self.path).map_err(io)?;
-        let r = std::io::BufReader::new(f.take(self.len));
+        let r = std::io::BufReader::new(crate::segments::ChainReader::new(&self.path));
         for line in std::io::BufRead::split(r, b'\n') {
             let line = line.map_err(io)?;
             if let Ok((next, hash)) = parse_tail(&line, &self.path)
@@ -437,6 +512,46 @@ impl AuditLog {
         }
         Ok(None)
     }
+}
+
+/// Completes a seal a crash interrupted: the manifest lists a segment
+/// whose file is missing while the active file is exactly that segment.
+fn complete_pending_seal(path: &Path) -> Result<(), AuditError> {
+    let Some(last) = crate::segments::last_sealed(path)? else {
+        return Ok(());
+    };
+    let seg = crate::segments::segments_dir(path).join(&last.segment);
+    if seg.exists() || !path.exists() {
+        return Ok(());
+    }
+    match crate::segments::digest(path) {
+        Ok((sha, len)) if sha == last.sha256 && len == last.bytes => {
+            crate::segments::move_into_place(path, &last)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Refuses a log whose sealed segments are not all there at the size the
+/// manifest recorded (a quick look: `verify` hashes them).
+fn check_segments_present(path: &Path) -> Result<(), AuditError> {
+    let dir = crate::segments::segments_dir(path);
+    for e in crate::segments::read_manifest(path)?.into_iter().flatten() {
+        let len = std::fs::symlink_metadata(dir.join(&e.segment))
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.len());
+        if len != Some(e.bytes) {
+            return Err(AuditError::Tampered {
+                path: path.display().to_string(),
+                reason: format!(
+                    "its sealed segment {} (events {} to {}) is missing or changed",
+                    e.segment, e.first_seq, e.last_seq
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Reads the last line of the file and returns (next seq, head hash).

@@ -227,6 +227,8 @@ pub struct CheckpointReport {
     pub problems: Vec<CheckpointProblem>,
     /// Why signatures could not be checked (no public key), if so.
     pub unsigned_check: Option<String>,
+    /// The sealed segments and their manifest.
+    pub segments: crate::segments::SegmentReport,
 }
 
 /// Verifies the log at `path` (sandbox `sandbox`) and its checkpoints:
@@ -252,10 +254,15 @@ pub fn verify_with_checkpoints(
         .chain(anchor.map(|a| a.seq))
         .collect();
     let mut heads = std::collections::HashMap::new();
-    let file = std::fs::File::open(path).map_err(|source| AuditError::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
+    if !path.exists() && crate::segments::files(path).is_empty() {
+        return Err(AuditError::Io {
+            path: path.display().to_string(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+    }
+    // The sealed segments, then the active file, as one chain.
+    let file = crate::segments::ChainReader::new(path);
+    let segments = crate::segments::check(path, sandbox, trusted)?;
     let report = verify_reader_with(file, |seq, hash| {
         if wanted.contains(&seq) {
             heads.insert(seq, hash.to_string());
@@ -272,6 +279,7 @@ pub fn verify_with_checkpoints(
         unsigned_check: trusted
             .is_none()
             .then(|| "no public key to check signatures with".to_string()),
+        segments,
     };
     for (i, cp) in cps.iter().enumerate() {
         let line = i as u64;

@@ -762,6 +762,13 @@ fn validate(
             "fix the value or remove it for the default (see docs/audit.md)",
         ));
     }
+    if parse_size(&c.audit.segment_max).is_none_or(|n| n < (1 << 20)) {
+        return Err(bad(
+            "audit.segment_max",
+            "not a size of at least 1m",
+            "write digits with a k/m/g suffix, e.g. 64m",
+        ));
+    }
     if let Err(e) = aibox_siem::sink::check(&c.audit.sinks) {
         return Err(bad(
             "audit.sinks",

@@ -672,6 +672,9 @@ pub struct Audit {
     /// Terminal session recording: `off`, `optional` (with `aibox shell
     /// --record`) or `required` (every `aibox shell`, with a notice).
     pub recording: RecordingMode,
+    /// Seal the log into a segment once it is this large (and always at
+    /// stop), e.g. `64m`.
+    pub segment_max: String,
     /// Record keystrokes too (they may hold passwords typed at prompts).
     pub recording_input: bool,
     /// The key recordings are encrypted under (default: `recording.key`
@@ -736,6 +739,7 @@ impl Default for Audit {
             sinks: Vec::new(),
             recording: RecordingMode::Off,
             recording_input: false,
+            segment_max: "64m".into(),
             recording_key_path: String::new(),
         }
     }

@@ -405,36 +405,43 @@ fn escape(v: &str) -> String {
 
 /// Follows the audit logs of a directory, reading only what was appended
 /// since the last call (a line still being written waits for the next).
+/// Files are known by inode, so a log sealed into a segment (moved) is
+/// finished where it was left, and its fresh successor read from the start.
 #[derive(Debug, Default)]
 pub struct Follower {
-    offsets: BTreeMap<PathBuf, u64>,
+    offsets: BTreeMap<(u64, u64), u64>,
 }
 
 impl Follower {
-    /// Feeds every complete new line of the `*.jsonl` logs in `dir` to
-    /// `metrics`. A log that shrank (moved aside, a new chain) is read
-    /// again from its start.
+    /// Feeds every complete new line of the logs in `dir` (`*.jsonl` and
+    /// their sealed `*.segments/*.jsonl`) to `metrics`.
     pub fn poll(&mut self, dir: &Path, metrics: &mut Metrics) {
+        use std::os::unix::fs::MetadataExt;
         let Ok(entries) = std::fs::read_dir(dir) else {
             return;
         };
-        let mut logs: Vec<PathBuf> = entries
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.extension().is_some_and(|x| x == "jsonl")
-                    && !p
-                        .file_name()
-                        .is_some_and(|n| n.to_string_lossy().ends_with(".decisions.jsonl"))
-            })
-            .collect();
-        logs.sort();
+        let mut logs: Vec<PathBuf> = Vec::new();
+        for e in entries.flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".jsonl") && !name.ends_with(".decisions.jsonl") {
+                logs.push(p);
+            } else if name.ends_with(".segments")
+                && let Ok(segs) = std::fs::read_dir(&p)
+            {
+                logs.extend(segs.flatten().map(|s| s.path()));
+            }
+        }
+        // Segments before the active files they were sealed from.
+        logs.sort_by_key(|p| p.parent().is_none_or(|d| d == dir));
         for p in logs {
             let Ok(mut f) = std::fs::File::open(&p) else {
                 continue;
             };
-            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-            let mut at = self.offsets.get(&p).copied().unwrap_or(0);
+            let Ok(meta) = f.metadata() else { continue };
+            let key = (meta.dev(), meta.ino());
+            let len = meta.len();
+            let mut at = self.offsets.get(&key).copied().unwrap_or(0);
             if len < at {
                 at = 0;
             }
@@ -446,6 +453,7 @@ impl Follower {
                 continue;
             }
             let Some(end) = buf.iter().rposition(|b| *b == b'\n') else {
+                self.offsets.insert(key, at);
                 continue;
             };
             for line in buf[..end].split(|b| *b == b'\n') {
@@ -453,7 +461,7 @@ impl Follower {
                     metrics.observe(&v);
                 }
             }
-            self.offsets.insert(p, at + end as u64 + 1);
+            self.offsets.insert(key, at + end as u64 + 1);
         }
     }
 }

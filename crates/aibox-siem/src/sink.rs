@@ -525,26 +525,46 @@ impl Shipper {
 
     /// Sends what the log gained since the cursor, in batches; returns how
     /// many events went out. Stops at the first failed delivery (the
-    /// cursor stays before it).
+    /// cursor stays before it). The log's sealed segments count: a file
+    /// sealed (moved) since the last call is finished first, then the
+    /// files after it.
     pub fn ship(&self, sink: &mut dyn Deliver) -> Result<u64, String> {
-        let Ok(mut f) = std::fs::File::open(&self.log) else {
+        let files = aibox_audit::segments::files(&self.log);
+        let cur = self.load();
+        // Where the cursor's file is now; a cursor whose file is gone (a
+        // chain moved aside) starts over from the first file.
+        let mut at = None;
+        for (i, p) in files.iter().enumerate() {
+            let Ok(mut f) = std::fs::File::open(p) else {
+                continue;
+            };
+            let ino = f.metadata().map(|m| m.ino()).unwrap_or(0);
+            if ino == cur.inode && first_line_hash(&mut f).unwrap_or_default() == cur.first {
+                at = Some((i, cur.offset));
+                break;
+            }
+        }
+        let (start, offset) = at.unwrap_or((0, 0));
+        let mut sent = 0;
+        for (i, p) in files.iter().enumerate().skip(start) {
+            sent += self.ship_file(p, if i == start { offset } else { 0 }, sink)?;
+        }
+        Ok(sent)
+    }
+
+    /// Sends the whole lines of `path` from `offset` on.
+    fn ship_file(&self, path: &Path, offset: u64, sink: &mut dyn Deliver) -> Result<u64, String> {
+        let Ok(mut f) = std::fs::File::open(path) else {
             return Ok(0);
         };
         let meta = f.metadata().map_err(|e| e.to_string())?;
-        let mut cur = self.load();
-        let first = first_line_hash(&mut f).unwrap_or_default();
-        // Another file (a new chain), or cut back: from the start.
-        if cur.inode != meta.ino()
-            || cur.offset > meta.len()
-            || (cur.offset > 0 && cur.first != first)
-        {
-            cur = Cursor {
-                inode: meta.ino(),
-                first: first.clone(),
-                offset: 0,
-            };
-        }
-        cur.first = first;
+        let mut cur = Cursor {
+            inode: meta.ino(),
+            first: first_line_hash(&mut f).unwrap_or_default(),
+            offset: offset.min(meta.len()),
+        };
+        // Recorded even when nothing is sent: the cursor moves to this file.
+        self.save(cur.clone())?;
         let mut sent = 0;
         while cur.offset < meta.len() {
             f.seek(SeekFrom::Start(cur.offset))
@@ -664,7 +684,30 @@ mod tests {
         std::fs::write(&log, format!("{text}{{\"seq\":10}}\n{{\"se")).unwrap();
         assert_eq!(sh.ship(&mut sink), Ok(1));
         std::fs::remove_file(&log).unwrap();
-        std::fs::write(&log, "{\"seq\":0}\n").unwrap();
+        std::fs::write(&log, "{\"seq\":0,\"chain\":2}\n").unwrap();
         assert_eq!(sh.ship(&mut sink), Ok(1));
+        // Sealed (moved into a segment) and continued in a new file: the
+        // rest of the old file, then the new one.
+        std::fs::write(&log, "{\"seq\":0,\"chain\":2}\n{\"seq\":1}\n").unwrap();
+        let seg = aibox_audit::segments::segments_dir(&log);
+        std::fs::create_dir_all(&seg).unwrap();
+        let (sha, bytes) = aibox_audit::segments::digest(&log).unwrap();
+        std::fs::rename(&log, seg.join("a.jsonl")).unwrap();
+        let entry = serde_json::json!({
+            "segment": "a.jsonl", "first_seq": 0, "last_seq": 1,
+            "first_prev_hash": "0", "last_hash": "1", "bytes": bytes, "sha256": sha,
+            "sealed_at": "t", "reason": "stop",
+        });
+        std::fs::write(
+            aibox_audit::segments::manifest_path(&log),
+            format!("{entry}\n"),
+        )
+        .unwrap();
+        std::fs::write(&log, "{\"seq\":2}\n").unwrap();
+        assert_eq!(sh.ship(&mut sink), Ok(2));
+        assert_eq!(
+            sink.got[sink.got.len() - 2..],
+            ["{\"seq\":1}", "{\"seq\":2}"]
+        );
     }
 }

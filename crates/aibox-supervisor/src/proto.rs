@@ -124,6 +124,10 @@ pub struct SupervisorSpec {
     /// Record `file.read`/`file.write` for the workspace (`audit.file_events`).
     #[serde(default)]
     pub file_events: bool,
+    /// Seal the audit log into a segment past this many bytes (0: only at
+    /// stop).
+    #[serde(default)]
+    pub segment_max: u64,
     /// Where the audit log is shipped (`audit.sinks`).
     #[serde(default)]
     pub sinks: Vec<aibox_siem::sink::SinkConfig>,

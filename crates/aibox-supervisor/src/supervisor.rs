@@ -225,6 +225,9 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
             }
         }
     }
+    if spec.segment_max > 0 {
+        audit.set_segment_max(spec.segment_max);
+    }
     if let Some(th) = &spec.detection {
         // The CLI checked these already; a spec that fails here was not
         // written by it, and detection is not silently dropped.
@@ -1773,6 +1776,10 @@ fn finish(
     if let Ok(mut a) = shared.audit.lock() {
         let _ = a.checkpoint();
         let _ = a.sync();
+        // The run's events become a sealed, read-only segment.
+        if let Err(e) = a.seal("stop") {
+            log(&format!("sealing the audit log: {e}"));
+        }
     }
     if let Some(s) = shared.sinks.get() {
         s.flush();

@@ -160,14 +160,19 @@ fn verify(
         let (report, cps) =
             aibox_audit::verify_with_checkpoints(&path, &label, trusted.as_ref(), anchor.as_ref())
                 .with_context(|| format!("verifying {}", path.display()))?;
-        let tampered =
-            report.broken.as_ref().is_some_and(|b| !b.torn_tail) || !cps.problems.is_empty();
+        let tampered = report.broken.as_ref().is_some_and(|b| !b.torn_tail)
+            || !cps.problems.is_empty()
+            || !cps.segments.problems.is_empty();
         // Checkpoints nobody can check are not a pass.
         let unchecked = cps.checked > 0 && cps.unsigned_check.is_some();
-        broken |= !report.is_intact() || !cps.problems.is_empty() || unchecked;
+        broken |= !report.is_intact()
+            || !cps.problems.is_empty()
+            || !cps.segments.problems.is_empty()
+            || unchecked;
         match format {
             Format::Json => out.push(serde_json::json!({
-                "log": label, "path": path, "intact": report.is_intact() && cps.problems.is_empty(),
+                "log": label, "path": path,
+                "intact": report.is_intact() && cps.problems.is_empty() && cps.segments.problems.is_empty(),
                 "tampered": tampered, "report": report, "checkpoints": cps,
             })),
             Format::Text => {
@@ -202,6 +207,20 @@ fn verify(
                     .map_or(0, |c| report.verified.saturating_sub(c + 1));
                 if cps.checked > 0 && after > 0 {
                     println!("  unsigned: {after} events after the last checkpoint");
+                }
+                if cps.segments.sealed > 0 || !cps.segments.problems.is_empty() {
+                    println!(
+                        "  segments: {} sealed{}",
+                        cps.segments.sealed,
+                        if cps.segments.problems.is_empty() {
+                            ", as the manifest lists them"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+                for p in &cps.segments.problems {
+                    println!("  SEGMENT {p}");
                 }
                 for p in &cps.problems {
                     println!(
@@ -298,10 +317,25 @@ fn tail(
         )?,
     };
     let path = named_log(&loaded, &name)?;
-    let mut f =
-        std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    let mut reader = std::io::BufReader::new(&mut f);
     let mut last: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    // The sealed segments first (whole lines only), then the active file.
+    for seg in aibox_audit::segments::files(&path)
+        .into_iter()
+        .filter(|p| *p != path)
+    {
+        let f = std::fs::File::open(&seg).with_context(|| format!("opening {}", seg.display()))?;
+        for l in std::io::BufReader::new(f).lines() {
+            let l = l?;
+            if wanted(&l, types) {
+                last.push_back(l);
+                if last.len() > lines {
+                    last.pop_front();
+                }
+            }
+        }
+    }
+    let f = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let mut reader = std::io::BufReader::new(f);
     let mut pending = String::new();
     let mut line = String::new();
     loop {
@@ -333,6 +367,27 @@ fn tail(
     loop {
         line.clear();
         if reader.read_line(&mut line)? == 0 {
+            // Sealed at a stop: the log goes on in a new file of the same
+            // name (what was left in the old one has been read).
+            use std::os::unix::fs::MetadataExt;
+            let now = std::fs::metadata(&path).map(|m| m.ino()).ok();
+            let ours = reader.get_ref().metadata().map(|m| m.ino()).ok();
+            if now.is_some() && now != ours {
+                // What reached the old file before the switch comes first.
+                let mut rest = String::new();
+                std::io::Read::read_to_string(&mut reader, &mut rest)?;
+                pending.push_str(&rest);
+                for l in std::mem::take(&mut pending).split_inclusive('\n') {
+                    if l.ends_with('\n') && wanted(l.trim_end(), types) {
+                        writeln!(out, "{}", l.trim_end())?;
+                    }
+                }
+                out.flush()?;
+                if let Ok(f) = std::fs::File::open(&path) {
+                    reader = std::io::BufReader::new(f);
+                }
+                continue;
+            }
             std::thread::sleep(std::time::Duration::from_millis(200));
             continue;
         }
@@ -382,7 +437,11 @@ fn export(
 /// Writes the complete events of `path` in `format`; a torn final line is
 /// left out (it is not an event yet).
 fn export_log(path: &Path, format: ExportFormat, out: &mut dyn Write) -> Result<u64> {
-    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    if !path.exists() && aibox_audit::segments::files(path).is_empty() {
+        bail!("{} does not exist", path.display());
+    }
+    // Sealed segments and the active file, as one chain.
+    let f = aibox_audit::segments::ChainReader::new(path);
     let mut n = 0;
     for (i, line) in std::io::BufReader::new(f).split(b'\n').enumerate() {
         let line = line?;

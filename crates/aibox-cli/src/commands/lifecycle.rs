@@ -183,6 +183,7 @@ fn prepare(
         audit_signing: Some(super::audit::signing(&loaded, &sources)?),
         detection: c.audit.detection.enabled.then(|| c.audit.detection.clone()),
         file_events: c.audit.file_events,
+        segment_max: aibox_config::parse_size(&c.audit.segment_max).unwrap_or(64 << 20),
         sinks: {
             // Opened here first: a sink that cannot work (an unset token,
             // an unreadable CA) stops the start with its name.

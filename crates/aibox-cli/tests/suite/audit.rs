@@ -2,12 +2,9 @@
 
 use super::common::*;
 
+/// The lines of the whole log at `p` (sealed segments, then active).
 fn lines(p: &std::path::Path) -> Vec<String> {
-    std::fs::read_to_string(p)
-        .unwrap()
-        .lines()
-        .map(String::from)
-        .collect()
+    log_text(p).lines().map(String::from).collect()
 }
 
 fn verify_at(c: &Ctx, content: &[String]) -> (bool, String) {
@@ -58,12 +55,59 @@ both_modes!(real_run_log_verifies_and_tampering_is_located, |c: Ctx| {
         out.contains(&format!("intact ({} events", l.len())),
         "{out}"
     );
-    // The log is the host's, mode 0600.
+    // The log is the host's, mode 0600; each run's events were sealed at
+    // its stop into a read-only segment the signed manifest lists.
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::metadata(&log).unwrap().permissions().mode() & 0o777,
         0o600
     );
+    let segs: Vec<std::path::PathBuf> = aibox_audit::segments::files(&log)
+        .into_iter()
+        .filter(|p| *p != log)
+        .collect();
+    assert_eq!(segs.len(), 2, "{segs:?}");
+    for s in &segs {
+        assert_eq!(
+            std::fs::metadata(s).unwrap().permissions().mode() & 0o777,
+            0o400
+        );
+    }
+    assert!(out.contains("segments: 2 sealed"), "{out}");
+    // A sealed segment deleted, altered, or slipped in: each is named.
+    let first = segs[0].clone();
+    let saved = std::fs::read(&first).unwrap();
+    std::fs::remove_file(&first).unwrap();
+    let o = c.out(&["audit", "verify", "--name", "audited"]);
+    assert!(!o.status.success());
+    assert!(stdout(&o).contains("missing (deleted"), "{}", stdout(&o));
+    let mut altered = saved.clone();
+    altered[10] ^= 1;
+    std::fs::write(&first, &altered).unwrap();
+    let o = c.out(&["audit", "verify", "--name", "audited"]);
+    assert!(
+        stdout(&o).contains("bytes changed since it was sealed"),
+        "{}",
+        stdout(&o)
+    );
+    std::fs::write(&first, &saved).unwrap();
+    let extra = first.with_file_name("999999999999-999999999999.jsonl");
+    std::fs::write(&extra, &saved).unwrap();
+    let o = c.out(&["audit", "verify", "--name", "audited"]);
+    assert!(stdout(&o).contains("not in the manifest"), "{}", stdout(&o));
+    std::fs::remove_file(&extra).unwrap();
+    // The manifest's entries are signed.
+    let manifest = aibox_audit::segments::manifest_path(&log);
+    let m = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(
+        &manifest,
+        m.replacen("\"reason\":\"stop\"", "\"reason\":\"rotation\"", 1),
+    )
+    .unwrap();
+    let o = c.out(&["audit", "verify", "--name", "audited"]);
+    assert!(stdout(&o).contains("bad signature"), "{}", stdout(&o));
+    std::fs::write(&manifest, m).unwrap();
+    ok(&c.out(&["audit", "verify", "--name", "audited"]));
 
     let n = l.len();
     assert!(n >= 12);
@@ -202,12 +246,7 @@ fn audit_log_is_out_of_reach(mut c: Ctx) {
     assert!(log.exists());
     // (The script's text is in the log as the session's argv; a successful
     // append would be a line of its own.)
-    assert!(
-        !std::fs::read_to_string(&log)
-            .unwrap()
-            .lines()
-            .any(|l| l == "forged")
-    );
+    assert!(!log_text(&log).lines().any(|l| l == "forged"));
     ok(&c.out(&["audit", "verify", "--name", "reach"]));
 }
 
@@ -325,11 +364,13 @@ both_modes!(checkpoints_catch_what_the_chain_cannot, |c: Ctx| {
     ok(&c.out(&["audit", "verify", "--name", "signed"]));
 
     // The last checkpoint is also kept beside the key: deleting the
-    // checkpoint file, or cutting it back together with the log, is seen
-    // by verify, and no sandbox extends that chain.
+    // checkpoint file, or rolling back the last run with its checkpoints,
+    // is seen by verify, and no sandbox extends that chain.
     let cpf = c.data.join("audit/signed.jsonl.checkpoints");
+    let manifest = aibox_audit::segments::manifest_path(&log);
+    let segdir = aibox_audit::segments::segments_dir(&log);
     let saved_cps = std::fs::read_to_string(&cpf).unwrap();
-    let saved_log = std::fs::read_to_string(&log).unwrap();
+    let saved_manifest = std::fs::read_to_string(&manifest).unwrap();
     let refused = |what: &str| {
         let o = c.out(&["audit", "verify", "--name", "signed"]);
         assert!(!o.status.success(), "{what}: {}", stdout(&o));
@@ -340,21 +381,39 @@ both_modes!(checkpoints_catch_what_the_chain_cannot, |c: Ctx| {
     };
     std::fs::remove_file(&cpf).unwrap();
     refused("checkpoints were deleted");
-    let kept: Vec<&str> = saved_cps.lines().collect();
-    let prev: serde_json::Value = serde_json::from_str(kept[kept.len() - 2]).unwrap();
-    let upto = prev["seq"].as_u64().unwrap() as usize;
-    std::fs::write(&cpf, kept[..kept.len() - 1].join("\n") + "\n").unwrap();
-    std::fs::write(&log, l[..=upto].join("\n") + "\n").unwrap();
+    // The last run rolled back: its segment, manifest entry and
+    // checkpoints gone, as if it never happened.
+    let entries: Vec<&str> = saved_manifest.lines().collect();
+    let last: serde_json::Value = serde_json::from_str(entries[entries.len() - 1]).unwrap();
+    let last_seg = segdir.join(last["segment"].as_str().unwrap());
+    let last_bytes = std::fs::read(&last_seg).unwrap();
+    let first_of_last = last["first_seq"].as_u64().unwrap();
+    let kept: Vec<&str> = saved_cps
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+                < first_of_last
+        })
+        .collect();
+    assert!(!kept.is_empty());
+    std::fs::write(&cpf, kept.join("\n") + "\n").unwrap();
+    std::fs::write(&manifest, entries[..entries.len() - 1].join("\n") + "\n").unwrap();
+    std::fs::remove_file(&last_seg).unwrap();
     refused("checkpoints were deleted");
-    // The log alone cut back.
+    // The log alone cut back (its last segment deleted).
     std::fs::write(&cpf, &saved_cps).unwrap();
-    std::fs::write(&log, l[..l.len() - 2].join("\n") + "\n").unwrap();
-    refused("truncated");
-    std::fs::write(&log, &saved_log).unwrap();
+    std::fs::write(&manifest, &saved_manifest).unwrap();
+    refused("missing (deleted");
+    std::fs::write(&last_seg, &last_bytes).unwrap();
     ok(&c.out(&["audit", "verify", "--name", "signed"]));
     // Moved aside: a new chain starts and its first event says so.
-    std::fs::rename(&log, log.with_extension("old")).unwrap();
-    std::fs::rename(&cpf, c.data.join("audit/signed.old.checkpoints")).unwrap();
+    let old = c.dir.path().join("old-audit");
+    std::fs::create_dir_all(&old).unwrap();
+    for p in [&log, &cpf, &manifest, &segdir] {
+        std::fs::rename(p, old.join(p.file_name().unwrap())).unwrap();
+    }
     ok(&c.out(&["run", "-w", &ws, "--name", "signed", "--", "true"]));
     let first: serde_json::Value = serde_json::from_str(&lines(&log)[0]).unwrap();
     assert_eq!(
@@ -429,11 +488,7 @@ both_modes!(
                 .unwrap()
                 .starts_with("{\"details\"")
         );
-        assert!(
-            std::fs::read_to_string(&log)
-                .unwrap()
-                .contains("audit_torn_tail")
-        );
+        assert!(log_text(&log).contains("audit_torn_tail"));
     }
 );
 

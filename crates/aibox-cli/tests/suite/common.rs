@@ -630,15 +630,29 @@ fn tls_material(names: &[&str]) -> (String, rcgen::Certificate, rcgen::KeyPair) 
     (ca.pem(), cert, key)
 }
 
-/// The audit events of sandbox `name`, parsed.
-/// The audit log of the context's only sandbox (whatever its name).
-pub fn only_audit_log(c: &Ctx) -> std::path::PathBuf {
-    std::fs::read_dir(c.data.join("audit"))
+/// The whole audit log of the context's only sandbox (whatever its name).
+pub fn only_audit_text(c: &Ctx) -> String {
+    let log = std::fs::read_dir(c.data.join("audit"))
         .unwrap()
         .flatten()
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|x| x == "jsonl"))
-        .unwrap()
+        .unwrap();
+    log_text(&log)
+}
+
+/// The text of the log at `log`: its sealed segments in manifest order,
+/// then the active file.
+pub fn log_text(log: &std::path::Path) -> String {
+    aibox_audit::segments::files(log)
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect()
+}
+
+/// The whole audit log of sandbox `name`.
+pub fn audit_text(c: &Ctx, name: &str) -> String {
+    log_text(&c.data.join(format!("audit/{name}.jsonl")))
 }
 
 /// A pid from sandbox `name`'s state file (`supervisor_pid`, …).
@@ -661,9 +675,9 @@ pub fn kill_supervisor(c: &Ctx, name: &str) -> i32 {
     pid
 }
 
+/// The audit events of sandbox `name`, parsed (across sealed segments).
 pub fn audit_events(c: &Ctx, name: &str) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(c.data.join(format!("audit/{name}.jsonl")))
-        .unwrap_or_default()
+    audit_text(c, name)
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()

@@ -816,6 +816,6 @@ both_modes!(a_replaced_credential_reaches_running_sandboxes, |c: Ctx| {
     assert!(events.iter().any(
         |e| e["event_type"] == "credential.rotate" && e["details"]["credential"] == "git-token"
     ));
-    let log = std::fs::read_to_string(c.data.join("audit/rot.jsonl")).unwrap();
+    let log = audit_text(&c, "rot");
     assert!(!log.contains(NEW) && !log.contains(REAL));
 });

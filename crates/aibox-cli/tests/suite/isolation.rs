@@ -456,7 +456,7 @@ all_backends!(missing_layer_fails_closed, |c: Ctx| {
             .map(|r| r.flatten().collect())
             .unwrap_or_default();
         assert!(homes.is_empty(), "home left behind: {homes:?}");
-        let log = std::fs::read_to_string(only_audit_log(&c)).unwrap();
+        let log = only_audit_text(&c);
         assert!(
             log.lines().last().unwrap().contains("start failed"),
             "{log}"

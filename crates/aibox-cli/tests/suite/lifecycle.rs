@@ -127,7 +127,7 @@ both_modes!(killing_the_supervisor_ends_the_sandbox, |c: Ctx| {
     let o = c.out(&["stop", "--name", &name]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(c.runtime_entries().is_empty());
-    let log = std::fs::read_to_string(c.data.join("audit/orphan.jsonl")).unwrap();
+    let log = audit_text(&c, "orphan");
     assert!(log.lines().last().unwrap().contains("supervisor died"));
     ok(&c.out(&["audit", "verify", "--name", &name]));
 });
@@ -460,7 +460,7 @@ all_backends!(a_vanished_client_takes_its_command_along, |c: Ctx| {
     }
     // The session's end is on record.
     ok(&c.out(&["stop", "--name", &name]));
-    let log = std::fs::read_to_string(c.data.join("audit/client.jsonl")).unwrap();
+    let log = audit_text(&c, "client");
     assert!(log.contains("\"exit_code\":137"), "{log}");
 });
 
@@ -577,8 +577,7 @@ fn container_crash_recovery(c: Ctx) {
     );
     ok(&c.out(&["list"]));
     assert!(c.runtime_entries().is_empty(), "{:?}", c.runtime_entries());
-    let audit =
-        std::fs::read_to_string(c.data.join("audit").join(format!("{name}.jsonl"))).unwrap();
+    let audit = audit_text(&c, name);
     assert!(audit.contains("\"sandbox.stop\""), "{audit}");
 }
 

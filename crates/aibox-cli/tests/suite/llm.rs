@@ -228,7 +228,7 @@ all_backends!(llm_gateway_holds_the_key_limits_and_logs, |mut c: Ctx| {
     ok(&c.out(&["stop", "--name", "llm"]));
 
     // Audit: full mode has the bodies; the key is not in the log.
-    let log = std::fs::read_to_string(c.data.join("audit/llm.jsonl")).unwrap();
+    let log = audit_text(&c, "llm");
     assert!(
         !log.contains(KEY) && !log.contains(KEY2),
         "a key reached the audit log"
@@ -322,7 +322,7 @@ both_modes!(llm_logging_modes_write_what_they_claim, |mut c: Ctx| {
             req.get("body").is_none() && resp.get("body").is_none(),
             "{mode}: {req} {resp}"
         );
-        let log = std::fs::read_to_string(c.data.join(format!("audit/{name}.jsonl"))).unwrap();
+        let log = audit_text(&c, &name);
         assert!(
             !log.contains("the secret prompt"),
             "{mode}: the prompt was logged"

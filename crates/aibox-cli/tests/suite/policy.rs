@@ -179,7 +179,7 @@ both_modes!(the_policy_allowlist_reaches_the_proxy, |c: Ctx| {
     assert!(out.starts_with("from-host\n"), "{out}");
     assert!(out.contains("blocked"), "{out}");
     // The start recorded which policy it ran under.
-    let text = std::fs::read_to_string(only_audit_log(&c)).unwrap();
+    let text = only_audit_text(&c);
     let config = text
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())

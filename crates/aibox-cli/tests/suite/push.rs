@@ -244,7 +244,7 @@ all_backends!(reviewed_pushes_wait_for_approval, |c: Ctx| {
     assert!(has("tool.deny", &|d| d["rule"] == "git-push-review"
         && d["via"].is_string()));
     assert!(has("falco.alert", &|d| d["rule_id"] == "aibox-010"));
-    let log = std::fs::read_to_string(c.data.join("audit/push.jsonl")).unwrap();
+    let log = audit_text(&c, "push");
     assert!(!log.contains(TOKEN));
 });
 

@@ -239,11 +239,7 @@ both_modes!(
         assert!(events.iter().any(|e| e["event_type"] == "credential.revoke"
             && e["details"]["credential_type"] == "vault-token"
             && e["details"]["revoked"] == true));
-        assert!(
-            !std::fs::read_to_string(c.data.join("audit/vt.jsonl"))
-                .unwrap()
-                .contains(SECRET)
-        );
+        assert!(!audit_text(&c, "vt").contains(SECRET));
 
         // A crashed supervisor's token is revoked by the next command.
         ok(&c.out(&["start", "-w", &ws, "--name", "vt"]));
@@ -266,7 +262,7 @@ both_modes!(
             c.runtime.join("vt.vault.json").exists(),
             "kept for the next try"
         );
-        let log = std::fs::read_to_string(c.data.join("audit/vt.jsonl")).unwrap();
+        let log = audit_text(&c, "vt");
         assert!(!log.contains(&t3) && !log.contains(&t2) && !log.contains(&t));
         assert!(log.contains("\"revoked\":false"));
         v.up();
