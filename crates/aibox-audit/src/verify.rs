@@ -64,76 +64,142 @@ pub fn verify_reader<R: Read>(reader: R) -> std::io::Result<VerifyReport> {
 
 /// [`verify_reader`], calling `on_event(seq, hash)` for each event that
 /// verified.
+///
+/// Lines are read in blocks; each block's lines are parsed and hashed on
+/// all cores, then linked in order (sequence numbers and `prev_hash`), so
+/// the report is the same as a line-by-line pass.
 pub fn verify_reader_with<R: Read>(
     reader: R,
     mut on_event: impl FnMut(u64, &str),
 ) -> std::io::Result<VerifyReport> {
-    let mut reader = BufReader::new(reader);
+    const BLOCK: u64 = 16 << 20;
+    let mut reader = BufReader::with_capacity(1 << 20, reader);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(8);
     let mut expected_prev = GENESIS.to_string();
     let mut expected_seq = 0u64;
     let mut index = 0u64;
-    let mut buf = Vec::new();
+    let mut block: Vec<u8> = Vec::new();
     loop {
-        buf.clear();
-        let n = reader.read_until(b'\n', &mut buf)?;
-        if n == 0 {
+        let n = (&mut reader).take(BLOCK).read_to_end(&mut block)?;
+        let eof = n == 0;
+        let cut = block.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1);
+        if cut == 0 && !eof {
+            continue;
+        }
+        let rest = block.split_off(cut);
+        if cut > 0 {
+            let lines: Vec<&[u8]> = block[..cut - 1].split(|b| *b == b'\n').collect();
+            let checked = check_lines(&lines, threads);
+            for r in checked {
+                let fail = |reason: String| VerifyReport {
+                    verified: index,
+                    head: expected_prev.clone(),
+                    broken: Some(Break {
+                        index,
+                        reason,
+                        torn_tail: false,
+                    }),
+                };
+                let c = match r {
+                    Ok(c) => c,
+                    Err(why) => return Ok(fail(why)),
+                };
+                if c.prev.as_ref().map(|p| &p[..]) != Some(expected_prev.as_bytes()) {
+                    return Ok(fail(
+                        "prev_hash does not match the previous event (line deleted, inserted or reordered)"
+                            .into(),
+                    ));
+                }
+                if c.seq != expected_seq {
+                    return Ok(fail(format!(
+                        "seq {} where {} was expected",
+                        c.seq, expected_seq
+                    )));
+                }
+                let hash = std::str::from_utf8(&c.hash).unwrap_or_default();
+                on_event(c.seq, hash);
+                expected_prev.clear();
+                expected_prev.push_str(hash);
+                expected_seq += 1;
+                index += 1;
+            }
+        }
+        block = rest;
+        if eof {
             break;
         }
-        let complete = buf.last() == Some(&b'\n');
-        let line = if complete {
-            &buf[..buf.len() - 1]
+    }
+    if !block.is_empty() {
+        // Only the final line can lack a newline.
+        let parses = serde_json::from_slice::<Event>(&block).is_ok();
+        let reason = if parses {
+            "final line has no newline".to_string()
         } else {
-            &buf[..]
+            "final line is incomplete (interrupted write)".to_string()
         };
-        let fail = |reason: String, torn_tail: bool| VerifyReport {
+        return Ok(VerifyReport {
             verified: index,
-            head: expected_prev.clone(),
+            head: expected_prev,
             broken: Some(Break {
                 index,
                 reason,
-                torn_tail,
+                torn_tail: true,
             }),
-        };
-        if !complete {
-            // Only the final line can lack a newline.
-            let parses = serde_json::from_slice::<Event>(line).is_ok();
-            let reason = if parses {
-                "final line has no newline".to_string()
-            } else {
-                "final line is incomplete (interrupted write)".to_string()
-            };
-            return Ok(fail(reason, true));
-        }
-        let event: Lite<'_> = match serde_json::from_slice(line) {
-            Ok(e) => e,
-            Err(e) => return Ok(fail(format!("not a valid event: {e}"), false)),
-        };
-        if let Err(why) = check_line(line, &event) {
-            return Ok(fail(why.into(), false));
-        }
-        if event.prev_hash != expected_prev {
-            return Ok(fail(
-                "prev_hash does not match the previous event (line deleted, inserted or reordered)"
-                    .into(),
-                false,
-            ));
-        }
-        if event.seq != expected_seq {
-            return Ok(fail(
-                format!("seq {} where {} was expected", event.seq, expected_seq),
-                false,
-            ));
-        }
-        on_event(event.seq, event.hash);
-        expected_prev.clear();
-        expected_prev.push_str(event.hash);
-        expected_seq += 1;
-        index += 1;
+        });
     }
     Ok(VerifyReport {
         verified: index,
         head: expected_prev,
         broken: None,
+    })
+}
+
+/// What linking needs of a line whose own hash held.
+struct Checked {
+    seq: u64,
+    hash: [u8; 64],
+    /// `None` when it is not 64 characters (it then links to nothing).
+    prev: Option<[u8; 64]>,
+}
+
+/// Parses and hashes one line.
+fn check_one(line: &[u8]) -> Result<Checked, String> {
+    let event: Lite<'_> =
+        serde_json::from_slice(line).map_err(|e| format!("not a valid event: {e}"))?;
+    check_line(line, &event).map_err(str::to_string)?;
+    let hash: [u8; 64] = event
+        .hash
+        .as_bytes()
+        .try_into()
+        .map_err(|_| "content does not match its hash (modified)".to_string())?;
+    Ok(Checked {
+        seq: event.seq,
+        hash,
+        prev: event.prev_hash.as_bytes().try_into().ok(),
+    })
+}
+
+/// [`check_one`] for every line, in order, spread over `threads`.
+fn check_lines(lines: &[&[u8]], threads: usize) -> Vec<Result<Checked, String>> {
+    if threads <= 1 || lines.len() < 4096 {
+        return lines.iter().map(|l| check_one(l)).collect();
+    }
+    let per = lines.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = lines
+            .chunks(per)
+            .map(|part| s.spawn(move || part.iter().map(|l| check_one(l)).collect::<Vec<_>>()))
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| vec![Err("verification thread failed".to_string())])
+            })
+            .collect()
     })
 }
 
