@@ -246,21 +246,11 @@ impl Signer {
             signature: String::new(),
         };
         cp.signature = hex::encode(self.key.sign(&cp.message()).to_bytes());
-        let mut line = serde_json::to_string(&cp).map_err(|e| AuditError::Key {
+        let line = serde_json::to_string(&cp).map_err(|e| AuditError::Key {
             path: file.display().to_string(),
             reason: e.to_string(),
         })?;
-        line.push('\n');
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(file)
-            .map_err(io(file))?;
-        f.write_all(line.as_bytes())
-            .and_then(|()| f.sync_data())
-            .map_err(io(file))?;
+        crate::segments::append_line(file, &line)?;
         Ok(cp)
     }
 }

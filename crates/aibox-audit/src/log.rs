@@ -142,12 +142,42 @@ impl AuditLog {
             source,
         };
         self.file.sync_data().map_err(io)?;
-        let (sha256, bytes) = crate::segments::digest(&self.path)?;
-        let mut first = Vec::new();
+        // Through our own handle, never the name: what is sealed is what
+        // we wrote.
+        let (sha256, bytes, first) = {
+            use std::os::unix::fs::FileExt;
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 1 << 16];
+            let mut first = Vec::new();
+            let mut at = 0u64;
+            while at < self.len {
+                let want = buf.len().min((self.len - at) as usize);
+                let n = self.file.read_at(&mut buf[..want], at).map_err(io)?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+                if first.last() != Some(&b'\n') {
+                    let end = buf[..n]
+                        .iter()
+                        .position(|b| *b == b'\n')
+                        .map_or(n, |p| p + 1);
+                    first.extend_from_slice(&buf[..end]);
+                }
+                at += n as u64;
+            }
+            (hex::encode(h.finalize()), at, first)
+        };
         {
-            let f = File::open(&self.path).map_err(io)?;
-            std::io::BufRead::read_until(&mut std::io::BufReader::new(f), b'\n', &mut first)
-                .map_err(io)?;
+            use std::os::unix::fs::MetadataExt;
+            let ours = self.file.metadata().map_err(io)?.ino();
+            let named = std::fs::symlink_metadata(&self.path).map_err(io)?.ino();
+            if ours != named || bytes != self.len {
+                return Err(AuditError::Tampered {
+                    path: self.path.display().to_string(),
+                    reason: "the log file was replaced or changed under the writer".into(),
+                });
+            }
         }
         let first: Event =
             serde_json::from_slice(first.trim_ascii_end()).map_err(|e| AuditError::BadTail {
@@ -175,8 +205,12 @@ impl AuditLog {
         }
         // Listed first, then moved: a crash in between is completed by
         // the next open (the file still matches its entry).
-        crate::segments::append_manifest(&self.path, &entry)?;
-        crate::segments::move_into_place(&self.path, &entry)?;
+        let before = crate::segments::append_manifest(&self.path, &entry)?;
+        if let Err(e) = crate::segments::move_into_place(&self.path, &entry) {
+            // Not moved: the entry goes, the file stays active.
+            crate::segments::truncate_manifest(&self.path, before);
+            return Err(e);
+        }
         self.file = OpenOptions::new()
             .read(true)
             .append(true)

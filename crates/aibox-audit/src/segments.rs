@@ -95,6 +95,18 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
 /// A manifest line: the entry, or (line number, why it is not one).
 pub type ManifestLine = Result<Segment, (u64, String)>;
 
+/// Whether `name` is a segment file name aibox writes
+/// (`<12 digits>-<12 digits>.jsonl`): anything else in a manifest (a path,
+/// `..`) is refused before it is used as one.
+pub fn valid_segment_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    b.len() == 31
+        && b[..12].iter().all(u8::is_ascii_digit)
+        && b[12] == b'-'
+        && b[13..25].iter().all(u8::is_ascii_digit)
+        && &b[25..] == b".jsonl"
+}
+
 /// Reads the manifest of `log` (empty when there is none).
 pub fn read_manifest(log: &Path) -> Result<Vec<ManifestLine>, AuditError> {
     let p = manifest_path(log);
@@ -109,9 +121,35 @@ pub fn read_manifest(log: &Path) -> Result<Vec<ManifestLine>, AuditError> {
         if line.trim().is_empty() {
             continue;
         }
-        out.push(serde_json::from_str(&line).map_err(|e| (i as u64, e.to_string())));
+        out.push(
+            serde_json::from_str::<Segment>(&line)
+                .map_err(|e| (i as u64, e.to_string()))
+                .and_then(|s| {
+                    if valid_segment_name(&s.segment) {
+                        Ok(s)
+                    } else {
+                        Err((
+                            i as u64,
+                            format!("{:?} is not a segment file name", s.segment),
+                        ))
+                    }
+                }),
+        );
     }
     Ok(out)
+}
+
+/// Refuses a segments directory that is not a plain directory (a symbolic
+/// link planted there would send sealed files, and a chmod, elsewhere).
+fn plain_dir(dir: &Path) -> Result<(), AuditError> {
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(AuditError::Tampered {
+            path: dir.display().to_string(),
+            reason: "the segments directory is not a plain directory".into(),
+        }),
+        Err(e) => Err(io(dir)(e)),
+    }
 }
 
 /// The last sound manifest entry, if any.
@@ -223,33 +261,84 @@ pub fn digest(path: &Path) -> Result<(String, u64), AuditError> {
     Ok((hex::encode(h.finalize()), len))
 }
 
-/// Appends `entry` to the manifest of `log` (0600, synced).
-pub(crate) fn append_manifest(log: &Path, entry: &Segment) -> Result<(), AuditError> {
-    let p = manifest_path(log);
-    let mut line = serde_json::to_string(entry).map_err(|e| AuditError::Key {
-        path: p.display().to_string(),
-        reason: e.to_string(),
-    })?;
-    line.push('\n');
+/// Appends one line to a small append-only file (0600, never through a
+/// link), synced. A write cut short is taken back, and a file left ending
+/// mid-line by a crash gets its newline first, so one bad write never
+/// spoils the lines after it. Returns the length before the append.
+pub(crate) fn append_line(p: &Path, line: &str) -> Result<u64, AuditError> {
     let mut f = std::fs::OpenOptions::new()
+        .read(true)
         .append(true)
         .create(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
-        .open(&p)
-        .map_err(io(&p))?;
-    f.write_all(line.as_bytes())
-        .and_then(|()| f.sync_data())
-        .map_err(io(&p))
+        .open(p)
+        .map_err(io(p))?;
+    let len = f.metadata().map_err(io(p))?.len();
+    let mut out = Vec::with_capacity(line.len() + 2);
+    if len > 0 {
+        use std::os::unix::fs::FileExt;
+        let mut last = [0u8; 1];
+        f.read_exact_at(&mut last, len - 1).map_err(io(p))?;
+        if last[0] != b'\n' {
+            out.push(b'\n');
+        }
+    }
+    out.extend_from_slice(line.as_bytes());
+    out.push(b'\n');
+    if let Err(e) = f.write_all(&out).and_then(|()| f.sync_data()) {
+        let _ = f.set_len(len);
+        return Err(io(p)(e));
+    }
+    Ok(len)
 }
 
-/// Moves the active file to its segment name, read-only.
+/// Appends `entry` to the manifest of `log`; returns the manifest's
+/// length before, to take the entry back with.
+pub(crate) fn append_manifest(log: &Path, entry: &Segment) -> Result<u64, AuditError> {
+    let p = manifest_path(log);
+    let line = serde_json::to_string(entry).map_err(|e| AuditError::Key {
+        path: p.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    append_line(&p, &line)
+}
+
+/// Takes the manifest back to `len` (a seal that could not finish).
+pub(crate) fn truncate_manifest(log: &Path, len: u64) {
+    if let Ok(f) = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(manifest_path(log))
+    {
+        let _ = f.set_len(len).and_then(|()| f.sync_data());
+    }
+}
+
+/// Moves the active file to its segment name, read-only, never replacing
+/// a file already there.
 pub(crate) fn move_into_place(log: &Path, entry: &Segment) -> Result<(), AuditError> {
     let dir = segments_dir(log);
-    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-    let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+    if !valid_segment_name(&entry.segment) {
+        return Err(AuditError::Tampered {
+            path: manifest_path(log).display().to_string(),
+            reason: format!("{:?} is not a segment file name", entry.segment),
+        });
+    }
+    if std::fs::symlink_metadata(&dir).is_err() {
+        std::fs::create_dir(&dir).map_err(io(&dir))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io(&dir))?;
+    }
+    plain_dir(&dir)?;
     let to = dir.join(&entry.segment);
-    std::fs::rename(log, &to).map_err(io(&to))?;
+    nix::fcntl::renameat2(
+        nix::fcntl::AT_FDCWD,
+        log,
+        nix::fcntl::AT_FDCWD,
+        &to,
+        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+    )
+    .map_err(|e| io(&to)(std::io::Error::from(e)))?;
     let _ = std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o400));
     if let Ok(d) = File::open(&dir) {
         let _ = d.sync_all();
@@ -290,7 +379,7 @@ pub fn check(
         r.sealed += 1;
         listed.insert(e.segment.clone());
         let name = &e.segment;
-        if name.contains('/') || name.starts_with('.') {
+        if !valid_segment_name(name) {
             r.problems.push(format!(
                 "manifest entry {i}: {name:?} is not a segment file name"
             ));
@@ -346,4 +435,42 @@ pub fn check(
         }
     }
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_names_are_file_names_only() {
+        assert!(valid_segment_name("000000000000-000000000011.jsonl"));
+        for bad in [
+            "../../x",
+            "/etc/passwd",
+            "a.jsonl",
+            "000000000000-00000000001x.jsonl",
+            "",
+        ] {
+            assert!(!valid_segment_name(bad), "{bad}");
+        }
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("s.jsonl");
+        std::fs::write(
+            manifest_path(&log),
+            "{\"segment\":\"../../evil\",\"first_seq\":0,\"last_seq\":0,\"first_prev_hash\":\"\",\"last_hash\":\"\",\"bytes\":0,\"sha256\":\"\",\"sealed_at\":\"\",\"reason\":\"stop\"}\n",
+        )
+        .unwrap();
+        assert!(read_manifest(&log).unwrap()[0].is_err());
+        assert!(files(&log).is_empty());
+    }
+
+    #[test]
+    fn a_torn_line_does_not_spoil_the_next() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("m");
+        std::fs::write(&p, "{\"a\":1}\n{\"tor").unwrap();
+        append_line(&p, "{\"b\":2}").unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(text.lines().last(), Some("{\"b\":2}"));
+    }
 }

@@ -1,6 +1,6 @@
 //! Chain verification.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufReader, Read};
 use std::path::Path;
 
 use serde::Serialize;

@@ -426,13 +426,22 @@ impl Http {
 impl Deliver for Http {
     fn deliver(&mut self, lines: &[&str]) -> Result<(), String> {
         let mut body = String::from("[");
-        for (i, l) in lines.iter().enumerate() {
+        // A line that is not a JSON object is not an event (only someone
+        // writing into the data directory makes one): it would spoil the
+        // batch, and every batch after it, so it is left out.
+        let events = lines
+            .iter()
+            .filter(|l| serde_json::from_str::<serde_json::Map<String, Value>>(l).is_ok());
+        for (i, l) in events.enumerate() {
             if i > 0 {
                 body.push(',');
             }
             body.push_str(l);
         }
         body.push(']');
+        if body == "[]" {
+            return Ok(());
+        }
         let mut req = self
             .agent
             .post(&self.url)
@@ -461,11 +470,15 @@ pub fn open(c: &SinkConfig) -> Result<Box<dyn Deliver>, String> {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Cursor {
     inode: u64,
-    /// SHA-256 of the log's first line: a new chain in a reused inode is
-    /// another file.
+    /// SHA-256 of the file's first line (empty while it had none): a new
+    /// chain in a reused inode is another file.
     #[serde(default)]
     first: String,
     offset: u64,
+    /// `hash` of the last event delivered: where to go on when the file
+    /// cannot be found by inode.
+    #[serde(default)]
+    last_hash: String,
 }
 
 /// SHA-256 (hex) of the first line of `f`, if it has a whole one.
@@ -512,15 +525,61 @@ impl Shipper {
             .unwrap_or_default()
     }
 
-    fn save(&self, c: Cursor) -> Result<(), String> {
+    fn save(&self, c: &Cursor) -> Result<(), String> {
+        use std::os::unix::fs::OpenOptionsExt;
         if let Some(d) = self.cursor_file.parent() {
             std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
         }
         let tmp = self.cursor_file.with_extension("tmp");
-        let text = serde_json::to_string(&c).map_err(|e| e.to_string())?;
-        std::fs::write(&tmp, text)
+        let text = serde_json::to_string(c).map_err(|e| e.to_string())?;
+        // Never through a link planted in the data directory.
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc_nofollow())
+            .open(&tmp)
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        f.write_all(text.as_bytes())
             .and_then(|()| std::fs::rename(&tmp, &self.cursor_file))
             .map_err(|e| format!("{}: {e}", self.cursor_file.display()))
+    }
+
+    /// Where the cursor's file is in `files`: (index, offset).
+    fn find(&self, files: &[PathBuf], cur: &Cursor) -> Option<(usize, u64)> {
+        for (i, p) in files.iter().enumerate() {
+            let Ok(mut f) = std::fs::File::open(p) else {
+                continue;
+            };
+            let Ok(meta) = f.metadata() else { continue };
+            if meta.ino() != cur.inode {
+                continue;
+            }
+            let first = first_line_hash(&mut f).unwrap_or_default();
+            // A file that had no whole line yet when the cursor was saved.
+            if first == cur.first || (cur.first.is_empty() && meta.len() >= cur.offset) {
+                return Some((i, cur.offset));
+            }
+        }
+        None
+    }
+
+    /// Where the line with hash `hash` ends in `files`, if it is there.
+    fn find_hash(files: &[PathBuf], hash: &str) -> Option<(usize, u64)> {
+        let needle = format!("\"hash\":\"{hash}\"");
+        for (i, p) in files.iter().enumerate() {
+            let data = std::fs::read(p).ok()?;
+            let mut at = 0usize;
+            for line in data.split(|b| *b == b'\n') {
+                let next = at + line.len() + 1;
+                if line.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+                    return Some((i, next.min(data.len()) as u64));
+                }
+                at = next;
+            }
+        }
+        None
     }
 
     /// Sends what the log gained since the cursor, in batches; returns how
@@ -529,31 +588,37 @@ impl Shipper {
     /// sealed (moved) since the last call is finished first, then the
     /// files after it.
     pub fn ship(&self, sink: &mut dyn Deliver) -> Result<u64, String> {
-        let files = aibox_audit::segments::files(&self.log);
         let cur = self.load();
-        // Where the cursor's file is now; a cursor whose file is gone (a
-        // chain moved aside) starts over from the first file.
-        let mut at = None;
-        for (i, p) in files.iter().enumerate() {
-            let Ok(mut f) = std::fs::File::open(p) else {
-                continue;
-            };
-            let ino = f.metadata().map(|m| m.ino()).unwrap_or(0);
-            if ino == cur.inode && first_line_hash(&mut f).unwrap_or_default() == cur.first {
-                at = Some((i, cur.offset));
-                break;
+        let mut files = aibox_audit::segments::files(&self.log);
+        let mut at = self.find(&files, &cur);
+        if at.is_none() && cur != Cursor::default() {
+            // Sealed between listing and looking: list again.
+            files = aibox_audit::segments::files(&self.log);
+            at = self.find(&files, &cur);
+            if at.is_none() && !cur.last_hash.is_empty() {
+                at = Self::find_hash(&files, &cur.last_hash);
             }
         }
+        // Never delivered before, or the chain is another one: from the
+        // start (at-least-once).
         let (start, offset) = at.unwrap_or((0, 0));
         let mut sent = 0;
         for (i, p) in files.iter().enumerate().skip(start) {
-            sent += self.ship_file(p, if i == start { offset } else { 0 }, sink)?;
+            sent += self.ship_file(p, if i == start { offset } else { 0 }, &cur.last_hash, sink)?;
         }
         Ok(sent)
     }
 
     /// Sends the whole lines of `path` from `offset` on.
-    fn ship_file(&self, path: &Path, offset: u64, sink: &mut dyn Deliver) -> Result<u64, String> {
+    fn ship_file(
+        &self,
+        path: &Path,
+        offset: u64,
+        last_hash: &str,
+        sink: &mut dyn Deliver,
+    ) -> Result<u64, String> {
+        /// Longest line read; an event is far smaller.
+        const WINDOW: u64 = 64 << 20;
         let Ok(mut f) = std::fs::File::open(path) else {
             return Ok(0);
         };
@@ -562,38 +627,63 @@ impl Shipper {
             inode: meta.ino(),
             first: first_line_hash(&mut f).unwrap_or_default(),
             offset: offset.min(meta.len()),
+            last_hash: last_hash.to_string(),
         };
         // Recorded even when nothing is sent: the cursor moves to this file.
-        self.save(cur.clone())?;
+        self.save(&cur)?;
         let mut sent = 0;
         while cur.offset < meta.len() {
             f.seek(SeekFrom::Start(cur.offset))
                 .map_err(|e| e.to_string())?;
             let mut buf = Vec::new();
             (&mut f)
-                .take((meta.len() - cur.offset).min(8 << 20))
+                .take((meta.len() - cur.offset).min(WINDOW))
                 .read_to_end(&mut buf)
                 .map_err(|e| e.to_string())?;
             let Some(end) = buf.iter().rposition(|b| *b == b'\n') else {
+                if meta.len() - cur.offset > WINDOW {
+                    return Err(format!(
+                        "{}: a line longer than 64 MiB at byte {} (not an event; run `aibox audit verify`)",
+                        path.display(),
+                        cur.offset
+                    ));
+                }
+                // A line still being written.
                 break;
             };
-            let text = String::from_utf8_lossy(&buf[..end]);
-            let lines: Vec<&str> = text.split('\n').collect();
-            let mut consumed = 0u64;
-            for batch in lines.chunks(self.batch_max) {
-                sink.deliver(batch)?;
-                consumed += batch.iter().map(|l| l.len() as u64 + 1).sum::<u64>();
+            // Offsets count raw bytes; what is sent is the text.
+            let raw: Vec<&[u8]> = buf[..end].split(|b| *b == b'\n').collect();
+            for batch in raw.chunks(self.batch_max) {
+                let texts: Vec<String> = batch
+                    .iter()
+                    .map(|l| String::from_utf8_lossy(l).into_owned())
+                    .collect();
+                let lines: Vec<&str> = texts.iter().map(String::as_str).collect();
+                sink.deliver(&lines)?;
+                cur.offset += batch.iter().map(|l| l.len() as u64 + 1).sum::<u64>();
+                if let Some(h) = texts.iter().rev().find_map(|t| hash_of(t)) {
+                    cur.last_hash = h;
+                }
                 sent += batch.len() as u64;
-                self.save(Cursor {
-                    inode: cur.inode,
-                    first: cur.first.clone(),
-                    offset: cur.offset + consumed,
-                })?;
+                self.save(&cur)?;
             }
-            cur.offset += end as u64 + 1;
         }
         Ok(sent)
     }
+}
+
+/// `O_NOFOLLOW`, for files written in the data directory.
+fn libc_nofollow() -> i32 {
+    nix::fcntl::OFlag::O_NOFOLLOW.bits()
+}
+
+/// The `hash` field of an event line.
+fn hash_of(line: &str) -> Option<String> {
+    let at = line.find("\"hash\":\"")? + 8;
+    let h = line.get(at..at + 64)?;
+    h.bytes()
+        .all(|b| b.is_ascii_hexdigit())
+        .then(|| h.to_string())
 }
 
 #[cfg(test)]
@@ -692,9 +782,9 @@ mod tests {
         let seg = aibox_audit::segments::segments_dir(&log);
         std::fs::create_dir_all(&seg).unwrap();
         let (sha, bytes) = aibox_audit::segments::digest(&log).unwrap();
-        std::fs::rename(&log, seg.join("a.jsonl")).unwrap();
+        std::fs::rename(&log, seg.join("000000000000-000000000001.jsonl")).unwrap();
         let entry = serde_json::json!({
-            "segment": "a.jsonl", "first_seq": 0, "last_seq": 1,
+            "segment": "000000000000-000000000001.jsonl", "first_seq": 0, "last_seq": 1,
             "first_prev_hash": "0", "last_hash": "1", "bytes": bytes, "sha256": sha,
             "sealed_at": "t", "reason": "stop",
         });

@@ -49,27 +49,39 @@ pub(crate) fn signing(
     Ok((key, a.checkpoint_every, secs))
 }
 
-/// Every chained log in the data directory: (sandbox, path).
+/// Every chained log in the data directory: (sandbox, path of its active
+/// file). A log is found by any of its files — the active `.jsonl`, its
+/// `.manifest`, `.segments` or `.jsonl.checkpoints` — so deleting one of
+/// them does not hide the log from `verify --all`.
 fn all_logs(loaded: &aibox_config::Loaded) -> Result<Vec<(String, PathBuf)>> {
     let dir = loaded.data_dir().join("audit");
-    let mut v = Vec::new();
+    let mut names = std::collections::BTreeSet::new();
     if let Ok(entries) = std::fs::read_dir(&dir) {
         for e in entries.flatten() {
             let p = e.path();
+            let f = e.file_name().to_string_lossy().into_owned();
             // (A decision log an earlier aibox kept here,
             // `<name>.decisions.jsonl`, is not a chained log.)
-            if p.extension().is_some_and(|x| x == "jsonl")
-                && !aibox_supervisor::decisions::is_decision_log(&p)
+            let stem = if f.ends_with(".jsonl") && !aibox_supervisor::decisions::is_decision_log(&p)
             {
-                let n = p
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                v.push((n, p));
+                f.strip_suffix(".jsonl")
+            } else {
+                f.strip_suffix(".manifest")
+                    .or_else(|| f.strip_suffix(".segments"))
+                    .or_else(|| f.strip_suffix(".jsonl.checkpoints"))
+            };
+            if let Some(n) = stem.filter(|n| aibox_core::validate_name(n).is_ok()) {
+                names.insert(n.to_string());
             }
         }
     }
-    v.sort();
+    let v: Vec<(String, PathBuf)> = names
+        .into_iter()
+        .map(|n| {
+            let p = dir.join(format!("{n}.jsonl"));
+            (n, p)
+        })
+        .collect();
     if v.is_empty() {
         bail!("no audit logs in {}", dir.display());
     }
@@ -79,7 +91,10 @@ fn all_logs(loaded: &aibox_config::Loaded) -> Result<Vec<(String, PathBuf)>> {
 fn named_log(loaded: &aibox_config::Loaded, n: &str) -> Result<PathBuf> {
     aibox_core::validate_name(n).map_err(anyhow::Error::msg)?;
     let p = aibox_supervisor::client::audit_log_path(&loaded.data_dir(), n);
-    if !p.exists() {
+    let any = p.exists()
+        || aibox_audit::segments::manifest_path(&p).exists()
+        || aibox_audit::checkpoint::checkpoints_path(&p).exists();
+    if !any {
         bail!(
             "no audit log for sandbox `{n}` ({} does not exist)",
             p.display()
@@ -118,6 +133,7 @@ fn verify(
     format: Format,
 ) -> Result<i32> {
     let (loaded, sources) = super::load_config(cli_config)?;
+    let all_requested = name.is_none() && file.is_none();
     let logs: Vec<(String, PathBuf)> = match (name, file) {
         (_, Some(f)) => {
             let n = f
@@ -130,7 +146,8 @@ fn verify(
             let p = named_log(&loaded, &n)?;
             vec![(n, p)]
         }
-        (None, None) => all_logs(&loaded)?,
+        // (None at all is an error below, unless logs were deleted.)
+        (None, None) => all_logs(&loaded).unwrap_or_default(),
     };
     // The key itself when it is readable here; the public file must then
     // agree with it (a swapped public key would vouch for forgeries).
@@ -155,11 +172,47 @@ fn verify(
     };
     let mut broken = false;
     let mut out = Vec::new();
+    // Logs whose last checkpoint is kept beside the key but whose files
+    // are all gone: deleted logs.
+    if all_requested {
+        for (label, cp) in anchored_without_files(&loaded, &secret, &logs) {
+            broken = true;
+            match format {
+                Format::Json => out.push(serde_json::json!({
+                    "log": label, "intact": false, "tampered": true,
+                    "error": format!("deleted: its last checkpoint (event {}, signed {}) is kept beside the signing key, but none of its files exist", cp.seq, cp.time),
+                })),
+                Format::Text => println!(
+                    "{label}: DELETED: its last checkpoint (event {}, signed {}) is kept beside the signing key, but none of its files exist",
+                    cp.seq, cp.time
+                ),
+            }
+        }
+    }
+    if logs.is_empty() && !broken {
+        bail!(
+            "no audit logs in {}",
+            loaded.data_dir().join("audit").display()
+        );
+    }
     for (label, path) in logs {
-        let anchor = aibox_audit::checkpoint::read_anchor(&secret, &path)?;
-        let (report, cps) =
+        // One unreadable log does not hide the report on the others.
+        let checked = aibox_audit::checkpoint::read_anchor(&secret, &path).and_then(|anchor| {
             aibox_audit::verify_with_checkpoints(&path, &label, trusted.as_ref(), anchor.as_ref())
-                .with_context(|| format!("verifying {}", path.display()))?;
+        });
+        let (report, cps) = match checked {
+            Ok(r) => r,
+            Err(e) => {
+                broken = true;
+                match format {
+                    Format::Json => out.push(serde_json::json!({
+                        "log": label, "path": path, "intact": false, "error": e.to_string(),
+                    })),
+                    Format::Text => println!("{label}: CANNOT VERIFY: {e}"),
+                }
+                continue;
+            }
+        };
         let tampered = report.broken.as_ref().is_some_and(|b| !b.torn_tail)
             || !cps.problems.is_empty()
             || !cps.segments.problems.is_empty();
@@ -278,6 +331,42 @@ fn ship(cli_config: Option<PathBuf>, name: Option<String>) -> Result<i32> {
         }
     }
     Ok(if failed { 1 } else { 0 })
+}
+
+/// Anchors (beside `key`) of logs in this data directory none of whose
+/// files exist, with the sandbox each names.
+fn anchored_without_files(
+    loaded: &aibox_config::Loaded,
+    key: &Path,
+    listed: &[(String, PathBuf)],
+) -> Vec<(String, aibox_audit::checkpoint::Checkpoint)> {
+    let mut out = Vec::new();
+    let dir = aibox_audit::checkpoint::anchor_path(key, Path::new("x"))
+        .parent()
+        .map(Path::to_path_buf);
+    let Some(Ok(entries)) = dir.map(std::fs::read_dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Ok(text) = std::fs::read_to_string(e.path()) else {
+            continue;
+        };
+        let Ok(cp) = serde_json::from_str::<aibox_audit::checkpoint::Checkpoint>(&text) else {
+            continue;
+        };
+        if aibox_core::validate_name(&cp.sandbox).is_err()
+            || listed.iter().any(|(n, _)| *n == cp.sandbox)
+        {
+            continue;
+        }
+        let log = aibox_supervisor::client::audit_log_path(&loaded.data_dir(), &cp.sandbox);
+        // Only anchors of this data directory's logs.
+        if aibox_audit::checkpoint::anchor_path(key, &log) == e.path() {
+            out.push((cp.sandbox.clone(), cp));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
 }
 
 /// Whether `line` (an event) has one of `types` (all when empty).
