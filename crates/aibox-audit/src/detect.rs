@@ -349,6 +349,11 @@ const MAX_EVIDENCE: usize = 100;
 /// Earlier LLM requests needed before the p95 comparison applies.
 const P95_MIN_SAMPLES: usize = 20;
 
+/// Most items a window keeps; beyond it the oldest two are merged (their
+/// amounts kept, the later time taken), so memory stays bounded and a
+/// sum never shrinks early.
+const MAX_ITEMS: usize = 20_000;
+
 /// A sliding window of (time, seq, amount).
 #[derive(Debug, Default)]
 struct Window {
@@ -360,6 +365,12 @@ impl Window {
     fn push(&mut self, at: SystemTime, seq: u64, amount: u64, span: Duration) {
         self.items.push_back((at, seq, amount));
         self.sum = self.sum.saturating_add(amount);
+        if self.items.len() > MAX_ITEMS
+            && let Some((_, _, a)) = self.items.pop_front()
+            && let Some(next) = self.items.front_mut()
+        {
+            next.2 = next.2.saturating_add(a);
+        }
         while let Some(&(t, _, a)) = self.items.front() {
             // Events older than the window fall out; a clock that went
             // backwards keeps them (never fewer alerts than due).
@@ -474,9 +485,16 @@ impl Detector {
             }
             EventType::LlmRequest => {
                 let bytes = num("bytes");
-                // The p95 of the requests before this one.
+                // The p95 of the (last 1000) requests before this one.
                 let p95 = (self.llm.items.len() >= P95_MIN_SAMPLES).then(|| {
-                    let mut sizes: Vec<u64> = self.llm.items.iter().map(|&(_, _, b)| b).collect();
+                    let skip = self.llm.items.len().saturating_sub(1000);
+                    let mut sizes: Vec<u64> = self
+                        .llm
+                        .items
+                        .iter()
+                        .skip(skip)
+                        .map(|&(_, _, b)| b)
+                        .collect();
                     sizes.sort_unstable();
                     let i = (sizes.len() * 95).div_ceil(100).saturating_sub(1);
                     sizes[i.min(sizes.len() - 1)]
@@ -594,14 +612,16 @@ fn off_hours(at: SystemTime, th: &Parsed) -> bool {
     !inside
 }
 
-/// Detail fields that carry content by design (LLM bodies): base64 there
-/// is expected (images, files) and not an anomaly.
+/// Detail fields that carry content by design (LLM bodies) or are file
+/// paths (long directory names are not payloads): base64 there is not an
+/// anomaly.
 const CONTENT_FIELDS: &[&str] = &[
     "body",
     "request_body",
     "response_body",
     "prompt",
     "completion",
+    "path",
 ];
 
 /// The longest run of base64 characters in any string of `details`
@@ -615,7 +635,8 @@ pub fn longest_base64_run(details: &Map<String, Value>) -> u64 {
                     if b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_') {
                         run += 1;
                         *best = (*best).max(run);
-                    } else {
+                    } else if !matches!(b, b'\n' | b'\r') {
+                        // (Line breaks, as `base64` wraps at 76, go on.)
                         run = 0;
                     }
                 }

@@ -414,8 +414,26 @@ impl Recorder {
         self.event("r", &format!("{cols}x{rows}"));
     }
 
+    /// Writes what waited longer than a moment (called on a timer, so
+    /// output followed by silence is on disk, not only in memory).
+    pub fn tick(&mut self) {
+        if !self.buf.is_empty() && self.last_flush.elapsed() >= FLUSH_EVERY {
+            self.flush(false);
+        }
+    }
+
     fn flush(&mut self, last: bool) {
         if self.buf.is_empty() && !last {
+            return;
+        }
+        if self.counter == u32::MAX {
+            // No chunk number is ever used twice (it is part of the nonce).
+            if self.failed.is_none() {
+                self.failed = Some(std::io::Error::other(
+                    "the recording reached its largest number of chunks",
+                ));
+            }
+            self.buf.clear();
             return;
         }
         let nonce = chunk_nonce(&self.prefix, self.counter, last);
@@ -440,7 +458,7 @@ impl Recorder {
         {
             self.failed = Some(e);
         }
-        self.counter = self.counter.wrapping_add(1);
+        self.counter += 1;
         self.last_flush = Instant::now();
     }
 

@@ -168,6 +168,7 @@ pub struct Metrics {
     counters: BTreeMap<(&'static str, Labels), u64>,
     histograms: BTreeMap<(&'static str, Labels), Histogram>,
     up: BTreeMap<String, bool>,
+    seen: std::collections::BTreeSet<String>,
 }
 
 impl Metrics {
@@ -192,6 +193,39 @@ impl Metrics {
         h.count += 1;
     }
 
+    /// Zero-valued series for a sandbox's first scrape: Prometheus'
+    /// `increase()` cannot see a series' first sample, so an alert rule
+    /// over a series that appears at 1 would miss the first occurrence.
+    fn zeros(&mut self, sb: &str) {
+        let s = || vec![("sandbox", sb.to_string())];
+        let with = |k: &'static str, v: &str| vec![("sandbox", sb.to_string()), (k, v.to_string())];
+        for (rule, sev) in aibox_audit::detect::RULES
+            .iter()
+            .map(|r| (r.id, severity_name(r.audit_severity())))
+            .chain([
+                ("aibox-cloud-metadata", "critical"),
+                ("aibox-credential-misuse", "high"),
+            ])
+        {
+            self.add(
+                "aibox_alerts_total",
+                vec![
+                    ("sandbox", sb.to_string()),
+                    ("rule_id", rule.to_string()),
+                    ("severity", sev.to_string()),
+                ],
+                0,
+            );
+        }
+        for d in ["allow", "deny"] {
+            self.add("aibox_network_requests_total", with("decision", d), 0);
+            self.add("aibox_policy_decisions_total", with("decision", d), 0);
+        }
+        self.add("aibox_dns_queries_total", s(), 0);
+        self.add("aibox_network_bytes_sent_total", s(), 0);
+        self.add("aibox_sessions_total", s(), 0);
+    }
+
     /// Counts one audit event (a parsed log line).
     pub fn observe(&mut self, e: &Value) {
         let (Some(t), Some(sb)) = (e["event_type"].as_str(), e["sandbox_id"].as_str()) else {
@@ -201,6 +235,9 @@ impl Metrics {
         let s = || vec![("sandbox", sb.to_string())];
         let with = |k: &'static str, v: &str| vec![("sandbox", sb.to_string()), (k, v.to_string())];
         let num = |k: &str| d[k].as_u64().unwrap_or(0);
+        if self.seen.insert(sb.to_string()) {
+            self.zeros(sb);
+        }
         self.add("aibox_audit_events_total", with("event_type", t), 1);
         match t {
             "sandbox.start" => {
@@ -377,6 +414,15 @@ impl Metrics {
             }
         }
         out
+    }
+}
+
+fn severity_name(s: aibox_audit::Severity) -> &'static str {
+    match s {
+        aibox_audit::Severity::Critical => "critical",
+        aibox_audit::Severity::High => "high",
+        aibox_audit::Severity::Warning => "warning",
+        aibox_audit::Severity::Info => "info",
     }
 }
 

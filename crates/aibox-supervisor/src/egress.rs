@@ -124,7 +124,14 @@ fn write_event(emit: &Emit, e: NetEvent) {
                 via,
             } => {
                 let d = json!({"host": host, "port": port, "method": method, "reason": reason, "via": via.as_str()});
-                if !is_cloud_metadata(&host) {
+                // By name or by what the name resolved to (the proxy's
+                // refusal says `resolves to ADDRESS, …`).
+                let resolved = reason
+                    .split("resolves to ")
+                    .nth(1)
+                    .and_then(|r| r.split([',', ' ']).next())
+                    .unwrap_or("");
+                if !is_cloud_metadata(&host) && !is_cloud_metadata(resolved) {
                     (EventType::NetworkDeny, Severity::Warning, d)
                 } else {
                     // Reaching for the cloud's instance metadata is how a
@@ -276,9 +283,24 @@ fn is_cloud_metadata(host: &str) -> bool {
                 .unwrap_or(std::net::IpAddr::V6(v6)),
             v4 => v4,
         };
+        // NAT64 (64:ff9b::/96) and IPv4-compatible forms of an IPv4 address.
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => {
+                let s = v6.segments();
+                if (s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0; 4]) || s[..6] == [0; 6] {
+                    let o = v6.octets();
+                    std::net::IpAddr::V4(std::net::Ipv4Addr::new(o[12], o[13], o[14], o[15]))
+                } else {
+                    ip
+                }
+            }
+            v4 => v4,
+        };
         return [
             "169.254.169.254", // AWS, GCP, Azure, OpenStack, DigitalOcean
             "169.254.170.2",   // AWS ECS task credentials
+            "168.63.129.16",   // Azure wire server
+            "192.0.0.192",     // Oracle Cloud
             "100.100.100.200", // Alibaba Cloud
             "fd00:ec2::254",   // AWS over IPv6
         ]
@@ -719,6 +741,9 @@ mod tests {
             "169.254.169.254",
             "[fd00:ec2::254]",
             "::ffff:169.254.169.254",
+            "::a9fe:a9fe",
+            "64:ff9b::a9fe:a9fe",
+            "168.63.129.16",
             "metadata.google.internal.",
             "METADATA.GOOGLE.INTERNAL",
         ] {

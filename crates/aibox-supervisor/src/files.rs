@@ -101,11 +101,28 @@ impl Watcher {
     }
 }
 
-/// Thins bursts: per (kind, path) once a second, and a budget a second.
+/// Paths whose writes are always recorded, whatever the budget: what an
+/// agent would change to run code later outside its sandbox.
+fn sensitive(rel: &Path) -> bool {
+    let s = rel.to_string_lossy();
+    s.starts_with(".git/hooks/")
+        || s == ".git/config"
+        || s.starts_with(".github/workflows/")
+        || s == ".gitlab-ci.yml"
+        || s.starts_with(".vscode/")
+        || s.starts_with(".devcontainer/")
+        || s == ".envrc"
+        || s.ends_with("/.envrc")
+        || s == "Makefile"
+        || s == "package.json"
+}
+
+/// Thins bursts: per (kind, path) once a second, and a budget a second
+/// for each kind (reads cannot use up the writes' budget).
 struct Thinner {
     last: HashMap<(EventType, PathBuf), Instant>,
     second: Instant,
-    written: u32,
+    written: HashMap<EventType, u32>,
     suppressed: HashMap<EventType, u64>,
 }
 
@@ -113,7 +130,7 @@ impl Thinner {
     fn admit(&mut self, kind: EventType, path: &Path, now: Instant) -> bool {
         if now.duration_since(self.second) >= Duration::from_secs(1) {
             self.second = now;
-            self.written = 0;
+            self.written.clear();
             if self.last.len() > 10_000 {
                 self.last.clear();
             }
@@ -123,12 +140,14 @@ impl Thinner {
             .last
             .get(&key)
             .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(1));
-        if recent || self.written >= PER_SECOND {
+        let spent = self.written.get(&kind).copied().unwrap_or(0);
+        let over = spent >= PER_SECOND && !(kind == EventType::FileWrite && sensitive(path));
+        if recent || over {
             *self.suppressed.entry(kind).or_default() += 1;
             return false;
         }
         self.last.insert(key, now);
-        self.written += 1;
+        *self.written.entry(kind).or_default() += 1;
         true
     }
 
@@ -170,7 +189,7 @@ fn run(workspace: &Path, emit: &Emit) -> Result<(), String> {
     let mut thin = Thinner {
         last: HashMap::new(),
         second: Instant::now(),
-        written: 0,
+        written: HashMap::new(),
         suppressed: HashMap::new(),
     };
     loop {
@@ -183,6 +202,22 @@ fn run(workspace: &Path, emit: &Emit) -> Result<(), String> {
                        "watched_dirs": w.dirs.len(),
                        "error": "too many directories for inotify: file events below the rest are not recorded"}),
             );
+        }
+        // A summary is due even when nothing more happens.
+        {
+            use std::os::fd::AsFd;
+            let mut fds = [nix::poll::PollFd::new(
+                w.fd.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(1000u16)) {
+                Ok(0) => {
+                    thin.flush(emit, Instant::now(), true);
+                    continue;
+                }
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(format!("waiting for inotify events: {e}")),
+            }
         }
         let events = match w.fd.read_events() {
             Ok(ev) => ev,
@@ -289,7 +324,7 @@ mod tests {
         let mut t = Thinner {
             last: HashMap::new(),
             second: Instant::now(),
-            written: 0,
+            written: HashMap::new(),
             suppressed: HashMap::new(),
         };
         let now = Instant::now();
@@ -300,7 +335,14 @@ mod tests {
         for i in 0..200 {
             t.admit(EventType::FileWrite, Path::new(&format!("f{i}")), now);
         }
-        assert_eq!(t.written, PER_SECOND);
-        assert_eq!(t.suppressed[&EventType::FileWrite], 1 + 200 - 98);
+        assert_eq!(t.written[&EventType::FileWrite], PER_SECOND);
+        assert_eq!(t.suppressed[&EventType::FileWrite], 1 + 200 - 99);
+        // Reads have their own budget; a hook written in a flood is kept.
+        assert!(t.admit(EventType::FileRead, Path::new("r"), now));
+        assert!(t.admit(
+            EventType::FileWrite,
+            Path::new(".git/hooks/post-checkout"),
+            now
+        ));
     }
 }

@@ -128,6 +128,10 @@ pub struct SupervisorSpec {
     /// stop).
     #[serde(default)]
     pub segment_max: u64,
+    /// Terminal sessions must name their recording (`audit.recording:
+    /// required`).
+    #[serde(default)]
+    pub recording_required: bool,
     /// Where the audit log is shipped (`audit.sinks`).
     #[serde(default)]
     pub sinks: Vec<aibox_siem::sink::SinkConfig>,

@@ -1332,6 +1332,16 @@ fn exec_inner(shared: &Arc<Shared>, conn: OwnedFd, req: ExecRequest, fds: Vec<Ow
             &[],
         );
     }
+    if req.tty.is_some() && shared.spec.recording_required && req.recording.is_none() {
+        return send(
+            &conn,
+            &Response::Error {
+                message: "terminal sessions are recorded here (audit.recording: required) and this one is not; start it with `aibox shell` or `aibox exec -t`".into(),
+                code: 2,
+            },
+            &[],
+        );
+    }
     let (tx, rx): (Waiter, Receiver<_>) = channel();
     if let Ok(mut w) = shared.waiters.lock() {
         w.insert(id, tx);

@@ -183,6 +183,7 @@ fn prepare(
         audit_signing: Some(super::audit::signing(&loaded, &sources)?),
         detection: c.audit.detection.enabled.then(|| c.audit.detection.clone()),
         file_events: c.audit.file_events,
+        recording_required: c.audit.recording_mode() == aibox_config::RecordingMode::Required,
         segment_max: aibox_config::parse_size(&c.audit.segment_max).unwrap_or(64 << 20),
         sinks: {
             // Opened here first: a sink that cannot work (an unset token,
@@ -684,6 +685,7 @@ fn exec_request(opts: &ExecOpts, argv: Vec<String>) -> Result<ExecRequest> {
 }
 
 pub fn run(cli_config: Option<PathBuf>, a: RunArgs) -> Result<i32> {
+    let sources = aibox_config::Sources::standard(cli_config.clone());
     let req = exec_request(&a.opts, a.command.clone())?;
     let (loaded, mut spec, paths) = prepare(cli_config, &a.start)?;
     // Container backends: the container starts with the command, in one
@@ -692,9 +694,26 @@ pub fn run(cli_config: Option<PathBuf>, a: RunArgs) -> Result<i32> {
         c.run_mode = req.tty.is_none();
     }
     super::vault::disarm();
-    client::start(&spec, &paths)?;
+    let rec = if req.tty.is_some() {
+        super::recording::start(&loaded, &sources, &paths.name, &req.argv, false, false)?
+    } else {
+        None
+    };
+    let mut req = req;
+    req.recording = rec.as_ref().map(|r| r.id.clone());
+    if let Err(e) = client::start(&spec, &paths) {
+        if let Some(r) = rec {
+            let _ = r.finish();
+        }
+        return Err(e.into());
+    }
     let (rt, data) = (loaded.runtime_dir(), loaded.data_dir());
-    let result = client::connect_named(&paths, &rt, &data).and_then(|c| client::exec(c, req));
+    let tap = rec.as_ref().map(|r| r.tap());
+    let result =
+        client::connect_named(&paths, &rt, &data).and_then(|c| client::exec_tapped(c, req, tap));
+    if let Some(r) = rec {
+        r.finish()?;
+    }
     // A one-shot sandbox ends with its command; it may be gone already.
     let stopped = match client::connect_named(&paths, &rt, &data) {
         Ok(c) => client::stop(c, &paths),
@@ -741,10 +760,22 @@ pub(crate) fn connect(loaded: &Loaded, paths: &SandboxPaths) -> Result<std::os::
 }
 
 pub fn exec(cli_config: Option<PathBuf>, a: ExecArgs) -> Result<i32> {
-    let req = exec_request(&a.opts, a.command)?;
+    let sources = aibox_config::Sources::standard(cli_config.clone());
+    let mut req = exec_request(&a.opts, a.command)?;
     let (loaded, paths) = target(cli_config, &a.name)?;
     let conn = connect(&loaded, &paths)?;
-    Ok(client::exec(conn, req)?)
+    // A terminal session is recorded when recording is required.
+    let rec = if req.tty.is_some() {
+        super::recording::start(&loaded, &sources, &paths.name, &req.argv, false, false)?
+    } else {
+        None
+    };
+    req.recording = rec.as_ref().map(|r| r.id.clone());
+    let code = client::exec_tapped(conn, req, rec.as_ref().map(|r| r.tap()));
+    if let Some(r) = rec {
+        r.finish()?;
+    }
+    Ok(code?)
 }
 
 pub fn shell(cli_config: Option<PathBuf>, a: ShellArgs) -> Result<i32> {

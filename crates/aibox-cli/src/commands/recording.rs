@@ -154,8 +154,22 @@ pub(crate) fn start(
             ""
         }
     );
+    let tap = Arc::new(RecTap(Mutex::new(Some(r))));
+    // Output followed by silence reaches the disk within a moment.
+    let weak = Arc::downgrade(&tap);
+    std::thread::spawn(move || {
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(250));
+            let Some(t) = weak.upgrade() else { return };
+            let Ok(mut g) = t.0.lock() else { return };
+            match g.as_mut() {
+                Some(r) => r.tick(),
+                None => return,
+            }
+        }
+    });
     Ok(Some(Active {
-        tap: Arc::new(RecTap(Mutex::new(Some(r)))),
+        tap,
         id,
         required: mode == RecordingMode::Required,
     }))
@@ -249,13 +263,17 @@ pub fn run(cli_config: Option<PathBuf>, cmd: RecordingCmd) -> Result<i32> {
 
 /// Writes a file only the user can read (a decrypted recording).
 fn write_private(p: &Path, data: &[u8]) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(p)
+        .with_context(|| format!("writing {} (not through a symbolic link)", p.display()))?;
+    // An existing file keeps its mode on open: made private first.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("writing {}", p.display()))?;
     f.write_all(data)
         .with_context(|| format!("writing {}", p.display()))

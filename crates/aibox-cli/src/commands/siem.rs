@@ -54,9 +54,19 @@ pub fn metrics(cli_config: Option<PathBuf>, cmd: MetricsCmd) -> Result<i32> {
                 l.local_addr().map(|a| a.to_string()).unwrap_or(listen)
             );
             let s = std::sync::Arc::new(s);
+            // A few scrapers at a time; more are turned away at once.
+            let busy = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
             for conn in l.incoming().flatten() {
-                let s = s.clone();
-                std::thread::spawn(move || serve_one(&s, conn));
+                use std::sync::atomic::Ordering;
+                if busy.fetch_add(1, Ordering::SeqCst) >= 16 {
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                    continue;
+                }
+                let (s, busy) = (s.clone(), busy.clone());
+                std::thread::spawn(move || {
+                    serve_one(&s, conn);
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                });
             }
             Ok(0)
         }
@@ -65,8 +75,10 @@ pub fn metrics(cli_config: Option<PathBuf>, cmd: MetricsCmd) -> Result<i32> {
 
 /// Answers one HTTP/1.x request: `GET /metrics`, else 404/405.
 fn serve_one(s: &Scraper, conn: std::net::TcpStream) {
-    let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(10)));
-    let mut r = BufReader::new(&conn);
+    let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    let _ = conn.set_write_timeout(Some(std::time::Duration::from_secs(10)));
+    // A request is a few short lines: 16 KiB at most is read.
+    let mut r = BufReader::new(std::io::Read::take(&conn, 16 << 10));
     let mut first = String::new();
     if r.read_line(&mut first).is_err() {
         return;

@@ -94,7 +94,7 @@ fn base64_run(d: &Value) -> u64 {
                     if c.is_ascii_alphanumeric() || "+/=-_".contains(c) {
                         run += 1;
                         *best = (*best).max(run);
-                    } else {
+                    } else if c != '\n' && c != '\r' {
                         run = 0;
                     }
                 }
@@ -113,6 +113,7 @@ fn base64_run(d: &Value) -> u64 {
                 "response_body",
                 "prompt",
                 "completion",
+                "path",
             ]
             .contains(&k.as_str())
             {

@@ -115,6 +115,25 @@ both_modes!(
         let out = p.read_until("required");
         assert!(out.contains("recording is required"), "{out:?}");
         assert_ne!(p.child.wait().unwrap().code(), Some(0));
+        // `exec -t` is a terminal session too: recorded.
+        let mut p = Pty::spawn(
+            c.aibox(&[
+                "exec",
+                "-t",
+                "--name",
+                "rec",
+                "--",
+                "sh",
+                "-c",
+                "echo via-exec",
+            ]),
+            24,
+            80,
+        );
+        let out = p.read_until("session recorded as");
+        assert!(out.contains("via-exec"), "{out:?}");
+        assert_eq!(p.child.wait().unwrap().code(), Some(0));
+        assert_eq!(recordings(&c).len(), 2);
         ok(&c.out(&["stop", "--name", "rec"]));
     }
 );
