@@ -72,7 +72,6 @@ pub fn verify_reader_with<R: Read>(
     reader: R,
     mut on_event: impl FnMut(u64, &str),
 ) -> std::io::Result<VerifyReport> {
-    const BLOCK: u64 = 16 << 20;
     let mut reader = BufReader::with_capacity(1 << 20, reader);
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -81,60 +80,68 @@ pub fn verify_reader_with<R: Read>(
     let mut expected_prev = GENESIS.to_string();
     let mut expected_seq = 0u64;
     let mut index = 0u64;
-    let mut block: Vec<u8> = Vec::new();
+    // Whole lines of the current block; the next block is read while the
+    // current one is checked.
+    let (mut block, mut rest, mut eof) = next_block(&mut reader, Vec::new())?;
     loop {
-        let n = (&mut reader).take(BLOCK).read_to_end(&mut block)?;
-        let eof = n == 0;
-        let cut = block.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1);
-        if cut == 0 && !eof {
-            continue;
-        }
-        let rest = block.split_off(cut);
-        if cut > 0 {
-            let lines: Vec<&[u8]> = block[..cut - 1].split(|b| *b == b'\n').collect();
-            let checked = check_lines(&lines, threads);
-            for r in checked {
-                let fail = |reason: String| VerifyReport {
-                    verified: index,
-                    head: expected_prev.clone(),
-                    broken: Some(Break {
-                        index,
-                        reason,
-                        torn_tail: false,
-                    }),
-                };
-                let c = match r {
-                    Ok(c) => c,
-                    Err(why) => return Ok(fail(why)),
-                };
-                if c.prev.as_ref().map(|p| &p[..]) != Some(expected_prev.as_bytes()) {
-                    return Ok(fail(
-                        "prev_hash does not match the previous event (line deleted, inserted or reordered)"
-                            .into(),
-                    ));
-                }
-                if c.seq != expected_seq {
-                    return Ok(fail(format!(
-                        "seq {} where {} was expected",
-                        c.seq, expected_seq
-                    )));
-                }
-                let hash = std::str::from_utf8(&c.hash).unwrap_or_default();
-                on_event(c.seq, hash);
-                expected_prev.clear();
-                expected_prev.push_str(hash);
-                expected_seq += 1;
-                index += 1;
+        let (checked, next) = std::thread::scope(|s| {
+            let lines: Vec<&[u8]> = if block.is_empty() {
+                Vec::new()
+            } else {
+                block[..block.len() - 1].split(|b| *b == b'\n').collect()
+            };
+            let work = s.spawn(move || check_lines(&lines, threads));
+            let next = if eof {
+                None
+            } else {
+                Some(next_block(&mut reader, std::mem::take(&mut rest)))
+            };
+            let checked = work
+                .join()
+                .unwrap_or_else(|_| vec![Err("verification thread failed".to_string())]);
+            (checked, next)
+        });
+        for r in checked {
+            let fail = |reason: String| VerifyReport {
+                verified: index,
+                head: expected_prev.clone(),
+                broken: Some(Break {
+                    index,
+                    reason,
+                    torn_tail: false,
+                }),
+            };
+            let c = match r {
+                Ok(c) => c,
+                Err(why) => return Ok(fail(why)),
+            };
+            if c.prev.as_ref().map(|p| &p[..]) != Some(expected_prev.as_bytes()) {
+                return Ok(fail(
+                    "prev_hash does not match the previous event (line deleted, inserted or reordered)"
+                        .into(),
+                ));
             }
+            if c.seq != expected_seq {
+                return Ok(fail(format!(
+                    "seq {} where {} was expected",
+                    c.seq, expected_seq
+                )));
+            }
+            let hash = std::str::from_utf8(&c.hash).unwrap_or_default();
+            on_event(c.seq, hash);
+            expected_prev.clear();
+            expected_prev.push_str(hash);
+            expected_seq += 1;
+            index += 1;
         }
-        block = rest;
-        if eof {
-            break;
+        match next {
+            Some(n) => (block, rest, eof) = n?,
+            None => break,
         }
     }
-    if !block.is_empty() {
+    if !rest.is_empty() {
         // Only the final line can lack a newline.
-        let parses = serde_json::from_slice::<Event>(&block).is_ok();
+        let parses = serde_json::from_slice::<Event>(&rest).is_ok();
         let reason = if parses {
             "final line has no newline".to_string()
         } else {
@@ -157,6 +164,27 @@ pub fn verify_reader_with<R: Read>(
     })
 }
 
+/// Reads on from `carry` (the unfinished line of the last block) to the
+/// next block of whole lines: (those lines, ending in a newline or empty;
+/// what follows the last newline; whether the input ended).
+fn next_block<R: Read>(
+    reader: &mut R,
+    carry: Vec<u8>,
+) -> std::io::Result<(Vec<u8>, Vec<u8>, bool)> {
+    const BLOCK: u64 = 16 << 20;
+    let mut block = carry;
+    loop {
+        let n = reader.take(BLOCK).read_to_end(&mut block)?;
+        let eof = n == 0;
+        let cut = block.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1);
+        if cut == 0 && !eof {
+            continue;
+        }
+        let rest = block.split_off(cut);
+        return Ok((block, rest, eof));
+    }
+}
+
 /// What linking needs of a line whose own hash held.
 struct Checked {
     seq: u64,
@@ -165,8 +193,111 @@ struct Checked {
     prev: Option<[u8; 64]>,
 }
 
+/// The last occurrence of `needle` in `hay`.
+fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).rposition(|w| w == needle)
+}
+
+/// Checks one line without a JSON parser. In the canonical line the
+/// top-level fields after `details` come in a fixed order:
+/// `…,"event_type":"T","hash":"H","prev_hash":"P","sandbox_id":"N","seq":S,"severity":"V","source":"O",…`.
+/// `prev_hash` is found from the end (after it only those fixed fields
+/// follow, and no string holds an unescaped quote, so its last occurrence
+/// is the top-level one); the rest is read forward from there and the type
+/// backward from the hash. The hash is checked over the line's bytes
+/// minus its hash field. A line this does not accept goes to the parser,
+/// which names what is wrong.
+fn check_fast(line: &[u8]) -> Option<Checked> {
+    const HASH: &[u8] = b",\"hash\":\"";
+    const PREV: &[u8] = b",\"prev_hash\":\"";
+    const TYPE: &[u8] = b",\"event_type\":\"";
+    const SOURCES: &[&[u8]] = &[
+        b"aibox-cli",
+        b"aibox-supervisor",
+        b"aibox-agent",
+        b"aibox-llm-proxy",
+        b"squid",
+        b"coredns",
+        b"opa",
+        b"vault",
+        b"falco",
+        b"auditd",
+        b"session-recorder",
+    ];
+    if !line.starts_with(b"{\"details\":") || line.last() != Some(&b'}') {
+        return None;
+    }
+    let p = rfind(line, PREV)?;
+    // Forward from prev_hash.
+    let mut at = p + PREV.len();
+    let prev: [u8; 64] = line.get(at..at + 64)?.try_into().ok()?;
+    at += 64;
+    let expect = |at: &mut usize, lit: &[u8]| -> Option<()> {
+        (line.get(*at..*at + lit.len())? == lit).then(|| *at += lit.len())
+    };
+    let string = |at: &mut usize| -> Option<&[u8]> {
+        let len = line.get(*at..)?.iter().position(|b| *b == b'"')?;
+        let v = &line[*at..*at + len];
+        *at += len + 1;
+        Some(v)
+    };
+    expect(&mut at, b"\",\"sandbox_id\":\"")?;
+    string(&mut at)?;
+    expect(&mut at, b",\"seq\":")?;
+    let n = line.get(at..)?.iter().position(|b| !b.is_ascii_digit())?;
+    let seq: u64 = std::str::from_utf8(&line[at..at + n]).ok()?.parse().ok()?;
+    at += n;
+    expect(&mut at, b",\"severity\":\"")?;
+    if !matches!(
+        string(&mut at)?,
+        b"info" | b"warning" | b"high" | b"critical"
+    ) {
+        return None;
+    }
+    expect(&mut at, b",\"source\":\"")?;
+    let src = string(&mut at)?;
+    if !SOURCES.contains(&src) {
+        return None;
+    }
+    // Backward from prev_hash: the hash, then the type.
+    let hs = p.checked_sub(HASH.len() + 64 + 1)?;
+    if &line[hs..hs + HASH.len()] != HASH || line[hs + HASH.len() + 64] != b'"' {
+        return None;
+    }
+    let hash: [u8; 64] = line[hs + HASH.len()..hs + HASH.len() + 64]
+        .try_into()
+        .ok()?;
+    if hash.iter().any(|b| !matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    let t_end = hs.checked_sub(1)?;
+    if line[t_end] != b'"' {
+        return None;
+    }
+    let t_start = line[..t_end].iter().rposition(|b| *b == b'"')? + 1;
+    if line.get(t_start.checked_sub(TYPE.len())?..t_start)? != TYPE {
+        return None;
+    }
+    let t = std::str::from_utf8(&line[t_start..t_end]).ok()?;
+    crate::EventType::ALL.iter().find(|e| e.as_str() == t)?;
+    let mut want = [0u8; 32];
+    hex::decode_to_slice(hash, &mut want).ok()?;
+    let mut h = sha2::Sha256::new();
+    h.update(crate::log::HASH_DOMAIN);
+    h.update(&line[..hs]);
+    h.update(&line[hs + HASH.len() + 65..]);
+    (h.finalize().as_slice() == want).then_some(Checked {
+        seq,
+        hash,
+        prev: Some(prev),
+    })
+}
+
 /// Parses and hashes one line.
 fn check_one(line: &[u8]) -> Result<Checked, String> {
+    if let Some(c) = check_fast(line) {
+        return Ok(c);
+    }
     let event: Lite<'_> =
         serde_json::from_slice(line).map_err(|e| format!("not a valid event: {e}"))?;
     check_line(line, &event).map_err(str::to_string)?;
@@ -314,10 +445,15 @@ pub fn verify_with_checkpoints(
     anchor: Option<&crate::checkpoint::Checkpoint>,
 ) -> Result<(VerifyReport, CheckpointReport), AuditError> {
     let cps = crate::checkpoint::read_checkpoints(&crate::checkpoint::checkpoints_path(path))?;
+    let sealed: Vec<u64> = crate::segments::read_manifest(path)?
+        .into_iter()
+        .filter_map(|e| e.ok().map(|e| e.last_seq))
+        .collect();
     let wanted: std::collections::HashSet<u64> = cps
         .iter()
         .filter_map(|c| c.as_ref().ok().map(|c| c.seq))
         .chain(anchor.map(|a| a.seq))
+        .chain(sealed)
         .collect();
     let mut heads = std::collections::HashMap::new();
     if !path.exists() && crate::segments::files(path).is_empty() {
@@ -328,16 +464,28 @@ pub fn verify_with_checkpoints(
     }
     // The sealed segments, then the active file, as one chain.
     let file = crate::segments::ChainReader::new(path);
-    let segments = crate::segments::check(path, sandbox, trusted)?;
-    let report = verify_reader_with(file, |seq, hash| {
-        if wanted.contains(&seq) {
-            heads.insert(seq, hash.to_string());
-        }
-    })
-    .map_err(|source| AuditError::Io {
+    // The signatures are checked beside the chain.
+    let (report, sigs) = std::thread::scope(|s| {
+        let sigs = s.spawn(|| {
+            cps.iter()
+                .map(|cp| match (cp, trusted) {
+                    (Ok(cp), Some(t)) => t.check(cp, sandbox),
+                    _ => None,
+                })
+                .collect::<Vec<Option<String>>>()
+        });
+        let report = verify_reader_with(file, |seq, hash| {
+            if wanted.contains(&seq) {
+                heads.insert(seq, hash.to_string());
+            }
+        });
+        (report, sigs.join().unwrap_or_default())
+    });
+    let report = report.map_err(|source| AuditError::Io {
         path: path.display().to_string(),
         source,
     })?;
+    let segments = crate::segments::check_with(path, sandbox, trusted, Some(&heads))?;
     let mut out = CheckpointReport {
         checked: cps.len() as u64,
         covered_to: None,
@@ -365,7 +513,7 @@ pub fn verify_with_checkpoints(
             seq: Some(cp.seq),
             reason,
         };
-        if let Some(why) = trusted.and_then(|t| t.check(cp, sandbox)) {
+        if let Some(why) = sigs.get(i).cloned().flatten() {
             out.problems.push(problem(why));
             continue;
         }
