@@ -202,6 +202,13 @@ pub enum NetEvent {
 pub trait Sink: Send + Sync {
     /// Records one event.
     fn record(&self, event: NetEvent);
+
+    /// Whether events are being recorded. While they are not (the audit
+    /// log cannot be written), the proxy lets nothing through and the DNS
+    /// answers nothing: no traffic goes unrecorded.
+    fn healthy(&self) -> bool {
+        true
+    }
 }
 
 /// Running totals, shown by `status`.
@@ -857,6 +864,16 @@ impl Proxy {
             reason,
             fix,
         };
+        if !self.sink.healthy() {
+            // (The refusal is recorded too: when that write succeeds again,
+            // traffic flows again.)
+            return Err(deny(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &clip(raw_host),
+                "the audit log cannot be written; aibox lets no traffic through that it cannot record".into(),
+                "free space where aibox keeps its data (see the supervisor log)".into(),
+            ));
+        }
         let host = parse_host(raw_host).map_err(|e| {
             deny(
                 StatusCode::BAD_REQUEST,
@@ -1100,6 +1117,10 @@ impl Proxy {
     }
 
     fn dns_message(&self, query: &[u8]) -> Option<Vec<u8>> {
+        if !self.sink.healthy() {
+            // Unrecorded, unanswered (the next healthy query is answered).
+            return None;
+        }
         let a = {
             let mut synth = self.synth.lock().unwrap_or_else(|e| e.into_inner());
             dns::answer(query, &self.allow, &mut synth)

@@ -485,10 +485,20 @@ struct Cursor {
 fn first_line_hash(f: &mut std::fs::File) -> Option<String> {
     use sha2::Digest;
     f.seek(SeekFrom::Start(0)).ok()?;
+    // Read only as far as the first newline (an event is a few KiB).
     let mut buf = Vec::new();
-    f.take(1 << 20).read_to_end(&mut buf).ok()?;
-    let end = buf.iter().position(|b| *b == b'\n')?;
-    Some(hex::encode(sha2::Sha256::digest(&buf[..end])))
+    let mut chunk = [0u8; 4096];
+    while buf.len() < (1 << 20) {
+        let n = f.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.iter().position(|b| *b == b'\n') {
+            return Some(hex::encode(sha2::Sha256::digest(&buf[..end])));
+        }
+    }
+    None
 }
 
 /// Delivers one log to one sink from where it last got to.

@@ -87,6 +87,10 @@ impl Sink for AuditSink {
     fn record(&self, e: NetEvent) {
         let _ = self.tx.send(Msg::Event(Box::new(e)));
     }
+
+    fn healthy(&self) -> bool {
+        !crate::supervisor::audit_failing()
+    }
 }
 
 fn write_event(emit: &Emit, e: NetEvent) {

@@ -106,8 +106,19 @@ impl Shared {
                 .map_err(|e| e.to_string()),
             Err(_) => Err("audit lock poisoned".to_string()),
         };
-        if let Err(e) = &r {
-            log(&format!("audit write failed: {e}"));
+        match &r {
+            Err(e) => {
+                if !AUDIT_FAILING.swap(true, Ordering::SeqCst) {
+                    log(&format!(
+                        "audit write failed: {e}; network traffic is refused until events can be written again"
+                    ));
+                }
+            }
+            Ok(()) => {
+                if AUDIT_FAILING.swap(false, Ordering::SeqCst) {
+                    log("audit writes succeed again; network traffic flows again");
+                }
+            }
         }
         r
     }
@@ -129,6 +140,14 @@ impl Shared {
         let _ = self.sinks.set(s);
         Ok(())
     }
+}
+
+/// Set while the audit log cannot be written (one supervisor per process).
+static AUDIT_FAILING: AtomicBool = AtomicBool::new(false);
+
+/// Whether the last audit write failed.
+pub(crate) fn audit_failing() -> bool {
+    AUDIT_FAILING.load(Ordering::SeqCst)
 }
 
 /// Writes a line to the supervisor log (our stderr). Never panics: the log

@@ -162,8 +162,51 @@ fn commands_are_refused_when_the_audit_log_cannot_be_written() {
         }
     }
     let _guard = Unmount(c.data.clone());
+    // An allowed HTTP service, to show the network stops too.
+    let svc = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let sp = svc.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut s in svc.incoming().flatten() {
+            let mut b = [0u8; 4096];
+            let _ = s.read(&mut b);
+            let _ =
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+        }
+    });
+    c.add_config(&format!(
+        "network:\n  allowed_domains: [\"svc.test:{sp}\", \"127.0.0.1:{sp}\"]\n  resolve: {{svc.test: 127.0.0.1}}\naudit:\n  file_events: false\n"
+    ));
     let ws = c.ws.display().to_string();
     ok(&c.out(&["start", "-w", &ws, "--name", "full"]));
+    // A command already running when the disk fills: its requests are
+    // answered until the log fails, then refused.
+    let mut probe = c
+        .aibox(&[
+            "exec",
+            "--name",
+            "full",
+            "--",
+            "bash",
+            "-c",
+            // Builtins only once the disk is full: the exec gate refuses
+            // every program it cannot record (its own test), so the
+            // requests are bash's /dev/tcp, through the transparent proxy.
+            &format!(
+                "ip=$(getent hosts svc.test | cut -d' ' -f1); : > /workspace/started; while [ ! -e /workspace/go ]; do :; done; for i in {{1..40}}; do if exec 3<>/dev/tcp/$ip/{sp}; then printf 'GET / HTTP/1.0\\r\\nHost: svc.test:{sp}\\r\\n\\r\\n' >&3; read -r _ code _ <&3; echo \"$code\"; exec 3<&- 3>&-; else echo refused; fi; done"
+            ),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..200 {
+        if c.ws.join("started").exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(c.ws.join("started").exists(), "the probe did not start");
     assert_eq!(
         ok(&c.out(&["exec", "--name", "full", "--", "echo", "recorded"])),
         "recorded\n"
@@ -177,6 +220,37 @@ fn commands_are_refused_when_the_audit_log_cannot_be_written() {
         ])
         .stderr(std::process::Stdio::null())
         .status();
+    std::fs::write(c.ws.join("go"), "").unwrap();
+    let mut codes = String::new();
+    {
+        use std::io::Read;
+        probe
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut codes)
+            .unwrap();
+    }
+    let mut err = String::new();
+    {
+        use std::io::Read;
+        probe
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+    }
+    let _ = probe.wait();
+    let codes: Vec<&str> = codes.lines().collect();
+    assert!(err.is_empty(), "{err}");
+    // (A refusal small enough to fit the log's last page is recorded and
+    // lets the next request try again; once nothing fits, all are refused.)
+    assert_eq!(codes.len(), 40, "{codes:?}");
+    assert!(
+        codes[30..].iter().all(|c| *c == "503"),
+        "traffic went on with the audit log full: {codes:?}"
+    );
     // The log's last page may still have room for a few events; once it
     // has none, the command must be refused and must not run.
     let marker = c.ws.join("ran");

@@ -346,11 +346,24 @@ backend_test!(
             );
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
-        let out = ok(&with_input(
-            &c,
-            &["auth", "add", "git-token", "--host", "git.example.com"],
-            TOKEN,
-        ));
+        // It answers before its login collection is unlocked (the daemon
+        // does that from the password on its stdin, a moment later).
+        let out = loop {
+            let o = with_input(
+                &c,
+                &["auth", "add", "git-token", "--host", "git.example.com"],
+                TOKEN,
+            );
+            if o.status.success() || !stderr(&o).contains("is locked") {
+                break ok(&o);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the keyring stayed locked: {}",
+                stderr(&o)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        };
         assert!(out.contains("the OS keyring"), "{out}");
         assert!(!store(&c).exists(), "nothing written to the encrypted file");
         let list = ok(&c.out(&["auth", "list"]));
