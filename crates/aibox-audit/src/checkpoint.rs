@@ -169,18 +169,8 @@ impl Signer {
                 let mut seed = zeroize::Zeroizing::new([0u8; 32]);
                 getrandom::getrandom(seed.as_mut_slice())
                     .map_err(|e| bad(format!("no randomness: {e}")))?;
-                if let Some(d) = path.parent() {
-                    std::fs::create_dir_all(d).map_err(io(d))?;
-                }
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(path)
-                    .map_err(io(path))?;
-                f.write_all(hex::encode(seed.as_slice()).as_bytes())
-                    .and_then(|()| f.sync_all())
-                    .map_err(io(path))?;
+                let text = zeroize::Zeroizing::new(hex::encode(seed.as_slice()));
+                aibox_core::create_private_file(path, text.as_bytes()).map_err(io(path))?;
                 SigningKey::from_bytes(&seed)
             }
             Err(e) => return Err(io(path)(e)),

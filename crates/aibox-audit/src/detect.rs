@@ -290,8 +290,9 @@ impl Rule {
     }
 }
 
-fn rule(id: &str) -> Rule {
-    // RULES holds every id this module passes.
+/// The rule with `id` (the first rule for an unknown id; this crate and
+/// the exporters pass only ids of [`RULES`]).
+pub fn rule(id: &str) -> Rule {
     RULES
         .iter()
         .copied()

@@ -178,6 +178,25 @@ pub fn default_user_config() -> PathBuf {
 /// System-wide config file, below the user's.
 pub const SYSTEM_CONFIG: &str = "/etc/aibox/config.yaml";
 
+/// Creates `path` (which must not exist) readable by its owner only,
+/// writes `contents` and syncs it: how aibox writes the keys it makes.
+/// Never through a symbolic link.
+pub fn create_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    f.write_all(contents)?;
+    f.sync_all()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

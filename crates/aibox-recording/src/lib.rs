@@ -146,19 +146,9 @@ impl RecordingKey {
     /// [`RecordingKey::load`], creating the key first if there is none.
     pub fn load_or_create(path: &Path) -> Result<RecordingKey, RecordingError> {
         if !path.exists() {
-            if let Some(d) = path.parent() {
-                std::fs::create_dir_all(d).map_err(io(d))?;
-            }
             let key = Zeroizing::new(random::<32>()?);
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(io(path))?;
-            f.write_all(hex::encode(key.as_slice()).as_bytes())
-                .and_then(|()| f.sync_all())
-                .map_err(io(path))?;
+            let text = Zeroizing::new(hex::encode(key.as_slice()));
+            aibox_core::create_private_file(path, text.as_bytes()).map_err(io(path))?;
         }
         Self::load(path)
     }

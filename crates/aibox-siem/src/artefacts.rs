@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use aibox_audit::detect::{Parsed, RULES, Rule};
+use aibox_audit::detect::{Parsed, Rule, rule};
 use serde_json::{Value, json};
 
 use crate::SiemError;
@@ -38,14 +38,6 @@ pub struct Artefact {
 /// A PromQL range: whole seconds.
 fn range(d: Duration) -> String {
     format!("{}s", d.as_secs().max(1))
-}
-
-fn rule(id: &str) -> Rule {
-    RULES
-        .iter()
-        .copied()
-        .find(|r| r.id == id)
-        .unwrap_or(RULES[0])
 }
 
 fn yaml(what: &'static str, v: &Value) -> Result<String, SiemError> {

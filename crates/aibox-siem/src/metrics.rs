@@ -193,6 +193,15 @@ impl Metrics {
         h.count += 1;
     }
 
+    fn alert(&mut self, sb: &str, rule: &str, sev: &str, n: u64) {
+        let labels = vec![
+            ("sandbox", sb.to_string()),
+            ("rule_id", rule.to_string()),
+            ("severity", sev.to_string()),
+        ];
+        self.add("aibox_alerts_total", labels, n);
+    }
+
     /// Zero-valued series for a sandbox's first scrape: Prometheus'
     /// `increase()` cannot see a series' first sample, so an alert rule
     /// over a series that appears at 1 would miss the first occurrence.
@@ -207,15 +216,7 @@ impl Metrics {
                 ("aibox-credential-misuse", "high"),
             ])
         {
-            self.add(
-                "aibox_alerts_total",
-                vec![
-                    ("sandbox", sb.to_string()),
-                    ("rule_id", rule.to_string()),
-                    ("severity", sev.to_string()),
-                ],
-                0,
-            );
+            self.alert(sb, rule, sev, 0);
         }
         for d in ["allow", "deny"] {
             self.add("aibox_network_requests_total", with("decision", d), 0);
@@ -311,15 +312,7 @@ impl Metrics {
             "falco.alert" => {
                 let rule = d["rule_id"].as_str().unwrap_or("");
                 let sev = e["severity"].as_str().unwrap_or("");
-                self.add(
-                    "aibox_alerts_total",
-                    vec![
-                        ("sandbox", sb.to_string()),
-                        ("rule_id", rule.to_string()),
-                        ("severity", sev.to_string()),
-                    ],
-                    1,
-                );
+                self.alert(sb, rule, sev, 1);
             }
             "file.read" | "file.write" => {
                 let op = d["op"].as_str().unwrap_or(t.trim_start_matches("file."));

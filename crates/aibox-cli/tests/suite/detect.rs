@@ -7,7 +7,7 @@
 //! with the events that reached it as evidence.
 
 use super::common::*;
-use super::push::{TOKEN, git_workspace, queued_id};
+use super::push::{add_git_token, git_workspace, queued_id};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 
@@ -226,16 +226,7 @@ audit:
         git_ca = srv.ca.display(),
         hours = hours_excluding_now(),
     ));
-        ok(&c.out_with_input(
-            &[
-                "auth",
-                "add",
-                "git-token",
-                "--host",
-                &format!("git.test:{p}"),
-            ],
-            TOKEN.as_bytes(),
-        ));
+        add_git_token(&c, p, false);
         let ws = c.ws.display().to_string();
         ok(&c.out(&["start", "-w", &ws, "--name", "e2e"]));
         let sh = |script: &str| c.out(&["exec", "--name", "e2e", "--", "sh", "-c", script]);
@@ -291,17 +282,7 @@ audit:
             "cd /workspace && git push https://git.test:{p}/other.git main 2>&1"
         ));
         assert!(!foreign.status.success());
-        ok(&c.out_with_input(
-            &[
-                "auth",
-                "add",
-                "git-token",
-                "--host",
-                &format!("git.test:{p}"),
-                "--replace",
-            ],
-            TOKEN.as_bytes(),
-        ));
+        add_git_token(&c, p, true);
         ok(&c.out(&["stop", "--name", "e2e"]));
         // Approved after the stop: the credential is used with no session.
         ok(&c.out(&["push", "approve", &id]));

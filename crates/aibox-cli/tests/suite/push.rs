@@ -26,17 +26,18 @@ fn setup(c: &Ctx, risk: &str) -> GitServer {
         policy.display(),
         srv.ca.display()
     ));
-    ok(&c.out_with_input(
-        &[
-            "auth",
-            "add",
-            "git-token",
-            "--host",
-            &format!("git.test:{p}"),
-        ],
-        TOKEN.as_bytes(),
-    ));
+    add_git_token(c, p, false);
     srv
+}
+
+/// Stores (or with `replace`, replaces) the git server's token.
+pub(crate) fn add_git_token(c: &Ctx, port: u16, replace: bool) {
+    let host = format!("git.test:{port}");
+    let mut args = vec!["auth", "add", "git-token", "--host", &host];
+    if replace {
+        args.push("--replace");
+    }
+    ok(&c.out_with_input(&args, TOKEN.as_bytes()));
 }
 
 /// Starts a git server whose `proj.git` and `other.git` accept pushes and

@@ -10,14 +10,6 @@ use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::sync::{Arc, Mutex};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// rsyslogd in the foreground with its own config: UDP, TCP and TLS
 /// inputs, every message written raw to `out`.
 struct Rsyslog {

@@ -29,14 +29,6 @@ impl Drop for Vault {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Vault {
     fn start(dir: &std::path::Path) -> Vault {
         std::fs::create_dir_all(dir.join("data")).unwrap();
