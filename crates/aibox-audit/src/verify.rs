@@ -174,6 +174,8 @@ fn next_block<R: Read>(
     const BLOCK: u64 = 16 << 20;
     let mut block = carry;
     loop {
+        // Room for the whole read up front: no regrowing and copying.
+        block.reserve(BLOCK as usize);
         let n = reader.take(BLOCK).read_to_end(&mut block)?;
         let eof = n == 0;
         let cut = block.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1);
@@ -324,13 +326,14 @@ fn check_lines(lines: &[&[u8]], threads: usize) -> Vec<Result<Checked, String>> 
             .chunks(per)
             .map(|part| s.spawn(move || part.iter().map(|l| check_one(l)).collect::<Vec<_>>()))
             .collect();
-        parts
-            .into_iter()
-            .flat_map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| vec![Err("verification thread failed".to_string())])
-            })
-            .collect()
+        let mut out = Vec::with_capacity(lines.len());
+        for h in parts {
+            match h.join() {
+                Ok(mut v) => out.append(&mut v),
+                Err(_) => out.push(Err("verification thread failed".to_string())),
+            }
+        }
+        out
     })
 }
 
