@@ -58,7 +58,12 @@ impl Checkpoint {
 pub fn anchor_path(key: &Path, log: &Path) -> PathBuf {
     let mut dir = key.as_os_str().to_owned();
     dir.push(".anchors");
-    let log = std::path::absolute(log).unwrap_or_else(|_| log.to_path_buf());
+    // The directory resolved (links, `..`), so a log reached through
+    // another path to the same directory has the same anchor.
+    let log = match (log.parent().map(std::fs::canonicalize), log.file_name()) {
+        (Some(Ok(dir)), Some(name)) => dir.join(name),
+        _ => std::path::absolute(log).unwrap_or_else(|_| log.to_path_buf()),
+    };
     let id = hex::encode(Sha256::digest(log.as_os_str().as_encoded_bytes()));
     PathBuf::from(dir).join(format!("{}.json", &id[..32]))
 }

@@ -264,10 +264,18 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
             .map(drop)
             .map_err(|e| e.to_string())
     };
-    emit(
-        &mut audit,
-        EventType::SandboxCreate,
-        json!({
+    // A repaired crash or a chain started afresh deserves a look.
+    let create_severity = if recovered.is_some() || chain_reset.is_some() {
+        Severity::Warning
+    } else {
+        Severity::Info
+    };
+    audit
+        .append(
+            EventType::SandboxCreate,
+            Source::AiboxSupervisor,
+            create_severity,
+            details(json!({
             "workspace": spec.sandbox.workspace, "runtime": spec.runtime,
             "rootless": aibox_core::euid() != 0, "pids": spec.sandbox.pids, "nofile": spec.sandbox.nofile,
             // A crash had cut the last write short: its bytes were kept.
@@ -278,8 +286,9 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
             "audit_chain_reset": chain_reset.map(|cp| json!({
                 "previous_seq": cp.seq, "previous_head": cp.head, "signed": cp.time,
             })),
-        }),
-    )?;
+            })),
+        )
+        .map_err(|e| e.to_string())?;
     emit(
         &mut audit,
         EventType::SandboxConfig,
