@@ -991,6 +991,15 @@ pub fn list(cli_config: Option<PathBuf>, a: FormatArg) -> Result<i32> {
 pub fn stop(cli_config: Option<PathBuf>, a: NameArg) -> Result<i32> {
     let (loaded, paths) = target(cli_config, &a)?;
     let user = aibox_core::current_user();
+    // A supervisor that just died leaves its sandbox's init holding the
+    // lock for a moment (init ends by its parent-death signal): wait for
+    // that, so the dead sandbox is cleaned up below rather than taken for
+    // a live one that does not answer.
+    if client::supervisor_pid(&paths).is_some_and(|p| {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_err()
+    }) {
+        let _ = client::wait_gone(&paths);
+    }
     if !client::is_alive(&paths)
         && (paths.run_dir.exists() || client::has_vault_records(&paths))
         && client::reap_stale(&paths, &paths.audit_log, &user)?
