@@ -995,9 +995,9 @@ pub fn stop(cli_config: Option<PathBuf>, a: NameArg) -> Result<i32> {
     // lock for a moment (init ends by its parent-death signal): wait for
     // that, so the dead sandbox is cleaned up below rather than taken for
     // a live one that does not answer.
-    if client::supervisor_pid(&paths).is_some_and(|p| {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_err()
-    }) {
+    if client::supervisor_pid(&paths)
+        .is_some_and(|p| nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_err())
+    {
         let _ = client::wait_gone(&paths);
     }
     if !client::is_alive(&paths)
