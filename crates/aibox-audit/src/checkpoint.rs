@@ -7,8 +7,8 @@
 //! (the head at a checkpoint differs), lines cut off after a checkpoint
 //! (the log ends before it), and forged checkpoints (bad signature).
 
-use std::io::{BufRead, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io::BufRead;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::{Signer as _, SigningKey, Verifier as _, VerifyingKey};
@@ -89,23 +89,11 @@ pub fn write_anchor(key: &Path, log: &Path, cp: &Checkpoint) -> Result<(), Audit
     let dir = p.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
-    let tmp = p.with_extension(format!("tmp.{}", std::process::id()));
     let text = serde_json::to_string(cp).map_err(|e| AuditError::Key {
         path: p.display().to_string(),
         reason: e.to_string(),
     })?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(text.as_bytes())
-        .and_then(|()| f.sync_data())
-        .map_err(io(&tmp))?;
-    std::fs::rename(&tmp, &p).map_err(io(&p))
+    aibox_core::replace_private_file(&p, text.as_bytes()).map_err(io(&p))
 }
 
 /// The checkpoint file of the log at `log`.

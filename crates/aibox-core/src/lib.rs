@@ -178,6 +178,31 @@ pub fn default_user_config() -> PathBuf {
 /// System-wide config file, below the user's.
 pub const SYSTEM_CONFIG: &str = "/etc/aibox/config.yaml";
 
+/// Replaces `path` with `contents` atomically (a temporary file beside it,
+/// then a rename), readable by its owner only, synced. Neither the
+/// temporary file nor `path` is ever written through a symbolic link (a
+/// link at `path` is replaced, not followed).
+pub fn replace_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".tmp.{}", std::process::id()));
+    let tmp = PathBuf::from(name);
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
+    let written = f.write_all(contents).and_then(|()| f.sync_data());
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(())
+}
+
 /// Creates `path` (which must not exist) readable by its owner only,
 /// writes `contents` and syncs it: how aibox writes the keys it makes.
 /// Never through a symbolic link.

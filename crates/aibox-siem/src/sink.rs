@@ -536,23 +536,12 @@ impl Shipper {
     }
 
     fn save(&self, c: &Cursor) -> Result<(), String> {
-        use std::os::unix::fs::OpenOptionsExt;
         if let Some(d) = self.cursor_file.parent() {
             std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
         }
-        let tmp = self.cursor_file.with_extension("tmp");
         let text = serde_json::to_string(c).map_err(|e| e.to_string())?;
         // Never through a link planted in the data directory.
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc_nofollow())
-            .open(&tmp)
-            .map_err(|e| format!("{}: {e}", tmp.display()))?;
-        f.write_all(text.as_bytes())
-            .and_then(|()| std::fs::rename(&tmp, &self.cursor_file))
+        aibox_core::replace_private_file(&self.cursor_file, text.as_bytes())
             .map_err(|e| format!("{}: {e}", self.cursor_file.display()))
     }
 
@@ -680,11 +669,6 @@ impl Shipper {
         }
         Ok(sent)
     }
-}
-
-/// `O_NOFOLLOW`, for files written in the data directory.
-fn libc_nofollow() -> i32 {
-    nix::fcntl::OFlag::O_NOFOLLOW.bits()
 }
 
 /// The `hash` field of an event line.

@@ -261,22 +261,10 @@ pub fn run(cli_config: Option<PathBuf>, cmd: RecordingCmd) -> Result<i32> {
     }
 }
 
-/// Writes a file only the user can read (a decrypted recording).
+/// Writes a file only the user can read (a decrypted recording), never
+/// through a link and never keeping an earlier file's looser mode.
 fn write_private(p: &Path, data: &[u8]) -> Result<()> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(p)
-        .with_context(|| format!("writing {} (not through a symbolic link)", p.display()))?;
-    // An existing file keeps its mode on open: made private first.
-    f.set_permissions(std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("writing {}", p.display()))?;
-    f.write_all(data)
-        .with_context(|| format!("writing {}", p.display()))
+    aibox_core::replace_private_file(p, data).with_context(|| format!("writing {}", p.display()))
 }
 
 fn list(loaded: &aibox_config::Loaded, name: Option<&str>, format: Format) -> Result<i32> {
