@@ -82,19 +82,29 @@ pub fn verify_reader_with<R: Read>(
     let mut index = 0u64;
     // Whole lines of the current block; the next block is read while the
     // current one is checked.
-    let (mut block, mut rest, mut eof) = next_block(&mut reader, Vec::new())?;
+    let (mut block, mut rest, mut eof) = next_block(&mut reader, &[], Vec::new())?;
+    // The buffer of the block before, refilled while the current one is
+    // checked: two buffers in turn, not a fresh allocation (and a fresh
+    // set of page faults) per block.
+    let mut spare = Vec::new();
     loop {
         let (checked, next) = std::thread::scope(|s| {
             let lines: Vec<&[u8]> = if block.is_empty() {
                 Vec::new()
             } else {
-                block[..block.len() - 1].split(|b| *b == b'\n').collect()
+                let mut lines = Vec::with_capacity(block.len() / 256);
+                let mut start = 0;
+                for nl in memchr::memchr_iter(b'\n', &block) {
+                    lines.push(&block[start..nl]);
+                    start = nl + 1;
+                }
+                lines
             };
             let work = s.spawn(move || check_lines(&lines, threads));
             let next = if eof {
                 None
             } else {
-                Some(next_block(&mut reader, std::mem::take(&mut rest)))
+                Some(next_block(&mut reader, &rest, std::mem::take(&mut spare)))
             };
             let checked = work
                 .join()
@@ -135,7 +145,11 @@ pub fn verify_reader_with<R: Read>(
             index += 1;
         }
         match next {
-            Some(n) => (block, rest, eof) = n?,
+            Some(n) => {
+                let (b, r, e) = n?;
+                spare = std::mem::replace(&mut block, b);
+                (rest, eof) = (r, e);
+            }
             None => break,
         }
     }
@@ -165,20 +179,23 @@ pub fn verify_reader_with<R: Read>(
 }
 
 /// Reads on from `carry` (the unfinished line of the last block) to the
-/// next block of whole lines: (those lines, ending in a newline or empty;
-/// what follows the last newline; whether the input ended).
+/// next block of whole lines, into `buf`: (those lines, ending in a newline
+/// or empty; what follows the last newline; whether the input ended).
 fn next_block<R: Read>(
     reader: &mut R,
-    carry: Vec<u8>,
+    carry: &[u8],
+    mut buf: Vec<u8>,
 ) -> std::io::Result<(Vec<u8>, Vec<u8>, bool)> {
     const BLOCK: u64 = 16 << 20;
-    let mut block = carry;
+    buf.clear();
+    buf.extend_from_slice(carry);
+    let mut block = buf;
     loop {
         // Room for the whole read up front: no regrowing and copying.
         block.reserve(BLOCK as usize);
         let n = reader.take(BLOCK).read_to_end(&mut block)?;
         let eof = n == 0;
-        let cut = block.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1);
+        let cut = memchr::memrchr(b'\n', &block).map_or(0, |p| p + 1);
         if cut == 0 && !eof {
             continue;
         }
@@ -195,9 +212,15 @@ struct Checked {
     prev: Option<[u8; 64]>,
 }
 
-/// The last occurrence of `needle` in `hay`.
-fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).rposition(|w| w == needle)
+/// `digest` as lowercase hex, the form a line carries.
+fn hex_lower(digest: &[u8]) -> [u8; 64] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 64];
+    for (i, b) in digest.iter().take(32).enumerate() {
+        out[2 * i] = DIGITS[usize::from(b >> 4)];
+        out[2 * i + 1] = DIGITS[usize::from(b & 0xf)];
+    }
+    out
 }
 
 /// Checks one line without a JSON parser. In the canonical line the
@@ -229,7 +252,9 @@ fn check_fast(line: &[u8]) -> Option<Checked> {
     if !line.starts_with(b"{\"details\":") || line.last() != Some(&b'}') {
         return None;
     }
-    let p = rfind(line, PREV)?;
+    static PREV_FINDER: std::sync::LazyLock<memchr::memmem::FinderRev<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::FinderRev::new(PREV));
+    let p = PREV_FINDER.rfind(line)?;
     // Forward from prev_hash.
     let mut at = p + PREV.len();
     let prev: [u8; 64] = line.get(at..at + 64)?.try_into().ok()?;
@@ -238,7 +263,7 @@ fn check_fast(line: &[u8]) -> Option<Checked> {
         (line.get(*at..*at + lit.len())? == lit).then(|| *at += lit.len())
     };
     let string = |at: &mut usize| -> Option<&[u8]> {
-        let len = line.get(*at..)?.iter().position(|b| *b == b'"')?;
+        let len = memchr::memchr(b'"', line.get(*at..)?)?;
         let v = &line[*at..*at + len];
         *at += len + 1;
         Some(v)
@@ -269,26 +294,22 @@ fn check_fast(line: &[u8]) -> Option<Checked> {
     let hash: [u8; 64] = line[hs + HASH.len()..hs + HASH.len() + 64]
         .try_into()
         .ok()?;
-    if hash.iter().any(|b| !matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        return None;
-    }
     let t_end = hs.checked_sub(1)?;
     if line[t_end] != b'"' {
         return None;
     }
-    let t_start = line[..t_end].iter().rposition(|b| *b == b'"')? + 1;
+    let t_start = memchr::memrchr(b'"', &line[..t_end])? + 1;
     if line.get(t_start.checked_sub(TYPE.len())?..t_start)? != TYPE {
         return None;
     }
     let t = std::str::from_utf8(&line[t_start..t_end]).ok()?;
     crate::EventType::ALL.iter().find(|e| e.as_str() == t)?;
-    let mut want = [0u8; 32];
-    hex::decode_to_slice(hash, &mut want).ok()?;
     let mut h = sha2::Sha256::new();
     h.update(crate::log::HASH_DOMAIN);
     h.update(&line[..hs]);
     h.update(&line[hs + HASH.len() + 65..]);
-    (h.finalize().as_slice() == want).then_some(Checked {
+    // Comparing hex to hex also refuses a hash that is not lowercase hex.
+    (hex_lower(&h.finalize()) == hash).then_some(Checked {
         seq,
         hash,
         prev: Some(prev),
