@@ -20,6 +20,8 @@ command -v curl    >/dev/null 2>&1 || missing+=(curl)
 # The exec gate is attacked from Python and Node subprocesses; Claude Code
 # (npm) gets its hook config tested.
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
+# (A virtualenv for moto, the S3 server of suite::archive.)
+python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 command -v node    >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm     >/dev/null 2>&1 || missing+=(npm)
 command -v apparmor_parser >/dev/null 2>&1 || [ -x /usr/sbin/apparmor_parser ] || missing+=(apparmor)
@@ -78,6 +80,16 @@ CLAUDE_DIR=/usr/local/lib/aibox-test/claude-code
 if as_root && [ ! -x "$CLAUDE_DIR/node_modules/@anthropic-ai/claude-code-linux-x64/claude" ]; then
   npm install --ignore-scripts --no-audit --no-fund --loglevel=error \
     --prefix "$CLAUDE_DIR" @anthropic-ai/claude-code@2.1.332
+fi
+
+# An S3 API with object lock for suite::archive: moto's server (pinned).
+# It stands in for S3 and MinIO, neither of which installs from the
+# package registries here; it enforces object lock retention as S3 does.
+MOTO_DIR=/usr/local/lib/aibox-test/moto
+if as_root && [ ! -x "$MOTO_DIR/bin/moto_server" ]; then
+  echo "== installing moto (S3 API for the archive tests)"
+  python3 -m venv "$MOTO_DIR"
+  "$MOTO_DIR/bin/pip" install --quiet --disable-pip-version-check 'moto[server]==5.2.5'
 fi
 
 # rusty_vault (Vault's REST API, in Rust) for suite::vault. Building it

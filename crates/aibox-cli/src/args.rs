@@ -448,6 +448,9 @@ pub enum AuditCmd {
         /// Output format.
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
+        /// Do not compare the bucket's copies (`audit.storage: s3`).
+        #[arg(long)]
+        local: bool,
     },
     /// Print a sandbox's events (the last 20; --follow keeps printing new
     /// ones).
@@ -467,8 +470,9 @@ pub enum AuditCmd {
         follow: bool,
     },
     /// Send what the configured sinks (`audit.sinks`) have not received
-    /// yet: logs of stopped sandboxes, events written after a stop, and
-    /// what a collector missed while it was down.
+    /// yet — logs of stopped sandboxes, events written after a stop, and
+    /// what a collector missed while it was down — and archive the sealed
+    /// segments the bucket (`audit.storage: s3`) does not have yet.
     Ship {
         /// Only this sandbox's log (default: every log).
         #[arg(long, short = 'n')]

@@ -776,6 +776,15 @@ fn validate(
             "see docs/audit.md (Sinks) for the fields each type takes",
         ));
     }
+    if let Some(a) = c.audit.archive()
+        && let Err(e) = aibox_siem::archive::check(&a)
+    {
+        return Err(bad(
+            &format!("audit.s3.{}", e.field),
+            &e.reason,
+            "see docs/audit.md (S3 storage); `audit.storage: local` turns archiving off",
+        ));
+    }
     if c.audit.checkpoint_every == 0 {
         return Err(bad(
             "audit.checkpoint_every",

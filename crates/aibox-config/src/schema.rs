@@ -621,7 +621,13 @@ pub struct Dotfiles {
 pub struct Audit {
     /// Ship events to the configured backends (the local hash-chained log is always written).
     pub enabled: bool,
-    /// `local`, `minio` or `s3`.
+    /// Where sealed segments are also kept: `local` (only the data
+    /// directory) or `s3` / `minio` (an S3-compatible bucket, `audit.s3`).
+    /// Unset: the original's `storage_backend`.
+    pub storage: Option<StorageBackend>,
+    /// The bucket sealed segments are archived to when `storage` is `s3`.
+    pub s3: aibox_siem::archive::S3Config,
+    /// `local`, `minio` or `s3` (the original's key; `storage` wins).
     pub storage_backend: StorageBackend,
     /// Object store endpoint.
     pub storage_endpoint: String,
@@ -683,6 +689,34 @@ pub struct Audit {
 }
 
 impl Audit {
+    /// The bucket sealed segments go to, when storage is `s3` or `minio`:
+    /// `audit.s3` with the original's keys (`storage_endpoint`,
+    /// `storage_bucket`, `retention_tier1`) filling what it leaves empty.
+    pub fn archive(&self) -> Option<aibox_siem::archive::S3Config> {
+        let backend = self.storage.unwrap_or(self.storage_backend);
+        if backend == StorageBackend::Local {
+            return None;
+        }
+        let mut c = self.s3.clone();
+        if c.endpoint.is_empty() {
+            c.endpoint = if !self.storage_endpoint.is_empty() {
+                self.storage_endpoint.clone()
+            } else if backend == StorageBackend::S3 {
+                format!("https://s3.{}.amazonaws.com", c.region)
+            } else {
+                // (MinIO has no default address: refused by the check.)
+                String::new()
+            };
+        }
+        if c.bucket.is_empty() {
+            c.bucket = self.storage_bucket.clone();
+        }
+        if c.retention.is_empty() {
+            c.retention = self.retention_tier1.clone();
+        }
+        Some(c)
+    }
+
     /// The recording mode in effect: `recording`, or the original's
     /// `recording_policy` / `recording_enabled` when only those are set.
     pub fn recording_mode(&self) -> RecordingMode {
@@ -715,6 +749,8 @@ impl Default for Audit {
     fn default() -> Self {
         Self {
             enabled: false,
+            storage: None,
+            s3: aibox_siem::archive::S3Config::default(),
             storage_backend: StorageBackend::Local,
             storage_endpoint: String::new(),
             storage_bucket: "aibox-audit".into(),

@@ -7,6 +7,7 @@
 
 #![warn(missing_docs)]
 
+pub mod archive;
 pub mod artefacts;
 pub mod metrics;
 pub mod sink;

@@ -229,7 +229,7 @@ pub fn rfc5424(line: &str, facility: u8, hostname: &str) -> String {
     )
 }
 
-fn tls_config(ca_file: &str) -> Result<Arc<rustls::ClientConfig>, String> {
+pub(crate) fn tls_config(ca_file: &str) -> Result<Arc<rustls::ClientConfig>, String> {
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_native_certs::load_native_certs().certs {
         let _ = roots.add(c);

@@ -135,6 +135,9 @@ pub struct SupervisorSpec {
     /// Where the audit log is shipped (`audit.sinks`).
     #[serde(default)]
     pub sinks: Vec<aibox_siem::sink::SinkConfig>,
+    /// The bucket sealed segments are archived to (`audit.storage: s3`).
+    #[serde(default)]
+    pub archive: Option<aibox_siem::archive::S3Config>,
     /// SHA-256 of the effective config.
     pub config_sha256: String,
     /// Shell program for `aibox shell`.

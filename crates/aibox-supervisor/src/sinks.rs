@@ -1,5 +1,7 @@
 //! Ships the sandbox's audit log to the configured sinks (`audit.sinks`)
-//! while it runs, and once more at stop so the last events go out too.
+//! while it runs, and once more at stop so the last events go out too;
+//! and archives its sealed segments to the bucket of `audit.storage: s3`
+//! as they are sealed (on rotation, and at stop).
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -57,6 +59,85 @@ impl Sinks {
                     ));
                 }
             }
+        }
+    }
+}
+
+/// How often the archiver looks for newly sealed segments.
+const ARCHIVE_POLL: Duration = Duration::from_secs(2);
+
+/// Uploads the log's sealed segments to the bucket.
+pub(crate) struct Archiver {
+    /// Opened on first use, and again after the bucket could not be
+    /// reached at start.
+    archive: Mutex<Option<aibox_siem::archive::Archive>>,
+    config: aibox_siem::archive::S3Config,
+    log: std::path::PathBuf,
+    sandbox: String,
+    state: std::path::PathBuf,
+}
+
+impl Archiver {
+    /// Starts the thread that uploads segments as they are sealed.
+    pub(crate) fn start(
+        log: &Path,
+        state_dir: &Path,
+        sandbox: &str,
+        c: &aibox_siem::archive::S3Config,
+    ) -> Result<Arc<Archiver>, String> {
+        let a = Arc::new(Archiver {
+            archive: Mutex::new(None),
+            config: c.clone(),
+            log: log.to_path_buf(),
+            sandbox: sandbox.to_string(),
+            state: state_dir.to_path_buf(),
+        });
+        let t = a.clone();
+        std::thread::Builder::new()
+            .name("archive".into())
+            .spawn(move || {
+                let mut failing = false;
+                loop {
+                    match t.upload() {
+                        Ok(_) if failing => {
+                            crate::supervisor::log("audit storage: archiving again");
+                            failing = false;
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            if !failing {
+                                crate::supervisor::log(&format!("audit storage: {e}; retrying"));
+                            }
+                            failing = true;
+                        }
+                    }
+                    std::thread::sleep(if failing { MAX_BACKOFF } else { ARCHIVE_POLL });
+                }
+            })
+            .map_err(|e| format!("audit storage: {e}"))?;
+        Ok(a)
+    }
+
+    fn upload(&self) -> Result<usize, String> {
+        let mut g = self
+            .archive
+            .lock()
+            .map_err(|_| "archiver poisoned".to_string())?;
+        if g.is_none() {
+            *g = Some(aibox_siem::archive::Archive::open(&self.config).map_err(|e| e.to_string())?);
+        }
+        match g.as_ref() {
+            Some(a) => a.upload_pending(&self.log, &self.sandbox, &self.state),
+            None => Ok(0),
+        }
+    }
+
+    /// Uploads what was sealed at stop.
+    pub(crate) fn flush(&self) {
+        if let Err(e) = self.upload() {
+            crate::supervisor::log(&format!(
+                "audit storage: {e} (the rest is archived at the next start or by `aibox audit ship`)"
+            ));
         }
     }
 }

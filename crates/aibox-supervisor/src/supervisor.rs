@@ -76,6 +76,7 @@ struct Shared {
     gate: Option<Arc<crate::gate::Gate>>,
     /// Where the log is shipped.
     sinks: OnceLock<crate::sinks::Sinks>,
+    archive: OnceLock<Arc<crate::sinks::Archiver>>,
 }
 
 fn details(v: Value) -> Map<String, Value> {
@@ -138,6 +139,28 @@ impl Shared {
             .ok_or("the audit log has no data directory")?;
         let s = crate::sinks::Sinks::start(&self.spec.audit_log, &state, &self.spec.sinks)?;
         let _ = self.sinks.set(s);
+        Ok(())
+    }
+
+    /// Starts archiving sealed segments to the bucket of `audit.storage`.
+    fn start_archive(&self) -> Result<(), String> {
+        let Some(c) = &self.spec.archive else {
+            return Ok(());
+        };
+        let state = self
+            .spec
+            .audit_log
+            .parent()
+            .and_then(Path::parent)
+            .map(|d| d.join("archive"))
+            .ok_or("the audit log has no data directory")?;
+        let a = crate::sinks::Archiver::start(
+            &self.spec.audit_log,
+            &state,
+            &self.spec.sandbox.name,
+            c,
+        )?;
+        let _ = self.archive.set(a);
         Ok(())
     }
 }
@@ -968,11 +991,15 @@ fn serve(
         egress,
         gate,
         sinks: OnceLock::new(),
+        archive: OnceLock::new(),
     });
     // (The CLI opened each sink before starting us: a failure here is a
     // collector that went away in between, retried by the next start or
     // `aibox audit ship`; the log itself holds every event.)
     if let Err(e) = shared.start_sinks() {
+        log(&e);
+    }
+    if let Err(e) = shared.start_archive() {
         log(&e);
     }
 
@@ -1821,6 +1848,9 @@ fn finish(
     }
     if let Some(s) = shared.sinks.get() {
         s.flush();
+    }
+    if let Some(a) = shared.archive.get() {
+        a.flush();
     }
     remove_run_dir(&shared.spec);
     if let Some(conn) = reply {

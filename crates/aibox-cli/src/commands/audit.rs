@@ -110,7 +110,8 @@ pub fn run(cli_config: Option<PathBuf>, cmd: AuditCmd) -> Result<i32> {
             all: _,
             file,
             format,
-        } => verify(cli_config, name, file, format),
+            local,
+        } => verify(cli_config, name, file, format, local),
         AuditCmd::Tail {
             name,
             types,
@@ -131,8 +132,20 @@ fn verify(
     name: Option<String>,
     file: Option<PathBuf>,
     format: Format,
+    local: bool,
 ) -> Result<i32> {
     let (loaded, sources) = super::load_config(cli_config)?;
+    // The bucket's copies are compared too, unless asked not to; a bucket
+    // that cannot be opened is an error, not a silent skip.
+    let archive = match loaded.config.audit.archive() {
+        Some(c) if !local => Some(
+            aibox_siem::archive::Archive::open(&c)
+                .map_err(|e| anyhow::anyhow!("audit storage: {e} (`--local` skips the bucket)"))?,
+        ),
+        _ => None,
+    };
+    let archive_state = loaded.data_dir().join("archive");
+    let by_file = file.is_some();
     let all_requested = name.is_none() && file.is_none();
     let logs: Vec<(String, PathBuf)> = match (name, file) {
         (_, Some(f)) => {
@@ -213,9 +226,22 @@ fn verify(
                 continue;
             }
         };
+        // (Not for a file given by path: its copies are not this data
+        // directory's.)
+        let remote = match archive.as_ref().filter(|_| !by_file) {
+            Some(a) => Some(a.check(&path, &label, &archive_state).map_err(|e| {
+                anyhow::anyhow!(
+                    "{label}: comparing the bucket's copies: {e} (`--local` skips the bucket)"
+                )
+            })?),
+            None => None,
+        };
+        let remote_bad = remote.as_ref().is_some_and(|r| !r.problems.is_empty());
+        broken |= remote_bad;
         let tampered = report.broken.as_ref().is_some_and(|b| !b.torn_tail)
             || !cps.problems.is_empty()
-            || !cps.segments.problems.is_empty();
+            || !cps.segments.problems.is_empty()
+            || remote_bad;
         // Checkpoints nobody can check are not a pass.
         let unchecked = cps.checked > 0 && cps.unsigned_check.is_some();
         broken |= !report.is_intact()
@@ -225,8 +251,8 @@ fn verify(
         match format {
             Format::Json => out.push(serde_json::json!({
                 "log": label, "path": path,
-                "intact": report.is_intact() && cps.problems.is_empty() && cps.segments.problems.is_empty(),
-                "tampered": tampered, "report": report, "checkpoints": cps,
+                "intact": report.is_intact() && cps.problems.is_empty() && cps.segments.problems.is_empty() && !remote_bad,
+                "tampered": tampered, "report": report, "checkpoints": cps, "archive": remote,
             })),
             Format::Text => {
                 match &report.broken {
@@ -275,6 +301,35 @@ fn verify(
                 for p in &cps.segments.problems {
                     println!("  SEGMENT {p}");
                 }
+                if let Some(r) = &remote {
+                    println!(
+                        "  archive: {} of {} segments in {}, {}{}",
+                        r.checked,
+                        cps.segments.sealed,
+                        r.bucket,
+                        if r.locked > 0 {
+                            format!("{} under object lock", r.locked)
+                        } else if r.object_lock {
+                            "none under object lock".to_string()
+                        } else {
+                            "no object lock on the bucket".to_string()
+                        },
+                        r.retained_until
+                            .as_ref()
+                            .map(|u| format!(" until {u}"))
+                            .unwrap_or_default()
+                    );
+                    if !r.pending.is_empty() {
+                        println!(
+                            "  archive: {} sealed segments not uploaded yet ({}); `aibox audit ship` uploads them",
+                            r.pending.len(),
+                            r.pending.join(", ")
+                        );
+                    }
+                    for p in &r.problems {
+                        println!("  ARCHIVE {p}");
+                    }
+                }
                 for p in &cps.problems {
                     println!(
                         "  CHECKPOINT {}{}: {}",
@@ -298,8 +353,11 @@ fn verify(
 fn ship(cli_config: Option<PathBuf>, name: Option<String>) -> Result<i32> {
     let (loaded, _) = super::load_config(cli_config)?;
     let sinks = &loaded.config.audit.sinks;
-    if sinks.is_empty() {
-        bail!("no sinks are configured; add them under audit.sinks (see docs/audit.md)");
+    let archive = loaded.config.audit.archive();
+    if sinks.is_empty() && archive.is_none() {
+        bail!(
+            "no sinks and no bucket are configured; add sinks under audit.sinks, or set audit.storage: s3 (see docs/audit.md)"
+        );
     }
     let logs = match name {
         Some(n) => vec![(n.clone(), named_log(&loaded, &n)?)],
@@ -326,6 +384,29 @@ fn ship(cli_config: Option<PathBuf>, name: Option<String>) -> Result<i32> {
                 Err(e) => {
                     failed = true;
                     eprintln!("aibox: {}: {label}: {e} (run this again to resume)", s.name);
+                }
+            }
+        }
+    }
+    if let Some(c) = archive {
+        let a = aibox_siem::archive::Archive::open(&c)
+            .map_err(|e| anyhow::anyhow!("audit storage: {e}"))?;
+        let state = loaded.data_dir().join("archive");
+        for (label, path) in &logs {
+            let paths = aibox_supervisor::paths::SandboxPaths::new(
+                &loaded.runtime_dir(),
+                &loaded.data_dir(),
+                label,
+            );
+            if aibox_supervisor::client::is_alive(&paths) {
+                println!("archive: {label}: running, its supervisor archives it");
+                continue;
+            }
+            match a.upload_pending(path, label, &state) {
+                Ok(n) => println!("archive: {label}: {n} segments uploaded"),
+                Err(e) => {
+                    failed = true;
+                    eprintln!("aibox: archive: {label}: {e} (run this again to resume)");
                 }
             }
         }

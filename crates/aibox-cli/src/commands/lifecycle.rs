@@ -194,6 +194,25 @@ fn prepare(
             }
             c.audit.sinks.clone()
         },
+        archive: match c.audit.archive() {
+            // Opened here first too: keys unset, a bucket that is not
+            // there or refuses them, or one without the object lock that
+            // is required, stop the start with what to fix.
+            // A bucket that does not answer does not stop the start: the
+            // log is kept here and the supervisor archives its segments
+            // once the bucket answers (`verify` lists what is pending).
+            Some(a) => match aibox_siem::archive::Archive::open(&a) {
+                Ok(_) => Some(a),
+                Err(aibox_siem::archive::ArchiveError::Unreachable(e)) => {
+                    eprintln!(
+                        "aibox: audit storage: {e}; starting anyway: sealed segments are archived once the bucket answers (or by `aibox audit ship`)"
+                    );
+                    Some(a)
+                }
+                Err(e) => bail!("audit storage: {e}"),
+            },
+            None => None,
+        },
         config_sha256: hex::encode(Sha256::digest(&config_json)),
         shell: c.shell.program().into(),
         cpus: c.resources.cpus,

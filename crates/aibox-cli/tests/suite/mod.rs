@@ -1,4 +1,5 @@
 mod agent;
+mod archive;
 mod audit;
 mod common;
 mod configs;
