@@ -422,24 +422,17 @@ impl Archive {
         query: &[(&str, &str)],
         headers: &[(&str, &str)],
     ) -> ureq::Request {
-        let mut q = query.to_vec();
-        q.sort();
-        let mut h = headers.to_vec();
-        h.sort();
-        let signed = rusty_s3::signing::sign(
-            &jiff::Timestamp::now(),
+        let signed = presign(
+            &self.creds,
+            self.bucket.region(),
             method,
             url,
-            self.creds.key(),
-            self.creds.secret(),
-            self.creds.token(),
-            self.bucket.region(),
-            SIGNED_FOR,
-            q.iter().copied(),
-            h.iter().copied(),
+            query,
+            headers,
+            &jiff::Timestamp::now(),
         );
         let mut r = self.agent.request_url(method.to_str(), &signed);
-        for (k, v) in h {
+        for (k, v) in headers {
             r = r.set(k, v);
         }
         r
@@ -831,6 +824,36 @@ impl Archive {
     }
 }
 
+/// `url` signed (AWS Signature Version 4, query form) for `method` at
+/// `at`, over `query` and the `headers` sent with it (sorted here, as the
+/// signature wants them; names lowercase).
+fn presign(
+    creds: &Credentials,
+    region: &str,
+    method: Method,
+    url: url::Url,
+    query: &[(&str, &str)],
+    headers: &[(&str, &str)],
+    at: &jiff::Timestamp,
+) -> url::Url {
+    let mut q = query.to_vec();
+    q.sort();
+    let mut h = headers.to_vec();
+    h.sort();
+    rusty_s3::signing::sign(
+        at,
+        method,
+        url,
+        creds.key(),
+        creds.secret(),
+        creds.token(),
+        region,
+        SIGNED_FOR,
+        q.iter().copied(),
+        h.iter().copied(),
+    )
+}
+
 /// What [`Archive::check`] found.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct RemoteReport {
@@ -873,4 +896,129 @@ fn save(p: &Path, c: &Cursor) -> Result<(), String> {
     let text = serde_json::to_string(c).map_err(|e| e.to_string())?;
     aibox_core::replace_private_file(p, text.as_bytes())
         .map_err(|e| format!("{}: {e}", p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signed_put_matches_an_independent_implementation() {
+        // Expected URL computed by botocore 1.44.8 (S3SigV4QueryAuth) for
+        // the same request, keys and time: an independent check that the
+        // lock headers, Content-MD5 and the recorded hash are signed as
+        // S3 verifies them.
+        let creds = Credentials::new("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY");
+        let bucket = Bucket::new(
+            url::Url::parse("http://127.0.0.1:9000").unwrap(),
+            UrlStyle::Path,
+            "audit",
+            "us-east-1",
+        )
+        .unwrap();
+        let url = presign(
+            &creds,
+            "us-east-1",
+            Method::Put,
+            bucket.object_url("aibox-audit/sb/000000000000-000000000009-0123456789abcdef.jsonl"),
+            &[],
+            &[
+                (
+                    "x-amz-object-lock-retain-until-date",
+                    "2026-12-01T00:00:00Z",
+                ),
+                ("x-amz-object-lock-mode", "COMPLIANCE"),
+                ("content-md5", "1B2M2Y8AsgTpgAmY7PhCfg=="),
+                (
+                    "x-amz-meta-sha256",
+                    "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+                ),
+            ],
+            // 2025-11-29T00:00:00Z
+            &jiff::Timestamp::from_second(1_764_374_400).unwrap(),
+        );
+        assert_eq!(
+            url.as_str(),
+            "http://127.0.0.1:9000/audit/aibox-audit/sb/000000000000-000000000009-0123456789abcdef.jsonl?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIDEXAMPLE%2F20251129%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Date=20251129T000000Z&X-Amz-Expires=900&X-Amz-SignedHeaders=content-md5%3Bhost%3Bx-amz-meta-sha256%3Bx-amz-object-lock-mode%3Bx-amz-object-lock-retain-until-date&X-Amz-Signature=0d12ded52234a5e427dbe74236846740a2999f2c6baedb95815cc9b2fa8c5dfd"
+        );
+    }
+
+    fn valid() -> S3Config {
+        S3Config {
+            endpoint: "https://s3.eu-west-1.amazonaws.com".into(),
+            bucket: "aibox-audit".into(),
+            retention: "730d".into(),
+            ..S3Config::default()
+        }
+    }
+
+    #[test]
+    fn settings_that_cannot_work_name_their_field() {
+        assert_eq!(check(&valid()), Ok(()));
+        let cases: Vec<(fn(&mut S3Config), &str)> = vec![
+            (|c| c.endpoint = "s3.amazonaws.com".into(), "endpoint"),
+            (|c| c.endpoint = "ftp://h".into(), "endpoint"),
+            (|c| c.endpoint = "https://k:s@h".into(), "endpoint"),
+            (|c| c.endpoint = "https://h/?x=1".into(), "endpoint"),
+            (|c| c.bucket = "ab".into(), "bucket"),
+            (|c| c.bucket = "Audit".into(), "bucket"),
+            (|c| c.bucket = "-audit".into(), "bucket"),
+            (|c| c.bucket = "a..b".into(), "bucket"),
+            (|c| c.region = "US East".into(), "region"),
+            (|c| c.prefix = "/abs/".into(), "prefix"),
+            (|c| c.prefix = "a/../b/".into(), "prefix"),
+            (|c| c.prefix = "a b/".into(), "prefix"),
+            (|c| c.access_key_env = String::new(), "access_key_env"),
+            (|c| c.secret_key_env = "A-B".into(), "secret_key_env"),
+            (|c| c.retention = "12h".into(), "retention"),
+            (|c| c.retention = "forever".into(), "retention"),
+            (|c| c.retention = "200years".into(), "retention"),
+            (|c| c.ca_file = "/nonexistent/ca.pem".into(), "ca_file"),
+        ];
+        for (f, field) in cases {
+            let mut c = valid();
+            f(&mut c);
+            let e = check(&c).unwrap_err();
+            assert_eq!(e.field, field, "{c:?}: {e}");
+            assert!(e.to_string().starts_with(&format!("audit.s3.{field}: ")));
+        }
+    }
+
+    #[test]
+    fn keys_name_the_sandbox_segment_and_chain_end() {
+        let a = Archive {
+            bucket: Bucket::new(
+                url::Url::parse("http://127.0.0.1:9000").unwrap(),
+                UrlStyle::Path,
+                "audit",
+                "us-east-1",
+            )
+            .unwrap(),
+            creds: Credentials::new("k", "s"),
+            agent: ureq::AgentBuilder::new().build(),
+            prefix: "p/".into(),
+            lock: None,
+            bucket_locks: false,
+            label: String::new(),
+        };
+        let s = Segment {
+            segment: "000000000000-000000000009.jsonl".into(),
+            first_seq: 0,
+            last_seq: 9,
+            first_prev_hash: "0".repeat(64),
+            last_hash: "ab".repeat(32),
+            bytes: 1,
+            sha256: "cd".repeat(32),
+            sealed_at: "2026-11-29T00:00:00Z".into(),
+            reason: "stop".into(),
+            key_id: None,
+            signature: None,
+        };
+        // A chain restarted under the same name (same sequence numbers)
+        // does not reuse a key: the chain hash at the end differs.
+        assert_eq!(
+            a.key("sb", &s),
+            "p/sb/000000000000-000000000009-abababababababab.jsonl"
+        );
+    }
 }
