@@ -955,7 +955,8 @@ mod tests {
     #[test]
     fn settings_that_cannot_work_name_their_field() {
         assert_eq!(check(&valid()), Ok(()));
-        let cases: Vec<(fn(&mut S3Config), &str)> = vec![
+        type Case = (fn(&mut S3Config), &'static str);
+        let cases: Vec<Case> = vec![
             (|c| c.endpoint = "s3.amazonaws.com".into(), "endpoint"),
             (|c| c.endpoint = "ftp://h".into(), "endpoint"),
             (|c| c.endpoint = "https://k:s@h".into(), "endpoint"),
