@@ -776,14 +776,38 @@ fn validate(
             "see docs/audit.md (Sinks) for the fields each type takes",
         ));
     }
-    if let Some(a) = c.audit.archive()
-        && let Err(e) = aibox_siem::archive::check(&a)
-    {
-        return Err(bad(
-            &format!("audit.s3.{}", e.field),
-            &e.reason,
-            "see docs/audit.md (S3 storage); `audit.storage: local` turns archiving off",
-        ));
+    if let Some(a) = c.audit.archive() {
+        if let Err(e) = aibox_siem::archive::check(&a) {
+            // Named after the key the value came from (the original's
+            // keys fill what audit.s3 leaves empty).
+            let s3 = &c.audit.s3;
+            let (key, reason) = match e.field {
+                "endpoint" if a.endpoint.is_empty() => (
+                    "audit.s3.endpoint".to_string(),
+                    "minio has no default address".to_string(),
+                ),
+                "endpoint" if s3.endpoint.is_empty() => {
+                    ("audit.storage_endpoint".to_string(), e.reason)
+                }
+                "bucket" if s3.bucket.is_empty() => ("audit.storage_bucket".to_string(), e.reason),
+                "retention" if s3.retention.is_empty() => {
+                    ("audit.retention_tier1".to_string(), e.reason)
+                }
+                f => (format!("audit.s3.{f}"), e.reason),
+            };
+            return Err(bad(
+                &key,
+                &reason,
+                "see docs/audit.md (S3 storage), e.g. audit.s3.endpoint: http://minio.internal:9000; `audit.storage: local` turns archiving off",
+            ));
+        }
+        if parse_size(&c.audit.segment_max).is_some_and(|n| n > (5 << 30)) {
+            return Err(bad(
+                "audit.segment_max",
+                "larger than 5g, the most one S3 upload takes",
+                "use at most 5g with audit.storage: s3 (the default is 64m)",
+            ));
+        }
     }
     if c.audit.checkpoint_every == 0 {
         return Err(bad(

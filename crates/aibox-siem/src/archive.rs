@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use aibox_audit::segments::Segment;
+use instant_xml::FromXml;
 use rusty_s3::{Bucket, Credentials, Method, UrlStyle};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
@@ -33,6 +34,12 @@ const TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How long a signed request stays valid.
 const SIGNED_FOR: u64 = 900;
+
+/// The most a small request (probe, HEAD, listing page) may take overall.
+const SMALL: Duration = Duration::from_secs(60);
+
+/// The most reading a segment back may take overall.
+const BIG: Duration = Duration::from_secs(1800);
 
 /// `audit.s3`: where and how sealed segments are archived.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -265,6 +272,10 @@ pub enum ArchiveError {
 /// What the archive has of one log (`<state>/<log file>.archive.json`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Cursor {
+    /// The endpoint, bucket and prefix these uploads went to: a cursor of
+    /// another target says nothing about this one.
+    #[serde(default)]
+    target: String,
     uploaded: Vec<Uploaded>,
 }
 
@@ -281,18 +292,41 @@ pub struct Uploaded {
     pub version_id: Option<String>,
     /// Until when it is locked (RFC 3339), if it is.
     pub retain_until: Option<String>,
+    /// Whether this upload sent it (not: it was in the bucket already).
+    #[serde(skip)]
+    pub sent: bool,
 }
 
 /// An S3 error answer, shortened to what helps: status, code, message.
+/// (Never the request's URL: it carries the signature.)
 fn s3_error(what: &str, e: ureq::Error) -> String {
     match e {
-        ureq::Error::Status(code, r) => describe(what, code, &r.into_string().unwrap_or_default()),
-        other => format!("{what}: {}", other.kind()),
+        ureq::Error::Status(code, r) => {
+            let region = r.header("x-amz-bucket-region").map(str::to_string);
+            describe(
+                what,
+                code,
+                &r.into_string().unwrap_or_default(),
+                region.as_deref(),
+            )
+        }
+        ureq::Error::Transport(t) => {
+            let mut m = format!("{what}: {}", t.kind());
+            if let Some(x) = t.message() {
+                m.push_str(&format!(": {x}"));
+            }
+            let mut src = std::error::Error::source(&t);
+            while let Some(s) = src {
+                m.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            m
+        }
     }
 }
 
 /// [`s3_error`] of an answer whose body was read.
-fn describe(what: &str, code: u16, body: &str) -> String {
+fn describe(what: &str, code: u16, body: &str, region: Option<&str>) -> String {
     let tag = |t: &str| {
         let open = format!("<{t}>");
         let close = format!("</{t}>");
@@ -301,17 +335,94 @@ fn describe(what: &str, code: u16, body: &str) -> String {
             rest.find(&close).map(|b| rest[..b].to_string())
         })
     };
-    let hint = match code {
-        403 => {
-            " (check the keys in audit.s3.access_key_env / secret_key_env and the bucket's policy)"
+    let hint = match (code, region) {
+        (300..=399, Some(r)) => format!(
+            " (the bucket is in region {r}: set audit.s3.region, or audit.s3.endpoint to that region's address)"
+        ),
+        (300..=399, None) => {
+            " (a redirect: audit.s3.endpoint is not the bucket's address, or wants https)".into()
         }
-        _ => "",
+        (403, _) => " (check the keys in audit.s3.access_key_env / secret_key_env, the clock, and that the bucket's policy allows the request; docs/audit.md lists the permissions)".into(),
+        _ => String::new(),
     };
     match (tag("Code"), tag("Message")) {
         (Some(c), Some(m)) => format!("{what}: {code} {c}: {m}{hint}"),
         (Some(c), None) => format!("{what}: {code} {c}{hint}"),
         _ => format!("{what}: the server answered {code}{hint}"),
     }
+}
+
+/// A successful (2xx) answer, `None` for 404, or what went wrong. ureq
+/// hands back redirects (we follow none) as answers: they are errors.
+fn answer(
+    what: &str,
+    r: Result<ureq::Response, ureq::Error>,
+) -> Result<Option<ureq::Response>, String> {
+    match r {
+        Ok(r) if (200..300).contains(&r.status()) => Ok(Some(r)),
+        Ok(r) => {
+            let code = r.status();
+            let region = r.header("x-amz-bucket-region").map(str::to_string);
+            Err(describe(
+                what,
+                code,
+                &r.into_string().unwrap_or_default(),
+                region.as_deref(),
+            ))
+        }
+        Err(ureq::Error::Status(404, _)) => Ok(None),
+        Err(e) => Err(s3_error(what, e)),
+    }
+}
+
+/// One version (or delete marker) of an object, from a version listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Version {
+    key: String,
+    version_id: String,
+    latest: bool,
+    delete_marker: bool,
+    etag: String,
+}
+
+#[derive(FromXml)]
+#[xml(
+    rename = "ListVersionsResult",
+    ns("http://s3.amazonaws.com/doc/2006-03-01/")
+)]
+struct ListVersions {
+    #[xml(rename = "IsTruncated")]
+    is_truncated: Option<bool>,
+    #[xml(rename = "NextKeyMarker")]
+    next_key_marker: Option<String>,
+    #[xml(rename = "NextVersionIdMarker")]
+    next_version_id_marker: Option<String>,
+    versions: Vec<XmlVersion>,
+    delete_markers: Vec<XmlDeleteMarker>,
+}
+
+#[derive(FromXml)]
+#[xml(rename = "Version", ns("http://s3.amazonaws.com/doc/2006-03-01/"))]
+struct XmlVersion {
+    #[xml(rename = "Key")]
+    key: String,
+    #[xml(rename = "VersionId")]
+    version_id: String,
+    #[xml(rename = "IsLatest")]
+    is_latest: bool,
+    #[xml(rename = "ETag")]
+    etag: Option<String>,
+}
+
+#[derive(FromXml)]
+#[xml(rename = "DeleteMarker", ns("http://s3.amazonaws.com/doc/2006-03-01/"))]
+struct XmlDeleteMarker {
+    #[xml(rename = "Key")]
+    key: String,
+    #[xml(rename = "VersionId")]
+    version_id: String,
+    #[xml(rename = "IsLatest")]
+    is_latest: bool,
 }
 
 /// A bucket sealed segments are archived to.
@@ -326,11 +437,32 @@ pub struct Archive {
     /// Whether the bucket has object lock at all.
     bucket_locks: bool,
     label: String,
+    /// Endpoint, bucket and prefix (for the cursor).
+    target: String,
 }
 
 impl std::fmt::Debug for Archive {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Archive({})", self.label)
+    }
+}
+
+/// Whether `s` is lowercase hex of `n` characters.
+fn is_hex(s: &str, n: usize) -> bool {
+    s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The folder of the key that signed `s` (its key id), under which its
+/// objects go: hosts sharing a bucket, each with its own signing key,
+/// do not see one another's objects as strays.
+fn owner(s: &Segment) -> Result<&str, String> {
+    match s.key_id.as_deref() {
+        None => Ok("unsigned"),
+        Some(k) if is_hex(k, 16) => Ok(k),
+        Some(k) => Err(format!(
+            "segment {}: key id `{k}` is not 16 hex digits",
+            s.segment
+        )),
     }
 }
 
@@ -383,6 +515,7 @@ impl Archive {
                 .timeout_write(TIMEOUT)
                 .redirects(0)
                 .build(),
+            target: format!("{} {} {prefix}", c.endpoint, c.bucket),
             prefix,
             lock: None,
             bucket_locks: false,
@@ -413,14 +546,16 @@ impl Archive {
         &self.label
     }
 
-    /// A signed request. `query` and `headers` are sorted here (the
-    /// signature wants them in order); header names are lowercase.
+    /// A signed request with an overall deadline of `within`. `query` and
+    /// `headers` are sorted here (the signature wants them in order);
+    /// header names are lowercase.
     fn request(
         &self,
         method: Method,
         url: url::Url,
         query: &[(&str, &str)],
         headers: &[(&str, &str)],
+        within: Duration,
     ) -> ureq::Request {
         let signed = presign(
             &self.creds,
@@ -431,7 +566,10 @@ impl Archive {
             headers,
             &jiff::Timestamp::now(),
         );
-        let mut r = self.agent.request_url(method.to_str(), &signed);
+        let mut r = self
+            .agent
+            .request_url(method.to_str(), &signed)
+            .timeout(within);
         for (k, v) in headers {
             r = r.set(k, v);
         }
@@ -446,14 +584,21 @@ impl Archive {
                 self.bucket.base_url().clone(),
                 &[("object-lock", "")],
                 &[],
+                SMALL,
             )
             .call();
         match r {
-            Ok(r) => {
+            Ok(r) if (200..300).contains(&r.status()) => {
                 let body = r.into_string().unwrap_or_default();
                 Ok(body.contains("<ObjectLockEnabled>Enabled</ObjectLockEnabled>"))
             }
+            // A redirect (another region, http to https): the settings
+            // are wrong, and a lock must not be assumed absent.
+            Ok(r) => Err(ArchiveError::Refused(
+                answer(&self.label, Ok(r)).err().unwrap_or_default(),
+            )),
             Err(ureq::Error::Status(code, r)) => {
+                let region = r.header("x-amz-bucket-region").map(str::to_string);
                 let body = r.into_string().unwrap_or_default();
                 if body.contains("ObjectLockConfigurationNotFound") {
                     Ok(false)
@@ -470,38 +615,57 @@ impl Archive {
                         &self.label,
                         code,
                         &body,
+                        region.as_deref(),
                     )))
                 } else {
-                    Err(ArchiveError::Refused(describe(&self.label, code, &body)))
+                    Err(ArchiveError::Refused(describe(
+                        &self.label,
+                        code,
+                        &body,
+                        region.as_deref(),
+                    )))
                 }
             }
             Err(e) => Err(ArchiveError::Unreachable(s3_error(&self.label, e))),
         }
     }
 
-    /// The object key of a segment of `sandbox`.
-    pub fn key(&self, sandbox: &str, s: &Segment) -> String {
+    /// The folder of `sandbox`'s objects signed by key `owner`.
+    fn folder(&self, owner: &str, sandbox: &str) -> String {
+        format!("{}{owner}/{sandbox}/", self.prefix)
+    }
+
+    /// The object key of a segment of `sandbox`:
+    /// `<prefix><key id>/<sandbox>/<first>-<last>-<hash16>.jsonl`.
+    pub fn key(&self, sandbox: &str, s: &Segment) -> Result<String, String> {
+        if !aibox_audit::segments::valid_segment_name(&s.segment) || !is_hex(&s.last_hash, 64) {
+            return Err(format!(
+                "manifest entry {}: not a segment name and chain hash aibox writes",
+                s.segment
+            ));
+        }
         let stem = s.segment.trim_end_matches(".jsonl");
-        let h = s.last_hash.get(..16).unwrap_or(&s.last_hash);
-        format!("{}{sandbox}/{stem}-{h}.jsonl", self.prefix)
+        Ok(format!(
+            "{}{stem}-{}.jsonl",
+            self.folder(owner(s)?, sandbox),
+            &s.last_hash[..16]
+        ))
     }
 
     /// HEAD of `key` (the latest version, or `version`): its headers, or
     /// `None` when there is no such object.
     fn head(&self, key: &str, version: Option<&str>) -> Result<Option<ureq::Response>, String> {
         let q: Vec<(&str, &str)> = version.map(|v| ("versionId", v)).into_iter().collect();
-        match self
-            .request(Method::Head, self.bucket.object_url(key), &q, &[])
-            .call()
-        {
-            Ok(r) => Ok(Some(r)),
-            Err(ureq::Error::Status(404, _)) => Ok(None),
-            Err(e) => Err(s3_error(&format!("{}: {key}", self.label), e)),
-        }
+        answer(
+            &format!("{}: {key}", self.label),
+            self.request(Method::Head, self.bucket.object_url(key), &q, &[], SMALL)
+                .call(),
+        )
     }
 
-    /// Puts `len` bytes from `body` at `key`, under lock when the bucket
-    /// has it; returns (version id, retain until).
+    /// Puts `len` bytes from `body` at `key` unless an object is there
+    /// (`If-None-Match: *`), under lock when the bucket has it; returns
+    /// what it made, or `None` when the key was taken.
     fn put(
         &self,
         key: &str,
@@ -510,7 +674,7 @@ impl Archive {
         md5: &[u8],
         sha256: &str,
         content_type: &str,
-    ) -> Result<(Option<String>, Option<String>), String> {
+    ) -> Result<Option<Put>, String> {
         use base64::Engine;
         let md5 = base64::engine::general_purpose::STANDARD.encode(md5);
         let until = self.lock.map(|(mode, keep)| {
@@ -519,73 +683,126 @@ impl Archive {
                 humantime::format_rfc3339_seconds(SystemTime::now() + keep).to_string(),
             )
         });
-        let mut headers = vec![("content-md5", md5.as_str()), ("x-amz-meta-sha256", sha256)];
+        let mut headers = vec![
+            ("content-md5", md5.as_str()),
+            ("if-none-match", "*"),
+            ("x-amz-meta-sha256", sha256),
+        ];
         if let Some((mode, until)) = &until {
             headers.push(("x-amz-object-lock-mode", mode));
             headers.push(("x-amz-object-lock-retain-until-date", until.as_str()));
         }
         let len_s = len.to_string();
+        // A minute, and a minute more per 16 MiB.
+        let within = SMALL + Duration::from_secs(60 * (len >> 24));
         let r = self
-            .request(Method::Put, self.bucket.object_url(key), &[], &headers)
+            .request(
+                Method::Put,
+                self.bucket.object_url(key),
+                &[],
+                &headers,
+                within,
+            )
             .set("Content-Length", &len_s)
             .set("Content-Type", content_type)
-            .send(body)
-            .map_err(|e| s3_error(&format!("uploading {key} to {}", self.label), e))?;
-        Ok((
-            r.header("x-amz-version-id").map(str::to_string),
-            until.map(|(_, u)| u),
-        ))
+            .send(body);
+        if let Err(ureq::Error::Status(412, _)) = r {
+            return Ok(None);
+        }
+        let what = format!("uploading {key} to {}", self.label);
+        let r = answer(&what, r)?.ok_or_else(|| format!("{what}: the server answered 404"))?;
+        Ok(Some(Put {
+            version_id: r.header("x-amz-version-id").map(str::to_string),
+            retain_until: until.map(|(_, u)| u),
+            sent: true,
+        }))
+    }
+
+    /// Puts one object unless it is already there with `sha256` (an
+    /// upload whose note was lost, or a race with another uploader)
+    /// what is there.
+    fn put_once<R: Read>(
+        &self,
+        key: &str,
+        body: impl FnOnce() -> Result<(R, u64, Vec<u8>), String>,
+        sha256: &str,
+        content_type: &str,
+    ) -> Result<Put, String> {
+        let existing = |r: ureq::Response| -> Result<Put, String> {
+            if r.header("x-amz-meta-sha256") != Some(sha256) {
+                return Err(format!(
+                    "{}: {key} is already there with other content; it was not overwritten (run `aibox audit verify`)",
+                    self.label
+                ));
+            }
+            Ok(Put {
+                version_id: r.header("x-amz-version-id").map(str::to_string),
+                retain_until: r
+                    .header("x-amz-object-lock-retain-until-date")
+                    .map(str::to_string),
+                sent: false,
+            })
+        };
+        if let Some(r) = self.head(key, None)? {
+            return existing(r);
+        }
+        let (reader, len, md5) = body()?;
+        match self.put(key, reader, len, &md5, sha256, content_type)? {
+            Some(p) => Ok(p),
+            None => match self.head(key, None)? {
+                Some(r) => existing(r),
+                None => Err(format!(
+                    "{}: {key} was refused as taken, yet is not there",
+                    self.label
+                )),
+            },
+        }
     }
 
     /// Uploads one sealed segment of `sandbox` (the file at `path`, which
     /// must still have the bytes `entry` records) and its manifest entry.
     pub fn upload(&self, sandbox: &str, path: &Path, entry: &Segment) -> Result<Uploaded, String> {
-        let key = self.key(sandbox, entry);
-        // Already there (an upload whose note was lost)?
-        if let Some(r) = self.head(&key, None)?
-            && r.header("x-amz-meta-sha256") == Some(entry.sha256.as_str())
-        {
-            return Ok(Uploaded {
-                segment: entry.segment.clone(),
-                sha256: entry.sha256.clone(),
-                key,
-                version_id: r.header("x-amz-version-id").map(str::to_string),
-                retain_until: r
-                    .header("x-amz-object-lock-retain-until-date")
-                    .map(str::to_string),
-            });
-        }
-        // One open file, hashed then sent: what is sent is what was hashed.
-        let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let mut sha = sha2::Sha256::new();
-        let mut md5 = <md5::Md5 as md5::Digest>::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut len = 0u64;
-        loop {
-            let n = f
-                .read(&mut buf)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            if n == 0 {
-                break;
-            }
-            sha.update(&buf[..n]);
-            md5::Digest::update(&mut md5, &buf[..n]);
-            len += n as u64;
-        }
-        if hex::encode(sha.finalize()) != entry.sha256 || len != entry.bytes {
-            return Err(format!(
-                "{} changed since it was sealed (its bytes no longer match the manifest): not archived; run `aibox audit verify`",
-                path.display()
-            ));
-        }
-        f.seek(SeekFrom::Start(0))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        let md5 = md5::Digest::finalize(md5);
-        let (version_id, retain_until) = self.put(
+        let key = self.key(sandbox, entry)?;
+        let Put {
+            version_id,
+            retain_until,
+            sent,
+        } = self.put_once(
             &key,
-            f.take(len),
-            len,
-            &md5,
+            || {
+                // One open file, hashed then sent: what is sent is what
+                // was hashed.
+                let mut f =
+                    std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let mut sha = sha2::Sha256::new();
+                let mut md5 = <md5::Md5 as md5::Digest>::new();
+                let mut buf = vec![0u8; 1 << 20];
+                let mut len = 0u64;
+                loop {
+                    let n = f
+                        .read(&mut buf)
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    if n == 0 {
+                        break;
+                    }
+                    sha.update(&buf[..n]);
+                    md5::Digest::update(&mut md5, &buf[..n]);
+                    len += n as u64;
+                }
+                if hex::encode(sha.finalize()) != entry.sha256 || len != entry.bytes {
+                    return Err(format!(
+                        "{} changed since it was sealed (its bytes no longer match the manifest): not archived; run `aibox audit verify`",
+                        path.display()
+                    ));
+                }
+                f.seek(SeekFrom::Start(0))
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                Ok((
+                    f.take(len),
+                    len,
+                    md5::Digest::finalize(md5).to_vec(),
+                ))
+            },
             &entry.sha256,
             "application/x-ndjson",
         )?;
@@ -593,15 +810,15 @@ impl Archive {
         // segment must hash to, and who signed that.
         let line = serde_json::to_vec(entry).map_err(|e| e.to_string())?;
         let line_sha = hex::encode(sha2::Sha256::digest(&line));
-        let line_md5 = md5::Digest::finalize(md5::Digest::chain_update(
-            <md5::Md5 as md5::Digest>::new(),
-            &line,
-        ));
-        self.put(
+        self.put_once(
             &format!("{key}.entry.json"),
-            line.as_slice(),
-            line.len() as u64,
-            &line_md5,
+            || {
+                let md5 = md5::Digest::finalize(md5::Digest::chain_update(
+                    <md5::Md5 as md5::Digest>::new(),
+                    &line,
+                ));
+                Ok((line.as_slice(), line.len() as u64, md5.to_vec()))
+            },
             &line_sha,
             "application/json",
         )?;
@@ -611,147 +828,253 @@ impl Archive {
             key,
             version_id,
             retain_until,
+            sent,
         })
     }
 
     /// GET of `key` (at `version`): the response, or `None` when missing.
     fn get(&self, key: &str, version: Option<&str>) -> Result<Option<ureq::Response>, String> {
         let q: Vec<(&str, &str)> = version.map(|v| ("versionId", v)).into_iter().collect();
-        match self
-            .request(Method::Get, self.bucket.object_url(key), &q, &[])
-            .call()
-        {
-            Ok(r) => Ok(Some(r)),
-            Err(ureq::Error::Status(404, _)) => Ok(None),
-            Err(e) => Err(s3_error(&format!("{}: {key}", self.label), e)),
-        }
+        // (Reading a segment back: as long as an upload may take.)
+        answer(
+            &format!("{}: {key}", self.label),
+            self.request(Method::Get, self.bucket.object_url(key), &q, &[], BIG)
+                .call(),
+        )
     }
 
-    /// Every key under `prefix`.
-    fn list(&self, prefix: &str) -> Result<Vec<String>, String> {
-        let mut keys = Vec::new();
+    /// Every version and delete marker under `prefix`.
+    fn versions(&self, prefix: &str) -> Result<Vec<Version>, String> {
+        let mut out = Vec::new();
+        let mut marker: Option<(String, String)> = None;
+        loop {
+            let mut q = vec![("prefix", prefix), ("versions", "")];
+            if let Some((k, v)) = &marker {
+                q.push(("key-marker", k.as_str()));
+                q.push(("version-id-marker", v.as_str()));
+            }
+            let what = format!("listing versions in {}", self.label);
+            let r = answer(
+                &what,
+                self.request(Method::Get, self.bucket.base_url().clone(), &q, &[], SMALL)
+                    .call(),
+            )?
+            .ok_or_else(|| format!("{what}: the server answered 404"))?;
+            let body = r.into_string().map_err(|e| format!("{what}: {e}"))?;
+            let page: ListVersions =
+                instant_xml::from_str(&body).map_err(|e| format!("{what}: {e}"))?;
+            out.extend(page.versions.into_iter().map(|v| Version {
+                key: v.key,
+                version_id: v.version_id,
+                latest: v.is_latest,
+                delete_marker: false,
+                etag: v.etag.unwrap_or_default(),
+            }));
+            out.extend(page.delete_markers.into_iter().map(|d| Version {
+                key: d.key,
+                version_id: d.version_id,
+                latest: d.is_latest,
+                delete_marker: true,
+                etag: String::new(),
+            }));
+            match (
+                page.is_truncated,
+                page.next_key_marker,
+                page.next_version_id_marker,
+            ) {
+                (Some(true), Some(k), Some(v))
+                    if marker.as_ref() != Some(&(k.clone(), v.clone())) =>
+                {
+                    marker = Some((k, v));
+                }
+                (Some(true), _, _) => {
+                    return Err(format!(
+                        "{what}: a truncated listing without a marker to go on from"
+                    ));
+                }
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// The sandboxes with objects signed by key `owner` in the bucket.
+    pub fn sandboxes(&self, owner: &str) -> Result<Vec<String>, String> {
+        let folder = format!("{}{owner}/", self.prefix);
+        let mut names = Vec::new();
         let mut token: Option<String> = None;
         loop {
-            let mut q = vec![("list-type", "2"), ("prefix", prefix)];
+            let mut q = vec![
+                ("delimiter", "/"),
+                ("list-type", "2"),
+                ("prefix", folder.as_str()),
+            ];
             if let Some(t) = &token {
                 q.push(("continuation-token", t.as_str()));
             }
-            let r = self
-                .request(Method::Get, self.bucket.base_url().clone(), &q, &[])
-                .call()
-                .map_err(|e| s3_error(&format!("listing {}", self.label), e))?;
-            let body = r.into_string().map_err(|e| e.to_string())?;
+            let what = format!("listing {}", self.label);
+            let r = answer(
+                &what,
+                self.request(Method::Get, self.bucket.base_url().clone(), &q, &[], SMALL)
+                    .call(),
+            )?
+            .ok_or_else(|| format!("{what}: the server answered 404"))?;
+            let body = r.into_string().map_err(|e| format!("{what}: {e}"))?;
             let page = rusty_s3::actions::ListObjectsV2::parse_response(&body)
-                .map_err(|e| format!("listing {}: {e}", self.label))?;
-            keys.extend(page.contents.into_iter().map(|c| c.key));
+                .map_err(|e| format!("{what}: {e}"))?;
+            names.extend(page.common_prefixes.into_iter().filter_map(|p| {
+                p.prefix
+                    .strip_prefix(&folder)
+                    .map(|s| s.trim_end_matches('/').to_string())
+            }));
             match page.next_continuation_token {
                 Some(t) if Some(&t) != token.as_ref() => token = Some(t),
                 _ => break,
             }
         }
-        Ok(keys)
+        Ok(names)
     }
 
     /// Uploads every sealed segment of the log at `log` (sandbox
     /// `sandbox`) not yet archived, in manifest order, noting each in
-    /// `state_dir`. Stops at the first failure (the rest go next time).
-    /// Returns how many were uploaded now.
+    /// `state_dir` (under a lock: the supervisor and `aibox audit ship`
+    /// may both try). A segment that cannot be archived (changed on the
+    /// host) does not hold up the ones after it; a bucket that fails does.
+    /// The error is the bucket's (try again later).
     pub fn upload_pending(
         &self,
         log: &Path,
         sandbox: &str,
         state_dir: &Path,
-    ) -> Result<usize, String> {
+    ) -> Result<UploadReport, String> {
         let cursor_file = cursor_path(log, state_dir);
-        let mut cur = load(&cursor_file);
+        let _lock = lock_cursor(&cursor_file)?;
+        let mut cur = self.load(&cursor_file);
         let manifest = aibox_audit::segments::read_manifest(log).map_err(|e| e.to_string())?;
         let dir = aibox_audit::segments::segments_dir(log);
         let mut n = 0;
+        let mut refused = Vec::new();
         for entry in manifest.into_iter().flatten() {
-            if !aibox_audit::segments::valid_segment_name(&entry.segment)
-                || cur
-                    .uploaded
-                    .iter()
-                    .any(|u| u.segment == entry.segment && u.sha256 == entry.sha256)
+            let key = match self.key(sandbox, &entry) {
+                Ok(k) => k,
+                Err(e) => {
+                    refused.push(e);
+                    continue;
+                }
+            };
+            if cur
+                .uploaded
+                .iter()
+                .any(|u| u.key == key && u.sha256 == entry.sha256)
             {
                 continue;
             }
-            let up = self.upload(sandbox, &dir.join(&entry.segment), &entry)?;
-            cur.uploaded.push(up);
-            save(&cursor_file, &cur)?;
-            n += 1;
+            let path = dir.join(&entry.segment);
+            match path.metadata() {
+                Ok(m) if m.len() == entry.bytes => {}
+                _ => {
+                    refused.push(format!(
+                        "{}: missing or not its sealed size: not archived; run `aibox audit verify`",
+                        path.display()
+                    ));
+                    continue;
+                }
+            }
+            match self.upload(sandbox, &path, &entry) {
+                Ok(up) => {
+                    n += usize::from(up.sent);
+                    cur.uploaded.push(up);
+                    self.save(&cursor_file, &mut cur)?;
+                }
+                Err(e) if e.contains("changed since it was sealed") => refused.push(e),
+                Err(e) => return Err(e),
+            }
         }
-        Ok(n)
+        Ok(UploadReport {
+            uploaded: n,
+            refused,
+        })
     }
 
     /// Compares the bucket's copies of the log at `log` with its local
-    /// manifest.
+    /// manifest. `signer` is the id of the key that signs now (its folder
+    /// is searched for strays too).
     pub fn check(
         &self,
         log: &Path,
         sandbox: &str,
         state_dir: &Path,
+        signer: Option<&str>,
     ) -> Result<RemoteReport, String> {
-        let cur = load(&cursor_path(log, state_dir));
+        let cur = self.load(&cursor_path(log, state_dir));
         let manifest = aibox_audit::segments::read_manifest(log).map_err(|e| e.to_string())?;
         let mut rep = RemoteReport {
             bucket: self.label.clone(),
             object_lock: self.bucket_locks,
             ..RemoteReport::default()
         };
-        let mut expected = std::collections::BTreeSet::new();
-        for entry in manifest.into_iter().flatten() {
-            if !aibox_audit::segments::valid_segment_name(&entry.segment) {
-                continue;
+        let entries: Vec<Segment> = manifest.into_iter().flatten().collect();
+        // Every version and delete marker in each folder the log's
+        // segments (and the current key) would be in.
+        let mut owners: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        if let Some(s) = signer.filter(|s| is_hex(s, 16)) {
+            owners.insert(s.to_string());
+        }
+        for e in &entries {
+            if let Ok(o) = owner(e) {
+                owners.insert(o.to_string());
             }
-            let key = self.key(sandbox, &entry);
-            expected.insert(format!("{key}.entry.json"));
+        }
+        let mut listed: Vec<Version> = Vec::new();
+        for o in &owners {
+            listed.extend(self.versions(&self.folder(o, sandbox))?);
+        }
+        let mut expected = std::collections::BTreeSet::new();
+        let now = jiff::Timestamp::now();
+        for entry in &entries {
+            let key = match self.key(sandbox, entry) {
+                Ok(k) => k,
+                Err(e) => {
+                    rep.problems.push(e);
+                    continue;
+                }
+            };
+            let ek = format!("{key}.entry.json");
             expected.insert(key.clone());
+            expected.insert(ek.clone());
             let noted = cur
                 .uploaded
                 .iter()
-                .find(|u| u.segment == entry.segment && u.sha256 == entry.sha256);
-            let version = noted.and_then(|u| u.version_id.clone());
-            let latest = self.head(&key, None)?;
-            if latest.is_none() {
-                match (noted, &version) {
-                    (None, _) => {
-                        rep.pending.push(entry.segment.clone());
-                        continue;
-                    }
-                    (Some(_), None) => {
-                        rep.problems.push(format!(
-                            "{}: deleted from the bucket ({key})",
-                            entry.segment
-                        ));
-                        continue;
-                    }
-                    // (Versioned: the archived version may still be there,
-                    // hidden by a delete marker; read on.)
-                    (Some(_), Some(_)) => rep.problems.push(format!(
-                        "{}: deleted in the bucket ({key} now answers 404: a delete marker hides it)",
+                .find(|u| u.key == key && u.sha256 == entry.sha256);
+            let of = |k: &str| -> Vec<&Version> { listed.iter().filter(|v| v.key == k).collect() };
+            let seg_versions = of(&key);
+            if seg_versions.is_empty() {
+                match noted {
+                    None => rep.pending.push(entry.segment.clone()),
+                    Some(_) => rep.problems.push(format!(
+                        "{}: deleted from the bucket ({key}: no version left)",
                         entry.segment
                     )),
                 }
+                continue;
             }
-            let latest_version = latest
-                .as_ref()
-                .and_then(|l| l.header("x-amz-version-id"))
-                .map(str::to_string);
-            // The version the upload made (else the latest) must hold the
-            // segment's bytes.
-            let Some(body) = self.get(&key, version.as_deref())? else {
+            let Some(archived) = self.archived_version(entry, &key, &seg_versions, noted, &mut rep)
+            else {
+                continue;
+            };
+            // The archived bytes, read back.
+            let Some(body) = self.get(&key, archived.as_deref())? else {
                 rep.problems.push(format!(
-                    "{}: the version archived ({}) is gone from the bucket",
-                    entry.segment,
-                    version.as_deref().unwrap_or("-")
+                    "{}: the archived version of {key} cannot be read",
+                    entry.segment
                 ));
                 continue;
             };
-            let mode = body.header("x-amz-object-lock-mode").map(str::to_string);
-            let until = body
-                .header("x-amz-object-lock-retain-until-date")
-                .map(str::to_string);
+            let lock = (
+                body.header("x-amz-object-lock-mode").map(str::to_string),
+                body.header("x-amz-object-lock-retain-until-date")
+                    .map(str::to_string),
+            );
             let mut sha = sha2::Sha256::new();
             let mut len = 0u64;
             let mut reader = body.into_reader();
@@ -774,54 +1097,243 @@ impl Archive {
                 ));
                 continue;
             }
-            if version.is_some() && latest.is_some() && latest_version != version {
+            if self.lock_holds(
+                &entry.segment,
+                &key,
+                &lock,
+                noted.and_then(|u| u.retain_until.as_deref()),
+                now,
+                &mut rep,
+            ) {
+                rep.locked += 1;
+                if let Some(u) = lock.1 {
+                    rep.retained_until = rep.retained_until.max(Some(u));
+                }
+            }
+            // The signed entry beside it must be the local one, and as
+            // locked.
+            let ev = of(&ek);
+            if ev.iter().any(|v| v.latest && v.delete_marker) {
                 rep.problems.push(format!(
-                    "{}: overwritten in the bucket: a newer version ({}) of {key} replaced the one archived ({}), which is intact",
-                    entry.segment,
-                    latest_version.as_deref().unwrap_or("-"),
-                    version.as_deref().unwrap_or("-")
+                    "{}: its manifest entry was deleted in the bucket ({ek}: a delete marker hides it)",
+                    entry.segment
                 ));
             }
-            match (&mode, noted.and_then(|u| u.retain_until.as_ref())) {
-                (Some(_), _) => rep.locked += 1,
-                (None, Some(u)) => rep.problems.push(format!(
-                    "{}: archived under object lock until {u}, but the copy is no longer locked",
-                    entry.segment
-                )),
-                (None, None) => {}
-            }
-            if let Some(u) = until.filter(|_| mode.is_some()) {
-                rep.retained_until = rep.retained_until.max(Some(u));
-            }
-            // The signed entry beside it must be the local one.
-            let ek = format!("{key}.entry.json");
-            match self.get(&ek, None)? {
+            match self.get(
+                &ek,
+                ev.iter()
+                    .find(|v| !v.delete_marker)
+                    .map(|v| v.version_id.as_str()),
+            )? {
                 None => rep.problems.push(format!(
                     "{}: its manifest entry is missing from the bucket ({ek})",
                     entry.segment
                 )),
                 Some(r) => {
+                    let elock = (
+                        r.header("x-amz-object-lock-mode").map(str::to_string),
+                        r.header("x-amz-object-lock-retain-until-date")
+                            .map(str::to_string),
+                    );
                     let text = r.into_string().unwrap_or_default();
-                    if serde_json::from_str::<Segment>(&text).ok().as_ref() != Some(&entry) {
+                    if serde_json::from_str::<Segment>(&text).ok().as_ref() != Some(entry) {
                         rep.problems.push(format!(
                             "{}: its manifest entry in the bucket ({ek}) differs from the local one",
                             entry.segment
                         ));
                     }
+                    self.lock_holds(&entry.segment, &ek, &elock, None, now, &mut rep);
                 }
             }
         }
-        // Entries in the bucket the local manifest no longer lists: the
-        // local manifest (and segments) lost them.
-        for k in self.list(&format!("{}{sandbox}/", self.prefix))? {
-            if k.ends_with(".entry.json") && !expected.contains(&k) {
-                rep.problems.push(format!(
-                    "{k}: in the bucket, but the local manifest does not list it (local segments or manifest lines deleted; the bucket holds the copy)"
-                ));
+        // Objects in the bucket the local manifest does not list: its
+        // segments or lines were deleted here (the bucket holds the copy),
+        // or they were slipped into the bucket.
+        let mut strays = std::collections::BTreeSet::new();
+        for v in &listed {
+            if !expected.contains(&v.key) {
+                strays.insert(v.key.clone());
             }
+        }
+        for k in strays {
+            rep.problems.push(format!(
+                "{k}: in the bucket, but the local manifest does not list it (local segments or manifest lines deleted, or an object slipped into the bucket)"
+            ));
         }
         Ok(rep)
     }
+
+    /// Which version of `key` was archived (`None`: the bucket keeps no
+    /// versions, read the object), noting delete markers and overwrites.
+    /// `None` overall when it is gone.
+    #[allow(clippy::option_option)]
+    fn archived_version(
+        &self,
+        entry: &Segment,
+        key: &str,
+        versions: &[&Version],
+        noted: Option<&Uploaded>,
+        rep: &mut RemoteReport,
+    ) -> Option<Option<String>> {
+        let real: Vec<&&Version> = versions.iter().filter(|v| !v.delete_marker).collect();
+        if versions.iter().any(|v| v.latest && v.delete_marker) {
+            rep.problems.push(format!(
+                "{}: deleted in the bucket ({key}: a delete marker hides it)",
+                entry.segment
+            ));
+        }
+        // An unversioned bucket lists one version, "null".
+        let archived = match noted.and_then(|u| u.version_id.as_deref()) {
+            Some(id) => match real.iter().find(|v| v.version_id == id) {
+                Some(v) => **v,
+                None => {
+                    rep.problems.push(format!(
+                        "{}: the version archived ({id}) is gone from the bucket",
+                        entry.segment
+                    ));
+                    return None;
+                }
+            },
+            // Not noted here (the note was lost): the oldest version is
+            // the first upload. (Listings give newest first.)
+            None => match real.last() {
+                Some(v) => **v,
+                None => {
+                    rep.problems.push(format!(
+                        "{}: deleted from the bucket ({key}: only delete markers left)",
+                        entry.segment
+                    ));
+                    return None;
+                }
+            },
+        };
+        // Other versions with other bytes (the ETag of a single PUT is
+        // its MD5): an overwrite. Identical ones are a harmless retry.
+        let others: Vec<&str> = real
+            .iter()
+            .filter(|v| v.version_id != archived.version_id && v.etag != archived.etag)
+            .map(|v| v.version_id.as_str())
+            .collect();
+        if !others.is_empty() {
+            rep.problems.push(format!(
+                "{}: overwritten in the bucket: other versions of {key} ({}) besides the one archived ({}), which is read back below",
+                entry.segment,
+                others.join(", "),
+                archived.version_id
+            ));
+        }
+        Some((archived.version_id != "null").then(|| archived.version_id.clone()))
+    }
+
+    /// Whether an object's lock (mode, retain-until) holds: required when
+    /// this archive locks, or when the upload noted a lock. Notes what
+    /// does not.
+    fn lock_holds(
+        &self,
+        segment: &str,
+        key: &str,
+        lock: &(Option<String>, Option<String>),
+        noted_until: Option<&str>,
+        now: jiff::Timestamp,
+        rep: &mut RemoteReport,
+    ) -> bool {
+        let want = self.lock.is_some() || noted_until.is_some();
+        let until = lock
+            .1
+            .as_deref()
+            .and_then(|u| u.parse::<jiff::Timestamp>().ok());
+        match (&lock.0, until) {
+            (Some(_), Some(u)) if u > now => {
+                let shortened = noted_until
+                    .and_then(|n| n.parse::<jiff::Timestamp>().ok())
+                    .is_some_and(|n| u < n);
+                if shortened {
+                    rep.problems.push(format!(
+                        "{segment}: the retention of {key} was shortened (until {}, archived until {})",
+                        lock.1.as_deref().unwrap_or("-"),
+                        noted_until.unwrap_or("-")
+                    ));
+                }
+                !shortened
+            }
+            (Some(_), _) if want => {
+                rep.problems.push(format!(
+                    "{segment}: the object lock on {key} has ended or has no date ({})",
+                    lock.1.as_deref().unwrap_or("-")
+                ));
+                false
+            }
+            (None, _) if want => {
+                rep.problems.push(format!(
+                    "{segment}: {key} is not under object lock, though {}",
+                    if noted_until.is_some() {
+                        "it was archived under one"
+                    } else {
+                        "the bucket locks what aibox writes"
+                    }
+                ));
+                false
+            }
+            _ => false,
+        }
+    }
+
+    fn load(&self, p: &Path) -> Cursor {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Cursor>(&t).ok())
+            .filter(|c| c.target == self.target)
+            .unwrap_or_default()
+    }
+
+    fn save(&self, p: &Path, c: &mut Cursor) -> Result<(), String> {
+        c.target = self.target.clone();
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        }
+        let text = serde_json::to_string(c).map_err(|e| e.to_string())?;
+        aibox_core::replace_private_file(p, text.as_bytes())
+            .map_err(|e| format!("{}: {e}", p.display()))
+    }
+}
+
+/// One object in the bucket, as an upload found or made it.
+struct Put {
+    version_id: Option<String>,
+    retain_until: Option<String>,
+    /// Sent now (not: it was there already).
+    sent: bool,
+}
+
+/// What [`Archive::upload_pending`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UploadReport {
+    /// Segments uploaded now.
+    pub uploaded: usize,
+    /// Segments that cannot be archived, and why (changed or missing on
+    /// the host, or a manifest line aibox did not write).
+    pub refused: Vec<String>,
+}
+
+/// Holds an exclusive lock on `<cursor>.lock` while it lives.
+fn lock_cursor(cursor: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut name = cursor.as_os_str().to_owned();
+    name.push(".lock");
+    let p = PathBuf::from(name);
+    if let Some(d) = p.parent() {
+        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&p)
+        .map_err(|e| format!("{}: {e}", p.display()))?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| format!("locking {}: {e}", p.display()))
 }
 
 /// `url` signed (AWS Signature Version 4, query form) for `method` at
@@ -880,22 +1392,6 @@ fn cursor_path(log: &Path, state_dir: &Path) -> PathBuf {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     state_dir.join(format!("{file}.archive.json"))
-}
-
-fn load(p: &Path) -> Cursor {
-    std::fs::read_to_string(p)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default()
-}
-
-fn save(p: &Path, c: &Cursor) -> Result<(), String> {
-    if let Some(d) = p.parent() {
-        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
-    }
-    let text = serde_json::to_string(c).map_err(|e| e.to_string())?;
-    aibox_core::replace_private_file(p, text.as_bytes())
-        .map_err(|e| format!("{}: {e}", p.display()))
 }
 
 #[cfg(test)]
@@ -1001,6 +1497,7 @@ mod tests {
             lock: None,
             bucket_locks: false,
             label: String::new(),
+            target: String::new(),
         };
         let s = Segment {
             segment: "000000000000-000000000009.jsonl".into(),
@@ -1012,14 +1509,106 @@ mod tests {
             sha256: "cd".repeat(32),
             sealed_at: "2026-11-29T00:00:00Z".into(),
             reason: "stop".into(),
-            key_id: None,
+            key_id: Some("0123456789abcdef".into()),
             signature: None,
         };
-        // A chain restarted under the same name (same sequence numbers)
-        // does not reuse a key: the chain hash at the end differs.
         assert_eq!(
-            a.key("sb", &s),
-            "p/sb/000000000000-000000000009-abababababababab.jsonl"
+            a.key("sb", &s).unwrap(),
+            "p/0123456789abcdef/sb/000000000000-000000000009-abababababababab.jsonl"
         );
+        // A chain restarted under the same name (same sequence numbers)
+        // does not reuse a key: the chain hash at its end differs.
+        let restarted = Segment {
+            last_hash: "cd".repeat(32),
+            ..s.clone()
+        };
+        assert_ne!(a.key("sb", &restarted).unwrap(), a.key("sb", &s).unwrap());
+        // Whatever a manifest line says, a key stays in its folder.
+        for bad in [
+            Segment {
+                last_hash: "../../other-bucket/x".into(),
+                ..s.clone()
+            },
+            Segment {
+                segment: "../x.jsonl".into(),
+                ..s.clone()
+            },
+            Segment {
+                key_id: Some("../..".into()),
+                ..s.clone()
+            },
+        ] {
+            assert!(a.key("sb", &bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn signed_reads_and_listings_match_an_independent_implementation() {
+        // Signatures computed by botocore 1.44.8 (S3SigV4QueryAuth) for
+        // the same requests: a version read (a `+` in its id), a version
+        // listing from a marker (`/` in values), the object lock probe.
+        let creds = Credentials::new("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY");
+        let bucket = Bucket::new(
+            url::Url::parse("http://127.0.0.1:9000").unwrap(),
+            UrlStyle::Path,
+            "audit",
+            "us-east-1",
+        )
+        .unwrap();
+        let at = jiff::Timestamp::from_second(1_764_374_400).unwrap();
+        let sig = |u: url::Url| {
+            u.query_pairs()
+                .find(|(k, _)| k == "X-Amz-Signature")
+                .map(|(_, v)| v.into_owned())
+                .unwrap()
+        };
+        let key =
+            "aibox-audit/0123456789abcdef/sb/000000000000-000000000009-0123456789abcdef.jsonl";
+        let cases = [
+            (
+                presign(
+                    &creds,
+                    "us-east-1",
+                    Method::Get,
+                    bucket.object_url(key),
+                    &[("versionId", "3HL4kqtJlcpXroDTDmJ+rmSpXd3dIbrHY")],
+                    &[],
+                    &at,
+                ),
+                "f71c51b02c28cb416f67670e67e09758248ef7b523b0faa7b393db50c6bdf210",
+            ),
+            (
+                presign(
+                    &creds,
+                    "us-east-1",
+                    Method::Get,
+                    bucket.base_url().clone(),
+                    &[
+                        ("versions", ""),
+                        ("prefix", "aibox-audit/0123456789abcdef/sb/"),
+                        ("key-marker", "aibox-audit/0123456789abcdef/sb/x.jsonl"),
+                        ("version-id-marker", "v1"),
+                    ],
+                    &[],
+                    &at,
+                ),
+                "44706658d7c20e41a27f24461b8cfbf2576c34585b36164bea3913d3cb51aab4",
+            ),
+            (
+                presign(
+                    &creds,
+                    "us-east-1",
+                    Method::Get,
+                    bucket.base_url().clone(),
+                    &[("object-lock", "")],
+                    &[],
+                    &at,
+                ),
+                "4f74702e140383a203c057e3ca93d8c808da4145d48dc402528b40e1c26f88da",
+            ),
+        ];
+        for (url, want) in cases {
+            assert_eq!(sig(url), want);
+        }
     }
 }

@@ -75,6 +75,10 @@ pub(crate) struct Archiver {
     log: std::path::PathBuf,
     sandbox: String,
     state: std::path::PathBuf,
+    /// The last attempt failed: the stop does not wait on the bucket
+    /// again (what is pending goes at the next start or with `aibox audit
+    /// ship`).
+    failing: std::sync::atomic::AtomicBool,
 }
 
 impl Archiver {
@@ -91,26 +95,38 @@ impl Archiver {
             log: log.to_path_buf(),
             sandbox: sandbox.to_string(),
             state: state_dir.to_path_buf(),
+            failing: std::sync::atomic::AtomicBool::new(false),
         });
         let t = a.clone();
         std::thread::Builder::new()
             .name("archive".into())
             .spawn(move || {
-                let mut failing = false;
+                use std::sync::atomic::Ordering;
+                // (Refusals are logged when they change, not every poll.)
+                let mut refused_before = 0;
                 loop {
+                    let failing = t.failing.load(Ordering::SeqCst);
                     match t.upload() {
-                        Ok(_) if failing => {
-                            crate::supervisor::log("audit storage: archiving again");
-                            failing = false;
+                        Ok(r) => {
+                            if failing {
+                                crate::supervisor::log("audit storage: archiving again");
+                                t.failing.store(false, Ordering::SeqCst);
+                            }
+                            if r.refused.len() != refused_before {
+                                for e in &r.refused {
+                                    crate::supervisor::log(&format!("audit storage: {e}"));
+                                }
+                                refused_before = r.refused.len();
+                            }
                         }
-                        Ok(_) => {}
                         Err(e) => {
                             if !failing {
                                 crate::supervisor::log(&format!("audit storage: {e}; retrying"));
                             }
-                            failing = true;
+                            t.failing.store(true, Ordering::SeqCst);
                         }
                     }
+                    let failing = t.failing.load(Ordering::SeqCst);
                     std::thread::sleep(if failing { MAX_BACKOFF } else { ARCHIVE_POLL });
                 }
             })
@@ -118,7 +134,7 @@ impl Archiver {
         Ok(a)
     }
 
-    fn upload(&self) -> Result<usize, String> {
+    fn upload(&self) -> Result<aibox_siem::archive::UploadReport, String> {
         let mut g = self
             .archive
             .lock()
@@ -128,12 +144,19 @@ impl Archiver {
         }
         match g.as_ref() {
             Some(a) => a.upload_pending(&self.log, &self.sandbox, &self.state),
-            None => Ok(0),
+            None => Ok(aibox_siem::archive::UploadReport::default()),
         }
     }
 
-    /// Uploads what was sealed at stop.
+    /// Uploads what was sealed at stop (unless the bucket was failing:
+    /// the stop does not wait on it).
     pub(crate) fn flush(&self) {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            crate::supervisor::log(
+                "audit storage: the bucket was failing; the segment sealed at stop is archived at the next start or by `aibox audit ship`",
+            );
+            return;
+        }
         if let Err(e) = self.upload() {
             crate::supervisor::log(&format!(
                 "audit storage: {e} (the rest is archived at the next start or by `aibox audit ship`)"

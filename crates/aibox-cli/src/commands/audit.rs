@@ -137,15 +137,15 @@ fn verify(
     let (loaded, sources) = super::load_config(cli_config)?;
     // The bucket's copies are compared too, unless asked not to; a bucket
     // that cannot be opened is an error, not a silent skip.
+    let by_file = file.is_some();
     let archive = match loaded.config.audit.archive() {
-        Some(c) if !local => Some(
+        Some(c) if !local && !by_file => Some(
             aibox_siem::archive::Archive::open(&c)
                 .map_err(|e| anyhow::anyhow!("audit storage: {e} (`--local` skips the bucket)"))?,
         ),
         _ => None,
     };
     let archive_state = loaded.data_dir().join("archive");
-    let by_file = file.is_some();
     let all_requested = name.is_none() && file.is_none();
     let logs: Vec<(String, PathBuf)> = match (name, file) {
         (_, Some(f)) => {
@@ -202,6 +202,29 @@ fn verify(
             }
         }
     }
+    // Sandboxes the bucket has segments of (signed by this key) but this
+    // data directory has no log for: deleted here.
+    if all_requested && let (Some(a), Some(t)) = (&archive, &trusted) {
+        let names = a
+            .sandboxes(t.key_id())
+            .map_err(|e| anyhow::anyhow!("{e} (`--local` skips the bucket)"))?;
+        for n in names {
+            if logs.iter().any(|(l, _)| *l == n) {
+                continue;
+            }
+            broken = true;
+            let msg = format!(
+                "deleted here: {} holds archived segments of it (signed by this key), but this data directory has no log of it",
+                a.label()
+            );
+            match format {
+                Format::Json => out.push(serde_json::json!({
+                    "log": n, "intact": false, "tampered": true, "error": msg,
+                })),
+                Format::Text => println!("{n}: DELETED: {msg}"),
+            }
+        }
+    }
     if logs.is_empty() && !broken {
         bail!(
             "no audit logs in {}",
@@ -228,16 +251,26 @@ fn verify(
         };
         // (Not for a file given by path: its copies are not this data
         // directory's.)
-        let remote = match archive.as_ref().filter(|_| !by_file) {
-            Some(a) => Some(a.check(&path, &label, &archive_state).map_err(|e| {
-                anyhow::anyhow!(
-                    "{label}: comparing the bucket's copies: {e} (`--local` skips the bucket)"
-                )
-            })?),
+        let signer = trusted.as_ref().map(|t| t.key_id().to_string());
+        let remote = match &archive {
+            Some(a) => match a.check(&path, &label, &archive_state, signer.as_deref()) {
+                Ok(r) => Some(r),
+                // (Reported with this log; the others still are.)
+                Err(e) => Some(aibox_siem::archive::RemoteReport {
+                    bucket: a.label().to_string(),
+                    problems: vec![format!(
+                        "comparing the bucket's copies: {e} (`--local` skips the bucket)"
+                    )],
+                    ..Default::default()
+                }),
+            },
             None => None,
         };
         let remote_bad = remote.as_ref().is_some_and(|r| !r.problems.is_empty());
-        broken |= remote_bad;
+        // Segments not in the bucket yet: not tampering, but the archive
+        // is not complete, and a check must not pass.
+        let remote_pending = remote.as_ref().is_some_and(|r| !r.pending.is_empty());
+        broken |= remote_bad || remote_pending;
         let tampered = report.broken.as_ref().is_some_and(|b| !b.torn_tail)
             || !cps.problems.is_empty()
             || !cps.segments.problems.is_empty()
@@ -321,7 +354,7 @@ fn verify(
                     );
                     if !r.pending.is_empty() {
                         println!(
-                            "  archive: {} sealed segments not uploaded yet ({}); `aibox audit ship` uploads them",
+                            "  NOT ARCHIVED: {} sealed segments not in the bucket yet ({}); `aibox audit ship` uploads them",
                             r.pending.len(),
                             r.pending.join(", ")
                         );
@@ -403,7 +436,13 @@ fn ship(cli_config: Option<PathBuf>, name: Option<String>) -> Result<i32> {
                 continue;
             }
             match a.upload_pending(path, label, &state) {
-                Ok(n) => println!("archive: {label}: {n} segments uploaded"),
+                Ok(r) => {
+                    println!("archive: {label}: {} segments uploaded", r.uploaded);
+                    for e in &r.refused {
+                        failed = true;
+                        eprintln!("aibox: archive: {label}: {e}");
+                    }
+                }
                 Err(e) => {
                     failed = true;
                     eprintln!("aibox: archive: {label}: {e} (run this again to resume)");

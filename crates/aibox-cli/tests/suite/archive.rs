@@ -165,7 +165,7 @@ both_modes!(segments_are_archived_under_object_lock, |mut c: Ctx| {
     // In the bucket: each segment with the sealed bytes, under a
     // compliance-mode lock two days long, and its signed manifest entry.
     let listing = m.py(
-        "r = s3.list_objects_v2(Bucket='audit', Prefix='aibox-audit/archived/')\n\
+        "r = s3.list_objects_v2(Bucket='audit', Prefix='aibox-audit/')\n\
          now = datetime.datetime.now(datetime.timezone.utc)\n\
          for o in r['Contents']:\n    \
              h = s3.head_object(Bucket='audit', Key=o['Key'])\n    \
@@ -181,8 +181,10 @@ both_modes!(segments_are_archived_under_object_lock, |mut c: Ctx| {
     assert_eq!(objects.len(), 4, "{listing}");
     for e in &manifest {
         let stem = e["segment"].as_str().unwrap().trim_end_matches(".jsonl");
+        // Under the signing key's id: hosts sharing a bucket keep apart.
         let key = format!(
-            "aibox-audit/archived/{stem}-{}.jsonl",
+            "aibox-audit/{}/archived/{stem}-{}.jsonl",
+            e["key_id"].as_str().unwrap(),
             &e["last_hash"].as_str().unwrap()[..16]
         );
         let seg = objects.iter().find(|o| o["key"] == key.as_str()).unwrap();
@@ -234,8 +236,10 @@ both_modes!(segments_are_archived_under_object_lock, |mut c: Ctx| {
     assert!(!good, "{out}");
     assert!(out.contains("a delete marker hides it"), "{out}");
 
-    // Attack on the host: the last segment and its manifest line removed.
-    // The bucket still lists its signed entry, and verify says so.
+    // Attack on the host: the last segment and its manifest line removed,
+    // the note of what was uploaded deleted, and the segment's entry in
+    // the bucket hidden behind a delete marker. The bucket's versions
+    // still show both objects, and verify says so.
     let segdir = aibox_audit::segments::segments_dir(&log);
     let last = manifest[1]["segment"].as_str().unwrap();
     let mpath = aibox_audit::segments::manifest_path(&log);
@@ -245,6 +249,13 @@ both_modes!(segments_are_archived_under_object_lock, |mut c: Ctx| {
     let _ = std::fs::set_permissions(&segdir, std::fs::Permissions::from_mode(0o700));
     std::fs::remove_file(segdir.join(last)).unwrap();
     std::fs::write(&mpath, kept).unwrap();
+    std::fs::remove_file(c.data.join("archive/archived.jsonl.archive.json")).unwrap();
+    let stem = last.trim_end_matches(".jsonl");
+    m.py(&format!(
+        "k = next(o['Key'] for o in s3.list_objects_v2(Bucket='audit', Prefix='aibox-audit/')['Contents'] \
+         if '{stem}-' in o['Key'] and o['Key'].endswith('.entry.json'))\n\
+         s3.delete_object(Bucket='audit', Key=k)"
+    ));
     let (good, out) = verify(&c, "archived");
     assert!(!good, "{out}");
     assert!(
@@ -254,7 +265,37 @@ both_modes!(segments_are_archived_under_object_lock, |mut c: Ctx| {
     );
     // `--local` leaves the bucket out (the local damage is still found).
     let o = c.out(&["audit", "verify", "--name", "archived", "--local"]);
-    assert!(!stdout(&o).contains("ARCHIVE"), "{}", stdout(&o));
+    assert!(!o.status.success(), "{}", stdout(&o));
+    assert!(
+        !stdout(&o).contains("ARCHIVE") && stdout(&o).contains("archived: "),
+        "{}",
+        stdout(&o)
+    );
+
+    // Every local trace of the sandbox gone, its last checkpoint beside
+    // the key too: the bucket still names it.
+    for f in aibox_audit::segments::files(&log) {
+        let _ = std::fs::remove_file(f);
+    }
+    let _ = std::fs::remove_dir_all(&segdir);
+    let _ = std::fs::remove_file(&mpath);
+    let _ = std::fs::remove_file(aibox_audit::checkpoint::checkpoints_path(&log));
+    for e in std::fs::read_dir(c.config.parent().unwrap())
+        .unwrap()
+        .flatten()
+    {
+        if e.file_name().to_string_lossy().ends_with(".anchors") {
+            std::fs::remove_dir_all(e.path()).unwrap();
+        }
+    }
+    let o = c.out(&["audit", "verify", "--all"]);
+    assert!(!o.status.success(), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("archived: DELETED: deleted here: s3 bucket audit"),
+        "{}{}",
+        stdout(&o),
+        stderr(&o)
+    );
 });
 
 both_modes!(an_outage_loses_nothing, |mut c: Ctx| {
@@ -280,11 +321,12 @@ both_modes!(an_outage_loses_nothing, |mut c: Ctx| {
     assert!(!good, "{out}");
     assert!(out.contains("--local"), "{out}");
     relay.down.store(false, Ordering::SeqCst);
+    // A segment not in the bucket yet: the archive is not complete.
     let (good, out) = verify(&c, "outage");
-    assert!(good, "{out}");
+    assert!(!good, "{out}");
     assert!(
         out.contains("archive: 1 of 2 segments")
-            && out.contains("1 sealed segments not uploaded yet"),
+            && out.contains("NOT ARCHIVED: 1 sealed segments not in the bucket yet"),
         "{out}"
     );
     let o = ok(&c.out(&["audit", "ship", "--name", "outage"]));
@@ -299,12 +341,20 @@ both_modes!(an_outage_loses_nothing, |mut c: Ctx| {
     let o = ok(&c.out(&["audit", "ship", "--name", "outage"]));
     assert!(o.contains("archive: outage: 0 segments uploaded"), "{o}");
     let versions = || {
-        m.py("print(len(s3.list_object_versions(Bucket='audit', Prefix='aibox-audit/outage/')['Versions']))")
+        m.py("print(len([v for v in s3.list_object_versions(Bucket='audit', Prefix='aibox-audit/').get('Versions', []) if '/outage/' in v['Key']]))")
             .trim()
             .parse::<usize>()
             .unwrap()
     };
     assert_eq!(versions(), 4);
+    // The note of what went up lost: nothing is sent again either (the
+    // bucket is asked first), and verify still passes.
+    std::fs::remove_file(c.data.join("archive/outage.jsonl.archive.json")).unwrap();
+    let o = ok(&c.out(&["audit", "ship", "--name", "outage"]));
+    assert!(o.contains("archive: outage: 0 segments uploaded"), "{o}");
+    assert_eq!(versions(), 4);
+    let (good, out) = verify(&c, "outage");
+    assert!(good, "{out}");
 
     // Another outage; the next sandbox's supervisor archives what is
     // pending while it runs.
