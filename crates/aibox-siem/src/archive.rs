@@ -719,7 +719,7 @@ impl Archive {
     }
 
     /// Puts one object unless it is already there with `sha256` (an
-    /// upload whose note was lost, or a race with another uploader)
+    /// upload whose note was lost, or a race with another uploader):
     /// what is there.
     fn put_once<R: Read>(
         &self,
