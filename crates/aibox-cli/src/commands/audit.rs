@@ -591,6 +591,26 @@ fn tail(
                         writeln!(out, "{}", l.trim_end())?;
                     }
                 }
+                // Then any segment sealed after ours before we looked (two
+                // seals between polls), whole: our file is a segment now,
+                // found by its inode; what the manifest lists after it
+                // came later.
+                let files = aibox_audit::segments::files(&path);
+                let at = files
+                    .iter()
+                    .position(|f| std::fs::metadata(f).map(|m| m.ino()).ok() == ours && *f != path);
+                if let Some(at) = at {
+                    for seg in files[at + 1..].iter().filter(|f| **f != path) {
+                        let Ok(text) = std::fs::read_to_string(seg) else {
+                            continue;
+                        };
+                        for l in text.lines() {
+                            if wanted(l, types) {
+                                writeln!(out, "{l}")?;
+                            }
+                        }
+                    }
+                }
                 out.flush()?;
                 if let Ok(f) = std::fs::File::open(&path) {
                     reader = std::io::BufReader::new(f);

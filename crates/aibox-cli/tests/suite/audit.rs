@@ -619,6 +619,43 @@ both_modes!(tail_and_siem_exports, |c: Ctx| {
         first.contains("session.start") && first.contains("followed"),
         "{first}"
     );
+    // Two seals while the follower is not looking (stopped): the
+    // segment sealed in between is printed too, whole.
+    let mut f = c
+        .aibox(&[
+            "audit",
+            "tail",
+            "-f",
+            "--name",
+            "ex",
+            "--type",
+            "session.start",
+            "--lines",
+            "0",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let pid = nix::unistd::Pid::from_raw(f.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    ok(&c.out(&["run", "-w", &ws, "--name", "ex", "--", "echo", "one"]));
+    ok(&c.out(&["run", "-w", &ws, "--name", "ex", "--", "echo", "two"]));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    // (It polls every 200 ms; then it is ended and what it printed read.)
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let _ = f.kill();
+    let mut got = String::new();
+    {
+        use std::io::Read;
+        f.stdout.take().unwrap().read_to_string(&mut got).unwrap();
+    }
+    let _ = f.wait();
+    let got: Vec<&str> = got.lines().collect();
+    assert!(
+        got.len() == 2 && got[0].contains("\"one\"") && got[1].contains("\"two\""),
+        "{got:?}"
+    );
 
     let jsonl = ok(&c.out(&["audit", "export", "--name", "ex", "--format", "jsonl"]));
     assert!(
