@@ -404,6 +404,11 @@ impl Recorder {
         self.event("r", &format!("{cols}x{rows}"));
     }
 
+    /// The first write error, if the recording could not be written fully.
+    pub fn failed(&self) -> Option<&std::io::Error> {
+        self.failed.as_ref()
+    }
+
     /// Writes what waited longer than a moment (called on a timer, so
     /// output followed by silence is on disk, not only in memory).
     pub fn tick(&mut self) {

@@ -382,7 +382,6 @@ struct Version {
     version_id: String,
     latest: bool,
     delete_marker: bool,
-    etag: String,
 }
 
 #[derive(FromXml)]
@@ -399,6 +398,17 @@ struct ListVersions {
     next_version_id_marker: Option<String>,
     versions: Vec<XmlVersion>,
     delete_markers: Vec<XmlDeleteMarker>,
+    common_prefixes: Vec<XmlCommonPrefix>,
+}
+
+#[derive(FromXml)]
+#[xml(
+    rename = "CommonPrefixes",
+    ns("http://s3.amazonaws.com/doc/2006-03-01/")
+)]
+struct XmlCommonPrefix {
+    #[xml(rename = "Prefix")]
+    prefix: String,
 }
 
 #[derive(FromXml)]
@@ -410,8 +420,6 @@ struct XmlVersion {
     version_id: String,
     #[xml(rename = "IsLatest")]
     is_latest: bool,
-    #[xml(rename = "ETag")]
-    etag: Option<String>,
 }
 
 #[derive(FromXml)]
@@ -845,10 +853,25 @@ impl Archive {
 
     /// Every version and delete marker under `prefix`.
     fn versions(&self, prefix: &str) -> Result<Vec<Version>, String> {
+        self.list_versions(prefix, false).map(|(v, _)| v)
+    }
+
+    /// Every version and delete marker under `prefix`, and with
+    /// `folders` the sub-folders instead of what is in them (hidden
+    /// objects count: the listing is of versions).
+    fn list_versions(
+        &self,
+        prefix: &str,
+        folders: bool,
+    ) -> Result<(Vec<Version>, Vec<String>), String> {
         let mut out = Vec::new();
+        let mut subs = Vec::new();
         let mut marker: Option<(String, String)> = None;
         loop {
             let mut q = vec![("prefix", prefix), ("versions", "")];
+            if folders {
+                q.push(("delimiter", "/"));
+            }
             if let Some((k, v)) = &marker {
                 q.push(("key-marker", k.as_str()));
                 q.push(("version-id-marker", v.as_str()));
@@ -868,24 +891,25 @@ impl Archive {
                 version_id: v.version_id,
                 latest: v.is_latest,
                 delete_marker: false,
-                etag: v.etag.unwrap_or_default(),
             }));
             out.extend(page.delete_markers.into_iter().map(|d| Version {
                 key: d.key,
                 version_id: d.version_id,
                 latest: d.is_latest,
                 delete_marker: true,
-                etag: String::new(),
             }));
+            subs.extend(page.common_prefixes.into_iter().map(|c| c.prefix));
+            // (With a delimiter, a page may end on a folder: the version
+            // marker is then empty.)
             match (
                 page.is_truncated,
                 page.next_key_marker,
                 page.next_version_id_marker,
             ) {
-                (Some(true), Some(k), Some(v))
-                    if marker.as_ref() != Some(&(k.clone(), v.clone())) =>
+                (Some(true), Some(k), v)
+                    if marker.as_ref() != Some(&(k.clone(), v.clone().unwrap_or_default())) =>
                 {
-                    marker = Some((k, v));
+                    marker = Some((k, v.unwrap_or_default()));
                 }
                 (Some(true), _, _) => {
                     return Err(format!(
@@ -895,43 +919,23 @@ impl Archive {
                 _ => break,
             }
         }
-        Ok(out)
+        Ok((out, subs))
     }
 
-    /// The sandboxes with objects signed by key `owner` in the bucket.
+    /// The sandboxes with objects signed by key `owner` in the bucket,
+    /// hidden ones (only delete markers on top) included.
     pub fn sandboxes(&self, owner: &str) -> Result<Vec<String>, String> {
         let folder = format!("{}{owner}/", self.prefix);
-        let mut names = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let mut q = vec![
-                ("delimiter", "/"),
-                ("list-type", "2"),
-                ("prefix", folder.as_str()),
-            ];
-            if let Some(t) = &token {
-                q.push(("continuation-token", t.as_str()));
-            }
-            let what = format!("listing {}", self.label);
-            let r = answer(
-                &what,
-                self.request(Method::Get, self.bucket.base_url().clone(), &q, &[], SMALL)
-                    .call(),
-            )?
-            .ok_or_else(|| format!("{what}: the server answered 404"))?;
-            let body = r.into_string().map_err(|e| format!("{what}: {e}"))?;
-            let page = rusty_s3::actions::ListObjectsV2::parse_response(&body)
-                .map_err(|e| format!("{what}: {e}"))?;
-            names.extend(page.common_prefixes.into_iter().filter_map(|p| {
-                p.prefix
-                    .strip_prefix(&folder)
+        let (_, subs) = self.list_versions(&folder, true)?;
+        let mut names: Vec<String> = subs
+            .into_iter()
+            .filter_map(|p| {
+                p.strip_prefix(&folder)
                     .map(|s| s.trim_end_matches('/').to_string())
-            }));
-            match page.next_continuation_token {
-                Some(t) if Some(&t) != token.as_ref() => token = Some(t),
-                _ => break,
-            }
-        }
+            })
+            .collect();
+        names.sort();
+        names.dedup();
         Ok(names)
     }
 
@@ -986,7 +990,14 @@ impl Archive {
                     cur.uploaded.push(up);
                     self.save(&cursor_file, &mut cur)?;
                 }
-                Err(e) if e.contains("changed since it was sealed") => refused.push(e),
+                // (Changed here, or its key taken in the bucket by other
+                // bytes: this one cannot go up, the ones after it can.)
+                Err(e)
+                    if e.contains("changed since it was sealed")
+                        || e.contains("already there with other content") =>
+                {
+                    refused.push(e)
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -1029,6 +1040,11 @@ impl Archive {
         for o in &owners {
             listed.extend(self.versions(&self.folder(o, sandbox))?);
         }
+        let mut by_key: std::collections::HashMap<&str, Vec<&Version>> =
+            std::collections::HashMap::new();
+        for v in &listed {
+            by_key.entry(v.key.as_str()).or_default().push(v);
+        }
         let mut expected = std::collections::BTreeSet::new();
         let now = jiff::Timestamp::now();
         for entry in &entries {
@@ -1046,19 +1062,29 @@ impl Archive {
                 .uploaded
                 .iter()
                 .find(|u| u.key == key && u.sha256 == entry.sha256);
-            let of = |k: &str| -> Vec<&Version> { listed.iter().filter(|v| v.key == k).collect() };
-            let seg_versions = of(&key);
+            let seg_versions = by_key.get(key.as_str()).cloned().unwrap_or_default();
+            let entry_versions = by_key.get(ek.as_str()).cloned().unwrap_or_default();
+            // A lock is expected when the upload noted one, or (no note)
+            // when this archive locks.
+            let expect_lock = match noted {
+                Some(u) => u.retain_until.is_some(),
+                None => self.lock.is_some(),
+            };
             if seg_versions.is_empty() {
-                match noted {
-                    None => rep.pending.push(entry.segment.clone()),
-                    Some(_) => rep.problems.push(format!(
+                // The entry goes up after its segment: an entry without
+                // the segment, or a note of it, means it was there.
+                if noted.is_some() || !entry_versions.is_empty() {
+                    rep.problems.push(format!(
                         "{}: deleted from the bucket ({key}: no version left)",
                         entry.segment
-                    )),
+                    ));
+                } else {
+                    rep.pending.push(entry.segment.clone());
                 }
                 continue;
             }
-            let Some(archived) = self.archived_version(entry, &key, &seg_versions, noted, &mut rep)
+            let Some(archived) =
+                Self::archived_version(entry, &key, &seg_versions, noted, &mut rep)
             else {
                 continue;
             };
@@ -1070,11 +1096,7 @@ impl Archive {
                 ));
                 continue;
             };
-            let lock = (
-                body.header("x-amz-object-lock-mode").map(str::to_string),
-                body.header("x-amz-object-lock-retain-until-date")
-                    .map(str::to_string),
-            );
+            let lock = lock_of(&body);
             let mut sha = sha2::Sha256::new();
             let mut len = 0u64;
             let mut reader = body.into_reader();
@@ -1097,44 +1119,44 @@ impl Archive {
                 ));
                 continue;
             }
-            if self.lock_holds(
-                &entry.segment,
-                &key,
-                &lock,
-                noted.and_then(|u| u.retain_until.as_deref()),
-                now,
-                &mut rep,
-            ) {
-                rep.locked += 1;
-                if let Some(u) = lock.1 {
-                    rep.retained_until = rep.retained_until.max(Some(u));
+            let floor = noted.and_then(|u| u.retain_until.as_deref());
+            match self.lock_state(entry, &key, &lock, expect_lock, floor, now, &mut rep) {
+                LockState::Held => {
+                    rep.locked += 1;
+                    if let Some(u) = lock.1 {
+                        rep.retained_until = rep.retained_until.max(Some(u));
+                    }
                 }
+                LockState::Ended => rep.expired += 1,
+                LockState::None => {}
             }
             // The signed entry beside it must be the local one, and as
             // locked.
-            let ev = of(&ek);
-            if ev.iter().any(|v| v.latest && v.delete_marker) {
-                rep.problems.push(format!(
-                    "{}: its manifest entry was deleted in the bucket ({ek}: a delete marker hides it)",
-                    entry.segment
-                ));
+            if entry_versions.is_empty() {
+                if noted.is_some() {
+                    rep.problems.push(format!(
+                        "{}: its manifest entry is missing from the bucket ({ek})",
+                        entry.segment
+                    ));
+                } else {
+                    // (Between the segment's upload and its entry's, or
+                    // an upload cut there: `ship` completes it.)
+                    rep.pending
+                        .push(format!("{} (its manifest entry)", entry.segment));
+                }
+                continue;
             }
-            match self.get(
-                &ek,
-                ev.iter()
-                    .find(|v| !v.delete_marker)
-                    .map(|v| v.version_id.as_str()),
-            )? {
+            let Some(ev) = Self::archived_version(entry, &ek, &entry_versions, None, &mut rep)
+            else {
+                continue;
+            };
+            match self.get(&ek, ev.as_deref())? {
                 None => rep.problems.push(format!(
-                    "{}: its manifest entry is missing from the bucket ({ek})",
+                    "{}: its manifest entry cannot be read from the bucket ({ek})",
                     entry.segment
                 )),
                 Some(r) => {
-                    let elock = (
-                        r.header("x-amz-object-lock-mode").map(str::to_string),
-                        r.header("x-amz-object-lock-retain-until-date")
-                            .map(str::to_string),
-                    );
+                    let elock = lock_of(&r);
                     let text = r.into_string().unwrap_or_default();
                     if serde_json::from_str::<Segment>(&text).ok().as_ref() != Some(entry) {
                         rep.problems.push(format!(
@@ -1142,19 +1164,18 @@ impl Archive {
                             entry.segment
                         ));
                     }
-                    self.lock_holds(&entry.segment, &ek, &elock, None, now, &mut rep);
+                    self.lock_state(entry, &ek, &elock, expect_lock, None, now, &mut rep);
                 }
             }
         }
         // Objects in the bucket the local manifest does not list: its
         // segments or lines were deleted here (the bucket holds the copy),
         // or they were slipped into the bucket.
-        let mut strays = std::collections::BTreeSet::new();
-        for v in &listed {
-            if !expected.contains(&v.key) {
-                strays.insert(v.key.clone());
-            }
-        }
+        let strays: std::collections::BTreeSet<&str> = listed
+            .iter()
+            .map(|v| v.key.as_str())
+            .filter(|k| !expected.contains(*k))
+            .collect();
         for k in strays {
             rep.problems.push(format!(
                 "{k}: in the bucket, but the local manifest does not list it (local segments or manifest lines deleted, or an object slipped into the bucket)"
@@ -1164,28 +1185,39 @@ impl Archive {
     }
 
     /// Which version of `key` was archived (`None`: the bucket keeps no
-    /// versions, read the object), noting delete markers and overwrites.
-    /// `None` overall when it is gone.
+    /// versions, read the object), noting delete markers and other
+    /// versions (aibox writes each key once). `None` overall when it is
+    /// gone.
     #[allow(clippy::option_option)]
     fn archived_version(
-        &self,
         entry: &Segment,
         key: &str,
         versions: &[&Version],
         noted: Option<&Uploaded>,
         rep: &mut RemoteReport,
     ) -> Option<Option<String>> {
-        let real: Vec<&&Version> = versions.iter().filter(|v| !v.delete_marker).collect();
-        if versions.iter().any(|v| v.latest && v.delete_marker) {
+        let real: Vec<&Version> = versions
+            .iter()
+            .copied()
+            .filter(|v| !v.delete_marker)
+            .collect();
+        let markers = versions.iter().filter(|v| v.delete_marker).count();
+        if markers > 0 {
+            let hidden = versions.iter().any(|v| v.latest && v.delete_marker);
             rep.problems.push(format!(
-                "{}: deleted in the bucket ({key}: a delete marker hides it)",
-                entry.segment
+                "{}: deleted in the bucket ({key}: {markers} delete marker{}{})",
+                entry.segment,
+                if markers == 1 { "" } else { "s" },
+                if hidden {
+                    ", one hides it"
+                } else {
+                    ", since covered by a new upload"
+                }
             ));
         }
-        // An unversioned bucket lists one version, "null".
         let archived = match noted.and_then(|u| u.version_id.as_deref()) {
             Some(id) => match real.iter().find(|v| v.version_id == id) {
-                Some(v) => **v,
+                Some(v) => *v,
                 None => {
                     rep.problems.push(format!(
                         "{}: the version archived ({id}) is gone from the bucket",
@@ -1195,9 +1227,9 @@ impl Archive {
                 }
             },
             // Not noted here (the note was lost): the oldest version is
-            // the first upload. (Listings give newest first.)
+            // the first upload. (Listings give each key's newest first.)
             None => match real.last() {
-                Some(v) => **v,
+                Some(v) => *v,
                 None => {
                     rep.problems.push(format!(
                         "{}: deleted from the bucket ({key}: only delete markers left)",
@@ -1207,74 +1239,80 @@ impl Archive {
                 }
             },
         };
-        // Other versions with other bytes (the ETag of a single PUT is
-        // its MD5): an overwrite. Identical ones are a harmless retry.
         let others: Vec<&str> = real
             .iter()
-            .filter(|v| v.version_id != archived.version_id && v.etag != archived.etag)
+            .filter(|v| v.version_id != archived.version_id)
             .map(|v| v.version_id.as_str())
             .collect();
         if !others.is_empty() {
             rep.problems.push(format!(
-                "{}: overwritten in the bucket: other versions of {key} ({}) besides the one archived ({}), which is read back below",
+                "{}: overwritten in the bucket: other versions of {key} ({}) besides the one archived ({}), which is read back",
                 entry.segment,
                 others.join(", "),
                 archived.version_id
             ));
         }
+        // (An unversioned bucket lists one version, "null".)
         Some((archived.version_id != "null").then(|| archived.version_id.clone()))
     }
 
-    /// Whether an object's lock (mode, retain-until) holds: required when
-    /// this archive locks, or when the upload noted a lock. Notes what
-    /// does not.
-    fn lock_holds(
+    /// Where an object's lock stands. The retention may not end before
+    /// the entry's sealing plus this archive's retention, nor before what
+    /// the upload noted (`floor`); a lock that ran its course is no
+    /// problem. Notes what does not hold.
+    #[allow(clippy::too_many_arguments)]
+    fn lock_state(
         &self,
-        segment: &str,
+        entry: &Segment,
         key: &str,
         lock: &(Option<String>, Option<String>),
-        noted_until: Option<&str>,
+        expect: bool,
+        floor: Option<&str>,
         now: jiff::Timestamp,
         rep: &mut RemoteReport,
-    ) -> bool {
-        let want = self.lock.is_some() || noted_until.is_some();
-        let until = lock
-            .1
-            .as_deref()
-            .and_then(|u| u.parse::<jiff::Timestamp>().ok());
+    ) -> LockState {
+        let parse = |s: &str| s.parse::<jiff::Timestamp>().ok();
+        let due = self.lock.and_then(|(_, keep)| {
+            let sealed = parse(&entry.sealed_at)?;
+            let secs = i64::try_from(keep.as_secs()).ok()?;
+            jiff::Timestamp::from_second(sealed.as_second().checked_add(secs)?).ok()
+        });
+        let floor = [due, floor.and_then(parse)].into_iter().flatten().max();
+        let until = lock.1.as_deref().and_then(parse);
+        let segment = &entry.segment;
         match (&lock.0, until) {
-            (Some(_), Some(u)) if u > now => {
-                let shortened = noted_until
-                    .and_then(|n| n.parse::<jiff::Timestamp>().ok())
-                    .is_some_and(|n| u < n);
-                if shortened {
+            (Some(_), Some(u)) => {
+                // (Dates are kept to the second.)
+                if let Some(f) = floor
+                    && u.as_second() + 2 < f.as_second()
+                {
                     rep.problems.push(format!(
-                        "{segment}: the retention of {key} was shortened (until {}, archived until {})",
-                        lock.1.as_deref().unwrap_or("-"),
-                        noted_until.unwrap_or("-")
+                        "{segment}: the retention of {key} was shortened (until {}, due until at least {f})",
+                        lock.1.as_deref().unwrap_or("-")
                     ));
+                    return LockState::None;
                 }
-                !shortened
+                if u > now {
+                    LockState::Held
+                } else {
+                    LockState::Ended
+                }
             }
-            (Some(_), _) if want => {
+            (Some(_), None) if expect => {
                 rep.problems.push(format!(
-                    "{segment}: the object lock on {key} has ended or has no date ({})",
-                    lock.1.as_deref().unwrap_or("-")
+                    "{segment}: the object lock on {key} has no retention date"
                 ));
-                false
+                LockState::None
             }
-            (None, _) if want => {
+            // A lock that ran its course may no longer be reported.
+            (None, _) if expect && floor.is_some_and(|f| f <= now) => LockState::Ended,
+            (None, _) if expect => {
                 rep.problems.push(format!(
-                    "{segment}: {key} is not under object lock, though {}",
-                    if noted_until.is_some() {
-                        "it was archived under one"
-                    } else {
-                        "the bucket locks what aibox writes"
-                    }
+                    "{segment}: {key} is not under object lock, though it was archived under one"
                 ));
-                false
+                LockState::None
             }
-            _ => false,
+            _ => LockState::None,
         }
     }
 
@@ -1366,6 +1404,25 @@ fn presign(
     )
 }
 
+/// Where an object's lock stands.
+enum LockState {
+    /// Locked until a time still to come.
+    Held,
+    /// Its retention ran its course.
+    Ended,
+    /// Not locked (or a problem was noted).
+    None,
+}
+
+/// An object's lock headers: (mode, retain-until).
+fn lock_of(r: &ureq::Response) -> (Option<String>, Option<String>) {
+    (
+        r.header("x-amz-object-lock-mode").map(str::to_string),
+        r.header("x-amz-object-lock-retain-until-date")
+            .map(str::to_string),
+    )
+}
+
 /// What [`Archive::check`] found.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct RemoteReport {
@@ -1377,6 +1434,11 @@ pub struct RemoteReport {
     pub checked: usize,
     /// Of those, how many are under object lock.
     pub locked: usize,
+    /// Of those, how many were locked for a retention that has ended.
+    pub expired: usize,
+    /// Why the bucket could not be compared (then nothing else here
+    /// counts).
+    pub error: Option<String>,
     /// The latest retention end among them.
     pub retained_until: Option<String>,
     /// Sealed segments not in the bucket yet (`aibox audit ship` sends

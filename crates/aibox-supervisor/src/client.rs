@@ -638,6 +638,12 @@ pub trait Tap: Send + Sync {
     fn input(&self, data: &[u8]);
     /// The terminal was resized.
     fn resize(&self, cols: u16, rows: u16);
+    /// Why the session may not go on (a required recording that can no
+    /// longer be written), checked as output is relayed: the session is
+    /// then ended (the client goes, and the supervisor ends its command).
+    fn broken(&self) -> Option<String> {
+        None
+    }
 }
 
 /// [`exec`], with `tap` seeing a terminal session's input, output and
@@ -941,6 +947,11 @@ fn relay(
                 Ok(n) => {
                     if let Some(t) = &tap {
                         t.output(&buf[..n]);
+                        if let Some(why) = t.broken() {
+                            drop(_raw);
+                            eprintln!("\r\naibox: {why}: the session is ended");
+                            return Ok(1);
+                        }
                     }
                     let _ = out.flush();
                     let _ = write_all_fd(out.as_fd(), &buf[..n]);

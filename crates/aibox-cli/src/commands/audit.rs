@@ -204,10 +204,40 @@ fn verify(
     }
     // Sandboxes the bucket has segments of (signed by this key) but this
     // data directory has no log for: deleted here.
-    if all_requested && let (Some(a), Some(t)) = (&archive, &trusted) {
-        let names = a
-            .sandboxes(t.key_id())
-            .map_err(|e| anyhow::anyhow!("{e} (`--local` skips the bucket)"))?;
+    if all_requested && let Some(a) = &archive {
+        // The folders of this key and of every key the local manifests
+        // name (a rotated key's).
+        let mut owners = std::collections::BTreeSet::new();
+        if let Some(t) = &trusted {
+            owners.insert(t.key_id().to_string());
+        }
+        for (_, p) in &logs {
+            for e in aibox_audit::segments::read_manifest(p)
+                .unwrap_or_default()
+                .into_iter()
+                .flatten()
+            {
+                owners.insert(e.key_id.unwrap_or_else(|| "unsigned".into()));
+            }
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for o in owners.iter().filter(|o| {
+            *o == "unsigned" || (o.len() == 16 && o.bytes().all(|b| b.is_ascii_hexdigit()))
+        }) {
+            match a.sandboxes(o) {
+                Ok(n) => names.extend(n),
+                Err(e) => {
+                    broken = true;
+                    let msg = format!("{e} (`--local` skips the bucket)");
+                    match format {
+                        Format::Json => out.push(serde_json::json!({
+                            "bucket": a.label(), "intact": false, "error": msg,
+                        })),
+                        Format::Text => println!("ARCHIVE NOT CHECKED: {msg}"),
+                    }
+                }
+            }
+        }
         for n in names {
             if logs.iter().any(|(l, _)| *l == n) {
                 continue;
@@ -255,21 +285,22 @@ fn verify(
         let remote = match &archive {
             Some(a) => match a.check(&path, &label, &archive_state, signer.as_deref()) {
                 Ok(r) => Some(r),
-                // (Reported with this log; the others still are.)
+                // (Reported with this log, as not checked rather than
+                // tampered; the other logs still are.)
                 Err(e) => Some(aibox_siem::archive::RemoteReport {
                     bucket: a.label().to_string(),
-                    problems: vec![format!(
-                        "comparing the bucket's copies: {e} (`--local` skips the bucket)"
-                    )],
+                    error: Some(format!("{e} (`--local` skips the bucket)")),
                     ..Default::default()
                 }),
             },
             None => None,
         };
         let remote_bad = remote.as_ref().is_some_and(|r| !r.problems.is_empty());
-        // Segments not in the bucket yet: not tampering, but the archive
-        // is not complete, and a check must not pass.
-        let remote_pending = remote.as_ref().is_some_and(|r| !r.pending.is_empty());
+        // Segments not in the bucket yet, or a bucket that could not be
+        // compared: not tampering, but the check must not pass.
+        let remote_pending = remote
+            .as_ref()
+            .is_some_and(|r| !r.pending.is_empty() || r.error.is_some());
         broken |= remote_bad || remote_pending;
         let tampered = report.broken.as_ref().is_some_and(|b| !b.torn_tail)
             || !cps.problems.is_empty()
@@ -286,6 +317,7 @@ fn verify(
                 "log": label, "path": path,
                 "intact": report.is_intact() && cps.problems.is_empty() && cps.segments.problems.is_empty() && !remote_bad,
                 "tampered": tampered, "report": report, "checkpoints": cps, "archive": remote,
+                "archive_complete": remote.as_ref().map(|r| r.pending.is_empty() && r.error.is_none()),
             })),
             Format::Text => {
                 match &report.broken {
@@ -334,9 +366,14 @@ fn verify(
                 for p in &cps.segments.problems {
                     println!("  SEGMENT {p}");
                 }
-                if let Some(r) = &remote {
+                if let Some(r) = remote.as_ref().filter(|r| r.error.is_some()) {
                     println!(
-                        "  archive: {} of {} segments in {}, {}{}",
+                        "  ARCHIVE NOT CHECKED: {}",
+                        r.error.as_deref().unwrap_or_default()
+                    );
+                } else if let Some(r) = &remote {
+                    println!(
+                        "  archive: {} of {} segments in {}, {}{}{}",
                         r.checked,
                         cps.segments.sealed,
                         r.bucket,
@@ -350,7 +387,12 @@ fn verify(
                         r.retained_until
                             .as_ref()
                             .map(|u| format!(" until {u}"))
-                            .unwrap_or_default()
+                            .unwrap_or_default(),
+                        if r.expired > 0 {
+                            format!(", {} whose retention has ended", r.expired)
+                        } else {
+                            String::new()
+                        }
                     );
                     if !r.pending.is_empty() {
                         println!(

@@ -37,8 +37,9 @@ fn recordings_dir(loaded: &aibox_config::Loaded) -> PathBuf {
     loaded.data_dir().join("recordings")
 }
 
-/// The recorder as the client's terminal relay sees it.
-struct RecTap(Mutex<Option<Recorder>>);
+/// The recorder as the client's terminal relay sees it; `required`: a
+/// recording that fails ends the session.
+struct RecTap(Mutex<Option<Recorder>>, bool);
 
 impl aibox_supervisor::client::Tap for RecTap {
     fn output(&self, data: &[u8]) {
@@ -61,6 +62,19 @@ impl aibox_supervisor::client::Tap for RecTap {
         {
             r.resize(cols, rows);
         }
+    }
+    fn broken(&self) -> Option<String> {
+        if !self.1 {
+            return None;
+        }
+        let g = self.0.lock().ok()?;
+        let r = g.as_ref()?;
+        r.failed().map(|e| {
+            format!(
+                "the required recording {} can no longer be written ({e})",
+                r.id()
+            )
+        })
     }
 }
 
@@ -154,7 +168,7 @@ pub(crate) fn start(
             ""
         }
     );
-    let tap = Arc::new(RecTap(Mutex::new(Some(r))));
+    let tap = Arc::new(RecTap(Mutex::new(Some(r)), mode == RecordingMode::Required));
     // Output followed by silence reaches the disk within a moment.
     let weak = Arc::downgrade(&tap);
     std::thread::spawn(move || {

@@ -259,7 +259,10 @@ both_modes!(segments_are_archived_under_object_lock, |mut c: Ctx| {
     m.py(&format!("s3.delete_object(Bucket='audit', Key='{key}')"));
     let (good, out) = verify(&c, "archived");
     assert!(!good, "{out}");
-    assert!(out.contains("a delete marker hides it"), "{out}");
+    assert!(
+        out.contains("deleted in the bucket") && out.contains("1 delete marker, one hides it"),
+        "{out}"
+    );
 
     // Attack on the host: the last segment and its manifest line removed,
     // the note of what was uploaded deleted, and the segment's entry in
@@ -283,16 +286,19 @@ both_modes!(segments_are_archived_under_object_lock, |mut c: Ctx| {
     ));
     let (good, out) = verify(&c, "archived");
     assert!(!good, "{out}");
-    assert!(
-        out.contains("in the bucket, but the local manifest does not list it")
-            && out.contains(last.trim_end_matches(".jsonl")),
-        "{out}"
-    );
+    // Both objects are named, the hidden entry too.
+    for suffix in [".jsonl: in the bucket", ".jsonl.entry.json: in the bucket"] {
+        assert!(
+            out.lines()
+                .any(|l| l.contains(&format!("{stem}-")) && l.contains(suffix)),
+            "{suffix}: {out}"
+        );
+    }
     // `--local` leaves the bucket out (the local damage is still found).
     let o = c.out(&["audit", "verify", "--name", "archived", "--local"]);
     assert!(!o.status.success(), "{}", stdout(&o));
     assert!(
-        !stdout(&o).contains("ARCHIVE") && stdout(&o).contains("archived: "),
+        !stdout(&o).contains("ARCHIVE") && stdout(&o).contains("CHECKPOINT"),
         "{}",
         stdout(&o)
     );
@@ -382,14 +388,15 @@ both_modes!(an_outage_loses_nothing, |mut c: Ctx| {
     assert!(good, "{out}");
 
     // The segment goes up, its manifest entry does not: verify names the
-    // gap, and the next upload completes it without sending the segment
-    // again.
+    // gap (not archived yet, not tampering: nothing says the entry was
+    // ever there), and the next upload completes it without sending the
+    // segment again.
     relay.drop_entries.store(true, Ordering::SeqCst);
     ok(&c.out(&["run", "-w", &ws, "--name", "outage", "--", "true"]));
     let (good, out) = verify(&c, "outage");
     assert!(!good, "{out}");
     assert!(
-        out.contains("its manifest entry is missing from the bucket"),
+        out.contains("NOT ARCHIVED") && out.contains("(its manifest entry)"),
         "{out}"
     );
     relay.drop_entries.store(false, Ordering::SeqCst);

@@ -154,3 +154,51 @@ both_modes!(
         ok(&c.out(&["stop", "--name", "norec"]));
     }
 );
+
+backend_test!(
+    a_required_recording_that_fails_ends_the_session,
+    Backend::Native,
+    Mode::Root,
+    |c: Ctx| {
+        // The recordings live on a tiny filesystem that fills up during
+        // the session: the recording can no longer be written, so the
+        // session is ended then, not only reported at its end.
+        struct Unmount(std::path::PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount")
+                    .arg("-l")
+                    .arg(&self.0)
+                    .status();
+            }
+        }
+        c.add_config("audit:\n  recording: required\n");
+        let dir = c.data.join("recordings");
+        std::fs::create_dir_all(&dir).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let _guard = Unmount(dir.clone());
+        let ws = c.ws.display().to_string();
+        ok(&c.out(&["start", "-w", &ws, "--name", "full"]));
+        let mut p = Pty::spawn(c.aibox(&["shell", "--name", "full"]), 24, 80);
+        p.read_until("recording this session as");
+        p.master
+            .write_all(b"head -c 3000000 /dev/zero | base64; sleep 30; echo still-$((6*7))\n")
+            .unwrap();
+        let out = p.read_until("the session is ended");
+        assert!(out.contains("can no longer be written"), "{out:?}");
+        assert_ne!(p.child.wait().unwrap().code(), Some(0));
+        assert!(!out.contains("still-42"), "{out:?}");
+        // The sandbox outlives the session; the shell does not.
+        ok(&c.out(&["stop", "--name", "full"]));
+        let ends = audit_events(&c, "full")
+            .into_iter()
+            .filter(|e| e["event_type"] == "session.end")
+            .count();
+        assert_eq!(ends, 1);
+    }
+);
