@@ -1460,20 +1460,30 @@ fn cursor_path(log: &Path, state_dir: &Path) -> PathBuf {
 mod tests {
     use super::*;
 
+    /// The bucket and keys the signatures below were computed for (AWS's
+    /// documented example keys).
+    fn test_bucket() -> Bucket {
+        Bucket::new(
+            url::Url::parse("http://127.0.0.1:9000").unwrap(),
+            UrlStyle::Path,
+            "audit",
+            "us-east-1",
+        )
+        .unwrap()
+    }
+
+    fn test_creds() -> Credentials {
+        Credentials::new("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY")
+    }
+
     #[test]
     fn signed_put_matches_an_independent_implementation() {
         // Expected URL computed by botocore 1.44.8 (S3SigV4QueryAuth) for
         // the same request, keys and time: an independent check that the
         // lock headers, Content-MD5 and the recorded hash are signed as
         // S3 verifies them.
-        let creds = Credentials::new("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY");
-        let bucket = Bucket::new(
-            url::Url::parse("http://127.0.0.1:9000").unwrap(),
-            UrlStyle::Path,
-            "audit",
-            "us-east-1",
-        )
-        .unwrap();
+        let creds = test_creds();
+        let bucket = test_bucket();
         let url = presign(
             &creds,
             "us-east-1",
@@ -1609,14 +1619,8 @@ mod tests {
         // Signatures computed by botocore 1.44.8 (S3SigV4QueryAuth) for
         // the same requests: a version read (a `+` in its id), a version
         // listing from a marker (`/` in values), the object lock probe.
-        let creds = Credentials::new("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY");
-        let bucket = Bucket::new(
-            url::Url::parse("http://127.0.0.1:9000").unwrap(),
-            UrlStyle::Path,
-            "audit",
-            "us-east-1",
-        )
-        .unwrap();
+        let creds = test_creds();
+        let bucket = test_bucket();
         let at = jiff::Timestamp::from_second(1_764_374_400).unwrap();
         let sig = |u: url::Url| {
             u.query_pairs()

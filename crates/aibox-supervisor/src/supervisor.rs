@@ -124,19 +124,23 @@ impl Shared {
         r
     }
 
+    /// `<data dir>/<name>` (the audit log is `<data dir>/audit/<name>.jsonl`).
+    fn data_subdir(&self, name: &str) -> Result<PathBuf, String> {
+        self.spec
+            .audit_log
+            .parent()
+            .and_then(Path::parent)
+            .map(|d| d.join(name))
+            .ok_or_else(|| "the audit log has no data directory".to_string())
+    }
+
     /// Starts shipping the log to the configured sinks; a sink that
     /// cannot be opened stops the sandbox (reported by the caller).
     fn start_sinks(&self) -> Result<(), String> {
         if self.spec.sinks.is_empty() {
             return Ok(());
         }
-        let state = self
-            .spec
-            .audit_log
-            .parent()
-            .and_then(Path::parent)
-            .map(|d| d.join("sinks"))
-            .ok_or("the audit log has no data directory")?;
+        let state = self.data_subdir("sinks")?;
         let s = crate::sinks::Sinks::start(&self.spec.audit_log, &state, &self.spec.sinks)?;
         let _ = self.sinks.set(s);
         Ok(())
@@ -147,13 +151,7 @@ impl Shared {
         let Some(c) = &self.spec.archive else {
             return Ok(());
         };
-        let state = self
-            .spec
-            .audit_log
-            .parent()
-            .and_then(Path::parent)
-            .map(|d| d.join("archive"))
-            .ok_or("the audit log has no data directory")?;
+        let state = self.data_subdir("archive")?;
         let a = crate::sinks::Archiver::start(
             &self.spec.audit_log,
             &state,

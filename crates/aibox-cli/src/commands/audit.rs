@@ -440,16 +440,19 @@ fn ship(cli_config: Option<PathBuf>, name: Option<String>) -> Result<i32> {
     };
     let state = loaded.data_dir().join("sinks");
     let mut failed = false;
+    // (A running sandbox's supervisor ships and archives its own log.)
+    let running = |label: &str| {
+        aibox_supervisor::client::is_alive(&aibox_supervisor::paths::SandboxPaths::new(
+            &loaded.runtime_dir(),
+            &loaded.data_dir(),
+            label,
+        ))
+    };
     for s in sinks {
         let mut d = aibox_siem::sink::open(s)
             .map_err(|e| anyhow::anyhow!("audit.sinks {}: {e}", s.name))?;
         for (label, path) in &logs {
-            let paths = aibox_supervisor::paths::SandboxPaths::new(
-                &loaded.runtime_dir(),
-                &loaded.data_dir(),
-                label,
-            );
-            if aibox_supervisor::client::is_alive(&paths) {
+            if running(label) {
                 println!("{}: {label}: running, its supervisor ships it", s.name);
                 continue;
             }
@@ -468,12 +471,7 @@ fn ship(cli_config: Option<PathBuf>, name: Option<String>) -> Result<i32> {
             .map_err(|e| anyhow::anyhow!("audit storage: {e}"))?;
         let state = loaded.data_dir().join("archive");
         for (label, path) in &logs {
-            let paths = aibox_supervisor::paths::SandboxPaths::new(
-                &loaded.runtime_dir(),
-                &loaded.data_dir(),
-                label,
-            );
-            if aibox_supervisor::client::is_alive(&paths) {
+            if running(label) {
                 println!("archive: {label}: running, its supervisor archives it");
                 continue;
             }

@@ -591,8 +591,8 @@ both_modes!(tail_and_siem_exports, |c: Ctx| {
     let bad = c.out(&["audit", "tail", "--name", "ex", "--type", "nope"]);
     assert!(!bad.status.success() && stderr(&bad).contains("not an event type"));
     // Follow: a new session's events arrive as they are written.
-    let mut f = c
-        .aibox(&[
+    let follow = || {
+        c.aibox(&[
             "audit",
             "tail",
             "-f",
@@ -605,7 +605,9 @@ both_modes!(tail_and_siem_exports, |c: Ctx| {
         ])
         .stdout(std::process::Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+    };
+    let mut f = follow();
     ok(&c.out(&["run", "-w", &ws, "--name", "ex", "--", "echo", "followed"]));
     let mut first = String::new();
     {
@@ -621,21 +623,7 @@ both_modes!(tail_and_siem_exports, |c: Ctx| {
     );
     // Two seals while the follower is not looking (stopped): the
     // segment sealed in between is printed too, whole.
-    let mut f = c
-        .aibox(&[
-            "audit",
-            "tail",
-            "-f",
-            "--name",
-            "ex",
-            "--type",
-            "session.start",
-            "--lines",
-            "0",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut f = follow();
     std::thread::sleep(std::time::Duration::from_millis(700));
     let pid = nix::unistd::Pid::from_raw(f.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
