@@ -625,29 +625,42 @@ const CONTENT_FIELDS: &[&str] = &[
     "path",
 ];
 
+/// The longest run of base64 characters in `s`.
+pub fn base64_run(s: &str) -> u64 {
+    let (mut run, mut best) = (0u64, 0u64);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_') {
+            run += 1;
+            best = best.max(run);
+        } else if !matches!(b, b'\n' | b'\r') {
+            // (Line breaks, as `base64` wraps at 76, go on.)
+            run = 0;
+        }
+    }
+    best
+}
+
+/// The detail where a writer that shortens arguments (the decision log)
+/// keeps the longest base64 run they had before: cutting them must not
+/// hide a payload from aibox-009.
+pub const BASE64_RUN_FIELD: &str = "base64_run";
+
 /// The longest run of base64 characters in any string of `details`
-/// outside the content fields.
+/// outside the content fields, or the [`BASE64_RUN_FIELD`] a writer
+/// measured before shortening, whichever is longer.
 pub fn longest_base64_run(details: &Map<String, Value>) -> u64 {
     fn walk(v: &Value, best: &mut u64) {
         match v {
-            Value::String(s) => {
-                let mut run = 0u64;
-                for b in s.bytes() {
-                    if b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_') {
-                        run += 1;
-                        *best = (*best).max(run);
-                    } else if !matches!(b, b'\n' | b'\r') {
-                        // (Line breaks, as `base64` wraps at 76, go on.)
-                        run = 0;
-                    }
-                }
-            }
+            Value::String(s) => *best = (*best).max(base64_run(s)),
             Value::Array(items) => items.iter().for_each(|x| walk(x, best)),
             Value::Object(m) => m.values().for_each(|x| walk(x, best)),
             _ => {}
         }
     }
-    let mut best = 0;
+    let mut best = details
+        .get(BASE64_RUN_FIELD)
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
     for (k, v) in details {
         if !CONTENT_FIELDS.contains(&k.as_str()) {
             walk(v, &mut best);
@@ -946,6 +959,11 @@ mod tests {
             dt.observe(&ev(2, EventType::LlmRequest, 0, body))
                 .is_empty()
         );
+        // Arguments a writer shortened: the run it measured before counts.
+        let cut =
+            json!({"action": "exec", "argv": ["sh", "QUJD…"], "rule": "r", "base64_run": 20480});
+        let a = dt.observe(&ev(3, EventType::PolicyAllow, 0, cut));
+        assert_eq!((ids(&a), a[0].observed), (vec!["aibox-009"], 20480));
     }
 
     #[test]

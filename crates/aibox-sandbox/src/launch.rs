@@ -191,9 +191,21 @@ fn wait_ready(sock: &OwnedFd) -> Result<(i32, SelfTestReport, Vec<OwnedFd>), San
         )];
         let n = poll(&mut fds, ms).map_err(|e| SandboxError::sys("waiting for the sandbox", e))?;
         if n == 0 {
+            // (Which of the two reports came tells a hung init from a
+            // hung intermediate.)
             return Err(SandboxError::Setup(format!(
-                "the sandbox did not become ready within {}s (its last step: {stage})",
-                READY_TIMEOUT.as_secs()
+                "the sandbox did not become ready within {}s (its last step: {stage}; init's pid {}, its ready report {})",
+                READY_TIMEOUT.as_secs(),
+                if init_pid.is_some() {
+                    "came"
+                } else {
+                    "did not come"
+                },
+                if ready.is_some() {
+                    "came"
+                } else {
+                    "did not come"
+                },
             )));
         }
         let msg = ipc::recv::<FromInit>(sock)

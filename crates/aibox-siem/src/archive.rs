@@ -1215,29 +1215,28 @@ impl Archive {
                 }
             ));
         }
-        let archived = match noted.and_then(|u| u.version_id.as_deref()) {
-            Some(id) => match real.iter().find(|v| v.version_id == id) {
-                Some(v) => *v,
-                None => {
-                    rep.problems.push(format!(
-                        "{}: the version archived ({id}) is gone from the bucket",
-                        entry.segment
-                    ));
-                    return None;
-                }
-            },
+        let found = match noted.and_then(|u| u.version_id.as_deref()) {
+            Some(id) => real.iter().find(|v| v.version_id == id).ok_or_else(|| {
+                format!(
+                    "{}: the version archived ({id}) is gone from the bucket",
+                    entry.segment
+                )
+            }),
             // Not noted here (the note was lost): the oldest version is
             // the first upload. (Listings give each key's newest first.)
-            None => match real.last() {
-                Some(v) => *v,
-                None => {
-                    rep.problems.push(format!(
-                        "{}: deleted from the bucket ({key}: only delete markers left)",
-                        entry.segment
-                    ));
-                    return None;
-                }
-            },
+            None => real.last().ok_or_else(|| {
+                format!(
+                    "{}: deleted from the bucket ({key}: only delete markers left)",
+                    entry.segment
+                )
+            }),
+        };
+        let archived = match found {
+            Ok(v) => *v,
+            Err(e) => {
+                rep.problems.push(e);
+                return None;
+            }
         };
         let others: Vec<&str> = real
             .iter()

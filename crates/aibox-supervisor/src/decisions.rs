@@ -86,6 +86,14 @@ pub struct LogEntry {
     /// [`MAX_LINE`] (the decision was made on the whole of them).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub truncated: bool,
+    /// The longest run of base64 in the command and arguments, measured
+    /// before they were shortened (detection rule aibox-009 reads it).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub base64_run: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// How far the decision log and its audit mirror may grow (config
@@ -302,6 +310,13 @@ fn cut_list(v: &mut Vec<String>, each: usize, total: usize) -> bool {
 /// shortening what the sandbox chose (arguments, environment names,
 /// paths) until it fits.
 fn line_of(e: &mut LogEntry) -> std::io::Result<String> {
+    // Measured on what the sandbox passed, before any of it is cut.
+    e.base64_run = std::iter::once(&e.command)
+        .chain(e.inputs.iter().flat_map(|i| i.argv.iter()))
+        .map(|s| aibox_audit::detect::base64_run(s))
+        .max()
+        .unwrap_or(0)
+        .max(e.base64_run);
     // (Per string, per list; the last step also cuts paths.)
     const STEPS: [(usize, usize); 4] = [(4096, 16384), (512, 4096), (64, 512), (16, 64)];
     // (Raw text far over the limit is cut once before it is serialised:
@@ -361,6 +376,8 @@ struct Held {
     rules: BTreeMap<String, u64>,
     targets: BTreeMap<String, u64>,
     policy_version: String,
+    /// The longest base64 run among them (aibox-009 sees it).
+    base64_run: u64,
 }
 
 fn count_in(m: &mut BTreeMap<String, u64>, key: &str) {
@@ -415,6 +432,7 @@ impl Throttle {
         });
         h.count += 1;
         h.last = e.entry;
+        h.base64_run = h.base64_run.max(e.base64_run);
         h.policy_version.clone_from(&e.policy_version);
         count_in(&mut h.rules, &e.rule);
         count_in(&mut h.targets, &e.target);
@@ -630,6 +648,8 @@ impl DecisionLog {
                     h.count, self.limits.audit_per_sec
                 ),
             });
+            let mut details = details;
+            details[aibox_audit::detect::BASE64_RUN_FIELD] = json!(h.base64_run);
             self.emit_as(a, details);
         }
     }
@@ -661,7 +681,7 @@ impl DecisionLog {
             "tier": e.tier, "reason": e.reason, "risk_class": e.risk_class.as_str(),
             "policy_version": e.policy_version, "input_hash": e.input_hash,
             "decision_entry": e.entry, "duration_us": e.duration_us,
-            "truncated": e.truncated,
+            "truncated": e.truncated, "base64_run": e.base64_run,
         })
     }
 }
@@ -806,6 +826,7 @@ mod tests {
             duration_us: 1,
             inputs: vec![ExecInput::default()],
             truncated: false,
+            base64_run: 0,
         }
     }
 
@@ -983,6 +1004,51 @@ mod tests {
         // The audit details are bounded too.
         let seen = seen.lock().unwrap();
         assert!(seen.iter().all(|(_, v)| v.to_string().len() < MAX_LINE));
+    }
+
+    #[test]
+    fn a_payload_cut_from_the_line_still_reaches_detection() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.jsonl");
+        let (emit, seen) = sink();
+        let limits = Limits {
+            audit_per_sec: 1,
+            ..Limits::default()
+        };
+        let mut log = DecisionLog::open(&path, limits, emit).unwrap();
+        // 20 KiB of base64 in one argument, with enough other arguments
+        // that the line must be shortened.
+        let payload = "QUJD".repeat(5120);
+        let mut e = entry(Action::Allow);
+        e.inputs = vec![ExecInput {
+            argv: std::iter::once(payload.clone())
+                .chain((0..40).map(|i| format!("{i}").repeat(2000)))
+                .collect(),
+            ..ExecInput::default()
+        }];
+        let n = log.record(e.clone()).unwrap();
+        let logged = find(&path, n).unwrap();
+        assert!(logged.truncated);
+        assert!(
+            logged.inputs[0]
+                .argv
+                .first()
+                .is_none_or(|a| a.len() < payload.len())
+        );
+        assert_eq!(logged.base64_run, 20480);
+        // Mirrored, and summarised when over the rate: the measured run
+        // goes along.
+        for _ in 0..30 {
+            log.record(e.clone()).unwrap();
+        }
+        log.flush();
+        let seen = seen.lock().unwrap();
+        let runs: Vec<u64> = seen
+            .iter()
+            .map(|(_, v)| aibox_audit::detect::longest_base64_run(v.as_object().unwrap()))
+            .collect();
+        assert!(runs.iter().all(|r| *r >= 20480), "{runs:?}");
+        assert!(seen.iter().any(|(_, v)| v["summary"] == true));
     }
 
     #[test]

@@ -443,6 +443,7 @@ impl Gate {
             duration_us: t0.elapsed().as_micros() as u64,
             inputs,
             truncated: false,
+            base64_run: 0,
         }
     }
 

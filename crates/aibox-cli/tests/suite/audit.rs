@@ -139,29 +139,7 @@ fn commands_are_refused_when_the_audit_log_cannot_be_written() {
     let Some(c) = Ctx::new(Mode::Root) else {
         return;
     };
-    std::fs::create_dir_all(&c.data).unwrap();
-    let st = std::process::Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=256k",
-            "tmpfs",
-            &c.data.display().to_string(),
-        ])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _guard = Unmount(c.data.clone());
+    let _disk = Tmpfs::mount(&c.data, "size=256k");
     // An allowed HTTP service, to show the network stops too.
     let svc = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let sp = svc.local_addr().unwrap().port();

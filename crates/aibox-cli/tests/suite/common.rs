@@ -767,3 +767,31 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A tmpfs mounted over a directory for a test (root only), unmounted
+/// when dropped: a small disk that fills up.
+pub struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs with `options` (e.g. `size=256k`) on `dir`
+    /// (created).
+    pub fn mount(dir: &std::path::Path, options: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mounting a tmpfs on {}", dir.display());
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}

@@ -163,25 +163,8 @@ backend_test!(
         // The recordings live on a tiny filesystem that fills up during
         // the session: the recording can no longer be written, so the
         // session is ended then, not only reported at its end.
-        struct Unmount(std::path::PathBuf);
-        impl Drop for Unmount {
-            fn drop(&mut self) {
-                let _ = std::process::Command::new("umount")
-                    .arg("-l")
-                    .arg(&self.0)
-                    .status();
-            }
-        }
         c.add_config("audit:\n  recording: required\n");
-        let dir = c.data.join("recordings");
-        std::fs::create_dir_all(&dir).unwrap();
-        let st = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs"])
-            .arg(&dir)
-            .status()
-            .unwrap();
-        assert!(st.success());
-        let _guard = Unmount(dir.clone());
+        let _disk = Tmpfs::mount(&c.data.join("recordings"), "size=256k,mode=0700");
         let ws = c.ws.display().to_string();
         ok(&c.out(&["start", "-w", &ws, "--name", "full"]));
         let mut p = Pty::spawn(c.aibox(&["shell", "--name", "full"]), 24, 80);
