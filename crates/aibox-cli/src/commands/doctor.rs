@@ -435,6 +435,41 @@ pub fn run(cli_config: Option<PathBuf>, a: DoctorArgs) -> Result<i32> {
         }
     }
 
+    // The audit bucket (`audit.storage: s3`): reachable with the keys
+    // given, and whether it locks what aibox writes.
+    if let Ok((l, _)) = &loaded
+        && let Some(c) = l.config.audit.archive()
+    {
+        match aibox_siem::archive::Archive::open(&c) {
+            Ok(arch) if arch.locks() => add(
+                "audit_storage",
+                Level::Ok,
+                format!(
+                    "{}: reachable, objects locked ({} mode, {})",
+                    arch.label(),
+                    match c.lock_mode {
+                        aibox_siem::archive::LockMode::Compliance => "compliance",
+                        aibox_siem::archive::LockMode::Governance => "governance",
+                    },
+                    c.retention
+                ),
+                "",
+            ),
+            Ok(arch) => add(
+                "audit_storage",
+                Level::Warn,
+                format!("{}: reachable, but objects are not locked", arch.label()),
+                "create the bucket with object lock enabled (and keep audit.s3.object_lock: auto or required)",
+            ),
+            Err(e) => add(
+                "audit_storage",
+                Level::Fail,
+                first_line(&e.to_string()),
+                "see docs/audit.md (S3 storage); sealed segments stay local until it works",
+            ),
+        }
+    }
+
     let failing = |lvl: Level| lvl == Level::Fail || (a.strict && lvl == Level::Warn);
     let bad = f.iter().any(|x| failing(x.status));
     match a.format {

@@ -155,6 +155,23 @@ fn keys(c: &mut Ctx) {
     c.env("AWS_SECRET_ACCESS_KEY", "test");
 }
 
+/// `aibox doctor`'s finding on the audit bucket: (status, detail).
+fn doctor_storage(c: &Ctx) -> (String, String) {
+    let o = c.out(&["doctor", "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let f = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["check"] == "audit_storage")
+        .unwrap_or_else(|| panic!("no audit_storage check: {v}"))
+        .clone();
+    (
+        f["status"].as_str().unwrap().to_string(),
+        f["detail"].as_str().unwrap().to_string(),
+    )
+}
+
 fn verify(c: &Ctx, name: &str) -> (bool, String) {
     let o = c.out(&["audit", "verify", "--name", name]);
     (o.status.success(), stdout(&o) + &stderr(&o))
@@ -179,6 +196,12 @@ both_modes!(segments_are_archived_under_object_lock, |mut c: Ctx| {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
     assert_eq!(manifest.len(), 2);
+    let (status, detail) = doctor_storage(&c);
+    assert_eq!(status, "ok", "{detail}");
+    assert!(
+        detail.contains("objects locked (compliance mode, 2d)"),
+        "{detail}"
+    );
     let (good, out) = verify(&c, "archived");
     assert!(good, "{out}");
     assert!(
@@ -347,7 +370,9 @@ both_modes!(an_outage_loses_nothing, |mut c: Ctx| {
         "{}",
         stderr(&o)
     );
-    // Verify will not pass the bucket over in silence.
+    // Neither doctor nor verify passes the bucket over in silence.
+    let (status, detail) = doctor_storage(&c);
+    assert_eq!(status, "fail", "{detail}");
     let (good, out) = verify(&c, "outage");
     assert!(!good, "{out}");
     assert!(out.contains("--local"), "{out}");
@@ -489,6 +514,9 @@ backend_test!(
         let (good, out) = verify(&c, "refused");
         assert!(good, "{out}");
         assert!(out.contains("no object lock on the bucket"), "{out}");
+        let (status, detail) = doctor_storage(&c);
+        assert_eq!(status, "warn", "{detail}");
+        assert!(detail.contains("not locked"), "{detail}");
         // A copy altered in a bucket without lock: named.
         let key = m
             .py("print(next(o['Key'] for o in s3.list_objects_v2(Bucket='plain')['Contents'] if o['Key'].endswith('.jsonl')))")
