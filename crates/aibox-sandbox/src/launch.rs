@@ -176,7 +176,11 @@ fn wait_ready(sock: &OwnedFd) -> Result<(i32, SelfTestReport, Vec<OwnedFd>), San
     let mut ready: Option<(SelfTestReport, Vec<OwnedFd>)> = None;
     let mut stage = String::from("forking");
     loop {
-        if let (Some(pid), Some((report, fds))) = (init_pid, ready.take()) {
+        // (Taken only when both came: a Ready that comes before the pid
+        // must wait for it, not be dropped.)
+        if let Some(pid) = init_pid
+            && let Some((report, fds)) = ready.take()
+        {
             if let Some(failure) = report.failure() {
                 return Err(SandboxError::SelfTest(failure));
             }
@@ -674,4 +678,42 @@ pub fn idmapped_bind(
 /// something was mounted there.
 pub fn detach_mount(path: &Path) -> bool {
     nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> SelfTestReport {
+        SelfTestReport {
+            checks: Vec::new(),
+            landlock_abi: 0,
+            landlock: crate::landlock_rules::LandlockState::Unavailable,
+        }
+    }
+
+    #[test]
+    fn ready_before_the_init_pid_is_kept() {
+        // Under load init's Ready can come before the intermediate's pid:
+        // the start must still complete, in either order.
+        for ready_first in [true, false] {
+            let (ours, theirs) = ipc::pair().unwrap();
+            let msgs = if ready_first {
+                [FromInit::Ready(report()), FromInit::InitPid(42)]
+            } else {
+                [FromInit::InitPid(42), FromInit::Ready(report())]
+            };
+            ipc::send(
+                &theirs,
+                &FromInit::Stage("installing the exec gate".into()),
+                &[],
+            )
+            .unwrap();
+            for m in &msgs {
+                ipc::send(&theirs, m, &[]).unwrap();
+            }
+            let (pid, r, fds) = wait_ready(&ours).unwrap();
+            assert_eq!((pid, r, fds.len()), (42, report(), 0));
+        }
+    }
 }
