@@ -795,11 +795,12 @@ fn validate(
                 }
                 f => (format!("audit.s3.{f}"), e.reason),
             };
-            return Err(bad(
-                &key,
-                &reason,
-                "see docs/audit.md (S3 storage), e.g. audit.s3.endpoint: http://minio.internal:9000; `audit.storage: local` turns archiving off",
-            ));
+            let fix = if e.field == "endpoint" {
+                "set it, e.g. audit.s3.endpoint: http://minio.internal:9000 (docs/audit.md, S3 storage); `audit.storage: local` turns archiving off"
+            } else {
+                "see docs/audit.md (S3 storage); `audit.storage: local` turns archiving off"
+            };
+            return Err(bad(&key, &reason, fix));
         }
         if parse_size(&c.audit.segment_max).is_some_and(|n| n > (5 << 30)) {
             return Err(bad(

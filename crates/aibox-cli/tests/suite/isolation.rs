@@ -392,12 +392,12 @@ all_backends!(fork_bomb_hits_the_pids_limit, |c: Ctx| {
     c.install_attack();
     let tag = format!("tag={}", std::process::id());
     let o = c.sh(&format!("/workspace/aibox-attack fork_bomb {tag}"));
-    if c.backend == Backend::Runsc {
-        // gVisor (this 2022 runsc) does not stop the bomb at RLIMIT_NPROC:
-        // it runs into the host pids cgroup, which its own kernel's
-        // threads share, and the whole sandbox dies. The host is unharmed
-        // and nothing survives; the session fails.
-        assert!(!o.status.success(), "{}", stdout(&o));
+    if c.backend == Backend::Runsc && !o.status.success() {
+        // gVisor (this 2022 runsc) does not always stop the bomb at
+        // RLIMIT_NPROC: it can run into the host pids cgroup, which its
+        // own kernel's threads share, and then the whole sandbox dies
+        // (which of the two happens depends on timing). The host is
+        // unharmed and nothing survives; the session fails.
         assert!(
             std::process::Command::new("true")
                 .status()
