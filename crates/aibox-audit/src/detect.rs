@@ -427,6 +427,13 @@ impl Detector {
         let at = humantime::parse_rfc3339(&e.timestamp).unwrap_or_else(|_| SystemTime::now());
         let mut out = Vec::new();
         let num = |k: &str| e.details.get(k).and_then(Value::as_u64).unwrap_or(0);
+        // A summary of events held back over a rate (`summary: true`,
+        // `held_back: N`) counts as the N events it stands for.
+        let weight = if e.details.get("summary") == Some(&Value::Bool(true)) {
+            num("held_back").max(1)
+        } else {
+            1
+        };
         let th = &self.th;
         let raw = &th.raw;
         match e.event_type {
@@ -449,14 +456,15 @@ impl Detector {
                 }
             }
             EventType::DnsQuery => {
-                self.dns.push(at, e.seq, 1, th.dns_window);
-                if self.dns.items.len() as u64 >= raw.dns_queries {
+                self.dns.push(at, e.seq, weight, th.dns_window);
+                if self.dns.sum >= raw.dns_queries {
+                    let observed = self.dns.sum;
                     let (evidence, total) = self.dns.take();
                     out.push(Alert {
                         rule: rule("aibox-002"),
                         evidence,
                         evidence_total: total,
-                        observed: total,
+                        observed,
                         threshold: raw.dns_queries,
                         window: raw.dns_window.clone(),
                     });
@@ -471,14 +479,16 @@ impl Detector {
                 window: String::new(),
             }),
             EventType::NetworkDeny => {
-                self.blocked.push(at, e.seq, 1, th.blocked_network_window);
-                if self.blocked.items.len() as u64 >= raw.blocked_network {
+                self.blocked
+                    .push(at, e.seq, weight, th.blocked_network_window);
+                if self.blocked.sum >= raw.blocked_network {
+                    let observed = self.blocked.sum;
                     let (evidence, total) = self.blocked.take();
                     out.push(Alert {
                         rule: rule("aibox-004"),
                         evidence,
                         evidence_total: total,
-                        observed: total,
+                        observed,
                         threshold: raw.blocked_network,
                         window: raw.blocked_network_window.clone(),
                     });
@@ -531,14 +541,16 @@ impl Detector {
                 }
             }
             EventType::PolicyDeny => {
-                self.denials.push(at, e.seq, 1, th.policy_denials_window);
-                if self.denials.items.len() as u64 >= raw.policy_denials {
+                self.denials
+                    .push(at, e.seq, weight, th.policy_denials_window);
+                if self.denials.sum >= raw.policy_denials {
+                    let observed = self.denials.sum;
                     let (evidence, total) = self.denials.take();
                     out.push(Alert {
                         rule: rule("aibox-007"),
                         evidence,
                         evidence_total: total,
-                        observed: total,
+                        observed,
                         threshold: raw.policy_denials,
                         window: raw.policy_denials_window.clone(),
                     });
@@ -964,6 +976,16 @@ mod tests {
             json!({"action": "exec", "argv": ["sh", "QUJD…"], "rule": "r", "base64_run": 20480});
         let a = dt.observe(&ev(3, EventType::PolicyAllow, 0, cut));
         assert_eq!((ids(&a), a[0].observed), (vec!["aibox-009"], 20480));
+    }
+
+    #[test]
+    fn summaries_count_as_the_events_they_stand_for() {
+        let mut dt = det(Thresholds::default());
+        let d = json!({"name": "x.test", "qtype": "summary", "summary": true, "held_back": 99});
+        assert!(dt.observe(&ev(10, EventType::DnsQuery, 0, d)).is_empty());
+        let one = json!({"name": "y.test", "qtype": "A"});
+        let a = dt.observe(&ev(11, EventType::DnsQuery, 1, one));
+        assert_eq!((ids(&a), a[0].observed), (vec!["aibox-002"], 100));
     }
 
     #[test]

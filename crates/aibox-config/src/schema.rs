@@ -672,6 +672,11 @@ pub struct Audit {
     /// Record reads and writes of workspace files (`file.read`,
     /// `file.write`), thinned to one per path and second.
     pub file_events: bool,
+    /// DNS and network events of each kind (query, response, allow,
+    /// deny) written per second, with bursts of ten seconds' worth; over
+    /// it, one summary a second carrying the counts (detection and
+    /// metrics count what it stands for). 0 writes every one.
+    pub network_events_per_sec: u32,
     /// Where every event is also sent: syslog (RFC 5424, UDP/TCP/TLS)
     /// and HTTP (JSON batches), from the log itself as a disk buffer.
     pub sinks: Vec<aibox_siem::sink::SinkConfig>,
@@ -772,6 +777,7 @@ impl Default for Audit {
             checkpoint_interval: "60s".into(),
             detection: aibox_audit::detect::Thresholds::default(),
             file_events: true,
+            network_events_per_sec: 200,
             sinks: Vec::new(),
             recording: RecordingMode::Off,
             recording_input: false,

@@ -236,6 +236,13 @@ impl Metrics {
         let s = || vec![("sandbox", sb.to_string())];
         let with = |k: &'static str, v: &str| vec![("sandbox", sb.to_string()), (k, v.to_string())];
         let num = |k: &str| d[k].as_u64().unwrap_or(0);
+        // A summary of events held back over a rate counts as the events
+        // it stands for.
+        let n = if d["summary"] == serde_json::Value::Bool(true) {
+            num("held_back").max(1)
+        } else {
+            1
+        };
         if self.seen.insert(sb.to_string()) {
             self.zeros(sb);
         }
@@ -259,25 +266,25 @@ impl Metrics {
             }
             "session.start" => self.add("aibox_sessions_total", s(), 1),
             "policy.allow" => {
-                self.add("aibox_policy_decisions_total", with("decision", "allow"), 1)
+                self.add("aibox_policy_decisions_total", with("decision", "allow"), n)
             }
-            "policy.deny" => self.add("aibox_policy_decisions_total", with("decision", "deny"), 1),
-            "tool.invoke" => self.add("aibox_tool_decisions_total", with("decision", "review"), 1),
+            "policy.deny" => self.add("aibox_policy_decisions_total", with("decision", "deny"), n),
+            "tool.invoke" => self.add("aibox_tool_decisions_total", with("decision", "review"), n),
             "tool.approve" => {
                 self.add("aibox_tool_decisions_total", with("decision", "approve"), 1)
             }
-            "tool.deny" => self.add("aibox_tool_decisions_total", with("decision", "deny"), 1),
+            "tool.deny" => self.add("aibox_tool_decisions_total", with("decision", "deny"), n),
             "network.allow" => {
-                self.add("aibox_network_requests_total", with("decision", "allow"), 1);
+                self.add("aibox_network_requests_total", with("decision", "allow"), n);
                 self.add("aibox_network_bytes_sent_total", s(), num("bytes_up"));
                 self.add("aibox_network_bytes_received_total", s(), num("bytes_down"));
             }
-            "network.deny" => self.add("aibox_network_requests_total", with("decision", "deny"), 1),
-            "dns.query" => self.add("aibox_dns_queries_total", s(), 1),
+            "network.deny" => self.add("aibox_network_requests_total", with("decision", "deny"), n),
+            "dns.query" => self.add("aibox_dns_queries_total", s(), n),
             "dns.response" => self.add(
                 "aibox_dns_responses_total",
                 with("rcode", d["rcode"].as_str().unwrap_or("unknown")),
-                1,
+                n,
             ),
             "credential.issue" | "credential.use" | "credential.rotate" | "credential.revoke" => {
                 self.add(

@@ -36,22 +36,35 @@ enum Msg {
 }
 
 impl AuditSink {
-    fn new(emit: Emit) -> Result<AuditSink, String> {
+    fn new(emit: Emit, per_sec: u32) -> Result<AuditSink, String> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(4096);
         let last = Arc::new(std::sync::Mutex::new(std::time::Instant::now()));
         let last2 = last.clone();
         std::thread::Builder::new()
             .name("aibox-egress-audit".into())
             .spawn(move || {
-                for m in rx {
+                let mut thin = Thinner::new(per_sec);
+                loop {
+                    // (Woken at least once a second, so a summary of what
+                    // was held back goes out after a burst ends too.)
+                    let m = rx.recv_timeout(std::time::Duration::from_secs(1));
+                    thin.summarise(&emit, false);
                     match m {
-                        Msg::Event(e) => {
-                            write_event(&emit, *e);
+                        Ok(Msg::Event(e)) => {
+                            write_event(&emit, &mut thin, *e);
                             if let Ok(mut l) = last2.lock() {
                                 *l = std::time::Instant::now();
                             }
                         }
-                        Msg::Flush(done) => drop(done.send(())),
+                        Ok(Msg::Flush(done)) => {
+                            thin.summarise(&emit, true);
+                            let _ = done.send(());
+                        }
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                            thin.summarise(&emit, true);
+                            return;
+                        }
                     }
                 }
             })
@@ -93,7 +106,142 @@ impl Sink for AuditSink {
     }
 }
 
-fn write_event(emit: &Emit, e: NetEvent) {
+/// The kinds of events a sandbox can make in floods (each DNS query and
+/// connection is its own): bounded per second, the rest summarised.
+const THINNED: [EventType; 4] = [
+    EventType::DnsQuery,
+    EventType::DnsResponse,
+    EventType::NetworkAllow,
+    EventType::NetworkDeny,
+];
+
+/// Most names counted one by one in a summary (the rest as `other`).
+const MAX_NAMED: usize = 20;
+
+/// What a summary stands for.
+#[derive(Default)]
+struct HeldNet {
+    count: u64,
+    bytes_up: u64,
+    bytes_down: u64,
+    /// Per name or host (at most [`MAX_NAMED`]).
+    names: std::collections::BTreeMap<String, u64>,
+    /// Per rcode (responses) or port.
+    kinds: std::collections::BTreeMap<String, u64>,
+}
+
+/// A token bucket per kind of event (a flood of DNS queries cannot use up
+/// the budget of denials), at `per_sec` with bursts of ten seconds' worth.
+/// Info and warning events over it are counted into a summary written
+/// once a second; higher severities always go through.
+struct Thinner {
+    per_sec: f64,
+    tokens: [f64; 4],
+    refilled: std::time::Instant,
+    held: [Option<HeldNet>; 4],
+    summarised: std::time::Instant,
+}
+
+impl Thinner {
+    fn new(per_sec: u32) -> Thinner {
+        let per_sec = f64::from(per_sec);
+        Thinner {
+            per_sec,
+            tokens: [per_sec * 10.0; 4],
+            refilled: std::time::Instant::now(),
+            held: Default::default(),
+            summarised: std::time::Instant::now(),
+        }
+    }
+
+    /// Whether the event may be written now; if not, it is counted.
+    fn admit(&mut self, t: EventType, sev: Severity, d: &Value) -> bool {
+        let Some(k) = THINNED.iter().position(|x| *x == t) else {
+            return true;
+        };
+        if self.per_sec == 0.0 || !matches!(sev, Severity::Info | Severity::Warning) {
+            return true;
+        }
+        let now = std::time::Instant::now();
+        let dt = now.saturating_duration_since(self.refilled).as_secs_f64();
+        for x in &mut self.tokens {
+            *x = (*x + dt * self.per_sec).min(self.per_sec * 10.0);
+        }
+        self.refilled = now;
+        if self.tokens[k] >= 1.0 {
+            self.tokens[k] -= 1.0;
+            return true;
+        }
+        let h = self.held[k].get_or_insert_with(HeldNet::default);
+        h.count += 1;
+        h.bytes_up += d["bytes_up"].as_u64().unwrap_or(0);
+        h.bytes_down += d["bytes_down"].as_u64().unwrap_or(0);
+        let name = d["name"]
+            .as_str()
+            .or_else(|| d["host"].as_str())
+            .unwrap_or("")
+            .chars()
+            .take(256)
+            .collect::<String>();
+        let count = |m: &mut std::collections::BTreeMap<String, u64>, key: String| {
+            let key = if m.len() >= MAX_NAMED && !m.contains_key(&key) {
+                "other".to_string()
+            } else {
+                key
+            };
+            *m.entry(key).or_default() += 1;
+        };
+        count(&mut h.names, name);
+        let kind = match &d["rcode"] {
+            Value::String(r) => r.chars().take(32).collect(),
+            _ => d["port"]
+                .as_u64()
+                .map(|p| p.to_string())
+                .unwrap_or_default(),
+        };
+        count(&mut h.kinds, kind);
+        false
+    }
+
+    /// Writes one summary per kind with events held back, once a second
+    /// (or now, with `force`: at stop).
+    fn summarise(&mut self, emit: &Emit, force: bool) {
+        let now = std::time::Instant::now();
+        if !force && now.saturating_duration_since(self.summarised).as_secs() < 1 {
+            return;
+        }
+        self.summarised = now;
+        for (k, t) in THINNED.iter().enumerate() {
+            let Some(h) = self.held[k].take() else {
+                continue;
+            };
+            let top = |m: &std::collections::BTreeMap<String, u64>| {
+                m.iter()
+                    .max_by_key(|(_, n)| **n)
+                    .map(|(s, _)| s.clone())
+                    .unwrap_or_default()
+            };
+            let reason = format!(
+                "{} {} events over the audit rate ({} a second) are counted here, not written one by one",
+                h.count,
+                t.as_str(),
+                self.per_sec
+            );
+            // (The fields each type requires: its commonest name, host,
+            // rcode or port.)
+            let d = json!({
+                "summary": true, "held_back": h.count, "reason": reason,
+                "name": top(&h.names), "host": top(&h.names), "names": h.names,
+                "qtype": "summary", "rcode": top(&h.kinds), "port": top(&h.kinds).parse::<u64>().unwrap_or(0),
+                "kinds": h.kinds, "bytes_up": h.bytes_up, "bytes_down": h.bytes_down,
+                "method": "summary", "rule": "summary",
+            });
+            emit(*t, Severity::Info, d);
+        }
+    }
+}
+
+fn write_event(emit: &Emit, thin: &mut Thinner, e: NetEvent) {
     {
         let (t, sev, d) = match e {
             NetEvent::Allow {
@@ -267,7 +415,9 @@ fn write_event(emit: &Emit, e: NetEvent) {
                 }
             }
         };
-        emit(t, sev, d)
+        if thin.admit(t, sev, &d) {
+            emit(t, sev, d)
+        }
     }
 }
 
@@ -377,7 +527,7 @@ type ProxyParts = (AuditSink, Arc<Proxy>, Option<Arc<Injector>>);
 fn proxy_of(spec: &NetworkSpec, emit: Emit, intercept: Intercept) -> Result<ProxyParts, String> {
     let allow = allowlist(spec)?;
     let push = crate::push::guard(spec, &emit, &allow);
-    let sink = AuditSink::new(emit)?;
+    let sink = AuditSink::new(emit, spec.audit_per_sec)?;
     let injector = intercept.injector.clone();
     let proxy = Proxy::with_intercept(
         allow,

@@ -202,6 +202,15 @@ pub struct NetworkSpec {
     /// Vault mode: the sandbox's Vault token and leases, revoked at stop.
     #[serde(default)]
     pub vault: Option<aibox_vault::Session>,
+    /// DNS and network events of each kind written per second (bursts of
+    /// ten seconds' worth); over it, one summary a second with the counts
+    /// (`audit.network_events_per_sec`; 0: every one).
+    #[serde(default = "default_net_events_per_sec")]
+    pub audit_per_sec: u32,
+}
+
+fn default_net_events_per_sec() -> u32 {
+    200
 }
 
 /// What `git push` may do from the sandbox (the policy's class of

@@ -364,6 +364,7 @@ fn network_spec(
         credentials,
         issued,
         vault,
+        audit_per_sec: c.audit.network_events_per_sec,
     }))
 }
 
