@@ -141,7 +141,10 @@ fn first_seen(loaded: &aibox_config::Loaded, ws: &Path) -> Result<Vec<String>> {
         .create(&dir)
         .with_context(|| format!("creating {}", dir.display()))?;
     let body = serde_json::to_vec_pretty(&json!({"workspace": ws, "remotes": now}))?;
-    std::fs::write(&record, body).with_context(|| format!("writing {}", record.display()))?;
+    // Whole or not at all (a start running beside this one reads it) and
+    // never through a link planted in the data directory.
+    aibox_core::replace_private_file(&record, &body)
+        .with_context(|| format!("writing {}", record.display()))?;
     Ok(now)
 }
 
