@@ -122,7 +122,17 @@ both_modes!(killing_the_supervisor_ends_the_sandbox, |c: Ctx| {
     .unwrap();
     assert_gone(&sleeper);
     // The CLI notices the dead supervisor and cleans up, with an audit record.
-    let list = ok(&c.out(&["list"]));
+    // The sandbox can be gone a moment before the last supervisor thread
+    // has closed its files (the parent-death signal follows the thread that
+    // forked, not the whole process), and until then the lock is held.
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let list = loop {
+        let list = ok(&c.out(&["list"]));
+        if list.contains("dead") || std::time::Instant::now() > end {
+            break list;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
     assert!(list.contains("orphan") && list.contains("dead"), "{list}");
     let o = c.out(&["stop", "--name", &name]);
     assert!(o.status.success(), "{}", stderr(&o));
