@@ -222,6 +222,68 @@ pub fn create_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> 
     f.sync_all()
 }
 
+/// Holds an exclusive `flock` on `path` (created, owner-only, never
+/// through a symbolic link) until the returned value is dropped: how aibox
+/// keeps two of its own processes from writing one record at once. Blocks
+/// while another holder has it.
+pub fn lock_private_file(path: &Path) -> std::io::Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| std::io::Error::from(e))
+}
+
+/// Resolves `netloc` (`host:port`) to addresses, giving up after `within`.
+/// The HTTP client aibox uses (ureq 2) puts no deadline on name lookups,
+/// so a resolver that never answers would stall a start, a sink or a
+/// Vault call for as long as the system's resolver retries.
+pub fn resolve_within(
+    netloc: &str,
+    within: std::time::Duration,
+) -> std::io::Result<Vec<std::net::SocketAddr>> {
+    resolve_with(netloc, within, |n| {
+        std::net::ToSocketAddrs::to_socket_addrs(n).map(Iterator::collect)
+    })
+}
+
+/// [`resolve_within`] over a given lookup (so tests can stand in a slow one).
+fn resolve_with(
+    netloc: &str,
+    within: std::time::Duration,
+    lookup: fn(&str) -> std::io::Result<Vec<std::net::SocketAddr>>,
+) -> std::io::Result<Vec<std::net::SocketAddr>> {
+    // An address needs no lookup (and no thread).
+    if let Ok(a) = netloc.parse::<std::net::SocketAddr>() {
+        return Ok(vec![a]);
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let name = netloc.to_string();
+    // The lookup cannot be cancelled: a thread that outlives the deadline
+    // ends when the system's resolver gives up, and its answer is dropped.
+    std::thread::Builder::new()
+        .name("aibox-dns".into())
+        .spawn(move || {
+            let _ = tx.send(lookup(&name));
+        })?;
+    match rx.recv_timeout(within) {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "no DNS answer for {netloc} within {} s",
+                within.as_secs_f32()
+            ),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,6 +302,54 @@ mod tests {
             default_sandbox_name("alice", Path::new("/home/alice/other"))
         );
         assert!(validate_name(&n).is_ok());
+    }
+
+    #[test]
+    fn a_private_lock_excludes_and_refuses_links() {
+        let dir = std::env::temp_dir().join(format!("aibox-core-lock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("x.lock");
+        let held = lock_private_file(&p).unwrap();
+        // A second open file description must not get the lock while held.
+        let other = std::fs::File::open(&p).unwrap();
+        let again = nix::fcntl::Flock::lock(other, nix::fcntl::FlockArg::LockExclusiveNonblock);
+        assert!(again.is_err(), "a second holder got the lock");
+        drop(held);
+        let other = std::fs::File::open(&p).unwrap();
+        assert!(
+            nix::fcntl::Flock::lock(other, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok()
+        );
+        let link = dir.join("link.lock");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        assert!(lock_private_file(&link).is_err(), "followed a link");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_lookup_that_hangs_is_given_up() {
+        let t0 = std::time::Instant::now();
+        let e = resolve_with(
+            "hang.invalid:443",
+            std::time::Duration::from_millis(200),
+            |_| {
+                std::thread::sleep(std::time::Duration::from_secs(30));
+                Ok(Vec::new())
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(e.to_string().contains("hang.invalid:443"), "{e}");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10));
+        // Answers within the deadline, and literal addresses, come through.
+        let ok = resolve_with("quick.test:80", std::time::Duration::from_secs(5), |_| {
+            Ok(vec!["192.0.2.7:80".parse().unwrap()])
+        })
+        .unwrap();
+        assert_eq!(ok, vec!["192.0.2.7:80".parse().unwrap()]);
+        let lit = resolve_within("[::1]:9", std::time::Duration::from_millis(1)).unwrap();
+        assert_eq!(lit, vec!["[::1]:9".parse().unwrap()]);
+        assert!(resolve_within("localhost:80", std::time::Duration::from_secs(5)).is_ok());
     }
 
     #[test]

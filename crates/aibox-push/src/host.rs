@@ -240,13 +240,22 @@ pub fn import(
     let repo = q.repo_for(key);
     // One import per remote at a time: fetches into one repository would
     // fight over its ref locks.
-    let lock = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(repo.with_extension("lock"))
-        .ok()
-        .and_then(|f| nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).ok());
+    let lock_path = repo.with_extension("lock");
+    let locked = match lock_path.parent() {
+        Some(d) => std::fs::create_dir_all(d),
+        None => Ok(()),
+    }
+    .and_then(|()| aibox_core::lock_private_file(&lock_path));
+    let lock = match locked {
+        Ok(l) => l,
+        Err(source) => {
+            let _ = std::fs::remove_file(bundle);
+            return Err(PushError::Io {
+                path: lock_path.display().to_string(),
+                source,
+            });
+        }
+    };
     let r = import_inner(q, id, sandbox, key, ask, bundle, remote);
     drop(lock);
     let _ = std::fs::remove_file(bundle);

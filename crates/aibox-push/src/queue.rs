@@ -249,19 +249,7 @@ impl Queue {
     pub fn lock(&self, id: &str) -> Result<nix::fcntl::Flock<fs::File>, PushError> {
         check_id(id)?;
         let path = self.dir.join(format!("{id}.lock"));
-        let f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io(&path))?;
-        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| {
-            PushError::Io {
-                path: path.display().to_string(),
-                source: std::io::Error::from(e),
-            }
-        })
+        aibox_core::lock_private_file(&path).map_err(io(&path))
     }
 }
 

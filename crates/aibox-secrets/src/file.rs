@@ -310,22 +310,7 @@ impl FileStore {
         let p = PathBuf::from(p);
         private_dir(&p)?;
         check_dir(&p)?;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&p)
-            .map_err(io("opening", &p))?;
-        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| {
-            Error::Io {
-                what: "locking",
-                path: p,
-                source: std::io::Error::from(e),
-            }
-        })
+        aibox_core::lock_private_file(&p).map_err(io("locking", &p))
     }
 
     /// The data key and contents; None when neither file exists yet.

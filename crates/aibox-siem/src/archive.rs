@@ -521,6 +521,7 @@ impl Archive {
                 .timeout_connect(TIMEOUT)
                 .timeout_read(TIMEOUT)
                 .timeout_write(TIMEOUT)
+                .resolver(|n: &str| aibox_core::resolve_within(n, TIMEOUT))
                 .redirects(0)
                 .build(),
             target: format!("{} {} {prefix}", c.endpoint, c.bucket),
@@ -1354,23 +1355,13 @@ pub struct UploadReport {
 
 /// Holds an exclusive lock on `<cursor>.lock` while it lives.
 fn lock_cursor(cursor: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, String> {
-    use std::os::unix::fs::OpenOptionsExt;
     let mut name = cursor.as_os_str().to_owned();
     name.push(".lock");
     let p = PathBuf::from(name);
     if let Some(d) = p.parent() {
         std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
     }
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&p)
-        .map_err(|e| format!("{}: {e}", p.display()))?;
-    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| format!("locking {}: {e}", p.display()))
+    aibox_core::lock_private_file(&p).map_err(|e| format!("locking {}: {e}", p.display()))
 }
 
 /// `url` signed (AWS Signature Version 4, query form) for `method` at

@@ -10,7 +10,7 @@
 //! its `seq` and `hash` to deduplicate on).
 
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::net::{TcpStream, ToSocketAddrs, UdpSocket};
+use std::net::{TcpStream, UdpSocket};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -316,12 +316,22 @@ impl Syslog {
         })
     }
 
-    fn connect(&self) -> Result<Stream, String> {
-        let addr = (self.host.as_str(), self.port)
-            .to_socket_addrs()
+    /// The collector's first address, looked up with a deadline.
+    fn address(&self) -> Result<std::net::SocketAddr, String> {
+        let netloc = if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        };
+        aibox_core::resolve_within(&netloc, TIMEOUT)
             .map_err(|e| format!("resolving {}: {e}", self.host))?
+            .into_iter()
             .next()
-            .ok_or_else(|| format!("{} has no address", self.host))?;
+            .ok_or_else(|| format!("{} has no address", self.host))
+    }
+
+    fn connect(&self) -> Result<Stream, String> {
+        let addr = self.address()?;
         let s = TcpStream::connect_timeout(&addr, TIMEOUT)
             .map_err(|e| format!("connecting to {addr}: {e}"))?;
         let _ = s.set_write_timeout(Some(TIMEOUT));
@@ -348,13 +358,14 @@ impl Syslog {
 impl Deliver for Syslog {
     fn deliver(&mut self, lines: &[&str]) -> Result<(), String> {
         if self.transport == Transport::Udp {
-            let sock = UdpSocket::bind(if self.host.contains(':') {
+            let addr = self.address()?;
+            let sock = UdpSocket::bind(if addr.is_ipv6() {
                 "[::]:0"
             } else {
                 "0.0.0.0:0"
             })
             .map_err(|e| e.to_string())?;
-            sock.connect((self.host.as_str(), self.port))
+            sock.connect(addr)
                 .map_err(|e| format!("{}:{}: {e}", self.host, self.port))?;
             for l in lines {
                 let m = rfc5424(l, self.facility, &self.hostname);
@@ -417,6 +428,7 @@ impl Http {
             agent: ureq::AgentBuilder::new()
                 .tls_config(tls_config(&c.ca_file)?)
                 .timeout(TIMEOUT)
+                .resolver(|n: &str| aibox_core::resolve_within(n, TIMEOUT))
                 .redirects(0)
                 .build(),
         })

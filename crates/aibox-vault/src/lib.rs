@@ -259,6 +259,7 @@ impl Client {
             ureq::AgentBuilder::new()
                 .tls_config(tls.clone())
                 .timeout(t)
+                .resolver(move |n: &str| aibox_core::resolve_within(n, t))
                 .redirects(0)
                 .build()
         };
