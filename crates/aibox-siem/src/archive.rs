@@ -875,7 +875,11 @@ impl Archive {
             }
             if let Some((k, v)) = &marker {
                 q.push(("key-marker", k.as_str()));
-                q.push(("version-id-marker", v.as_str()));
+                // S3 refuses an empty version marker (a page that ended
+                // on a folder has none).
+                if !v.is_empty() {
+                    q.push(("version-id-marker", v.as_str()));
+                }
             }
             let what = format!("listing versions in {}", self.label);
             let r = answer(
