@@ -66,20 +66,42 @@ fn flags() -> AddWatchFlags {
         | AddWatchFlags::IN_MOVED_TO
         | AddWatchFlags::IN_CREATE
         | AddWatchFlags::IN_ONLYDIR
-        | AddWatchFlags::IN_DONT_FOLLOW
 }
 
 impl Watcher {
-    /// Watches `dir` and every directory below it (not following links).
+    /// Watches `root/rel` and every directory below it.
+    ///
+    /// Each directory is opened beneath `root` with no link followed
+    /// anywhere on the way (`openat2`), then watched and listed through
+    /// that descriptor. The sandbox can swap a directory for a link to a
+    /// host directory at any moment; a walk by path name would then
+    /// watch, list and log that host directory as if it were workspace.
     fn add_tree(&mut self, root: &Path, rel: PathBuf) {
+        use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+        use std::os::fd::AsRawFd;
+        let dir_flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+        let Ok(root_fd) = nix::fcntl::open(root, dir_flags, nix::sys::stat::Mode::empty()) else {
+            return;
+        };
+        let how = OpenHow::new()
+            .flags(dir_flags | OFlag::O_NOFOLLOW)
+            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
         let mut stack = vec![rel];
         while let Some(rel) = stack.pop() {
             if self.dirs.len() >= MAX_DIRS {
                 self.full = true;
                 return;
             }
-            let abs = root.join(&rel);
-            match self.fd.add_watch(&abs, flags()) {
+            let dir = if rel.as_os_str().is_empty() {
+                root_fd.try_clone().ok()
+            } else {
+                nix::fcntl::openat2(&root_fd, &rel, how).ok()
+            };
+            let Some(dir) = dir else { continue };
+            // The descriptor's own directory (a magic link, so no
+            // IN_DONT_FOLLOW in `flags`).
+            let own = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+            match self.fd.add_watch(&own, flags()) {
                 Ok(wd) => {
                     self.dirs.insert(wd, rel.clone());
                 }
@@ -89,7 +111,7 @@ impl Watcher {
                 }
                 Err(_) => continue,
             }
-            let Ok(entries) = std::fs::read_dir(&abs) else {
+            let Ok(entries) = std::fs::read_dir(&own) else {
                 continue;
             };
             for e in entries.flatten() {
@@ -317,6 +339,46 @@ mod tests {
             has(EventType::FileWrite, "/workspace/a.txt", "delete"),
             "{seen:?}"
         );
+    }
+
+    #[test]
+    fn links_in_the_tree_are_not_followed() {
+        let ws = tempfile::tempdir().unwrap();
+        let host = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(host.path().join("inner")).unwrap();
+        std::fs::create_dir(ws.path().join("real")).unwrap();
+        // What a sandbox leaves after swapping a directory for a link:
+        // the walk is asked for `swapped/inner` (a directory it saw
+        // created there a moment ago), and for `swapped` itself.
+        std::os::unix::fs::symlink(host.path(), ws.path().join("swapped")).unwrap();
+        let mut w = Watcher {
+            fd: Inotify::init(InitFlags::IN_CLOEXEC).unwrap(),
+            dirs: HashMap::new(),
+            full: false,
+        };
+        w.add_tree(ws.path(), PathBuf::new());
+        w.add_tree(ws.path(), PathBuf::from("swapped/inner"));
+        w.add_tree(ws.path(), PathBuf::from("swapped"));
+        w.add_tree(ws.path(), PathBuf::from("../"));
+        let mut watched: Vec<String> = w.dirs.values().map(|p| p.display().to_string()).collect();
+        watched.sort();
+        assert_eq!(watched, ["", "real"]);
+        // Nothing in the host directory reaches the watch.
+        std::fs::write(host.path().join("inner/secret"), "x").unwrap();
+        std::fs::write(ws.path().join("real/file"), "x").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        // (The walk's own listings show up as directory events.)
+        let named: Vec<_> =
+            w.fd.read_events()
+                .unwrap()
+                .into_iter()
+                .filter(|ev| !ev.mask.contains(AddWatchFlags::IN_ISDIR))
+                .collect();
+        assert!(!named.is_empty());
+        for ev in named {
+            assert_eq!(w.dirs.get(&ev.wd).unwrap(), Path::new("real"), "{ev:?}");
+            assert_eq!(ev.name.as_deref(), Some(OsStr::new("file")), "{ev:?}");
+        }
     }
 
     #[test]
