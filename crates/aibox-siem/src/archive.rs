@@ -1128,6 +1128,13 @@ impl Archive {
             match self.lock_state(entry, &key, &lock, expect_lock, floor, now, &mut rep) {
                 LockState::Held => {
                     rep.locked += 1;
+                    if lock
+                        .0
+                        .as_deref()
+                        .is_some_and(|m| m.eq_ignore_ascii_case("GOVERNANCE"))
+                    {
+                        rep.governance += 1;
+                    }
                     if let Some(u) = lock.1 {
                         rep.retained_until = rep.retained_until.max(Some(u));
                     }
@@ -1428,6 +1435,10 @@ pub struct RemoteReport {
     pub checked: usize,
     /// Of those, how many are under object lock.
     pub locked: usize,
+    /// Of those under lock, how many in governance mode, which users
+    /// allowed to bypass governance retention can lift (compliance mode
+    /// cannot be lifted by anyone).
+    pub governance: usize,
     /// Of those, how many were locked for a retention that has ended.
     pub expired: usize,
     /// Why the bucket could not be compared (then nothing else here

@@ -373,7 +373,7 @@ fn verify(
                     );
                 } else if let Some(r) = &remote {
                     println!(
-                        "  archive: {} of {} segments in {}, {}{}{}",
+                        "  archive: {} of {} segments in {}, {}{}{}{}",
                         r.checked,
                         cps.segments.sealed,
                         r.bucket,
@@ -388,6 +388,14 @@ fn verify(
                             .as_ref()
                             .map(|u| format!(" until {u}"))
                             .unwrap_or_default(),
+                        if r.governance > 0 {
+                            format!(
+                                " ({} in governance mode: users allowed to bypass governance retention can remove them; compliance mode cannot be lifted)",
+                                r.governance
+                            )
+                        } else {
+                            String::new()
+                        },
                         if r.expired > 0 {
                             format!(", {} whose retention has ended", r.expired)
                         } else {

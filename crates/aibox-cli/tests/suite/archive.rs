@@ -578,5 +578,23 @@ backend_test!(
         let (good, out) = verify(&c, "refused");
         assert!(!good, "{out}");
         assert!(out.contains("does not have the sealed bytes"), "{out}");
+
+        // Governance mode: archived under lock, and verify says which
+        // mode (governance retention can be lifted by privileged users).
+        m.py("s3.create_bucket(Bucket='gov', ObjectLockEnabledForBucket=True)");
+        std::fs::write(&c.config, &base).unwrap();
+        s3_config(&c, m.port, "gov", ", lock_mode: governance");
+        ok(&c.out(&["run", "-w", &ws, "--name", "gov", "--", "true"]));
+        let (good, out) = verify(&c, "gov");
+        assert!(good, "{out}");
+        assert!(
+            out.contains("1 under object lock until") && out.contains("(1 in governance mode"),
+            "{out}"
+        );
+        let mode = m.py(
+            "k = next(o['Key'] for o in s3.list_objects_v2(Bucket='gov')['Contents'] if o['Key'].endswith('.jsonl'))\n\
+             print(s3.head_object(Bucket='gov', Key=k)['ObjectLockMode'])",
+        );
+        assert_eq!(mode.trim(), "GOVERNANCE");
     }
 );
