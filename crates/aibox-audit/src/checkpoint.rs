@@ -139,34 +139,45 @@ pub fn public_key_path(path: &Path) -> PathBuf {
 
 impl Signer {
     /// Loads the key at `path`, creating it (and its public half) if it
-    /// does not exist. The file must be 0600.
+    /// does not exist. The file must be 0600. Starts racing to create it
+    /// end up with the same key.
     pub fn load_or_create(path: &Path) -> Result<Signer, AuditError> {
         let bad = |reason: String| AuditError::Key {
             path: path.display().to_string(),
             reason,
         };
-        let key = match std::fs::read_to_string(path) {
-            Ok(text) => {
-                let meta = std::fs::metadata(path).map_err(io(path))?;
-                if meta.permissions().mode() & 0o077 != 0 {
-                    return Err(bad("readable by others; chmod 600 it".into()));
+        // Twice at most: a start beside this one may create the key first.
+        let mut tries = 0;
+        let key = loop {
+            tries += 1;
+            break match std::fs::read_to_string(path) {
+                Ok(text) => {
+                    let meta = std::fs::metadata(path).map_err(io(path))?;
+                    if meta.permissions().mode() & 0o077 != 0 {
+                        return Err(bad("readable by others; chmod 600 it".into()));
+                    }
+                    let raw = hex::decode(text.trim()).map_err(|_| bad("not a hex key".into()))?;
+                    let seed: [u8; 32] = raw
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| bad("not a 32-byte key".into()))?;
+                    SigningKey::from_bytes(&seed)
                 }
-                let raw = hex::decode(text.trim()).map_err(|_| bad("not a hex key".into()))?;
-                let seed: [u8; 32] = raw
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| bad("not a 32-byte key".into()))?;
-                SigningKey::from_bytes(&seed)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut seed = zeroize::Zeroizing::new([0u8; 32]);
-                getrandom::getrandom(seed.as_mut_slice())
-                    .map_err(|e| bad(format!("no randomness: {e}")))?;
-                let text = zeroize::Zeroizing::new(hex::encode(seed.as_slice()));
-                aibox_core::create_private_file(path, text.as_bytes()).map_err(io(path))?;
-                SigningKey::from_bytes(&seed)
-            }
-            Err(e) => return Err(io(path)(e)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+                    getrandom::getrandom(seed.as_mut_slice())
+                        .map_err(|e| bad(format!("no randomness: {e}")))?;
+                    let text = zeroize::Zeroizing::new(hex::encode(seed.as_slice()));
+                    match aibox_core::create_private_file(path, text.as_bytes()) {
+                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 2 => {
+                            continue;
+                        }
+                        r => r.map_err(io(path))?,
+                    }
+                    SigningKey::from_bytes(&seed)
+                }
+                Err(e) => return Err(io(path)(e)),
+            };
         };
         let public = public_key_path(path);
         let want = hex::encode(key.verifying_key().as_bytes());
@@ -181,7 +192,9 @@ impl Signer {
                 )));
             }
             Err(_) => {
-                std::fs::write(&public, &want).map_err(io(&public))?;
+                // Written whole (beside it, then renamed): a start beside
+                // this one reads it at the same moment.
+                aibox_core::replace_private_file(&public, want.as_bytes()).map_err(io(&public))?;
                 let _ = std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o644));
             }
         }
@@ -355,4 +368,32 @@ pub fn read_checkpoints(path: &Path) -> Result<Vec<CheckpointLine>, AuditError> 
         out.push(serde_json::from_str(&line).map_err(|e| (i as u64, e.to_string())));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starts_racing_to_create_the_key_share_it() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("cfg/audit-signing.key");
+            let ids: Vec<String> = std::thread::scope(|s| {
+                let hs: Vec<_> = (0..6)
+                    .map(|_| s.spawn(|| Signer::load_or_create(&path).map(|k| k.key_id)))
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
+            });
+            assert!(ids.iter().all(|i| *i == ids[0]), "{ids:?}");
+            let again = Signer::load_or_create(&path).unwrap();
+            assert_eq!(again.key_id, ids[0]);
+            // Nothing left beside them.
+            let names: Vec<String> = std::fs::read_dir(dir.path().join("cfg"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            assert_eq!(names.len(), 2, "{names:?}");
+        }
+    }
 }

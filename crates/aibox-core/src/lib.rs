@@ -178,6 +178,16 @@ pub fn default_user_config() -> PathBuf {
 /// System-wide config file, below the user's.
 pub const SYSTEM_CONFIG: &str = "/etc/aibox/config.yaml";
 
+/// A temporary name beside `path`, unique to this process and call (two
+/// threads writing one file must not share it).
+fn beside(path: &Path, what: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{what}.{}.{n}", std::process::id()));
+    PathBuf::from(name)
+}
+
 /// Replaces `path` with `contents` atomically (a temporary file beside it,
 /// then a rename), readable by its owner only, synced. Neither the
 /// temporary file nor `path` is ever written through a symbolic link (a
@@ -185,9 +195,7 @@ pub const SYSTEM_CONFIG: &str = "/etc/aibox/config.yaml";
 pub fn replace_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut name = path.as_os_str().to_owned();
-    name.push(format!(".tmp.{}", std::process::id()));
-    let tmp = PathBuf::from(name);
+    let tmp = beside(path, "tmp");
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -204,22 +212,30 @@ pub fn replace_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()>
 }
 
 /// Creates `path` (which must not exist) readable by its owner only,
-/// writes `contents` and syncs it: how aibox writes the keys it makes.
-/// Never through a symbolic link.
+/// with `contents`, synced: how aibox writes the keys it makes. The file
+/// appears whole (written beside it, then hard-linked into place), so a
+/// process starting at the same moment never reads it half-written; when
+/// another one created it first the error is `AlreadyExists` and its file
+/// stays. Never through a symbolic link.
 pub fn create_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d)?;
     }
-    let mut f = std::fs::OpenOptions::new()
+    let tmp = beside(path, "new");
+    let _ = std::fs::remove_file(&tmp);
+    let made = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?;
-    f.write_all(contents)?;
-    f.sync_all()
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(contents).and_then(|()| f.sync_all()))
+        // link(2) fails on an existing name, a link there included.
+        .and_then(|()| std::fs::hard_link(&tmp, path));
+    let _ = std::fs::remove_file(&tmp);
+    made
 }
 
 /// Holds an exclusive `flock` on `path` (created, owner-only, never
@@ -259,19 +275,38 @@ fn resolve_with(
     within: std::time::Duration,
     lookup: fn(&str) -> std::io::Result<Vec<std::net::SocketAddr>>,
 ) -> std::io::Result<Vec<std::net::SocketAddr>> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    /// Lookups still running (answered or not); past the cap a resolver
+    /// that hangs for good would leave a thread behind per retry.
+    static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+    const MAX_IN_FLIGHT: usize = 32;
     // An address needs no lookup (and no thread).
     if let Ok(a) = netloc.parse::<std::net::SocketAddr>() {
         return Ok(vec![a]);
+    }
+    if IN_FLIGHT.fetch_add(1, Ordering::SeqCst) >= MAX_IN_FLIGHT {
+        IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "no DNS lookup for {netloc}: {MAX_IN_FLIGHT} earlier lookups are still unanswered (the system's resolver is not answering)"
+            ),
+        ));
     }
     let (tx, rx) = std::sync::mpsc::channel();
     let name = netloc.to_string();
     // The lookup cannot be cancelled: a thread that outlives the deadline
     // ends when the system's resolver gives up, and its answer is dropped.
-    std::thread::Builder::new()
+    let spawned = std::thread::Builder::new()
         .name("aibox-dns".into())
         .spawn(move || {
             let _ = tx.send(lookup(&name));
-        })?;
+            IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+        });
+    if let Err(e) = spawned {
+        IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+        return Err(e);
+    }
     match rx.recv_timeout(within) {
         Ok(r) => r,
         Err(_) => Err(std::io::Error::new(

@@ -242,7 +242,13 @@ pub fn import(
     // fight over its ref locks.
     let lock_path = repo.with_extension("lock");
     let locked = match lock_path.parent() {
-        Some(d) => std::fs::create_dir_all(d),
+        Some(d) => {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)
+        }
         None => Ok(()),
     }
     .and_then(|()| aibox_core::lock_private_file(&lock_path));

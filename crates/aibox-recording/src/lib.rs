@@ -148,7 +148,11 @@ impl RecordingKey {
         if !path.exists() {
             let key = Zeroizing::new(random::<32>()?);
             let text = Zeroizing::new(hex::encode(key.as_slice()));
-            aibox_core::create_private_file(path, text.as_bytes()).map_err(io(path))?;
+            match aibox_core::create_private_file(path, text.as_bytes()) {
+                // Another start made it a moment ago: that key it is.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                r => r.map_err(io(path))?,
+            }
         }
         Self::load(path)
     }
@@ -646,6 +650,21 @@ mod tests {
             size: (80, 24),
             input,
             env: vec![("TERM".into(), "xterm".into())],
+        }
+    }
+
+    #[test]
+    fn starts_racing_to_create_the_key_share_it() {
+        for _ in 0..20 {
+            let d = tempfile::tempdir().unwrap();
+            let path = d.path().join("recording.key");
+            let ids: Vec<String> = std::thread::scope(|s| {
+                let hs: Vec<_> = (0..6)
+                    .map(|_| s.spawn(|| RecordingKey::load_or_create(&path).map(|k| k.id)))
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
+            });
+            assert!(ids.iter().all(|i| *i == ids[0]), "{ids:?}");
         }
     }
 

@@ -316,24 +316,41 @@ impl Syslog {
         })
     }
 
-    /// The collector's first address, looked up with a deadline.
-    fn address(&self) -> Result<std::net::SocketAddr, String> {
-        let netloc = if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
+    /// The collector's addresses: a name looked up with a deadline, IPv4
+    /// first (a name such as `localhost` often lists `::1` first, and
+    /// collectors often listen on IPv4 only); an IPv6 literal (zone ids
+    /// included) as it is, with no lookup.
+    fn addresses(&self) -> Result<Vec<std::net::SocketAddr>, String> {
+        let mut addrs: Vec<std::net::SocketAddr> = if self.host.contains(':') {
+            std::net::ToSocketAddrs::to_socket_addrs(&(self.host.as_str(), self.port))
+                .map_err(|e| format!("{}: {e}", self.host))?
+                .collect()
         } else {
-            format!("{}:{}", self.host, self.port)
+            aibox_core::resolve_within(&format!("{}:{}", self.host, self.port), TIMEOUT)
+                .map_err(|e| format!("resolving {}: {e}", self.host))?
         };
-        aibox_core::resolve_within(&netloc, TIMEOUT)
-            .map_err(|e| format!("resolving {}: {e}", self.host))?
-            .into_iter()
-            .next()
-            .ok_or_else(|| format!("{} has no address", self.host))
+        addrs.sort_by_key(std::net::SocketAddr::is_ipv6);
+        if addrs.is_empty() {
+            return Err(format!("{} has no address", self.host));
+        }
+        Ok(addrs)
     }
 
+    /// A TCP connection to the first of the collector's addresses that
+    /// takes one.
     fn connect(&self) -> Result<Stream, String> {
-        let addr = self.address()?;
-        let s = TcpStream::connect_timeout(&addr, TIMEOUT)
-            .map_err(|e| format!("connecting to {addr}: {e}"))?;
+        let mut last = String::new();
+        let mut connected = None;
+        for addr in self.addresses()? {
+            match TcpStream::connect_timeout(&addr, TIMEOUT) {
+                Ok(s) => {
+                    connected = Some(s);
+                    break;
+                }
+                Err(e) => last = format!("connecting to {addr}: {e}"),
+            }
+        }
+        let s = connected.ok_or(last)?;
         let _ = s.set_write_timeout(Some(TIMEOUT));
         match &self.tls {
             None => Ok(Stream::Plain(s)),
@@ -358,15 +375,24 @@ impl Syslog {
 impl Deliver for Syslog {
     fn deliver(&mut self, lines: &[&str]) -> Result<(), String> {
         if self.transport == Transport::Udp {
-            let addr = self.address()?;
-            let sock = UdpSocket::bind(if addr.is_ipv6() {
-                "[::]:0"
-            } else {
-                "0.0.0.0:0"
-            })
-            .map_err(|e| e.to_string())?;
-            sock.connect(addr)
-                .map_err(|e| format!("{}:{}: {e}", self.host, self.port))?;
+            // The first address a socket of its family can be connected to.
+            let mut last = String::new();
+            let mut connected = None;
+            for addr in self.addresses()? {
+                let bound = UdpSocket::bind(if addr.is_ipv6() {
+                    "[::]:0"
+                } else {
+                    "0.0.0.0:0"
+                });
+                match bound.and_then(|s| s.connect(addr).map(|()| s)) {
+                    Ok(s) => {
+                        connected = Some(s);
+                        break;
+                    }
+                    Err(e) => last = format!("{addr}: {e}"),
+                }
+            }
+            let sock = connected.ok_or(last)?;
             for l in lines {
                 let m = rfc5424(l, self.facility, &self.hostname);
                 let b = &m.as_bytes()[..m.len().min(UDP_MAX)];

@@ -57,6 +57,51 @@ struct Watcher {
     fd: Inotify,
     dirs: HashMap<WatchDescriptor, PathBuf>,
     full: bool,
+    /// A directory that could not be watched for another reason than
+    /// being gone or not a directory (said once in the log).
+    missed: Option<String>,
+}
+
+/// Opens the directory `rel` beneath `root` with no link followed on the
+/// way. Kernels before 5.6 lack `openat2`: there, one component at a
+/// time, none of them a link.
+fn open_beneath(root: &std::os::fd::OwnedFd, rel: &Path) -> nix::Result<std::os::fd::OwnedFd> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
+    let how = OpenHow::new()
+        .flags(flags)
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
+    match nix::fcntl::openat2(root, rel, how) {
+        Err(nix::errno::Errno::ENOSYS) => open_by_components(root, rel),
+        r => r,
+    }
+}
+
+/// [`open_beneath`] without `openat2`.
+fn open_by_components(
+    root: &std::os::fd::OwnedFd,
+    rel: &Path,
+) -> nix::Result<std::os::fd::OwnedFd> {
+    use nix::fcntl::OFlag;
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
+    let mut cur = root.try_clone().map_err(|_| nix::errno::Errno::EBADF)?;
+    for c in rel.components() {
+        let std::path::Component::Normal(name) = c else {
+            return Err(nix::errno::Errno::EXDEV);
+        };
+        cur = nix::fcntl::openat(&cur, name, flags, nix::sys::stat::Mode::empty())?;
+    }
+    Ok(cur)
+}
+
+/// Errors that only mean the directory went away or is no directory
+/// (or, for `ELOOP`/`EXDEV`, was swapped for a link): nothing to report.
+fn vanished(e: nix::errno::Errno) -> bool {
+    use nix::errno::Errno;
+    matches!(
+        e,
+        Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP | Errno::EXDEV
+    )
 }
 
 fn flags() -> AddWatchFlags {
@@ -77,15 +122,16 @@ impl Watcher {
     /// host directory at any moment; a walk by path name would then
     /// watch, list and log that host directory as if it were workspace.
     fn add_tree(&mut self, root: &Path, rel: PathBuf) {
-        use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+        use nix::fcntl::OFlag;
         use std::os::fd::AsRawFd;
         let dir_flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
-        let Ok(root_fd) = nix::fcntl::open(root, dir_flags, nix::sys::stat::Mode::empty()) else {
-            return;
+        let root_fd = match nix::fcntl::open(root, dir_flags, nix::sys::stat::Mode::empty()) {
+            Ok(fd) => fd,
+            Err(e) => {
+                self.missed = Some(format!("opening {}: {e}", root.display()));
+                return;
+            }
         };
-        let how = OpenHow::new()
-            .flags(dir_flags | OFlag::O_NOFOLLOW)
-            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
         let mut stack = vec![rel];
         while let Some(rel) = stack.pop() {
             if self.dirs.len() >= MAX_DIRS {
@@ -93,11 +139,19 @@ impl Watcher {
                 return;
             }
             let dir = if rel.as_os_str().is_empty() {
-                root_fd.try_clone().ok()
+                root_fd.try_clone().map_err(|_| nix::errno::Errno::EBADF)
             } else {
-                nix::fcntl::openat2(&root_fd, &rel, how).ok()
+                open_beneath(&root_fd, &rel)
             };
-            let Some(dir) = dir else { continue };
+            let dir = match dir {
+                Ok(d) => d,
+                Err(e) => {
+                    if !vanished(e) {
+                        self.missed = Some(format!("{}: {e}", rel.display()));
+                    }
+                    continue;
+                }
+            };
             // The descriptor's own directory (a magic link, so no
             // IN_DONT_FOLLOW in `flags`).
             let own = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
@@ -109,7 +163,12 @@ impl Watcher {
                     self.full = true;
                     return;
                 }
-                Err(_) => continue,
+                Err(e) => {
+                    if !vanished(e) {
+                        self.missed = Some(format!("watching {}: {e}", rel.display()));
+                    }
+                    continue;
+                }
             }
             let Ok(entries) = std::fs::read_dir(&own) else {
                 continue;
@@ -205,9 +264,17 @@ fn run(workspace: &Path, emit: &Emit) -> Result<(), String> {
         fd,
         dirs: HashMap::new(),
         full: false,
+        missed: None,
     };
     w.add_tree(workspace, PathBuf::new());
+    if w.dirs.is_empty() {
+        return Err(format!(
+            "the workspace could not be watched ({})",
+            w.missed.as_deref().unwrap_or("no directory was watchable")
+        ));
+    }
     let mut warned = false;
+    let mut warned_missed = false;
     let mut thin = Thinner {
         last: HashMap::new(),
         second: Instant::now(),
@@ -215,6 +282,18 @@ fn run(workspace: &Path, emit: &Emit) -> Result<(), String> {
         suppressed: HashMap::new(),
     };
     loop {
+        if let Some(e) = w.missed.take()
+            && !warned_missed
+        {
+            warned_missed = true;
+            emit(
+                EventType::FileWrite,
+                Severity::Warning,
+                json!({"path": GUEST, "op": "partially-watched", "observed": "workspace",
+                       "watched_dirs": w.dirs.len(),
+                       "error": format!("a directory could not be watched, file events below it are not recorded: {e}")}),
+            );
+        }
         if w.full && !warned {
             warned = true;
             emit(
@@ -355,6 +434,7 @@ mod tests {
             fd: Inotify::init(InitFlags::IN_CLOEXEC).unwrap(),
             dirs: HashMap::new(),
             full: false,
+            missed: None,
         };
         w.add_tree(ws.path(), PathBuf::new());
         w.add_tree(ws.path(), PathBuf::from("swapped/inner"));
@@ -363,6 +443,21 @@ mod tests {
         let mut watched: Vec<String> = w.dirs.values().map(|p| p.display().to_string()).collect();
         watched.sort();
         assert_eq!(watched, ["", "real"]);
+        assert!(w.missed.is_none(), "{:?}", w.missed);
+        // The walk kernels without openat2 get refuses the same.
+        let root = nix::fcntl::open(
+            ws.path(),
+            nix::fcntl::OFlag::O_DIRECTORY,
+            nix::sys::stat::Mode::empty(),
+        )
+        .unwrap();
+        assert!(open_by_components(&root, Path::new("real")).is_ok());
+        for bad in ["swapped", "swapped/inner", "../", "real/../../"] {
+            assert!(
+                open_by_components(&root, Path::new(bad)).is_err(),
+                "{bad} opened"
+            );
+        }
         // Nothing in the host directory reaches the watch.
         std::fs::write(host.path().join("inner/secret"), "x").unwrap();
         std::fs::write(ws.path().join("real/file"), "x").unwrap();
