@@ -194,8 +194,7 @@ impl Signer {
             Err(_) => {
                 // Written whole (beside it, then renamed): a start beside
                 // this one reads it at the same moment.
-                aibox_core::replace_private_file(&public, want.as_bytes()).map_err(io(&public))?;
-                let _ = std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o644));
+                aibox_core::replace_file(&public, want.as_bytes(), 0o644).map_err(io(&public))?;
             }
         }
         let key_id = key_id(&key.verifying_key());

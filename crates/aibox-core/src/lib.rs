@@ -178,14 +178,55 @@ pub fn default_user_config() -> PathBuf {
 /// System-wide config file, below the user's.
 pub const SYSTEM_CONFIG: &str = "/etc/aibox/config.yaml";
 
-/// A temporary name beside `path`, unique to this process and call (two
-/// threads writing one file must not share it).
+/// A temporary name beside `path` that no other writer picks: pid and a
+/// counter are not enough (pids repeat across pid namespaces, and a
+/// config directory can be shared by several hosts), so a per-process
+/// random value goes in too.
 fn beside(path: &Path, what: &str) -> PathBuf {
+    use std::hash::{BuildHasher, Hasher};
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // RandomState's keys come from the OS's random source.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(n);
     let mut name = path.as_os_str().to_owned();
-    name.push(format!(".{what}.{}.{n}", std::process::id()));
+    name.push(format!(
+        ".{what}.{}.{n}.{:016x}",
+        std::process::id(),
+        h.finish()
+    ));
     PathBuf::from(name)
+}
+
+/// A new file at the unused name `tmp` (mode `mode`, never through a
+/// link) holding `contents`, synced. A name already taken is reported as
+/// an ordinary error, not `AlreadyExists`, which callers read as "the
+/// target exists".
+fn write_new(tmp: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(tmp)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                std::io::Error::other(format!("{} is taken", tmp.display()))
+            } else {
+                e
+            }
+        })?;
+    // (The umask may have narrowed the mode asked for.)
+    let written = f
+        .set_permissions(std::fs::Permissions::from_mode(mode))
+        .and_then(|()| f.write_all(contents))
+        .and_then(|()| f.sync_all());
+    if written.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    written
 }
 
 /// Replaces `path` with `contents` atomically (a temporary file beside it,
@@ -193,22 +234,17 @@ fn beside(path: &Path, what: &str) -> PathBuf {
 /// temporary file nor `path` is ever written through a symbolic link (a
 /// link at `path` is replaced, not followed).
 pub fn replace_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    replace_file(path, contents, 0o600)
+}
+
+/// [`replace_private_file`] with mode `mode` (e.g. 0644 for a public key):
+/// the file has its mode before it appears.
+pub fn replace_file(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
     let tmp = beside(path, "tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)?;
-    let written = f.write_all(contents).and_then(|()| f.sync_data());
-    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
+    write_new(&tmp, contents, mode)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    Ok(())
+    })
 }
 
 /// Creates `path` (which must not exist) readable by its owner only,
@@ -218,24 +254,34 @@ pub fn replace_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()>
 /// another one created it first the error is `AlreadyExists` and its file
 /// stays. Never through a symbolic link.
 pub fn create_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d)?;
     }
     let tmp = beside(path, "new");
+    write_new(&tmp, contents, 0o600)?;
+    // link(2) fails on an existing name, a link there included.
+    let linked = std::fs::hard_link(&tmp, path);
     let _ = std::fs::remove_file(&tmp);
-    let made = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(contents).and_then(|()| f.sync_all()))
-        // link(2) fails on an existing name, a link there included.
-        .and_then(|()| std::fs::hard_link(&tmp, path));
-    let _ = std::fs::remove_file(&tmp);
-    made
+    match linked {
+        // Filesystems without hard links (vfat, some FUSE and CIFS
+        // mounts): the file is made in place, exclusively; a start at the
+        // same moment may then read it before it is whole.
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EPERM | libc::EOPNOTSUPP | libc::ENOSYS | libc::EMLINK)
+            ) =>
+        {
+            write_new(path, contents, 0o600).map_err(|e2| {
+                if std::fs::symlink_metadata(path).is_ok() {
+                    std::io::Error::from(std::io::ErrorKind::AlreadyExists)
+                } else {
+                    e2
+                }
+            })
+        }
+        r => r,
+    }
 }
 
 /// Holds an exclusive `flock` on `path` (created, owner-only, never
@@ -284,8 +330,15 @@ fn resolve_with(
     if let Ok(a) = netloc.parse::<std::net::SocketAddr>() {
         return Ok(vec![a]);
     }
+    /// Gives the slot back however the lookup ends (a panic included).
+    struct Slot;
+    impl Drop for Slot {
+        fn drop(&mut self) {
+            IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
     if IN_FLIGHT.fetch_add(1, Ordering::SeqCst) >= MAX_IN_FLIGHT {
-        IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+        drop(Slot);
         return Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             format!(
@@ -297,16 +350,15 @@ fn resolve_with(
     let name = netloc.to_string();
     // The lookup cannot be cancelled: a thread that outlives the deadline
     // ends when the system's resolver gives up, and its answer is dropped.
-    let spawned = std::thread::Builder::new()
+    let slot = Slot;
+    // (A thread that cannot be spawned drops the closure, and the slot
+    // with it.)
+    std::thread::Builder::new()
         .name("aibox-dns".into())
         .spawn(move || {
+            let _slot = slot;
             let _ = tx.send(lookup(&name));
-            IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
-        });
-    if let Err(e) = spawned {
-        IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
-        return Err(e);
-    }
+        })?;
     match rx.recv_timeout(within) {
         Ok(r) => r,
         Err(_) => Err(std::io::Error::new(
@@ -385,6 +437,78 @@ mod tests {
         let lit = resolve_within("[::1]:9", std::time::Duration::from_millis(1)).unwrap();
         assert_eq!(lit, vec!["[::1]:9".parse().unwrap()]);
         assert!(resolve_within("localhost:80", std::time::Duration::from_secs(5)).is_ok());
+    }
+
+    #[test]
+    fn lookups_left_hanging_are_capped_and_given_back() {
+        let slow = |_: &str| -> std::io::Result<Vec<std::net::SocketAddr>> {
+            std::thread::sleep(std::time::Duration::from_secs(2));
+            Ok(Vec::new())
+        };
+        let quick = |_: &str| -> std::io::Result<Vec<std::net::SocketAddr>> {
+            Ok(vec!["192.0.2.1:1".parse().unwrap()])
+        };
+        let short = std::time::Duration::from_millis(5);
+        let mut capped = 0;
+        for i in 0..40 {
+            let e = resolve_with(&format!("h{i}.invalid:1"), short, slow).unwrap_err();
+            if e.to_string().contains("still unanswered") {
+                capped += 1;
+            }
+        }
+        // (nextest runs each test in a process of its own: the 32 slots
+        // are this test's.)
+        assert_eq!(capped, 8);
+        assert!(
+            resolve_with("q.invalid:1", short, quick)
+                .unwrap_err()
+                .to_string()
+                .contains("still unanswered")
+        );
+        // Once the hung lookups end, their slots are free again.
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        assert!(resolve_with("q.invalid:1", std::time::Duration::from_secs(5), quick).is_ok());
+    }
+
+    #[test]
+    fn keys_appear_whole_and_once() {
+        let dir = std::env::temp_dir().join(format!("aibox-core-key-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let p = dir.join("sub/k");
+        let results: Vec<std::io::Result<()>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8u8)
+                .map(|i| {
+                    let p = &p;
+                    s.spawn(move || create_private_file(p, &[b'a' + i; 4096]))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let won = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(won, 1, "{results:?}");
+        for r in &results {
+            if let Err(e) = r {
+                assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+            }
+        }
+        let body = std::fs::read(&p).unwrap();
+        assert_eq!(body.len(), 4096);
+        assert!(body.iter().all(|b| *b == body[0]));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // Nothing left beside it.
+        assert_eq!(std::fs::read_dir(dir.join("sub")).unwrap().count(), 1);
+        // A public file gets its mode before it appears.
+        let public = dir.join("sub/k.pub");
+        replace_file(&public, b"pub", 0o644).unwrap();
+        assert_eq!(
+            std::fs::metadata(&public).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

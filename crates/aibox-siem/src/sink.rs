@@ -322,6 +322,11 @@ impl Syslog {
     /// included) as it is, with no lookup.
     fn addresses(&self) -> Result<Vec<std::net::SocketAddr>, String> {
         let mut addrs: Vec<std::net::SocketAddr> = if self.host.contains(':') {
+            // Numeric only, so the system's resolver has nothing to look up.
+            let bare = self.host.split('%').next().unwrap_or_default();
+            if bare.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(format!("{} is not an IPv6 address", self.host));
+            }
             std::net::ToSocketAddrs::to_socket_addrs(&(self.host.as_str(), self.port))
                 .map_err(|e| format!("{}: {e}", self.host))?
                 .collect()

@@ -72,7 +72,9 @@ fn open_beneath(root: &std::os::fd::OwnedFd, rel: &Path) -> nix::Result<std::os:
         .flags(flags)
         .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
     match nix::fcntl::openat2(root, rel, how) {
-        Err(nix::errno::Errno::ENOSYS) => open_by_components(root, rel),
+        // (EPERM: a seccomp profile that refuses openat2, as container
+        // engines' default profiles long did.)
+        Err(nix::errno::Errno::ENOSYS | nix::errno::Errno::EPERM) => open_by_components(root, rel),
         r => r,
     }
 }
@@ -83,13 +85,20 @@ fn open_by_components(
     rel: &Path,
 ) -> nix::Result<std::os::fd::OwnedFd> {
     use nix::fcntl::OFlag;
-    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
+    let dir = OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
+    let parts: Vec<_> = rel.components().collect();
     let mut cur = root.try_clone().map_err(|_| nix::errno::Errno::EBADF)?;
-    for c in rel.components() {
+    for (i, c) in parts.iter().enumerate() {
         let std::path::Component::Normal(name) = c else {
             return Err(nix::errno::Errno::EXDEV);
         };
-        cur = nix::fcntl::openat(&cur, name, flags, nix::sys::stat::Mode::empty())?;
+        // Directories on the way need only be searchable, as with openat2.
+        let flags = if i + 1 == parts.len() {
+            dir | OFlag::O_RDONLY
+        } else {
+            dir | OFlag::O_PATH
+        };
+        cur = nix::fcntl::openat(&cur, *name, flags, nix::sys::stat::Mode::empty())?;
     }
     Ok(cur)
 }
@@ -146,7 +155,7 @@ impl Watcher {
             let dir = match dir {
                 Ok(d) => d,
                 Err(e) => {
-                    if !vanished(e) {
+                    if !vanished(e) || rel.as_os_str().is_empty() {
                         self.missed = Some(format!("{}: {e}", rel.display()));
                     }
                     continue;
@@ -161,10 +170,18 @@ impl Watcher {
                 }
                 Err(nix::errno::Errno::ENOSPC) => {
                     self.full = true;
+                    if rel.as_os_str().is_empty() {
+                        self.missed = Some(
+                            "no inotify watch left for this user (raise fs.inotify.max_user_watches)"
+                                .into(),
+                        );
+                    }
                     return;
                 }
                 Err(e) => {
-                    if !vanished(e) {
+                    // (The workspace itself never counts as gone: /proc
+                    // missing is ENOENT too.)
+                    if !vanished(e) || rel.as_os_str().is_empty() {
                         self.missed = Some(format!("watching {}: {e}", rel.display()));
                     }
                     continue;

@@ -427,7 +427,8 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
         network: None,
     };
     let state_json = serde_json::to_string_pretty(&status).unwrap_or_default();
-    if let Err(e) = std::fs::write(&spec.state, &state_json) {
+    // Written whole: `status` and `list` read it at any moment.
+    if let Err(e) = aibox_core::replace_file(&spec.state, state_json.as_bytes(), 0o644) {
         let _ = ipc::send(&launched.control, &ToInit::Shutdown, &[]);
         let _ = nix::sys::wait::waitpid(launched.intermediate, None);
         if let Some(cg) = &spec.sandbox.cgroup {
@@ -531,7 +532,10 @@ fn start_gate(
         let _ = std::fs::create_dir_all(dir);
     }
     let body = serde_json::to_vec_pretty(&merged).map_err(|e| e.to_string())?;
-    std::fs::write(&snapshot, body).map_err(|e| format!("writing {}: {e}", snapshot.display()))?;
+    // Written whole: `aibox policy explain` may read it while a restart
+    // writes it again.
+    aibox_core::replace_file(&snapshot, &body, 0o644)
+        .map_err(|e| format!("writing {}: {e}", snapshot.display()))?;
     let log_path = crate::decisions::path_for(&spec.audit_log);
     crate::decisions::migrate_legacy(&spec.audit_log)
         .map_err(|e| format!("moving the old decision log to {}: {e}", log_path.display()))?;
@@ -785,7 +789,7 @@ fn watch_container(shared: &Arc<Shared>, mut waiter: std::process::Child) {
 
 fn write_state(spec: &SupervisorSpec, status: &Status) -> Result<(), String> {
     let state_json = serde_json::to_string_pretty(status).unwrap_or_default();
-    std::fs::write(&spec.state, &state_json)
+    aibox_core::replace_file(&spec.state, state_json.as_bytes(), 0o644)
         .map_err(|e| format!("writing {}: {e}", spec.state.display()))
 }
 
