@@ -64,6 +64,11 @@ pub struct S3Config {
     pub secret_key_env: String,
     /// Environment variable holding a session token (used when set).
     pub session_token_env: String,
+    /// A credential stored with `aibox auth add NAME --host <endpoint
+    /// host>` whose value is `ACCESS_KEY_ID:SECRET_ACCESS_KEY` (or
+    /// `…:SESSION_TOKEN`): the keys then come from the credential store,
+    /// not the environment.
+    pub credential: String,
     /// `auto` (lock when the bucket has object lock), `required` (refuse a
     /// bucket without it) or `off`.
     pub object_lock: LockPolicy,
@@ -88,11 +93,50 @@ impl Default for S3Config {
             access_key_env: "AWS_ACCESS_KEY_ID".into(),
             secret_key_env: "AWS_SECRET_ACCESS_KEY".into(),
             session_token_env: "AWS_SESSION_TOKEN".into(),
+            credential: String::new(),
             object_lock: LockPolicy::Auto,
             lock_mode: LockMode::Compliance,
             retention: String::new(),
             ca_file: String::new(),
         }
+    }
+}
+
+/// An S3 key pair taken from the credential store (`audit.s3.credential`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct S3Keys {
+    /// The access key id.
+    pub access_key: String,
+    /// The secret access key.
+    pub secret_key: String,
+    /// A session token, for temporary keys.
+    pub session_token: Option<String>,
+}
+
+impl std::fmt::Debug for S3Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Keys")
+            .field("access_key", &self.access_key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl S3Keys {
+    /// Reads a stored value `ACCESS_KEY_ID:SECRET_ACCESS_KEY[:SESSION_TOKEN]`.
+    pub fn parse(value: &str) -> Result<S3Keys, String> {
+        const FORM: &str = "the value must be ACCESS_KEY_ID:SECRET_ACCESS_KEY (or …:SESSION_TOKEN), neither part empty";
+        let mut parts = value.trim().splitn(3, ':');
+        let (Some(access_key), Some(secret_key)) = (parts.next(), parts.next()) else {
+            return Err(FORM.into());
+        };
+        if access_key.is_empty() || secret_key.is_empty() {
+            return Err(FORM.into());
+        }
+        Ok(S3Keys {
+            access_key: access_key.to_string(),
+            secret_key: secret_key.to_string(),
+            session_token: parts.next().filter(|t| !t.is_empty()).map(str::to_string),
+        })
     }
 }
 
@@ -218,6 +262,22 @@ pub fn check(c: &S3Config) -> Result<(), S3ConfigError> {
             format!(
                 "`{}` may hold letters, digits, `-`, `_`, `.` and `/` (no leading `/`, no `.`/`..` parts), e.g. aibox-audit/",
                 c.prefix
+            ),
+        ));
+    }
+    // (The rule of `aibox auth` names.)
+    let name_ok = |n: &str| {
+        n.len() <= 64
+            && !n.starts_with('-')
+            && n.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    if !c.credential.is_empty() && !name_ok(&c.credential) {
+        return Err(bad(
+            "credential",
+            format!(
+                "`{}` is not a credential name (lowercase letters, digits and `-`; see `aibox auth list`)",
+                c.credential
             ),
         ));
     }
@@ -480,7 +540,19 @@ impl Archive {
     /// lock. A bucket that is not there or refuses the keys, or has no
     /// object lock when `object_lock: required`, is an error that says so.
     pub fn open(c: &S3Config) -> Result<Archive, ArchiveError> {
+        Self::open_with(c, None)
+    }
+
+    /// [`Archive::open`] with `keys` from the credential store (required
+    /// when `audit.s3.credential` is set; the environment is not read).
+    pub fn open_with(c: &S3Config, keys: Option<&S3Keys>) -> Result<Archive, ArchiveError> {
         check(c).map_err(|e| ArchiveError::Refused(e.to_string()))?;
+        if !c.credential.is_empty() && keys.is_none() {
+            return Err(ArchiveError::Refused(format!(
+                "audit.s3.credential is `{}`, but its keys were not read from the credential store",
+                c.credential
+            )));
+        }
         let env = |name: &str, field: &str| {
             std::env::var(name)
                 .ok()
@@ -491,14 +563,28 @@ impl Archive {
                     )
                 })
         };
-        let key = env(&c.access_key_env, "access_key_env").map_err(ArchiveError::Refused)?;
-        let secret = env(&c.secret_key_env, "secret_key_env").map_err(ArchiveError::Refused)?;
-        let creds = match std::env::var(&c.session_token_env)
-            .ok()
-            .filter(|v| !v.is_empty())
-        {
-            Some(t) => Credentials::new_with_token(key, secret, t),
-            None => Credentials::new(key, secret),
+        let creds = match keys {
+            Some(k) => match &k.session_token {
+                Some(t) => Credentials::new_with_token(
+                    k.access_key.clone(),
+                    k.secret_key.clone(),
+                    t.clone(),
+                ),
+                None => Credentials::new(k.access_key.clone(), k.secret_key.clone()),
+            },
+            None => {
+                let key =
+                    env(&c.access_key_env, "access_key_env").map_err(ArchiveError::Refused)?;
+                let secret =
+                    env(&c.secret_key_env, "secret_key_env").map_err(ArchiveError::Refused)?;
+                match std::env::var(&c.session_token_env)
+                    .ok()
+                    .filter(|v| !v.is_empty())
+                {
+                    Some(t) => Credentials::new_with_token(key, secret, t),
+                    None => Credentials::new(key, secret),
+                }
+            }
         };
         let endpoint =
             url::Url::parse(&c.endpoint).map_err(|e| ArchiveError::Refused(e.to_string()))?;
@@ -548,6 +634,17 @@ impl Archive {
     /// Whether objects are written under object lock.
     pub fn locks(&self) -> bool {
         self.lock.is_some()
+    }
+
+    /// The host (and port, when the URL names one) of `c`'s endpoint: what
+    /// a stored credential for the bucket must be bound to.
+    pub fn endpoint_host(c: &S3Config) -> Option<String> {
+        let u = url::Url::parse(&c.endpoint).ok()?;
+        let host = u.host_str()?;
+        Some(match u.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host.to_string(),
+        })
     }
 
     /// What this archive is, for messages.
@@ -1548,6 +1645,8 @@ mod tests {
             (|c| c.retention = "forever".into(), "retention"),
             (|c| c.retention = "200years".into(), "retention"),
             (|c| c.ca_file = "/nonexistent/ca.pem".into(), "ca_file"),
+            (|c| c.credential = "Audit Keys".into(), "credential"),
+            (|c| c.credential = "-x".into(), "credential"),
         ];
         for (f, field) in cases {
             let mut c = valid();
@@ -1556,6 +1655,38 @@ mod tests {
             assert_eq!(e.field, field, "{c:?}: {e}");
             assert!(e.to_string().starts_with(&format!("audit.s3.{field}: ")));
         }
+    }
+
+    #[test]
+    fn stored_keys_parse_and_do_not_print() {
+        let k = S3Keys::parse("AKID:se:cret:tok\n").unwrap();
+        assert_eq!(
+            (k.access_key.as_str(), k.secret_key.as_str()),
+            ("AKID", "se")
+        );
+        assert_eq!(k.session_token.as_deref(), Some("cret:tok"));
+        let k = S3Keys::parse("AKID:secret").unwrap();
+        assert_eq!(k.session_token, None);
+        assert!(!format!("{k:?}").contains("secret"));
+        for bad in ["", "AKID", "AKID:", ":secret"] {
+            assert!(S3Keys::parse(bad).is_err(), "{bad:?}");
+        }
+        // Named in the config but not read: refused, not opened with the
+        // environment's keys.
+        let mut c = valid();
+        c.credential = "audit-bucket".into();
+        let e = Archive::open(&c).err().unwrap().to_string();
+        assert!(e.contains("audit.s3.credential"), "{e}");
+        c.endpoint = "http://127.0.0.1:9000".into();
+        assert_eq!(
+            Archive::endpoint_host(&c).as_deref(),
+            Some("127.0.0.1:9000")
+        );
+        c.endpoint = "https://s3.eu-west-1.amazonaws.com".into();
+        assert_eq!(
+            Archive::endpoint_host(&c).as_deref(),
+            Some("s3.eu-west-1.amazonaws.com")
+        );
     }
 
     #[test]

@@ -138,6 +138,10 @@ pub struct SupervisorSpec {
     /// The bucket sealed segments are archived to (`audit.storage: s3`).
     #[serde(default)]
     pub archive: Option<aibox_siem::archive::S3Config>,
+    /// The bucket's keys when they come from the credential store
+    /// (`audit.s3.credential`), read by the CLI.
+    #[serde(default)]
+    pub archive_keys: Option<aibox_siem::archive::S3Keys>,
     /// SHA-256 of the effective config.
     pub config_sha256: String,
     /// Shell program for `aibox shell`.

@@ -72,6 +72,7 @@ pub(crate) struct Archiver {
     /// reached at start.
     archive: Mutex<Option<aibox_siem::archive::Archive>>,
     config: aibox_siem::archive::S3Config,
+    keys: Option<aibox_siem::archive::S3Keys>,
     log: std::path::PathBuf,
     sandbox: String,
     state: std::path::PathBuf,
@@ -88,10 +89,12 @@ impl Archiver {
         state_dir: &Path,
         sandbox: &str,
         c: &aibox_siem::archive::S3Config,
+        keys: Option<&aibox_siem::archive::S3Keys>,
     ) -> Result<Arc<Archiver>, String> {
         let a = Arc::new(Archiver {
             archive: Mutex::new(None),
             config: c.clone(),
+            keys: keys.cloned(),
             log: log.to_path_buf(),
             sandbox: sandbox.to_string(),
             state: state_dir.to_path_buf(),
@@ -140,7 +143,10 @@ impl Archiver {
             .lock()
             .map_err(|_| "archiver poisoned".to_string())?;
         if g.is_none() {
-            *g = Some(aibox_siem::archive::Archive::open(&self.config).map_err(|e| e.to_string())?);
+            *g = Some(
+                aibox_siem::archive::Archive::open_with(&self.config, self.keys.as_ref())
+                    .map_err(|e| e.to_string())?,
+            );
         }
         match g.as_ref() {
             Some(a) => a.upload_pending(&self.log, &self.sandbox, &self.state),

@@ -157,6 +157,7 @@ impl Shared {
             &state,
             &self.spec.sandbox.name,
             c,
+            self.spec.archive_keys.as_ref(),
         )?;
         let _ = self.archive.set(a);
         Ok(())

@@ -139,10 +139,15 @@ fn verify(
     // that cannot be opened is an error, not a silent skip.
     let by_file = file.is_some();
     let archive = match loaded.config.audit.archive() {
-        Some(c) if !local && !by_file => Some(
-            aibox_siem::archive::Archive::open(&c)
-                .map_err(|e| anyhow::anyhow!("audit storage: {e} (`--local` skips the bucket)"))?,
-        ),
+        Some(c) if !local && !by_file => {
+            let keys = super::auth::archive_keys(&loaded, &sources, &c)
+                .context("audit storage (`--local` skips the bucket)")?;
+            Some(
+                aibox_siem::archive::Archive::open_with(&c, keys.as_ref()).map_err(|e| {
+                    anyhow::anyhow!("audit storage: {e} (`--local` skips the bucket)")
+                })?,
+            )
+        }
         _ => None,
     };
     let archive_state = loaded.data_dir().join("archive");
@@ -434,7 +439,7 @@ fn verify(
 }
 
 fn ship(cli_config: Option<PathBuf>, name: Option<String>) -> Result<i32> {
-    let (loaded, _) = super::load_config(cli_config)?;
+    let (loaded, sources) = super::load_config(cli_config)?;
     let sinks = &loaded.config.audit.sinks;
     let archive = loaded.config.audit.archive();
     if sinks.is_empty() && archive.is_none() {
@@ -475,7 +480,8 @@ fn ship(cli_config: Option<PathBuf>, name: Option<String>) -> Result<i32> {
         }
     }
     if let Some(c) = archive {
-        let a = aibox_siem::archive::Archive::open(&c)
+        let keys = super::auth::archive_keys(&loaded, &sources, &c).context("audit storage")?;
+        let a = aibox_siem::archive::Archive::open_with(&c, keys.as_ref())
             .map_err(|e| anyhow::anyhow!("audit storage: {e}"))?;
         let state = loaded.data_dir().join("archive");
         for (label, path) in &logs {

@@ -377,6 +377,72 @@ pub(crate) fn for_sandbox(
     Ok((spec, issued, None))
 }
 
+/// The audit bucket's keys from the credential store, when
+/// `audit.s3.credential` names them (else `None`: the environment's). The
+/// credential must be bound to the bucket's endpoint host, unexpired, and
+/// hold `ACCESS_KEY_ID:SECRET_ACCESS_KEY[:SESSION_TOKEN]`.
+pub(crate) fn archive_keys(
+    loaded: &aibox_config::Loaded,
+    sources: &aibox_config::Sources,
+    c: &aibox_siem::archive::S3Config,
+) -> Result<Option<aibox_siem::archive::S3Keys>> {
+    let name = &c.credential;
+    if name.is_empty() {
+        return Ok(None);
+    }
+    let add = format!(
+        "aibox auth add {name} --host {}",
+        aibox_siem::archive::Archive::endpoint_host(c).unwrap_or_else(|| "<endpoint host>".into())
+    );
+    if loaded.config.credentials.mode == aibox_config::CredentialMode::Vault {
+        bail!(
+            "audit.s3.credential `{name}` is read from the local credential store, but credentials.mode is vault; use audit.s3.access_key_env/secret_key_env instead"
+        );
+    }
+    let Some(store) = open_existing(loaded, sources)
+        .with_context(|| format!("audit.s3.credential `{name}`: reading the credential store"))?
+    else {
+        bail!(
+            "audit.s3.credential `{name}` is not stored (the store is empty)
+  fix: {add}"
+        );
+    };
+    let entries = store
+        .entries()
+        .with_context(|| format!("audit.s3.credential `{name}`: reading the credential store"))?;
+    let Some((meta, secret)) = entries.into_iter().find(|(m, _)| &m.name == name) else {
+        bail!(
+            "audit.s3.credential `{name}` is not in the credential store ({})
+  fix: {add}",
+            store.describe()
+        );
+    };
+    if meta.expired(std::time::SystemTime::now()) {
+        bail!(
+            "audit.s3.credential `{name}` expired at {}
+  fix: {add} --replace",
+            meta.expires.as_deref().unwrap_or("?")
+        );
+    }
+    let want = aibox_siem::archive::Archive::endpoint_host(c);
+    if meta.host.is_none() || meta.host != want {
+        bail!(
+            "audit.s3.credential `{name}` is bound to {}, not to the bucket's endpoint {}: keys go only to the host they were stored for
+  fix: {add} --replace",
+            meta.host.as_deref().unwrap_or("no host"),
+            want.as_deref().unwrap_or("?")
+        );
+    }
+    aibox_siem::archive::S3Keys::parse(secret.expose())
+        .map(Some)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "audit.s3.credential `{name}`: {e}
+  fix: {add} --replace"
+            )
+        })
+}
+
 /// What a sandbox gets: the injector's credentials, how each appears
 /// inside, and the Vault session to revoke at stop.
 type ForSandbox = (
@@ -416,7 +482,18 @@ fn hand_out(
         upstream_ca_pem,
     };
     let mut issued = Vec::new();
+    // The audit bucket's keys stay on the host: a sandbox must never be
+    // able to write (or probe) the archive that records it.
+    let archive_credential = loaded
+        .config
+        .audit
+        .archive()
+        .map(|a| a.credential)
+        .filter(|n| !n.is_empty());
     for (meta, secret) in entries {
+        if archive_credential.as_deref() == Some(meta.name.as_str()) {
+            continue;
+        }
         if meta.expired(now) {
             eprintln!(
                 "aibox: credential `{}` expired at {}; not handed to the sandbox (aibox auth add {} --replace)",

@@ -437,10 +437,16 @@ pub fn run(cli_config: Option<PathBuf>, a: DoctorArgs) -> Result<i32> {
 
     // The audit bucket (`audit.storage: s3`): reachable with the keys
     // given, and whether it locks what aibox writes.
-    if let Ok((l, _)) = &loaded
+    if let Ok((l, sources)) = &loaded
         && let Some(c) = l.config.audit.archive()
     {
-        match aibox_siem::archive::Archive::open(&c) {
+        let opened = super::auth::archive_keys(l, sources, &c)
+            .map_err(|e| format!("{e:#}"))
+            .and_then(|keys| {
+                aibox_siem::archive::Archive::open_with(&c, keys.as_ref())
+                    .map_err(|e| e.to_string())
+            });
+        match opened {
             Ok(arch) if arch.locks() => add(
                 "audit_storage",
                 Level::Ok,
@@ -464,7 +470,7 @@ pub fn run(cli_config: Option<PathBuf>, a: DoctorArgs) -> Result<i32> {
             Err(e) => add(
                 "audit_storage",
                 Level::Fail,
-                first_line(&e.to_string()),
+                first_line(&e),
                 "see docs/audit.md (S3 storage); sealed segments stay local until it works",
             ),
         }

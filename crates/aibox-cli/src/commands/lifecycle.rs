@@ -134,6 +134,10 @@ fn prepare(
     // gVisor delivers no seccomp notifications: no gate there (a policy
     // with command rules refused such a start above).
     let exec_gate = c.sandbox.exec_gate && (runtime == Runtime::Native || !c.gvisor.enabled);
+    let archive_keys = match c.audit.archive() {
+        Some(a) => super::auth::archive_keys(&loaded, &sources, &a)?,
+        None => None,
+    };
     let spec = SupervisorSpec {
         sandbox: SandboxSpec {
             name: name.clone(),
@@ -201,7 +205,7 @@ fn prepare(
             // A bucket that does not answer does not stop the start: the
             // log is kept here and the supervisor archives its segments
             // once the bucket answers (`verify` lists what is pending).
-            Some(a) => match aibox_siem::archive::Archive::open(&a) {
+            Some(a) => match aibox_siem::archive::Archive::open_with(&a, archive_keys.as_ref()) {
                 Ok(_) => Some(a),
                 Err(aibox_siem::archive::ArchiveError::Unreachable(e)) => {
                     eprintln!(
@@ -213,6 +217,7 @@ fn prepare(
             },
             None => None,
         },
+        archive_keys,
         config_sha256: hex::encode(Sha256::digest(&config_json)),
         shell: c.shell.program().into(),
         cpus: c.resources.cpus,

@@ -74,7 +74,8 @@ impl Moto {
     }
 }
 
-/// A TCP relay to `to` that can be taken down: the bucket's outage. With
+/// A TCP relay to `to` that can be taken down: the bucket's outage. It
+/// keeps the request lines it relays (`lines`). With
 /// `drop_entries` it cuts uploads of manifest entries only: a failure
 /// between a segment's upload and its entry's. With `one_per_page` it asks
 /// for listings of one key a page (`max-keys=1`, which moto honours and
@@ -86,6 +87,7 @@ struct Relay {
     drop_entries: Arc<AtomicBool>,
     one_per_page: Arc<AtomicBool>,
     paged: Arc<AtomicUsize>,
+    lines: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Relay {
@@ -98,6 +100,8 @@ impl Relay {
         let paged = Arc::new(AtomicUsize::new(0));
         let (d, de) = (down.clone(), drop_entries.clone());
         let (opp, pc) = (one_per_page.clone(), paged.clone());
+        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = lines.clone();
         std::thread::spawn(move || {
             for c in l.incoming() {
                 let Ok(mut c) = c else { continue };
@@ -123,6 +127,7 @@ impl Relay {
                 let mut first = first[..n].to_vec();
                 let line_end = first.iter().position(|b| *b == b'\r').unwrap_or(0);
                 let line = String::from_utf8_lossy(&first[..line_end]).to_string();
+                seen.lock().unwrap().push(line.clone());
                 if opp.load(Ordering::SeqCst)
                     && line.starts_with("GET ")
                     && line.contains("versions")
@@ -159,6 +164,7 @@ impl Relay {
             drop_entries,
             one_per_page,
             paged,
+            lines,
         }
     }
 }
@@ -505,6 +511,98 @@ both_modes!(an_outage_loses_nothing, |mut c: Ctx| {
     assert!(!good, "{out}");
     assert!(out.contains("deleted in the bucket"), "{out}");
 });
+
+backend_test!(
+    archive_keys_come_from_the_credential_store,
+    Backend::Native,
+    Mode::Root,
+    |mut c: Ctx| {
+        let m = Moto::start();
+        m.py("s3.create_bucket(Bucket='stored', ObjectLockEnabledForBucket=True)");
+        let relay = Relay::start(m.port);
+        // Keys in the environment too: they must not be the ones used.
+        c.env("AWS_ACCESS_KEY_ID", "ENVKEY");
+        c.env("AWS_SECRET_ACCESS_KEY", "envsecret");
+        s3_config(&c, relay.port, "stored", ", credential: audit-bucket");
+        c.add_config("network:\n  allowed_domains: [\"other.example.org\"]\n");
+        let ws = c.ws.display().to_string();
+        let host = format!("127.0.0.1:{}", relay.port);
+        let run = |c: &Ctx| c.out(&["run", "-w", &ws, "--name", "stored", "--", "true"]);
+
+        // Not stored yet: refused, with the command that fixes it.
+        let o = run(&c);
+        assert!(!o.status.success());
+        assert!(
+            stderr(&o).contains("audit.s3.credential `audit-bucket`")
+                && stderr(&o).contains(&format!("aibox auth add audit-bucket --host {host}")),
+            "{}",
+            stderr(&o)
+        );
+        // Stored for another host: refused (keys go only where they were
+        // stored for).
+        ok(&c.out_with_input(
+            &["auth", "add", "audit-bucket", "--host", "s3.example.org"],
+            b"STOREDKEY:storedsecret\n",
+        ));
+        let o = run(&c);
+        assert!(!o.status.success());
+        assert!(
+            stderr(&o).contains("is bound to s3.example.org, not to the bucket's endpoint"),
+            "{}",
+            stderr(&o)
+        );
+        // Not a key pair: refused.
+        ok(&c.out_with_input(
+            &["auth", "add", "audit-bucket", "--host", &host, "--replace"],
+            b"just-one-part\n",
+        ));
+        let o = run(&c);
+        assert!(!o.status.success());
+        assert!(
+            stderr(&o).contains("ACCESS_KEY_ID:SECRET_ACCESS_KEY"),
+            "{}",
+            stderr(&o)
+        );
+
+        // Stored right: the sandbox runs, its segment is archived by the
+        // supervisor, and every request to the bucket was signed with the
+        // stored key, none with the environment's.
+        ok(&c.out_with_input(
+            &["auth", "add", "audit-bucket", "--host", &host, "--replace"],
+            b"STOREDKEY:storedsecret\n",
+        ));
+        ok(&c.out_with_input(
+            &["auth", "add", "other", "--host", "other.example.org"],
+            b"other-value\n",
+        ));
+        ok(&run(&c));
+        let (good, out) = verify(&c, "stored");
+        assert!(good, "{out}");
+        assert!(out.contains("archive: 1 of 1 segments"), "{out}");
+        let (status, detail) = doctor_storage(&c);
+        assert_eq!(status, "ok", "{detail}");
+        let lines = relay.lines.lock().unwrap().clone();
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("PUT ") && l.contains("X-Amz-Credential=STOREDKEY%2F")),
+            "{lines:?}"
+        );
+        assert!(!lines.iter().any(|l| l.contains("ENVKEY")), "{lines:?}");
+        // The sandbox was handed the other credential, never the bucket's.
+        let issued: Vec<String> = audit_events(&c, "stored")
+            .iter()
+            .filter(|e| e["event_type"] == "credential.issue")
+            .map(|e| {
+                e["details"]["credential"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(issued, ["other"], "{issued:?}");
+    }
+);
 
 backend_test!(
     buckets_and_settings_that_cannot_work_are_refused,
