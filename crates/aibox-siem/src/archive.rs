@@ -124,19 +124,23 @@ impl std::fmt::Debug for S3Keys {
 impl S3Keys {
     /// Reads a stored value `ACCESS_KEY_ID:SECRET_ACCESS_KEY[:SESSION_TOKEN]`.
     pub fn parse(value: &str) -> Result<S3Keys, String> {
-        const FORM: &str = "the value must be ACCESS_KEY_ID:SECRET_ACCESS_KEY (or …:SESSION_TOKEN), neither part empty";
-        let mut parts = value.trim().splitn(3, ':');
-        let (Some(access_key), Some(secret_key)) = (parts.next(), parts.next()) else {
-            return Err(FORM.into());
-        };
-        if access_key.is_empty() || secret_key.is_empty() {
-            return Err(FORM.into());
+        const FORM: &str = "the value must be ACCESS_KEY_ID:SECRET_ACCESS_KEY (or …:SESSION_TOKEN), no part empty and none holding `:`";
+        let parts: Vec<&str> = value.trim().split(':').collect();
+        match parts.as_slice() {
+            [id, secret] if !id.is_empty() && !secret.is_empty() => Ok(S3Keys {
+                access_key: (*id).to_string(),
+                secret_key: (*secret).to_string(),
+                session_token: None,
+            }),
+            [id, secret, token] if !id.is_empty() && !secret.is_empty() && !token.is_empty() => {
+                Ok(S3Keys {
+                    access_key: (*id).to_string(),
+                    secret_key: (*secret).to_string(),
+                    session_token: Some((*token).to_string()),
+                })
+            }
+            _ => Err(FORM.into()),
         }
-        Ok(S3Keys {
-            access_key: access_key.to_string(),
-            secret_key: secret_key.to_string(),
-            session_token: parts.next().filter(|t| !t.is_empty()).map(str::to_string),
-        })
     }
 }
 
@@ -636,15 +640,39 @@ impl Archive {
         self.lock.is_some()
     }
 
-    /// The host (and port, when the URL names one) of `c`'s endpoint: what
-    /// a stored credential for the bucket must be bound to.
+    /// What a stored credential for `c`'s bucket must be bound to: the
+    /// endpoint's host, with its port unless that is 443 (a credential's
+    /// bare host means port 443, so `http://host` needs `host:80`).
     pub fn endpoint_host(c: &S3Config) -> Option<String> {
         let u = url::Url::parse(&c.endpoint).ok()?;
         let host = u.host_str()?;
-        Some(match u.port() {
-            Some(p) => format!("{host}:{p}"),
-            None => host.to_string(),
+        Some(match u.port_or_known_default()? {
+            443 => host.to_string(),
+            p => format!("{host}:{p}"),
         })
+    }
+
+    /// Whether a credential bound to `bound` (`host`, meaning port 443, or
+    /// `host:port`) may go to `c`'s endpoint: the same host and port once
+    /// defaults are filled in. (A bare `host` does not match
+    /// `http://host`, which would carry the key id and presigned URLs in
+    /// clear.)
+    pub fn bound_to(c: &S3Config, bound: Option<&str>) -> bool {
+        let Some(bound) = bound else { return false };
+        let Ok(u) = url::Url::parse(&c.endpoint) else {
+            return false;
+        };
+        let (Some(host), Some(port)) = (u.host_str(), u.port_or_known_default()) else {
+            return false;
+        };
+        let (bhost, bport) = match bound.rsplit_once(':') {
+            Some((h, p)) => match p.parse::<u16>() {
+                Ok(p) => (h, p),
+                Err(_) => return false,
+            },
+            None => (bound, 443),
+        };
+        bhost.eq_ignore_ascii_case(host) && bport == port
     }
 
     /// What this archive is, for messages.
@@ -1659,16 +1687,24 @@ mod tests {
 
     #[test]
     fn stored_keys_parse_and_do_not_print() {
-        let k = S3Keys::parse("AKID:se:cret:tok\n").unwrap();
+        let k = S3Keys::parse("AKID:se/cr+et:tok\n").unwrap();
         assert_eq!(
             (k.access_key.as_str(), k.secret_key.as_str()),
-            ("AKID", "se")
+            ("AKID", "se/cr+et")
         );
-        assert_eq!(k.session_token.as_deref(), Some("cret:tok"));
+        assert_eq!(k.session_token.as_deref(), Some("tok"));
         let k = S3Keys::parse("AKID:secret").unwrap();
         assert_eq!(k.session_token, None);
         assert!(!format!("{k:?}").contains("secret"));
-        for bad in ["", "AKID", "AKID:", ":secret"] {
+        // (A `:` in a secret would be misread as a token: refused.)
+        for bad in [
+            "",
+            "AKID",
+            "AKID:",
+            ":secret",
+            "AKID:se:cret:tok",
+            "AKID:secret:",
+        ] {
             assert!(S3Keys::parse(bad).is_err(), "{bad:?}");
         }
         // Named in the config but not read: refused, not opened with the
@@ -1682,11 +1718,34 @@ mod tests {
             Archive::endpoint_host(&c).as_deref(),
             Some("127.0.0.1:9000")
         );
-        c.endpoint = "https://s3.eu-west-1.amazonaws.com".into();
+        assert!(Archive::bound_to(&c, Some("127.0.0.1:9000")));
+        assert!(!Archive::bound_to(&c, Some("127.0.0.1")));
+        c.endpoint = "https://S3.eu-west-1.amazonaws.com:443".into();
         assert_eq!(
             Archive::endpoint_host(&c).as_deref(),
             Some("s3.eu-west-1.amazonaws.com")
         );
+        for ok in [
+            "s3.eu-west-1.amazonaws.com",
+            "s3.eu-west-1.amazonaws.com:443",
+        ] {
+            assert!(Archive::bound_to(&c, Some(ok)), "{ok}");
+        }
+        for bad in [
+            None,
+            Some("s3.amazonaws.com"),
+            Some("s3.eu-west-1.amazonaws.com:80"),
+            Some("x:y"),
+        ] {
+            assert!(!Archive::bound_to(&c, bad), "{bad:?}");
+        }
+        // Plain http needs the port said: a bare host means 443.
+        c.endpoint = "http://minio.internal".into();
+        assert_eq!(
+            Archive::endpoint_host(&c).as_deref(),
+            Some("minio.internal:80")
+        );
+        assert!(!Archive::bound_to(&c, Some("minio.internal")));
     }
 
     #[test]

@@ -103,6 +103,11 @@ fn add(
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     store.put(meta, secret, a.replace)?;
     println!("stored `{}` in {}", a.name, store.describe());
+    if a.name == loaded.config.audit.s3.credential && a.replace {
+        println!(
+            "running sandboxes archive with the bucket keys they started with; restart them (or run `aibox audit ship` after they stop) to use the new ones"
+        );
+    }
     if let (true, Some(h)) = (a.replace, host) {
         rotate_running(loaded, &a.name, &h, &copy, until);
     }
@@ -396,15 +401,14 @@ pub(crate) fn archive_keys(
     );
     if loaded.config.credentials.mode == aibox_config::CredentialMode::Vault {
         bail!(
-            "audit.s3.credential `{name}` is read from the local credential store, but credentials.mode is vault; use audit.s3.access_key_env/secret_key_env instead"
+            "audit.s3.credential `{name}` is read from the local credential store, but credentials.mode is vault\n  fix: remove audit.s3.credential and give the keys in audit.s3.access_key_env / secret_key_env"
         );
     }
     let Some(store) = open_existing(loaded, sources)
         .with_context(|| format!("audit.s3.credential `{name}`: reading the credential store"))?
     else {
         bail!(
-            "audit.s3.credential `{name}` is not stored (the store is empty)
-  fix: {add}"
+            "audit.s3.credential `{name}` is not stored (no credential store holds anything yet)\n  fix: {add}"
         );
     };
     let entries = store
@@ -412,35 +416,27 @@ pub(crate) fn archive_keys(
         .with_context(|| format!("audit.s3.credential `{name}`: reading the credential store"))?;
     let Some((meta, secret)) = entries.into_iter().find(|(m, _)| &m.name == name) else {
         bail!(
-            "audit.s3.credential `{name}` is not in the credential store ({})
-  fix: {add}",
+            "audit.s3.credential `{name}` is not in the credential store ({})\n  fix: {add}",
             store.describe()
         );
     };
     if meta.expired(std::time::SystemTime::now()) {
         bail!(
-            "audit.s3.credential `{name}` expired at {}
-  fix: {add} --replace",
+            "audit.s3.credential `{name}` expired at {}\n  fix: {add} --replace",
             meta.expires.as_deref().unwrap_or("?")
         );
     }
     let want = aibox_siem::archive::Archive::endpoint_host(c);
-    if meta.host.is_none() || meta.host != want {
+    if !aibox_siem::archive::Archive::bound_to(c, meta.host.as_deref()) {
         bail!(
-            "audit.s3.credential `{name}` is bound to {}, not to the bucket's endpoint {}: keys go only to the host they were stored for
-  fix: {add} --replace",
+            "audit.s3.credential `{name}` is bound to {}, not to the bucket's endpoint {}: keys go only to the host they were stored for\n  fix: {add} --replace",
             meta.host.as_deref().unwrap_or("no host"),
             want.as_deref().unwrap_or("?")
         );
     }
     aibox_siem::archive::S3Keys::parse(secret.expose())
         .map(Some)
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "audit.s3.credential `{name}`: {e}
-  fix: {add} --replace"
-            )
-        })
+        .map_err(|e| anyhow::anyhow!("audit.s3.credential `{name}`: {e}\n  fix: {add} --replace"))
 }
 
 /// What a sandbox gets: the injector's credentials, how each appears
@@ -483,13 +479,10 @@ fn hand_out(
     };
     let mut issued = Vec::new();
     // The audit bucket's keys stay on the host: a sandbox must never be
-    // able to write (or probe) the archive that records it.
-    let archive_credential = loaded
-        .config
-        .audit
-        .archive()
-        .map(|a| a.credential)
-        .filter(|n| !n.is_empty());
+    // able to write (or probe) the archive that records it. (Whatever
+    // `audit.storage` says: the name is reserved as soon as it is set.)
+    let archive_credential =
+        Some(loaded.config.audit.s3.credential.clone()).filter(|n| !n.is_empty());
     for (meta, secret) in entries {
         if archive_credential.as_deref() == Some(meta.name.as_str()) {
             continue;

@@ -467,12 +467,16 @@ pub fn run(cli_config: Option<PathBuf>, a: DoctorArgs) -> Result<i32> {
                 format!("{}: reachable, but objects are not locked", arch.label()),
                 "create the bucket with object lock enabled (and keep audit.s3.object_lock: auto or required)",
             ),
-            Err(e) => add(
-                "audit_storage",
-                Level::Fail,
-                first_line(&e),
-                "see docs/audit.md (S3 storage); sealed segments stay local until it works",
-            ),
+            Err(e) => {
+                let fix = match fix_of(&e) {
+                    f if f.is_empty() => {
+                        "see docs/audit.md (S3 storage); sealed segments stay local until it works"
+                            .to_string()
+                    }
+                    f => f,
+                };
+                add("audit_storage", Level::Fail, first_line(&e), &fix)
+            }
         }
     }
 

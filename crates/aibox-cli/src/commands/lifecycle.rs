@@ -118,6 +118,12 @@ fn prepare(
             &user,
         )?),
     };
+    // (Before the network's credentials: a refusal here costs no Vault
+    // login.)
+    let archive_keys = match c.audit.archive() {
+        Some(a) => super::auth::archive_keys(&loaded, &sources, &a)?,
+        None => None,
+    };
     let network = network_spec(&loaded, &sources, &policy, &ws, &name)?;
     // Native: init opens the listeners inside the sandbox and hands them
     // to the supervisor. (A container's init opens them itself and relays
@@ -134,10 +140,6 @@ fn prepare(
     // gVisor delivers no seccomp notifications: no gate there (a policy
     // with command rules refused such a start above).
     let exec_gate = c.sandbox.exec_gate && (runtime == Runtime::Native || !c.gvisor.enabled);
-    let archive_keys = match c.audit.archive() {
-        Some(a) => super::auth::archive_keys(&loaded, &sources, &a)?,
-        None => None,
-    };
     let spec = SupervisorSpec {
         sandbox: SandboxSpec {
             name: name.clone(),

@@ -523,6 +523,7 @@ backend_test!(
         // Keys in the environment too: they must not be the ones used.
         c.env("AWS_ACCESS_KEY_ID", "ENVKEY");
         c.env("AWS_SECRET_ACCESS_KEY", "envsecret");
+        let base = std::fs::read_to_string(&c.config).unwrap();
         s3_config(&c, relay.port, "stored", ", credential: audit-bucket");
         c.add_config("network:\n  allowed_domains: [\"other.example.org\"]\n");
         let ws = c.ws.display().to_string();
@@ -591,6 +592,23 @@ backend_test!(
         assert!(!lines.iter().any(|l| l.contains("ENVKEY")), "{lines:?}");
         // The sandbox was handed the other credential, never the bucket's.
         let issued: Vec<String> = audit_events(&c, "stored")
+            .iter()
+            .filter(|e| e["event_type"] == "credential.issue")
+            .map(|e| {
+                e["details"]["credential"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(issued, ["other"], "{issued:?}");
+        // Reserved as soon as it is named, local storage or not.
+        std::fs::write(&c.config, &base).unwrap();
+        c.add_config(
+            "audit:\n  s3: {credential: audit-bucket}\nnetwork:\n  allowed_domains: [\"other.example.org\"]\n",
+        );
+        ok(&c.out(&["run", "-w", &ws, "--name", "local", "--", "true"]));
+        let issued: Vec<String> = audit_events(&c, "local")
             .iter()
             .filter(|e| e["event_type"] == "credential.issue")
             .map(|e| {
