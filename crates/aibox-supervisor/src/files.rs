@@ -298,27 +298,32 @@ fn run(workspace: &Path, emit: &Emit) -> Result<(), String> {
         written: HashMap::new(),
         suppressed: HashMap::new(),
     };
+    let partially = |watched: usize, error: String| {
+        emit(
+            EventType::FileWrite,
+            Severity::Warning,
+            json!({"path": GUEST, "op": "partially-watched", "observed": "workspace",
+                   "watched_dirs": watched, "error": error}),
+        );
+    };
     loop {
         if let Some(e) = w.missed.take()
             && !warned_missed
         {
             warned_missed = true;
-            emit(
-                EventType::FileWrite,
-                Severity::Warning,
-                json!({"path": GUEST, "op": "partially-watched", "observed": "workspace",
-                       "watched_dirs": w.dirs.len(),
-                       "error": format!("a directory could not be watched, file events below it are not recorded: {e}")}),
+            partially(
+                w.dirs.len(),
+                format!(
+                    "a directory could not be watched, file events below it are not recorded: {e}"
+                ),
             );
         }
         if w.full && !warned {
             warned = true;
-            emit(
-                EventType::FileWrite,
-                Severity::Warning,
-                json!({"path": GUEST, "op": "partially-watched", "observed": "workspace",
-                       "watched_dirs": w.dirs.len(),
-                       "error": "too many directories for inotify: file events below the rest are not recorded"}),
+            partially(
+                w.dirs.len(),
+                "too many directories for inotify: file events below the rest are not recorded"
+                    .into(),
             );
         }
         // A summary is due even when nothing more happens.

@@ -539,31 +539,28 @@ backend_test!(
             "{}",
             stderr(&o)
         );
-        // Stored for another host: refused (keys go only where they were
-        // stored for).
-        ok(&c.out_with_input(
-            &["auth", "add", "audit-bucket", "--host", "s3.example.org"],
-            b"STOREDKEY:storedsecret\n",
-        ));
-        let o = run(&c);
-        assert!(!o.status.success());
-        assert!(
-            stderr(&o).contains("is bound to s3.example.org, not to the bucket's endpoint"),
-            "{}",
-            stderr(&o)
-        );
-        // Not a key pair: refused.
-        ok(&c.out_with_input(
-            &["auth", "add", "audit-bucket", "--host", &host, "--replace"],
-            b"just-one-part\n",
-        ));
-        let o = run(&c);
-        assert!(!o.status.success());
-        assert!(
-            stderr(&o).contains("ACCESS_KEY_ID:SECRET_ACCESS_KEY"),
-            "{}",
-            stderr(&o)
-        );
+        // Stored for another host (keys go only where they were stored
+        // for), or not a key pair: refused.
+        for (bound, value, want) in [
+            (
+                "s3.example.org",
+                &b"STOREDKEY:storedsecret\n"[..],
+                "is bound to s3.example.org, not to the bucket's endpoint",
+            ),
+            (
+                host.as_str(),
+                b"just-one-part\n",
+                "ACCESS_KEY_ID:SECRET_ACCESS_KEY",
+            ),
+        ] {
+            ok(&c.out_with_input(
+                &["auth", "add", "audit-bucket", "--host", bound, "--replace"],
+                value,
+            ));
+            let o = run(&c);
+            assert!(!o.status.success());
+            assert!(stderr(&o).contains(want), "{}", stderr(&o));
+        }
 
         // Stored right: the sandbox runs, its segment is archived by the
         // supervisor, and every request to the bucket was signed with the
