@@ -588,34 +588,26 @@ backend_test!(
         );
         assert!(!lines.iter().any(|l| l.contains("ENVKEY")), "{lines:?}");
         // The sandbox was handed the other credential, never the bucket's.
-        let issued: Vec<String> = audit_events(&c, "stored")
-            .iter()
-            .filter(|e| e["event_type"] == "credential.issue")
-            .map(|e| {
-                e["details"]["credential"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_string()
-            })
-            .collect();
-        assert_eq!(issued, ["other"], "{issued:?}");
+        let issued = |name: &str| -> Vec<String> {
+            audit_events(&c, name)
+                .iter()
+                .filter(|e| e["event_type"] == "credential.issue")
+                .map(|e| {
+                    e["details"]["credential"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_string()
+                })
+                .collect()
+        };
+        assert_eq!(issued("stored"), ["other"]);
         // Reserved as soon as it is named, local storage or not.
         std::fs::write(&c.config, &base).unwrap();
         c.add_config(
             "audit:\n  s3: {credential: audit-bucket}\nnetwork:\n  allowed_domains: [\"other.example.org\"]\n",
         );
         ok(&c.out(&["run", "-w", &ws, "--name", "local", "--", "true"]));
-        let issued: Vec<String> = audit_events(&c, "local")
-            .iter()
-            .filter(|e| e["event_type"] == "credential.issue")
-            .map(|e| {
-                e["details"]["credential"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_string()
-            })
-            .collect();
-        assert_eq!(issued, ["other"], "{issued:?}");
+        assert_eq!(issued("local"), ["other"]);
     }
 );
 
