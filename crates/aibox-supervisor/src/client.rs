@@ -47,7 +47,13 @@ fn start_inner(spec: &SupervisorSpec, paths: &SandboxPaths) -> Result<Status, Er
     // The lock decides who owns this name; whoever holds it may clean up.
     let lock = open_lock(paths)?;
     let vault = spec.network.as_ref().and_then(|n| n.vault.as_ref());
-    let locked = aibox_sandbox::sys::ofd_lock(lock.as_raw_fd());
+    let mut locked = aibox_sandbox::sys::ofd_lock(lock.as_raw_fd());
+    // A supervisor killed a moment ago holds the lock until its last
+    // thread is gone: wait for that rather than call it running.
+    if matches!(locked, Ok(false)) && supervisor_pid(paths).is_some_and(pid_exited) {
+        let _ = wait_gone(paths);
+        locked = aibox_sandbox::sys::ofd_lock(lock.as_raw_fd());
+    }
     if !matches!(locked, Ok(true)) {
         // This start's Vault token will never be used.
         if let Some(v) = vault {
@@ -201,8 +207,6 @@ fn connect_to(socket_path: &Path) -> Result<OwnedFd, Error> {
     Ok(sock)
 }
 
-/// Removes what a dead supervisor left (caller holds the lock) and records
-/// it in the audit log — no supervisor writes that log any more.
 /// Writes the Vault session record (0600, written whole then renamed).
 /// A record still there is one whose revocation failed: it is kept
 /// under another name for the next try.
@@ -293,6 +297,8 @@ fn recover_vault(paths: &SandboxPaths) -> Option<Result<String, String>> {
     Some(outcome)
 }
 
+/// Removes what a dead supervisor left (caller holds the lock) and records
+/// it in the audit log — no supervisor writes that log any more.
 fn clear_stale(paths: &SandboxPaths, audit_log: &Path, user: &str) {
     let vault = recover_vault(paths);
     let had_state = paths.state.exists() || paths.container_record.exists() || vault.is_some();
@@ -542,18 +548,45 @@ pub fn record(
     )
 }
 
-/// Stops the sandbox and waits until its supervisor is gone.
-pub fn stop(conn: OwnedFd, paths: &SandboxPaths) -> Result<(), Error> {
+/// Stops the sandbox and waits until its supervisor is gone. True when
+/// the supervisor went without answering and without cleaning up (it was
+/// dying as we asked), so this cleaned up for it as for a crash: its
+/// Vault token revoked, its runtime directory removed, the audit log told.
+pub fn stop(conn: OwnedFd, paths: &SandboxPaths) -> Result<bool, Error> {
     request(&conn, &Request::Stop, &[])?;
     match response(&conn) {
         // The supervisor exits right after answering: wait for that (EOF).
-        Ok((Response::Stopped, _)) => while let Ok(Some(_)) = ipc::recv::<Response>(&conn) {},
-        Ok((Response::Error { message, .. }, _)) => return Err(Error::Remote(message)),
-        Ok((other, _)) => return Err(Error::Remote(format!("unexpected answer {other:?}"))),
-        // Another `stop` got there first; the supervisor closed without answering us.
-        Err(_) => {}
+        Ok((Response::Stopped, _)) => {
+            while let Ok(Some(_)) = ipc::recv::<Response>(&conn) {}
+            wait_gone(paths).map(|()| false)
+        }
+        Ok((Response::Error { message, .. }, _)) => Err(Error::Remote(message)),
+        Ok((other, _)) => Err(Error::Remote(format!("unexpected answer {other:?}"))),
+        // Either another `stop` got there first (and that supervisor
+        // removes its runtime directory on the way out), or the supervisor
+        // was killed while our request sat in its socket's queue: its
+        // last threads still held the socket and the lock.
+        Err(_) => {
+            wait_gone(paths)?;
+            if paths.run_dir.exists() {
+                reap_stale(paths, &paths.audit_log, &aibox_core::current_user())
+            } else {
+                Ok(false)
+            }
+        }
     }
-    wait_gone(paths)
+}
+
+/// Whether process `pid` has exited. A killed process can linger as a
+/// zombie (and its threads a moment longer), which `kill(pid, 0)` still
+/// calls alive; /proc says `Z` or `X` for it.
+pub fn pid_exited(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s.rsplit_once(')').is_some_and(|(_, rest)| {
+            matches!(rest.trim_start().as_bytes().first(), Some(b'Z' | b'X'))
+        }),
+        Err(_) => nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err(),
+    }
 }
 
 /// Waits (up to 30 s) until the supervisor has released its lock.
@@ -976,4 +1009,65 @@ fn relay(
 /// Paths helper re-exported for the CLI.
 pub fn audit_log_path(data_dir: &Path, name: &str) -> PathBuf {
     paths::audit_log(data_dir, name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_zombie_has_exited() {
+        assert!(!pid_exited(std::process::id() as i32));
+        let mut child = Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !pid_exited(pid) && std::time::Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(pid_exited(pid), "an unreaped child is a zombie");
+        // What the old check relied on: a zombie still takes signals.
+        assert!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok());
+        child.wait().unwrap();
+        assert!(pid_exited(pid));
+    }
+
+    /// A supervisor killed while `stop` was connecting: its dying threads
+    /// still held the socket (so the connection was queued) and the lock,
+    /// then everything closed without an answer. `stop` must clean up as
+    /// after a crash rather than take the silence for another `stop`.
+    #[test]
+    fn a_supervisor_that_dies_as_it_is_asked_to_stop_is_cleaned_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = SandboxPaths::new(&dir.path().join("run"), &dir.path().join("data"), "sb");
+        std::fs::create_dir_all(&paths.run_dir).unwrap();
+        std::fs::create_dir_all(paths.audit_log.parent().unwrap()).unwrap();
+        std::fs::write(&paths.state, "{}").unwrap();
+        let lock = open_lock(&paths).unwrap();
+        assert!(aibox_sandbox::sys::ofd_lock(lock.as_raw_fd()).unwrap());
+        let listener = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let addr = UnixAddr::new(&paths.socket).unwrap();
+        nix::sys::socket::bind(listener.as_raw_fd(), &addr).unwrap();
+        nix::sys::socket::listen(&listener, nix::sys::socket::Backlog::new(4).unwrap()).unwrap();
+        let conn = connect_to(&paths.socket).unwrap();
+        assert!(is_alive(&paths));
+        let dying = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            drop(listener);
+            drop(lock);
+        });
+        assert!(
+            stop(conn, &paths).unwrap(),
+            "cleaned up for the dead supervisor"
+        );
+        dying.join().unwrap();
+        assert!(!paths.run_dir.exists());
+        let log = std::fs::read_to_string(&paths.audit_log).unwrap();
+        assert!(log.contains("supervisor died"), "{log}");
+    }
 }

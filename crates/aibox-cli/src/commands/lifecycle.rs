@@ -743,7 +743,7 @@ pub fn run(cli_config: Option<PathBuf>, a: RunArgs) -> Result<i32> {
     }
     // A one-shot sandbox ends with its command; it may be gone already.
     let stopped = match client::connect_named(&paths, &rt, &data) {
-        Ok(c) => client::stop(c, &paths),
+        Ok(c) => client::stop(c, &paths).map(drop),
         Err(_) => client::wait_gone(&paths),
     };
     let code = result?;
@@ -1022,9 +1022,7 @@ pub fn stop(cli_config: Option<PathBuf>, a: NameArg) -> Result<i32> {
     // lock for a moment (init ends by its parent-death signal): wait for
     // that, so the dead sandbox is cleaned up below rather than taken for
     // a live one that does not answer.
-    if client::supervisor_pid(&paths)
-        .is_some_and(|p| nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_err())
-    {
+    if client::supervisor_pid(&paths).is_some_and(client::pid_exited) {
         let _ = client::wait_gone(&paths);
     }
     if !client::is_alive(&paths)
@@ -1038,7 +1036,15 @@ pub fn stop(cli_config: Option<PathBuf>, a: NameArg) -> Result<i32> {
         return Ok(0);
     }
     match connect(&loaded, &paths) {
-        Ok(conn) => client::stop(conn, &paths)?,
+        Ok(conn) => {
+            if client::stop(conn, &paths)? {
+                eprintln!(
+                    "sandbox {} ended without cleaning up (its supervisor died as it was asked to stop); cleaned up",
+                    paths.name
+                );
+                return Ok(0);
+            }
+        }
         // Alive (it holds the lock) but unreachable: its socket is gone.
         Err(_) if client::is_alive(&paths) => client::terminate_unreachable(&paths)?,
         Err(e) => return Err(e),
