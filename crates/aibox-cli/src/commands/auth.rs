@@ -13,6 +13,11 @@ use crate::args::{AuthAddArgs, AuthCmd, Format};
 
 /// Longest value accepted (tokens and keys are far shorter).
 const MAX_SECRET: u64 = 64 * 1024;
+
+/// The passphrase typed at this command's prompt: a command that reads
+/// the store more than once (a start reads the audit bucket's keys, then
+/// the sandbox's credentials) asks only once.
+static TYPED: std::sync::Mutex<Option<Zeroizing<String>>> = std::sync::Mutex::new(None);
 /// Environment variable holding the passphrase (`credentials.passphrase: env`).
 pub const PASSPHRASE_ENV: &str = "AIBOX_PASSPHRASE";
 
@@ -285,8 +290,21 @@ fn open_file(
             })?))
         }
         PassphraseSource::Prompt => {
-            let new = creating && probe.key_protected()?.is_none();
-            Some(prompt_passphrase(new)?)
+            let typed = TYPED
+                .lock()
+                .ok()
+                .and_then(|t| t.as_ref().map(|p| Secret::new(p.to_string())));
+            match typed {
+                Some(p) => Some(p),
+                None => {
+                    let new = creating && probe.key_protected()?.is_none();
+                    let p = prompt_passphrase(new)?;
+                    if let Ok(mut t) = TYPED.lock() {
+                        *t = Some(Zeroizing::new(p.expose().to_string()));
+                    }
+                    Some(p)
+                }
+            }
         }
     };
     Ok(FileStore::new(store, key, passphrase))

@@ -454,3 +454,51 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+both_modes!(a_prompted_passphrase_is_asked_once_per_command, |c: Ctx| {
+    use std::io::Write;
+    const ASK: &str = "passphrase for the aibox credential store";
+    let port = free_port();
+    c.add_config(&format!(
+        "credentials:\n  passphrase: prompt\naudit:\n  storage: s3\n  s3: {{endpoint: \"http://127.0.0.1:{port}\", bucket: audit, retention: 2d, credential: audit-bucket}}\n"
+    ));
+    // Creating the store: the passphrase, once more to confirm, the value.
+    let host = format!("127.0.0.1:{port}");
+    let mut p = Pty::spawn(
+        c.aibox(&["auth", "add", "audit-bucket", "--host", &host]),
+        24,
+        80,
+    );
+    for (prompt, answer) in [
+        (ASK, "pass phrase\n"),
+        ("the same passphrase again", "pass phrase\n"),
+        ("value for `audit-bucket`", "AKID:secret\n"),
+    ] {
+        let seen = p.read_until(prompt);
+        assert!(seen.contains(prompt), "{seen}");
+        p.master.write_all(answer.as_bytes()).unwrap();
+    }
+    assert!(p.child.wait().unwrap().success(), "{}", p.read_until("\0"));
+    // A start reads the store twice (the bucket's keys, then what the
+    // sandbox is handed) and asks once. (The bucket is not there: the
+    // start goes on with a warning.)
+    let ws = c.ws.display().to_string();
+    let mut p = Pty::spawn(
+        c.aibox(&["run", "-w", &ws, "--name", "once", "--", "true"]),
+        24,
+        80,
+    );
+    let mut seen = p.read_until(ASK);
+    p.master.write_all(b"pass phrase\n").unwrap();
+    // To the end (the terminal closes with the command), or to a second
+    // question, which nobody will answer.
+    let rest = p.read_until(ASK);
+    if rest.contains(ASK) {
+        let _ = p.child.kill();
+    }
+    seen.push_str(&rest);
+    let status = p.child.wait().unwrap();
+    assert!(status.success(), "{seen}");
+    assert_eq!(seen.matches(ASK).count(), 1, "{seen}");
+    assert!(seen.contains("starting anyway"), "{seen}");
+});
