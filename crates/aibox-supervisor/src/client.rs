@@ -43,8 +43,9 @@ fn start_inner(spec: &SupervisorSpec, paths: &SandboxPaths) -> Result<Status, Er
     if let Some(parent) = paths.run_dir.parent() {
         ensure_private_dir(parent)?;
     }
-    ensure_private_dir(&paths.run_dir)?;
     // The lock decides who owns this name; whoever holds it may clean up.
+    // (The run directory only after it: a `stop` cleaning up for a dead
+    // supervisor removes a run directory it finds unlocked.)
     let lock = open_lock(paths)?;
     let vault = spec.network.as_ref().and_then(|n| n.vault.as_ref());
     let mut locked = aibox_sandbox::sys::ofd_lock(lock.as_raw_fd());
@@ -64,6 +65,10 @@ fn start_inner(spec: &SupervisorSpec, paths: &SandboxPaths) -> Result<Status, Er
             _ => Err(Error::AlreadyRunning(name)),
         };
     }
+    // The dead supervisor's pid goes: until ours writes its own, a `stop`
+    // or `start` must not take this start for a dying supervisor.
+    let _ = nix::unistd::ftruncate(&lock, 0);
+    ensure_private_dir(&paths.run_dir)?;
     if paths.state.exists()
         || paths.socket.exists()
         || paths.root.exists()
@@ -360,8 +365,9 @@ fn clear_stale(paths: &SandboxPaths, audit_log: &Path, user: &str) {
     }
 }
 
-/// If the sandbox's supervisor is dead, removes its runtime directory
-/// (recording that in the audit log) and returns true; false if it lives.
+/// If the sandbox's supervisor is dead and left something behind, removes
+/// it (recording that in the audit log) and returns true; false if it
+/// lives or another command cleaned up first.
 pub fn reap_stale(paths: &SandboxPaths, audit_log: &Path, user: &str) -> Result<bool, Error> {
     let lock = open_lock(paths)?;
     if !aibox_sandbox::sys::ofd_lock(lock.as_raw_fd())
@@ -369,9 +375,16 @@ pub fn reap_stale(paths: &SandboxPaths, audit_log: &Path, user: &str) -> Result<
     {
         return Ok(false);
     }
-    clear_stale(paths, audit_log, user);
-    let _ = std::fs::remove_dir_all(&paths.run_dir);
-    Ok(true)
+    // (Looked at under the lock: two commands may race to clean up.)
+    let left = paths.run_dir.exists()
+        || has_vault_records(paths)
+        || paths.container_record.exists()
+        || paths.mounts.exists();
+    if left {
+        clear_stale(paths, audit_log, user);
+        let _ = std::fs::remove_dir_all(&paths.run_dir);
+    }
+    Ok(left)
 }
 
 /// A sandbox found in the runtime directory.
@@ -553,8 +566,7 @@ pub fn record(
 /// dying as we asked), so this cleaned up for it as for a crash: its
 /// Vault token revoked, its runtime directory removed, the audit log told.
 pub fn stop(conn: OwnedFd, paths: &SandboxPaths) -> Result<bool, Error> {
-    request(&conn, &Request::Stop, &[])?;
-    match response(&conn) {
+    match request(&conn, &Request::Stop, &[]).and_then(|()| response(&conn)) {
         // The supervisor exits right after answering: wait for that (EOF).
         Ok((Response::Stopped, _)) => {
             while let Ok(Some(_)) = ipc::recv::<Response>(&conn) {}
@@ -564,17 +576,23 @@ pub fn stop(conn: OwnedFd, paths: &SandboxPaths) -> Result<bool, Error> {
         Ok((other, _)) => Err(Error::Remote(format!("unexpected answer {other:?}"))),
         // Either another `stop` got there first (and that supervisor
         // removes its runtime directory on the way out), or the supervisor
-        // was killed while our request sat in its socket's queue: its
-        // last threads still held the socket and the lock.
+        // was killed while we connected: its last threads still held the
+        // socket (our connection was queued, then reset) and the lock.
         Err(_) => {
             wait_gone(paths)?;
             if paths.run_dir.exists() {
-                reap_stale(paths, &paths.audit_log, &aibox_core::current_user())
+                reap_dead(paths)
             } else {
                 Ok(false)
             }
         }
     }
+}
+
+/// Cleans up after a supervisor that died (see [`reap_stale`]), as the
+/// user running this command.
+fn reap_dead(paths: &SandboxPaths) -> Result<bool, Error> {
+    reap_stale(paths, &paths.audit_log, &aibox_core::current_user())
 }
 
 /// Whether process `pid` has exited. A killed process can linger as a
@@ -585,7 +603,10 @@ pub fn pid_exited(pid: i32) -> bool {
         Ok(s) => s.rsplit_once(')').is_some_and(|(_, rest)| {
             matches!(rest.trim_start().as_bytes().first(), Some(b'Z' | b'X'))
         }),
-        Err(_) => nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err(),
+        Err(_) => matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        ),
     }
 }
 
@@ -616,8 +637,9 @@ pub fn supervisor_pid(paths: &SandboxPaths) -> Option<i32> {
 /// Stops a sandbox whose supervisor lives (holds the lock) but no longer
 /// answers on its socket, e.g. because its runtime directory was removed:
 /// SIGTERM to the pid in the lock file, after checking that it is our
-/// supervisor of this name.
-pub fn terminate_unreachable(paths: &SandboxPaths) -> Result<(), Error> {
+/// supervisor of this name. True when it was dying instead (killed, its
+/// last threads still holding the lock), and this cleaned up after it.
+pub fn terminate_unreachable(paths: &SandboxPaths) -> Result<bool, Error> {
     use std::os::unix::fs::MetadataExt;
     let pid = supervisor_pid(paths).ok_or_else(|| {
         Error::Remote(format!(
@@ -625,6 +647,10 @@ pub fn terminate_unreachable(paths: &SandboxPaths) -> Result<(), Error> {
             paths.name
         ))
     })?;
+    if pid_exited(pid) {
+        wait_gone(paths)?;
+        return reap_dead(paths);
+    }
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
     let ours = std::fs::metadata(format!("/proc/{pid}"))
@@ -642,7 +668,7 @@ pub fn terminate_unreachable(paths: &SandboxPaths) -> Result<(), Error> {
     }
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGTERM)
         .map_err(|e| Error::io(format!("signalling supervisor {pid}"), e))?;
-    wait_gone(paths)
+    wait_gone(paths).map(|()| false)
 }
 
 /// Signals the client forwards to the command.
@@ -1038,7 +1064,9 @@ mod tests {
     #[test]
     fn a_supervisor_that_dies_as_it_is_asked_to_stop_is_cleaned_up() {
         let dir = tempfile::tempdir().unwrap();
-        let paths = SandboxPaths::new(&dir.path().join("run"), &dir.path().join("data"), "sb");
+        // (A name no real sandbox has: the cleanup looks for its cgroups.)
+        let name = format!("client-test-{}", std::process::id());
+        let paths = SandboxPaths::new(&dir.path().join("run"), &dir.path().join("data"), &name);
         std::fs::create_dir_all(&paths.run_dir).unwrap();
         std::fs::create_dir_all(paths.audit_log.parent().unwrap()).unwrap();
         std::fs::write(&paths.state, "{}").unwrap();
@@ -1066,6 +1094,40 @@ mod tests {
             "cleaned up for the dead supervisor"
         );
         dying.join().unwrap();
+        assert!(!paths.run_dir.exists());
+        let log = std::fs::read_to_string(&paths.audit_log).unwrap();
+        assert!(log.contains("supervisor died"), "{log}");
+        // Nothing left (another command cleaned up first): nothing claimed.
+        assert!(!reap_dead(&paths).unwrap());
+        assert_eq!(std::fs::read_to_string(&paths.audit_log).unwrap(), log);
+    }
+
+    /// A supervisor found holding its lock with no socket may be one that
+    /// was just killed (a zombie whose threads still hold the lock): that
+    /// is cleaned up after, not refused as "not its supervisor".
+    #[test]
+    fn an_unreachable_supervisor_that_is_dying_is_cleaned_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = format!("client-test-{}", std::process::id());
+        let paths = SandboxPaths::new(&dir.path().join("run"), &dir.path().join("data"), &name);
+        std::fs::create_dir_all(&paths.run_dir).unwrap();
+        std::fs::create_dir_all(paths.audit_log.parent().unwrap()).unwrap();
+        std::fs::write(&paths.state, "{}").unwrap();
+        let mut zombie = Command::new("true").spawn().unwrap();
+        let pid = zombie.id() as i32;
+        while !pid_exited(pid) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let lock = open_lock(&paths).unwrap();
+        assert!(aibox_sandbox::sys::ofd_lock(lock.as_raw_fd()).unwrap());
+        nix::sys::uio::pwrite(&lock, format!("{pid}\n").as_bytes(), 0).unwrap();
+        let dying = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            drop(lock);
+        });
+        assert!(terminate_unreachable(&paths).unwrap());
+        dying.join().unwrap();
+        zombie.wait().unwrap();
         assert!(!paths.run_dir.exists());
         let log = std::fs::read_to_string(&paths.audit_log).unwrap();
         assert!(log.contains("supervisor died"), "{log}");

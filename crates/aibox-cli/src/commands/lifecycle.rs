@@ -1035,19 +1035,18 @@ pub fn stop(cli_config: Option<PathBuf>, a: NameArg) -> Result<i32> {
         );
         return Ok(0);
     }
-    match connect(&loaded, &paths) {
-        Ok(conn) => {
-            if client::stop(conn, &paths)? {
-                eprintln!(
-                    "sandbox {} ended without cleaning up (its supervisor died as it was asked to stop); cleaned up",
-                    paths.name
-                );
-                return Ok(0);
-            }
-        }
+    let reaped = match connect(&loaded, &paths) {
+        Ok(conn) => client::stop(conn, &paths)?,
         // Alive (it holds the lock) but unreachable: its socket is gone.
         Err(_) if client::is_alive(&paths) => client::terminate_unreachable(&paths)?,
         Err(e) => return Err(e),
+    };
+    if reaped {
+        eprintln!(
+            "sandbox {} ended without cleaning up (its supervisor died as it was asked to stop); cleaned up",
+            paths.name
+        );
+        return Ok(0);
     }
     eprintln!("stopped {}", paths.name);
     Ok(0)
