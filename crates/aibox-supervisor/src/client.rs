@@ -1057,12 +1057,9 @@ mod tests {
         assert!(pid_exited(pid));
     }
 
-    /// A supervisor killed while `stop` was connecting: its dying threads
-    /// still held the socket (so the connection was queued) and the lock,
-    /// then everything closed without an answer. `stop` must clean up as
-    /// after a crash rather than take the silence for another `stop`.
-    #[test]
-    fn a_supervisor_that_dies_as_it_is_asked_to_stop_is_cleaned_up() {
+    /// A sandbox as a supervisor leaves it: run directory, state, and the
+    /// lock, held through the returned descriptor.
+    fn left_by_a_supervisor() -> (tempfile::TempDir, SandboxPaths, OwnedFd) {
         let dir = tempfile::tempdir().unwrap();
         // (A name no real sandbox has: the cleanup looks for its cgroups.)
         let name = format!("client-test-{}", std::process::id());
@@ -1072,6 +1069,16 @@ mod tests {
         std::fs::write(&paths.state, "{}").unwrap();
         let lock = open_lock(&paths).unwrap();
         assert!(aibox_sandbox::sys::ofd_lock(lock.as_raw_fd()).unwrap());
+        (dir, paths, lock)
+    }
+
+    /// A supervisor killed while `stop` was connecting: its dying threads
+    /// still held the socket (so the connection was queued) and the lock,
+    /// then everything closed without an answer. `stop` must clean up as
+    /// after a crash rather than take the silence for another `stop`.
+    #[test]
+    fn a_supervisor_that_dies_as_it_is_asked_to_stop_is_cleaned_up() {
+        let (_dir, paths, lock) = left_by_a_supervisor();
         let listener = socket(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -1107,19 +1114,12 @@ mod tests {
     /// is cleaned up after, not refused as "not its supervisor".
     #[test]
     fn an_unreachable_supervisor_that_is_dying_is_cleaned_up() {
-        let dir = tempfile::tempdir().unwrap();
-        let name = format!("client-test-{}", std::process::id());
-        let paths = SandboxPaths::new(&dir.path().join("run"), &dir.path().join("data"), &name);
-        std::fs::create_dir_all(&paths.run_dir).unwrap();
-        std::fs::create_dir_all(paths.audit_log.parent().unwrap()).unwrap();
-        std::fs::write(&paths.state, "{}").unwrap();
+        let (_dir, paths, lock) = left_by_a_supervisor();
         let mut zombie = Command::new("true").spawn().unwrap();
         let pid = zombie.id() as i32;
         while !pid_exited(pid) {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        let lock = open_lock(&paths).unwrap();
-        assert!(aibox_sandbox::sys::ofd_lock(lock.as_raw_fd()).unwrap());
         nix::sys::uio::pwrite(&lock, format!("{pid}\n").as_bytes(), 0).unwrap();
         let dying = std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(100));

@@ -32,24 +32,59 @@ const MAX_DIRS: usize = 50_000;
 /// Where the workspace appears inside every sandbox.
 const GUEST: &str = "/workspace";
 
-/// Starts the watcher thread for `workspace`. Errors (no inotify) are
-/// written to the supervisor log and the audit log: the sandbox still runs,
-/// and the record says file events are missing.
-pub(crate) fn watch(workspace: PathBuf, emit: Emit) {
-    let spawned = std::thread::Builder::new()
-        .name("file-events".into())
-        .spawn(move || {
-            if let Err(e) = run(&workspace, &emit) {
-                crate::supervisor::log(&format!("file events stopped: {e}"));
-                emit(
-                    EventType::FileWrite,
-                    Severity::Warning,
-                    json!({"path": GUEST, "op": "unwatched", "error": e}),
-                );
+/// A workspace's watches, set up before the sandbox is reported ready so
+/// that nothing a session does escapes them: the kernel queues events
+/// until [`Watching::start`]'s thread reads them.
+pub(crate) struct Watching {
+    workspace: PathBuf,
+    watcher: Result<Watcher, String>,
+}
+
+/// Watches every directory of `workspace` (no inotify, or nothing
+/// watchable, is reported by [`Watching::start`]).
+pub(crate) fn prepare(workspace: PathBuf) -> Watching {
+    let watcher = Inotify::init(InitFlags::IN_CLOEXEC)
+        .map_err(|e| format!("inotify: {e}"))
+        .and_then(|fd| {
+            let mut w = Watcher {
+                fd,
+                dirs: HashMap::new(),
+                full: false,
+                missed: None,
+            };
+            w.add_tree(&workspace, PathBuf::new());
+            if w.dirs.is_empty() {
+                return Err(format!(
+                    "the workspace could not be watched ({})",
+                    w.missed.as_deref().unwrap_or("no directory was watchable")
+                ));
             }
+            Ok(w)
         });
-    if let Err(e) = spawned {
-        crate::supervisor::log(&format!("no file-event thread: {e}"));
+    Watching { workspace, watcher }
+}
+
+impl Watching {
+    /// Starts the thread that turns the events into audit events. Errors
+    /// are written to the supervisor log and the audit log: the sandbox
+    /// still runs, and the record says file events are missing.
+    pub(crate) fn start(self, emit: Emit) {
+        let Watching { workspace, watcher } = self;
+        let spawned = std::thread::Builder::new()
+            .name("file-events".into())
+            .spawn(move || {
+                if let Err(e) = watcher.and_then(|w| run(w, &workspace, &emit)) {
+                    crate::supervisor::log(&format!("file events stopped: {e}"));
+                    emit(
+                        EventType::FileWrite,
+                        Severity::Warning,
+                        json!({"path": GUEST, "op": "unwatched", "error": e}),
+                    );
+                }
+            });
+        if let Err(e) = spawned {
+            crate::supervisor::log(&format!("no file-event thread: {e}"));
+        }
     }
 }
 
@@ -275,21 +310,7 @@ fn guest_path(rel: &Path) -> String {
     p
 }
 
-fn run(workspace: &Path, emit: &Emit) -> Result<(), String> {
-    let fd = Inotify::init(InitFlags::IN_CLOEXEC).map_err(|e| format!("inotify: {e}"))?;
-    let mut w = Watcher {
-        fd,
-        dirs: HashMap::new(),
-        full: false,
-        missed: None,
-    };
-    w.add_tree(workspace, PathBuf::new());
-    if w.dirs.is_empty() {
-        return Err(format!(
-            "the workspace could not be watched ({})",
-            w.missed.as_deref().unwrap_or("no directory was watchable")
-        ));
-    }
+fn run(mut w: Watcher, workspace: &Path, emit: &Emit) -> Result<(), String> {
     let mut warned = false;
     let mut warned_missed = false;
     let mut thin = Thinner {
@@ -415,19 +436,43 @@ mod tests {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
         let emit: Emit = Arc::new(move |t, _, d| s.lock().unwrap().push((t, d)));
-        watch(dir.path().to_path_buf(), emit);
-        std::thread::sleep(Duration::from_millis(200));
-        let _ = std::fs::read(dir.path().join("a.txt")).unwrap();
-        std::fs::create_dir(dir.path().join("sub")).unwrap();
-        std::thread::sleep(Duration::from_millis(200));
-        std::fs::write(dir.path().join("sub/b.txt"), "y").unwrap();
-        std::fs::remove_file(dir.path().join("a.txt")).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        let seen = seen.lock().unwrap().clone();
+        let watching = prepare(dir.path().to_path_buf());
+        // Set up before anything else: even a write made now is seen.
+        std::fs::write(dir.path().join("early.txt"), "e").unwrap();
+        watching.start(emit);
         let has = |t: EventType, p: &str, op: &str| {
-            seen.iter()
+            seen.lock()
+                .unwrap()
+                .iter()
                 .any(|(et, d)| *et == t && d["path"] == p && d["op"] == op)
         };
+        // Until `probe` in `d` is seen written: the watch there is live.
+        // (No fixed sleeps: the watcher's thread may be slow to start.)
+        let live = |d: &str| {
+            let end = Instant::now() + Duration::from_secs(20);
+            let at = if d.is_empty() {
+                "/workspace".to_string()
+            } else {
+                format!("/workspace/{d}")
+            };
+            while !has(EventType::FileWrite, &format!("{at}/probe"), "write") {
+                assert!(Instant::now() < end, "no watch on `{d}`");
+                std::fs::write(dir.path().join(d).join("probe"), "p").unwrap();
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        };
+        live("");
+        assert!(has(EventType::FileWrite, "/workspace/early.txt", "write"));
+        let _ = std::fs::read(dir.path().join("a.txt")).unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        live("sub");
+        std::fs::write(dir.path().join("sub/b.txt"), "y").unwrap();
+        std::fs::remove_file(dir.path().join("a.txt")).unwrap();
+        let end = Instant::now() + Duration::from_secs(20);
+        while !has(EventType::FileWrite, "/workspace/a.txt", "delete") && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let seen = seen.lock().unwrap().clone();
         assert!(
             has(EventType::FileRead, "/workspace/a.txt", "read"),
             "{seen:?}"

@@ -498,6 +498,9 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
     };
     let mut status = status;
     status.network = egress.as_ref().map(|e| e.status());
+    let files = spec
+        .file_events
+        .then(|| crate::files::prepare(spec.sandbox.workspace.clone()));
     let shared = serve(
         spec,
         audit,
@@ -511,8 +514,8 @@ fn setup(spec: SupervisorSpec) -> Result<i32, String> {
         gate,
     );
     let _ = sink.set(Arc::downgrade(&shared));
-    if shared.spec.file_events {
-        crate::files::watch(shared.spec.sandbox.workspace.clone(), egress_emit(&sink));
+    if let Some(f) = files {
+        f.start(egress_emit(&sink));
     }
     Ok(main_loop(shared))
 }
@@ -754,6 +757,9 @@ fn setup_container(
         undo(&mut audit, &message);
         return Err(message);
     }
+    let files = spec
+        .file_events
+        .then(|| crate::files::prepare(spec.sandbox.workspace.clone()));
     let shared = serve(
         spec,
         audit,
@@ -769,8 +775,8 @@ fn setup_container(
         gate_handle,
     );
     let _ = sink.set(Arc::downgrade(&shared));
-    if shared.spec.file_events {
-        crate::files::watch(shared.spec.sandbox.workspace.clone(), egress_emit(&sink));
+    if let Some(f) = files {
+        f.start(egress_emit(&sink));
     }
     if let Some(st) = started {
         watch_container(&shared, st.waiter);

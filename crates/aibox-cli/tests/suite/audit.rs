@@ -568,31 +568,42 @@ both_modes!(tail_and_siem_exports, |c: Ctx| {
     assert_eq!(v["details"]["exit_code"], 2);
     let bad = c.out(&["audit", "tail", "--name", "ex", "--type", "nope"]);
     assert!(!bad.status.success() && stderr(&bad).contains("not an event type"));
-    // Follow: a new session's events arrive as they are written.
+    // Follow: a new session's events arrive as they are written. The
+    // follower prints the last one already there first: once that is
+    // read, it is following (what comes after is new).
     let follow = || {
-        c.aibox(&[
-            "audit",
-            "tail",
-            "-f",
-            "--name",
-            "ex",
-            "--type",
-            "session.start",
-            "--lines",
-            "0",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
+        let mut f = c
+            .aibox(&[
+                "audit",
+                "tail",
+                "-f",
+                "--name",
+                "ex",
+                "--type",
+                "session.start",
+                "--lines",
+                "1",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = f.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let next = move |within: u64| rx.recv_timeout(std::time::Duration::from_secs(within));
+        assert!(next(30).is_ok(), "the follower printed nothing");
+        (f, next)
     };
-    let mut f = follow();
+    let (mut f, next) = follow();
     ok(&c.out(&["run", "-w", &ws, "--name", "ex", "--", "echo", "followed"]));
-    let mut first = String::new();
-    {
-        use std::io::BufRead;
-        let mut r = std::io::BufReader::new(f.stdout.take().unwrap());
-        r.read_line(&mut first).unwrap();
-    }
+    let first = next(30).unwrap_or_default();
     let _ = f.kill();
     let _ = f.wait();
     assert!(
@@ -601,23 +612,17 @@ both_modes!(tail_and_siem_exports, |c: Ctx| {
     );
     // Two seals while the follower is not looking (stopped): the
     // segment sealed in between is printed too, whole.
-    let mut f = follow();
-    std::thread::sleep(std::time::Duration::from_millis(700));
+    let (mut f, next) = follow();
     let pid = nix::unistd::Pid::from_raw(f.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
     ok(&c.out(&["run", "-w", &ws, "--name", "ex", "--", "echo", "one"]));
     ok(&c.out(&["run", "-w", &ws, "--name", "ex", "--", "echo", "two"]));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
-    // (It polls every 200 ms; then it is ended and what it printed read.)
-    std::thread::sleep(std::time::Duration::from_secs(2));
+    // Both, and nothing more (it polls every 200 ms).
+    let mut got: Vec<String> = [next(30), next(30)].into_iter().flatten().collect();
+    got.extend(next(2));
     let _ = f.kill();
-    let mut got = String::new();
-    {
-        use std::io::Read;
-        f.stdout.take().unwrap().read_to_string(&mut got).unwrap();
-    }
     let _ = f.wait();
-    let got: Vec<&str> = got.lines().collect();
     assert!(
         got.len() == 2 && got[0].contains("\"one\"") && got[1].contains("\"two\""),
         "{got:?}"

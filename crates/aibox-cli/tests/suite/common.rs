@@ -558,7 +558,7 @@ pub(crate) use all_backends;
 
 /// True once `pid` has exited (gone, or a zombie awaiting its reaper).
 pub fn process_gone(pid: i32) -> bool {
-    process_gone_within(pid, std::time::Duration::from_secs(2))
+    process_gone_within(pid, std::time::Duration::from_secs(10))
 }
 
 /// [`process_gone`] with a chosen deadline, for exits that wait on an

@@ -509,7 +509,7 @@ fn container_crash_recovery(c: Ctx) {
     assert!(process_gone(pid));
     // (Its other threads may hold the lock a moment longer than the main one.)
     let mut o = c.out(&["status", "--name", name]);
-    for _ in 0..40 {
+    for _ in 0..300 {
         if stdout(&o).contains("dead") {
             break;
         }
@@ -553,7 +553,7 @@ fn container_crash_recovery(c: Ctx) {
     .unwrap();
     assert!(process_gone(pid));
     let mut o = c.out(&["start", "-w", &ws, "--name", name]);
-    for _ in 0..40 {
+    for _ in 0..300 {
         if o.status.success() {
             break;
         }

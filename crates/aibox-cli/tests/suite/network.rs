@@ -403,7 +403,7 @@ container_backends!(a_killed_forwarder_comes_back, |c: Ctx| {
     let out = ok(&c.out(&[
         "exec", "--name", "fwd", "--", "sh", "-c",
         &format!(
-            "fwd() {{ for p in /proc/[0-9]*; do n=${{p#/proc/}}; [ \"$n\" = 1 ] && continue; tr '\\0' ' ' < $p/cmdline 2>/dev/null | grep -q ^/aibox/aibox.__contai[n]er-init && echo $n; done; }}; a=$(fwd); kill -9 $a 2>&1 && echo killed; sleep 1; b=$(fwd); echo \"a=$a b=$b\"; curl -sS http://svc.test:{port}/after"
+            "fwd() {{ for p in /proc/[0-9]*; do n=${{p#/proc/}}; [ \"$n\" = 1 ] && continue; tr '\\0' ' ' < $p/cmdline 2>/dev/null | grep -q ^/aibox/aibox.__contai[n]er-init && echo $n; done; }}; a=$(fwd); if kill -9 $a 2>&1; then echo killed; i=0; while [ $i -lt 100 ]; do b=$(fwd); [ -n \"$b\" ] && [ \"$b\" != \"$a\" ] && break; sleep 0.2; i=$((i+1)); done; else b=$(fwd); fi; echo \"a=$a b=$b\"; curl -sS http://svc.test:{port}/after"
         ),
     ]));
     let ids: Vec<&str> = out
