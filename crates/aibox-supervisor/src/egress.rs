@@ -75,21 +75,24 @@ impl AuditSink {
     /// Waits (at most `max`) until the queue is written and no event has
     /// come for a moment: connections of a sandbox that just died report
     /// their end a little after it.
-    fn drain(&self, max: std::time::Duration) {
+    fn drain(&self, max: std::time::Duration) -> bool {
         let quiet = std::time::Duration::from_millis(100);
         let deadline = std::time::Instant::now() + max;
         loop {
             let (done, wait) = std::sync::mpsc::channel();
             if self.tx.send(Msg::Flush(done)).is_err() {
-                return;
+                return true;
             }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if wait.recv_timeout(left).is_err() {
-                return;
+                return false;
             }
             let since = self.last.lock().map(|l| l.elapsed()).unwrap_or(quiet);
-            if since >= quiet || std::time::Instant::now() >= deadline {
-                return;
+            if since >= quiet {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
             }
             std::thread::sleep(quiet - since);
         }
@@ -666,7 +669,13 @@ impl Egress {
     /// Writes out the events still queued (see `AuditSink::drain`); for
     /// the stop, before its own events.
     pub(crate) fn drain(&self) {
-        self.sink.drain(std::time::Duration::from_secs(2));
+        // (Generous: under load the writer can lag; a cut-off here loses
+        // the last network events of the run.)
+        if !self.sink.drain(std::time::Duration::from_secs(10)) {
+            crate::supervisor::log(
+                "network events were still arriving 10 s into the stop; later ones may be missing",
+            );
+        }
     }
 
     /// The live counters, for `status`.

@@ -1795,10 +1795,18 @@ fn finish(
     exit: i32,
     code: i32,
 ) -> i32 {
-    // Let sessions cut short by the stop record their end first.
-    let deadline = Instant::now() + std::time::Duration::from_secs(2);
+    // Let sessions cut short by the stop record their end first (under
+    // load that can take a while; a session still going after 10 s is
+    // said in the log, and its end is not in the audit log).
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
     while shared.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let left = shared.active.load(Ordering::SeqCst);
+    if left > 0 {
+        log(&format!(
+            "{left} sessions had not recorded their end 10 s into the stop"
+        ));
     }
     if let Some(cg) = &shared.spec.sandbox.cgroup {
         cg.remove();
