@@ -51,8 +51,8 @@ fn start_inner(spec: &SupervisorSpec, paths: &SandboxPaths) -> Result<Status, Er
     let mut locked = aibox_sandbox::sys::ofd_lock(lock.as_raw_fd());
     // A supervisor killed a moment ago holds the lock until its last
     // thread is gone: wait for that rather than call it running.
-    if matches!(locked, Ok(false)) && supervisor_pid(paths).is_some_and(pid_exited) {
-        let _ = wait_gone(paths);
+    if matches!(locked, Ok(false)) {
+        wait_if_dying(paths);
         locked = aibox_sandbox::sys::ofd_lock(lock.as_raw_fd());
     }
     if !matches!(locked, Ok(true)) {
@@ -179,7 +179,10 @@ fn start_inner(spec: &SupervisorSpec, paths: &SandboxPaths) -> Result<Status, Er
     let message = match line.strip_prefix("error ") {
         Some(m) => m.to_string(),
         None => {
-            // It died without a word: clean up behind it (it holds no lock now).
+            // It died without a word: clean up behind it (once its
+            // sandbox's init, ended by the parent-death signal, has let
+            // the lock go).
+            let _ = wait_gone(paths);
             let _ = reap_stale(paths, &spec.audit_log, &spec.user);
             format!(
                 "the supervisor exited without reporting; see {}",
@@ -580,7 +583,9 @@ pub fn stop(conn: OwnedFd, paths: &SandboxPaths) -> Result<bool, Error> {
         // socket (our connection was queued, then reset) and the lock.
         Err(_) => {
             wait_gone(paths)?;
-            if paths.run_dir.exists() {
+            // (A supervisor that stopped cleanly removed its state, even
+            // if some of its run directory could not be removed.)
+            if paths.state.exists() {
                 reap_dead(paths)
             } else {
                 Ok(false)
@@ -610,19 +615,55 @@ pub fn pid_exited(pid: i32) -> bool {
     }
 }
 
-/// Waits (up to 30 s) until the supervisor has released its lock.
+/// Waits until the supervisor has released its lock: as long as it is
+/// still at work (a stop flushes sinks and the archive and revokes
+/// credentials, which can take a while) up to 2 minutes, else 30 s.
 pub fn wait_gone(paths: &SandboxPaths) -> Result<(), Error> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while std::time::Instant::now() < deadline {
+    use std::time::{Duration, Instant};
+    let t0 = Instant::now();
+    let mut pause = Duration::from_millis(1);
+    loop {
         if !is_alive(paths) {
             return Ok(());
         }
-        std::thread::sleep(std::time::Duration::from_millis(1));
+        let waited = t0.elapsed();
+        let working = || supervisor_pid(paths).is_some_and(|p| !pid_exited(p));
+        if waited > Duration::from_secs(120) || (waited > Duration::from_secs(30) && !working()) {
+            return Err(Error::Remote(format!(
+                "sandbox `{}` did not stop within {} s",
+                paths.name,
+                waited.as_secs()
+            )));
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
     }
-    Err(Error::Remote(format!(
-        "sandbox `{}` did not stop within 30 s",
-        paths.name
-    )))
+}
+
+/// After `pid`, the supervisor named in the lock file, was seen exited:
+/// waits (up to 30 s) for its last threads to let the lock go. True when
+/// they did; false when the lock is someone else's now (a new start, or
+/// another command cleaning up) or never came free.
+fn wait_for_dying(paths: &SandboxPaths, pid: i32) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        if !is_alive(paths) {
+            return true;
+        }
+        if supervisor_pid(paths) != Some(pid) {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    false
+}
+
+/// Waits for a supervisor that was killed a moment ago to let its lock
+/// go (see [`pid_exited`]); does nothing when the lock holder lives.
+pub fn wait_if_dying(paths: &SandboxPaths) {
+    if let Some(pid) = supervisor_pid(paths).filter(|p| pid_exited(*p)) {
+        wait_for_dying(paths, pid);
+    }
 }
 
 /// pid the live supervisor wrote into its lock file.
@@ -648,8 +689,13 @@ pub fn terminate_unreachable(paths: &SandboxPaths) -> Result<bool, Error> {
         ))
     })?;
     if pid_exited(pid) {
-        wait_gone(paths)?;
-        return reap_dead(paths);
+        return match wait_for_dying(paths, pid) {
+            true => reap_dead(paths),
+            false => Err(Error::Remote(format!(
+                "sandbox `{}`: its supervisor {pid} has exited but the lock is still held; try again",
+                paths.name
+            ))),
+        };
     }
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aibox_audit::{EventType, Severity};
@@ -32,58 +33,111 @@ const MAX_DIRS: usize = 50_000;
 /// Where the workspace appears inside every sandbox.
 const GUEST: &str = "/workspace";
 
-/// A workspace's watches, set up before the sandbox is reported ready so
-/// that nothing a session does escapes them: the kernel queues events
-/// until [`Watching::start`]'s thread reads them.
+/// The workspace watcher of a sandbox being started: its watches are set
+/// up before the sandbox is reported ready, so nothing a session does
+/// escapes them; events seen before [`Watching::start`] hands it the
+/// audit log are held until then.
 pub(crate) struct Watching {
-    workspace: PathBuf,
-    watcher: Result<Watcher, String>,
+    held: Arc<Mutex<Held>>,
 }
 
-/// Watches every directory of `workspace` (no inotify, or nothing
-/// watchable, is reported by [`Watching::start`]).
+/// Events waiting for the audit log, or where they go now.
+enum Held {
+    Waiting(Vec<(EventType, Severity, serde_json::Value)>),
+    Started(Emit),
+}
+
+/// Most events held before the audit log is handed over (a start takes
+/// moments; the rest would only be a host flood).
+const MAX_HELD: usize = 10_000;
+
+/// How long a start waits for the workspace walk. A slow or hung mount
+/// in the workspace must not hold the start for ever: past this, the
+/// sandbox starts while the walk goes on (and the supervisor log says so).
+const WALK_WAIT: Duration = Duration::from_secs(5);
+
+/// Starts watching every directory of `workspace` on a thread of its own
+/// and waits (up to [`WALK_WAIT`]) until they all are.
 pub(crate) fn prepare(workspace: PathBuf) -> Watching {
-    let watcher = Inotify::init(InitFlags::IN_CLOEXEC)
-        .map_err(|e| format!("inotify: {e}"))
-        .and_then(|fd| {
-            let mut w = Watcher {
-                fd,
-                dirs: HashMap::new(),
-                full: false,
-                missed: None,
-            };
-            w.add_tree(&workspace, PathBuf::new());
-            if w.dirs.is_empty() {
-                return Err(format!(
-                    "the workspace could not be watched ({})",
-                    w.missed.as_deref().unwrap_or("no directory was watchable")
+    let held = Arc::new(Mutex::new(Held::Waiting(Vec::new())));
+    let h = held.clone();
+    let emit: Emit = Arc::new(move |t, sev, d| {
+        let Ok(mut g) = h.lock() else { return };
+        match &mut *g {
+            Held::Started(e) => {
+                let e = e.clone();
+                drop(g);
+                e(t, sev, d);
+            }
+            Held::Waiting(v) if v.len() < MAX_HELD => v.push((t, sev, d)),
+            Held::Waiting(_) => {}
+        }
+    });
+    let (walked, walk_done) = std::sync::mpsc::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("file-events".into())
+        .spawn(move || {
+            let watcher = Inotify::init(InitFlags::IN_CLOEXEC)
+                .map_err(|e| format!("inotify: {e}"))
+                .and_then(|fd| {
+                    let mut w = Watcher {
+                        fd,
+                        dirs: HashMap::new(),
+                        full: false,
+                        missed: None,
+                    };
+                    w.add_tree(&workspace, PathBuf::new());
+                    match w.dirs.is_empty() {
+                        true => Err(format!(
+                            "the workspace could not be watched ({})",
+                            w.missed.as_deref().unwrap_or("no directory was watchable")
+                        )),
+                        false => Ok(w),
+                    }
+                });
+            let _ = walked.send(());
+            if let Err(e) = watcher.and_then(|w| run(w, &workspace, &emit)) {
+                crate::supervisor::log(&format!("file events stopped: {e}"));
+                emit(
+                    EventType::FileWrite,
+                    Severity::Warning,
+                    json!({"path": GUEST, "op": "unwatched", "error": e}),
+                );
+            }
+        });
+    match spawned {
+        Ok(_) => {
+            if walk_done.recv_timeout(WALK_WAIT).is_err() {
+                crate::supervisor::log(&format!(
+                    "watching the workspace took over {} s; starting while it goes on",
+                    WALK_WAIT.as_secs()
                 ));
             }
-            Ok(w)
-        });
-    Watching { workspace, watcher }
+        }
+        Err(e) => {
+            crate::supervisor::log(&format!("no file-event thread: {e}"));
+            if let Ok(mut g) = held.lock() {
+                *g = Held::Waiting(vec![(
+                    EventType::FileWrite,
+                    Severity::Warning,
+                    json!({"path": GUEST, "op": "unwatched", "error": format!("no file-event thread: {e}")}),
+                )]);
+            }
+        }
+    }
+    Watching { held }
 }
 
 impl Watching {
-    /// Starts the thread that turns the events into audit events. Errors
-    /// are written to the supervisor log and the audit log: the sandbox
-    /// still runs, and the record says file events are missing.
+    /// Hands over the audit log: the events held so far go first, in
+    /// order, then every new one as it comes.
     pub(crate) fn start(self, emit: Emit) {
-        let Watching { workspace, watcher } = self;
-        let spawned = std::thread::Builder::new()
-            .name("file-events".into())
-            .spawn(move || {
-                if let Err(e) = watcher.and_then(|w| run(w, &workspace, &emit)) {
-                    crate::supervisor::log(&format!("file events stopped: {e}"));
-                    emit(
-                        EventType::FileWrite,
-                        Severity::Warning,
-                        json!({"path": GUEST, "op": "unwatched", "error": e}),
-                    );
-                }
-            });
-        if let Err(e) = spawned {
-            crate::supervisor::log(&format!("no file-event thread: {e}"));
+        let Ok(mut g) = self.held.lock() else { return };
+        // (Flushed under the lock, so no newer event overtakes them.)
+        if let Held::Waiting(v) = std::mem::replace(&mut *g, Held::Started(emit.clone())) {
+            for (t, sev, d) in v {
+                emit(t, sev, d);
+            }
         }
     }
 }
@@ -439,6 +493,8 @@ mod tests {
         let watching = prepare(dir.path().to_path_buf());
         // Set up before anything else: even a write made now is seen.
         std::fs::write(dir.path().join("early.txt"), "e").unwrap();
+        // (Time for the thread to read it: it is held, then handed over.)
+        std::thread::sleep(Duration::from_millis(300));
         watching.start(emit);
         let has = |t: EventType, p: &str, op: &str| {
             seen.lock()

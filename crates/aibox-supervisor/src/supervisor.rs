@@ -1869,6 +1869,10 @@ fn finish(
     if let Some(a) = shared.archive.get() {
         a.flush();
     }
+    // The state first: its absence tells a `stop` that raced this one
+    // that the stop was clean, even if the rest of the run directory
+    // cannot be removed.
+    let _ = std::fs::remove_file(&shared.spec.state);
     remove_run_dir(&shared.spec);
     if let Some(conn) = reply {
         send(&conn, &Response::Stopped, &[]);

@@ -18,6 +18,15 @@ const MAX_SECRET: u64 = 64 * 1024;
 /// the store more than once (a start reads the audit bucket's keys, then
 /// the sandbox's credentials) asks only once.
 static TYPED: std::sync::Mutex<Option<Zeroizing<String>>> = std::sync::Mutex::new(None);
+
+/// Forgets (and zeroises) the passphrase typed at this command's prompt,
+/// once the command has read what it needs from the store (`aibox run`
+/// goes on for as long as its session).
+pub(crate) fn forget_passphrase() {
+    if let Ok(mut t) = TYPED.lock() {
+        *t = None;
+    }
+}
 /// Environment variable holding the passphrase (`credentials.passphrase: env`).
 pub const PASSPHRASE_ENV: &str = "AIBOX_PASSPHRASE";
 

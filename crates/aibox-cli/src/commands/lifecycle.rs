@@ -125,6 +125,8 @@ fn prepare(
         None => None,
     };
     let network = network_spec(&loaded, &sources, &policy, &ws, &name)?;
+    // (Everything this start needs from the credential store is read.)
+    super::auth::forget_passphrase();
     // Native: init opens the listeners inside the sandbox and hands them
     // to the supervisor. (A container's init opens them itself and relays
     // them to the supervisor's socket.)
@@ -1018,13 +1020,11 @@ pub fn list(cli_config: Option<PathBuf>, a: FormatArg) -> Result<i32> {
 pub fn stop(cli_config: Option<PathBuf>, a: NameArg) -> Result<i32> {
     let (loaded, paths) = target(cli_config, &a)?;
     let user = aibox_core::current_user();
-    // A supervisor that just died leaves its sandbox's init holding the
-    // lock for a moment (init ends by its parent-death signal): wait for
-    // that, so the dead sandbox is cleaned up below rather than taken for
-    // a live one that does not answer.
-    if client::supervisor_pid(&paths).is_some_and(client::pid_exited) {
-        let _ = client::wait_gone(&paths);
-    }
+    // A supervisor that just died holds the lock a moment longer (its
+    // last threads, then its sandbox's init, which the parent-death signal
+    // ends): wait for that, so the dead sandbox is cleaned up below rather
+    // than taken for a live one that does not answer.
+    client::wait_if_dying(&paths);
     if !client::is_alive(&paths)
         && (paths.run_dir.exists() || client::has_vault_records(&paths))
         && client::reap_stale(&paths, &paths.audit_log, &user)?
