@@ -578,7 +578,7 @@ pub fn stop(conn: OwnedFd, paths: &SandboxPaths) -> Result<bool, Error> {
         Ok((Response::Error { message, .. }, _)) => Err(Error::Remote(message)),
         Ok((other, _)) => Err(Error::Remote(format!("unexpected answer {other:?}"))),
         // Either another `stop` got there first (and that supervisor
-        // removes its runtime directory on the way out), or the supervisor
+        // removes its state on the way out), or the supervisor
         // was killed while we connected: its last threads still held the
         // socket (our connection was queued, then reset) and the lock.
         Err(_) => {

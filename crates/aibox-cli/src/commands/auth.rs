@@ -27,6 +27,7 @@ pub(crate) fn forget_passphrase() {
         *t = None;
     }
 }
+
 /// Environment variable holding the passphrase (`credentials.passphrase: env`).
 pub const PASSPHRASE_ENV: &str = "AIBOX_PASSPHRASE";
 
@@ -303,16 +304,15 @@ fn open_file(
                 .lock()
                 .ok()
                 .and_then(|t| t.as_ref().map(|p| Secret::new(p.to_string())));
-            match typed {
-                Some(p) => Some(p),
-                None => {
-                    let new = creating && probe.key_protected()?.is_none();
-                    let p = prompt_passphrase(new)?;
-                    if let Ok(mut t) = TYPED.lock() {
-                        *t = Some(Zeroizing::new(p.expose().to_string()));
-                    }
-                    Some(p)
+            if typed.is_some() {
+                typed
+            } else {
+                let new = creating && probe.key_protected()?.is_none();
+                let p = prompt_passphrase(new)?;
+                if let Ok(mut t) = TYPED.lock() {
+                    *t = Some(Zeroizing::new(p.expose().to_string()));
                 }
+                Some(p)
             }
         }
     };
